@@ -1,0 +1,16 @@
+//! attune-compiler: the ONNX IR (zero-copy import, atomic export), module paths,
+//! verification, structural diff, model summaries and the pass manager.
+pub mod diff;
+pub mod error;
+pub mod export;
+pub mod import;
+pub mod ir;
+pub mod module_path;
+pub mod onnx;
+pub mod pass;
+pub mod summary;
+pub mod verify;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub use ir::Model;

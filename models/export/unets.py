@@ -1,0 +1,220 @@
+"""Export the UNet fixtures attune's tests run on.
+
+Real exports of diffusers' UNet2DConditionModel with random weights (fixed seed, no hub
+downloads), made the way deployments make them: the legacy TorchScript exporter at opset 17
+with dynamic batch/height/width (as diffusers' conversion script and optimum do), and the
+dynamo exporter. Each fixture is `models/<name>/unet.onnx` + `unet.onnx.data` (external data),
+`spec.json` (inputs with symbolic dims, the dims tests use) and `inputs/*.npy` + `ref/*.npy`
+(onnxruntime's outputs for those inputs, the reference the Rust tests compare against).
+
+    python models/export/unets.py                 # all tiny fixtures
+    python models/export/unets.py --full sd15 --out models/large/sd15   # SD1.5-size, for benchmarks
+"""
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from diffusers import UNet2DConditionModel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_SD1 = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(32, 32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8,
+)
+TINY_SD2 = dict(TINY_SD1, use_linear_projection=True, attention_head_dim=(2, 4, 4))
+TINY_SDXL = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2), cross_attention_dim=32, attention_head_dim=(2, 4),
+    norm_num_groups=8, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=32 + 6 * 8,
+)
+# runwayml/stable-diffusion-v1-5 unet/config.json (diffusers defaults fill the rest).
+FULL_SD15 = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8,
+)
+
+# name: (config, exporter, extra conditioning)
+TINY = {
+    "sd15_legacy": (TINY_SD1, "legacy"),
+    "sd15_dynamo": (TINY_SD1, "dynamo"),
+    "sd2_legacy": (TINY_SD2, "legacy"),
+    "sdxl_legacy": (TINY_SDXL, "legacy"),
+}
+FULL = {"sd15": (FULL_SD15, "legacy")}
+
+# Dims the tests run at: batch 2 (a CFG pair), 16x16 latents, 77 text tokens.
+TEST_DIMS = {"batch": 2, "height": 16, "width": 16, "sequence": 77}
+
+
+class Wrapper(torch.nn.Module):
+    """Positional inputs and a plain tensor output, as optimum's export wrappers do. Every
+    node scope and parameter name gets the wrapper's `unet` prefix, which attune strips."""
+
+    def __init__(self, unet, sdxl):
+        super().__init__()
+        self.unet = unet
+        self.sdxl = sdxl
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
+        return self.unet(sample, timestep, encoder_hidden_states,
+                         added_cond_kwargs=added, return_dict=False)[0]
+
+
+def input_specs(config):
+    dim = config["cross_attention_dim"]
+    specs = [
+        ("sample", ["batch", config["in_channels"], "height", "width"]),
+        ("timestep", ["batch"]),
+        ("encoder_hidden_states", ["batch", "sequence", dim]),
+    ]
+    if config.get("addition_embed_type") == "text_time":
+        text_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        specs += [("text_embeds", ["batch", text_dim]), ("time_ids", ["batch", 6])]
+    return specs
+
+
+def example_inputs(specs, dims, seed):
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in specs:
+        concrete = [dims[d] if isinstance(d, str) else d for d in shape]
+        if name == "timestep":
+            out[name] = torch.tensor([999.0, 500.0][: concrete[0]] * (concrete[0] // 2 or 1))[: concrete[0]]
+        elif name == "time_ids":
+            out[name] = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * concrete[0])
+        else:
+            out[name] = torch.randn(*concrete, generator=gen)
+    return out
+
+
+def build_unet(config, seed):
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**config).eval()
+    # Random init leaves some layers zero (conv_out, proj_out); perturb everything so that
+    # every weight matters in the outputs tests compare.
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return unet
+
+
+def export(unet, config, exporter, path, dims):
+    specs = input_specs(config)
+    names = [n for n, _ in specs]
+    inputs = example_inputs(specs, dims, seed=1)
+    model = Wrapper(unet, sdxl="text_embeds" in names).eval()
+    args = tuple(inputs[n] for n in names)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        if exporter == "legacy":
+            axes = {n: {i: d for i, d in enumerate(shape) if isinstance(d, str)} for n, shape in specs}
+            axes["out_sample"] = {0: "batch", 2: "height", 3: "width"}
+            torch.onnx.export(model, args, str(raw), dynamo=False, opset_version=17,
+                              input_names=names, output_names=["out_sample"],
+                              dynamic_axes=axes, do_constant_folding=True)
+        else:
+            batch = torch.export.Dim("batch", min=1, max=64)
+            height = torch.export.Dim("height", min=2, max=512)
+            width = torch.export.Dim("width", min=2, max=512)
+            sequence = torch.export.Dim("sequence", min=1, max=512)
+            dyn = {"sample": {0: batch, 2: 8 * height, 3: 8 * width},
+                   "timestep": {0: batch},
+                   "encoder_hidden_states": {0: batch, 1: sequence}}
+            torch.onnx.export(model, args, str(raw), dynamo=True, opset_version=18,
+                              input_names=names, output_names=["out_sample"],
+                              dynamic_shapes=dyn)
+        m = onnx.load(str(raw))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in (path, path.with_name(path.name + ".data")):
+            stale.unlink(missing_ok=True)
+        onnx.save(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data", size_threshold=1024)
+    return specs, inputs
+
+
+def graph_shape(path, name):
+    """The input's shape as the exporter declared it (dynamo names dims like `8*height`)."""
+    m = onnx.load(str(path), load_external_data=False)
+    (vi,) = [i for i in m.graph.input if i.name == name]
+    return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+
+def write_reference(path, specs, inputs, unet, model_dir):
+    import onnxruntime as ort
+    (model_dir / "inputs").mkdir(exist_ok=True)
+    (model_dir / "ref").mkdir(exist_ok=True)
+    feeds = {n: inputs[n].numpy() for n, _ in specs}
+    for n, a in feeds.items():
+        np.save(model_dir / "inputs" / f"{n}.npy", a)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = sess.run(["out_sample"], feeds)
+    np.save(model_dir / "ref" / "out_sample.npy", out)
+    with torch.no_grad():
+        torch_out = Wrapper(unet, "text_embeds" in feeds)(*[inputs[n] for n, _ in specs]).numpy()
+    rel = float(np.linalg.norm(out - torch_out) / np.linalg.norm(torch_out))
+    return {"onnxruntime": ort.__version__, "torch": torch.__version__,
+            "rel_l2_onnxruntime_vs_torch": rel}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--full", choices=sorted(FULL), help="export a full-size model instead")
+    ap.add_argument("--out", type=Path, help="output folder for --full")
+    ap.add_argument("--only", nargs="*", help="tiny fixtures to export (default: all)")
+    args = ap.parse_args()
+    if args.full:
+        config, exporter = FULL[args.full]
+        out = args.out or ROOT / "large" / args.full
+        unet = build_unet(config, seed=0)
+        dims = {"batch": 2, "height": 64, "width": 64, "sequence": 77}
+        export(unet, config, exporter, out / "unet.onnx", dims)
+        # The layout diffusers' conversion script writes: one external file named weights.pb.
+        m = onnx.load(str(out / "unet.onnx"))
+        (out / "unet.onnx.data").unlink()
+        onnx.save(m, str(out / "unet.onnx"), save_as_external_data=True,
+                  all_tensors_to_one_file=True, location="weights.pb", size_threshold=1024)
+        print(f"wrote {out}")
+        return
+    for name in args.only or TINY:
+        config, exporter = TINY[name]
+        model_dir = ROOT / name
+        unet = build_unet(config, seed=0)
+        path = model_dir / "unet.onnx"
+        specs, inputs = export(unet, config, exporter, path, TEST_DIMS)
+        provenance = write_reference(path, specs, inputs, unet, model_dir)
+        spec = {
+            "model": "unet.onnx",
+            "exporter": exporter,
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()},
+            "inputs": [{"name": n, "dtype": "float32", "shape": graph_shape(path, n),
+                        "test_shape": list(inputs[n].shape)} for n, _ in specs],
+            "outputs": [{"name": "out_sample", "dtype": "float32"}],
+            "torch_parameters": sum(p.numel() for p in unet.parameters()),
+            "reference": provenance,
+        }
+        (model_dir / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+        size = sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file())
+        print(f"{name}: {size / 1e6:.2f} MB, onnxruntime vs torch rel L2 {provenance['rel_l2_onnxruntime_vs_torch']:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,466 @@
+//! Model inputs: what the model declares, checking what the caller gives against it, and
+//! seeded random inputs for the rest (symbolic dims from `--dim NAME=V`).
+use std::collections::BTreeMap;
+
+use attune_compiler::Model;
+use attune_compiler::onnx::{self, tensor_shape_proto::dimension::Value as DimValue};
+use half::f16;
+use ndarray::{ArrayD, IxDyn};
+
+use crate::error::{Error, Result};
+use crate::tensor::{DType, HostTensor};
+
+/// A declared input.
+#[derive(Clone, Debug)]
+pub struct InputSpec {
+    pub name: String,
+    /// ONNX element type (`TensorProto.DataType`).
+    pub elem_type: i32,
+    pub dims: Vec<Dim>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Dim {
+    Fixed(usize),
+    /// A symbol or an expression of symbols (`batch`, `8*height`).
+    Symbol(String),
+    Unknown,
+}
+
+impl InputSpec {
+    pub fn dtype(&self) -> Option<DType> {
+        DType::from_onnx(self.elem_type)
+    }
+
+    /// `sample f32[batch,4,height,width]`
+    pub fn describe(&self) -> String {
+        let dims: Vec<String> = self
+            .dims
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(v) => v.to_string(),
+                Dim::Symbol(s) => s.clone(),
+                Dim::Unknown => "?".into(),
+            })
+            .collect();
+        format!(
+            "{} {}[{}]",
+            self.name,
+            onnx::type_name(self.elem_type),
+            dims.join(",")
+        )
+    }
+}
+
+/// Graph inputs a caller must feed (initializers listed as inputs are optional overrides and skipped).
+pub fn input_specs(model: &Model) -> Vec<InputSpec> {
+    let g = &model.graph;
+    g.inputs
+        .iter()
+        .filter(|io| g.initializer(io.value).is_none())
+        .map(|io| {
+            let t = io.info.r#type.as_ref().and_then(onnx::tensor_type);
+            let dims = t
+                .and_then(|t| t.shape.as_ref())
+                .map(|s| {
+                    s.dim
+                        .iter()
+                        .map(|d| match &d.value {
+                            Some(DimValue::DimValue(v)) if *v >= 0 => Dim::Fixed(*v as usize),
+                            Some(DimValue::DimParam(p)) if !p.is_empty() => Dim::Symbol(p.clone()),
+                            _ => Dim::Unknown,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            InputSpec {
+                name: g.value(io.value).name.clone(),
+                elem_type: t.map(|t| t.elem_type).unwrap_or(0),
+                dims,
+            }
+        })
+        .collect()
+}
+
+pub fn output_names(model: &Model) -> Vec<String> {
+    model
+        .graph
+        .outputs
+        .iter()
+        .map(|io| model.graph.value(io.value).name.clone())
+        .collect()
+}
+
+/// Values of symbolic dims (`--dim height=64`).
+#[derive(Clone, Debug, Default)]
+pub struct Dims(pub BTreeMap<String, i64>);
+
+impl Dims {
+    /// Parses `NAME=V` items.
+    pub fn parse(items: &[String]) -> Result<Dims> {
+        let mut map = BTreeMap::new();
+        for item in items {
+            let (k, v) = item
+                .rsplit_once('=')
+                .ok_or_else(|| Error::Inputs(format!("--dim '{item}': expected NAME=VALUE")))?;
+            let v: i64 = v
+                .trim()
+                .parse()
+                .map_err(|_| Error::Inputs(format!("--dim '{item}': '{v}' is not an integer")))?;
+            if v < 0 {
+                return Err(Error::Inputs(format!(
+                    "--dim '{item}': sizes cannot be negative"
+                )));
+            }
+            map.insert(k.trim().to_string(), v);
+        }
+        Ok(Dims(map))
+    }
+
+    /// The size of a symbolic dim: given literally, or computed from the symbols it uses.
+    pub fn resolve(&self, symbol: &str) -> Option<i64> {
+        self.0
+            .get(symbol)
+            .copied()
+            .or_else(|| eval(symbol, &self.0))
+    }
+}
+
+/// Checks given inputs against the model and fills the missing ones with seeded random
+/// data. Inputs come back in the model's order.
+pub fn prepare(
+    specs: &[InputSpec],
+    given: Vec<(String, HostTensor)>,
+    dims: &Dims,
+    seed: u64,
+) -> Result<Vec<(String, HostTensor)>> {
+    let expected = || {
+        specs
+            .iter()
+            .map(|s| format!("  {}", s.describe()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    for (name, _) in &given {
+        if !specs.iter().any(|s| &s.name == name) {
+            return Err(Error::Inputs(format!(
+                "the model has no input '{name}'; it expects:\n{}",
+                expected()
+            )));
+        }
+    }
+    let mut dims = dims.clone();
+    // Sizes the given inputs imply for symbols, checked for consistency.
+    let mut seen: BTreeMap<String, (i64, String)> = BTreeMap::new();
+    for (name, t) in &given {
+        let spec = specs
+            .iter()
+            .find(|s| &s.name == name)
+            .expect("checked above");
+        check(spec, t).map_err(|msg| Error::Input {
+            input: name.clone(),
+            msg: format!("{msg}; the model expects:\n{}", expected()),
+        })?;
+        for (d, size) in spec.dims.iter().zip(t.shape()) {
+            if let Dim::Symbol(sym) = d {
+                let size = *size as i64;
+                if let Some((prev, from)) = seen.get(sym) {
+                    if *prev != size {
+                        return Err(Error::Input {
+                            input: name.clone(),
+                            msg: format!("dim '{sym}' is {size} here but {prev} in '{from}'"),
+                        });
+                    }
+                }
+                if let Some(want) = dims.resolve(sym) {
+                    if want != size {
+                        return Err(Error::Input {
+                            input: name.clone(),
+                            msg: format!("dim '{sym}' is {size} but --dim gives {want}"),
+                        });
+                    }
+                }
+                seen.insert(sym.clone(), (size, name.clone()));
+            }
+        }
+    }
+    for (sym, (size, _)) in &seen {
+        dims.0.entry(sym.clone()).or_insert(*size);
+    }
+    let mut rng = Rng::new(seed);
+    let mut given: BTreeMap<String, HostTensor> = given.into_iter().collect();
+    let mut out = Vec::new();
+    for spec in specs {
+        if let Some(t) = given.remove(&spec.name) {
+            out.push((spec.name.clone(), t));
+            continue;
+        }
+        let shape = concrete_shape(spec, &dims)?;
+        let dtype = spec.dtype().ok_or_else(|| Error::Input {
+            input: spec.name.clone(),
+            msg: format!(
+                "cannot generate random {} data; give it with --input",
+                onnx::type_name(spec.elem_type)
+            ),
+        })?;
+        out.push((
+            spec.name.clone(),
+            random(&spec.name, dtype, &shape, &mut rng),
+        ));
+    }
+    Ok(out)
+}
+
+/// Does a tensor fit a declared input? (dtype, rank, fixed dims)
+fn check(spec: &InputSpec, t: &HostTensor) -> std::result::Result<(), String> {
+    if spec.dtype() != Some(t.dtype()) {
+        return Err(format!(
+            "got {} data, the model declares {}",
+            t.dtype().name(),
+            onnx::type_name(spec.elem_type)
+        ));
+    }
+    if !spec.dims.is_empty() || t.shape().is_empty() {
+        if spec.dims.len() != t.shape().len() {
+            return Err(format!(
+                "got rank {} (shape {:?}), the model declares rank {}",
+                t.shape().len(),
+                t.shape(),
+                spec.dims.len()
+            ));
+        }
+        for (i, (d, size)) in spec.dims.iter().zip(t.shape()).enumerate() {
+            if let Dim::Fixed(want) = d {
+                if want != size {
+                    return Err(format!(
+                        "dim {i} is {size}, the model declares {want} (shape {:?})",
+                        t.shape()
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn concrete_shape(spec: &InputSpec, dims: &Dims) -> Result<Vec<usize>> {
+    let mut missing = Vec::new();
+    let mut shape = Vec::new();
+    for d in &spec.dims {
+        match d {
+            Dim::Fixed(v) => shape.push(*v),
+            Dim::Symbol(s) => match dims.resolve(s) {
+                Some(v) => shape.push(v as usize),
+                None => missing.push(s.clone()),
+            },
+            Dim::Unknown => missing.push("?".into()),
+        }
+    }
+    if !missing.is_empty() {
+        let names: Vec<String> = missing.iter().flat_map(|m| symbols(m)).collect();
+        let example: Vec<String> = names.iter().map(|n| format!("--dim {n}=N")).collect();
+        return Err(Error::Input {
+            input: spec.name.clone(),
+            msg: format!(
+                "symbolic dims {} need sizes: give {} (or the input itself with --input)",
+                missing.join(", "),
+                example.join(" ")
+            ),
+        });
+    }
+    Ok(shape)
+}
+
+/// Random data: normal(0, 1) for floats; timesteps uniform in [0, 1000); integers in [0, 100).
+fn random(name: &str, dtype: DType, shape: &[usize], rng: &mut Rng) -> HostTensor {
+    let timestep = name.contains("timestep");
+    let float = |rng: &mut Rng| {
+        if timestep {
+            (rng.next_f64() * 1000.0).floor()
+        } else {
+            rng.normal()
+        }
+    };
+    let sh = IxDyn(shape);
+    match dtype {
+        DType::F32 => HostTensor::F32(ArrayD::from_shape_fn(sh, |_| float(rng) as f32)),
+        DType::F16 => HostTensor::F16(ArrayD::from_shape_fn(sh, |_| f16::from_f64(float(rng)))),
+        DType::I64 => HostTensor::I64(ArrayD::from_shape_fn(sh, |_| {
+            (rng.next_f64() * if timestep { 1000.0 } else { 100.0 }) as i64
+        })),
+        DType::I32 => HostTensor::I32(ArrayD::from_shape_fn(sh, |_| {
+            (rng.next_f64() * if timestep { 1000.0 } else { 100.0 }) as i32
+        })),
+        DType::Bool => HostTensor::Bool(ArrayD::from_shape_fn(sh, |_| rng.next_f64() < 0.5)),
+    }
+}
+
+/// SplitMix64: small, seedable, identical on every platform.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Standard normal (Box-Muller).
+    fn normal(&mut self) -> f64 {
+        let u1 = self.next_f64().max(f64::MIN_POSITIVE);
+        let u2 = self.next_f64();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+}
+
+/// Identifiers used in a dim expression.
+fn symbols(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for c in expr.chars().chain(std::iter::once(' ')) {
+        if c.is_alphanumeric() || c == '_' {
+            cur.push(c);
+        } else if !cur.is_empty() {
+            if !cur.chars().all(|c| c.is_ascii_digit()) && !out.contains(&cur) {
+                out.push(cur.clone());
+            }
+            cur.clear();
+        }
+    }
+    out
+}
+
+/// Evaluates a dim expression such as `8*height` or `(s0 + 1)//2` with integer arithmetic.
+fn eval(expr: &str, vars: &BTreeMap<String, i64>) -> Option<i64> {
+    let tokens = tokenize(expr)?;
+    let mut p = Parser {
+        tokens: &tokens,
+        pos: 0,
+        vars,
+    };
+    let v = p.sum()?;
+    (p.pos == tokens.len()).then_some(v)
+}
+
+#[derive(Debug, PartialEq)]
+enum Tok {
+    Num(i64),
+    Ident(String),
+    Op(char),
+}
+
+fn tokenize(s: &str) -> Option<Vec<Tok>> {
+    let mut out = Vec::new();
+    let chars: Vec<char> = s.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c.is_whitespace() {
+            i += 1;
+        } else if c.is_ascii_digit() {
+            let start = i;
+            while i < chars.len() && chars[i].is_ascii_digit() {
+                i += 1;
+            }
+            out.push(Tok::Num(
+                chars[start..i].iter().collect::<String>().parse().ok()?,
+            ));
+        } else if c.is_alphabetic() || c == '_' {
+            let start = i;
+            while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_') {
+                i += 1;
+            }
+            out.push(Tok::Ident(chars[start..i].iter().collect()));
+        } else if "+-*/()".contains(c) {
+            // `//` (Python floor division) is the same as `/` on sizes.
+            if c == '/' && chars.get(i + 1) == Some(&'/') {
+                i += 1;
+            }
+            out.push(Tok::Op(c));
+            i += 1;
+        } else {
+            return None;
+        }
+    }
+    Some(out)
+}
+
+struct Parser<'a> {
+    tokens: &'a [Tok],
+    pos: usize,
+    vars: &'a BTreeMap<String, i64>,
+}
+
+impl Parser<'_> {
+    fn sum(&mut self) -> Option<i64> {
+        let mut v = self.product()?;
+        while let Some(Tok::Op(op @ ('+' | '-'))) = self.tokens.get(self.pos) {
+            self.pos += 1;
+            let r = self.product()?;
+            v = if *op == '+' {
+                v.checked_add(r)?
+            } else {
+                v.checked_sub(r)?
+            };
+        }
+        Some(v)
+    }
+    fn product(&mut self) -> Option<i64> {
+        let mut v = self.atom()?;
+        while let Some(Tok::Op(op @ ('*' | '/'))) = self.tokens.get(self.pos) {
+            self.pos += 1;
+            let r = self.atom()?;
+            v = if *op == '*' {
+                v.checked_mul(r)?
+            } else {
+                v.checked_div(r)?
+            };
+        }
+        Some(v)
+    }
+    fn atom(&mut self) -> Option<i64> {
+        let t = self.tokens.get(self.pos)?;
+        self.pos += 1;
+        match t {
+            Tok::Num(n) => Some(*n),
+            Tok::Ident(name) => self.vars.get(name).copied(),
+            Tok::Op('(') => {
+                let v = self.sum()?;
+                (self.tokens.get(self.pos) == Some(&Tok::Op(')'))).then(|| self.pos += 1)?;
+                Some(v)
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dim_expressions() {
+        let d = Dims::parse(&["height=2".into(), "batch=3".into()]).unwrap();
+        assert_eq!(d.resolve("8*height"), Some(16));
+        assert_eq!(d.resolve("(batch + 1)//2"), Some(2));
+        assert_eq!(d.resolve("width"), None);
+        assert_eq!(symbols("8*height + w_1"), ["height", "w_1"]);
+        assert!(Dims::parse(&["x".into()]).is_err());
+    }
+
+    #[test]
+    fn rng_is_deterministic() {
+        let (mut a, mut b) = (Rng::new(7), Rng::new(7));
+        for _ in 0..10 {
+            assert_eq!(a.normal(), b.normal());
+        }
+    }
+}

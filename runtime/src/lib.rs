@@ -1,0 +1,19 @@
+//! attune-runtime: run models on ONNX Runtime (CPU, CUDA) or tract; the ORT library is
+//! provisioned automatically. Tensor I/O (.npy, .safetensors), random inputs, numeric
+//! comparison and benchmarking.
+pub mod backend;
+pub mod bench;
+pub mod compare;
+pub mod cuda;
+pub mod error;
+pub mod inputs;
+pub mod npy;
+pub mod ort_backend;
+pub mod provision;
+pub mod safetensors_io;
+pub mod tensor;
+pub mod tract_backend;
+
+pub use backend::{Backend, Ep};
+pub use error::{Error, Result};
+pub use tensor::{DType, HostTensor};

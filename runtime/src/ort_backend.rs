@@ -1,0 +1,263 @@
+//! ONNX Runtime sessions (CPU and CUDA execution providers), created from the model file so
+//! ORT resolves external data itself.
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use ort::environment::Environment;
+use ort::logging::LogLevel;
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+
+use crate::error::{Error, Result};
+use crate::provision::{self, Flavor};
+use crate::tensor::HostTensor;
+
+/// Which ORT execution provider runs the graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Provider {
+    Cpu,
+    Cuda,
+}
+
+/// ORT's graph optimisation levels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OptLevel {
+    Disable,
+    Basic,
+    Extended,
+    #[default]
+    All,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct OrtOptions {
+    pub opt_level: OptLevel,
+    /// Intra-op threads (ORT's default: one per physical core).
+    pub threads: Option<usize>,
+}
+
+/// The process-wide ORT environment and which library flavour it loaded.
+static ENVIRONMENT: OnceLock<(Flavor, PathBuf, Environment)> = OnceLock::new();
+static INIT: Mutex<()> = Mutex::new(());
+
+/// Loads ONNX Runtime (provisioning it if needed) for `flavor`; once per process.
+pub fn environment(flavor: Flavor) -> Result<&'static Environment> {
+    let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((loaded, path, env)) = ENVIRONMENT.get() {
+        if *loaded != flavor
+            && std::env::var_os("ORT_DYLIB_PATH").is_none()
+            && flavor == Flavor::Gpu
+        {
+            return Err(Error::Cuda(format!(
+                "this process already loaded the CPU build of ONNX Runtime ({}); the CUDA provider needs onnxruntime-gpu in a separate run",
+                path.display()
+            )));
+        }
+        return Ok(env);
+    }
+    let lib = provision::locate(flavor)?;
+    let env = ort::init_from(&lib.path)
+        .map_err(|e| Error::Provision(format!("{}: {e}", lib.path.display())))?
+        .with_name("attune")
+        .build()?;
+    let (_, _, env) = ENVIRONMENT.get_or_init(|| (flavor, lib.path.clone(), env));
+    Ok(env)
+}
+
+/// The library this process loaded, if any.
+pub fn loaded_library() -> Option<PathBuf> {
+    ENVIRONMENT.get().map(|(_, p, _)| p.clone())
+}
+
+/// A session and what ORT reported while creating it.
+pub struct OrtSession {
+    session: Session,
+    pub provider: Provider,
+    /// (execution provider, node count) from ORT's node-placement log (CUDA sessions).
+    pub placement: Vec<(String, usize)>,
+}
+
+impl OrtSession {
+    pub fn open(model: &Path, provider: Provider, opts: &OrtOptions) -> Result<Self> {
+        if provider == Provider::Cuda {
+            crate::cuda::check_driver()?;
+        }
+        let flavor = if provider == Provider::Cuda {
+            Flavor::Gpu
+        } else {
+            Flavor::Cpu
+        };
+        let env = environment(flavor)?;
+        if provider == Provider::Cuda {
+            crate::cuda::preload_libraries()?;
+        }
+        let level = match opts.opt_level {
+            OptLevel::Disable => GraphOptimizationLevel::Disable,
+            OptLevel::Basic => GraphOptimizationLevel::Level1,
+            OptLevel::Extended => GraphOptimizationLevel::Level2,
+            OptLevel::All => GraphOptimizationLevel::All,
+        };
+        let ort_err =
+            |e: ort::Error<ort::session::builder::SessionBuilder>| Error::Ort(e.to_string());
+        let mut builder = Session::builder(env)?
+            .with_optimization_level(level)
+            .map_err(ort_err)?;
+        if let Some(n) = opts.threads {
+            builder = builder.with_intra_threads(n).map_err(ort_err)?;
+        }
+        let placement_log: Arc<Mutex<Vec<String>>> = Arc::default();
+        if provider == Provider::Cuda {
+            let log = placement_log.clone();
+            builder = builder
+                .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+                .map_err(|e| Error::Cuda(e.to_string()))?
+                .with_log_level(LogLevel::Verbose)
+                .map_err(ort_err)?
+                .with_logger(Arc::new(
+                    move |_level, _category, _id, _location, message: &str| {
+                        if message.contains("placed on [") {
+                            log.lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(message.to_string());
+                        }
+                    },
+                ))
+                .map_err(ort_err)?;
+        }
+        let session = builder
+            .commit_from_file(model)
+            .map_err(|e| match provider {
+                Provider::Cuda => Error::Cuda(format!("{}: {e}", model.display())),
+                Provider::Cpu => Error::Ort(format!("{}: {e}", model.display())),
+            })?;
+        let placement = parse_placement(&placement_log.lock().unwrap_or_else(|e| e.into_inner()));
+        if provider == Provider::Cuda {
+            let on_cuda: usize = placement
+                .iter()
+                .filter(|(ep, _)| ep == "CUDAExecutionProvider")
+                .map(|(_, n)| n)
+                .sum();
+            if on_cuda == 0 {
+                return Err(Error::Cuda(format!(
+                    "ONNX Runtime placed no node on CUDAExecutionProvider (placement: {placement:?}); refusing to run on the CPU instead"
+                )));
+            }
+        }
+        Ok(OrtSession {
+            session,
+            provider,
+            placement,
+        })
+    }
+
+    pub fn input_names(&self) -> Vec<String> {
+        self.session
+            .inputs()
+            .iter()
+            .map(|i| i.name().to_string())
+            .collect()
+    }
+
+    pub fn output_names(&self) -> Vec<String> {
+        self.session
+            .outputs()
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect()
+    }
+
+    /// Runs the graph; outputs in the model's order.
+    pub fn run(&mut self, inputs: &[(String, HostTensor)]) -> Result<Vec<(String, HostTensor)>> {
+        let values: Vec<(String, DynValue)> = inputs
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), to_value(t)?)))
+            .collect::<Result<_>>()?;
+        let names = self.output_names();
+        let outputs = self.session.run(values)?;
+        names
+            .into_iter()
+            .map(|name| {
+                let value = outputs
+                    .get(&name)
+                    .ok_or_else(|| Error::Ort(format!("no output '{name}'")))?;
+                let t =
+                    from_value(value).map_err(|e| Error::Ort(format!("output '{name}': {e}")))?;
+                Ok((name, t))
+            })
+            .collect()
+    }
+}
+
+/// `All nodes placed on [CUDAExecutionProvider]. Number of nodes: 812` → ("CUDAExecutionProvider", 812)
+fn parse_placement(lines: &[String]) -> Vec<(String, usize)> {
+    lines
+        .iter()
+        .filter_map(|l| {
+            let ep = l.split("placed on [").nth(1)?.split(']').next()?;
+            let count = l
+                .split("Number of nodes:")
+                .nth(1)?
+                .trim()
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            Some((ep.to_string(), count))
+        })
+        .collect()
+}
+
+fn to_value(t: &HostTensor) -> Result<DynValue> {
+    Ok(match t {
+        HostTensor::F32(a) => Tensor::from_array(a.clone())?.into_dyn(),
+        HostTensor::F16(a) => Tensor::from_array(a.clone())?.into_dyn(),
+        HostTensor::I64(a) => Tensor::from_array(a.clone())?.into_dyn(),
+        HostTensor::I32(a) => Tensor::from_array(a.clone())?.into_dyn(),
+        HostTensor::Bool(a) => Tensor::from_array(a.clone())?.into_dyn(),
+    })
+}
+
+fn from_value(v: &DynValue) -> std::result::Result<HostTensor, String> {
+    let ty = match v.dtype() {
+        ValueType::Tensor { ty, .. } => *ty,
+        other => return Err(format!("is a {other:?}, not a tensor")),
+    };
+    let e = |e: ort::Error| e.to_string();
+    Ok(match ty {
+        TensorElementType::Float32 => {
+            HostTensor::F32(v.try_extract_array::<f32>().map_err(e)?.into_owned())
+        }
+        TensorElementType::Float16 => {
+            HostTensor::F16(v.try_extract_array::<half::f16>().map_err(e)?.into_owned())
+        }
+        TensorElementType::Int64 => {
+            HostTensor::I64(v.try_extract_array::<i64>().map_err(e)?.into_owned())
+        }
+        TensorElementType::Int32 => {
+            HostTensor::I32(v.try_extract_array::<i32>().map_err(e)?.into_owned())
+        }
+        TensorElementType::Bool => {
+            HostTensor::Bool(v.try_extract_array::<bool>().map_err(e)?.into_owned())
+        }
+        other => return Err(format!("element type {other:?} is not supported")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn placement_lines() {
+        let lines = vec![
+            " All nodes placed on [CUDAExecutionProvider]. Number of nodes: 812".to_string(),
+            " Node(s) placed on [CPUExecutionProvider]. Number of nodes: 3".to_string(),
+        ];
+        assert_eq!(
+            super::parse_placement(&lines),
+            vec![
+                ("CUDAExecutionProvider".into(), 812),
+                ("CPUExecutionProvider".into(), 3)
+            ]
+        );
+    }
+}

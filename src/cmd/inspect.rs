@@ -1,0 +1,131 @@
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use attune_compiler::summary::{self, Summary};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The .onnx model
+    model: PathBuf,
+    /// Print JSON (keys documented in README)
+    #[arg(long)]
+    json: bool,
+    /// Levels of the module tree to show in text output
+    #[arg(long, default_value_t = 2)]
+    depth: usize,
+}
+
+pub fn run(args: Args) -> anyhow::Result<i32> {
+    let model = super::load(&args.model)?;
+    let s = summary::summarize(&model);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print!("{}", render(&args.model, &s, args.depth));
+    }
+    Ok(0)
+}
+
+fn render(path: &std::path::Path, s: &Summary, depth: usize) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let opsets: Vec<String> = s.opsets.iter().map(|(d, v)| format!("{d} {v}")).collect();
+    let _ = writeln!(o, "model       {}", path.display());
+    let _ = writeln!(
+        o,
+        "exporter    {} ({}), IR {}, opsets {}",
+        s.exporter,
+        s.producer,
+        s.ir_version,
+        opsets.join(", ")
+    );
+    for (title, list) in [("inputs", &s.inputs), ("outputs", &s.outputs)] {
+        for (i, io) in list.iter().enumerate() {
+            let head = if i == 0 { title } else { "" };
+            let _ = writeln!(
+                o,
+                "{head:<11} {} {}[{}]",
+                io.name,
+                io.dtype,
+                io.shape.join(",")
+            );
+        }
+    }
+    let p = &s.parameters;
+    let _ = writeln!(o, "nodes       {}", s.nodes);
+    let _ = writeln!(
+        o,
+        "parameters  {} in {} tensors ({})",
+        super::count(p.count),
+        p.tensors,
+        super::bytes(p.bytes)
+    );
+    if !s.data_files.is_empty() {
+        let _ = writeln!(o, "data files  {}", s.data_files.join(", "));
+    }
+    let mut ops: Vec<(&String, &usize)> = s.ops.iter().collect();
+    ops.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let ops: Vec<String> = ops.iter().map(|(op, n)| format!("{op} {n}")).collect();
+    let _ = writeln!(o, "ops         {}", ops.join(", "));
+    let wrapper = if s.module_prefix.is_empty() {
+        String::new()
+    } else {
+        format!(" (wrapper '{}' stripped)", s.module_prefix)
+    };
+    let _ = writeln!(o, "modules{wrapper}");
+    for (path, params) in module_tree(s, depth) {
+        let level = levels(&path).len().max(1);
+        let _ = writeln!(
+            o,
+            "  {:indent$}{path:<width$} {}",
+            "",
+            super::count(params),
+            indent = 2 * (level - 1),
+            width = 48 - 2 * (level - 1)
+        );
+    }
+    o
+}
+
+/// Module path levels, a list index kept with its list: `down_blocks.0.attentions.0` →
+/// [`down_blocks.0`, `attentions.0`].
+fn levels(path: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        match out.last_mut() {
+            Some(last) if part.bytes().all(|c| c.is_ascii_digit()) => {
+                last.push('.');
+                last.push_str(part);
+            }
+            _ => out.push(part.to_string()),
+        }
+    }
+    out
+}
+
+/// Parameter totals of every module up to `depth` levels, in tree order.
+fn module_tree(s: &Summary, depth: usize) -> BTreeMap<String, u64> {
+    let mut tree = BTreeMap::new();
+    for m in &s.modules {
+        let lv = levels(&m.path);
+        if lv.is_empty() {
+            *tree.entry("<root>".to_string()).or_insert(0) += m.parameters;
+        }
+        for k in 1..=lv.len().min(depth.max(1)) {
+            *tree.entry(lv[..k].join(".")).or_insert(0) += m.parameters;
+        }
+    }
+    tree
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn levels_keep_list_indices() {
+        assert_eq!(
+            super::levels("down_blocks.0.attentions.0.proj_in"),
+            ["down_blocks.0", "attentions.0", "proj_in"]
+        );
+        assert_eq!(super::levels("conv_in"), ["conv_in"]);
+    }
+}

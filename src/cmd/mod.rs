@@ -1,0 +1,39 @@
+pub mod bench;
+pub mod compile;
+pub mod demo;
+pub mod diff;
+pub mod exec;
+pub mod inspect;
+pub mod numeric;
+pub mod run;
+pub mod setup;
+
+use std::path::Path;
+
+use anyhow::Context;
+use attune_compiler::{Model, import};
+
+/// Reads a model, with the path in the error.
+pub fn load(path: &Path) -> anyhow::Result<Model> {
+    import::read(path).with_context(|| format!("cannot read model {}", path.display()))
+}
+
+/// Human-readable count: 1.2 K, 3.4 M, 5.6 G.
+pub fn count(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2} G", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2} M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1} K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+/// Human-readable size in bytes.
+pub fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}

@@ -1,0 +1,54 @@
+//! Running two models on the same inputs and comparing their outputs.
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use attune_runtime::compare::{self, Comparison};
+
+use super::exec::ExecArgs;
+
+/// Runs `a` and `b` on the same inputs (made for `a`); one comparison per output of `a`.
+pub fn compare_models(a: &Path, b: &Path, exec: &ExecArgs) -> anyhow::Result<Vec<Comparison>> {
+    let inputs = exec.prepare_inputs(a)?;
+    let out_a = exec
+        .open(a)?
+        .run(&inputs)
+        .with_context(|| format!("running {}", a.display()))?;
+    let out_b = exec
+        .open(b)?
+        .run(&inputs)
+        .with_context(|| format!("running {}", b.display()))?;
+    let mut result = Vec::new();
+    for (name, ta) in &out_a {
+        let Some((_, tb)) = out_b.iter().find(|(n, _)| n == name) else {
+            bail!("{} has no output '{name}'", b.display());
+        };
+        result.push(compare::compare(name, ta, tb).map_err(anyhow::Error::msg)?);
+    }
+    Ok(result)
+}
+
+/// A table of the comparisons; `true` when all are within `tol` (relative L2).
+pub fn render(results: &[Comparison], tol: f64) -> (String, bool) {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<24} {:>12} {:>12} {:>12}  within {tol:e}",
+        "output", "max abs", "rel L2", "cosine"
+    );
+    let mut ok = true;
+    for c in results {
+        let pass = c.within(tol);
+        ok &= pass;
+        let _ = writeln!(
+            s,
+            "{:<24} {:>12.3e} {:>12.3e} {:>12.8}  {}",
+            c.name,
+            c.max_abs,
+            c.rel_l2,
+            c.cosine,
+            if pass { "yes" } else { "NO" }
+        );
+    }
+    (s, ok)
+}

@@ -1,0 +1,53 @@
+//! attune: compile and run exported diffusion-model ONNX graphs.
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+#[derive(Parser)]
+#[command(
+    name = "attune",
+    version,
+    about = "Compiler and runtime for exported diffusion-model ONNX graphs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a model's inputs/outputs, ops, parameters, opsets, exporter and module tree
+    Inspect(cmd::inspect::Args),
+    /// Compare two models: structural diff, or outputs on the same inputs with --numeric
+    Diff(cmd::diff::Args),
+    /// Rewrite a model and write it (with no passes: a faithful round trip)
+    Compile(cmd::compile::Args),
+    /// Run a model on ONNX Runtime (CPU/CUDA) or tract and write its outputs as .npy
+    Run(cmd::run::Args),
+    /// Time a model (optionally against another, alternating), with session time and RSS
+    Bench(cmd::bench::Args),
+    /// Fetch and cache the ONNX Runtime library ahead of time
+    Setup(cmd::setup::Args),
+    /// Compile a shipped fixture, diff it structurally and numerically, and time it
+    Demo(cmd::demo::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(a) => cmd::inspect::run(a),
+        Command::Diff(a) => cmd::diff::run(a),
+        Command::Compile(a) => cmd::compile::run(a),
+        Command::Run(a) => cmd::run::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
+        Command::Setup(a) => cmd::setup::run(a),
+        Command::Demo(a) => cmd::demo::run(a),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}

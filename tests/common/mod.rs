@@ -1,0 +1,94 @@
+//! Shared helpers for the end-to-end tests: fixtures, the CLI, independent proto checks.
+#![allow(dead_code)]
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use attune_compiler::onnx::{self, ModelProto, TensorProto, tensor_proto::DataLocation};
+use prost::Message;
+
+/// The committed tiny exports (see models/export/unets.py).
+pub const FIXTURES: [&str; 4] = ["sd15_legacy", "sd15_dynamo", "sd2_legacy", "sdxl_legacy"];
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    root().join("models").join(name).join("unet.onnx")
+}
+
+pub fn spec(name: &str) -> serde_json::Value {
+    let text = fs::read_to_string(root().join("models").join(name).join("spec.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Runs the attune binary.
+pub fn attune(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_attune"))
+        .args(args)
+        .output()
+        .expect("run attune")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Copies a fixture folder (model, data, spec) into `dir`; returns the model path there.
+pub fn copy_fixture(name: &str, dir: &Path) -> PathBuf {
+    let src = root().join("models").join(name);
+    for f in ["unet.onnx", "unet.onnx.data"] {
+        fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    dir.join("unet.onnx")
+}
+
+/// Decodes a model with every tensor's data moved into `raw_data` (external data read here,
+/// independently of the compiler's own loader) so two models compare field for field.
+pub fn normalized(path: &Path) -> ModelProto {
+    let mut m = ModelProto::decode(fs::read(path).unwrap().as_slice()).unwrap();
+    let dir = path.parent().unwrap();
+    let g = m.graph.as_mut().unwrap();
+    for t in &mut g.initializer {
+        inline_tensor(t, dir);
+    }
+    m
+}
+
+fn inline_tensor(t: &mut TensorProto, dir: &Path) {
+    if t.data_location == DataLocation::External as i32 {
+        let get = |k: &str| onnx::metadata(&t.external_data, k).map(str::to_string);
+        let mut f = fs::File::open(dir.join(get("location").unwrap())).unwrap();
+        let offset: u64 = get("offset").map(|o| o.parse().unwrap()).unwrap_or(0);
+        let len: usize = get("length").unwrap().parse().unwrap();
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        let mut buf = vec![0; len];
+        f.read_exact(&mut buf).unwrap();
+        t.raw_data = buf.into();
+        t.external_data.clear();
+        t.data_location = DataLocation::Default as i32;
+    }
+}
+
+/// Every file in a folder with its contents (to prove nothing changed or appeared).
+pub fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}

@@ -1,0 +1,476 @@
+//! The IR on real exports: faithful round trips, weights modes, bad input, verify, diff,
+//! inspect.
+mod common;
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+
+use attune_compiler::export::{self, ExportOptions, WeightsMode};
+use attune_compiler::onnx::{ModelProto, NodeProto, tensor_proto::DataLocation};
+use attune_compiler::weights::Tensor;
+use attune_compiler::{diff, import, summary, verify};
+use common::*;
+use prost::Message;
+
+fn export_to(name: &str, opts: ExportOptions) -> (tempfile::TempDir, std::path::PathBuf) {
+    let model = import::read(&fixture(name)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    export::write(&model, &out, &opts).unwrap();
+    (dir, out)
+}
+
+#[test]
+fn round_trip_is_faithful_for_every_fixture() {
+    for name in FIXTURES {
+        let (_dir, out) = export_to(name, ExportOptions::default());
+        let (a, b) = (normalized(&fixture(name)), normalized(&out));
+        assert!(
+            a == b,
+            "{name}: re-exported model differs from the original"
+        );
+        // The default mode writes one data file next to the model, nothing else.
+        let files: Vec<_> = fs::read_dir(out.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(files.len(), 2, "{name}: {files:?}");
+    }
+}
+
+#[test]
+fn inline_round_trip_has_no_external_data() {
+    let (_dir, out) = export_to(
+        "sd15_legacy",
+        ExportOptions {
+            inline: true,
+            ..Default::default()
+        },
+    );
+    let raw = ModelProto::decode(fs::read(&out).unwrap().as_slice()).unwrap();
+    let g = raw.graph.as_ref().unwrap();
+    assert!(
+        g.initializer
+            .iter()
+            .all(|t| t.data_location != DataLocation::External as i32)
+    );
+    let mut a = normalized(&fixture("sd15_legacy"));
+    let b = normalized(&out);
+    // Inline mode turns typed fields into raw_data; everything else is the same.
+    a.graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .iter_mut()
+        .zip(&b.graph.as_ref().unwrap().initializer)
+        .for_each(|(x, y)| {
+            if x.raw_data.is_empty() {
+                x.raw_data = y.raw_data.clone();
+                x.float_data.clear();
+                x.int64_data.clear();
+                x.int32_data.clear();
+            }
+        });
+    assert!(a == b);
+}
+
+#[test]
+fn link_mode_hard_links_original_data_and_writes_only_changes() {
+    let src = tempfile::tempdir().unwrap();
+    let path = copy_fixture("sd15_legacy", src.path());
+    let mut model = import::read(&path).unwrap();
+    // Change one weight the way a pass would: new owned data under the same name.
+    let name = "unet.conv_in.weight";
+    let old = model
+        .graph
+        .initializer(model.graph.value_id(name).unwrap())
+        .unwrap()
+        .clone();
+    let doubled: Vec<u8> = old
+        .bytes()
+        .unwrap()
+        .chunks(4)
+        .flat_map(|c| (f32::from_le_bytes(c.try_into().unwrap()) * 2.0).to_le_bytes())
+        .collect();
+    model.graph.set_initializer(Tensor::new(
+        name,
+        attune_compiler::onnx::DataType::Float,
+        old.dims().to_vec(),
+        doubled.clone().into(),
+    ));
+
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("unet.onnx");
+    let report = export::write(
+        &model,
+        &out,
+        &ExportOptions {
+            weights: WeightsMode::Link,
+            inline: false,
+        },
+    )
+    .unwrap();
+    let linked = out_dir.path().join("unet.onnx.data");
+    assert_eq!(report.linked, vec![(linked.clone(), true)]);
+    assert_eq!(
+        fs::metadata(&linked).unwrap().ino(),
+        fs::metadata(src.path().join("unet.onnx.data"))
+            .unwrap()
+            .ino()
+    );
+    // The second data file holds exactly the changed tensor.
+    let (changed_file, size) = report.data_file.unwrap();
+    assert_ne!(changed_file, linked);
+    assert_eq!(size, doubled.len() as u64);
+    assert_eq!(fs::read(&changed_file).unwrap(), doubled);
+    // Reading it back gives the changed weight and every other tensor unchanged.
+    let back = import::read(&out).unwrap();
+    for (_, t) in model.graph.initializers() {
+        let b = back
+            .graph
+            .initializer(back.graph.value_id(t.name()).unwrap())
+            .unwrap();
+        assert_eq!(t.bytes().unwrap(), b.bytes().unwrap(), "{}", t.name());
+    }
+}
+
+#[test]
+fn output_over_input_is_refused_and_input_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = copy_fixture("sd15_legacy", dir.path());
+    let before = snapshot(dir.path());
+    for mode in ["copy", "link"] {
+        let o = attune(&[
+            "compile",
+            path.to_str().unwrap(),
+            "-o",
+            path.to_str().unwrap(),
+            "--weights",
+            mode,
+        ]);
+        assert!(!o.status.success());
+        assert!(
+            stderr(&o).contains("would overwrite the input file"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    // A model whose data file name would be taken by the output's data file is refused too.
+    let renamed = dir.path().join("other.onnx");
+    let mut m = ModelProto::decode(fs::read(&path).unwrap().as_slice()).unwrap();
+    m.graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .iter_mut()
+        .flat_map(|t| t.external_data.iter_mut())
+        .filter(|e| e.key == "location")
+        .for_each(|e| e.value = "x.onnx.data".into());
+    fs::write(&renamed, m.encode_to_vec()).unwrap();
+    fs::copy(
+        dir.path().join("unet.onnx.data"),
+        dir.path().join("x.onnx.data"),
+    )
+    .unwrap();
+    let before2 = snapshot(dir.path());
+    let o = attune(&[
+        "compile",
+        renamed.to_str().unwrap(),
+        "-o",
+        dir.path().join("x.onnx").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("would overwrite the input file"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(before2, snapshot(dir.path()));
+    fs::remove_file(&renamed).unwrap();
+    fs::remove_file(dir.path().join("x.onnx.data")).unwrap();
+    assert_eq!(before, snapshot(dir.path()));
+}
+
+/// Writes a modified copy of sd15_legacy; returns (input dir, model path).
+fn broken(
+    edit: impl FnOnce(&mut ModelProto, &std::path::Path),
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = copy_fixture("sd15_legacy", dir.path());
+    let mut m = ModelProto::decode(fs::read(&path).unwrap().as_slice()).unwrap();
+    edit(&mut m, dir.path());
+    fs::write(&path, m.encode_to_vec()).unwrap();
+    (dir, path)
+}
+
+fn set_location(m: &mut ModelProto, key: &str, value: &str) {
+    let t = m
+        .graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .iter_mut()
+        .find(|t| t.name == "unet.conv_in.weight")
+        .unwrap();
+    t.external_data
+        .iter_mut()
+        .find(|e| e.key == key)
+        .unwrap()
+        .value = value.into();
+}
+
+#[test]
+fn bad_inputs_give_clear_errors_and_no_output() {
+    let cases: Vec<(
+        &str,
+        Box<dyn FnOnce(&mut ModelProto, &std::path::Path)>,
+        &str,
+    )> = vec![
+        (
+            "absolute location",
+            Box::new(|m, _| set_location(m, "location", "/etc/passwd")),
+            "is absolute",
+        ),
+        (
+            "parent location",
+            Box::new(|m, _| set_location(m, "location", "../unet.onnx.data")),
+            "contains '..'",
+        ),
+        (
+            "offset past end",
+            Box::new(|m, _| set_location(m, "offset", "99999999")),
+            "runs past the end",
+        ),
+        (
+            "wrong length",
+            Box::new(|m, _| set_location(m, "length", "12")),
+            "holds 12 bytes but dims [32, 4, 3, 3] of f32 need 4608",
+        ),
+        (
+            "missing data file",
+            Box::new(|_, d| fs::remove_file(d.join("unet.onnx.data")).unwrap()),
+            "not found",
+        ),
+        (
+            "symlink escaping the folder",
+            Box::new(|m, d| {
+                std::os::unix::fs::symlink("/etc/hostname", d.join("link.data")).unwrap();
+                set_location(m, "location", "link.data");
+            }),
+            "resolves outside the model's folder",
+        ),
+    ];
+    for (what, edit, expected) in cases {
+        let (dir, path) = broken(edit);
+        let before = snapshot(dir.path());
+        let out_dir = tempfile::tempdir().unwrap();
+        let o = attune(&[
+            "compile",
+            path.to_str().unwrap(),
+            "-o",
+            out_dir.path().join("out.onnx").to_str().unwrap(),
+        ]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{what}: {err}");
+        assert!(err.contains(expected), "{what}: {err}");
+        if what != "missing data file" {
+            assert!(
+                err.contains("unet.conv_in.weight"),
+                "{what}: error must name the tensor: {err}"
+            );
+        }
+        assert!(!err.contains("panicked"), "{what}: {err}");
+        assert_eq!(
+            fs::read_dir(out_dir.path()).unwrap().count(),
+            0,
+            "{what}: output written"
+        );
+        assert_eq!(before, snapshot(dir.path()), "{what}: input modified");
+    }
+}
+
+#[test]
+fn corrupt_and_truncated_models_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = copy_fixture("sd15_legacy", dir.path());
+    let bytes = fs::read(&path).unwrap();
+    let cases = [
+        ("truncated", bytes[..bytes.len() / 2].to_vec()),
+        ("garbage", vec![0xff; 4096]),
+        ("empty", vec![]),
+    ];
+    for (what, content) in cases {
+        let bad = dir.path().join(format!("{what}.onnx"));
+        fs::write(&bad, content).unwrap();
+        let out_dir = tempfile::tempdir().unwrap();
+        for args in [
+            vec!["inspect", bad.to_str().unwrap()],
+            vec![
+                "compile",
+                bad.to_str().unwrap(),
+                "-o",
+                out_dir.path().join("o.onnx").to_str().unwrap(),
+            ],
+        ] {
+            let o = attune(&args);
+            let err = stderr(&o);
+            assert_eq!(o.status.code(), Some(2), "{what}: {err}");
+            assert!(
+                err.contains(&format!("{what}.onnx")) && !err.contains("panicked"),
+                "{what}: {err}"
+            );
+        }
+        assert_eq!(fs::read_dir(out_dir.path()).unwrap().count(), 0);
+    }
+}
+
+#[test]
+fn verify_names_node_and_module() {
+    let mut model = import::read(&fixture("sd15_legacy")).unwrap();
+    verify::verify(&model).unwrap();
+    // Remove the producer of conv_in's output: its readers now read an undefined value.
+    let g = &mut model.graph;
+    let conv = g
+        .node_ids()
+        .find(|n| g.node(*n).name() == "/unet/conv_in/Conv")
+        .unwrap();
+    g.remove_node(conv);
+    let err = verify::verify(&model).unwrap_err().to_string();
+    assert!(
+        err.contains("'/unet/conv_in/Conv_output_0' is not defined"),
+        "{err}"
+    );
+    assert!(
+        err.contains("at down_blocks.0.resnets.0.norm1)"),
+        "error must name the module path: {err}"
+    );
+
+    // A cycle: conv_in reads the model's final output.
+    let mut model = import::read(&fixture("sd15_legacy")).unwrap();
+    let g = &mut model.graph;
+    let conv = g
+        .node_ids()
+        .find(|n| g.node(*n).name() == "/unet/conv_in/Conv")
+        .unwrap();
+    let last = g.outputs[0].value;
+    g.set_input(conv, 0, Some(last));
+    let err = verify::verify(&model).unwrap_err().to_string();
+    assert!(err.contains("is on a cycle"), "{err}");
+}
+
+#[test]
+fn diff_snapshot_of_a_small_edit() {
+    let before = import::read(&fixture("sd15_legacy")).unwrap();
+    let mut after = import::read(&fixture("sd15_legacy")).unwrap();
+    assert_eq!(
+        diff::diff(&before, &after).render(),
+        "no structural differences\n"
+    );
+    // Insert an Identity after conv_in (readers moved to it) and drop conv_out's bias.
+    let g = &mut after.graph;
+    let conv = g
+        .node_ids()
+        .find(|n| g.node(*n).name() == "/unet/conv_in/Conv")
+        .unwrap();
+    let out = g.node(conv).outputs[0].unwrap();
+    let copy = g.fresh_value("conv_in_identity");
+    let readers: Vec<_> = g.value(out).consumers.clone();
+    let proto = NodeProto {
+        name: "conv_in_identity".into(),
+        op_type: "Identity".into(),
+        ..Default::default()
+    };
+    g.add_node(
+        proto,
+        vec![Some(out)],
+        vec![Some(copy)],
+        "conv_in".into(),
+        Some(conv),
+    )
+    .unwrap();
+    for u in readers {
+        if let attune_compiler::ir::Use::Input(n, slot) = u {
+            g.set_input(n, slot, Some(copy));
+        }
+    }
+    let conv_out = g
+        .node_ids()
+        .find(|n| g.node(*n).name() == "/unet/conv_out/Conv")
+        .unwrap();
+    g.set_input(conv_out, 2, None);
+    verify::verify(&after).unwrap();
+    // conv_in's output was read by norm1 (Shape, Reshape), the residual Add of the first
+    // resnet and the skip Concat of the last up block: all now read the Identity.
+    let expected = "\
+nodes: 1960 -> 1961 (+1 -0 ~5)
+by op:
+  Add                          ~1
+  Concat                       ~1
+  Conv                         ~1
+  Identity                     +1
+  Reshape                      ~1
+  Shape                        ~1
+by module:
+  conv_in: +1 [Identity +1]
+  conv_out: ~1 [Conv ~1]
+  down_blocks.0.resnets.0: ~1 [Add ~1]
+  down_blocks.0.resnets.0.norm1: ~2 [Reshape ~1, Shape ~1]
+  up_blocks.2: ~1 [Concat ~1]
+";
+    assert_eq!(diff::diff(&before, &after).render(), expected);
+}
+
+#[test]
+fn legacy_and_dynamo_report_the_same_module_tree() {
+    let modules = |name: &str| {
+        let o = attune(&["inspect", fixture(name).to_str().unwrap(), "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        (
+            v["modules"].clone(),
+            v["parameters"]["count"].as_u64().unwrap(),
+            v["exporter"].as_str().unwrap().to_string(),
+        )
+    };
+    let (legacy, legacy_count, legacy_exporter) = modules("sd15_legacy");
+    let (dynamo, dynamo_count, dynamo_exporter) = modules("sd15_dynamo");
+    assert_eq!(
+        (legacy_exporter.as_str(), dynamo_exporter.as_str()),
+        ("torch-legacy", "torch-dynamo")
+    );
+    assert!(legacy.as_array().unwrap().len() > 30);
+    assert_eq!(legacy, dynamo);
+    assert_eq!(legacy_count, dynamo_count);
+    // Every fixture's parameter count is what torch counted when exporting it.
+    for name in FIXTURES {
+        let model = import::read(&fixture(name)).unwrap();
+        let s = summary::summarize(&model);
+        assert_eq!(
+            Some(s.parameters.count),
+            spec(name)["torch_parameters"].as_u64(),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn module_paths_match_between_exporters_for_attention_projections() {
+    let paths = |name: &str| {
+        let m = import::read(&fixture(name)).unwrap();
+        let mut v: Vec<String> = m
+            .graph
+            .node_ids()
+            .map(|n| m.graph.node(n))
+            .filter(|n| n.is("MatMul") && n.module.ends_with("to_q"))
+            .map(|n| n.module.clone())
+            .collect();
+        v.sort();
+        v
+    };
+    let legacy = paths("sd15_legacy");
+    assert_eq!(legacy.len(), 14);
+    assert!(
+        legacy.contains(&"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q".to_string())
+    );
+    assert_eq!(legacy, paths("sd15_dynamo"));
+}
