@@ -14,15 +14,25 @@ fn mib(kb: u64) -> String {
 }
 
 fn main() {
-    let model = std::env::args().skip(1).find(|a| !a.starts_with('-')).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("models/large/sd15/unet.onnx"));
+    let model = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("models/large/sd15/unet.onnx"));
     if !model.is_file() {
-        eprintln!("{} not found; generate it with: python models/export/unets.py --full sd15 --out models/large/sd15", model.display());
+        eprintln!(
+            "{} not found; generate it with: python models/export/unets.py --full sd15 --out models/large/sd15",
+            model.display()
+        );
         std::process::exit(1);
     }
     let out_dir = tempfile::tempdir_in(model.parent().unwrap()).unwrap();
     let base = rss();
     println!("model: {}", model.display());
-    println!("{:<28} {:>10} {:>14} {:>14}", "phase", "time", "RSS after", "peak RSS");
+    println!(
+        "{:<28} {:>10} {:>14} {:>14}",
+        "phase", "time", "RSS after", "peak RSS"
+    );
 
     let mut import_ms = Vec::new();
     let mut m = None;
@@ -36,20 +46,44 @@ fn main() {
     let m = m.unwrap();
     let r = rss();
     import_ms.sort_by(f64::total_cmp);
-    println!("{:<28} {:>7.0} ms {:>14} {:>14}", "import (best of 3)", import_ms[0], mib(r.current_kb), mib(r.peak_kb));
+    println!(
+        "{:<28} {:>7.0} ms {:>14} {:>14}",
+        "import (best of 3)",
+        import_ms[0],
+        mib(r.current_kb),
+        mib(r.peak_kb)
+    );
     let s = summary::summarize(&m);
-    println!("  {} nodes, {} parameters, {} of initializers; process RSS before import {}", s.nodes, s.parameters.count, s.parameters.initializer_bytes, mib(base.current_kb));
+    println!(
+        "  {} nodes, {} parameters, {} of initializers; process RSS before import {}",
+        s.nodes,
+        s.parameters.count,
+        s.parameters.initializer_bytes,
+        mib(base.current_kb)
+    );
 
     for (label, opts) in [
         ("export --weights copy", ExportOptions::default()),
-        ("export --weights link", ExportOptions { weights: WeightsMode::Link, inline: false }),
+        (
+            "export --weights link",
+            ExportOptions {
+                weights: WeightsMode::Link,
+                inline: false,
+            },
+        ),
     ] {
-        let out = out_dir.path().join(format!("{}.onnx", label.replace([' ', '-'], "_")));
+        let out = out_dir
+            .path()
+            .join(format!("{}.onnx", label.replace([' ', '-'], "_")));
         reset_peak();
         let start = Instant::now();
         export::write(&m, &out, &opts).unwrap();
         let ms = start.elapsed().as_secs_f64() * 1e3;
         let r = rss();
-        println!("{label:<28} {ms:>7.0} ms {:>14} {:>14}", mib(r.current_kb), mib(r.peak_kb));
+        println!(
+            "{label:<28} {ms:>7.0} ms {:>14} {:>14}",
+            mib(r.current_kb),
+            mib(r.peak_kb)
+        );
     }
 }

@@ -33,6 +33,11 @@ enum Command {
 }
 
 fn main() {
+    // Behave like other command-line tools when the reader of stdout goes away (`| head`).
+    // SAFETY: setting a signal disposition to its default before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(a) => cmd::inspect::run(a),

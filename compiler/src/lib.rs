@@ -1,5 +1,6 @@
 //! attune-compiler: the ONNX IR (zero-copy import, atomic export), module paths,
 //! verification, structural diff, model summaries and the pass manager.
+pub mod analysis;
 pub mod diff;
 pub mod error;
 pub mod export;
@@ -8,6 +9,8 @@ pub mod ir;
 pub mod module_path;
 pub mod onnx;
 pub mod pass;
+pub mod patch;
+pub mod pattern;
 pub mod summary;
 pub mod verify;
 pub mod weights;

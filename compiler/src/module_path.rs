@@ -73,9 +73,36 @@ pub fn common_prefix(a: &str, b: &str) -> String {
     shared.join(".")
 }
 
+/// Where attune records the module path of nodes it creates (exporters' own conventions do
+/// not cover them), so a written model reads back with the same paths.
+pub const MODULE_KEY: &str = "attune.module";
+pub const PREFIX_KEY: &str = "attune.module_prefix";
+
+/// Metadata entries recording `module` (and the model's wrapper prefix) on a new node.
+pub fn metadata(prefix: &str, module: &str) -> Vec<crate::onnx::StringStringEntryProto> {
+    let entry = |k: &str, v: &str| crate::onnx::StringStringEntryProto {
+        key: k.into(),
+        value: v.into(),
+    };
+    let mut out = vec![entry(MODULE_KEY, module)];
+    if !prefix.is_empty() {
+        out.push(entry(PREFIX_KEY, prefix));
+    }
+    out
+}
+
 /// The module scope of a node as path components (`["unet", "down_blocks.0", "attentions.0"]`),
 /// `None` when the exporter recorded none.
 pub fn scope(node: &NodeProto) -> Option<Vec<String>> {
+    if let Some(module) = onnx::metadata(&node.metadata_props, MODULE_KEY) {
+        let prefix = onnx::metadata(&node.metadata_props, PREFIX_KEY).unwrap_or("");
+        let components = prefix
+            .split('.')
+            .chain(std::iter::once(module))
+            .filter(|c| !c.is_empty())
+            .map(str::to_string);
+        return Some(components.collect());
+    }
     if let Some(s) = onnx::metadata(&node.metadata_props, "pkg.torch.onnx.name_scopes") {
         let entries = parse_python_str_list(s);
         if entries.iter().any(|e| e.contains("empty_nn_module_stack")) {

@@ -4,6 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
+use crate::analysis::Shapes;
+use crate::analysis::attention::{self, AttentionSite, Unrecognised};
 use crate::ir::{Graph, Model, ValueId};
 use crate::module_path;
 use crate::onnx::{self, TypeProto};
@@ -23,6 +25,11 @@ pub struct Summary {
     pub module_prefix: String,
     /// Every module that owns parameters, sorted by path.
     pub modules: Vec<ModuleEntry>,
+    /// Every attention site found.
+    pub attention: Vec<AttentionSite>,
+    /// Attention-like Softmax nodes no pattern matched, with the reason.
+    pub unrecognised_attention: Vec<Unrecognised>,
+    pub transformer_blocks: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -78,7 +85,11 @@ pub fn summarize(model: &Model) -> Summary {
             .and_then(|t| t.element_count())
             .unwrap_or(0);
     }
+    let found = attention::analyze(model, &Shapes::infer(model));
     Summary {
+        attention: found.sites,
+        unrecognised_attention: found.unrecognised,
+        transformer_blocks: found.blocks.len(),
         exporter: exporter(model),
         producer: format!(
             "{} {}",

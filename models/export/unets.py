@@ -42,6 +42,16 @@ TINY_SDXL = dict(
     addition_embed_type="text_time", addition_time_embed_dim=8,
     projection_class_embeddings_input_dim=32 + 6 * 8,
 )
+# Two levels only: the classic-processor and no-attention variants need no more.
+SMALL_SD1 = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(32, 32),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8,
+)
+NO_ATTENTION = dict(SMALL_SD1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "UpBlock2D"), mid_block_type=None)
 # runwayml/stable-diffusion-v1-5 unet/config.json (diffusers defaults fill the rest).
 FULL_SD15 = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -51,12 +61,15 @@ FULL_SD15 = dict(
     cross_attention_dim=768, attention_head_dim=8,
 )
 
-# name: (config, exporter, extra conditioning)
+# name: (config, exporter[, attention processor])
 TINY = {
     "sd15_legacy": (TINY_SD1, "legacy"),
     "sd15_dynamo": (TINY_SD1, "dynamo"),
     "sd2_legacy": (TINY_SD2, "legacy"),
     "sdxl_legacy": (TINY_SDXL, "legacy"),
+    # diffusers' classic AttnProcessor (baddbmm + softmax + bmm, heads folded into the batch)
+    "sd15_classic_legacy": (SMALL_SD1, "legacy", "classic"),
+    "noattn_legacy": (NO_ATTENTION, "legacy"),
 }
 FULL = {"sd15": (FULL_SD15, "legacy")}
 
@@ -154,22 +167,27 @@ def export(unet, config, exporter, path, dims):
 def graph_shape(path, name):
     """The input's shape as the exporter declared it (dynamo names dims like `8*height`)."""
     m = onnx.load(str(path), load_external_data=False)
-    (vi,) = [i for i in m.graph.input if i.name == name]
-    return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+    found = [i for i in m.graph.input if i.name == name]
+    if not found:
+        return None  # dropped by the exporter: the model does not read it
+    return [d.dim_param or d.dim_value for d in found[0].type.tensor_type.shape.dim]
 
 
 def write_reference(path, specs, inputs, unet, model_dir):
     import onnxruntime as ort
-    (model_dir / "inputs").mkdir(exist_ok=True)
-    (model_dir / "ref").mkdir(exist_ok=True)
-    feeds = {n: inputs[n].numpy() for n, _ in specs}
+    for sub in ("inputs", "ref"):
+        shutil.rmtree(model_dir / sub, ignore_errors=True)
+        (model_dir / sub).mkdir()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # The exporter drops inputs the model never reads (no cross-attention, no text states).
+    used = {i.name for i in sess.get_inputs()}
+    feeds = {n: inputs[n].numpy() for n, _ in specs if n in used}
     for n, a in feeds.items():
         np.save(model_dir / "inputs" / f"{n}.npy", a)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (out,) = sess.run(["out_sample"], feeds)
     np.save(model_dir / "ref" / "out_sample.npy", out)
     with torch.no_grad():
-        torch_out = Wrapper(unet, "text_embeds" in feeds)(*[inputs[n] for n, _ in specs]).numpy()
+        torch_out = Wrapper(unet, "text_embeds" in inputs)(*[inputs[n] for n, _ in specs]).numpy()
     rel = float(np.linalg.norm(out - torch_out) / np.linalg.norm(torch_out))
     return {"onnxruntime": ort.__version__, "torch": torch.__version__,
             "rel_l2_onnxruntime_vs_torch": rel}
@@ -195,18 +213,22 @@ def main():
         print(f"wrote {out}")
         return
     for name in args.only or TINY:
-        config, exporter = TINY[name]
+        config, exporter, *processor = TINY[name]
         model_dir = ROOT / name
         unet = build_unet(config, seed=0)
+        if processor == ["classic"]:
+            from diffusers.models.attention_processor import AttnProcessor
+            unet.set_attn_processor(AttnProcessor())
         path = model_dir / "unet.onnx"
         specs, inputs = export(unet, config, exporter, path, TEST_DIMS)
         provenance = write_reference(path, specs, inputs, unet, model_dir)
         spec = {
             "model": "unet.onnx",
             "exporter": exporter,
+            "attention_processor": processor[0] if processor else "default (SDPA)",
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()},
             "inputs": [{"name": n, "dtype": "float32", "shape": graph_shape(path, n),
-                        "test_shape": list(inputs[n].shape)} for n, _ in specs],
+                        "test_shape": list(inputs[n].shape)} for n, _ in specs if graph_shape(path, n) is not None],
             "outputs": [{"name": "out_sample", "dtype": "float32"}],
             "torch_parameters": sum(p.numel() for p in unet.parameters()),
             "reference": provenance,

@@ -1,1 +1,4 @@
-//! attune-passes: the rewrites `attune compile` runs (attention, LoRA, ToMe, controller hooks, lowering).
+//! attune-passes: the rewrites `attune compile` runs, one module per pass.
+pub mod attention;
+pub mod cleanup;
+pub mod glob;

@@ -3,8 +3,12 @@ use std::time::Instant;
 
 use anyhow::Context;
 use attune_compiler::export::{self, ExportOptions, WeightsMode};
-use attune_compiler::pass::{PassCx, PassManager};
+use attune_compiler::pass::{PassCx, PassManager, PassReport};
 use attune_compiler::verify;
+use attune_passes::attention::{AttentionPass, FeatureMap, Mode, Target};
+use attune_passes::glob::Globs;
+
+use super::exec::{EpArg, ExecArgs, InputArgs, OptArg};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -13,6 +17,8 @@ pub struct Args {
     /// Output .onnx path (its data file is written next to it)
     #[arg(short, long)]
     output: PathBuf,
+    #[command(flatten)]
+    options: CompileOptions,
     /// copy: one self-contained data file; link: hard-link the original data, write only changed tensors
     #[arg(long, value_enum, default_value_t = Weights::Copy)]
     weights: Weights,
@@ -22,6 +28,46 @@ pub struct Args {
     /// Verify the graph after every pass (always on in debug builds)
     #[arg(long)]
     verify: bool,
+    /// Inputs on which passes that change the model's function (linear attention) are measured
+    #[command(flatten)]
+    measure: InputArgs,
+}
+
+/// What to do to the model.
+#[derive(clap::Args, Clone)]
+pub struct CompileOptions {
+    /// Execution provider the output is for (decides which fused ops may be emitted)
+    #[arg(long, value_enum, default_value_t = TargetArg::Cpu)]
+    pub target: TargetArg,
+    /// Attention substitution: keep, flash (com.microsoft.MultiHeadAttention), onnx (opset-23 Attention), linear
+    #[arg(long, value_enum, default_value_t = AttentionArg::Keep)]
+    pub attention: AttentionArg,
+    /// Only rewrite attention sites whose module path matches (comma-separated globs, e.g. "up_blocks.*,*.attn1")
+    #[arg(long, value_name = "GLOB")]
+    pub attention_layers: Option<String>,
+    /// Feature map of linear attention: relu, or elu1 (elu(x)+1)
+    #[arg(long, value_enum, default_value_t = FeatureMapArg::Elu1)]
+    pub linear_feature_map: FeatureMapArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+pub enum TargetArg {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+pub enum AttentionArg {
+    Keep,
+    Flash,
+    Onnx,
+    Linear,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+pub enum FeatureMapArg {
+    Relu,
+    Elu1,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -30,22 +76,42 @@ enum Weights {
     Link,
 }
 
-/// The passes `compile` runs, in order (later issues add theirs).
-pub fn pipeline() -> PassManager {
-    PassManager::new()
+impl CompileOptions {
+    /// The passes these options ask for, in order.
+    pub fn pipeline(&self) -> PassManager {
+        let mut pm = PassManager::new();
+        let target = match self.target {
+            TargetArg::Cpu => Target::Cpu,
+            TargetArg::Cuda => Target::Cuda,
+        };
+        let mode = match self.attention {
+            AttentionArg::Keep => None,
+            AttentionArg::Flash => Some(Mode::Flash),
+            AttentionArg::Onnx => Some(Mode::Onnx),
+            AttentionArg::Linear => Some(Mode::Linear(match self.linear_feature_map {
+                FeatureMapArg::Relu => FeatureMap::Relu,
+                FeatureMapArg::Elu1 => FeatureMap::Elu1,
+            })),
+        };
+        if let Some(mode) = mode {
+            pm.add(AttentionPass {
+                mode,
+                target,
+                layers: self.attention_layers.as_deref().map(Globs::parse),
+            });
+        }
+        pm
+    }
+
+    /// Does the compiled model compute something else than the original?
+    pub fn changes_function(&self) -> bool {
+        self.attention == AttentionArg::Linear
+    }
 }
 
-pub fn run(args: Args) -> anyhow::Result<i32> {
-    let start = Instant::now();
-    let mut model = super::load(&args.model)?;
-    verify::verify(&model).with_context(|| format!("input model {}", args.model.display()))?;
-    let loaded = start.elapsed();
-    let passes = pipeline();
-    let mut cx = PassCx {
-        verify: args.verify || cfg!(debug_assertions),
-    };
-    let reports = passes.run(&mut model, &mut cx)?;
-    for r in &reports {
+/// Prints what each pass did.
+pub fn print_reports(reports: &[PassReport]) {
+    for r in reports {
         println!(
             "{}: {} rewritten, {} skipped ({:.1} ms)",
             r.pass,
@@ -53,7 +119,36 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             r.skipped.len(),
             r.time.as_secs_f64() * 1e3
         );
+        for s in &r.rewritten {
+            println!("  + {s}");
+        }
+        for s in &r.skipped {
+            println!("  - {}: {}", s.site, s.reason);
+        }
+        for n in &r.notes {
+            println!("  note: {n}");
+        }
     }
+}
+
+pub fn run(args: Args) -> anyhow::Result<i32> {
+    let start = Instant::now();
+    let mut model = super::load(&args.model)?;
+    verify::verify(&model).with_context(|| format!("input model {}", args.model.display()))?;
+    // Inputs for measuring a function-changing rewrite are settled before anything is written.
+    let measure_inputs = if args.options.changes_function() {
+        Some(args.measure.prepare(&args.model).context(
+            "linear attention changes the model's outputs and attune measures by how much: give --dim NAME=V (or --input) for the inputs",
+        )?)
+    } else {
+        None
+    };
+    let loaded = start.elapsed();
+    let mut cx = PassCx {
+        verify: args.verify || cfg!(debug_assertions),
+    };
+    let reports = args.options.pipeline().run(&mut model, &mut cx)?;
+    print_reports(&reports);
     let weights = match args.weights {
         Weights::Copy => WeightsMode::Copy,
         Weights::Link => WeightsMode::Link,
@@ -83,5 +178,16 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         loaded.as_secs_f64() * 1e3,
         start.elapsed().as_secs_f64() * 1e3
     );
+    if let Some(inputs) = measure_inputs {
+        let exec = ExecArgs {
+            ep: EpArg::Cpu,
+            input: InputArgs::default(),
+            threads: None,
+            opt_level: OptArg::All,
+        };
+        let results = super::numeric::compare_on(&args.model, &args.output, &exec, &inputs)?;
+        println!("measured change of the outputs (ONNX Runtime CPU, these inputs):");
+        print!("{}", super::numeric::render(&results, None).0);
+    }
     Ok(0)
 }

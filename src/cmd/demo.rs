@@ -6,7 +6,7 @@ use attune_compiler::export::{self, ExportOptions};
 use attune_compiler::pass::PassCx;
 use attune_compiler::{diff, verify};
 
-use super::exec::{EpArg, ExecArgs, OptArg};
+use super::exec::{EpArg, ExecArgs, InputArgs, OptArg};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -19,6 +19,8 @@ pub struct Args {
     /// Timed runs per model
     #[arg(long, default_value_t = 10)]
     iters: usize,
+    #[command(flatten)]
+    options: super::compile::CompileOptions,
 }
 
 /// The whole product on one screen: compile, structural diff, numeric diff, timing.
@@ -38,19 +40,11 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let original = super::load(&args.model)?;
     let mut model = super::load(&args.model)?;
     verify::verify(&model)?;
-    let passes = super::compile::pipeline();
-    let reports = passes.run(&mut model, &mut PassCx { verify: true })?;
-    if reports.is_empty() {
-        println!("(no passes enabled yet: a faithful round trip)");
-    }
-    for r in &reports {
-        println!(
-            "{}: {} rewritten, {} skipped",
-            r.pass,
-            r.rewritten.len(),
-            r.skipped.len()
-        );
-    }
+    let reports = args
+        .options
+        .pipeline()
+        .run(&mut model, &mut PassCx { verify: true })?;
+    super::compile::print_reports(&reports);
     export::write(&model, &compiled, &ExportOptions::default())?;
     println!(
         "wrote {} in {:.0} ms",
@@ -65,14 +59,15 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     println!("\n== numeric diff on ONNX Runtime CPU");
     let exec = ExecArgs {
         ep: EpArg::Cpu,
-        inputs: fixture_inputs(&args.model)?,
-        dims: Vec::new(),
-        seed: 0,
+        input: InputArgs {
+            inputs: fixture_inputs(&args.model)?,
+            ..Default::default()
+        },
         threads: None,
         opt_level: OptArg::All,
     };
     let results = super::numeric::compare_models(&args.model, &compiled, &exec)?;
-    let (table, ok) = super::numeric::render(&results, 1e-5);
+    let (table, ok) = super::numeric::render(&results, Some(1e-5));
     print!("{table}");
 
     println!("\n== timing (ONNX Runtime CPU, alternating)");

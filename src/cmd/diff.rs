@@ -36,7 +36,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         return Ok(0);
     }
     let results = super::numeric::compare_models(&args.a, &args.b, &args.exec)?;
-    let (table, ok) = super::numeric::render(&results, args.tol);
+    let (table, ok) = super::numeric::render(&results, Some(args.tol));
     if args.json {
         let v = serde_json::json!({ "structural": d, "numeric": results, "tol": args.tol, "within_tol": ok });
         println!("{}", serde_json::to_string_pretty(&v)?);

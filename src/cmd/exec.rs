@@ -6,11 +6,9 @@ use attune_runtime::inputs::{self, Dims};
 use attune_runtime::ort_backend::{OptLevel, OrtOptions};
 use attune_runtime::{Backend, Ep, HostTensor, npy, safetensors_io};
 
-#[derive(clap::Args, Clone)]
-pub struct ExecArgs {
-    /// Where to run: ONNX Runtime CPU or CUDA execution provider, or tract
-    #[arg(long, value_enum, default_value_t = EpArg::Cpu)]
-    pub ep: EpArg,
+/// Which inputs to run a model on.
+#[derive(clap::Args, Clone, Default)]
+pub struct InputArgs {
     /// An input from a file: NAME=FILE.npy, or FILE.safetensors for every tensor in it
     #[arg(long = "input", value_name = "NAME=FILE")]
     pub inputs: Vec<String>,
@@ -20,6 +18,27 @@ pub struct ExecArgs {
     /// Seed of the random inputs
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+impl InputArgs {
+    /// The model's inputs: given files checked against it, the rest random.
+    pub fn prepare(&self, model: &Path) -> anyhow::Result<Vec<(String, HostTensor)>> {
+        let m = super::load(model)?;
+        let specs = inputs::input_specs(&m);
+        let given = read_inputs(&self.inputs)?;
+        let dims = Dims::parse(&self.dims)?;
+        Ok(inputs::prepare(&specs, given, &dims, self.seed)
+            .with_context(|| format!("inputs of {}", model.display()))?)
+    }
+}
+
+#[derive(clap::Args, Clone)]
+pub struct ExecArgs {
+    /// Where to run: ONNX Runtime CPU or CUDA execution provider, or tract
+    #[arg(long, value_enum, default_value_t = EpArg::Cpu)]
+    pub ep: EpArg,
+    #[command(flatten)]
+    pub input: InputArgs,
     /// Intra-op threads (default: ONNX Runtime's choice)
     #[arg(long)]
     pub threads: Option<usize>,
@@ -65,14 +84,8 @@ impl ExecArgs {
         }
     }
 
-    /// The model's inputs: given files checked against it, the rest random.
     pub fn prepare_inputs(&self, model: &Path) -> anyhow::Result<Vec<(String, HostTensor)>> {
-        let m = super::load(model)?;
-        let specs = inputs::input_specs(&m);
-        let given = read_inputs(&self.inputs)?;
-        let dims = Dims::parse(&self.dims)?;
-        Ok(inputs::prepare(&specs, given, &dims, self.seed)
-            .with_context(|| format!("inputs of {}", model.display()))?)
+        self.input.prepare(model)
     }
 
     pub fn open(&self, model: &Path) -> anyhow::Result<Backend> {

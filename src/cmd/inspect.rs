@@ -67,6 +67,44 @@ fn render(path: &std::path::Path, s: &Summary, depth: usize) -> String {
     ops.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
     let ops: Vec<String> = ops.iter().map(|(op, n)| format!("{op} {n}")).collect();
     let _ = writeln!(o, "ops         {}", ops.join(", "));
+    if !s.attention.is_empty() {
+        let _ = writeln!(
+            o,
+            "attention   {} sites in {} transformer blocks",
+            s.attention.len(),
+            s.transformer_blocks
+        );
+        let _ = writeln!(
+            o,
+            "  {:<58} {:<5} {:>5} {:>8} {:>9} {:>22} {:>10}",
+            "path", "kind", "heads", "head dim", "scale", "query tokens", "key tokens"
+        );
+        let text = |d: &Option<attune_compiler::analysis::Dim>| {
+            d.as_ref()
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "?".into())
+        };
+        for a in &s.attention {
+            let _ = writeln!(
+                o,
+                "  {:<58} {:<5} {:>5} {:>8} {:>9.6} {:>22} {:>10}",
+                a.path,
+                a.kind.name(),
+                a.heads,
+                a.head_dim,
+                a.scale,
+                text(&a.query_tokens),
+                text(&a.key_tokens)
+            );
+        }
+    }
+    for u in &s.unrecognised_attention {
+        let _ = writeln!(
+            o,
+            "unrecognised attention-like Softmax at {} ({}): {}",
+            u.path, u.node, u.reason
+        );
+    }
     let wrapper = if s.module_prefix.is_empty() {
         String::new()
     } else {

@@ -2,6 +2,7 @@
 use std::path::Path;
 
 use anyhow::{Context, bail};
+use attune_runtime::HostTensor;
 use attune_runtime::compare::{self, Comparison};
 
 use super::exec::ExecArgs;
@@ -9,6 +10,17 @@ use super::exec::ExecArgs;
 /// Runs `a` and `b` on the same inputs (made for `a`); one comparison per output of `a`.
 pub fn compare_models(a: &Path, b: &Path, exec: &ExecArgs) -> anyhow::Result<Vec<Comparison>> {
     let inputs = exec.prepare_inputs(a)?;
+    compare_on(a, b, exec, &inputs)
+}
+
+/// [`compare_models`] on given inputs.
+pub fn compare_on(
+    a: &Path,
+    b: &Path,
+    exec: &ExecArgs,
+    inputs: &[(String, HostTensor)],
+) -> anyhow::Result<Vec<Comparison>> {
+    let inputs = inputs.to_vec();
     let out_a = exec
         .open(a)?
         .run(&inputs)
@@ -27,27 +39,30 @@ pub fn compare_models(a: &Path, b: &Path, exec: &ExecArgs) -> anyhow::Result<Vec
     Ok(result)
 }
 
-/// A table of the comparisons; `true` when all are within `tol` (relative L2).
-pub fn render(results: &[Comparison], tol: f64) -> (String, bool) {
+/// A table of the comparisons, with a pass/fail column when `tol` is given; `true` when
+/// all are within it (relative L2).
+pub fn render(results: &[Comparison], tol: Option<f64>) -> (String, bool) {
     use std::fmt::Write;
     let mut s = String::new();
+    let verdict_head = tol.map(|t| format!("  within {t:e}")).unwrap_or_default();
     let _ = writeln!(
         s,
-        "{:<24} {:>12} {:>12} {:>12}  within {tol:e}",
+        "{:<24} {:>12} {:>12} {:>12}{verdict_head}",
         "output", "max abs", "rel L2", "cosine"
     );
     let mut ok = true;
     for c in results {
-        let pass = c.within(tol);
-        ok &= pass;
+        let verdict = match tol {
+            Some(t) => {
+                ok &= c.within(t);
+                if c.within(t) { "  yes" } else { "  NO" }
+            }
+            None => "",
+        };
         let _ = writeln!(
             s,
-            "{:<24} {:>12.3e} {:>12.3e} {:>12.8}  {}",
-            c.name,
-            c.max_abs,
-            c.rel_l2,
-            c.cosine,
-            if pass { "yes" } else { "NO" }
+            "{:<24} {:>12.3e} {:>12.3e} {:>12.8}{verdict}",
+            c.name, c.max_abs, c.rel_l2, c.cosine
         );
     }
     (s, ok)

@@ -452,10 +452,24 @@ impl Graph {
     /// Makes every reader of `old` (node inputs, graph outputs) read `new` instead.
     /// Subgraphs reading `old` by name are rewritten too.
     pub fn replace_all_uses(&mut self, old: ValueId, new: ValueId) {
+        self.replace_uses_except(old, new, &Default::default());
+    }
+
+    /// [`Graph::replace_all_uses`], except for readers in `keep` (typically the nodes that
+    /// compute `new` from `old`).
+    pub fn replace_uses_except(
+        &mut self,
+        old: ValueId,
+        new: ValueId,
+        keep: &std::collections::HashSet<NodeId>,
+    ) {
         if old == new {
             return;
         }
         for u in self.value(old).consumers.clone() {
+            if keep.contains(&u.node()) {
+                continue;
+            }
             match u {
                 Use::Input(n, slot) => self.set_input(n, slot, Some(new)),
                 Use::Subgraph(n) => {

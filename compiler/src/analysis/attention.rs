@@ -1,0 +1,508 @@
+//! Where is attention? Every scaled-dot-product attention of an exported diffusion graph as
+//! one record (projections, heads, the scale actually applied, softmax, token counts), and
+//! the transformer blocks around them. Every pass reads these records.
+use std::collections::HashSet;
+
+use serde::Serialize;
+
+use super::dim::Dim;
+use super::shapes::Shapes;
+use crate::ir::{Graph, Model, NodeId, ValueId};
+use crate::pattern::{Match, Pat, alt, any, anything, match_value, op, through};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    #[serde(rename = "self")]
+    SelfAttention,
+    Cross,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::SelfAttention => "self",
+            Kind::Cross => "cross",
+        }
+    }
+}
+
+/// A linear projection `x @ W (+ b)` as exported (`MatMul` with Wᵀ stored, optional `Add`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Projection {
+    #[serde(skip)]
+    pub matmul: NodeId,
+    #[serde(skip)]
+    pub input: ValueId,
+    /// The weight initializer's name (None when the weight is computed).
+    pub weight: Option<String>,
+    #[serde(skip)]
+    pub bias_add: Option<NodeId>,
+    #[serde(skip)]
+    pub output: ValueId,
+}
+
+/// One attention site.
+#[derive(Clone, Debug, Serialize)]
+pub struct AttentionSite {
+    pub path: String,
+    pub kind: Kind,
+    pub heads: i64,
+    pub head_dim: i64,
+    /// Softmax temperature actually applied to Q·Kᵀ (all multipliers read from the graph).
+    pub scale: f64,
+    pub query_tokens: Option<Dim>,
+    pub key_tokens: Option<Dim>,
+    /// Which exporter form matched (`sdpa-legacy`, `sdpa-dynamo`, `classic`).
+    pub form: &'static str,
+    pub q: Projection,
+    pub k: Projection,
+    pub v: Projection,
+    /// Path of the enclosing transformer block.
+    pub block: Option<String>,
+    #[serde(skip)]
+    pub softmax: NodeId,
+    /// Merged heads, [batch, query tokens, heads·head_dim] (what `to_out` reads).
+    #[serde(skip)]
+    pub output: ValueId,
+    /// Nodes the match covered (the pattern core, shape subgraphs not included).
+    #[serde(skip)]
+    pub nodes: Vec<NodeId>,
+}
+
+/// A diffusers `BasicTransformerBlock`-style block: norms, attentions, feed-forward, residuals.
+#[derive(Clone, Debug, Serialize)]
+pub struct TransformerBlock {
+    pub path: String,
+    /// Indices into the site list.
+    pub attn1: Option<usize>,
+    pub attn2: Option<usize>,
+    /// The hidden states entering the block (norm1's input).
+    #[serde(skip)]
+    pub input: Option<ValueId>,
+    #[serde(skip)]
+    pub norms: Vec<(String, NodeId)>,
+    /// Residual additions onto the stream, in order (after attn1, attn2, ff).
+    #[serde(skip)]
+    pub residual_adds: Vec<NodeId>,
+    pub tokens: Option<Dim>,
+}
+
+/// A Softmax that looks like attention (it sits between two MatMuls) but matched no pattern.
+#[derive(Clone, Debug, Serialize)]
+pub struct Unrecognised {
+    pub path: String,
+    pub node: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct AttentionAnalysis {
+    pub sites: Vec<AttentionSite>,
+    pub blocks: Vec<TransformerBlock>,
+    pub unrecognised: Vec<Unrecognised>,
+}
+
+const CAST: &[&str] = &["Cast"];
+
+fn heads(proj: &'static str, split: &'static str, bind: &'static str) -> Pat {
+    op(
+        "Transpose",
+        [op("Reshape", [any(proj), anything()]).bind(split)],
+    )
+    .ints("perm", &[0, 2, 1, 3])
+    .bind(bind)
+}
+
+/// `x`, `x * s` or `x / s`.
+fn scaled(x: Pat, mul: &'static str, div: &'static str) -> Pat {
+    alt([
+        op("Mul", [x.clone(), any(mul)]).commutative(),
+        op("Div", [x.clone(), any(div)]),
+        x,
+    ])
+}
+
+/// The exporter forms, as data: (name, pattern rooted at the merged-heads Reshape).
+fn forms() -> Vec<(&'static str, Pat)> {
+    let q_heads = heads("q_proj", "q_split", "q_heads");
+    let k_heads = heads("k_proj", "k_split", "k_heads");
+    let v_heads = heads("v_proj", "v_split", "v_heads");
+    // Heads folded into the batch: [batch, heads, tokens, dim] -> [batch*heads, tokens, dim].
+    let fold = |x: Pat| op("Reshape", [x, anything()]);
+    let merge4 = |attn: Pat| {
+        op(
+            "Reshape",
+            [
+                op("Transpose", [attn]).ints("perm", &[0, 2, 1, 3]),
+                anything(),
+            ],
+        )
+        .bind("merged")
+    };
+    let softmax = |scores: Pat| {
+        let logits = through(CAST, scaled(scores, "s_mul", "s_div"));
+        // baddbmm(empty, q, kᵀ, beta=0, alpha=scale) adds `empty * 0`; beta is checked to be 0.
+        let baddbmm = op(
+            "Add",
+            [
+                logits.clone(),
+                op("Mul", [anything(), any("beta")]).commutative(),
+            ],
+        )
+        .commutative();
+        let input = alt([baddbmm, logits]);
+        alt([
+            op("Softmax", [input.clone()])
+                .int("axis", -1)
+                .bind("softmax"),
+            op("Softmax", [input.clone()])
+                .int("axis", 3)
+                .bind("softmax"),
+            op("Softmax", [input]).int("axis", 2).bind("softmax"),
+        ])
+    };
+    let sdpa = |k: Pat| {
+        let scores = op(
+            "MatMul",
+            [
+                scaled(q_heads.clone(), "q_mul", "q_div"),
+                scaled(k, "k_mul", "k_div"),
+            ],
+        )
+        .bind("scores");
+        merge4(op("MatMul", [through(CAST, softmax(scores)), v_heads.clone()]).bind("attn"))
+    };
+    // Kᵀ laid out [batch, heads, head_dim, key tokens].
+    let k_sdpa_legacy = op(
+        "Transpose",
+        [op("Reshape", [any("k_proj"), anything()]).bind("k_split")],
+    )
+    .ints("perm", &[0, 2, 3, 1]);
+    let k_sdpa_dynamo = op(
+        "Reshape",
+        [
+            op("Transpose", [op("Reshape", [k_heads.clone(), anything()])])
+                .ints("perm", &[0, 2, 1]),
+            anything(),
+        ],
+    );
+    let k_explicit = op("Transpose", [k_heads.clone()]).ints("perm", &[0, 1, 3, 2]);
+    let classic = {
+        let scores = op(
+            "MatMul",
+            [
+                scaled(fold(q_heads.clone()), "q_mul", "q_div"),
+                scaled(
+                    op("Transpose", [fold(k_heads)]).ints("perm", &[0, 2, 1]),
+                    "k_mul",
+                    "k_div",
+                ),
+            ],
+        )
+        .bind("scores");
+        let attn = op(
+            "MatMul",
+            [through(CAST, softmax(scores)), fold(v_heads.clone())],
+        )
+        .bind("attn");
+        merge4(op("Reshape", [attn, anything()]))
+    };
+    vec![
+        ("sdpa-legacy", sdpa(k_sdpa_legacy)),
+        ("sdpa-dynamo", sdpa(k_sdpa_dynamo)),
+        ("explicit-transpose", sdpa(k_explicit)),
+        ("classic", classic),
+    ]
+}
+
+/// Finds every attention site and transformer block.
+pub fn analyze(model: &Model, shapes: &Shapes) -> AttentionAnalysis {
+    let g = &model.graph;
+    let forms = forms();
+    let mut out = AttentionAnalysis::default();
+    let mut covered: HashSet<NodeId> = HashSet::new();
+    let order = g.topo_order().unwrap_or_else(|_| g.node_ids().collect());
+    for &n in &order {
+        if !g.node(n).is("Reshape") {
+            continue;
+        }
+        let Some(Some(root)) = g.node(n).outputs.first().copied() else {
+            continue;
+        };
+        for (form, pat) in &forms {
+            let Some(m) = match_value(g, root, pat) else {
+                continue;
+            };
+            let softmax = m.node("softmax").expect("bound");
+            match site(model, shapes, &m, form) {
+                Ok(s) => {
+                    covered.extend(s.nodes.iter().copied());
+                    out.sites.push(s);
+                }
+                Err(reason) => {
+                    covered.insert(softmax);
+                    out.unrecognised.push(Unrecognised {
+                        path: g.node(softmax).module.clone(),
+                        node: g.node(softmax).name().to_string(),
+                        reason,
+                    });
+                }
+            }
+            break;
+        }
+    }
+    for &n in &order {
+        let node = g.node(n);
+        if node.is("Softmax") && !covered.contains(&n) && looks_like_attention(g, n) {
+            out.unrecognised.push(Unrecognised {
+                path: node.module.clone(),
+                node: node.name().to_string(),
+                reason: "no attention pattern matched".into(),
+            });
+        }
+    }
+    out.blocks = blocks(g, shapes, &mut out.sites);
+    out
+}
+
+/// A Softmax fed (through casts/scales) by a MatMul and feeding a MatMul.
+fn looks_like_attention(g: &Graph, softmax: NodeId) -> bool {
+    let from_matmul = match_value(
+        g,
+        g.node(softmax).inputs[0].expect("softmax has an input"),
+        &through(
+            &["Cast", "Mul", "Div", "Add"],
+            op("MatMul", [anything(), anything()]),
+        ),
+    )
+    .is_some();
+    let mut frontier: Vec<ValueId> = g.node(softmax).outputs.iter().flatten().copied().collect();
+    let mut to_matmul = false;
+    for _ in 0..3 {
+        let next: Vec<NodeId> = frontier
+            .iter()
+            .flat_map(|v| g.value(*v).consumers.iter().map(|u| u.node()))
+            .collect();
+        to_matmul |= next.iter().any(|n| g.node(*n).is("MatMul"));
+        frontier = next
+            .iter()
+            .filter(|n| g.node(**n).is("Cast"))
+            .flat_map(|n| g.node(*n).outputs.iter().flatten().copied())
+            .collect();
+    }
+    from_matmul && to_matmul
+}
+
+fn projection(g: &Graph, v: ValueId) -> Option<Projection> {
+    let (n, _) = g.value(v).producer?;
+    let node = g.node(n);
+    let (matmul, bias_add) = if node.is("Add") {
+        let mm = node.inputs.iter().flatten().find_map(|i| {
+            g.value(*i)
+                .producer
+                .filter(|(p, _)| g.node(*p).is("MatMul"))
+        })?;
+        (mm.0, Some(n))
+    } else if node.is("MatMul") {
+        (n, None)
+    } else {
+        return None;
+    };
+    let mm = g.node(matmul);
+    let input = mm.inputs.first().copied().flatten()?;
+    let w = mm.inputs.get(1).copied().flatten()?;
+    let weight = g.initializer(w).map(|t| t.name().to_string());
+    Some(Projection {
+        matmul,
+        input,
+        weight,
+        bias_add,
+        output: v,
+    })
+}
+
+fn site(
+    model: &Model,
+    shapes: &Shapes,
+    m: &Match,
+    form: &'static str,
+) -> Result<AttentionSite, String> {
+    let g = &model.graph;
+    let value = |name: &str| m.value(name).expect("bound by every form");
+    let proj = |role: &str, v: ValueId| {
+        projection(g, v).ok_or_else(|| format!("{role} is not a linear projection"))
+    };
+    let (q, k, v) = (
+        proj("Q", value("q_proj"))?,
+        proj("K", value("k_proj"))?,
+        proj("V", value("v_proj"))?,
+    );
+    let q_heads = shapes
+        .shape(value("q_heads"))
+        .ok_or("head split shape unknown")?;
+    let (heads, head_dim) = match q_heads {
+        [_, h, _, d] => (
+            h.known().ok_or("head count is not constant")?,
+            d.known().ok_or("head dim is not constant")?,
+        ),
+        _ => return Err("head split is not 4-D".into()),
+    };
+    // The value heads must agree (same count; head dim may differ only for exotic models).
+    if let Some([_, vh, _, _]) = shapes.shape(value("v_heads")) {
+        if vh.known() != Some(heads) {
+            return Err(format!("value heads {vh} differ from query heads {heads}"));
+        }
+    }
+    let hidden = shapes
+        .shape(value("q_proj"))
+        .and_then(|s| s.last())
+        .and_then(Dim::known);
+    if hidden != Some(heads * head_dim) {
+        return Err(format!(
+            "{heads} heads × {head_dim} do not make the hidden size {hidden:?}"
+        ));
+    }
+    // Kᵀ must really end in [head_dim, key tokens].
+    if let (Some(kt), Some(kh)) = (
+        m.node("scores")
+            .and_then(|s| g.node(s).inputs[1])
+            .and_then(|v| shapes.shape(v)),
+        m.value("k_heads").and_then(|v| shapes.shape(v)),
+    ) {
+        let n = kt.len();
+        if n < 3 || kh.len() != 4 || kt[n - 2] != kh[3] || kt[n - 1] != kh[2] {
+            return Err("key transpose does not end in [head_dim, key tokens]".into());
+        }
+    }
+    if let Some(beta) = m.value("beta") {
+        if shapes.scalar(beta) != Some(0.0) {
+            return Err("an additive bias/mask is applied to the scores".into());
+        }
+    }
+    let mut scale = 1.0;
+    for (name, invert) in [
+        ("q_mul", false),
+        ("q_div", true),
+        ("k_mul", false),
+        ("k_div", true),
+        ("s_mul", false),
+        ("s_div", true),
+    ] {
+        if let Some(v) = m.value(name) {
+            let s = shapes
+                .scalar(v)
+                .ok_or_else(|| format!("scale factor '{}' is not a constant", g.value(v).name))?;
+            scale *= if invert { 1.0 / s } else { s };
+        }
+    }
+    if !scale.is_finite() || scale <= 0.0 {
+        return Err(format!("scale {scale} is not a positive number"));
+    }
+    let kind = if k.input == q.input {
+        Kind::SelfAttention
+    } else {
+        Kind::Cross
+    };
+    let softmax = m.node("softmax").expect("bound");
+    // The attention module: the deepest module shared by the projections (…attn1).
+    let path = crate::module_path::common_prefix(
+        &crate::module_path::common_prefix(&g.node(q.matmul).module, &g.node(k.matmul).module),
+        &g.node(v.matmul).module,
+    );
+    let tokens = |p: &Projection| shapes.shape(p.output).and_then(|s| s.get(1).cloned());
+    Ok(AttentionSite {
+        path,
+        kind,
+        heads,
+        head_dim,
+        scale,
+        query_tokens: tokens(&q),
+        key_tokens: tokens(&k),
+        form,
+        block: None,
+        softmax,
+        output: value("merged"),
+        nodes: m.matched.clone(),
+        q,
+        k,
+        v,
+    })
+}
+
+/// Groups sites into transformer blocks by module path (`….transformer_blocks.0.attn1`).
+fn blocks(g: &Graph, shapes: &Shapes, sites: &mut [AttentionSite]) -> Vec<TransformerBlock> {
+    let mut out: Vec<TransformerBlock> = Vec::new();
+    for i in 0..sites.len() {
+        let Some((parent, leaf)) = sites[i].path.rsplit_once('.') else {
+            continue;
+        };
+        if !matches!(leaf, "attn1" | "attn2") {
+            continue;
+        }
+        let b = match out.iter().position(|b| b.path == parent) {
+            Some(b) => b,
+            None => {
+                out.push(block(g, shapes, parent));
+                out.len() - 1
+            }
+        };
+        if leaf == "attn1" {
+            out[b].attn1 = Some(i);
+        } else {
+            out[b].attn2 = Some(i);
+        }
+        sites[i].block = Some(parent.to_string());
+    }
+    out
+}
+
+fn block(g: &Graph, shapes: &Shapes, path: &str) -> TransformerBlock {
+    let order = g.topo_order().unwrap_or_default();
+    let mut norms = Vec::new();
+    let mut residual_adds = Vec::new();
+    for &n in &order {
+        let node = g.node(n);
+        if let Some(leaf) = node
+            .module
+            .strip_prefix(path)
+            .and_then(|r| r.strip_prefix('.'))
+        {
+            if leaf.starts_with("norm")
+                && matches!(
+                    node.op(),
+                    "LayerNormalization" | "GroupNormalization" | "InstanceNormalization"
+                )
+            {
+                norms.push((leaf.to_string(), n));
+            }
+        } else if node.module == path && node.is("Add") && is_residual(g, n) {
+            residual_adds.push(n);
+        }
+    }
+    let input = norms
+        .iter()
+        .find(|(l, _)| l == "norm1")
+        .and_then(|(_, n)| g.node(*n).inputs[0]);
+    let tokens = input
+        .and_then(|v| shapes.shape(v))
+        .and_then(|s| s.get(1).cloned());
+    TransformerBlock {
+        path: path.to_string(),
+        attn1: None,
+        attn2: None,
+        input,
+        norms,
+        residual_adds,
+        tokens,
+    }
+}
+
+/// An Add whose operands have the same shape (stream + sublayer), not a bias add.
+fn is_residual(g: &Graph, add: NodeId) -> bool {
+    g.node(add)
+        .inputs
+        .iter()
+        .flatten()
+        .all(|v| g.initializer(*v).is_none())
+}

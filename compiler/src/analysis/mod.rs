@@ -1,0 +1,8 @@
+//! Analyses shared by the passes: symbolic shapes and where attention is.
+pub mod attention;
+pub mod dim;
+pub mod shapes;
+
+pub use attention::{AttentionAnalysis, AttentionSite, Kind, TransformerBlock};
+pub use dim::Dim;
+pub use shapes::Shapes;

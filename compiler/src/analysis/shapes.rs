@@ -1,0 +1,965 @@
+//! Symbolic shape inference, and partial evaluation of the small shape/scale computations
+//! exporters emit (`Shape → Gather → Div → Concat → Reshape`, `Sqrt(1/sqrt(d))`). Sizes are
+//! [`Dim`]s in terms of the graph inputs' dim symbols; values of small tensors are tracked
+//! so reshape targets, head counts and attention scales can be read off the graph.
+use std::collections::HashMap;
+
+use super::dim::Dim;
+use crate::ir::{Graph, Model, NodeId, ValueId};
+use crate::onnx::{
+    self, AttributeProto, DataType, TensorProto, tensor_shape_proto::dimension::Value as DimValue,
+};
+use crate::weights::Tensor;
+
+/// An element of a small tensor whose value is known: an integer size or a float.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Num {
+    I(Dim),
+    F(f64),
+}
+
+impl Num {
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Num::F(f) => Some(*f),
+            Num::I(d) => d.known().map(|v| v as f64),
+        }
+    }
+    pub fn as_i64(&self) -> Option<i64> {
+        match self {
+            Num::I(d) => d.known(),
+            Num::F(f) => (f.fract() == 0.0).then_some(*f as i64),
+        }
+    }
+    fn dim(&self) -> Option<Dim> {
+        match self {
+            Num::I(d) => Some(d.clone()),
+            Num::F(f) if f.fract() == 0.0 => Some(Dim::Known(*f as i64)),
+            Num::F(_) => None,
+        }
+    }
+}
+
+/// What is known about a value.
+#[derive(Clone, Debug, Default)]
+pub struct Facts {
+    pub shape: Option<Vec<Dim>>,
+    /// Elements (row-major) of tensors with at most [`MAX_VALUE_LEN`] elements.
+    pub value: Option<Vec<Num>>,
+    /// Is it a floating-point tensor? (decides Cast/Div semantics of values)
+    pub float: bool,
+}
+
+const MAX_VALUE_LEN: usize = 64;
+
+#[derive(Debug, Default)]
+pub struct Shapes {
+    facts: HashMap<ValueId, Facts>,
+    /// Counter of unknown sizes handed out (each one a distinct symbol).
+    unknowns: usize,
+}
+
+impl Shapes {
+    pub fn infer(model: &Model) -> Shapes {
+        let g = &model.graph;
+        let mut s = Shapes::default();
+        for io in &g.inputs {
+            if g.initializer(io.value).is_some() {
+                continue;
+            }
+            let t = io.info.r#type.as_ref().and_then(onnx::tensor_type);
+            let shape = t.and_then(|t| t.shape.as_ref()).map(|sh| {
+                sh.dim
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| match &d.value {
+                        Some(DimValue::DimValue(v)) => Dim::Known(*v),
+                        Some(DimValue::DimParam(p)) if !p.is_empty() => parse_dim(p),
+                        _ => Dim::symbol(&format!("{}_{i}", g.value(io.value).name)),
+                    })
+                    .collect()
+            });
+            let float = t.is_some_and(|t| onnx::is_float(t.elem_type));
+            s.facts.insert(
+                io.value,
+                Facts {
+                    shape,
+                    value: None,
+                    float,
+                },
+            );
+        }
+        for (id, t) in g.initializers() {
+            s.facts.insert(id, tensor_facts(t));
+        }
+        if let Ok(order) = g.topo_order() {
+            for n in order {
+                s.infer_node(g, n);
+            }
+        }
+        s
+    }
+
+    pub fn facts(&self, v: ValueId) -> Option<&Facts> {
+        self.facts.get(&v)
+    }
+
+    pub fn shape(&self, v: ValueId) -> Option<&[Dim]> {
+        self.facts.get(&v)?.shape.as_deref()
+    }
+
+    pub fn value(&self, v: ValueId) -> Option<&[Num]> {
+        self.facts.get(&v)?.value.as_deref()
+    }
+
+    /// A scalar (or all-equal) float value.
+    pub fn scalar(&self, v: ValueId) -> Option<f64> {
+        let vals = self.value(v)?;
+        let first = vals.first()?.as_f64()?;
+        vals.iter()
+            .all(|x| x.as_f64() == Some(first))
+            .then_some(first)
+    }
+
+    fn infer_node(&mut self, g: &Graph, id: NodeId) {
+        let node = g.node(id);
+        if !onnx::is_default_domain(node.domain()) {
+            return;
+        }
+        let facts = &self.facts;
+        let input = |i: usize| {
+            node.inputs
+                .get(i)
+                .copied()
+                .flatten()
+                .and_then(|v| facts.get(&v).cloned())
+                .unwrap_or_default()
+        };
+        let mut unknowns = self.unknowns;
+        let mut fresh = || {
+            unknowns += 1;
+            Dim::unknown(unknowns)
+        };
+        let mut outs = infer_op(
+            node.op(),
+            &node.proto.attribute,
+            node.inputs.len(),
+            &input,
+            &mut fresh,
+        );
+        self.unknowns = unknowns;
+        outs.resize(node.outputs.len(), Facts::default());
+        for (slot, mut facts) in outs.into_iter().enumerate() {
+            let Some(Some(v)) = node.outputs.get(slot) else {
+                continue;
+            };
+            // What the exporter declared (dynamo's value_info) fills in what inference could not.
+            if facts.shape.is_none() {
+                facts.shape = declared_shape(g, *v);
+            }
+            self.facts.insert(*v, facts);
+        }
+    }
+}
+
+fn declared_shape(g: &Graph, v: ValueId) -> Option<Vec<Dim>> {
+    let shape = onnx::tensor_type(g.value_type(v)?)?.shape.as_ref()?;
+    shape
+        .dim
+        .iter()
+        .map(|d| match &d.value {
+            Some(DimValue::DimValue(x)) => Some(Dim::Known(*x)),
+            Some(DimValue::DimParam(p)) if !p.is_empty() => Some(parse_dim(p)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `8*height` → 8·height; anything else becomes one opaque symbol.
+fn parse_dim(p: &str) -> Dim {
+    let mut d = Dim::Known(1);
+    for part in p.split('*').map(str::trim) {
+        let factor = match part.parse::<i64>() {
+            Ok(v) => Dim::Known(v),
+            Err(_) if !part.is_empty() && part.chars().all(|c| c.is_alphanumeric() || c == '_') => {
+                Dim::symbol(part)
+            }
+            Err(_) => return Dim::symbol(p),
+        };
+        d = d.mul(&factor).unwrap_or_else(|| Dim::symbol(p));
+    }
+    d
+}
+
+fn tensor_facts(t: &Tensor) -> Facts {
+    let shape = Some(t.dims().iter().map(|d| Dim::Known(*d)).collect());
+    let float = onnx::is_float(t.data_type());
+    let value = (t.element_count().unwrap_or(u64::MAX) <= MAX_VALUE_LEN as u64)
+        .then(|| decode(t))
+        .flatten();
+    Facts {
+        shape,
+        value,
+        float,
+    }
+}
+
+fn decode(t: &Tensor) -> Option<Vec<Num>> {
+    let bytes = t.bytes().ok()?;
+    let dt = DataType::try_from(t.data_type()).ok()?;
+    Some(match dt {
+        DataType::Int64 => bytes
+            .chunks_exact(8)
+            .map(|c| Num::I(Dim::Known(i64::from_le_bytes(c.try_into().unwrap()))))
+            .collect(),
+        DataType::Int32 => bytes
+            .chunks_exact(4)
+            .map(|c| Num::I(Dim::Known(i32::from_le_bytes(c.try_into().unwrap()) as i64)))
+            .collect(),
+        DataType::Float => bytes
+            .chunks_exact(4)
+            .map(|c| Num::F(f32::from_le_bytes(c.try_into().unwrap()) as f64))
+            .collect(),
+        DataType::Double => bytes
+            .chunks_exact(8)
+            .map(|c| Num::F(f64::from_le_bytes(c.try_into().unwrap())))
+            .collect(),
+        DataType::Float16 => bytes
+            .chunks_exact(2)
+            .map(|c| Num::F(half::f16::from_le_bytes(c.try_into().unwrap()).to_f64()))
+            .collect(),
+        DataType::Bool => bytes
+            .iter()
+            .map(|b| Num::I(Dim::Known(*b as i64)))
+            .collect(),
+        _ => return None,
+    })
+}
+
+fn attr<'a>(attrs: &'a [AttributeProto], name: &str) -> Option<&'a AttributeProto> {
+    attrs.iter().find(|a| a.name == name)
+}
+fn attr_i(attrs: &[AttributeProto], name: &str) -> Option<i64> {
+    attr(attrs, name).map(|a| a.i)
+}
+fn attr_ints(attrs: &[AttributeProto], name: &str) -> Option<Vec<i64>> {
+    attr(attrs, name).map(|a| a.ints.clone())
+}
+
+fn known_ints(f: &Facts) -> Option<Vec<i64>> {
+    f.value.as_ref()?.iter().map(Num::as_i64).collect()
+}
+
+fn axis(a: i64, rank: usize) -> Option<usize> {
+    let a = if a < 0 { a + rank as i64 } else { a };
+    (0..rank as i64).contains(&a).then_some(a as usize)
+}
+
+/// Numpy broadcasting. An unknown size against a known one is taken to be compatible (the
+/// model is assumed valid), so one unknown does not hide every shape after it.
+fn broadcast(a: &[Dim], b: &[Dim]) -> Option<Vec<Dim>> {
+    let n = a.len().max(b.len());
+    let pad = |s: &[Dim]| -> Vec<Dim> {
+        std::iter::repeat_n(Dim::Known(1), n - s.len())
+            .chain(s.iter().cloned())
+            .collect()
+    };
+    let (a, b) = (pad(a), pad(b));
+    a.into_iter()
+        .zip(b)
+        .map(|(x, y)| match (&x, &y) {
+            (Dim::Known(1), _) => Some(y),
+            (_, Dim::Known(1)) => Some(x),
+            _ if x == y => Some(x),
+            _ if x.is_unknown() => Some(y),
+            _ if y.is_unknown() => Some(x),
+            _ => None,
+        })
+        .collect()
+}
+
+fn count(shape: &[Dim]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |acc, d| {
+        Some(acc * usize::try_from(d.known()?).ok()?)
+    })
+}
+
+fn product(shape: &[Dim]) -> Option<Dim> {
+    shape.iter().try_fold(Dim::Known(1), |acc, d| acc.mul(d))
+}
+
+fn shaped(shape: Vec<Dim>, float: bool) -> Facts {
+    Facts {
+        shape: Some(shape),
+        value: None,
+        float,
+    }
+}
+
+fn with_value(shape: Vec<Dim>, value: Vec<Num>, float: bool) -> Facts {
+    Facts {
+        shape: Some(shape),
+        value: Some(value),
+        float,
+    }
+}
+
+fn binary_value(op: &str, a: &Num, b: &Num) -> Option<Num> {
+    Some(match (a, b) {
+        (Num::I(x), Num::I(y)) => Num::I(match op {
+            "Add" => x.add(y)?,
+            "Sub" => x.add(&y.neg())?,
+            "Mul" => x.mul(y)?,
+            "Div" => match (x.known(), y.known()) {
+                (Some(p), Some(q)) if q != 0 => Dim::Known(p.div_euclid(q)),
+                _ => x.div(y)?,
+            },
+            "Equal" => match (x.known(), y.known()) {
+                (Some(p), Some(q)) => Dim::Known((p == q) as i64),
+                // A size never equals a negative constant (the `-1` checks of reshapes).
+                (None, Some(q)) | (Some(q), None) if q < 0 => Dim::Known(0),
+                _ if x == y => Dim::Known(1),
+                _ => return None,
+            },
+            _ => return None,
+        }),
+        _ => {
+            let (x, y) = (a.as_f64()?, b.as_f64()?);
+            Num::F(match op {
+                "Add" => x + y,
+                "Sub" => x - y,
+                "Mul" => x * y,
+                "Div" => x / y,
+                "Pow" => x.powf(y),
+                "Equal" => (x == y) as i64 as f64,
+                _ => return None,
+            })
+        }
+    })
+}
+
+/// Output facts of one default-domain op.
+fn infer_op(
+    op: &str,
+    attrs: &[AttributeProto],
+    n_inputs: usize,
+    input: &dyn Fn(usize) -> Facts,
+    fresh: &mut dyn FnMut() -> Dim,
+) -> Vec<Facts> {
+    let x = input(0);
+    let one = |f: Option<Facts>| vec![f.unwrap_or_default()];
+    match op {
+        "Identity"
+        | "Dropout"
+        | "Sigmoid"
+        | "Relu"
+        | "Erf"
+        | "Tanh"
+        | "Exp"
+        | "Log"
+        | "Abs"
+        | "Softmax"
+        | "LogSoftmax"
+        | "LayerNormalization"
+        | "InstanceNormalization"
+        | "GroupNormalization"
+        | "Gelu"
+        | "Sin"
+        | "Cos"
+        | "Floor"
+        | "Ceil"
+        | "Softplus"
+        | "HardSigmoid"
+        | "Clip"
+        | "Not"
+        | "Neg"
+        | "Sqrt"
+        | "Reciprocal" => {
+            let value = x.value.as_ref().and_then(|v| {
+                v.iter()
+                    .map(|n| match op {
+                        "Identity" | "Dropout" => Some(n.clone()),
+                        "Neg" => Some(match n {
+                            Num::I(d) => Num::I(d.neg()),
+                            Num::F(f) => Num::F(-f),
+                        }),
+                        "Sqrt" => Some(Num::F(n.as_f64()?.sqrt())),
+                        "Reciprocal" => Some(Num::F(1.0 / n.as_f64()?)),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<_>>>()
+            });
+            one(x.shape.clone().map(|s| Facts {
+                shape: Some(s),
+                value,
+                float: x.float,
+            }))
+        }
+        "Cast" => {
+            let to = attr_i(attrs, "to").unwrap_or(0) as i32;
+            let float = onnx::is_float(to);
+            let value = x.value.as_ref().and_then(|v| {
+                v.iter()
+                    .map(|n| match (float, n) {
+                        (true, n) => n.as_f64().map(Num::F),
+                        (false, Num::I(d)) => Some(Num::I(d.clone())),
+                        (false, Num::F(f)) => Some(Num::I(Dim::Known(f.trunc() as i64))),
+                    })
+                    .collect::<Option<Vec<_>>>()
+            });
+            one(x.shape.clone().map(|s| Facts {
+                shape: Some(s),
+                value,
+                float,
+            }))
+        }
+        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Equal" | "Less" | "Greater" | "And" | "Or"
+        | "Max" | "Min" | "Mod" => {
+            let y = input(1);
+            let (Some(sa), Some(sb)) = (&x.shape, &y.shape) else {
+                return one(None);
+            };
+            let Some(shape) = broadcast(sa, sb) else {
+                return one(None);
+            };
+            let float = x.float || y.float;
+            let float = float && !matches!(op, "Equal" | "Less" | "Greater" | "And" | "Or");
+            let value = match (&x.value, &y.value, count(&shape)) {
+                (Some(a), Some(b), Some(n))
+                    if (a.len() == n || a.len() == 1) && (b.len() == n || b.len() == 1) =>
+                {
+                    (0..n)
+                        .map(|i| binary_value(op, &a[i.min(a.len() - 1)], &b[i.min(b.len() - 1)]))
+                        .collect::<Option<Vec<_>>>()
+                }
+                _ => None,
+            };
+            one(Some(Facts {
+                shape: Some(shape),
+                value,
+                float,
+            }))
+        }
+        "Where" => {
+            let (c, a, b) = (x, input(1), input(2));
+            let shape = c
+                .shape
+                .as_ref()
+                .zip(a.shape.as_ref())
+                .and_then(|(c, a)| broadcast(c, a))
+                .zip(b.shape.as_ref())
+                .and_then(|(s, b)| broadcast(&s, b));
+            let value = match (&shape, &c.value, &a.value, &b.value) {
+                (Some(sh), Some(cv), Some(av), Some(bv)) => count(sh).and_then(|n| {
+                    let pick =
+                        |v: &Vec<Num>, i: usize| v.get(if v.len() == 1 { 0 } else { i }).cloned();
+                    (0..n)
+                        .map(|i| {
+                            if pick(cv, i)?.as_i64()? != 0 {
+                                pick(av, i)
+                            } else {
+                                pick(bv, i)
+                            }
+                        })
+                        .collect::<Option<Vec<_>>>()
+                }),
+                _ => None,
+            };
+            one(shape.map(|s| Facts {
+                shape: Some(s),
+                value,
+                float: a.float,
+            }))
+        }
+        "MatMul" => {
+            let y = input(1);
+            let (Some(a), Some(b)) = (&x.shape, &y.shape) else {
+                return one(None);
+            };
+            if a.len() < 2 || b.len() < 2 {
+                return one(None);
+            }
+            let batch = broadcast(&a[..a.len() - 2], &b[..b.len() - 2]);
+            one(batch.map(|mut s| {
+                s.push(a[a.len() - 2].clone());
+                s.push(b[b.len() - 1].clone());
+                shaped(s, true)
+            }))
+        }
+        "Gemm" => {
+            let y = input(1);
+            let (Some(a), Some(b)) = (&x.shape, &y.shape) else {
+                return one(None);
+            };
+            if a.len() != 2 || b.len() != 2 {
+                return one(None);
+            }
+            let m = if attr_i(attrs, "transA") == Some(1) {
+                &a[1]
+            } else {
+                &a[0]
+            };
+            let n = if attr_i(attrs, "transB") == Some(1) {
+                &b[0]
+            } else {
+                &b[1]
+            };
+            one(Some(shaped(vec![m.clone(), n.clone()], true)))
+        }
+        "Conv" => {
+            let w = input(1);
+            let (Some(xs), Some(ws)) = (&x.shape, &w.shape) else {
+                return one(None);
+            };
+            let spatial = xs.len().saturating_sub(2);
+            if spatial == 0 || ws.len() != xs.len() {
+                return one(None);
+            }
+            let strides = attr_ints(attrs, "strides").unwrap_or_else(|| vec![1; spatial]);
+            let dil = attr_ints(attrs, "dilations").unwrap_or_else(|| vec![1; spatial]);
+            let pads = attr_ints(attrs, "pads").unwrap_or_else(|| vec![0; 2 * spatial]);
+            let same = attr(attrs, "auto_pad").is_some_and(|a| a.s.starts_with(b"SAME"));
+            let mut out = vec![xs[0].clone(), ws[0].clone()];
+            for i in 0..spatial {
+                let (Some(k), Some(s)) = (ws[i + 2].known(), strides.get(i).copied()) else {
+                    return one(None);
+                };
+                let d = dil.get(i).copied().unwrap_or(1);
+                let extra = if same {
+                    0
+                } else {
+                    pads.get(i).copied().unwrap_or(0) + pads.get(i + spatial).copied().unwrap_or(0)
+                        - d * (k - 1)
+                        - 1
+                };
+                let size = &xs[i + 2];
+                let o = match size.known() {
+                    Some(v) if !same => Dim::Known((v + extra) / s + 1),
+                    Some(v) => Dim::Known((v + s - 1) / s),
+                    // Symbolic: exact when the size divides by the stride (as UNet inputs must).
+                    None if same || (-s <= extra && extra < 0) => match size.div(&Dim::Known(s)) {
+                        Some(o) => o,
+                        None => return one(None),
+                    },
+                    None => return one(None),
+                };
+                out.push(o);
+            }
+            one(Some(shaped(out, true)))
+        }
+        "Reshape" => {
+            let t = input(1);
+            let (Some(xs), Some(target)) = (&x.shape, &t.value) else {
+                // Rank from the target's length, sizes unknown.
+                let rank = t
+                    .shape
+                    .as_ref()
+                    .and_then(|s| s.first())
+                    .and_then(Dim::known);
+                return one(rank.map(|r| shaped((0..r).map(|_| fresh()).collect(), x.float)));
+            };
+            let allowzero = attr_i(attrs, "allowzero") == Some(1);
+            let mut out: Vec<Option<Dim>> = Vec::new();
+            for (i, n) in target.iter().enumerate() {
+                out.push(match n.dim() {
+                    Some(Dim::Known(0)) if !allowzero => xs.get(i).cloned(),
+                    Some(Dim::Known(-1)) => None,
+                    Some(d) => Some(d),
+                    None => Some(fresh()),
+                });
+            }
+            if out.iter().filter(|d| d.is_none()).count() > 1 {
+                return one(Some(shaped(
+                    out.into_iter()
+                        .map(|d| d.unwrap_or_else(&mut *fresh))
+                        .collect(),
+                    x.float,
+                )));
+            }
+            if let Some(hole) = out.iter().position(Option::is_none) {
+                let known: Vec<Dim> = out.iter().flatten().cloned().collect();
+                let fill = product(xs)
+                    .zip(product(&known))
+                    .and_then(|(t, r)| t.div(&r));
+                out[hole] = Some(fill.unwrap_or_else(&mut *fresh));
+            }
+            let shape: Vec<Dim> = out.into_iter().flatten().collect();
+            let value = x.value.clone().filter(|_| count(&shape).is_some());
+            one(Some(Facts {
+                shape: Some(shape),
+                value,
+                float: x.float,
+            }))
+        }
+        "Flatten" => {
+            let Some(xs) = &x.shape else { return one(None) };
+            let a = axis(attr_i(attrs, "axis").unwrap_or(1), xs.len() + 1).unwrap_or(1);
+            let (l, r) = (product(&xs[..a]), product(&xs[a..]));
+            one(l.zip(r).map(|(l, r)| shaped(vec![l, r], x.float)))
+        }
+        "Transpose" => {
+            let Some(xs) = &x.shape else { return one(None) };
+            let perm =
+                attr_ints(attrs, "perm").unwrap_or_else(|| (0..xs.len() as i64).rev().collect());
+            let shape: Option<Vec<Dim>> =
+                perm.iter().map(|p| xs.get(*p as usize).cloned()).collect();
+            one(shape.map(|s| shaped(s, x.float)))
+        }
+        "Shape" => {
+            let Some(xs) = &x.shape else { return one(None) };
+            let r = xs.len() as i64;
+            let clamp = |v: i64| if v < 0 { (v + r).max(0) } else { v.min(r) } as usize;
+            let start = clamp(attr_i(attrs, "start").unwrap_or(0));
+            let end = clamp(attr(attrs, "end").map(|a| a.i).unwrap_or(r));
+            let dims: Vec<Num> = xs[start..end.max(start)]
+                .iter()
+                .cloned()
+                .map(Num::I)
+                .collect();
+            one(Some(with_value(
+                vec![Dim::Known(dims.len() as i64)],
+                dims,
+                false,
+            )))
+        }
+        "Size" => one(x
+            .shape
+            .as_ref()
+            .and_then(|s| product(s))
+            .map(|p| with_value(vec![], vec![Num::I(p)], false))),
+        "Gather" => {
+            let idx = input(1);
+            let (Some(xs), Some(is)) = (&x.shape, &idx.shape) else {
+                return one(None);
+            };
+            let Some(a) = axis(attr_i(attrs, "axis").unwrap_or(0), xs.len()) else {
+                return one(None);
+            };
+            let shape: Vec<Dim> = xs[..a]
+                .iter()
+                .chain(is.iter())
+                .chain(xs[a + 1..].iter())
+                .cloned()
+                .collect();
+            let value = match (&x.value, known_ints(&idx)) {
+                (Some(v), Some(ix)) if xs.len() == 1 => ix
+                    .iter()
+                    .map(|i| {
+                        v.get(if *i < 0 {
+                            (*i + v.len() as i64) as usize
+                        } else {
+                            *i as usize
+                        })
+                        .cloned()
+                    })
+                    .collect::<Option<Vec<_>>>(),
+                _ => None,
+            };
+            one(Some(Facts {
+                shape: Some(shape),
+                value,
+                float: x.float,
+            }))
+        }
+        "Unsqueeze" | "Squeeze" => {
+            let Some(xs) = &x.shape else { return one(None) };
+            let axes = if n_inputs > 1 {
+                known_ints(&input(1))
+            } else {
+                attr_ints(attrs, "axes")
+            };
+            let shape = if op == "Unsqueeze" {
+                let Some(axes) = axes else { return one(None) };
+                let rank = xs.len() + axes.len();
+                let mut axes: Vec<usize> = match axes
+                    .iter()
+                    .map(|a| axis(*a, rank))
+                    .collect::<Option<Vec<_>>>()
+                {
+                    Some(a) => a,
+                    None => return one(None),
+                };
+                axes.sort();
+                let mut out = xs.clone();
+                for a in axes {
+                    out.insert(a.min(out.len()), Dim::Known(1));
+                }
+                out
+            } else {
+                match axes {
+                    Some(axes) => {
+                        let axes: Vec<usize> =
+                            axes.iter().filter_map(|a| axis(*a, xs.len())).collect();
+                        xs.iter()
+                            .enumerate()
+                            .filter(|(i, _)| !axes.contains(i))
+                            .map(|(_, d)| d.clone())
+                            .collect()
+                    }
+                    None => xs
+                        .iter()
+                        .filter(|d| **d != Dim::Known(1))
+                        .cloned()
+                        .collect(),
+                }
+            };
+            one(Some(Facts {
+                shape: Some(shape),
+                value: x.value.clone(),
+                float: x.float,
+            }))
+        }
+        "Concat" => {
+            let parts: Vec<Facts> = (0..n_inputs).map(input).collect();
+            let Some(shapes) = parts
+                .iter()
+                .map(|p| p.shape.clone())
+                .collect::<Option<Vec<_>>>()
+            else {
+                return one(None);
+            };
+            let Some(first) = shapes.first() else {
+                return one(None);
+            };
+            let Some(a) = axis(attr_i(attrs, "axis").unwrap_or(0), first.len()) else {
+                return one(None);
+            };
+            let total = shapes
+                .iter()
+                .try_fold(Dim::Known(0), |acc, s| acc.add(s.get(a)?));
+            let mut shape = first.clone();
+            let value = if first.len() == 1 {
+                parts
+                    .iter()
+                    .map(|p| p.value.clone())
+                    .collect::<Option<Vec<_>>>()
+                    .map(|v| v.concat())
+            } else {
+                None
+            };
+            match total {
+                Some(t) => {
+                    shape[a] = t;
+                    one(Some(Facts {
+                        shape: Some(shape),
+                        value,
+                        float: parts[0].float,
+                    }))
+                }
+                None => one(None),
+            }
+        }
+        "Slice" => {
+            let Some(xs) = &x.shape else { return one(None) };
+            let (Some(starts), Some(ends)) = (known_ints(&input(1)), known_ints(&input(2))) else {
+                return one(None);
+            };
+            let axes = if n_inputs > 3 {
+                known_ints(&input(3))
+            } else {
+                Some((0..starts.len() as i64).collect())
+            };
+            let steps = if n_inputs > 4 {
+                known_ints(&input(4))
+            } else {
+                Some(vec![1; starts.len()])
+            };
+            let (Some(axes), Some(steps)) = (axes, steps) else {
+                return one(None);
+            };
+            let mut shape = xs.clone();
+            let mut range = None;
+            for (((s, e), a), st) in starts.iter().zip(&ends).zip(&axes).zip(&steps) {
+                let Some(a) = axis(*a, xs.len()) else {
+                    return one(None);
+                };
+                if *st != 1 {
+                    return one(None);
+                }
+                match xs[a].known() {
+                    Some(len) => {
+                        let clamp = |v: i64| if v < 0 { (v + len).max(0) } else { v.min(len) };
+                        let (s, e) = (clamp(*s), clamp(*e));
+                        shape[a] = Dim::Known((e - s).max(0));
+                        range = Some((s as usize, e.max(s) as usize));
+                    }
+                    // Symbolic length: only the whole axis, or a prefix of known length.
+                    None if *s == 0 && *e >= i64::MAX / 2 => {}
+                    None if *s >= 0 && *e >= *s && *e < i64::MAX / 2 => {
+                        shape[a] = Dim::Known(e - s)
+                    }
+                    None => return one(None),
+                }
+            }
+            let value = match (&x.value, range) {
+                (Some(v), Some((s, e))) if xs.len() == 1 => v.get(s..e).map(<[Num]>::to_vec),
+                _ => None,
+            };
+            one(Some(Facts {
+                shape: Some(shape),
+                value,
+                float: x.float,
+            }))
+        }
+        "Split" => {
+            let Some(xs) = &x.shape else { return vec![] };
+            let Some(a) = axis(attr_i(attrs, "axis").unwrap_or(0), xs.len()) else {
+                return vec![];
+            };
+            let sizes = if n_inputs > 1 {
+                known_ints(&input(1))
+            } else {
+                attr_ints(attrs, "split")
+            };
+            let sizes: Vec<Dim> = match sizes {
+                Some(s) => s.into_iter().map(Dim::Known).collect(),
+                None => {
+                    let Some(n) = attr_i(attrs, "num_outputs") else {
+                        return vec![];
+                    };
+                    match xs[a].div(&Dim::Known(n)) {
+                        Some(d) => vec![d; n as usize],
+                        None => return vec![],
+                    }
+                }
+            };
+            sizes
+                .into_iter()
+                .map(|d| {
+                    let mut s = xs.clone();
+                    s[a] = d;
+                    shaped(s, x.float)
+                })
+                .collect()
+        }
+        "Expand" => {
+            let t = input(1);
+            let (Some(xs), Some(target)) = (&x.shape, &t.value) else {
+                return one(None);
+            };
+            let Some(target) = target.iter().map(Num::dim).collect::<Option<Vec<_>>>() else {
+                return one(None);
+            };
+            one(broadcast(xs, &target).map(|s| shaped(s, x.float)))
+        }
+        "ConstantOfShape" => {
+            let Some(dims) = x
+                .value
+                .as_ref()
+                .and_then(|v| v.iter().map(Num::dim).collect::<Option<Vec<_>>>())
+            else {
+                return one(None);
+            };
+            let fill = match attr(attrs, "value").and_then(|a| a.t.as_ref()) {
+                Some(t) => tensor_facts(&Tensor {
+                    proto: t.clone(),
+                    data: crate::weights::TensorData::Inline,
+                }),
+                None => with_value(vec![], vec![Num::F(0.0)], true),
+            };
+            let value = match (count(&dims), fill.value.as_ref().and_then(|v| v.first())) {
+                (Some(n), Some(f)) if n <= MAX_VALUE_LEN => Some(vec![f.clone(); n]),
+                _ => None,
+            };
+            one(Some(Facts {
+                shape: Some(dims),
+                value,
+                float: fill.float,
+            }))
+        }
+        "Resize" => {
+            let Some(xs) = &x.shape else { return one(None) };
+            if let Some(sizes) = (n_inputs > 3).then(|| input(3).value).flatten() {
+                return one(sizes
+                    .iter()
+                    .map(Num::dim)
+                    .collect::<Option<Vec<_>>>()
+                    .map(|s| shaped(s, x.float)));
+            }
+            let Some(scales) = input(2).value else {
+                return one(None);
+            };
+            let shape: Option<Vec<Dim>> = xs
+                .iter()
+                .zip(&scales)
+                .map(|(d, s)| {
+                    let s = s.as_f64()?;
+                    if s.fract() == 0.0 {
+                        d.mul(&Dim::Known(s as i64))
+                    } else if (1.0 / s).fract() == 0.0 {
+                        d.div(&Dim::Known((1.0 / s) as i64))
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            one(shape.map(|s| shaped(s, x.float)))
+        }
+        "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" => {
+            let Some(xs) = &x.shape else { return one(None) };
+            let axes = if n_inputs > 1 {
+                known_ints(&input(1))
+            } else {
+                attr_ints(attrs, "axes")
+            };
+            let keep = attr_i(attrs, "keepdims").unwrap_or(1) == 1;
+            let axes: Vec<usize> = match axes {
+                Some(a) => a.iter().filter_map(|a| axis(*a, xs.len())).collect(),
+                None => (0..xs.len()).collect(),
+            };
+            let shape = xs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, d)| {
+                    if axes.contains(&i) {
+                        keep.then_some(Dim::Known(1))
+                    } else {
+                        Some(d.clone())
+                    }
+                })
+                .collect();
+            one(Some(shaped(shape, x.float)))
+        }
+        "Constant" => one(constant_facts(attrs)),
+        _ => vec![],
+    }
+}
+
+fn constant_facts(attrs: &[AttributeProto]) -> Option<Facts> {
+    let a = attrs.first()?;
+    match a.name.as_str() {
+        "value" => {
+            let t: &TensorProto = a.t.as_ref()?;
+            let tensor = Tensor {
+                proto: t.clone(),
+                data: crate::weights::TensorData::Inline,
+            };
+            Some(tensor_facts(&tensor))
+        }
+        "value_float" => Some(with_value(vec![], vec![Num::F(a.f as f64)], true)),
+        "value_floats" => Some(with_value(
+            vec![Dim::Known(a.floats.len() as i64)],
+            a.floats.iter().map(|f| Num::F(*f as f64)).collect(),
+            true,
+        )),
+        "value_int" => Some(with_value(vec![], vec![Num::I(Dim::Known(a.i))], false)),
+        "value_ints" => Some(with_value(
+            vec![Dim::Known(a.ints.len() as i64)],
+            a.ints.iter().map(|i| Num::I(Dim::Known(*i))).collect(),
+            false,
+        )),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dim_params() {
+        assert_eq!(parse_dim("8*height").to_string(), "8*height");
+        assert_eq!(parse_dim("batch"), Dim::symbol("batch"));
+        assert_eq!(parse_dim("s0 + 1"), Dim::symbol("s0 + 1"));
+    }
+}

@@ -1,0 +1,274 @@
+//! Patches: how passes rewrite. A pass reads the graph, records new nodes and constants,
+//! value replacements and nodes to drop, then applies the patch in one step; dead-code
+//! elimination removes what the rewrite left unused.
+use std::collections::HashSet;
+
+use bytes::Bytes;
+
+use crate::error::Result;
+use crate::ir::{Graph, Model, NodeId, ValueId};
+use crate::onnx::{AttributeProto, DataType, NodeProto, attribute_proto::AttributeType};
+use crate::weights::Tensor;
+
+/// A value a patch node reads: one in the graph, or one the patch creates (by name).
+#[derive(Clone, Debug)]
+pub enum In {
+    Value(ValueId),
+    New(String),
+    /// An omitted optional input.
+    None,
+}
+
+impl From<ValueId> for In {
+    fn from(v: ValueId) -> Self {
+        In::Value(v)
+    }
+}
+
+impl From<&String> for In {
+    fn from(name: &String) -> Self {
+        In::New(name.clone())
+    }
+}
+
+#[derive(Debug)]
+struct NewNode {
+    proto: NodeProto,
+    inputs: Vec<In>,
+    outputs: Vec<String>,
+    module: String,
+    after: Option<NodeId>,
+}
+
+#[derive(Debug)]
+pub struct Patch<'g> {
+    graph: &'g Graph,
+    module_prefix: &'g str,
+    taken_values: HashSet<String>,
+    taken_nodes: HashSet<String>,
+    nodes: Vec<NewNode>,
+    tensors: Vec<Tensor>,
+    replace: Vec<(ValueId, In)>,
+    drop: Vec<NodeId>,
+}
+
+impl<'g> Patch<'g> {
+    pub fn new(model: &'g Model) -> Self {
+        let graph = &model.graph;
+        Patch {
+            graph,
+            module_prefix: &model.module_prefix,
+            taken_values: HashSet::new(),
+            taken_nodes: graph
+                .node_ids()
+                .map(|n| graph.node(n).name().to_string())
+                .collect(),
+            nodes: Vec::new(),
+            tensors: Vec::new(),
+            replace: Vec::new(),
+            drop: Vec::new(),
+        }
+    }
+
+    /// A value name starting with `base` that is free in the graph and this patch.
+    pub fn fresh(&mut self, base: &str) -> String {
+        let mut name = base.to_string();
+        let mut k = 0;
+        while self.graph.value_id(&name).is_some() || self.taken_values.contains(&name) {
+            k += 1;
+            name = format!("{base}_{k}");
+        }
+        self.taken_values.insert(name.clone());
+        name
+    }
+
+    fn fresh_node_name(&mut self, base: &str) -> String {
+        let mut name = base.to_string();
+        let mut k = 0;
+        while self.taken_nodes.contains(&name) {
+            k += 1;
+            name = format!("{base}_{k}");
+        }
+        self.taken_nodes.insert(name.clone());
+        name
+    }
+
+    /// A new initializer; returns its name.
+    pub fn constant(
+        &mut self,
+        base: &str,
+        data_type: DataType,
+        dims: Vec<i64>,
+        data: Vec<u8>,
+    ) -> String {
+        let name = self.fresh(base);
+        self.tensors.push(Tensor::new(
+            name.clone(),
+            data_type,
+            dims,
+            Bytes::from(data),
+        ));
+        name
+    }
+
+    pub fn i64s(&mut self, base: &str, values: &[i64]) -> String {
+        self.constant(
+            base,
+            DataType::Int64,
+            vec![values.len() as i64],
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        )
+    }
+
+    pub fn f32_scalar(&mut self, base: &str, value: f32) -> String {
+        self.constant(base, DataType::Float, vec![], value.to_le_bytes().to_vec())
+    }
+
+    /// Adds a node with `outputs` new values (named `<name>_out<i>`); returns their names.
+    /// `name` is the node's name prefix (made unique); `module` its module path; `after`
+    /// places it in the exported order.
+    pub fn node(
+        &mut self,
+        op: &str,
+        domain: &str,
+        name: &str,
+        inputs: Vec<In>,
+        outputs: usize,
+        attributes: Vec<AttributeProto>,
+        module: &str,
+        after: Option<NodeId>,
+    ) -> Vec<String> {
+        let node_name = self.fresh_node_name(name);
+        let outs: Vec<String> = (0..outputs)
+            .map(|i| self.fresh(&format!("{node_name}_out{i}")))
+            .collect();
+        let metadata_props = crate::module_path::metadata(self.module_prefix, module);
+        let proto = NodeProto {
+            name: node_name,
+            op_type: op.into(),
+            domain: domain.into(),
+            attribute: attributes,
+            metadata_props,
+            ..Default::default()
+        };
+        self.nodes.push(NewNode {
+            proto,
+            inputs,
+            outputs: outs.clone(),
+            module: module.into(),
+            after,
+        });
+        outs
+    }
+
+    /// A single-output node; returns its output's name.
+    pub fn op(
+        &mut self,
+        op: &str,
+        name: &str,
+        inputs: Vec<In>,
+        attributes: Vec<AttributeProto>,
+        module: &str,
+        after: Option<NodeId>,
+    ) -> String {
+        self.node(op, "", name, inputs, 1, attributes, module, after)
+            .remove(0)
+    }
+
+    /// Every reader of `old` (nodes that existed before the patch, graph outputs) reads `new`.
+    pub fn replace(&mut self, old: ValueId, new: In) {
+        self.replace.push((old, new));
+    }
+
+    pub fn drop_node(&mut self, n: NodeId) {
+        self.drop.push(n);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+            && self.replace.is_empty()
+            && self.drop.is_empty()
+            && self.tensors.is_empty()
+    }
+
+    /// Applies the patch. Call after the borrow of the graph ended (`patch.into_parts()`).
+    pub fn into_parts(self) -> AppliedPatch {
+        AppliedPatch {
+            nodes: self.nodes,
+            tensors: self.tensors,
+            replace: self.replace,
+            drop: self.drop,
+        }
+    }
+}
+
+/// A patch detached from the graph it was built against, ready to apply.
+#[derive(Debug)]
+pub struct AppliedPatch {
+    nodes: Vec<NewNode>,
+    tensors: Vec<Tensor>,
+    replace: Vec<(ValueId, In)>,
+    drop: Vec<NodeId>,
+}
+
+impl AppliedPatch {
+    pub fn apply(self, model: &mut Model) -> Result<Vec<NodeId>> {
+        let g = &mut model.graph;
+        for t in self.tensors {
+            g.set_initializer(t);
+        }
+        let resolve = |g: &mut Graph, i: &In| match i {
+            In::Value(v) => Some(*v),
+            In::New(name) => Some(g.value_named(name)),
+            In::None => None,
+        };
+        let mut added = Vec::new();
+        for n in self.nodes {
+            let inputs = n.inputs.iter().map(|i| resolve(g, i)).collect();
+            let outputs = n.outputs.iter().map(|o| Some(g.value_named(o))).collect();
+            added.push(g.add_node(n.proto, inputs, outputs, n.module, n.after)?);
+        }
+        let new: HashSet<NodeId> = added.iter().copied().collect();
+        for (old, with) in self.replace {
+            if let Some(with) = resolve(g, &with) {
+                g.replace_uses_except(old, with, &new);
+            }
+        }
+        for n in self.drop {
+            if g.contains_node(n) {
+                g.remove_node(n);
+            }
+        }
+        Ok(added)
+    }
+}
+
+/// Attribute constructors.
+pub mod attr {
+    use super::*;
+
+    pub fn int(name: &str, v: i64) -> AttributeProto {
+        AttributeProto {
+            name: name.into(),
+            r#type: AttributeType::Int as i32,
+            i: v,
+            ..Default::default()
+        }
+    }
+    pub fn float(name: &str, v: f32) -> AttributeProto {
+        AttributeProto {
+            name: name.into(),
+            r#type: AttributeType::Float as i32,
+            f: v,
+            ..Default::default()
+        }
+    }
+    pub fn ints(name: &str, v: &[i64]) -> AttributeProto {
+        AttributeProto {
+            name: name.into(),
+            r#type: AttributeType::Ints as i32,
+            ints: v.to_vec(),
+            ..Default::default()
+        }
+    }
+}

@@ -1,0 +1,398 @@
+//! Attention substitution: each recognised scaled-dot-product attention becomes one fused
+//! op (ONNX Runtime's `com.microsoft.MultiHeadAttention`, or the standard opset-23
+//! `Attention`), or linear attention built from standard ops. The projections stay; the
+//! head split, scores, softmax and merge are replaced, and DCE drops what only fed them.
+mod opset;
+
+use attune_compiler::Result;
+use attune_compiler::analysis::Shapes;
+use attune_compiler::analysis::attention::{self, AttentionSite};
+use attune_compiler::ir::Model;
+use attune_compiler::onnx::{self, DataType};
+use attune_compiler::pass::{Pass, PassCx, PassReport, Skipped};
+use attune_compiler::patch::{In, Patch, attr};
+
+use crate::cleanup;
+use crate::glob::Globs;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// No change.
+    Keep,
+    /// `com.microsoft.MultiHeadAttention` (flash kernels on CUDA fp16, tiled flash on CPU fp32).
+    Flash,
+    /// The standard opset-23 `Attention` op.
+    Onnx,
+    /// `φ(Q)(φ(K)ᵀV) / (φ(Q) Σ φ(K))`: O(N) memory; changes the model's function.
+    Linear(FeatureMap),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FeatureMap {
+    Relu,
+    /// elu(x) + 1
+    Elu1,
+}
+
+/// The execution provider the output is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Cpu,
+    Cuda,
+}
+
+pub struct AttentionPass {
+    pub mode: Mode,
+    pub target: Target,
+    /// Only sites whose module path matches (all when `None`).
+    pub layers: Option<Globs>,
+}
+
+const MS_DOMAIN: &str = "com.microsoft";
+/// Denominator guard of linear attention (relu features can all be zero).
+const LINEAR_EPS: f32 = 1e-6;
+
+impl Pass for AttentionPass {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn run(&self, model: &mut Model, _cx: &mut PassCx) -> Result<PassReport> {
+        let shapes = Shapes::infer(model);
+        let found = attention::analyze(model, &shapes);
+        let mut report = PassReport::default();
+        for u in &found.unrecognised {
+            report.skipped.push(Skipped {
+                site: u.path.clone(),
+                reason: format!(
+                    "unrecognised attention-like Softmax ({}): {}",
+                    u.node, u.reason
+                ),
+            });
+        }
+        if found.sites.is_empty() {
+            report
+                .notes
+                .push("no attention found in the graph: nothing to do".into());
+            return Ok(report);
+        }
+        if self.mode == Mode::Keep {
+            report.notes.push(format!(
+                "--attention keep: {} sites left as exported",
+                found.sites.len()
+            ));
+            return Ok(report);
+        }
+        let mut todo = Vec::new();
+        for site in found.sites {
+            match self.check(model, &site) {
+                Ok(()) => todo.push(site),
+                Err(reason) => report.skipped.push(Skipped {
+                    site: site.path.clone(),
+                    reason,
+                }),
+            }
+        }
+        if self.mode == Mode::Onnx && !todo.is_empty() {
+            match opset::upgrade_default(model, 23) {
+                Ok(notes) => report.notes.extend(notes),
+                Err(why) => {
+                    for s in todo.drain(..) {
+                        report.skipped.push(Skipped {
+                            site: s.path,
+                            reason: format!("cannot raise the opset to 23: {why}"),
+                        });
+                    }
+                }
+            }
+        }
+        for site in &todo {
+            let mut patch = Patch::new(model);
+            self.rewrite(&mut patch, model, site);
+            patch.into_parts().apply(model)?;
+            report.rewritten.push(format!(
+                "{} ({}, {} heads x {}, scale {:.6}) -> {}",
+                site.path,
+                site.kind.name(),
+                site.heads,
+                site.head_dim,
+                site.scale,
+                self.op_name()
+            ));
+        }
+        if self.mode == Mode::Flash && !todo.is_empty() {
+            model.require_opset(MS_DOMAIN, 1);
+        }
+        let removed = cleanup::dce(model);
+        report.notes.push(format!(
+            "dce: removed {} nodes, {} initializers",
+            removed.nodes, removed.initializers
+        ));
+        Ok(report)
+    }
+}
+
+impl AttentionPass {
+    fn op_name(&self) -> &'static str {
+        match self.mode {
+            Mode::Flash => "com.microsoft.MultiHeadAttention",
+            Mode::Onnx => "Attention (opset 23)",
+            Mode::Linear(FeatureMap::Relu) => "linear attention (relu)",
+            Mode::Linear(FeatureMap::Elu1) => "linear attention (elu+1)",
+            Mode::Keep => "unchanged",
+        }
+    }
+
+    /// Why a site cannot be rewritten in this mode for this target, if it cannot.
+    fn check(&self, model: &Model, site: &AttentionSite) -> std::result::Result<(), String> {
+        if let Some(globs) = &self.layers {
+            if !globs.matches(&site.path) {
+                return Err(format!("not selected by --attention-layers {globs}"));
+            }
+        }
+        let dtype = model.graph.value_elem_type(site.q.output).or_else(|| {
+            let w = model
+                .graph
+                .node(site.q.matmul)
+                .inputs
+                .get(1)
+                .copied()
+                .flatten()?;
+            model.graph.value_elem_type(w)
+        });
+        let fused = matches!(self.mode, Mode::Flash | Mode::Onnx);
+        match dtype {
+            Some(t) if t == DataType::Float as i32 => {}
+            Some(t) if fused && self.target == Target::Cpu => {
+                return Err(format!(
+                    "the CPU execution provider's kernel needs float32; this site is {}",
+                    onnx::type_name(t)
+                ));
+            }
+            Some(t)
+                if !matches!(
+                    DataType::try_from(t),
+                    Ok(DataType::Float16 | DataType::Bfloat16)
+                ) =>
+            {
+                return Err(format!("unsupported element type {}", onnx::type_name(t)));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn rewrite(&self, p: &mut Patch, model: &Model, site: &AttentionSite) {
+        let after = Some(site.softmax);
+        let module = site.path.as_str();
+        let name = |op: &str| format!("{}/attune_{op}", site.path);
+        let (q, k, v) = (
+            In::Value(site.q.output),
+            In::Value(site.k.output),
+            In::Value(site.v.output),
+        );
+        let out = match self.mode {
+            Mode::Flash => {
+                let attrs = vec![
+                    attr::int("num_heads", site.heads),
+                    attr::float("scale", site.scale as f32),
+                ];
+                p.node(
+                    "MultiHeadAttention",
+                    MS_DOMAIN,
+                    &name("MultiHeadAttention"),
+                    vec![q, k, v],
+                    1,
+                    attrs,
+                    module,
+                    after,
+                )
+                .remove(0)
+            }
+            Mode::Onnx => {
+                let attrs = vec![
+                    attr::int("q_num_heads", site.heads),
+                    attr::int("kv_num_heads", site.heads),
+                    attr::float("scale", site.scale as f32),
+                ];
+                p.node(
+                    "Attention",
+                    "",
+                    &name("Attention"),
+                    vec![q, k, v],
+                    1,
+                    attrs,
+                    module,
+                    after,
+                )
+                .remove(0)
+            }
+            Mode::Linear(map) => linear(p, model, site, map, &name, after),
+            Mode::Keep => unreachable!("keep rewrites nothing"),
+        };
+        p.replace(site.output, In::New(out));
+    }
+}
+
+/// Linear attention from standard ops, heads kept separate:
+/// out = φ(Q)·(φ(K)ᵀ·V) / (φ(Q)·Σₙφ(K) + ε).
+fn linear(
+    p: &mut Patch,
+    model: &Model,
+    site: &AttentionSite,
+    map: FeatureMap,
+    name: &dyn Fn(&str) -> String,
+    after: Option<attune_compiler::ir::NodeId>,
+) -> String {
+    let m = site.path.as_str();
+    let (h, d) = (site.heads, site.head_dim);
+    let split = p.i64s("linear_attention_split", &[0, -1, h, d]);
+    let heads = |p: &mut Patch, x: In, tag: &str| -> String {
+        let r = p.op(
+            "Reshape",
+            &name(&format!("{tag}_Reshape")),
+            vec![x, In::New(split.clone())],
+            vec![],
+            m,
+            after,
+        );
+        p.op(
+            "Transpose",
+            &name(&format!("{tag}_Transpose")),
+            vec![In::New(r)],
+            vec![attr::ints("perm", &[0, 2, 1, 3])],
+            m,
+            after,
+        )
+    };
+    let phi = |p: &mut Patch, x: String, tag: &str| -> String {
+        match map {
+            FeatureMap::Relu => p.op(
+                "Relu",
+                &name(&format!("{tag}_Relu")),
+                vec![In::New(x)],
+                vec![],
+                m,
+                after,
+            ),
+            FeatureMap::Elu1 => {
+                let e = p.op(
+                    "Elu",
+                    &name(&format!("{tag}_Elu")),
+                    vec![In::New(x)],
+                    vec![attr::float("alpha", 1.0)],
+                    m,
+                    after,
+                );
+                let one = p.f32_scalar("linear_attention_one", 1.0);
+                p.op(
+                    "Add",
+                    &name(&format!("{tag}_EluPlus1")),
+                    vec![In::New(e), In::New(one)],
+                    vec![],
+                    m,
+                    after,
+                )
+            }
+        }
+    };
+    let qh = heads(p, In::Value(site.q.output), "q");
+    let kh = heads(p, In::Value(site.k.output), "k");
+    let vh = heads(p, In::Value(site.v.output), "v");
+    let fq = phi(p, qh, "q");
+    let fk = phi(p, kh, "k");
+    let fk_t = p.op(
+        "Transpose",
+        &name("k_T"),
+        vec![In::New(fk.clone())],
+        vec![attr::ints("perm", &[0, 1, 3, 2])],
+        m,
+        after,
+    );
+    let kv = p.op(
+        "MatMul",
+        &name("KV"),
+        vec![In::New(fk_t), In::New(vh)],
+        vec![],
+        m,
+        after,
+    );
+    let num = p.op(
+        "MatMul",
+        &name("Numerator"),
+        vec![In::New(fq.clone()), In::New(kv)],
+        vec![],
+        m,
+        after,
+    );
+    let ksum = if model.opset("").unwrap_or(13) >= 13 {
+        let axes = p.i64s("linear_attention_token_axis", &[2]);
+        p.op(
+            "ReduceSum",
+            &name("KSum"),
+            vec![In::New(fk), In::New(axes)],
+            vec![attr::int("keepdims", 1)],
+            m,
+            after,
+        )
+    } else {
+        p.op(
+            "ReduceSum",
+            &name("KSum"),
+            vec![In::New(fk)],
+            vec![attr::ints("axes", &[2]), attr::int("keepdims", 1)],
+            m,
+            after,
+        )
+    };
+    let ksum_t = p.op(
+        "Transpose",
+        &name("KSum_T"),
+        vec![In::New(ksum)],
+        vec![attr::ints("perm", &[0, 1, 3, 2])],
+        m,
+        after,
+    );
+    let den = p.op(
+        "MatMul",
+        &name("Denominator"),
+        vec![In::New(fq), In::New(ksum_t)],
+        vec![],
+        m,
+        after,
+    );
+    let eps = p.f32_scalar("linear_attention_eps", LINEAR_EPS);
+    let den = p.op(
+        "Add",
+        &name("DenominatorEps"),
+        vec![In::New(den), In::New(eps)],
+        vec![],
+        m,
+        after,
+    );
+    let o = p.op(
+        "Div",
+        &name("Normalize"),
+        vec![In::New(num), In::New(den)],
+        vec![],
+        m,
+        after,
+    );
+    let o = p.op(
+        "Transpose",
+        &name("out_Transpose"),
+        vec![In::New(o)],
+        vec![attr::ints("perm", &[0, 2, 1, 3])],
+        m,
+        after,
+    );
+    let merge = p.i64s("linear_attention_merge", &[0, -1, h * d]);
+    p.op(
+        "Reshape",
+        &name("out_Reshape"),
+        vec![In::New(o), In::New(merge)],
+        vec![],
+        m,
+        after,
+    )
+}
