@@ -220,25 +220,20 @@ fn structural_diff_snapshots() {
 fn linear_attention_runs_and_reports_its_error() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("linear.onnx");
+    let model = fixture("sd15_legacy");
     for map in ["relu", "elu1"] {
-        let o = attune(&[
+        let mut args = vec![
             "compile",
-            fixture("sd15_legacy").to_str().unwrap(),
+            model.to_str().unwrap(),
             "-o",
             out.to_str().unwrap(),
             "--attention",
             "linear",
             "--linear-feature-map",
             map,
-            "--dim",
-            "batch=2",
-            "--dim",
-            "height=16",
-            "--dim",
-            "width=16",
-            "--dim",
-            "sequence=77",
-        ]);
+        ];
+        args.extend(DIMS);
+        let o = attune(&args);
         let text = stdout(&o);
         assert!(o.status.success(), "{text}{}", stderr(&o));
         assert!(

@@ -191,16 +191,6 @@ fn bad_inputs_are_clear_errors_listing_the_model_inputs() {
         &fs::read(inputs_dir.join("sample.npy")).unwrap()[..100],
     )
     .unwrap();
-    let dims = [
-        "--dim",
-        "batch=2",
-        "--dim",
-        "height=16",
-        "--dim",
-        "width=16",
-        "--dim",
-        "sequence=77",
-    ];
     let cases = [
         (
             format!("nosuch={}", inputs_dir.join("sample.npy").display()),
@@ -238,7 +228,7 @@ fn bad_inputs_are_clear_errors_listing_the_model_inputs() {
             "--input",
             &input,
         ];
-        args.extend(dims);
+        args.extend(DIMS);
         let o = attune(&args);
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(2), "{input}: {err}");
@@ -319,23 +309,13 @@ fn numeric_diff_passes_identical_models_and_fails_changed_ones() {
     let changed = dir.path().join("changed.onnx");
     export::write(&model, &changed, &ExportOptions::default()).unwrap();
     let a = fixture("sd15_legacy");
-    let dims = [
-        "--dim",
-        "batch=2",
-        "--dim",
-        "height=16",
-        "--dim",
-        "width=16",
-        "--dim",
-        "sequence=77",
-    ];
     let mut same = vec![
         "diff",
         a.to_str().unwrap(),
         a.to_str().unwrap(),
         "--numeric",
     ];
-    same.extend(dims);
+    same.extend(DIMS);
     let o = attune(&same);
     assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
     assert!(stdout(&o).contains("no structural differences"));
@@ -347,7 +327,7 @@ fn numeric_diff_passes_identical_models_and_fails_changed_ones() {
         "--ep",
         "tract",
     ];
-    differ.extend(dims);
+    differ.extend(DIMS);
     let o = attune(&differ);
     assert_eq!(o.status.code(), Some(1), "{}{}", stdout(&o), stderr(&o));
     let text = stdout(&o);
@@ -387,7 +367,7 @@ fn bench_and_demo_commands_run() {
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["models"].as_array().unwrap().len(), 2);
     assert_eq!(v["models"][0]["latency"]["iters"], 3);
-    assert!(v["ratio"].as_f64().unwrap() > 0.0);
+    assert!(v["ratios"][0].as_f64().unwrap() > 0.0);
     assert!(v["peak_rss_kb"].as_u64().unwrap() > 0);
 
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_attune"))

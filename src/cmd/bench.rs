@@ -12,9 +12,9 @@ use super::exec::ExecArgs;
 pub struct Args {
     /// The .onnx model
     model: PathBuf,
-    /// A second model to compare against, run alternately with the first on the same inputs
+    /// Models to compare against (repeatable), run in turn with the first on the same inputs
     #[arg(long)]
-    vs: Option<PathBuf>,
+    vs: Vec<PathBuf>,
     #[command(flatten)]
     exec: ExecArgs,
     /// Timed runs per model
@@ -32,8 +32,8 @@ pub struct Args {
 pub struct Report {
     ep: &'static str,
     models: Vec<ModelReport>,
-    /// Median latency of --vs over the first model.
-    ratio: Option<f64>,
+    /// Median latency of each --vs model over the first model's, in --vs order.
+    ratios: Vec<f64>,
     peak_rss_kb: u64,
 }
 
@@ -102,7 +102,7 @@ pub fn measure(
     for p in paths {
         timed.push(open(p, exec, inputs, warmup)?);
     }
-    // Alternate A, B, A, B... so drift on a noisy machine hits both alike.
+    // Alternate A, B, (C...), A, B... so drift on a noisy machine hits all alike.
     for _ in 0..iters {
         for t in timed.iter_mut() {
             let start = Instant::now();
@@ -120,13 +120,15 @@ pub fn measure(
             latency: bench::stats(&t.samples),
         })
         .collect();
-    let ratio =
-        (models.len() == 2).then(|| models[1].latency.median_ms / models[0].latency.median_ms);
+    let ratios = models[1..]
+        .iter()
+        .map(|m| m.latency.median_ms / models[0].latency.median_ms)
+        .collect();
     let Rss { peak_kb, .. } = bench::rss();
     Ok(Report {
         ep: exec.ep().name(),
         models,
-        ratio,
+        ratios,
         peak_rss_kb: peak_kb,
     })
 }
@@ -141,14 +143,20 @@ pub fn render(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<5} {:>10} {:>10} {:>10} {:>12} {:>12}  model",
-        "", "median ms", "p90 ms", "min ms", "session ms", "session RSS"
+        "{:<5} {:>10} {:>10} {:>10} {:>8} {:>12} {:>12}  model",
+        "", "median ms", "p90 ms", "min ms", "vs A", "session ms", "session RSS"
     );
-    for (label, m) in ["A", "B"].iter().zip(&r.models) {
+    for (i, m) in r.models.iter().enumerate() {
         let l = &m.latency;
+        let label = (b'A' + i as u8) as char;
+        let ratio = if i == 0 {
+            "1".to_string()
+        } else {
+            format!("{:.3}x", r.ratios[i - 1])
+        };
         let _ = writeln!(
             s,
-            "{label:<5} {:>10.2} {:>10.2} {:>10.2} {:>12.0} {:>12}  {}",
+            "{label:<5} {:>10.2} {:>10.2} {:>10.2} {ratio:>8} {:>12.0} {:>12}  {}",
             l.median_ms,
             l.p90_ms,
             l.min_ms,
@@ -156,9 +164,6 @@ pub fn render(r: &Report) -> String {
             super::bytes(m.session_rss_kb * 1024),
             m.model
         );
-    }
-    if let Some(ratio) = r.ratio {
-        let _ = writeln!(s, "B/A median latency: {ratio:.3}x");
     }
     let _ = writeln!(
         s,

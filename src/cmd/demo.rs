@@ -6,6 +6,7 @@ use attune_compiler::export::{self, ExportOptions};
 use attune_compiler::pass::PassCx;
 use attune_compiler::{diff, verify};
 
+use super::compile::{AttentionArg, CompileOptions, FeatureMapArg, TargetArg};
 use super::exec::{EpArg, ExecArgs, InputArgs, OptArg};
 
 #[derive(clap::Args)]
@@ -19,8 +20,9 @@ pub struct Args {
     /// Timed runs per model
     #[arg(long, default_value_t = 10)]
     iters: usize,
-    #[command(flatten)]
-    options: super::compile::CompileOptions,
+    /// Attention substitution to show (see `attune compile --help`)
+    #[arg(long, value_enum, default_value_t = AttentionArg::Flash)]
+    attention: AttentionArg,
 }
 
 /// The whole product on one screen: compile, structural diff, numeric diff, timing.
@@ -40,8 +42,13 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let original = super::load(&args.model)?;
     let mut model = super::load(&args.model)?;
     verify::verify(&model)?;
-    let reports = args
-        .options
+    let options = CompileOptions {
+        target: TargetArg::Cpu,
+        attention: args.attention,
+        attention_layers: None,
+        linear_feature_map: FeatureMapArg::Elu1,
+    };
+    let reports = options
         .pipeline()
         .run(&mut model, &mut PassCx { verify: true })?;
     super::compile::print_reports(&reports);

@@ -11,6 +11,18 @@ use prost::Message;
 /// The committed tiny exports (see models/export/unets.py).
 pub const FIXTURES: [&str; 4] = ["sd15_legacy", "sd15_dynamo", "sd2_legacy", "sdxl_legacy"];
 
+/// `--dim` flags for the fixtures' test size (batch 2, 16x16 latents, 77 tokens).
+pub const DIMS: [&str; 8] = [
+    "--dim",
+    "batch=2",
+    "--dim",
+    "height=16",
+    "--dim",
+    "width=16",
+    "--dim",
+    "sequence=77",
+];
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

@@ -7,7 +7,8 @@ mod opset;
 use attune_compiler::Result;
 use attune_compiler::analysis::Shapes;
 use attune_compiler::analysis::attention::{self, AttentionSite};
-use attune_compiler::ir::Model;
+use attune_compiler::ir::{Model, NodeId, ValueId};
+use attune_compiler::onnx::AttributeProto;
 use attune_compiler::onnx::{self, DataType};
 use attune_compiler::pass::{Pass, PassCx, PassReport, Skipped};
 use attune_compiler::patch::{In, Patch, attr};
@@ -227,10 +228,24 @@ impl AttentionPass {
                 )
                 .remove(0)
             }
-            Mode::Linear(map) => linear(p, model, site, map, &name, after),
+            Mode::Linear(map) => linear(p, model, site, map, after),
             Mode::Keep => unreachable!("keep rewrites nothing"),
         };
         p.replace(site.output, In::New(out));
+    }
+}
+
+/// Adds nodes of one site: same module, same place in the order, names under one prefix.
+struct Site<'a, 'g> {
+    p: &'a mut Patch<'g>,
+    module: &'a str,
+    after: Option<NodeId>,
+}
+
+impl Site<'_, '_> {
+    fn op(&mut self, op: &str, tag: &str, inputs: Vec<In>, attrs: Vec<AttributeProto>) -> In {
+        let name = format!("{}/attune_{tag}", self.module);
+        In::New(self.p.op(op, &name, inputs, attrs, self.module, self.after))
     }
 }
 
@@ -241,158 +256,82 @@ fn linear(
     model: &Model,
     site: &AttentionSite,
     map: FeatureMap,
-    name: &dyn Fn(&str) -> String,
-    after: Option<attune_compiler::ir::NodeId>,
+    after: Option<NodeId>,
 ) -> String {
-    let m = site.path.as_str();
     let (h, d) = (site.heads, site.head_dim);
-    let split = p.i64s("linear_attention_split", &[0, -1, h, d]);
-    let heads = |p: &mut Patch, x: In, tag: &str| -> String {
-        let r = p.op(
+    let split = In::New(p.i64s("linear_attention_split", &[0, -1, h, d]));
+    let merge = In::New(p.i64s("linear_attention_merge", &[0, -1, h * d]));
+    let one = In::New(p.f32_scalar("linear_attention_one", 1.0));
+    let eps = In::New(p.f32_scalar("linear_attention_eps", LINEAR_EPS));
+    let token_axis = (model.opset("").unwrap_or(13) >= 13)
+        .then(|| In::New(p.i64s("linear_attention_token_axis", &[2])));
+    let mut s = Site {
+        p,
+        module: &site.path,
+        after,
+    };
+    let perm = |v: &[i64]| vec![attr::ints("perm", v)];
+    let heads = |s: &mut Site, x: ValueId, tag: &str| {
+        let r = s.op(
             "Reshape",
-            &name(&format!("{tag}_Reshape")),
-            vec![x, In::New(split.clone())],
+            &format!("{tag}_Reshape"),
+            vec![In::Value(x), split.clone()],
             vec![],
-            m,
-            after,
         );
-        p.op(
+        s.op(
             "Transpose",
-            &name(&format!("{tag}_Transpose")),
-            vec![In::New(r)],
-            vec![attr::ints("perm", &[0, 2, 1, 3])],
-            m,
-            after,
+            &format!("{tag}_Transpose"),
+            vec![r],
+            perm(&[0, 2, 1, 3]),
         )
     };
-    let phi = |p: &mut Patch, x: String, tag: &str| -> String {
-        match map {
-            FeatureMap::Relu => p.op(
-                "Relu",
-                &name(&format!("{tag}_Relu")),
-                vec![In::New(x)],
+    let (qh, kh, vh) = (
+        heads(&mut s, site.q.output, "q"),
+        heads(&mut s, site.k.output, "k"),
+        heads(&mut s, site.v.output, "v"),
+    );
+    let phi = |s: &mut Site, x: In, tag: &str| match map {
+        FeatureMap::Relu => s.op("Relu", &format!("{tag}_Relu"), vec![x], vec![]),
+        FeatureMap::Elu1 => {
+            let e = s.op(
+                "Elu",
+                &format!("{tag}_Elu"),
+                vec![x],
+                vec![attr::float("alpha", 1.0)],
+            );
+            s.op(
+                "Add",
+                &format!("{tag}_EluPlus1"),
+                vec![e, one.clone()],
                 vec![],
-                m,
-                after,
-            ),
-            FeatureMap::Elu1 => {
-                let e = p.op(
-                    "Elu",
-                    &name(&format!("{tag}_Elu")),
-                    vec![In::New(x)],
-                    vec![attr::float("alpha", 1.0)],
-                    m,
-                    after,
-                );
-                let one = p.f32_scalar("linear_attention_one", 1.0);
-                p.op(
-                    "Add",
-                    &name(&format!("{tag}_EluPlus1")),
-                    vec![In::New(e), In::New(one)],
-                    vec![],
-                    m,
-                    after,
-                )
-            }
+            )
         }
     };
-    let qh = heads(p, In::Value(site.q.output), "q");
-    let kh = heads(p, In::Value(site.k.output), "k");
-    let vh = heads(p, In::Value(site.v.output), "v");
-    let fq = phi(p, qh, "q");
-    let fk = phi(p, kh, "k");
-    let fk_t = p.op(
-        "Transpose",
-        &name("k_T"),
-        vec![In::New(fk.clone())],
-        vec![attr::ints("perm", &[0, 1, 3, 2])],
-        m,
-        after,
-    );
-    let kv = p.op(
-        "MatMul",
-        &name("KV"),
-        vec![In::New(fk_t), In::New(vh)],
-        vec![],
-        m,
-        after,
-    );
-    let num = p.op(
-        "MatMul",
-        &name("Numerator"),
-        vec![In::New(fq.clone()), In::New(kv)],
-        vec![],
-        m,
-        after,
-    );
-    let ksum = if model.opset("").unwrap_or(13) >= 13 {
-        let axes = p.i64s("linear_attention_token_axis", &[2]);
-        p.op(
+    let (fq, fk) = (phi(&mut s, qh, "q"), phi(&mut s, kh, "k"));
+    let fk_t = s.op("Transpose", "k_T", vec![fk.clone()], perm(&[0, 1, 3, 2]));
+    let kv = s.op("MatMul", "KV", vec![fk_t, vh], vec![]);
+    let num = s.op("MatMul", "Numerator", vec![fq.clone(), kv], vec![]);
+    let ksum = match token_axis {
+        Some(axes) => s.op(
             "ReduceSum",
-            &name("KSum"),
-            vec![In::New(fk), In::New(axes)],
+            "KSum",
+            vec![fk, axes],
             vec![attr::int("keepdims", 1)],
-            m,
-            after,
-        )
-    } else {
-        p.op(
+        ),
+        None => s.op(
             "ReduceSum",
-            &name("KSum"),
-            vec![In::New(fk)],
+            "KSum",
+            vec![fk],
             vec![attr::ints("axes", &[2]), attr::int("keepdims", 1)],
-            m,
-            after,
-        )
+        ),
     };
-    let ksum_t = p.op(
-        "Transpose",
-        &name("KSum_T"),
-        vec![In::New(ksum)],
-        vec![attr::ints("perm", &[0, 1, 3, 2])],
-        m,
-        after,
-    );
-    let den = p.op(
-        "MatMul",
-        &name("Denominator"),
-        vec![In::New(fq), In::New(ksum_t)],
-        vec![],
-        m,
-        after,
-    );
-    let eps = p.f32_scalar("linear_attention_eps", LINEAR_EPS);
-    let den = p.op(
-        "Add",
-        &name("DenominatorEps"),
-        vec![In::New(den), In::New(eps)],
-        vec![],
-        m,
-        after,
-    );
-    let o = p.op(
-        "Div",
-        &name("Normalize"),
-        vec![In::New(num), In::New(den)],
-        vec![],
-        m,
-        after,
-    );
-    let o = p.op(
-        "Transpose",
-        &name("out_Transpose"),
-        vec![In::New(o)],
-        vec![attr::ints("perm", &[0, 2, 1, 3])],
-        m,
-        after,
-    );
-    let merge = p.i64s("linear_attention_merge", &[0, -1, h * d]);
-    p.op(
-        "Reshape",
-        &name("out_Reshape"),
-        vec![In::New(o), In::New(merge)],
-        vec![],
-        m,
-        after,
-    )
+    let ksum_t = s.op("Transpose", "KSum_T", vec![ksum], perm(&[0, 1, 3, 2]));
+    let den = s.op("MatMul", "Denominator", vec![fq, ksum_t], vec![]);
+    let den = s.op("Add", "DenominatorEps", vec![den, eps], vec![]);
+    let o = s.op("Div", "Normalize", vec![num, den], vec![]);
+    let o = s.op("Transpose", "out_Transpose", vec![o], perm(&[0, 2, 1, 3]));
+    match s.op("Reshape", "out_Reshape", vec![o, merge], vec![]) {
+        In::New(name) => name,
+        _ => unreachable!("op returns a new value"),
+    }
 }
