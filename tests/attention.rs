@@ -81,6 +81,7 @@ fn analysis_finds_every_site_with_heads_scale_and_blocks() {
         ("sd2_legacy", 14, 7),
         ("sdxl_legacy", 16, 8),
         ("sd15_classic_legacy", 8, 4),
+        ("sd15_fp16_legacy", 8, 4),
     ];
     for (name, sites, blocks) in expected {
         let a = analyze(name);
@@ -421,4 +422,51 @@ fn inspect_lists_attention_in_text_and_json() {
         text.contains("mid_block.attentions.0.transformer_blocks.0.attn2"),
         "{text}"
     );
+}
+
+#[test]
+fn fp16_export_with_cast_wrappers_is_recognised_and_ep_rules_apply() {
+    const NAME: &str = "sd15_fp16_legacy";
+    let a = analyze(NAME);
+    assert!(a.unrecognised.is_empty(), "{:?}", a.unrecognised);
+    assert_eq!(a.sites.len(), 8);
+    // The CPU execution provider's fused kernels are float32-only: every site skipped, saying why.
+    let mut m = import::read(&fixture(NAME)).unwrap();
+    let mut pm = PassManager::new();
+    pm.add(AttentionPass {
+        mode: Mode::Flash,
+        target: Target::Cpu,
+        layers: None,
+    });
+    let report = pm
+        .run(&mut m, &mut PassCx { verify: true })
+        .unwrap()
+        .remove(0);
+    assert!(report.rewritten.is_empty());
+    assert_eq!(report.skipped.len(), 8);
+    assert!(
+        report
+            .skipped
+            .iter()
+            .all(|s| s.reason.contains("needs float32; this site is f16")),
+        "{:?}",
+        report.skipped
+    );
+    // For CUDA they are rewritten; ORT CPU can still execute the result, within fp16 precision.
+    for mode in [Mode::Flash, Mode::Onnx] {
+        let mut m = import::read(&fixture(NAME)).unwrap();
+        let mut pm = PassManager::new();
+        pm.add(AttentionPass {
+            mode,
+            target: Target::Cuda,
+            layers: None,
+        });
+        let report = pm
+            .run(&mut m, &mut PassCx { verify: true })
+            .unwrap()
+            .remove(0);
+        assert_eq!(report.rewritten.len(), 8, "{mode:?}: {:?}", report.skipped);
+        let c = compare("out_sample", &reference(NAME), &run_cpu(NAME, &m)).unwrap();
+        assert!(c.rel_l2 <= 2e-3, "{mode:?}: {c:?}");
+    }
 }

@@ -52,14 +52,24 @@ fn every_fixture_matches_onnxruntime_python_and_tract() {
     for name in FIXTURES {
         let inputs = fixture_inputs(name);
         let ort = run(&fixture(name), Ep::Cpu, &inputs);
-        let tract = run(&fixture(name), Ep::Tract, &inputs);
         assert_eq!(ort[0].0, "out_sample");
         let vs_python = compare("out_sample", &reference(name), &ort[0].1).unwrap();
         assert!(
             vs_python.rel_l2 <= 1e-6,
             "{name}: ORT CPU vs onnxruntime Python: {vs_python:?}"
         );
-        let vs_tract = compare("out_sample", &ort[0].1, &tract[0].1).unwrap();
+        let tract = Backend::open(&fixture(name), Ep::Tract, &OrtOptions::default())
+            .and_then(|mut b| b.run(&inputs));
+        if name == "sd15_fp16_legacy" {
+            // tract 0.23 cannot type an f16 Gemm: a clear error, not a wrong answer. When a
+            // tract release fixes it, this fails and the fixture joins the comparison.
+            let err = tract
+                .expect_err("tract ran the f16 model; compare it like the others now")
+                .to_string();
+            assert!(err.contains("Gemm") && err.contains("F16"), "{err}");
+            continue;
+        }
+        let vs_tract = compare("out_sample", &ort[0].1, &tract.unwrap()[0].1).unwrap();
         assert!(
             vs_tract.rel_l2 <= 1e-5,
             "{name}: ORT CPU vs tract: {vs_tract:?}"

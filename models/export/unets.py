@@ -61,17 +61,19 @@ FULL_SD15 = dict(
     cross_attention_dim=768, attention_head_dim=8,
 )
 
-# name: (config, exporter[, attention processor])
+# name: (config, exporter, options)
 TINY = {
-    "sd15_legacy": (TINY_SD1, "legacy"),
-    "sd15_dynamo": (TINY_SD1, "dynamo"),
-    "sd2_legacy": (TINY_SD2, "legacy"),
-    "sdxl_legacy": (TINY_SDXL, "legacy"),
+    "sd15_legacy": (TINY_SD1, "legacy", {}),
+    "sd15_dynamo": (TINY_SD1, "dynamo", {}),
+    "sd2_legacy": (TINY_SD2, "legacy", {}),
+    "sdxl_legacy": (TINY_SDXL, "legacy", {}),
     # diffusers' classic AttnProcessor (baddbmm + softmax + bmm, heads folded into the batch)
-    "sd15_classic_legacy": (SMALL_SD1, "legacy", "classic"),
-    "noattn_legacy": (NO_ATTENTION, "legacy"),
+    "sd15_classic_legacy": (SMALL_SD1, "legacy", {"processor": "classic"}),
+    # fp16 weights and activations, softmax upcast to fp32: Cast wrappers around it
+    "sd15_fp16_legacy": (SMALL_SD1, "legacy", {"processor": "classic", "fp16": True}),
+    "noattn_legacy": (NO_ATTENTION, "legacy", {}),
 }
-FULL = {"sd15": (FULL_SD15, "legacy")}
+FULL = {"sd15": (FULL_SD15, "legacy", {})}
 
 # Dims the tests run at: batch 2 (a CFG pair), 16x16 latents, 77 text tokens.
 TEST_DIMS = {"batch": 2, "height": 16, "width": 16, "sequence": 77}
@@ -130,10 +132,10 @@ def build_unet(config, seed):
     return unet
 
 
-def export(unet, config, exporter, path, dims):
+def export(unet, config, exporter, path, dims, dtype=torch.float32):
     specs = input_specs(config)
     names = [n for n, _ in specs]
-    inputs = example_inputs(specs, dims, seed=1)
+    inputs = {k: v.to(dtype) for k, v in example_inputs(specs, dims, seed=1).items()}
     model = Wrapper(unet, sdxl="text_embeds" in names).eval()
     args = tuple(inputs[n] for n in names)
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,8 +189,9 @@ def write_reference(path, specs, inputs, unet, model_dir):
     (out,) = sess.run(["out_sample"], feeds)
     np.save(model_dir / "ref" / "out_sample.npy", out)
     with torch.no_grad():
-        torch_out = Wrapper(unet, "text_embeds" in inputs)(*[inputs[n] for n, _ in specs]).numpy()
-    rel = float(np.linalg.norm(out - torch_out) / np.linalg.norm(torch_out))
+        torch_out = Wrapper(unet, "text_embeds" in inputs)(*[inputs[n] for n, _ in specs]).float().numpy()
+    out32 = out.astype(np.float32)
+    rel = float(np.linalg.norm(out32 - torch_out) / np.linalg.norm(torch_out))
     return {"onnxruntime": ort.__version__, "torch": torch.__version__,
             "rel_l2_onnxruntime_vs_torch": rel}
 
@@ -200,7 +203,7 @@ def main():
     ap.add_argument("--only", nargs="*", help="tiny fixtures to export (default: all)")
     args = ap.parse_args()
     if args.full:
-        config, exporter = FULL[args.full]
+        config, exporter, _ = FULL[args.full]
         out = args.out or ROOT / "large" / args.full
         unet = build_unet(config, seed=0)
         dims = {"batch": 2, "height": 64, "width": 64, "sequence": 77}
@@ -213,23 +216,29 @@ def main():
         print(f"wrote {out}")
         return
     for name in args.only or TINY:
-        config, exporter, *processor = TINY[name]
+        config, exporter, options = TINY[name]
         model_dir = ROOT / name
         unet = build_unet(config, seed=0)
-        if processor == ["classic"]:
+        if options.get("processor") == "classic":
             from diffusers.models.attention_processor import AttnProcessor
             unet.set_attn_processor(AttnProcessor())
+        dtype = torch.float16 if options.get("fp16") else torch.float32
+        if options.get("fp16"):
+            unet = unet.half()
+            for m in unet.modules():
+                if hasattr(m, "upcast_softmax"):
+                    m.upcast_softmax = True
         path = model_dir / "unet.onnx"
-        specs, inputs = export(unet, config, exporter, path, TEST_DIMS)
+        specs, inputs = export(unet, config, exporter, path, TEST_DIMS, dtype)
         provenance = write_reference(path, specs, inputs, unet, model_dir)
         spec = {
             "model": "unet.onnx",
             "exporter": exporter,
-            "attention_processor": processor[0] if processor else "default (SDPA)",
+            "attention_processor": options.get("processor", "default (SDPA)"),
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()},
-            "inputs": [{"name": n, "dtype": "float32", "shape": graph_shape(path, n),
+            "inputs": [{"name": n, "dtype": str(dtype).removeprefix("torch."), "shape": graph_shape(path, n),
                         "test_shape": list(inputs[n].shape)} for n, _ in specs if graph_shape(path, n) is not None],
-            "outputs": [{"name": "out_sample", "dtype": "float32"}],
+            "outputs": [{"name": "out_sample", "dtype": str(dtype).removeprefix("torch.")}],
             "torch_parameters": sum(p.numel() for p in unet.parameters()),
             "reference": provenance,
         }

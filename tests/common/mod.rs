@@ -9,7 +9,15 @@ use attune_compiler::onnx::{self, ModelProto, TensorProto, tensor_proto::DataLoc
 use prost::Message;
 
 /// The committed tiny exports (see models/export/unets.py).
-pub const FIXTURES: [&str; 4] = ["sd15_legacy", "sd15_dynamo", "sd2_legacy", "sdxl_legacy"];
+pub const FIXTURES: [&str; 7] = [
+    "sd15_legacy",
+    "sd15_dynamo",
+    "sd2_legacy",
+    "sdxl_legacy",
+    "sd15_classic_legacy",
+    "sd15_fp16_legacy",
+    "noattn_legacy",
+];
 
 /// `--dim` flags for the fixtures' test size (batch 2, 16x16 latents, 77 tokens).
 pub const DIMS: [&str; 8] = [

@@ -151,7 +151,8 @@ fn forms() -> Vec<(&'static str, Pat)> {
             ],
         )
         .commutative();
-        let input = alt([baddbmm, logits]);
+        // fp16 exports upcast around the softmax: Cast wrappers on either side of the bias add.
+        let input = through(CAST, alt([baddbmm, logits]));
         alt([
             op("Softmax", [input.clone()])
                 .int("axis", -1)
