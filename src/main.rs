@@ -28,6 +28,8 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Fetch and cache the ONNX Runtime library ahead of time
     Setup(cmd::setup::Args),
+    /// Convert LoRA files into an adapter for a model compiled with --lora-mode adapter
+    LoraAdapter(cmd::lora_adapter::Args),
     /// Compile a shipped fixture, diff it structurally and numerically, and time it
     Demo(cmd::demo::Args),
 }
@@ -47,6 +49,7 @@ fn main() {
         Command::Bench(a) => cmd::bench::run(a),
         Command::Setup(a) => cmd::setup::run(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::LoraAdapter(a) => cmd::lora_adapter::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -7,7 +7,9 @@ use bytes::Bytes;
 
 use crate::error::Result;
 use crate::ir::{Graph, Model, NodeId, ValueId};
-use crate::onnx::{AttributeProto, DataType, NodeProto, attribute_proto::AttributeType};
+use crate::onnx::{
+    AttributeProto, DataType, NodeProto, ValueInfoProto, attribute_proto::AttributeType,
+};
 use crate::weights::Tensor;
 
 /// A value a patch node reads: one in the graph, or one the patch creates (by name).
@@ -50,6 +52,7 @@ pub struct Patch<'g> {
     tensors: Vec<Tensor>,
     replace: Vec<(ValueId, In)>,
     drop: Vec<NodeId>,
+    inputs: Vec<ValueInfoProto>,
 }
 
 impl<'g> Patch<'g> {
@@ -67,6 +70,7 @@ impl<'g> Patch<'g> {
             tensors: Vec::new(),
             replace: Vec::new(),
             drop: Vec::new(),
+            inputs: Vec::new(),
         }
     }
 
@@ -180,6 +184,23 @@ impl<'g> Patch<'g> {
         self.replace.push((old, new));
     }
 
+    /// A new graph input named `info.name`. With `default` it is an overridable initializer:
+    /// callers may feed it, and the default applies when they don't.
+    pub fn graph_input(&mut self, info: ValueInfoProto, default: Option<Tensor>) -> String {
+        let name = self.fresh(&info.name);
+        let info = ValueInfoProto {
+            name: name.clone(),
+            ..info
+        };
+        if let Some(t) = default {
+            let mut t = t;
+            t.proto.name = name.clone();
+            self.tensors.push(t);
+        }
+        self.inputs.push(info);
+        name
+    }
+
     pub fn drop_node(&mut self, n: NodeId) {
         self.drop.push(n);
     }
@@ -191,13 +212,14 @@ impl<'g> Patch<'g> {
             && self.tensors.is_empty()
     }
 
-    /// Applies the patch. Call after the borrow of the graph ended (`patch.into_parts()`).
+    /// Detaches the patch from the graph it was built against, so it can be applied.
     pub fn into_parts(self) -> AppliedPatch {
         AppliedPatch {
             nodes: self.nodes,
             tensors: self.tensors,
             replace: self.replace,
             drop: self.drop,
+            inputs: self.inputs,
         }
     }
 }
@@ -209,6 +231,7 @@ pub struct AppliedPatch {
     tensors: Vec<Tensor>,
     replace: Vec<(ValueId, In)>,
     drop: Vec<NodeId>,
+    inputs: Vec<ValueInfoProto>,
 }
 
 impl AppliedPatch {
@@ -216,6 +239,10 @@ impl AppliedPatch {
         let g = &mut model.graph;
         for t in self.tensors {
             g.set_initializer(t);
+        }
+        for info in self.inputs {
+            let value = g.value_named(&info.name);
+            g.inputs.push(crate::ir::Io { value, info });
         }
         let resolve = |g: &mut Graph, i: &In| match i {
             In::Value(v) => Some(*v),

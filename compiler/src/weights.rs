@@ -46,6 +46,23 @@ impl DataFile {
     pub fn bytes(&self) -> &[u8] {
         self.map.as_deref().unwrap_or(&[])
     }
+
+    /// Drops the pages of `offset..offset+len` from this process's resident memory (they
+    /// stay in the page cache and fault back in if read again), so reading many weights
+    /// once does not hold them all.
+    pub fn release(&self, offset: usize, len: usize) {
+        let Some(map) = &self.map else { return };
+        const PAGE: usize = 4096;
+        let start = offset.next_multiple_of(PAGE);
+        let end = (offset + len) / PAGE * PAGE;
+        if end > start {
+            // SAFETY: the map is a read-only, file-backed private mapping: dropping its pages
+            // only makes later reads fault them in again from the file.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+            };
+        }
+    }
 }
 
 /// The data of one tensor.
@@ -86,6 +103,23 @@ impl Tensor {
         }
     }
 
+    /// The same tensor (name, dims, type, doc, metadata) holding new data.
+    pub fn with_data(&self, data: Bytes) -> Tensor {
+        let mut proto = self.proto.clone();
+        proto.raw_data = Bytes::new();
+        proto.float_data.clear();
+        proto.int32_data.clear();
+        proto.int64_data.clear();
+        proto.double_data.clear();
+        proto.uint64_data.clear();
+        proto.external_data.clear();
+        proto.data_location = DataLocation::Default as i32;
+        Tensor {
+            proto,
+            data: TensorData::Owned(data),
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.proto.name
     }
@@ -118,6 +152,13 @@ impl Tensor {
                 Ok(Cow::Borrowed(&self.proto.raw_data))
             }
             TensorData::Inline => typed_field_bytes(&self.proto).map(Cow::Owned),
+        }
+    }
+
+    /// Lets go of the resident pages of a memory-mapped tensor (see [`DataFile::release`]).
+    pub fn release(&self) {
+        if let TensorData::External { file, offset, len } = &self.data {
+            file.release(*offset, *len);
         }
     }
 

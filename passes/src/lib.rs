@@ -2,3 +2,4 @@
 pub mod attention;
 pub mod cleanup;
 pub mod glob;
+pub mod lora;

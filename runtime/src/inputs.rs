@@ -14,6 +14,8 @@ use crate::tensor::{DType, HostTensor};
 #[derive(Clone, Debug)]
 pub struct InputSpec {
     pub name: String,
+    /// Has a default (an overridable initializer, e.g. a LoRA branch): fed only when given.
+    pub optional: bool,
     /// ONNX element type (`TensorProto.DataType`).
     pub elem_type: i32,
     pub dims: Vec<Dim>,
@@ -52,12 +54,11 @@ impl InputSpec {
     }
 }
 
-/// Graph inputs a caller must feed (initializers listed as inputs are optional overrides and skipped).
+/// Graph inputs; those with an initializer (overridable defaults) are optional.
 pub fn input_specs(model: &Model) -> Vec<InputSpec> {
     let g = &model.graph;
     g.inputs
         .iter()
-        .filter(|io| g.initializer(io.value).is_none())
         .map(|io| {
             let t = io.info.r#type.as_ref().and_then(onnx::tensor_type);
             let dims = t
@@ -75,6 +76,7 @@ pub fn input_specs(model: &Model) -> Vec<InputSpec> {
                 .unwrap_or_default();
             InputSpec {
                 name: g.value(io.value).name.clone(),
+                optional: g.initializer(io.value).is_some(),
                 elem_type: t.map(|t| t.elem_type).unwrap_or(0),
                 dims,
             }
@@ -135,11 +137,18 @@ pub fn prepare(
     seed: u64,
 ) -> Result<Vec<(String, HostTensor)>> {
     let expected = || {
-        specs
+        let required: Vec<String> = specs
             .iter()
+            .filter(|s| !s.optional)
             .map(|s| format!("  {}", s.describe()))
-            .collect::<Vec<_>>()
-            .join("\n")
+            .collect();
+        let optional = specs.iter().filter(|s| s.optional).count();
+        let more = if optional > 0 {
+            format!("\n  (and {optional} optional inputs with defaults)")
+        } else {
+            String::new()
+        };
+        format!("{}{more}", required.join("\n"))
     };
     for (name, _) in &given {
         if !specs.iter().any(|s| &s.name == name) {
@@ -193,6 +202,9 @@ pub fn prepare(
     for spec in specs {
         if let Some(t) = given.remove(&spec.name) {
             out.push((spec.name.clone(), t));
+            continue;
+        }
+        if spec.optional {
             continue;
         }
         let shape = concrete_shape(spec, &dims)?;

@@ -7,6 +7,8 @@ use attune_compiler::pass::{PassCx, PassManager, PassReport};
 use attune_compiler::verify;
 use attune_passes::attention::{AttentionPass, FeatureMap, Mode, Target};
 use attune_passes::glob::Globs;
+use attune_passes::lora::adapter::{self, AdapterPass};
+use attune_passes::lora::{LoraPass, LoraSource};
 
 use super::exec::{EpArg, ExecArgs, InputArgs, OptArg};
 
@@ -48,6 +50,25 @@ pub struct CompileOptions {
     /// Feature map of linear attention: relu, or elu1 (elu(x)+1)
     #[arg(long, value_enum, default_value_t = FeatureMapArg::Elu1)]
     pub linear_feature_map: FeatureMapArg,
+    /// A LoRA file to fuse, FILE or FILE:MULTIPLIER (repeatable; kohya, diffusers/PEFT, LyCORIS)
+    #[arg(long = "lora", value_name = "FILE[:M]")]
+    pub loras: Vec<String>,
+    /// Make LoRA layers that match no layer of the graph an error
+    #[arg(long)]
+    pub lora_strict: bool,
+    /// fuse: bake the LoRAs into the weights; adapter: add switchable low-rank branches
+    /// (A, B graph inputs) and write the LoRAs' tensors to OUT.adapter.safetensors
+    #[arg(long, value_enum, default_value_t = LoraModeArg::Fuse)]
+    pub lora_mode: LoraModeArg,
+    /// In adapter mode, also give branches to every layer whose module path matches
+    #[arg(long, value_name = "GLOB")]
+    pub lora_layers: Option<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+pub enum LoraModeArg {
+    Fuse,
+    Adapter,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
@@ -78,8 +99,24 @@ enum Weights {
 
 impl CompileOptions {
     /// The passes these options ask for, in order.
-    pub fn pipeline(&self) -> PassManager {
+    pub fn pipeline(&self) -> anyhow::Result<PassManager> {
         let mut pm = PassManager::new();
+        let sources = self.lora_sources()?;
+        match self.lora_mode {
+            LoraModeArg::Fuse if !sources.is_empty() => {
+                pm.add(LoraPass {
+                    sources,
+                    strict: self.lora_strict,
+                });
+            }
+            LoraModeArg::Adapter if !sources.is_empty() || self.lora_layers.is_some() => {
+                pm.add(AdapterPass {
+                    sources,
+                    layers: self.lora_layers.as_deref().map(Globs::parse),
+                });
+            }
+            _ => {}
+        }
         let target = match self.target {
             TargetArg::Cpu => Target::Cpu,
             TargetArg::Cuda => Target::Cuda,
@@ -100,7 +137,14 @@ impl CompileOptions {
                 layers: self.attention_layers.as_deref().map(Globs::parse),
             });
         }
-        pm
+        Ok(pm)
+    }
+
+    pub fn lora_sources(&self) -> anyhow::Result<Vec<LoraSource>> {
+        self.loras
+            .iter()
+            .map(|l| LoraSource::parse(l).map_err(anyhow::Error::msg))
+            .collect()
     }
 
     /// Does the compiled model compute something else than the original?
@@ -131,6 +175,11 @@ pub fn print_reports(reports: &[PassReport]) {
     }
 }
 
+/// `OUT.onnx` → `OUT.adapter.safetensors`
+pub fn adapter_path(output: &std::path::Path) -> PathBuf {
+    output.with_extension("adapter.safetensors")
+}
+
 pub fn run(args: Args) -> anyhow::Result<i32> {
     let start = Instant::now();
     let mut model = super::load(&args.model)?;
@@ -147,7 +196,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let mut cx = PassCx {
         verify: args.verify || cfg!(debug_assertions),
     };
-    let reports = args.options.pipeline().run(&mut model, &mut cx)?;
+    let reports = args.options.pipeline()?.run(&mut model, &mut cx)?;
     print_reports(&reports);
     let weights = match args.weights {
         Weights::Copy => WeightsMode::Copy,
@@ -172,6 +221,19 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             if *hard { "linked" } else { "copied" },
             path.display()
         );
+    }
+    if args.options.lora_mode == LoraModeArg::Adapter && !args.options.loras.is_empty() {
+        let path = adapter_path(&args.output);
+        let (tensors, skipped) = adapter::adapter_tensors(&model, &args.options.lora_sources()?)?;
+        adapter::write(&path, &tensors)?;
+        println!(
+            "  adapter {} ({} tensors; run with --adapter)",
+            path.display(),
+            tensors.len()
+        );
+        for s in skipped {
+            println!("  - {}: {}", s.site, s.reason);
+        }
     }
     println!(
         "  load {:.0} ms, total {:.0} ms",

@@ -47,9 +47,13 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         attention: args.attention,
         attention_layers: None,
         linear_feature_map: FeatureMapArg::Elu1,
+        loras: Vec::new(),
+        lora_strict: false,
+        lora_mode: super::compile::LoraModeArg::Fuse,
+        lora_layers: None,
     };
     let reports = options
-        .pipeline()
+        .pipeline()?
         .run(&mut model, &mut PassCx { verify: true })?;
     super::compile::print_reports(&reports);
     export::write(&model, &compiled, &ExportOptions::default())?;

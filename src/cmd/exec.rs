@@ -12,6 +12,9 @@ pub struct InputArgs {
     /// An input from a file: NAME=FILE.npy, or FILE.safetensors for every tensor in it
     #[arg(long = "input", value_name = "NAME=FILE")]
     pub inputs: Vec<String>,
+    /// A LoRA adapter (.safetensors from `compile --lora-mode adapter` or `attune lora-adapter`)
+    #[arg(long, value_name = "FILE")]
+    pub adapter: Option<PathBuf>,
     /// Size of a symbolic dim for random inputs, e.g. --dim batch=2 --dim height=64
     #[arg(long = "dim", value_name = "NAME=V")]
     pub dims: Vec<String>,
@@ -25,7 +28,10 @@ impl InputArgs {
     pub fn prepare(&self, model: &Path) -> anyhow::Result<Vec<(String, HostTensor)>> {
         let m = super::load(model)?;
         let specs = inputs::input_specs(&m);
-        let given = read_inputs(&self.inputs)?;
+        let mut given = read_inputs(&self.inputs)?;
+        if let Some(a) = &self.adapter {
+            given.extend(safetensors_io::read(a)?);
+        }
         let dims = Dims::parse(&self.dims)?;
         Ok(inputs::prepare(&specs, given, &dims, self.seed)
             .with_context(|| format!("inputs of {}", model.display()))?)

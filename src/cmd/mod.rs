@@ -4,6 +4,7 @@ pub mod demo;
 pub mod diff;
 pub mod exec;
 pub mod inspect;
+pub mod lora_adapter;
 pub mod numeric;
 pub mod run;
 pub mod setup;

@@ -1,0 +1,500 @@
+//! Run-time switchable LoRA: low-rank branches `x·A·B·lora_scale` added at the adapted
+//! layers, with A and B graph inputs whose defaults have rank 0 (so without an adapter the
+//! graph computes the base model), and adapter files holding A and B for a given LoRA.
+//! Ranks are symbolic: one compiled graph serves any LoRA (or several, concatenated) of
+//! LoRA/LoCon factors.
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use attune_compiler::ir::Model;
+use attune_compiler::onnx::{
+    DataType, TensorShapeProto, TypeProto, ValueInfoProto, tensor_shape_proto, type_proto,
+};
+use attune_compiler::pass::{Pass, PassCx, PassReport, Skipped};
+use attune_compiler::patch::{In, Patch, attr};
+use attune_compiler::weights::Tensor;
+use attune_compiler::{Error, Result};
+
+use super::file::{self, Layer, Part};
+use super::{Layout, LoraSource, Target, layers_per_block, targets};
+use crate::glob::Globs;
+
+/// The global strength input every branch is multiplied by (default 1).
+pub const SCALE_INPUT: &str = "lora_scale";
+
+/// Graph input names of a layer's branch.
+pub fn input_names(module: &str) -> (String, String) {
+    (format!("lora.{module}.down"), format!("lora.{module}.up"))
+}
+
+pub struct AdapterPass {
+    /// Layers adapted by these files get branches.
+    pub sources: Vec<LoraSource>,
+    /// ...and so do the layers whose module path matches.
+    pub layers: Option<Globs>,
+}
+
+impl Pass for AdapterPass {
+    fn name(&self) -> &'static str {
+        "lora-adapter"
+    }
+
+    fn run(&self, model: &mut Model, _cx: &mut PassCx) -> Result<PassReport> {
+        let lpb = layers_per_block(model);
+        let all = targets(model);
+        let mut report = PassReport::default();
+        let mut chosen: BTreeMap<String, Target> = BTreeMap::new();
+        for s in &self.sources {
+            for layer in file::read(&s.path, lpb)?.layers {
+                match all.get(&layer.module) {
+                    Some(Ok(t)) => {
+                        chosen.insert(layer.module.clone(), t.clone());
+                    }
+                    Some(Err(why)) => report.skipped.push(Skipped {
+                        site: layer.name.clone(),
+                        reason: why.clone(),
+                    }),
+                    None => report.skipped.push(Skipped {
+                        site: layer.name.clone(),
+                        reason: format!("no layer '{}' in this graph", layer.module),
+                    }),
+                }
+            }
+        }
+        if let Some(globs) = &self.layers {
+            for t in all.values().flatten().filter(|t| globs.matches(&t.module)) {
+                chosen.insert(t.module.replace('.', "_"), t.clone());
+            }
+        }
+        if chosen.is_empty() {
+            report
+                .notes
+                .push("no layer selected for LoRA branches: nothing to do".into());
+            return Ok(report);
+        }
+        let mut patch = Patch::new(model);
+        let scale = patch.graph_input(
+            tensor_info(SCALE_INPUT, DataType::Float, &[], ""),
+            Some(scalar(SCALE_INPUT, 1.0)),
+        );
+        for t in chosen.values() {
+            match branch(&mut patch, model, t, &scale) {
+                Ok(()) => report.rewritten.push(format!(
+                    "{}: branch inputs {} / {}",
+                    t.module,
+                    input_names(&t.module).0,
+                    input_names(&t.module).1
+                )),
+                Err(why) => report.skipped.push(Skipped {
+                    site: t.module.clone(),
+                    reason: why,
+                }),
+            }
+        }
+        patch.into_parts().apply(model)?;
+        Ok(report)
+    }
+}
+
+fn scalar(name: &str, v: f32) -> Tensor {
+    Tensor::new(
+        name,
+        DataType::Float,
+        vec![],
+        v.to_le_bytes().to_vec().into(),
+    )
+}
+
+/// A tensor input declaration; `None` dims are the layer's symbolic rank (`rank` names it:
+/// each layer's rank is its own).
+fn tensor_info(name: &str, dt: DataType, dims: &[Option<i64>], rank: &str) -> ValueInfoProto {
+    use tensor_shape_proto::dimension::Value;
+    let dim = |d: &Option<i64>| tensor_shape_proto::Dimension {
+        value: Some(match d {
+            Some(v) => Value::DimValue(*v),
+            None => Value::DimParam(rank.into()),
+        }),
+        ..Default::default()
+    };
+    let shape = TensorShapeProto {
+        dim: dims.iter().map(dim).collect(),
+    };
+    let tensor = type_proto::Tensor {
+        elem_type: dt as i32,
+        shape: Some(shape),
+    };
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(tensor)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Adds `out + lora_scale · B(A(x))` after the layer's op.
+fn branch(
+    p: &mut Patch,
+    model: &Model,
+    t: &Target,
+    scale: &str,
+) -> std::result::Result<(), String> {
+    let g = &model.graph;
+    let node = g.node(t.node);
+    let w = g.initializer(t.weight).expect("targets are initializers");
+    let dt = DataType::try_from(w.data_type()).map_err(|_| "unknown weight type".to_string())?;
+    let shape = t.torch_shape(w.dims());
+    let (out, inp) = (shape[0] as i64, shape[1] as i64);
+    let x = node.inputs[0].ok_or("the layer has no input")?;
+    let y = node.outputs[0].ok_or("the layer has no output")?;
+    let (down_name, up_name) = input_names(&t.module);
+    let rank = format!("rank_{}", t.module.replace('.', "_"));
+    let empty = |name: &str, dims: Vec<i64>| Tensor::new(name, dt, dims, Vec::new().into());
+    let (m, after) = (t.module.as_str(), Some(t.node));
+    let op_name = |tag: &str| format!("{m}/attune_lora_{tag}");
+    let low = match t.layout {
+        Layout::MatMulT | Layout::Gemm { .. } => {
+            let down = p.graph_input(
+                tensor_info(&down_name, dt, &[Some(inp), None], &rank),
+                Some(empty(&down_name, vec![inp, 0])),
+            );
+            let up = p.graph_input(
+                tensor_info(&up_name, dt, &[None, Some(out)], &rank),
+                Some(empty(&up_name, vec![0, out])),
+            );
+            let a = p.op(
+                "MatMul",
+                &op_name("down"),
+                vec![In::Value(x), In::New(down)],
+                vec![],
+                m,
+                after,
+            );
+            p.op(
+                "MatMul",
+                &op_name("up"),
+                vec![In::New(a), In::New(up)],
+                vec![],
+                m,
+                after,
+            )
+        }
+        Layout::Conv => {
+            if node.attr("group").is_some_and(|a| a.i != 1) {
+                return Err("grouped convolutions take no LoRA branch".into());
+            }
+            let k: Vec<i64> = w.dims()[2..].to_vec();
+            let down_dims: Vec<Option<i64>> = [None, Some(inp)]
+                .into_iter()
+                .chain(k.iter().map(|d| Some(*d)))
+                .collect();
+            let up_dims: Vec<Option<i64>> = [Some(out), None]
+                .into_iter()
+                .chain(k.iter().map(|_| Some(1)))
+                .collect();
+            let default_down = [vec![0, inp], k.clone()].concat();
+            let default_up = [vec![out, 0], vec![1; k.len()]].concat();
+            let down = p.graph_input(
+                tensor_info(&down_name, dt, &down_dims, &rank),
+                Some(empty(&down_name, default_down)),
+            );
+            let up = p.graph_input(
+                tensor_info(&up_name, dt, &up_dims, &rank),
+                Some(empty(&up_name, default_up)),
+            );
+            // The down conv repeats the layer's geometry; the up conv is 1x1.
+            let geometry: Vec<_> = node
+                .proto
+                .attribute
+                .iter()
+                .filter(|a| {
+                    matches!(
+                        a.name.as_str(),
+                        "strides" | "pads" | "dilations" | "auto_pad"
+                    )
+                })
+                .cloned()
+                .collect();
+            let a = p.op(
+                "Conv",
+                &op_name("down"),
+                vec![In::Value(x), In::New(down)],
+                geometry,
+                m,
+                after,
+            );
+            p.op(
+                "Conv",
+                &op_name("up"),
+                vec![In::New(a), In::New(up)],
+                vec![],
+                m,
+                after,
+            )
+        }
+    };
+    let s = if dt == DataType::Float {
+        In::New(scale.to_string())
+    } else {
+        In::New(p.op(
+            "Cast",
+            &op_name("scale_cast"),
+            vec![In::New(scale.to_string())],
+            vec![attr::int("to", dt as i64)],
+            m,
+            after,
+        ))
+    };
+    let scaled = p.op(
+        "Mul",
+        &op_name("scale"),
+        vec![In::New(low), s],
+        vec![],
+        m,
+        after,
+    );
+    let sum = p.op(
+        "Add",
+        &op_name("add"),
+        vec![In::Value(y), In::New(scaled)],
+        vec![],
+        m,
+        after,
+    );
+    p.replace(y, In::New(sum));
+    Ok(())
+}
+
+/// An adapter tensor for a graph input: name, dims, f32 values (written in `dtype`).
+#[derive(Debug, Clone)]
+pub struct AdapterTensor {
+    pub name: String,
+    pub dims: Vec<usize>,
+    pub data: Vec<f32>,
+    pub dtype: DataType,
+}
+
+/// The A/B tensors that make `model`'s branches compute these LoRAs (several files
+/// concatenate along the rank). Layers the graph has no branch for are reported back.
+pub fn adapter_tensors(
+    model: &Model,
+    sources: &[LoraSource],
+) -> Result<(Vec<AdapterTensor>, Vec<Skipped>)> {
+    let lpb = layers_per_block(model);
+    let all = targets(model);
+    let g = &model.graph;
+    let mut acc: BTreeMap<String, (AdapterTensor, AdapterTensor)> = BTreeMap::new();
+    let mut skipped = Vec::new();
+    for s in sources {
+        let f = file::read(&s.path, lpb)?;
+        let fname = s
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        for layer in &f.layers {
+            let Some(Ok(target)) = all.get(&layer.module) else {
+                skipped.push(Skipped {
+                    site: format!("{fname}:{}", layer.name),
+                    reason: format!("no layer '{}' in this graph", layer.module),
+                });
+                continue;
+            };
+            let (down_name, up_name) = input_names(&target.module);
+            let Some(dt) = g
+                .value_id(&down_name)
+                .and_then(|v| g.value_elem_type(v))
+                .and_then(|t| DataType::try_from(t).ok())
+            else {
+                skipped.push(Skipped {
+                    site: format!("{fname}:{}", layer.name),
+                    reason: format!(
+                        "the graph has no LoRA branch at {} (compile with --lora-mode adapter)",
+                        target.module
+                    ),
+                });
+                continue;
+            };
+            let w = g
+                .initializer(target.weight)
+                .expect("targets are initializers");
+            let shape = target.torch_shape(w.dims());
+            let (down, up) = factors(layer, &shape, s.multiplier).map_err(|why| Error::Model {
+                path: s.path.clone(),
+                msg: format!(
+                    "layer {} (graph layer {}): {why}",
+                    layer.name, target.module
+                ),
+            })?;
+            let entry = acc.entry(target.module.clone()).or_insert_with(|| {
+                let empty = |name: &str| AdapterTensor {
+                    name: name.into(),
+                    dims: vec![],
+                    data: vec![],
+                    dtype: dt,
+                };
+                (empty(&down_name), empty(&up_name))
+            });
+            concat_rank(&mut entry.0, &mut entry.1, down, up, &shape, &target.layout);
+        }
+    }
+    Ok((
+        acc.into_values().flat_map(|(a, b)| [a, b]).collect(),
+        skipped,
+    ))
+}
+
+/// (down [r, in, k..], up [out, r]) with the scale and multiplier folded into up; a Tucker
+/// mid is folded into down.
+fn factors(
+    layer: &Layer,
+    shape: &[usize],
+    multiplier: f32,
+) -> std::result::Result<((usize, Vec<f32>), Vec<f32>), String> {
+    if !layer.parts.contains_key(&Part::Down) {
+        return Err("adapter mode takes LoRA/LoCon factors; LoHa and LoKr layers can only be fused (--lora-mode fuse)".into());
+    }
+    let delta = super::math::delta(layer, shape)?; // validates every shape
+    let (down, up) = (&layer.parts[&Part::Down], &layer.parts[&Part::Up]);
+    let rank = down.shape[0];
+    let (out, inp) = (shape[0], shape[1]);
+    let spatial: usize = shape[2..].iter().product();
+    let down_data = match layer.parts.get(&Part::Mid) {
+        // down'[i, q, s] = Σ_j mid[i, j, s] · down[j, q]
+        Some(mid) => {
+            let mut d = vec![0f32; rank * inp * spatial];
+            for i in 0..rank {
+                for j in 0..rank {
+                    for q in 0..inp {
+                        let dv = down.data[j * inp + q];
+                        for s in 0..spatial {
+                            d[(i * inp + q) * spatial + s] +=
+                                mid.data[(i * rank + j) * spatial + s] * dv;
+                        }
+                    }
+                }
+            }
+            d
+        }
+        None => down.data.clone(),
+    };
+    let up_data: Vec<f32> = up
+        .data
+        .iter()
+        .map(|v| v * delta.scale * multiplier)
+        .collect();
+    debug_assert_eq!(up_data.len(), out * rank);
+    Ok(((rank, down_data), up_data))
+}
+
+/// Appends a file's factors to a layer's A/B in the graph's layout: for `MatMul` branches
+/// A = downᵀ [in, R] and B = upᵀ [R, out]; for `Conv` branches A [R, in, k..] and
+/// B [out, R, 1..]. R grows by each file's rank.
+fn concat_rank(
+    a: &mut AdapterTensor,
+    b: &mut AdapterTensor,
+    (rank, down): (usize, Vec<f32>),
+    up: Vec<f32>,
+    shape: &[usize],
+    layout: &Layout,
+) {
+    let (out, inp) = (shape[0], shape[1]);
+    let conv = *layout == Layout::Conv;
+    let old = match (a.dims.is_empty(), conv) {
+        (true, _) => 0,
+        (false, true) => a.dims[0],
+        (false, false) => a.dims[1],
+    };
+    let total = old + rank;
+    // B rows/cols: out x R (conv) or R x out (matmul); both keep old entries first.
+    let mut nb = vec![0f32; out * total];
+    for o in 0..out {
+        for r in 0..total {
+            let v = if r < old {
+                b.data[if conv { o * old + r } else { r * out + o }]
+            } else {
+                up[o * rank + (r - old)]
+            };
+            nb[if conv { o * total + r } else { r * out + o }] = v;
+        }
+    }
+    if conv {
+        a.data.extend(&down);
+        a.dims = [vec![total, inp], shape[2..].to_vec()].concat();
+        b.dims = [vec![out, total], vec![1; shape.len() - 2]].concat();
+    } else {
+        let mut na = vec![0f32; inp * total];
+        for i in 0..inp {
+            for r in 0..total {
+                na[i * total + r] = if r < old {
+                    a.data[i * old + r]
+                } else {
+                    down[(r - old) * inp + i]
+                };
+            }
+        }
+        a.data = na;
+        a.dims = vec![inp, total];
+        b.dims = vec![total, out];
+    }
+    b.data = nb;
+}
+
+/// Writes adapter tensors as `.safetensors` (atomically).
+pub fn write(path: &Path, tensors: &[AdapterTensor]) -> Result<()> {
+    let bytes: Vec<(String, Vec<u8>, safetensors::Dtype, Vec<usize>)> = tensors
+        .iter()
+        .map(|t| {
+            let (dt, data) = match t.dtype {
+                DataType::Float16 => (
+                    safetensors::Dtype::F16,
+                    t.data
+                        .iter()
+                        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                        .collect(),
+                ),
+                DataType::Bfloat16 => (
+                    safetensors::Dtype::BF16,
+                    t.data
+                        .iter()
+                        .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                        .collect(),
+                ),
+                _ => (
+                    safetensors::Dtype::F32,
+                    t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                ),
+            };
+            (t.name.clone(), data, dt, t.dims.clone())
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(n, b, dt, dims)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*dt, dims.clone(), b).expect("sizes match"),
+            )
+        })
+        .collect();
+    let out = safetensors::serialize(views, None).map_err(|e| Error::Output {
+        path: path.into(),
+        msg: e.to_string(),
+    })?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile_in(dir)?;
+    std::io::Write::write_all(&mut tmp, &out).map_err(|e| Error::io(path, e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+fn tempfile_in(dir: &Path) -> Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new()
+        .prefix(".attune-")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))
+}

@@ -1,0 +1,475 @@
+//! Reading LoRA `.safetensors` files of every common key style into layers:
+//! - kohya / LyCORIS: `lora_unet_<module_with_underscores>.{lora_down,lora_up,lora_mid}.weight`,
+//!   `.alpha`, `.hada_w{1,2}_{a,b}`, `.hada_t{1,2}`, `.lokr_w{1,2}[_{a,b}]`, `.lokr_t2`;
+//!   SGM/LDM block names (`input_blocks_4_1_...`) mapped to diffusers module paths;
+//! - diffusers/PEFT: `unet.<path>.lora_A.weight` / `lora_B.weight`, alphas from the file's
+//!   `lora_adapter_metadata` (rsLoRA when flagged) or `<path>.alpha` keys;
+//! - diffusers' legacy attention processors: `unet.<attn>.processor.to_q_lora.down.weight`.
+//! Text-encoder keys are kept aside as "not in this graph".
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use attune_compiler::{Error, Result};
+use safetensors::{Dtype, SafeTensors};
+
+/// A factor, upcast to f32 (row-major).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Factor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+    /// The key it was read from.
+    pub key: String,
+}
+
+impl Factor {
+    /// Rows × (everything else): the matrix view of a factor.
+    pub fn rows_cols(&self) -> (usize, usize) {
+        let rows = self.shape.first().copied().unwrap_or(1);
+        (rows, self.data.len() / rows.max(1))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Part {
+    Down,
+    Up,
+    Mid,
+    Alpha,
+    HadaW1A,
+    HadaW1B,
+    HadaW2A,
+    HadaW2B,
+    HadaT1,
+    HadaT2,
+    LokrW1,
+    LokrW1A,
+    LokrW1B,
+    LokrW2,
+    LokrW2A,
+    LokrW2B,
+    LokrT2,
+    DoraScale,
+}
+
+/// One adapted layer of a file: its module (underscore form), the factors by part, the
+/// scale rule.
+#[derive(Clone, Debug)]
+pub struct Layer {
+    /// diffusers module path with `_` for `.` (`down_blocks_0_attentions_0_..._to_q`).
+    pub module: String,
+    /// The layer's name as the file spells it (for reports and errors).
+    pub name: String,
+    pub parts: BTreeMap<Part, Factor>,
+    /// alpha from the file or its metadata (`None`: alpha = rank).
+    pub alpha: Option<f32>,
+    /// Scale by alpha/sqrt(rank) (rsLoRA) instead of alpha/rank.
+    pub rslora: bool,
+}
+
+#[derive(Debug)]
+pub struct LoraFile {
+    pub path: PathBuf,
+    pub layers: Vec<Layer>,
+    /// Keys for other models of a pipeline (text encoders), with why they are not used.
+    pub elsewhere: Vec<(String, String)>,
+}
+
+/// What a key says: the layer's name, where it belongs, which part.
+enum KeyKind {
+    Unet {
+        name: String,
+        module: String,
+        part: Part,
+    },
+    TextEncoder,
+}
+
+/// Reads a LoRA file. `layers_per_block` maps SGM/LDM block names.
+pub fn read(path: &Path, layers_per_block: usize) -> Result<LoraFile> {
+    let bad = |msg: String| Error::Model {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("not a valid .safetensors file: {e}")))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("not a valid .safetensors file: {e}")))?;
+    let peft = PeftMeta::from(meta.metadata().as_ref());
+    let mut layers: BTreeMap<String, Layer> = BTreeMap::new();
+    let mut elsewhere = Vec::new();
+    let mut names: Vec<&str> = st.names();
+    names.sort();
+    for key in names {
+        let kind = parse_key(key, layers_per_block).ok_or_else(|| {
+            bad(format!(
+                "key '{key}' is not a LoRA key attune knows (kohya, LyCORIS, diffusers/PEFT)"
+            ))
+        })?;
+        let (name, module, part) = match kind {
+            KeyKind::TextEncoder => {
+                let layer = key
+                    .split_once('.')
+                    .map(|(l, _)| l)
+                    .unwrap_or(key)
+                    .to_string();
+                if !elsewhere.iter().any(|(l, _)| *l == layer) {
+                    elsewhere.push((layer, "text encoder: not in this graph".to_string()));
+                }
+                continue;
+            }
+            KeyKind::Unet { name, module, part } => (name, module, part),
+        };
+        let view = st
+            .tensor(key)
+            .map_err(|e| bad(format!("key '{key}': {e}")))?;
+        let data = to_f32(view.dtype(), view.data()).ok_or_else(|| {
+            bad(format!(
+                "key '{key}': element type {:?} is not supported",
+                view.dtype()
+            ))
+        })?;
+        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+            return Err(bad(format!(
+                "key '{key}' (layer {module}) holds a non-finite value ({}) at element {i}",
+                data[i]
+            )));
+        }
+        let layer = layers.entry(module.clone()).or_insert_with(|| Layer {
+            module: module.clone(),
+            name: name.clone(),
+            parts: BTreeMap::new(),
+            alpha: None,
+            rslora: peft.rslora,
+        });
+        if layer.name != name {
+            return Err(bad(format!(
+                "keys '{}' and '{name}' both adapt layer {module}",
+                layer.name
+            )));
+        }
+        if part == Part::Alpha {
+            layer.alpha = data.first().copied();
+            continue;
+        }
+        let factor = Factor {
+            shape: view.shape().to_vec(),
+            data,
+            key: key.to_string(),
+        };
+        if let Some(prev) = layer.parts.insert(part, factor) {
+            return Err(bad(format!(
+                "keys '{}' and '{key}' are the same factor of layer {module}",
+                prev.key
+            )));
+        }
+    }
+    let mut layers: Vec<Layer> = layers.into_values().collect();
+    for l in &mut layers {
+        if l.alpha.is_none() {
+            l.alpha = peft.alpha_for(&l.module);
+        }
+    }
+    Ok(LoraFile {
+        path: path.to_path_buf(),
+        layers,
+        elsewhere,
+    })
+}
+
+fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes(c.try_into().unwrap()).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()).to_f32())
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+            .collect(),
+        _ => return None,
+    })
+}
+
+/// diffusers' `lora_adapter_metadata` (PEFT config of the saved adapter).
+#[derive(Default)]
+struct PeftMeta {
+    alpha: Option<f32>,
+    alpha_pattern: Vec<(String, f32)>,
+    rslora: bool,
+}
+
+impl PeftMeta {
+    fn from(meta: Option<&std::collections::HashMap<String, String>>) -> Self {
+        let Some(text) = meta.and_then(|m| m.get("lora_adapter_metadata")) else {
+            return Self::default();
+        };
+        let Ok(serde_json::Value::Object(v)) = serde_json::from_str::<serde_json::Value>(text)
+        else {
+            return Self::default();
+        };
+        let get = |k: &str| v.get(&format!("unet.{k}")).or_else(|| v.get(k));
+        PeftMeta {
+            alpha: get("lora_alpha").and_then(|a| a.as_f64()).map(|a| a as f32),
+            alpha_pattern: get("alpha_pattern")
+                .and_then(|p| p.as_object())
+                .map(|p| {
+                    p.iter()
+                        .filter_map(|(k, a)| Some((k.replace('.', "_"), a.as_f64()? as f32)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            rslora: get("use_rslora").and_then(|r| r.as_bool()).unwrap_or(false),
+        }
+    }
+
+    fn alpha_for(&self, module: &str) -> Option<f32> {
+        self.alpha_pattern
+            .iter()
+            .find(|(k, _)| module.ends_with(k.as_str()))
+            .map(|(_, a)| *a)
+            .or(self.alpha)
+    }
+}
+
+const KOHYA_PARTS: &[(&str, Part)] = &[
+    ("lora_down.weight", Part::Down),
+    ("lora_up.weight", Part::Up),
+    ("lora_mid.weight", Part::Mid),
+    ("alpha", Part::Alpha),
+    ("hada_w1_a", Part::HadaW1A),
+    ("hada_w1_b", Part::HadaW1B),
+    ("hada_w2_a", Part::HadaW2A),
+    ("hada_w2_b", Part::HadaW2B),
+    ("hada_t1", Part::HadaT1),
+    ("hada_t2", Part::HadaT2),
+    ("lokr_w1", Part::LokrW1),
+    ("lokr_w1_a", Part::LokrW1A),
+    ("lokr_w1_b", Part::LokrW1B),
+    ("lokr_w2", Part::LokrW2),
+    ("lokr_w2_a", Part::LokrW2A),
+    ("lokr_w2_b", Part::LokrW2B),
+    ("lokr_t2", Part::LokrT2),
+    ("dora_scale", Part::DoraScale),
+];
+
+const TEXT_ENCODER_PREFIXES: &[&str] = &[
+    "lora_te_",
+    "lora_te1_",
+    "lora_te2_",
+    "text_encoder.",
+    "text_encoder_2.",
+    "te_",
+];
+
+fn parse_key(key: &str, lpb: usize) -> Option<KeyKind> {
+    if TEXT_ENCODER_PREFIXES.iter().any(|p| key.starts_with(p)) {
+        return Some(KeyKind::TextEncoder);
+    }
+    if let Some(rest) = key.strip_prefix("lora_unet_") {
+        let (name, suffix) = rest.split_once('.')?;
+        let part = KOHYA_PARTS.iter().find(|(s, _)| *s == suffix)?.1;
+        return Some(KeyKind::Unet {
+            name: format!("lora_unet_{name}"),
+            module: sgm_to_diffusers(name, lpb),
+            part,
+        });
+    }
+    // diffusers / PEFT: dotted module paths.
+    let path = key
+        .strip_prefix("unet.")
+        .or_else(|| key.strip_prefix("base_model.model."))
+        .unwrap_or(key);
+    let (module, part) = if let Some(m) = path.strip_suffix(".lora_A.weight") {
+        (m.to_string(), Part::Down)
+    } else if let Some(m) = path.strip_suffix(".lora_B.weight") {
+        (m.to_string(), Part::Up)
+    } else if let Some(m) = path.strip_suffix(".alpha") {
+        (m.to_string(), Part::Alpha)
+    } else if let Some((attn, tail)) = path.split_once(".processor.") {
+        let (proj, part) = tail.split_once("_lora.").map(|(p, t)| (p, t))?;
+        let part = match part {
+            "down.weight" => Part::Down,
+            "up.weight" => Part::Up,
+            _ => return None,
+        };
+        let proj = if proj == "to_out" { "to_out.0" } else { proj };
+        (format!("{attn}.{proj}"), part)
+    } else {
+        return None;
+    };
+    Some(KeyKind::Unet {
+        name: module.clone(),
+        module: module.replace('.', "_"),
+        part,
+    })
+}
+
+/// SGM/LDM block names (kohya's SDXL naming) to diffusers module paths, in underscore form;
+/// diffusers names pass through. `lpb` is the UNet's layers per block.
+pub fn sgm_to_diffusers(name: &str, lpb: usize) -> String {
+    let t: Vec<&str> = name.split('_').collect();
+    let num = |i: usize| t.get(i).and_then(|s| s.parse::<usize>().ok());
+    let join = |head: String, rest: &[&str]| {
+        if rest.is_empty() {
+            head
+        } else {
+            format!("{head}_{}", resnet_inner(&rest.join("_")))
+        }
+    };
+    let top = [
+        ("input_blocks_0_0", "conv_in"),
+        ("out_2", "conv_out"),
+        ("time_embed_0", "time_embedding_linear_1"),
+        ("time_embed_2", "time_embedding_linear_2"),
+        ("label_emb_0_0", "add_embedding_linear_1"),
+        ("label_emb_0_2", "add_embedding_linear_2"),
+    ];
+    if let Some((_, d)) = top.iter().find(|(s, _)| name == *s) {
+        return d.to_string();
+    }
+    match (t.first().copied(), t.get(1).copied()) {
+        (Some("input"), Some("blocks")) => {
+            let (Some(i), Some(j)) = (num(2), num(3)) else {
+                return name.to_string();
+            };
+            if i == 0 {
+                return name.to_string();
+            }
+            let (level, layer) = ((i - 1) / (lpb + 1), (i - 1) % (lpb + 1));
+            let rest = &t[4..];
+            if rest.first() == Some(&"op") {
+                return join(
+                    format!("down_blocks_{level}_downsamplers_0_conv"),
+                    &rest[1..],
+                );
+            }
+            let kind = if j == 0 { "resnets" } else { "attentions" };
+            join(format!("down_blocks_{level}_{kind}_{layer}"), rest)
+        }
+        (Some("middle"), Some("block")) => {
+            let Some(i) = num(2) else {
+                return name.to_string();
+            };
+            let head = match i {
+                0 => "mid_block_resnets_0",
+                1 => "mid_block_attentions_0",
+                _ => "mid_block_resnets_1",
+            };
+            join(head.to_string(), &t[3..])
+        }
+        (Some("output"), Some("blocks")) => {
+            let (Some(i), Some(j)) = (num(2), num(3)) else {
+                return name.to_string();
+            };
+            let (level, layer) = (i / (lpb + 1), i % (lpb + 1));
+            let rest = &t[4..];
+            // An upsampler follows the last resnet (index 1 without attention, 2 with).
+            if rest == ["conv"] && j >= 1 {
+                return format!("up_blocks_{level}_upsamplers_0_conv");
+            }
+            let kind = if j == 0 { "resnets" } else { "attentions" };
+            join(format!("up_blocks_{level}_{kind}_{layer}"), rest)
+        }
+        _ => name.to_string(),
+    }
+}
+
+/// LDM resnet layer names to diffusers'.
+fn resnet_inner(rest: &str) -> String {
+    match rest {
+        "in_layers_2" => "conv1".into(),
+        "out_layers_3" => "conv2".into(),
+        "emb_layers_1" => "time_emb_proj".into(),
+        "skip_connection" => "conv_shortcut".into(),
+        other => other.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sgm_names() {
+        assert_eq!(
+            sgm_to_diffusers("input_blocks_4_1_transformer_blocks_0_attn1_to_q", 2),
+            "down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+        );
+        assert_eq!(
+            sgm_to_diffusers("input_blocks_1_0_in_layers_2", 2),
+            "down_blocks_0_resnets_0_conv1"
+        );
+        assert_eq!(
+            sgm_to_diffusers("input_blocks_3_0_op", 2),
+            "down_blocks_0_downsamplers_0_conv"
+        );
+        assert_eq!(
+            sgm_to_diffusers("middle_block_1_proj_in", 2),
+            "mid_block_attentions_0_proj_in"
+        );
+        assert_eq!(
+            sgm_to_diffusers("middle_block_2_emb_layers_1", 2),
+            "mid_block_resnets_1_time_emb_proj"
+        );
+        assert_eq!(
+            sgm_to_diffusers("output_blocks_5_1_transformer_blocks_0_ff_net_2", 2),
+            "up_blocks_1_attentions_2_transformer_blocks_0_ff_net_2"
+        );
+        assert_eq!(
+            sgm_to_diffusers("output_blocks_2_1_conv", 2),
+            "up_blocks_0_upsamplers_0_conv"
+        );
+        assert_eq!(
+            sgm_to_diffusers("output_blocks_8_2_conv", 2),
+            "up_blocks_2_upsamplers_0_conv"
+        );
+        assert_eq!(
+            sgm_to_diffusers("output_blocks_3_0_skip_connection", 2),
+            "up_blocks_1_resnets_0_conv_shortcut"
+        );
+        assert_eq!(
+            sgm_to_diffusers("down_blocks_0_attentions_0_proj_in", 2),
+            "down_blocks_0_attentions_0_proj_in"
+        );
+        assert_eq!(sgm_to_diffusers("out_2", 2), "conv_out");
+    }
+
+    #[test]
+    fn key_styles() {
+        let unet = |k: &str| match parse_key(k, 1) {
+            Some(KeyKind::Unet { module, part, .. }) => (module, part),
+            _ => panic!("{k}"),
+        };
+        assert_eq!(
+            unet("lora_unet_mid_block_attentions_0_proj_in.lora_down.weight"),
+            ("mid_block_attentions_0_proj_in".into(), Part::Down)
+        );
+        assert_eq!(
+            unet("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight").1,
+            Part::Up
+        );
+        assert_eq!(
+            unet(
+                "unet.mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_out_lora.up.weight"
+            ),
+            (
+                "mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0".into(),
+                Part::Up
+            )
+        );
+        assert!(matches!(
+            parse_key("lora_te_text_model_encoder_layers_0_mlp_fc1.alpha", 1),
+            Some(KeyKind::TextEncoder)
+        ));
+        assert!(parse_key("something_else", 1).is_none());
+    }
+}

@@ -1,0 +1,332 @@
+//! LoRA fusion: one or several LoRA files (kohya, diffusers/PEFT, LyCORIS) baked into the
+//! graph's weights, in f32 whatever the stored dtype, rounded once. Layers are matched
+//! through module paths in underscore space; linear layers exported as `MatMul` store Wᵀ,
+//! `Gemm` may (transB), `Conv` stores [out, in, kh, kw]. Changed weights become new data;
+//! the others stay memory-mapped.
+pub mod adapter;
+pub mod file;
+pub mod math;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use attune_compiler::ir::{Model, NodeId, ValueId};
+use attune_compiler::onnx::{self, DataType};
+use attune_compiler::pass::{Pass, PassCx, PassReport, Skipped};
+use attune_compiler::{Error, Result};
+
+use file::{Layer, LoraFile};
+
+/// A LoRA file and its multiplier (`--lora FILE:0.8`).
+#[derive(Clone, Debug)]
+pub struct LoraSource {
+    pub path: PathBuf,
+    pub multiplier: f32,
+}
+
+impl LoraSource {
+    /// `FILE` or `FILE:MULTIPLIER`.
+    pub fn parse(text: &str) -> std::result::Result<LoraSource, String> {
+        match text.rsplit_once(':') {
+            Some((path, m)) if m.parse::<f32>().is_ok() => Ok(LoraSource {
+                path: path.into(),
+                multiplier: m.parse().unwrap(),
+            }),
+            _ => Ok(LoraSource {
+                path: text.into(),
+                multiplier: 1.0,
+            }),
+        }
+    }
+}
+
+pub struct LoraPass {
+    pub sources: Vec<LoraSource>,
+    /// Unmatched UNet layers are errors instead of report entries.
+    pub strict: bool,
+}
+
+/// How a graph stores a layer's weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// `MatMul(x, Wᵀ)`: stored [in, out].
+    MatMulT,
+    /// `Gemm(x, W, transB)`: stored [out, in] when transB.
+    Gemm { trans_b: bool },
+    /// `Conv(x, W)`: stored [out, in, kh, kw].
+    Conv,
+}
+
+/// A weight LoRA can adapt.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub node: NodeId,
+    pub weight: ValueId,
+    pub layout: Layout,
+    pub module: String,
+}
+
+impl Target {
+    /// The weight's shape in torch's layout ([out, in, k..]).
+    pub fn torch_shape(&self, stored: &[i64]) -> Vec<usize> {
+        let s: Vec<usize> = stored.iter().map(|d| *d as usize).collect();
+        match self.layout {
+            Layout::MatMulT | Layout::Gemm { trans_b: false } => vec![s[1], s[0]],
+            Layout::Gemm { trans_b: true } | Layout::Conv => s,
+        }
+    }
+}
+
+/// Adaptable weights by module path in underscore form; `Err` for modules with several.
+pub fn targets(model: &Model) -> BTreeMap<String, std::result::Result<Target, String>> {
+    let g = &model.graph;
+    let mut out: BTreeMap<String, std::result::Result<Target, String>> = BTreeMap::new();
+    for n in g.node_ids() {
+        let node = g.node(n);
+        let Some(Some(w)) = node.inputs.get(1).copied() else {
+            continue;
+        };
+        // Overridable initializers (graph inputs, e.g. LoRA branches) are not fixed weights.
+        let Some(t) = g
+            .initializer(w)
+            .filter(|_| !g.inputs.iter().any(|io| io.value == w))
+        else {
+            continue;
+        };
+        let layout = match (node.op(), t.dims().len()) {
+            ("MatMul", 2) if node.is("MatMul") => Layout::MatMulT,
+            ("Gemm", 2) if node.is("Gemm") => Layout::Gemm {
+                trans_b: node.attr("transB").is_some_and(|a| a.i == 1),
+            },
+            ("Conv", 3..) if node.is("Conv") => Layout::Conv,
+            _ => continue,
+        };
+        if !onnx::is_float(t.data_type()) || node.module.is_empty() {
+            continue;
+        }
+        let key = node.module.replace('.', "_");
+        let target = Target {
+            node: n,
+            weight: w,
+            layout,
+            module: node.module.clone(),
+        };
+        out.entry(key)
+            .and_modify(|e| {
+                *e = Err(format!(
+                    "module {} holds several weights ({} and more)",
+                    target.module,
+                    node.describe()
+                ))
+            })
+            .or_insert(Ok(target));
+    }
+    out
+}
+
+/// The UNet's layers per block (for SGM/LDM names): resnets of the first down block.
+pub(crate) fn layers_per_block(model: &Model) -> usize {
+    let g = &model.graph;
+    g.node_ids()
+        .filter_map(|n| {
+            g.node(n)
+                .module
+                .strip_prefix("down_blocks.0.resnets.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map(|m| m + 1)
+        .unwrap_or(2)
+}
+
+impl Pass for LoraPass {
+    fn name(&self) -> &'static str {
+        "lora"
+    }
+
+    fn run(&self, model: &mut Model, _cx: &mut PassCx) -> Result<PassReport> {
+        let lpb = layers_per_block(model);
+        let files: Vec<(LoraFile, f32)> = self
+            .sources
+            .iter()
+            .map(|s| Ok((file::read(&s.path, lpb)?, s.multiplier)))
+            .collect::<Result<_>>()?;
+        let targets = targets(model);
+        let mut report = PassReport::default();
+        // Which file layers adapt each weight; fused one weight at a time so only one ΔW is
+        // alive (memory stays near the size of the changed tensors).
+        let mut plan: BTreeMap<String, (Target, Vec<(usize, usize)>)> = BTreeMap::new();
+        let mut unmatched = Vec::new();
+        for (fi, (f, _)) in files.iter().enumerate() {
+            let fname = file_name(&f.path);
+            for (key, why) in &f.elsewhere {
+                report.skipped.push(Skipped {
+                    site: format!("{fname}:{key}"),
+                    reason: why.clone(),
+                });
+            }
+            for (li, layer) in f.layers.iter().enumerate() {
+                match targets.get(&layer.module) {
+                    Some(Ok(t)) => plan
+                        .entry(layer.module.clone())
+                        .or_insert_with(|| (t.clone(), Vec::new()))
+                        .1
+                        .push((fi, li)),
+                    Some(Err(why)) => report.skipped.push(Skipped {
+                        site: format!("{fname}:{}", layer.name),
+                        reason: why.clone(),
+                    }),
+                    None => {
+                        unmatched.push(format!("{fname}:{}", layer.name));
+                        report.skipped.push(Skipped {
+                            site: format!("{fname}:{}", layer.name),
+                            reason: format!("no layer '{}' in this graph", layer.module),
+                        });
+                    }
+                }
+            }
+        }
+        if self.strict && !unmatched.is_empty() {
+            return Err(Error::Graph(format!(
+                "--lora-strict: {} LoRA layers match no layer of this graph: {}",
+                unmatched.len(),
+                unmatched.join(", ")
+            )));
+        }
+        for (target, uses) in plan.into_values() {
+            let stored = model
+                .graph
+                .initializer(target.weight)
+                .expect("targets are initializers")
+                .dims()
+                .to_vec();
+            let shape = target.torch_shape(&stored);
+            let mut sum: Vec<f32> = Vec::new();
+            for (fi, li) in uses {
+                let (f, multiplier) = &files[fi];
+                let layer = &f.layers[li];
+                let d = math::delta(layer, &shape)
+                    .map_err(|why| layer_error(f, layer, &target, why))?;
+                report.rewritten.push(format!(
+                    "{} <- {}:{} ({}, rank {}, scale {:.4}, x{multiplier})",
+                    target.module,
+                    file_name(&f.path),
+                    layer.name,
+                    d.kind,
+                    d.rank,
+                    d.scale
+                ));
+                if sum.is_empty() {
+                    sum = vec![0f32; d.data.len()];
+                }
+                sum.iter_mut()
+                    .zip(&d.data)
+                    .for_each(|(acc, v)| *acc += multiplier * v);
+            }
+            fuse(model, &target, &shape, &sum)?;
+        }
+        Ok(report)
+    }
+}
+
+fn file_name(path: &std::path::Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn layer_error(f: &LoraFile, layer: &Layer, target: &Target, why: String) -> Error {
+    Error::Model {
+        path: f.path.clone(),
+        msg: format!(
+            "layer {} (graph layer {}): {why}",
+            layer.name, target.module
+        ),
+    }
+}
+
+/// W ← round(W_f32 + ΔW) in the weight's own dtype and layout.
+fn fuse(model: &mut Model, target: &Target, shape: &[usize], delta: &[f32]) -> Result<()> {
+    let g = &mut model.graph;
+    let t = g
+        .initializer(target.weight)
+        .expect("targets are initializers");
+    let dtype = DataType::try_from(t.data_type())
+        .map_err(|_| Error::tensor(t.name(), "unknown data type"))?;
+    let mut w = decode(&t.bytes()?, dtype).ok_or_else(|| {
+        Error::tensor(
+            t.name(),
+            format!(
+                "cannot fuse into {} weights",
+                onnx::type_name(t.data_type())
+            ),
+        )
+    })?;
+    t.release();
+    let (out, rest) = (shape[0], shape[1..].iter().product::<usize>());
+    let transposed = matches!(
+        target.layout,
+        Layout::MatMulT | Layout::Gemm { trans_b: false }
+    );
+    for o in 0..out {
+        for i in 0..rest {
+            let at = if transposed {
+                i * out + o
+            } else {
+                o * rest + i
+            };
+            w[at] += delta[o * rest + i];
+        }
+    }
+    let max = match dtype {
+        DataType::Float16 => 65504.0,
+        DataType::Bfloat16 => 3.389_531_4e38,
+        _ => f32::MAX,
+    };
+    if let Some(bad) = w.iter().find(|v| !v.is_finite() || v.abs() > max) {
+        return Err(Error::Graph(format!(
+            "fusing LoRA into layer {} ({}) gives {bad}, which is not finite in {}",
+            target.module,
+            t.name(),
+            onnx::type_name(t.data_type())
+        )));
+    }
+    let fused = t.with_data(encode(&w, dtype).into());
+    g.set_initializer(fused);
+    Ok(())
+}
+
+fn decode(bytes: &[u8], dtype: DataType) -> Option<Vec<f32>> {
+    Some(match dtype {
+        DataType::Float => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        DataType::Float16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes(c.try_into().unwrap()).to_f32())
+            .collect(),
+        DataType::Bfloat16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()).to_f32())
+            .collect(),
+        _ => return None,
+    })
+}
+
+fn encode(w: &[f32], dtype: DataType) -> Vec<u8> {
+    match dtype {
+        DataType::Float16 => w
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        DataType::Bfloat16 => w
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        _ => w.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}

@@ -1,0 +1,483 @@
+//! LoRA fusion and adapters against the reference implementations' outputs
+//! (models/export/loras.py: kohya's definition, diffusers + peft, LyCORIS).
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use attune_compiler::export::{self, ExportOptions};
+use attune_compiler::onnx::DataType;
+use attune_compiler::pass::{PassCx, PassManager, PassReport};
+use attune_compiler::{Model, import};
+use attune_passes::lora::{LoraPass, LoraSource};
+use attune_runtime::compare::compare;
+use attune_runtime::{HostTensor, npy};
+use common::*;
+
+fn lora(name: &str) -> PathBuf {
+    root()
+        .join("models/loras")
+        .join(format!("{name}.safetensors"))
+}
+
+fn lora_ref(name: &str) -> HostTensor {
+    npy::read(&root().join("models/loras/ref").join(format!("{name}.npy"))).unwrap()
+}
+
+fn fuse(model: &str, loras: &[(&str, f32)]) -> (Model, PassReport) {
+    let mut m = import::read(&fixture(model)).unwrap();
+    let sources = loras
+        .iter()
+        .map(|(n, mult)| LoraSource {
+            path: lora(n),
+            multiplier: *mult,
+        })
+        .collect();
+    let mut pm = PassManager::new();
+    pm.add(LoraPass {
+        sources,
+        strict: false,
+    });
+    let report = pm
+        .run(&mut m, &mut PassCx { verify: true })
+        .unwrap()
+        .remove(0);
+    (m, report)
+}
+
+/// Runs a model on ORT CPU with sd15_legacy's committed inputs (and extra inputs).
+fn run_cli(model: &Path, extra: &[&str]) -> HostTensor {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let inputs = root().join("models/sd15_legacy/inputs");
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        model.display().to_string(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    for n in ["sample", "timestep", "encoder_hidden_states"] {
+        args.push(format!(
+            "--input={n}={}",
+            inputs.join(format!("{n}.npy")).display()
+        ));
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let o = attune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+    npy::read(&out.join("out_sample.npy")).unwrap()
+}
+
+fn run_model(m: &Model) -> HostTensor {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.onnx");
+    export::write(m, &path, &ExportOptions::default()).unwrap();
+    run_cli(&path, &[])
+}
+
+fn assert_close(got: &HostTensor, want: &HostTensor, tol: f64, what: &str) {
+    let c = compare("out_sample", want, got).unwrap();
+    assert!(c.rel_l2 <= tol, "{what}: {c:?}");
+}
+
+#[test]
+fn every_format_fuses_like_its_reference() {
+    let formats = [
+        ("kohya", 106),
+        ("kohya_sgm", 106),
+        ("peft", 106),
+        ("peft_rslora", 106),
+        ("diffusers_legacy", 56),
+        ("locon_tucker", 124),
+        ("loha", 124),
+        ("lokr", 124),
+    ];
+    for (name, layers) in formats {
+        let (m, report) = fuse("sd15_legacy", &[(name, 1.0)]);
+        assert_eq!(
+            report.rewritten.len(),
+            layers,
+            "{name}: {:?}",
+            report.skipped
+        );
+        assert_close(&run_model(&m), &lora_ref(name), 1e-4, name);
+    }
+}
+
+#[test]
+fn text_encoder_keys_are_reported_not_fused() {
+    let (_, report) = fuse("sd15_legacy", &[("kohya", 1.0)]);
+    assert_eq!(report.skipped.len(), 1);
+    assert_eq!(
+        report.skipped[0].site,
+        "kohya.safetensors:lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    );
+    assert_eq!(report.skipped[0].reason, "text encoder: not in this graph");
+}
+
+#[test]
+fn several_files_with_multipliers_add_up() {
+    let (m, report) = fuse("sd15_legacy", &[("kohya", 0.8), ("loha", 0.5)]);
+    assert_eq!(report.rewritten.len(), 106 + 124);
+    assert_close(
+        &run_model(&m),
+        &lora_ref("kohya+loha"),
+        1e-4,
+        "kohya:0.8 + loha:0.5",
+    );
+}
+
+#[test]
+fn dynamo_export_fuses_the_same() {
+    // sd15_dynamo holds the same weights as sd15_legacy, so the same reference applies.
+    for name in ["kohya", "lokr"] {
+        let (m, report) = fuse("sd15_dynamo", &[(name, 1.0)]);
+        assert!(
+            report.rewritten.len() >= 106,
+            "{name}: {:?}",
+            report.skipped
+        );
+        assert_close(&run_model(&m), &lora_ref(name), 1e-4, name);
+    }
+}
+
+#[test]
+fn cli_fuses_with_linked_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("fused.onnx");
+    let spec = format!("{}:0.8", lora("kohya").display());
+    let spec2 = format!("{}:0.5", lora("loha").display());
+    let o = attune(&[
+        "compile",
+        fixture("sd15_legacy").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--lora",
+        &spec,
+        "--lora",
+        &spec2,
+        "--weights",
+        "link",
+    ]);
+    let text = stdout(&o);
+    assert!(o.status.success(), "{text}{}", stderr(&o));
+    assert!(text.contains("lora: 230 rewritten, 1 skipped"), "{text}");
+    // Changed tensors went to the second data file; the original data is hard-linked.
+    assert!(
+        dir.path().join("unet.onnx.data").exists() && dir.path().join("fused.onnx.data").exists()
+    );
+    assert_close(&run_cli(&out, &[]), &lora_ref("kohya+loha"), 1e-4, "cli");
+}
+
+#[test]
+fn adapters_switch_at_run_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("adapted.onnx");
+    let (a, b) = (
+        format!("{}:0.8", lora("kohya").display()),
+        format!("{}:0.5", lora("locon_tucker").display()),
+    );
+    let o = attune(&[
+        "compile",
+        fixture("sd15_legacy").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--lora-mode",
+        "adapter",
+        "--lora",
+        &a,
+        "--lora",
+        &b,
+    ]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let adapter = dir.path().join("adapted.adapter.safetensors");
+    // Without an adapter: the base model, exactly.
+    assert_eq!(run_cli(&out, &[]), reference("sd15_legacy"));
+    // With it: what fusing the same two files gives.
+    let (fused, _) = fuse("sd15_legacy", &[("kohya", 0.8), ("locon_tucker", 0.5)]);
+    assert_close(
+        &run_cli(&out, &["--adapter", adapter.to_str().unwrap()]),
+        &run_model(&fused),
+        1e-5,
+        "adapter vs fused",
+    );
+    // Another LoRA for the same compiled graph (any rank per layer).
+    let peft = dir.path().join("peft.adapter.safetensors");
+    let o = attune(&[
+        "lora-adapter",
+        out.to_str().unwrap(),
+        lora("peft").to_str().unwrap(),
+        "-o",
+        peft.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_close(
+        &run_cli(&out, &["--adapter", peft.to_str().unwrap()]),
+        &lora_ref("peft"),
+        1e-4,
+        "peft adapter",
+    );
+    // LoHa has no low-rank branch form: a clear error.
+    let o = attune(&[
+        "lora-adapter",
+        out.to_str().unwrap(),
+        lora("loha").to_str().unwrap(),
+        "-o",
+        dir.path().join("x.safetensors").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("LoHa and LoKr layers can only be fused"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+fn reference(name: &str) -> HostTensor {
+    npy::read(&root().join("models").join(name).join("ref/out_sample.npy")).unwrap()
+}
+
+#[test]
+fn fp16_weights_are_fused_in_f32_and_rounded_once() {
+    // sd15_legacy with its linear/conv weights stored as f16.
+    let mut m = import::read(&fixture("sd15_legacy")).unwrap();
+    let targets: Vec<_> = attune_passes::lora::targets(&m)
+        .into_values()
+        .flatten()
+        .collect();
+    for t in &targets {
+        let w = m.graph.initializer(t.weight).unwrap();
+        let halves: Vec<u8> = w
+            .bytes()
+            .unwrap()
+            .chunks(4)
+            .flat_map(|c| {
+                half::f16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes()
+            })
+            .collect();
+        let mut h = w.with_data(halves.into());
+        h.proto.data_type = DataType::Float16 as i32;
+        m.graph.set_initializer(h);
+    }
+    let base = m
+        .graph
+        .initializers()
+        .map(|(_, t)| (t.name().to_string(), t.clone()))
+        .collect::<std::collections::BTreeMap<_, _>>();
+    let mut pm = PassManager::new();
+    pm.add(LoraPass {
+        sources: vec![LoraSource {
+            path: lora("kohya"),
+            multiplier: 1.0,
+        }],
+        strict: false,
+    });
+    pm.run(&mut m, &mut PassCx::default()).unwrap();
+    // The same fusion in f32 on the upcast weights, rounded to f16 once at the end.
+    let (f32_fused, _) = fuse("sd15_legacy", &[("kohya", 1.0)]);
+    let mut checked = 0;
+    for t in &targets {
+        let name = m.graph.value(t.weight).name.clone();
+        let fused16 = m.graph.initializer(t.weight).unwrap();
+        assert_eq!(fused16.data_type(), DataType::Float16 as i32);
+        let orig32 = import::read(&fixture("sd15_legacy")).unwrap();
+        let o = orig32
+            .graph
+            .initializer(orig32.graph.value_id(&name).unwrap())
+            .unwrap()
+            .bytes()
+            .unwrap()
+            .into_owned();
+        let f = f32_fused
+            .graph
+            .initializer(f32_fused.graph.value_id(&name).unwrap())
+            .unwrap()
+            .bytes()
+            .unwrap()
+            .into_owned();
+        let b16 = base[&name].bytes().unwrap().into_owned();
+        let got = fused16.bytes().unwrap();
+        for i in 0..o.len() / 4 {
+            let at =
+                |v: &[u8], k: usize| f32::from_le_bytes(v[k * 4..k * 4 + 4].try_into().unwrap());
+            let delta = at(&f, i) - at(&o, i);
+            let upcast =
+                half::f16::from_le_bytes(b16[i * 2..i * 2 + 2].try_into().unwrap()).to_f32();
+            let want = half::f16::from_f32(upcast + delta);
+            let have = half::f16::from_le_bytes(got[i * 2..i * 2 + 2].try_into().unwrap());
+            // One rounding: bit-equal, except where the sum sits on a rounding tie (the delta
+            // here is recovered from the f32 fusion, so it carries f32 noise).
+            let sum = upcast + delta;
+            let tie = (have.to_f32() + want.to_f32()) / 2.0;
+            let on_tie = (sum - tie).abs() <= 1e-6 * sum.abs()
+                && (have.to_bits() as i32 - want.to_bits() as i32).abs() == 1;
+            assert!(
+                have == want || on_tie,
+                "{name}[{i}]: {have} vs {want} (upcast {upcast}, delta {delta}, sum {sum})"
+            );
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, targets.len());
+}
+
+#[test]
+fn unmatched_layers_are_reported_or_refused_when_strict() {
+    // The no-attention UNet has none of the attention layers this LoRA adapts.
+    let mut m = import::read(&fixture("noattn_legacy")).unwrap();
+    let mut pm = PassManager::new();
+    pm.add(LoraPass {
+        sources: vec![LoraSource {
+            path: lora("diffusers_legacy"),
+            multiplier: 1.0,
+        }],
+        strict: false,
+    });
+    let report = pm.run(&mut m, &mut PassCx::default()).unwrap().remove(0);
+    assert!(report.rewritten.is_empty());
+    assert_eq!(report.skipped.len(), 56);
+    assert!(
+        report.skipped[0].reason.starts_with(
+            "no layer 'down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k' in this graph"
+        ),
+        "{:?}",
+        report.skipped[0]
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.onnx");
+    let o = attune(&[
+        "compile",
+        fixture("noattn_legacy").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--lora",
+        lora("diffusers_legacy").to_str().unwrap(),
+        "--lora-strict",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("--lora-strict: 56 LoRA layers match no layer of this graph"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
+}
+
+/// Writes a copy of the kohya file with an edit applied to its tensors.
+fn edited_kohya(
+    dir: &Path,
+    name: &str,
+    edit: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<f32>)>),
+) -> PathBuf {
+    let bytes = fs::read(lora("kohya")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            (
+                n,
+                v.shape().to_vec(),
+                v.data()
+                    .chunks(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            )
+        })
+        .collect();
+    edit(&mut tensors);
+    let data: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .into_iter()
+        .map(|(n, s, d)| (n, d.iter().flat_map(|v| v.to_le_bytes()).collect(), s))
+        .collect();
+    let views: Vec<_> = data
+        .iter()
+        .map(|(n, b, s)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let path = dir.join(format!("{name}.safetensors"));
+    fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn bad_lora_files_are_clear_errors_and_write_nothing() {
+    const LAYER: &str = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    let dir = tempfile::tempdir().unwrap();
+    let truncated = dir.path().join("truncated.safetensors");
+    fs::write(&truncated, &fs::read(lora("kohya")).unwrap()[..1000]).unwrap();
+    let cases: Vec<(PathBuf, String)> = vec![
+        (truncated, "not a valid .safetensors file".into()),
+        (
+            edited_kohya(dir.path(), "nan", |t| {
+                t.iter_mut()
+                    .find(|(n, ..)| n == &format!("{LAYER}.lora_up.weight"))
+                    .unwrap()
+                    .2[3] = f32::NAN
+            }),
+            format!(
+                "key '{LAYER}.lora_up.weight' (layer down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q) holds a non-finite value"
+            ),
+        ),
+        (
+            edited_kohya(dir.path(), "shape", |t| {
+                let up = t
+                    .iter_mut()
+                    .find(|(n, ..)| n == &format!("{LAYER}.lora_up.weight"))
+                    .unwrap();
+                up.1 = vec![16, 8];
+            }),
+            format!(
+                "layer {LAYER} (graph layer down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q)"
+            ),
+        ),
+        (
+            edited_kohya(dir.path(), "duplicate", |t| {
+                // The same layer once more under its PEFT name.
+                let down = t
+                    .iter()
+                    .find(|(n, ..)| n == &format!("{LAYER}.lora_down.weight"))
+                    .unwrap()
+                    .clone();
+                t.push((
+                    "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"
+                        .into(),
+                    down.1,
+                    down.2,
+                ));
+            }),
+            "both adapt layer down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q".into(),
+        ),
+    ];
+    for (file, expected) in cases {
+        let out_dir = tempfile::tempdir().unwrap();
+        let model_dir = tempfile::tempdir().unwrap();
+        let model = copy_fixture("sd15_legacy", model_dir.path());
+        let before = snapshot(model_dir.path());
+        let o = attune(&[
+            "compile",
+            model.to_str().unwrap(),
+            "-o",
+            out_dir.path().join("o.onnx").to_str().unwrap(),
+            "--lora",
+            file.to_str().unwrap(),
+        ]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(&expected) && !err.contains("panicked"),
+            "expected '{expected}' in: {err}"
+        );
+        assert!(
+            err.contains(file.file_name().unwrap().to_str().unwrap()),
+            "error must name the file: {err}"
+        );
+        assert_eq!(fs::read_dir(out_dir.path()).unwrap().count(), 0);
+        assert_eq!(before, snapshot(model_dir.path()));
+    }
+}
