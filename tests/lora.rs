@@ -237,6 +237,29 @@ fn reference(name: &str) -> HostTensor {
     npy::read(&root().join("models").join(name).join("ref/out_sample.npy")).unwrap()
 }
 
+/// Stores every adaptable weight as f16 (the fusion tests only; the graph is not run).
+fn to_f16(m: &mut Model) -> Vec<attune_passes::lora::Target> {
+    let targets: Vec<_> = attune_passes::lora::targets(m)
+        .into_values()
+        .flatten()
+        .collect();
+    for t in &targets {
+        let w = m.graph.initializer(t.weight).unwrap();
+        let halves: Vec<u8> = w
+            .bytes()
+            .unwrap()
+            .chunks(4)
+            .flat_map(|c| {
+                half::f16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes()
+            })
+            .collect();
+        let mut h = w.with_data(halves.into());
+        h.proto.data_type = DataType::Float16 as i32;
+        m.graph.set_initializer(h);
+    }
+    targets
+}
+
 #[test]
 fn fp16_weights_are_fused_in_f32_and_rounded_once() {
     // sd15_legacy with its linear/conv weights stored as f16.
@@ -480,4 +503,41 @@ fn bad_lora_files_are_clear_errors_and_write_nothing() {
         assert_eq!(fs::read_dir(out_dir.path()).unwrap().count(), 0);
         assert_eq!(before, snapshot(model_dir.path()));
     }
+}
+
+#[test]
+fn a_fused_weight_that_overflows_its_dtype_is_an_error_naming_the_layer() {
+    let mut m = import::read(&fixture("sd15_legacy")).unwrap();
+    to_f16(&mut m);
+    let mut pm = PassManager::new();
+    pm.add(LoraPass {
+        sources: vec![LoraSource {
+            path: lora("kohya"),
+            multiplier: 1e7,
+        }],
+        strict: false,
+    });
+    let err = pm
+        .run(&mut m, &mut PassCx::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("fusing LoRA into layer down_blocks.0")
+            && err.contains("which is not finite in f16"),
+        "{err}"
+    );
+    // Multipliers themselves must be numbers.
+    let o = attune(&[
+        "compile",
+        fixture("sd15_legacy").to_str().unwrap(),
+        "-o",
+        "/nonexistent/o.onnx",
+        "--lora",
+        &format!("{}:inf", lora("kohya").display()),
+    ]);
+    assert!(
+        stderr(&o).contains("multiplier 'inf' is not a finite number"),
+        "{}",
+        stderr(&o)
+    );
 }

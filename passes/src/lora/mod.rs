@@ -27,15 +27,32 @@ pub struct LoraSource {
 impl LoraSource {
     /// `FILE` or `FILE:MULTIPLIER`.
     pub fn parse(text: &str) -> std::result::Result<LoraSource, String> {
-        match text.rsplit_once(':') {
-            Some((path, m)) if m.parse::<f32>().is_ok() => Ok(LoraSource {
-                path: path.into(),
-                multiplier: m.parse().unwrap(),
-            }),
-            _ => Ok(LoraSource {
+        let Some((path, m)) = text.rsplit_once(':') else {
+            return Ok(LoraSource {
                 path: text.into(),
                 multiplier: 1.0,
+            });
+        };
+        // A colon followed by no number belongs to the path.
+        let looks_numeric = m
+            .trim_start_matches(['-', '+'])
+            .starts_with(|c: char| c.is_ascii_digit() || c == '.')
+            || m.contains("inf")
+            || m.contains("nan");
+        if !looks_numeric {
+            return Ok(LoraSource {
+                path: text.into(),
+                multiplier: 1.0,
+            });
+        }
+        match m.parse::<f32>() {
+            Ok(v) if v.is_finite() => Ok(LoraSource {
+                path: path.into(),
+                multiplier: v,
             }),
+            _ => Err(format!(
+                "--lora {text}: multiplier '{m}' is not a finite number"
+            )),
         }
     }
 }
