@@ -264,24 +264,7 @@ fn to_f16(m: &mut Model) -> Vec<attune_passes::lora::Target> {
 fn fp16_weights_are_fused_in_f32_and_rounded_once() {
     // sd15_legacy with its linear/conv weights stored as f16.
     let mut m = import::read(&fixture("sd15_legacy")).unwrap();
-    let targets: Vec<_> = attune_passes::lora::targets(&m)
-        .into_values()
-        .flatten()
-        .collect();
-    for t in &targets {
-        let w = m.graph.initializer(t.weight).unwrap();
-        let halves: Vec<u8> = w
-            .bytes()
-            .unwrap()
-            .chunks(4)
-            .flat_map(|c| {
-                half::f16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes()
-            })
-            .collect();
-        let mut h = w.with_data(halves.into());
-        h.proto.data_type = DataType::Float16 as i32;
-        m.graph.set_initializer(h);
-    }
+    let targets = to_f16(&mut m);
     let base = m
         .graph
         .initializers()

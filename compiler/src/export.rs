@@ -93,7 +93,7 @@ pub fn write(model: &Model, out: &Path, opts: &ExportOptions) -> Result<ExportRe
         let stays_inline = opts.inline
             || (matches!(tensor.data, TensorData::Owned(_)) && bytes.len() < INLINE_BELOW);
         if stays_inline {
-            clear_typed_fields(&mut proto);
+            weights::clear_data_fields(&mut proto);
             proto.raw_data = bytes.into_owned().into();
         } else {
             let (offset, len) = data.append(tensor)?;
@@ -177,16 +177,6 @@ fn graph_to_proto(
     proto.sparse_initializer = g.sparse_initializers().cloned().collect();
     proto.value_info = g.value_infos().cloned().collect();
     Ok(proto)
-}
-
-fn clear_typed_fields(p: &mut TensorProto) {
-    p.float_data.clear();
-    p.int32_data.clear();
-    p.int64_data.clear();
-    p.double_data.clear();
-    p.uint64_data.clear();
-    p.external_data.clear();
-    p.data_location = DataLocation::Default as i32;
 }
 
 /// `<model file>.data`, unless link mode keeps an original data file of that name.

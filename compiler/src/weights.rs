@@ -106,14 +106,7 @@ impl Tensor {
     /// The same tensor (name, dims, type, doc, metadata) holding new data.
     pub fn with_data(&self, data: Bytes) -> Tensor {
         let mut proto = self.proto.clone();
-        proto.raw_data = Bytes::new();
-        proto.float_data.clear();
-        proto.int32_data.clear();
-        proto.int64_data.clear();
-        proto.double_data.clear();
-        proto.uint64_data.clear();
-        proto.external_data.clear();
-        proto.data_location = DataLocation::Default as i32;
+        clear_data_fields(&mut proto);
         Tensor {
             proto,
             data: TensorData::Owned(data),
@@ -198,6 +191,18 @@ impl Tensor {
         }
         Ok(())
     }
+}
+
+/// Empties every field of a proto that holds or locates data.
+pub fn clear_data_fields(p: &mut TensorProto) {
+    p.raw_data = Bytes::new();
+    p.float_data.clear();
+    p.int32_data.clear();
+    p.int64_data.clear();
+    p.double_data.clear();
+    p.uint64_data.clear();
+    p.external_data.clear();
+    p.data_location = DataLocation::Default as i32;
 }
 
 /// Converts the typed repeated fields (`float_data`, `int32_data`, ...) to raw little-endian bytes.

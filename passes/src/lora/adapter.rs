@@ -446,26 +446,12 @@ pub fn write(path: &Path, tensors: &[AdapterTensor]) -> Result<()> {
     let bytes: Vec<(String, Vec<u8>, safetensors::Dtype, Vec<usize>)> = tensors
         .iter()
         .map(|t| {
-            let (dt, data) = match t.dtype {
-                DataType::Float16 => (
-                    safetensors::Dtype::F16,
-                    t.data
-                        .iter()
-                        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-                        .collect(),
-                ),
-                DataType::Bfloat16 => (
-                    safetensors::Dtype::BF16,
-                    t.data
-                        .iter()
-                        .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-                        .collect(),
-                ),
-                _ => (
-                    safetensors::Dtype::F32,
-                    t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                ),
+            let dt = match t.dtype {
+                DataType::Float16 => safetensors::Dtype::F16,
+                DataType::Bfloat16 => safetensors::Dtype::BF16,
+                _ => safetensors::Dtype::F32,
             };
+            let data = super::encode(&t.data, t.dtype);
             (t.name.clone(), data, dt, t.dims.clone())
         })
         .collect();

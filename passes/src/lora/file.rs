@@ -178,25 +178,15 @@ pub fn read(path: &Path, layers_per_block: usize) -> Result<LoraFile> {
 }
 
 fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    Some(match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes(c.try_into().unwrap()).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()).to_f32())
-            .collect(),
-        Dtype::F64 => bytes
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
-            .collect(),
+    use attune_compiler::onnx::DataType;
+    let dt = match dtype {
+        Dtype::F32 => DataType::Float,
+        Dtype::F16 => DataType::Float16,
+        Dtype::BF16 => DataType::Bfloat16,
+        Dtype::F64 => DataType::Double,
         _ => return None,
-    })
+    };
+    super::decode(bytes, dt)
 }
 
 /// diffusers' `lora_adapter_metadata` (PEFT config of the saved adapter).

@@ -316,25 +316,28 @@ fn fuse(model: &mut Model, target: &Target, shape: &[usize], delta: &[f32]) -> R
     Ok(())
 }
 
-fn decode(bytes: &[u8], dtype: DataType) -> Option<Vec<f32>> {
+/// Floats of a weight's dtype, widened to f32.
+pub(crate) fn decode(bytes: &[u8], dtype: DataType) -> Option<Vec<f32>> {
+    let chunks = |n: usize| bytes.chunks_exact(n);
     Some(match dtype {
-        DataType::Float => bytes
-            .chunks_exact(4)
+        DataType::Float => chunks(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
             .collect(),
-        DataType::Float16 => bytes
-            .chunks_exact(2)
+        DataType::Double => chunks(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+            .collect(),
+        DataType::Float16 => chunks(2)
             .map(|c| half::f16::from_le_bytes(c.try_into().unwrap()).to_f32())
             .collect(),
-        DataType::Bfloat16 => bytes
-            .chunks_exact(2)
+        DataType::Bfloat16 => chunks(2)
             .map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()).to_f32())
             .collect(),
         _ => return None,
     })
 }
 
-fn encode(w: &[f32], dtype: DataType) -> Vec<u8> {
+/// f32 values rounded once to `dtype` (f32, f16 or bf16).
+pub(crate) fn encode(w: &[f32], dtype: DataType) -> Vec<u8> {
     match dtype {
         DataType::Float16 => w
             .iter()
