@@ -53,6 +53,7 @@ pub struct Patch<'g> {
     replace: Vec<(ValueId, In)>,
     drop: Vec<NodeId>,
     inputs: Vec<ValueInfoProto>,
+    rewires: Vec<(NodeId, usize, String)>,
 }
 
 impl<'g> Patch<'g> {
@@ -71,6 +72,7 @@ impl<'g> Patch<'g> {
             replace: Vec::new(),
             drop: Vec::new(),
             inputs: Vec::new(),
+            rewires: Vec::new(),
         }
     }
 
@@ -201,6 +203,12 @@ impl<'g> Patch<'g> {
         name
     }
 
+    /// Points these inputs (node, slot) of existing nodes at the new value `name`.
+    pub fn rewire_inputs(&mut self, at: Vec<(NodeId, usize)>, name: String) {
+        self.rewires
+            .extend(at.into_iter().map(|(n, slot)| (n, slot, name.clone())));
+    }
+
     pub fn drop_node(&mut self, n: NodeId) {
         self.drop.push(n);
     }
@@ -220,6 +228,7 @@ impl<'g> Patch<'g> {
             replace: self.replace,
             drop: self.drop,
             inputs: self.inputs,
+            rewires: self.rewires,
         }
     }
 }
@@ -232,6 +241,7 @@ pub struct AppliedPatch {
     replace: Vec<(ValueId, In)>,
     drop: Vec<NodeId>,
     inputs: Vec<ValueInfoProto>,
+    rewires: Vec<(NodeId, usize, String)>,
 }
 
 impl AppliedPatch {
@@ -260,6 +270,10 @@ impl AppliedPatch {
             if let Some(with) = resolve(g, &with) {
                 g.replace_uses_except(old, with, &new);
             }
+        }
+        for (n, slot, name) in self.rewires {
+            let v = g.value_named(&name);
+            g.set_input(n, slot, Some(v));
         }
         for n in self.drop {
             if g.contains_node(n) {

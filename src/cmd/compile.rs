@@ -9,6 +9,7 @@ use attune_passes::attention::{AttentionPass, FeatureMap, Mode, Target};
 use attune_passes::glob::Globs;
 use attune_passes::lora::adapter::{self, AdapterPass};
 use attune_passes::lora::{LoraPass, LoraSource};
+use attune_passes::tome::{Mode as TomeMode, Pool, TomeOptions, TomePass};
 
 use super::exec::{EpArg, ExecArgs, InputArgs, OptArg};
 
@@ -63,6 +64,104 @@ pub struct CompileOptions {
     /// In adapter mode, also give branches to every layer whose module path matches
     #[arg(long, value_name = "GLOB")]
     pub lora_layers: Option<String>,
+    #[command(flatten)]
+    pub tome: TomeArgs,
+}
+
+/// Token merging (ToMe) and key/value downsampling (ToDo).
+#[derive(clap::Args, Clone, Default)]
+pub struct TomeArgs {
+    /// Merge this fraction of the tokens (tomesd's ratio, in [0, 1)) in high-resolution blocks
+    #[arg(long, value_name = "RATIO")]
+    pub tome: Option<f32>,
+    /// merge: ToMe; todo: downsample self-attention keys/values instead (ToDo)
+    #[arg(long, value_enum, default_value_t = TomeModeArg::Merge)]
+    pub tome_mode: TomeModeArg,
+    /// Blocks at most this many times downsampled from the latent take part (1: the highest resolution)
+    #[arg(long, default_value_t = 1)]
+    pub tome_max_downsample: i64,
+    /// Window width for choosing dst tokens
+    #[arg(long, default_value_t = 2)]
+    pub tome_sx: i64,
+    /// Window height for choosing dst tokens
+    #[arg(long, default_value_t = 2)]
+    pub tome_sy: i64,
+    /// Merge around self-attention
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub tome_attn: bool,
+    /// Merge around cross-attention too
+    #[arg(long)]
+    pub tome_crossattn: bool,
+    /// Merge around the feed-forward too
+    #[arg(long)]
+    pub tome_mlp: bool,
+    /// Random dst slots, fed at run time as int64 input `tome_slots_ds<level>` [windows down,
+    /// windows across] (values < sx·sy); left out, it is the top-left slot
+    #[arg(long)]
+    pub tome_rand: bool,
+    /// Specialise to one latent size, HxW (e.g. 64x64 for 512 px)
+    #[arg(long, value_name = "HxW")]
+    pub tome_static: Option<String>,
+    /// ToDo: pooling factor of the keys/values
+    #[arg(long, default_value_t = 2)]
+    pub todo_factor: i64,
+    /// ToDo: average or nearest (top-left) pooling
+    #[arg(long, value_enum, default_value_t = PoolArg::Avg)]
+    pub todo_pool: PoolArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq, Default)]
+pub enum TomeModeArg {
+    #[default]
+    Merge,
+    Todo,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq, Default)]
+pub enum PoolArg {
+    #[default]
+    Avg,
+    Nearest,
+}
+
+impl TomeArgs {
+    /// The token-merging pass these flags ask for, if any.
+    pub fn pass(&self) -> anyhow::Result<Option<TomePass>> {
+        let mode = match (self.tome_mode, self.tome) {
+            (TomeModeArg::Merge, None) => return Ok(None),
+            (TomeModeArg::Merge, Some(ratio)) => TomeMode::Merge { ratio },
+            (TomeModeArg::Todo, _) => TomeMode::Downsample {
+                factor: self.todo_factor,
+                pool: match self.todo_pool {
+                    PoolArg::Avg => Pool::Average,
+                    PoolArg::Nearest => Pool::Nearest,
+                },
+            },
+        };
+        let static_hw = self
+            .tome_static
+            .as_deref()
+            .map(|t| {
+                let (h, w) = t
+                    .split_once(['x', 'X'])
+                    .ok_or_else(|| anyhow::anyhow!("--tome-static {t}: expected HxW"))?;
+                Ok::<_, anyhow::Error>((h.trim().parse()?, w.trim().parse()?))
+            })
+            .transpose()?;
+        let options = TomeOptions {
+            mode,
+            max_downsample: self.tome_max_downsample,
+            sx: self.tome_sx,
+            sy: self.tome_sy,
+            merge_attn: self.tome_attn,
+            merge_crossattn: self.tome_crossattn,
+            merge_mlp: self.tome_mlp,
+            static_hw,
+            random: self.tome_rand,
+        };
+        options.check().map_err(anyhow::Error::msg)?;
+        Ok(Some(TomePass { options }))
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
@@ -136,6 +235,9 @@ impl CompileOptions {
                 target,
                 layers: self.attention_layers.as_deref().map(Globs::parse),
             });
+        }
+        if let Some(tome) = self.tome.pass()? {
+            pm.add(tome);
         }
         Ok(pm)
     }

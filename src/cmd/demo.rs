@@ -51,6 +51,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         lora_strict: false,
         lora_mode: super::compile::LoraModeArg::Fuse,
         lora_layers: None,
+        tome: Default::default(),
     };
     let reports = options
         .pipeline()?

@@ -355,10 +355,16 @@ fn site(
             return Err(format!("value heads {vh} differ from query heads {heads}"));
         }
     }
+    // The projection's output width: from its shape, else from its weight (x @ Wᵀ: last dim).
+    let weight_width = || {
+        let w = g.node(q.matmul).inputs.get(1).copied().flatten()?;
+        g.initializer(w).and_then(|t| t.dims().last().copied())
+    };
     let hidden = shapes
         .shape(value("q_proj"))
         .and_then(|s| s.last())
-        .and_then(Dim::known);
+        .and_then(Dim::known)
+        .or_else(weight_width);
     if hidden != Some(heads * head_dim) {
         return Err(format!(
             "{heads} heads × {head_dim} do not make the hidden size {hidden:?}"
@@ -432,28 +438,49 @@ fn site(
 }
 
 /// Groups sites into transformer blocks by module path (`….transformer_blocks.0.attn1`).
+/// Transformer blocks: every module with a `norm1` normalisation, an `attn1` and residual
+/// adds (found from the graph itself, so blocks whose attention was already rewritten are
+/// found too), with the sites of their `attn1`/`attn2` attached.
 fn blocks(g: &Graph, shapes: &Shapes, sites: &mut [AttentionSite]) -> Vec<TransformerBlock> {
-    let mut out: Vec<TransformerBlock> = Vec::new();
-    for i in 0..sites.len() {
-        let Some((parent, leaf)) = sites[i].path.rsplit_once('.') else {
-            continue;
-        };
-        if !matches!(leaf, "attn1" | "attn2") {
-            continue;
-        }
-        let b = match out.iter().position(|b| b.path == parent) {
-            Some(b) => b,
-            None => {
-                out.push(block(g, shapes, parent));
-                out.len() - 1
+    let order = g.topo_order().unwrap_or_else(|_| g.node_ids().collect());
+    let mut paths: Vec<String> = Vec::new();
+    for &n in &order {
+        let node = g.node(n);
+        let is_norm = matches!(
+            node.op(),
+            "LayerNormalization" | "GroupNormalization" | "InstanceNormalization"
+        );
+        if let Some(parent) = node.module.strip_suffix(".norm1").filter(|_| is_norm) {
+            if !paths.iter().any(|p| p == parent) {
+                paths.push(parent.to_string());
             }
-        };
-        if leaf == "attn1" {
-            out[b].attn1 = Some(i);
-        } else {
-            out[b].attn2 = Some(i);
         }
-        sites[i].block = Some(parent.to_string());
+    }
+    let has_attn1 = |p: &str| {
+        let prefix = format!("{p}.attn1");
+        order.iter().any(|n| {
+            g.node(*n).module == prefix || g.node(*n).module.starts_with(&format!("{prefix}."))
+        })
+    };
+    paths.retain(|p| has_attn1(p));
+    let mut out: Vec<TransformerBlock> = paths
+        .iter()
+        .map(|p| block(g, shapes, p))
+        .filter(|b| !b.residual_adds.is_empty())
+        .collect();
+    for (i, site) in sites.iter_mut().enumerate() {
+        let Some((parent, leaf)) = site.path.rsplit_once('.') else {
+            continue;
+        };
+        let Some(b) = out.iter_mut().find(|b| b.path == parent) else {
+            continue;
+        };
+        match leaf {
+            "attn1" => b.attn1 = Some(i),
+            "attn2" => b.attn2 = Some(i),
+            _ => continue,
+        }
+        site.block = Some(parent.to_string());
     }
     out
 }

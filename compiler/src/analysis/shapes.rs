@@ -550,7 +550,18 @@ fn infer_op(
         "Reshape" => {
             let t = input(1);
             let (Some(xs), Some(target)) = (&x.shape, &t.value) else {
-                // Rank from the target's length, sizes unknown.
+                // Input shape unknown: the target's positive constants still hold.
+                if let Some(target) = &t.value {
+                    let dims = target
+                        .iter()
+                        .map(|n| {
+                            n.dim()
+                                .filter(|d| d.known().is_none_or(|v| v > 0))
+                                .unwrap_or_else(&mut *fresh)
+                        })
+                        .collect();
+                    return one(Some(shaped(dims, x.float)));
+                }
                 let rank = t
                     .shape
                     .as_ref()
@@ -728,16 +739,32 @@ fn infer_op(
                 .iter()
                 .try_fold(Dim::Known(0), |acc, s| acc.add(s.get(a)?));
             let mut shape = first.clone();
+            // 1-D (shape) concatenations: a part of known length but unknown value gives unknown sizes.
             let value = if first.len() == 1 {
                 parts
                     .iter()
-                    .map(|p| p.value.clone())
+                    .map(|p| {
+                        match (
+                            &p.value,
+                            p.shape
+                                .as_ref()
+                                .and_then(|s| s.first())
+                                .and_then(Dim::known),
+                        ) {
+                            (Some(v), _) => Some(v.clone()),
+                            (None, Some(k)) if !p.float => {
+                                Some((0..k).map(|_| Num::I(fresh())).collect())
+                            }
+                            _ => None,
+                        }
+                    })
                     .collect::<Option<Vec<_>>>()
                     .map(|v| v.concat())
             } else {
                 None
             };
-            match total {
+            // A sum of different symbols is a size of its own.
+            match total.or_else(|| Some(fresh())) {
                 Some(t) => {
                     shape[a] = t;
                     one(Some(Facts {
@@ -834,13 +861,18 @@ fn infer_op(
         }
         "Expand" => {
             let t = input(1);
-            let (Some(xs), Some(target)) = (&x.shape, &t.value) else {
+            let Some(target) = &t.value else {
                 return one(None);
             };
-            let Some(target) = target.iter().map(Num::dim).collect::<Option<Vec<_>>>() else {
-                return one(None);
-            };
-            one(broadcast(xs, &target).map(|s| shaped(s, x.float)))
+            let target: Vec<Dim> = target
+                .iter()
+                .map(|n| n.dim().unwrap_or_else(&mut *fresh))
+                .collect();
+            match &x.shape {
+                Some(xs) => one(broadcast(xs, &target).map(|s| shaped(s, x.float))),
+                // An input of unknown shape expanded to a target: the target's shape.
+                None => one(Some(shaped(target, x.float))),
+            }
         }
         "ConstantOfShape" => {
             let Some(dims) = x
@@ -921,6 +953,29 @@ fn infer_op(
             one(Some(shaped(shape, x.float)))
         }
         "Constant" => one(constant_facts(attrs)),
+        // Token merging's ops: outputs shaped like an input, or with a size known only at run time.
+        "GatherElements" => one(input(1).shape.map(|s| shaped(s, x.float))),
+        "ScatterElements" | "ScatterND" | "LpNormalization" => {
+            one(x.shape.clone().map(|s| shaped(s, x.float)))
+        }
+        "TopK" => {
+            let Some(xs) = &x.shape else { return vec![] };
+            let Some(a) = axis(attr_i(attrs, "axis").unwrap_or(-1), xs.len()) else {
+                return vec![];
+            };
+            let k = input(1)
+                .value
+                .and_then(|v| v.first().and_then(Num::dim))
+                .unwrap_or_else(&mut *fresh);
+            let mut s = xs.clone();
+            s[a] = k;
+            vec![shaped(s.clone(), x.float), shaped(s, false)]
+        }
+        "NonZero" => one(x
+            .shape
+            .as_ref()
+            .map(|s| shaped(vec![Dim::Known(s.len() as i64), fresh()], false))),
+        "Range" => one(Some(shaped(vec![fresh()], x.float))),
         _ => vec![],
     }
 }

@@ -242,6 +242,13 @@ impl Graph {
         self.value_mut(id).info = Some(info);
     }
 
+    /// Drops the value's `value_info` entry (its declared type/shape no longer holds).
+    pub fn forget_value_info(&mut self, id: ValueId) {
+        if self.value_mut(id).info.take().is_some() {
+            self.value_info_order.retain(|v| *v != id);
+        }
+    }
+
     /// Is the value defined without a producer node (graph input or initializer)?
     pub fn is_graph_defined(&self, id: ValueId) -> bool {
         let v = self.value(id);

@@ -4,16 +4,18 @@
 //! head split, scores, softmax and merge are replaced, and DCE drops what only fed them.
 mod opset;
 
+pub(crate) use opset::upgrade_default as upgrade_default_opset;
+
 use attune_compiler::Result;
 use attune_compiler::analysis::Shapes;
 use attune_compiler::analysis::attention::{self, AttentionSite};
 use attune_compiler::ir::{Model, NodeId, ValueId};
-use attune_compiler::onnx::AttributeProto;
 use attune_compiler::onnx::{self, DataType};
 use attune_compiler::pass::{Pass, PassCx, PassReport, Skipped};
 use attune_compiler::patch::{In, Patch, attr};
 
 use crate::cleanup;
+use crate::emit::Emitter;
 use crate::glob::Globs;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -235,20 +237,6 @@ impl AttentionPass {
     }
 }
 
-/// Adds nodes of one site: same module, same place in the order, names under one prefix.
-struct Site<'a, 'g> {
-    p: &'a mut Patch<'g>,
-    module: &'a str,
-    after: Option<NodeId>,
-}
-
-impl Site<'_, '_> {
-    fn op(&mut self, op: &str, tag: &str, inputs: Vec<In>, attrs: Vec<AttributeProto>) -> In {
-        let name = format!("{}/attune_{tag}", self.module);
-        In::New(self.p.op(op, &name, inputs, attrs, self.module, self.after))
-    }
-}
-
 /// Linear attention from standard ops, heads kept separate:
 /// out = φ(Q)·(φ(K)ᵀ·V) / (φ(Q)·Σₙφ(K) + ε).
 fn linear(
@@ -265,13 +253,9 @@ fn linear(
     let eps = In::New(p.f32_scalar("linear_attention_eps", LINEAR_EPS));
     let token_axis = (model.opset("").unwrap_or(13) >= 13)
         .then(|| In::New(p.i64s("linear_attention_token_axis", &[2])));
-    let mut s = Site {
-        p,
-        module: &site.path,
-        after,
-    };
+    let mut s = Emitter::new(p, &site.path, after);
     let perm = |v: &[i64]| vec![attr::ints("perm", v)];
-    let heads = |s: &mut Site, x: ValueId, tag: &str| {
+    let heads = |s: &mut Emitter, x: ValueId, tag: &str| {
         let r = s.op(
             "Reshape",
             &format!("{tag}_Reshape"),
@@ -290,7 +274,7 @@ fn linear(
         heads(&mut s, site.k.output, "k"),
         heads(&mut s, site.v.output, "v"),
     );
-    let phi = |s: &mut Site, x: In, tag: &str| match map {
+    let phi = |s: &mut Emitter, x: In, tag: &str| match map {
         FeatureMap::Relu => s.op("Relu", &format!("{tag}_Relu"), vec![x], vec![]),
         FeatureMap::Elu1 => {
             let e = s.op(

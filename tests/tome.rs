@@ -1,0 +1,322 @@
+//! Token merging against tomesd 0.1.3 and ToDo's key/value downsampling (references in
+//! models/tome, made by models/export/tome.py).
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use attune_compiler::{diff, import};
+use attune_runtime::compare::compare;
+use attune_runtime::{HostTensor, npy};
+use common::*;
+
+fn tome_ref(case: &str) -> HostTensor {
+    npy::read(&root().join("models/tome").join(format!("{case}.npy"))).unwrap()
+}
+
+/// Compiles `model` with `flags` into `dir`; returns the output path and the printed report.
+fn compile(dir: &Path, model: &Path, flags: &[&str]) -> (PathBuf, String) {
+    let out = dir.join(format!("c{}.onnx", fs::read_dir(dir).unwrap().count()));
+    let mut args = vec![
+        "compile",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend(flags);
+    let o = attune(&args);
+    assert!(
+        o.status.success(),
+        "{flags:?}: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    (out, stdout(&o))
+}
+
+/// Runs on ORT CPU with the inputs in `inputs` (a folder of sample/timestep/encoder_hidden_states .npy).
+fn run(model: &Path, inputs: &Path) -> HostTensor {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut args = vec![
+        "run".to_string(),
+        model.display().to_string(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    for n in ["sample", "timestep", "encoder_hidden_states"] {
+        args.push(format!(
+            "--input={n}={}",
+            inputs.join(format!("{n}.npy")).display()
+        ));
+    }
+    let o = attune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+    npy::read(&out.join("out_sample.npy")).unwrap()
+}
+
+fn fixture_inputs() -> PathBuf {
+    root().join("models/sd15_legacy/inputs")
+}
+
+fn assert_close(got: &HostTensor, want: &HostTensor, what: &str) {
+    let c = compare("out_sample", want, got).unwrap();
+    assert!(c.rel_l2 <= 1e-4, "{what}: {c:?}");
+}
+
+#[test]
+fn merging_matches_tomesd_and_todo_matches_its_definition() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &str, &[&str], usize)] = &[
+        ("tome_r05", "sd15_legacy", &["--tome", "0.5"], 3),
+        ("tome_r05", "sd15_dynamo", &["--tome", "0.5"], 3),
+        (
+            "tome_r03_all",
+            "sd15_legacy",
+            &["--tome", "0.3", "--tome-crossattn", "--tome-mlp"],
+            3,
+        ),
+        (
+            "tome_r05_ds2",
+            "sd15_legacy",
+            &["--tome", "0.5", "--tome-max-downsample", "2"],
+            6,
+        ),
+        (
+            "tome_r05_sx3",
+            "sd15_legacy",
+            &["--tome", "0.5", "--tome-sx", "3", "--tome-sy", "3"],
+            3,
+        ),
+        ("todo_avg", "sd15_legacy", &["--tome-mode", "todo"], 3),
+        (
+            "todo_nearest",
+            "sd15_dynamo",
+            &["--tome-mode", "todo", "--todo-pool", "nearest"],
+            3,
+        ),
+    ];
+    for (case, model, flags, blocks) in cases {
+        let (out, report) = compile(dir.path(), &fixture(model), flags);
+        assert!(
+            report.contains(&format!("tome: {blocks} rewritten")),
+            "{case}: {report}"
+        );
+        assert_close(
+            &run(&out, &fixture_inputs()),
+            &tome_ref(case),
+            &format!("{case} on {model}"),
+        );
+    }
+}
+
+#[test]
+fn one_dynamic_graph_serves_every_resolution_and_static_sizes_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = root().join("models/tome/inputs_24x16");
+    for (flags, case) in [
+        (&["--tome", "0.5"][..], "tome_r05"),
+        (&["--tome-mode", "todo"][..], "todo_avg"),
+    ] {
+        let (out, _) = compile(dir.path(), &fixture("sd15_legacy"), flags);
+        assert_close(&run(&out, &fixture_inputs()), &tome_ref(case), case);
+        let want = npy::read(&other.join(format!("ref_{case}.npy"))).unwrap();
+        assert_close(&run(&out, &other), &want, &format!("{case} at 24x16"));
+    }
+    let (out, _) = compile(
+        dir.path(),
+        &fixture("sd15_legacy"),
+        &["--tome", "0.5", "--tome-static", "16x16"],
+    );
+    assert_close(
+        &run(&out, &fixture_inputs()),
+        &tome_ref("tome_r05"),
+        "static 16x16",
+    );
+}
+
+#[test]
+fn combines_with_the_attention_pass_in_either_order() {
+    let dir = tempfile::tempdir().unwrap();
+    for model in ["sd15_legacy", "sd15_dynamo"] {
+        // One compile: attention substitution, then merging around the fused ops.
+        let (out, report) = compile(
+            dir.path(),
+            &fixture(model),
+            &["--tome", "0.5", "--attention", "flash"],
+        );
+        assert!(
+            report.contains("attention: 14 rewritten") && report.contains("tome: 3 rewritten"),
+            "{report}"
+        );
+        assert_close(
+            &run(&out, &fixture_inputs()),
+            &tome_ref("tome_r05"),
+            &format!("{model}: flash + tome"),
+        );
+        // Two compiles: merged blocks are still recognised as attention afterwards.
+        let (merged, _) = compile(dir.path(), &fixture(model), &["--tome", "0.5"]);
+        let (out, report) = compile(dir.path(), &merged, &["--attention", "onnx"]);
+        assert!(
+            report.contains("attention: 14 rewritten, 0 skipped"),
+            "{report}"
+        );
+        assert_close(
+            &run(&out, &fixture_inputs()),
+            &tome_ref("tome_r05"),
+            &format!("{model}: tome, then onnx attention"),
+        );
+    }
+}
+
+#[test]
+fn ratio_zero_is_the_original_graph() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, report) = compile(dir.path(), &fixture("sd15_legacy"), &["--tome", "0"]);
+    assert!(report.contains("nothing to merge"), "{report}");
+    let (a, b) = (
+        import::read(&fixture("sd15_legacy")).unwrap(),
+        import::read(&out).unwrap(),
+    );
+    assert!(diff::diff(&a, &b).is_empty());
+    assert_eq!(
+        run(&out, &fixture_inputs()),
+        npy::read(&root().join("models/sd15_legacy/ref/out_sample.npy")).unwrap()
+    );
+}
+
+#[test]
+fn other_architectures_compile_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    for model in ["sd2_legacy", "sdxl_legacy", "sd15_classic_legacy"] {
+        let (out, report) = compile(
+            dir.path(),
+            &fixture(model),
+            &["--tome", "0.5", "--tome-max-downsample", "2", "--tome-mlp"],
+        );
+        assert!(!report.contains("tome: 0 rewritten"), "{model}: {report}");
+        let inputs = root().join("models").join(model).join("inputs");
+        let mut args = vec![
+            "run".to_string(),
+            out.display().to_string(),
+            "--out".into(),
+            dir.path().join("o").display().to_string(),
+        ];
+        for f in fs::read_dir(&inputs).unwrap() {
+            let p = f.unwrap().path();
+            args.push(format!(
+                "--input={}={}",
+                p.file_stem().unwrap().to_string_lossy(),
+                p.display()
+            ));
+        }
+        let o = attune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(o.status.success(), "{model}: {}", stderr(&o));
+        let got = npy::read(&dir.path().join("o/out_sample.npy")).unwrap();
+        let base =
+            npy::read(&root().join("models").join(model).join("ref/out_sample.npy")).unwrap();
+        let c = compare("out_sample", &base, &got).unwrap();
+        assert!(
+            c.rel_l2.is_finite() && c.rel_l2 > 1e-4 && c.rel_l2 < 0.5,
+            "{model}: merging should change the output a little: {c:?}"
+        );
+    }
+}
+
+#[test]
+fn structural_diff_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, _) = compile(dir.path(), &fixture("sd15_legacy"), &["--tome", "0.5"]);
+    let got = diff::diff(
+        &import::read(&fixture("sd15_legacy")).unwrap(),
+        &import::read(&out).unwrap(),
+    )
+    .render();
+    let path = root().join("tests/snapshots/tome_r05_sd15_legacy.txt");
+    if fs::read_to_string(&path).unwrap_or_default() != got {
+        fs::write(path.with_extension("txt.new"), &got).unwrap();
+        panic!(
+            "tome diff differs from the snapshot; see {}.new",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn bad_settings_are_errors_and_missing_blocks_a_no_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("sd15_legacy");
+    for (flags, expected) in [
+        (&["--tome", "1.0"][..], "the ratio must be in [0, 1)"),
+        (&["--tome=-0.1"][..], "the ratio must be in [0, 1)"),
+        (
+            &["--tome", "0.5", "--tome-sx", "0"][..],
+            "strides must be at least 1",
+        ),
+        (
+            &["--tome-mode", "todo", "--todo-factor", "0"][..],
+            "must be at least 1",
+        ),
+        (
+            &["--tome", "0.5", "--tome-static", "64"][..],
+            "expected HxW",
+        ),
+    ] {
+        let out = dir.path().join("bad.onnx");
+        let mut args = vec![
+            "compile",
+            model.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend(flags);
+        let o = attune(&args);
+        assert_eq!(o.status.code(), Some(2), "{flags:?}");
+        assert!(stderr(&o).contains(expected), "{flags:?}: {}", stderr(&o));
+        assert!(!out.exists());
+    }
+    let (_, report) = compile(dir.path(), &fixture("noattn_legacy"), &["--tome", "0.5"]);
+    assert!(
+        report.contains("no transformer block at downsample <= 1: nothing to do"),
+        "{report}"
+    );
+}
+
+#[test]
+fn random_slots_come_from_an_input_and_default_to_top_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, _) = compile(
+        dir.path(),
+        &fixture("sd15_legacy"),
+        &["--tome", "0.5", "--tome-rand"],
+    );
+    // tomesd with use_rand=True, its random slots replaced by the ones saved next to the reference.
+    let slots = root().join("models/tome/tome_slots_ds1.npy");
+    let o = tempfile::tempdir().unwrap();
+    let mut args = vec![
+        "run".to_string(),
+        out.display().to_string(),
+        "--out".into(),
+        o.path().display().to_string(),
+    ];
+    for n in ["sample", "timestep", "encoder_hidden_states"] {
+        args.push(format!(
+            "--input={n}={}",
+            fixture_inputs().join(format!("{n}.npy")).display()
+        ));
+    }
+    args.push(format!("--input=tome_slots_ds1={}", slots.display()));
+    let r = attune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert_close(
+        &npy::read(&o.path().join("out_sample.npy")).unwrap(),
+        &tome_ref("tome_r05_rand"),
+        "random slots",
+    );
+    // Without the input: the deterministic top-left slots.
+    assert_close(
+        &run(&out, &fixture_inputs()),
+        &tome_ref("tome_r05"),
+        "default slots",
+    );
+}
