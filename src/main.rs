@@ -28,6 +28,8 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Fetch and cache the ONNX Runtime library ahead of time
     Setup(cmd::setup::Args),
+    /// Denoise with DDIM and classifier-free guidance, driving attention-control hooks
+    Sample(cmd::sample::Args),
     /// Convert LoRA files into an adapter for a model compiled with --lora-mode adapter
     LoraAdapter(cmd::lora_adapter::Args),
     /// Compile a shipped fixture, diff it structurally and numerically, and time it
@@ -50,6 +52,7 @@ fn main() {
         Command::Setup(a) => cmd::setup::run(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::LoraAdapter(a) => cmd::lora_adapter::run(a),
+        Command::Sample(a) => cmd::sample::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

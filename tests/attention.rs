@@ -37,6 +37,7 @@ fn compile(name: &str, mode: Mode, layers: Option<&str>) -> (Model, PassReport) 
         mode,
         target: Target::Cpu,
         layers: layers.map(Globs::parse),
+        keep_unfused: None,
     });
     let mut reports = pm.run(&mut m, &mut PassCx { verify: true }).unwrap();
     (m, reports.remove(0))
@@ -349,6 +350,7 @@ fn sites_the_ops_cannot_take_are_skipped_with_the_reason() {
         mode: Mode::Flash,
         target: Target::Cpu,
         layers: None,
+        keep_unfused: None,
     });
     let report = pm
         .run(&mut m, &mut PassCx { verify: true })
@@ -437,6 +439,7 @@ fn fp16_export_with_cast_wrappers_is_recognised_and_ep_rules_apply() {
         mode: Mode::Flash,
         target: Target::Cpu,
         layers: None,
+        keep_unfused: None,
     });
     let report = pm
         .run(&mut m, &mut PassCx { verify: true })
@@ -460,6 +463,7 @@ fn fp16_export_with_cast_wrappers_is_recognised_and_ep_rules_apply() {
             mode,
             target: Target::Cuda,
             layers: None,
+            keep_unfused: None,
         });
         let report = pm
             .run(&mut m, &mut PassCx { verify: true })

@@ -54,6 +54,7 @@ pub struct Patch<'g> {
     drop: Vec<NodeId>,
     inputs: Vec<ValueInfoProto>,
     rewires: Vec<(NodeId, usize, String)>,
+    outputs: Vec<(String, DataType)>,
 }
 
 impl<'g> Patch<'g> {
@@ -73,6 +74,7 @@ impl<'g> Patch<'g> {
             drop: Vec::new(),
             inputs: Vec::new(),
             rewires: Vec::new(),
+            outputs: Vec::new(),
         }
     }
 
@@ -203,6 +205,36 @@ impl<'g> Patch<'g> {
         name
     }
 
+    /// A new graph output named `name` (made free in the graph), a copy of `value`, declared
+    /// with element type `elem_type` (its shape left to the runtime).
+    pub fn graph_output(
+        &mut self,
+        value: In,
+        name: &str,
+        elem_type: DataType,
+        module: &str,
+        after: Option<NodeId>,
+    ) -> String {
+        let node_name = self.fresh_node_name(&format!("{module}/attune_output"));
+        let out = self.fresh(name);
+        let metadata_props = crate::module_path::metadata(self.module_prefix, module);
+        let proto = NodeProto {
+            name: node_name,
+            op_type: "Identity".into(),
+            metadata_props,
+            ..Default::default()
+        };
+        self.nodes.push(NewNode {
+            proto,
+            inputs: vec![value],
+            outputs: vec![out.clone()],
+            module: module.into(),
+            after,
+        });
+        self.outputs.push((out.clone(), elem_type));
+        out
+    }
+
     /// Points these inputs (node, slot) of existing nodes at the new value `name`.
     pub fn rewire_inputs(&mut self, at: Vec<(NodeId, usize)>, name: String) {
         self.rewires
@@ -229,6 +261,7 @@ impl<'g> Patch<'g> {
             drop: self.drop,
             inputs: self.inputs,
             rewires: self.rewires,
+            outputs: self.outputs,
         }
     }
 }
@@ -242,6 +275,7 @@ pub struct AppliedPatch {
     drop: Vec<NodeId>,
     inputs: Vec<ValueInfoProto>,
     rewires: Vec<(NodeId, usize, String)>,
+    outputs: Vec<(String, DataType)>,
 }
 
 impl AppliedPatch {
@@ -270,6 +304,25 @@ impl AppliedPatch {
             if let Some(with) = resolve(g, &with) {
                 g.replace_uses_except(old, with, &new);
             }
+        }
+        for (name, elem_type) in self.outputs {
+            let value = g.value_named(&name);
+            let tensor = crate::onnx::type_proto::Tensor {
+                elem_type: elem_type as i32,
+                shape: None,
+            };
+            let r#type = Some(crate::onnx::TypeProto {
+                value: Some(crate::onnx::type_proto::Value::TensorType(tensor)),
+                ..Default::default()
+            });
+            g.outputs.push(crate::ir::Io {
+                value,
+                info: ValueInfoProto {
+                    name,
+                    r#type,
+                    ..Default::default()
+                },
+            });
         }
         for (n, slot, name) in self.rewires {
             let v = g.value_named(&name);

@@ -1,6 +1,7 @@
 //! attune-passes: the rewrites `attune compile` runs, one module per pass.
 pub mod attention;
 pub mod cleanup;
+pub mod controller;
 pub mod emit;
 pub mod glob;
 pub mod lora;

@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod bench;
 pub mod compare;
+pub mod controller;
 pub mod cuda;
 pub mod error;
 pub mod inputs;
@@ -11,6 +12,7 @@ pub mod npy;
 pub mod ort_backend;
 pub mod provision;
 pub mod safetensors_io;
+pub mod sample;
 pub mod tensor;
 pub mod tract_backend;
 

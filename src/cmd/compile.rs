@@ -6,6 +6,7 @@ use attune_compiler::export::{self, ExportOptions, WeightsMode};
 use attune_compiler::pass::{PassCx, PassManager, PassReport};
 use attune_compiler::verify;
 use attune_passes::attention::{AttentionPass, FeatureMap, Mode, Target};
+use attune_passes::controller::{ControllerPass, Hook};
 use attune_passes::glob::Globs;
 use attune_passes::lora::adapter::{self, AdapterPass};
 use attune_passes::lora::{LoraPass, LoraSource};
@@ -66,6 +67,23 @@ pub struct CompileOptions {
     pub lora_layers: Option<String>,
     #[command(flatten)]
     pub tome: TomeArgs,
+    /// Attention-control hooks: capture (cross-attention map outputs), p2p (Prompt-to-Prompt
+    /// inputs), masactrl (K/V injection gates); comma-separated
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub hooks: Vec<HookArg>,
+    /// Only attention modules whose path matches get hooks (comma-separated globs)
+    #[arg(long, value_name = "GLOB")]
+    pub hooks_layers: Option<String>,
+    /// Text tokens of the hook inputs' defaults (mapper, alpha, equalizer)
+    #[arg(long, default_value_t = 77)]
+    pub hooks_words: i64,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+pub enum HookArg {
+    Capture,
+    P2p,
+    Masactrl,
 }
 
 /// Token merging (ToMe) and key/value downsampling (ToDo).
@@ -234,12 +252,37 @@ impl CompileOptions {
                 mode,
                 target,
                 layers: self.attention_layers.as_deref().map(Globs::parse),
+                keep_unfused: self
+                    .hooks
+                    .iter()
+                    .any(|h| matches!(h, HookArg::Capture | HookArg::P2p))
+                    .then(|| self.hook_layers()),
+            });
+        }
+        if !self.hooks.is_empty() {
+            let hooks = self
+                .hooks
+                .iter()
+                .map(|h| match h {
+                    HookArg::Capture => Hook::Capture,
+                    HookArg::P2p => Hook::P2p,
+                    HookArg::Masactrl => Hook::MasaCtrl,
+                })
+                .collect();
+            pm.add(ControllerPass {
+                hooks,
+                layers: self.hooks_layers.as_deref().map(Globs::parse),
+                words: self.hooks_words,
             });
         }
         if let Some(tome) = self.tome.pass()? {
             pm.add(tome);
         }
         Ok(pm)
+    }
+
+    fn hook_layers(&self) -> Globs {
+        Globs::parse(self.hooks_layers.as_deref().unwrap_or("*"))
     }
 
     pub fn lora_sources(&self) -> anyhow::Result<Vec<LoraSource>> {

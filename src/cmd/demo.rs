@@ -52,6 +52,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         lora_mode: super::compile::LoraModeArg::Fuse,
         lora_layers: None,
         tome: Default::default(),
+        hooks: Vec::new(),
+        hooks_layers: None,
+        hooks_words: 77,
     };
     let reports = options
         .pipeline()?

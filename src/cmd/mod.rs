@@ -7,6 +7,7 @@ pub mod inspect;
 pub mod lora_adapter;
 pub mod numeric;
 pub mod run;
+pub mod sample;
 pub mod setup;
 
 use std::path::Path;

@@ -62,6 +62,12 @@ pub struct AttentionSite {
     pub block: Option<String>,
     #[serde(skip)]
     pub softmax: NodeId,
+    /// The attention probabilities as the value product reads them ([batch, heads, q, k], or
+    /// [batch·heads, q, k] for the classic form), and that product node.
+    #[serde(skip)]
+    pub probs: ValueId,
+    #[serde(skip)]
+    pub probs_matmul: NodeId,
     /// Merged heads, [batch, query tokens, heads·head_dim] (what `to_out` reads).
     #[serde(skip)]
     pub output: ValueId,
@@ -429,6 +435,11 @@ fn site(
         form,
         block: None,
         softmax,
+        probs: m
+            .node("attn")
+            .and_then(|n| g.node(n).inputs[0])
+            .expect("the value product reads the probabilities"),
+        probs_matmul: m.node("attn").expect("bound"),
         output: value("merged"),
         nodes: m.matched.clone(),
         q,

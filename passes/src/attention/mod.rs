@@ -49,6 +49,8 @@ pub struct AttentionPass {
     pub target: Target,
     /// Only sites whose module path matches (all when `None`).
     pub layers: Option<Globs>,
+    /// Sites that must stay unfused (they carry hooks reading the probabilities).
+    pub keep_unfused: Option<Globs>,
 }
 
 const MS_DOMAIN: &str = "com.microsoft";
@@ -152,6 +154,17 @@ impl AttentionPass {
             if !globs.matches(&site.path) {
                 return Err(format!("not selected by --attention-layers {globs}"));
             }
+        }
+        if self
+            .keep_unfused
+            .as_ref()
+            .is_some_and(|g| g.matches(&site.path))
+            && matches!(self.mode, Mode::Flash | Mode::Onnx)
+        {
+            return Err(
+                "hooked by --hooks (capture/p2p read the attention probabilities): kept unfused"
+                    .into(),
+            );
         }
         let dtype = model.graph.value_elem_type(site.q.output).or_else(|| {
             let w = model

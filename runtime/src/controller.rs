@@ -1,0 +1,303 @@
+//! Controller descriptions (TOML) for `attune sample`, and the hook values they give each
+//! step, following google/prompt-to-prompt's schedules:
+//!
+//! ```toml
+//! [p2p]
+//! mapper = "mapper.npy"          # [P-1, T, T]: word swap (replace) or one-hot (refine); default identity
+//! refine_alphas = "alphas.npy"   # [P-1, T]: 0 for words without a source (refine); default 1
+//! cross_replace_steps = 0.8      # or [start, end]: fractions of the run
+//! self_replace_steps = 0.4       # or [start, end]
+//! equalizer = { 5 = 2.0 }        # token index -> weight (reweight); default 1
+//!
+//! [local_blend]
+//! words = [[3], [4]]             # token indices per prompt
+//! threshold = 0.3
+//! resolution = 16                # cross maps with resolution² query tokens
+//!
+//! [masactrl]
+//! start_step = 4
+//! start_layer = 10               # self-attention layers counted in call order
+//! ```
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ndarray::{ArrayD, IxDyn};
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::npy;
+use crate::tensor::HostTensor;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Controller {
+    pub p2p: Option<P2p>,
+    pub local_blend: Option<LocalBlend>,
+    pub masactrl: Option<MasaCtrl>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct P2p {
+    pub mapper: Option<PathBuf>,
+    pub refine_alphas: Option<PathBuf>,
+    #[serde(default = "full_range")]
+    pub cross_replace_steps: StepRange,
+    #[serde(default = "no_range")]
+    pub self_replace_steps: StepRange,
+    #[serde(default)]
+    pub equalizer: BTreeMap<String, f32>,
+}
+
+/// A fraction of the run (`0.8` = the first 80%) or `[start, end]` fractions.
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(untagged)]
+pub enum StepRange {
+    Until(f64),
+    Between([f64; 2]),
+}
+
+fn full_range() -> StepRange {
+    StepRange::Until(1.0)
+}
+
+fn no_range() -> StepRange {
+    StepRange::Until(0.0)
+}
+
+impl StepRange {
+    fn bounds(self) -> (f64, f64) {
+        match self {
+            StepRange::Until(e) => (0.0, e),
+            StepRange::Between([s, e]) => (s, e),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalBlend {
+    pub words: Vec<Vec<usize>>,
+    #[serde(default = "default_threshold")]
+    pub threshold: f32,
+    #[serde(default = "default_resolution")]
+    pub resolution: usize,
+}
+
+fn default_threshold() -> f32 {
+    0.3
+}
+
+fn default_resolution() -> usize {
+    16
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MasaCtrl {
+    #[serde(default = "default_start_step")]
+    pub start_step: usize,
+    #[serde(default = "default_start_layer")]
+    pub start_layer: usize,
+}
+
+fn default_start_step() -> usize {
+    4
+}
+
+fn default_start_layer() -> usize {
+    10
+}
+
+/// What a controller needs resolved against a run: prompts, text tokens, steps, layers.
+pub struct Plan {
+    pub steps: usize,
+    pub prompts: usize,
+    pub words: usize,
+    /// Per step: alpha of the edits [P-1, T].
+    cross_alpha: Vec<f32>,
+    refine: Option<Vec<f32>>,
+    self_range: (usize, usize),
+    pub mapper: Option<HostTensor>,
+    pub equalizer: Option<HostTensor>,
+    pub local_blend: Option<LocalBlend>,
+    pub masactrl: Option<MasaCtrl>,
+}
+
+impl Controller {
+    pub fn read(path: &Path) -> Result<Controller> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut c: Controller = toml::from_str(&text)
+            .map_err(|e| Error::file(path, format!("not a valid controller: {e}")))?;
+        // Files are relative to the controller's folder.
+        let dir = path.parent().unwrap_or(Path::new("."));
+        if let Some(p) = &mut c.p2p {
+            for f in [&mut p.mapper, &mut p.refine_alphas].into_iter().flatten() {
+                if f.is_relative() {
+                    *f = dir.join(&*f);
+                }
+            }
+        }
+        Ok(c)
+    }
+
+    /// Checks the controller against the run and resolves its schedules; every mistake is
+    /// reported here, before anything runs.
+    pub fn plan(
+        self,
+        steps: usize,
+        prompts: usize,
+        words: usize,
+        self_layers: usize,
+    ) -> Result<Plan> {
+        let bad = |msg: String| Error::Inputs(format!("controller: {msg}"));
+        let edits = prompts.saturating_sub(1);
+        let mut plan = Plan {
+            steps,
+            prompts,
+            words,
+            cross_alpha: vec![0.0; steps + 1],
+            refine: None,
+            self_range: (0, 0),
+            mapper: None,
+            equalizer: None,
+            local_blend: None,
+            masactrl: None,
+        };
+        let fraction = |r: StepRange, what: &str| -> Result<(f64, f64)> {
+            let (s, e) = r.bounds();
+            if !(0.0..=1.0).contains(&s) || !(0.0..=1.0).contains(&e) || s > e {
+                return Err(bad(format!(
+                    "{what} {s}..{e} is not a range of fractions within [0, 1]"
+                )));
+            }
+            Ok((s, e))
+        };
+        if let Some(p) = self.p2p {
+            if edits == 0 {
+                return Err(bad(
+                    "[p2p] needs at least two prompts (the source and an edit)".into(),
+                ));
+            }
+            // P2P: alpha over steps + 1 rows, self replace over steps.
+            let (s, e) = fraction(p.cross_replace_steps, "cross_replace_steps")?;
+            let (start, end) = (
+                (s * (steps + 1) as f64) as usize,
+                (e * (steps + 1) as f64) as usize,
+            );
+            for (i, a) in plan.cross_alpha.iter_mut().enumerate() {
+                *a = if (start..end).contains(&i) { 1.0 } else { 0.0 };
+            }
+            let (s, e) = fraction(p.self_replace_steps, "self_replace_steps")?;
+            plan.self_range = ((s * steps as f64) as usize, (e * steps as f64) as usize);
+            if let Some(f) = &p.mapper {
+                let m = npy::read(f)?;
+                if m.shape() != [edits, words, words] || !matches!(m, HostTensor::F32(_)) {
+                    return Err(bad(format!(
+                        "mapper {} is {:?} {}, expected f32 [{edits}, {words}, {words}] ({edits} edited prompts, {words} text tokens)",
+                        f.display(),
+                        m.shape(),
+                        m.dtype().name()
+                    )));
+                }
+                plan.mapper = Some(m);
+            }
+            if let Some(f) = &p.refine_alphas {
+                let a = npy::read(f)?;
+                match &a {
+                    HostTensor::F32(arr) if a.shape() == [edits, words] => {
+                        plan.refine = Some(arr.iter().copied().collect())
+                    }
+                    _ => {
+                        return Err(bad(format!(
+                            "refine_alphas {} is {:?}, expected f32 [{edits}, {words}]",
+                            f.display(),
+                            a.shape()
+                        )));
+                    }
+                }
+            }
+            if !p.equalizer.is_empty() {
+                let mut eq = vec![1f32; words];
+                for (k, v) in &p.equalizer {
+                    let i: usize = k
+                        .parse()
+                        .map_err(|_| bad(format!("equalizer key '{k}' is not a token index")))?;
+                    if i >= words {
+                        return Err(bad(format!(
+                            "equalizer token {i} is beyond the {words} text tokens"
+                        )));
+                    }
+                    eq[i] = *v;
+                }
+                plan.equalizer = Some(HostTensor::F32(
+                    ArrayD::from_shape_vec(IxDyn(&[1, words]), eq).expect("sized"),
+                ));
+            }
+        }
+        if let Some(lb) = self.local_blend {
+            if lb.words.len() != prompts {
+                return Err(bad(format!(
+                    "[local_blend] words lists {} prompts, the run has {prompts}",
+                    lb.words.len()
+                )));
+            }
+            if let Some(w) = lb.words.iter().flatten().find(|w| **w >= words) {
+                return Err(bad(format!(
+                    "[local_blend] word index {w} is beyond the {words} text tokens"
+                )));
+            }
+            if !(0.0..=1.0).contains(&lb.threshold) {
+                return Err(bad(format!(
+                    "[local_blend] threshold {} is not within [0, 1]",
+                    lb.threshold
+                )));
+            }
+            plan.local_blend = Some(lb);
+        }
+        if let Some(m) = self.masactrl {
+            if m.start_step >= steps {
+                return Err(bad(format!(
+                    "[masactrl] start_step {} is outside the {steps} steps",
+                    m.start_step
+                )));
+            }
+            if m.start_layer >= self_layers {
+                return Err(bad(format!(
+                    "[masactrl] start_layer {} is beyond the {self_layers} self-attention layers with a gate",
+                    m.start_layer
+                )));
+            }
+            plan.masactrl = Some(m);
+        }
+        Ok(plan)
+    }
+}
+
+impl Plan {
+    /// Cross-attention alpha of every edit for this step, [P-1, T].
+    pub fn alpha(&self, step: usize) -> HostTensor {
+        let edits = self.prompts - 1;
+        let a = self.cross_alpha[step];
+        let data: Vec<f32> = (0..edits * self.words)
+            .map(|i| a * self.refine.as_ref().map_or(1.0, |r| r[i]))
+            .collect();
+        HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[edits, self.words]), data).expect("sized"))
+    }
+
+    pub fn self_gate(&self, step: usize) -> f32 {
+        if (self.self_range.0..self.self_range.1).contains(&step) {
+            1.0
+        } else {
+            0.0
+        }
+    }
+
+    /// MasaCtrl gate of the `layer`-th self-attention (call order) at this step.
+    pub fn masactrl_gate(&self, step: usize, layer: usize) -> f32 {
+        match &self.masactrl {
+            Some(m) if step >= m.start_step && layer >= m.start_layer => 1.0,
+            _ => 0.0,
+        }
+    }
+}

@@ -1,0 +1,285 @@
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use attune_runtime::controller::Controller;
+use attune_runtime::ort_backend::OrtOptions;
+use attune_runtime::sample::{self, Ddim, Maps, SampleRun};
+use attune_runtime::{Backend, HostTensor, inputs, npy};
+use ndarray::{ArrayD, IxDyn};
+
+use super::exec::EpArg;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The UNet (compiled with --hooks for a controller)
+    #[arg(long)]
+    unet: PathBuf,
+    /// Denoising steps
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// The scheduler (DDIM, diffusers' formulae)
+    #[arg(long, value_enum, default_value_t = SchedulerArg::Ddim)]
+    scheduler: SchedulerArg,
+    /// Text embeddings of the prompts, [P, tokens, dim] .npy (prompt 0 is the source)
+    #[arg(long)]
+    cond: PathBuf,
+    /// Unconditional embeddings, [1 or P, tokens, dim] .npy
+    #[arg(long)]
+    uncond: PathBuf,
+    /// Initial latents [1 or P, 4, h, w] .npy (else seeded noise of --height x --width)
+    #[arg(long)]
+    latents: Option<PathBuf>,
+    /// Latent height for seeded noise
+    #[arg(long, default_value_t = 64)]
+    height: usize,
+    /// Latent width for seeded noise
+    #[arg(long, default_value_t = 64)]
+    width: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Classifier-free guidance scale
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f32,
+    /// Attention control (TOML: [p2p], [local_blend], [masactrl]; see README)
+    #[arg(long)]
+    controller: Option<PathBuf>,
+    /// Folder for latents.npy (and maps/)
+    #[arg(long, default_value = "out")]
+    out: PathBuf,
+    /// Also write the captured cross-attention maps as PNG heatmaps (per prompt and word)
+    #[arg(long, value_name = "WORDS", value_delimiter = ',')]
+    save_maps: Vec<usize>,
+    #[arg(long, value_enum, default_value_t = EpArg::Cpu)]
+    ep: EpArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SchedulerArg {
+    Ddim,
+}
+
+fn read_f32(path: &Path, what: &str, rank: usize) -> anyhow::Result<ArrayD<f32>> {
+    match npy::read(path)? {
+        HostTensor::F32(a) if a.ndim() == rank => Ok(a),
+        other => bail!(
+            "--{what} {}: expected a {rank}-D f32 array, got {} {:?}",
+            path.display(),
+            other.dtype().name(),
+            other.shape()
+        ),
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<i32> {
+    let SchedulerArg::Ddim = args.scheduler;
+    let model = super::load(&args.unet)?;
+    let specs = inputs::input_specs(&model);
+    for name in ["sample", "timestep", "encoder_hidden_states"] {
+        if !specs.iter().any(|s| s.name == name) {
+            bail!(
+                "{} has no '{name}' input; `attune sample` runs UNets exported with sample/timestep/encoder_hidden_states",
+                args.unet.display()
+            );
+        }
+    }
+    let timestep_dtype = specs
+        .iter()
+        .find(|s| s.name == "timestep")
+        .and_then(|s| s.dtype())
+        .context("timestep input type")?;
+    // Hook inputs in call order (the order their readers run in).
+    let g = &model.graph;
+    let order = g.topo_order()?;
+    let mut hooks: Vec<(usize, String)> = g
+        .inputs
+        .iter()
+        .map(|io| g.value(io.value).name.clone())
+        .filter(|n| n.starts_with("p2p.") || n.starts_with("masactrl."))
+        .map(|n| {
+            let v = g.value_id(&n).expect("input");
+            let first = g
+                .value(v)
+                .consumers
+                .iter()
+                .filter_map(|u| order.iter().position(|x| *x == u.node()))
+                .min()
+                .unwrap_or(usize::MAX);
+            (first, n)
+        })
+        .collect();
+    hooks.sort();
+    let hooks: Vec<String> = hooks.into_iter().map(|(_, n)| n).collect();
+    let captured = g
+        .outputs
+        .iter()
+        .any(|io| g.value(io.value).name.starts_with("attn."));
+    drop(order);
+
+    let cond = read_f32(&args.cond, "cond", 3)?;
+    let uncond = read_f32(&args.uncond, "uncond", 3)?;
+    let (prompts, words) = (cond.shape()[0], cond.shape()[1]);
+    if uncond.shape()[1..] != cond.shape()[1..]
+        || (uncond.shape()[0] != 1 && uncond.shape()[0] != prompts)
+    {
+        bail!(
+            "--uncond {:?} does not fit --cond {:?} (expected [1 or {prompts}, {words}, {}])",
+            uncond.shape(),
+            cond.shape(),
+            cond.shape()[2]
+        );
+    }
+    let latents = match &args.latents {
+        Some(p) => read_f32(p, "latents", 4)?,
+        None => {
+            let dims = inputs::Dims::parse(&[
+                format!("batch={prompts}"),
+                format!("height={}", args.height),
+                format!("width={}", args.width),
+            ])?;
+            let spec = specs
+                .iter()
+                .find(|s| s.name == "sample")
+                .expect("checked")
+                .clone();
+            let mut random = inputs::prepare(
+                &[inputs::InputSpec {
+                    optional: false,
+                    ..spec
+                }],
+                vec![],
+                &dims,
+                args.seed,
+            )?;
+            match random.remove(0).1 {
+                HostTensor::F32(a) => a,
+                _ => bail!("the sample input is not f32"),
+            }
+        }
+    };
+    if latents.shape()[0] != 1 && latents.shape()[0] != prompts {
+        bail!(
+            "--latents has batch {}, expected 1 or {prompts}",
+            latents.shape()[0]
+        );
+    }
+    let self_layers = hooks.iter().filter(|h| h.starts_with("masactrl.")).count();
+    let plan = match &args.controller {
+        Some(path) => {
+            let c = Controller::read(path)?;
+            let needs = [
+                (c.p2p.is_some(), "p2p.", "p2p"),
+                (c.masactrl.is_some(), "masactrl.", "masactrl"),
+            ];
+            for (wanted, prefix, flag) in needs {
+                if wanted && !hooks.iter().any(|h| h.starts_with(prefix)) {
+                    bail!(
+                        "the controller has [{flag}] but {} has no {flag} hook inputs: compile it with --hooks {flag}",
+                        args.unet.display()
+                    );
+                }
+            }
+            if c.local_blend.is_some() && !captured {
+                bail!(
+                    "the controller has [local_blend] but {} outputs no attention maps: compile it with --hooks capture",
+                    args.unet.display()
+                );
+            }
+            Some(
+                c.plan(args.steps, prompts, words, self_layers)
+                    .with_context(|| format!("controller {}", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    let ddim = Ddim::new(args.steps)?;
+    let ep = match args.ep {
+        EpArg::Cpu => attune_runtime::Ep::Cpu,
+        EpArg::Cuda => attune_runtime::Ep::Cuda,
+        EpArg::Tract => attune_runtime::Ep::Tract,
+    };
+    let mut unet = Backend::open(&args.unet, ep, &OrtOptions::default())?;
+    let run = SampleRun {
+        cond: &cond,
+        uncond: &uncond,
+        latents,
+        guidance: args.guidance,
+        ddim,
+        plan,
+        hooks,
+        timestep_dtype,
+    };
+    let (x, maps) = sample::sample(&mut unet, run)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let path = args.out.join("latents.npy");
+    npy::write(&path, &HostTensor::F32(x.clone()))?;
+    println!(
+        "{} DDIM steps, {prompts} prompts, guidance {}: wrote {} {:?}",
+        args.steps,
+        args.guidance,
+        path.display(),
+        x.shape()
+    );
+    if !args.save_maps.is_empty() {
+        let n = write_heatmaps(&args.out.join("maps"), &maps, prompts, &args.save_maps)?;
+        println!(
+            "wrote {n} attention heatmaps to {}",
+            args.out.join("maps").display()
+        );
+    }
+    Ok(0)
+}
+
+/// Per prompt and word: the maps of the highest-resolution captured layers (mean over layers
+/// and steps) as an 8-bit grayscale PNG, scaled to its max and enlarged to about 256 px.
+fn write_heatmaps(
+    dir: &Path,
+    maps: &Maps,
+    prompts: usize,
+    words: &[usize],
+) -> anyhow::Result<usize> {
+    let Some(tokens) = maps.sum.values().map(|m| m.shape()[1]).max() else {
+        bail!("--save-maps: the UNet outputs no attention maps (compile it with --hooks capture)");
+    };
+    let side = (tokens as f64).sqrt() as usize;
+    if side * side != tokens {
+        bail!("--save-maps: {tokens} query tokens are not a square grid");
+    }
+    let layers: Vec<&ArrayD<f32>> = maps
+        .sum
+        .values()
+        .filter(|m| m.shape()[1] == tokens)
+        .collect();
+    std::fs::create_dir_all(dir)?;
+    let scale = (256 / side).max(1);
+    let mut written = 0;
+    for p in 0..prompts {
+        for &w in words {
+            let total = layers[0].shape()[2];
+            if w >= total {
+                bail!("--save-maps: word {w} is beyond the {total} text tokens");
+            }
+            let m: Vec<f32> = (0..tokens)
+                .map(|q| layers.iter().map(|l| l[[p, q, w]]).sum::<f32>())
+                .collect();
+            let max = m.iter().cloned().fold(f32::MIN_POSITIVE, f32::max);
+            let img = ArrayD::from_shape_fn(IxDyn(&[side * scale, side * scale]), |ix| {
+                let (r, c) = (ix[0] / scale, ix[1] / scale);
+                (m[r * side + c] / max * 255.0).round().clamp(0.0, 255.0) as u8
+            });
+            let path = dir.join(format!("prompt{p}_word{w}.png"));
+            let file = std::fs::File::create(&path)?;
+            let mut enc = png::Encoder::new(
+                std::io::BufWriter::new(file),
+                (side * scale) as u32,
+                (side * scale) as u32,
+            );
+            enc.set_color(png::ColorType::Grayscale);
+            enc.set_depth(png::BitDepth::Eight);
+            enc.write_header()?
+                .write_image_data(img.as_slice().expect("standard layout"))?;
+            written += 1;
+        }
+    }
+    Ok(written)
+}
