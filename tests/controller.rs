@@ -14,55 +14,16 @@ fn ctl(name: &str) -> PathBuf {
 }
 
 fn compile(dir: &Path, model: &Path, flags: &[&str]) -> (PathBuf, String) {
-    let out = dir.join(format!("c{}.onnx", fs::read_dir(dir).unwrap().count()));
-    let mut args = vec![
-        "compile",
-        model.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ];
-    args.extend(flags);
-    let o = attune(&args);
-    assert!(
-        o.status.success(),
-        "{flags:?}: {}{}",
-        stdout(&o),
-        stderr(&o)
-    );
-    (out, stdout(&o))
+    compile_into(dir, model, flags)
 }
 
-/// Runs with the controller fixture's inputs (and a hook-value file); returns every output.
+/// Runs with the controller fixture's inputs (and a hook-value file); every output.
 fn run(model: &Path, hooks: Option<&Path>) -> Vec<(String, HostTensor)> {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let mut args = vec![
-        "run".to_string(),
-        model.display().to_string(),
-        "--out".into(),
-        out.display().to_string(),
-    ];
-    for n in ["sample", "timestep", "encoder_hidden_states"] {
-        args.push(format!(
-            "--input={n}={}",
-            ctl("inputs").join(format!("{n}.npy")).display()
-        ));
-    }
-    if let Some(h) = hooks {
-        args.push(format!("--input={}", h.display()));
-    }
-    let o = attune(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(o.status.success(), "{}", stderr(&o));
-    fs::read_dir(&out)
-        .unwrap()
-        .map(|e| {
-            let p = e.unwrap().path();
-            (
-                p.file_stem().unwrap().to_string_lossy().into_owned(),
-                npy::read(&p).unwrap(),
-            )
-        })
-        .collect()
+    let extra: Vec<String> = hooks
+        .map(|h| format!("--input={}", h.display()))
+        .into_iter()
+        .collect();
+    run_outputs(model, &ctl("inputs"), &extra)
 }
 
 fn output<'a>(outs: &'a [(String, HostTensor)], name: &str) -> &'a HostTensor {

@@ -45,27 +45,10 @@ fn fuse(model: &str, loras: &[(&str, f32)]) -> (Model, PassReport) {
     (m, report)
 }
 
-/// Runs a model on ORT CPU with sd15_legacy's committed inputs (and extra inputs).
+/// Runs on ORT CPU with sd15_legacy's committed inputs (and extra arguments).
 fn run_cli(model: &Path, extra: &[&str]) -> HostTensor {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let inputs = root().join("models/sd15_legacy/inputs");
-    let mut args: Vec<String> = vec![
-        "run".into(),
-        model.display().to_string(),
-        "--out".into(),
-        out.display().to_string(),
-    ];
-    for n in ["sample", "timestep", "encoder_hidden_states"] {
-        args.push(format!(
-            "--input={n}={}",
-            inputs.join(format!("{n}.npy")).display()
-        ));
-    }
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let o = attune(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(o.status.success(), "{}", stderr(&o));
-    npy::read(&out.join("out_sample.npy")).unwrap()
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    run_unet(model, &root().join("models/sd15_legacy/inputs"), &extra)
 }
 
 fn run_model(m: &Model) -> HostTensor {

@@ -14,45 +14,12 @@ fn tome_ref(case: &str) -> HostTensor {
     npy::read(&root().join("models/tome").join(format!("{case}.npy"))).unwrap()
 }
 
-/// Compiles `model` with `flags` into `dir`; returns the output path and the printed report.
 fn compile(dir: &Path, model: &Path, flags: &[&str]) -> (PathBuf, String) {
-    let out = dir.join(format!("c{}.onnx", fs::read_dir(dir).unwrap().count()));
-    let mut args = vec![
-        "compile",
-        model.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ];
-    args.extend(flags);
-    let o = attune(&args);
-    assert!(
-        o.status.success(),
-        "{flags:?}: {}{}",
-        stdout(&o),
-        stderr(&o)
-    );
-    (out, stdout(&o))
+    compile_into(dir, model, flags)
 }
 
-/// Runs on ORT CPU with the inputs in `inputs` (a folder of sample/timestep/encoder_hidden_states .npy).
 fn run(model: &Path, inputs: &Path) -> HostTensor {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let mut args = vec![
-        "run".to_string(),
-        model.display().to_string(),
-        "--out".into(),
-        out.display().to_string(),
-    ];
-    for n in ["sample", "timestep", "encoder_hidden_states"] {
-        args.push(format!(
-            "--input={n}={}",
-            inputs.join(format!("{n}.npy")).display()
-        ));
-    }
-    let o = attune(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(o.status.success(), "{}", stderr(&o));
-    npy::read(&out.join("out_sample.npy")).unwrap()
+    run_unet(model, inputs, &[])
 }
 
 fn fixture_inputs() -> PathBuf {

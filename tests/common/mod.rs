@@ -112,3 +112,70 @@ pub fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
     files.sort();
     files
 }
+
+/// `attune compile MODEL -o DIR/cN.onnx FLAGS...`, which must succeed; (output, stdout).
+pub fn compile_into(dir: &Path, model: &Path, flags: &[&str]) -> (PathBuf, String) {
+    let out = dir.join(format!("c{}.onnx", fs::read_dir(dir).unwrap().count()));
+    let mut args = vec![
+        "compile",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend(flags);
+    let o = attune(&args);
+    assert!(
+        o.status.success(),
+        "{flags:?}: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    (out, stdout(&o))
+}
+
+/// `attune run` on ORT CPU with the UNet inputs in `inputs` (sample, timestep,
+/// encoder_hidden_states .npy) and `extra` arguments; every output by name.
+pub fn run_outputs(
+    model: &Path,
+    inputs: &Path,
+    extra: &[String],
+) -> Vec<(String, attune_runtime::HostTensor)> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut args = vec![
+        "run".to_string(),
+        model.display().to_string(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    for n in ["sample", "timestep", "encoder_hidden_states"] {
+        args.push(format!(
+            "--input={n}={}",
+            inputs.join(format!("{n}.npy")).display()
+        ));
+    }
+    args.extend(extra.iter().cloned());
+    let o = attune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut outs: Vec<_> = fs::read_dir(&out)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            (
+                p.file_stem().unwrap().to_string_lossy().into_owned(),
+                attune_runtime::npy::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    outs.sort_by(|a, b| a.0.cmp(&b.0));
+    outs
+}
+
+/// The `out_sample` output of [`run_outputs`].
+pub fn run_unet(model: &Path, inputs: &Path, extra: &[String]) -> attune_runtime::HostTensor {
+    run_outputs(model, inputs, extra)
+        .into_iter()
+        .find(|(n, _)| n == "out_sample")
+        .expect("out_sample")
+        .1
+}
