@@ -51,6 +51,16 @@ const PROTOBUF_LIMIT: usize = 2 << 30;
 
 /// Writes `model` to `out` (+ data files next to it).
 pub fn write(model: &Model, out: &Path, opts: &ExportOptions) -> Result<ExportReport> {
+    write_with_progress(model, out, opts, &mut |_, _| {})
+}
+
+/// [`write`], calling `progress(bytes written, bytes to write)` as weights are written.
+pub fn write_with_progress(
+    model: &Model,
+    out: &Path,
+    opts: &ExportOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ExportReport> {
     let out_dir = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -72,13 +82,23 @@ pub fn write(model: &Model, out: &Path, opts: &ExportOptions) -> Result<ExportRe
 
     let mut data = DataWriter::new(&out_dir, data_location);
     let mut links: Vec<Arc<DataFile>> = Vec::new();
+    let kept = |t: &Tensor| match &t.data {
+        TensorData::Inline => !opts.inline,
+        TensorData::External { .. } => opts.weights == WeightsMode::Link && !opts.inline,
+        TensorData::Owned(_) => false,
+    };
+    let total: u64 = model
+        .graph
+        .initializers()
+        .filter(|(_, t)| !kept(t))
+        .map(|(_, t)| t.stored_len())
+        .sum();
+    let mut done = 0;
     let proto = to_proto(model, |tensor| {
         let mut proto = tensor.proto.clone();
         match &tensor.data {
-            TensorData::Inline if !opts.inline => return Ok(proto),
-            TensorData::External { file, offset, len }
-                if opts.weights == WeightsMode::Link && !opts.inline =>
-            {
+            TensorData::Inline if kept(tensor) => return Ok(proto),
+            TensorData::External { file, offset, len } if kept(tensor) => {
                 if !links.iter().any(|l| Arc::ptr_eq(l, file)) {
                     links.push(file.clone());
                 }
@@ -100,6 +120,8 @@ pub fn write(model: &Model, out: &Path, opts: &ExportOptions) -> Result<ExportRe
             proto.data_location = DataLocation::External as i32;
             proto.external_data = weights::external_entries(&data.location, offset, len);
         }
+        done += tensor.stored_len();
+        progress(done, total);
         Ok(proto)
     })?;
     let encoded = proto.encode_to_vec();

@@ -62,8 +62,19 @@ impl PassManager {
     }
 
     pub fn run(&self, model: &mut Model, cx: &mut PassCx) -> Result<Vec<PassReport>> {
+        self.run_observed(model, cx, &mut |_| {})
+    }
+
+    /// [`PassManager::run`], telling `starting` each pass's name before it runs (progress).
+    pub fn run_observed(
+        &self,
+        model: &mut Model,
+        cx: &mut PassCx,
+        starting: &mut dyn FnMut(&str),
+    ) -> Result<Vec<PassReport>> {
         let mut reports = Vec::new();
         for pass in &self.passes {
+            starting(pass.name());
             let start = Instant::now();
             let mut report = pass.run(model, cx)?;
             report.pass = pass.name().to_string();

@@ -132,6 +132,19 @@ impl<'g> Patch<'g> {
         self.constant(base, DataType::Float, vec![], value.to_le_bytes().to_vec())
     }
 
+    /// A scalar of a float type (f32, f16 or bf16; anything else is stored as f32).
+    pub fn float_scalar(&mut self, base: &str, data_type: DataType, value: f32) -> String {
+        let (data_type, bytes) = match data_type {
+            DataType::Float16 => (data_type, half::f16::from_f32(value).to_le_bytes().to_vec()),
+            DataType::Bfloat16 => (
+                data_type,
+                half::bf16::from_f32(value).to_le_bytes().to_vec(),
+            ),
+            _ => (DataType::Float, value.to_le_bytes().to_vec()),
+        };
+        self.constant(base, data_type, vec![], bytes)
+    }
+
     /// Adds a node with `outputs` new values (named `<name>_out<i>`); returns their names.
     /// `name` is the node's name prefix (made unique); `module` its module path; `after`
     /// places it in the exported order.

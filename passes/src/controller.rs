@@ -12,8 +12,8 @@
 //! Every input defaults to "no control" (alpha 0, identity mapper, equalizer 1, gates 0):
 //! a graph fed nothing computes exactly what the original does. Capture and P2P need the
 //! probabilities, so their sites must stay unfused; MasaCtrl works on fused sites too.
-use attune_compiler::analysis::Shapes;
 use attune_compiler::analysis::attention::{self, AttentionSite, Kind};
+use attune_compiler::analysis::{ElemTypes, Shapes};
 use attune_compiler::ir::{Model, NodeId, Use, ValueId};
 use attune_compiler::onnx::{
     self, DataType, TensorShapeProto, TypeProto, ValueInfoProto, tensor_shape_proto, type_proto,
@@ -70,6 +70,8 @@ impl Pass for ControllerPass {
             )));
         }
         let shapes = Shapes::infer(model);
+        // Types of the export's values; patches only add values, so they stay valid.
+        let types = ElemTypes::infer(&model.graph)?;
         let found = attention::analyze(model, &shapes);
         for u in &found.unrecognised {
             report.skipped.push(Skipped {
@@ -84,6 +86,7 @@ impl Pass for ControllerPass {
                 match probability_hooks(
                     &mut patch,
                     model,
+                    &types,
                     site,
                     wants(Hook::Capture),
                     wants(Hook::P2p),
@@ -116,7 +119,7 @@ impl Pass for ControllerPass {
                 .collect();
             for path in modules {
                 let mut patch = Patch::new(model);
-                match masactrl(&mut patch, model, &path) {
+                match masactrl(&mut patch, model, &types, &path) {
                     Ok(()) => {
                         patch.into_parts().apply(model)?;
                         report
@@ -193,20 +196,26 @@ fn typed(e: &mut Emitter, x: In, dtype: DataType, tag: &str) -> In {
     }
 }
 
+/// The element type of the first of `values` whose type is known (f32 if none).
+fn float_type(types: &ElemTypes, values: &[ValueId]) -> DataType {
+    values
+        .iter()
+        .find_map(|v| types.get(*v))
+        .and_then(|t| DataType::try_from(t).ok())
+        .unwrap_or(DataType::Float)
+}
+
 fn probability_hooks(
     p: &mut Patch,
     model: &Model,
+    types: &ElemTypes,
     site: &AttentionSite,
     capture: bool,
     p2p: bool,
     words: i64,
 ) -> std::result::Result<Vec<&'static str>, String> {
     let g = &model.graph;
-    let dtype = g
-        .value_elem_type(site.probs)
-        .or_else(|| g.value_elem_type(site.q.output))
-        .and_then(|t| DataType::try_from(t).ok())
-        .unwrap_or(DataType::Float);
+    let dtype = float_type(types, &[site.probs, site.q.output]);
     let cross = site.kind == Kind::Cross;
     if !cross && !p2p {
         return Ok(Vec::new()); // capture is for cross-attention maps
@@ -408,7 +417,12 @@ fn probability_hooks(
 }
 
 /// MasaCtrl: gate·K[src] + (1-gate)·K for the site's key and value projections.
-fn masactrl(p: &mut Patch, model: &Model, path: &str) -> std::result::Result<(), String> {
+fn masactrl(
+    p: &mut Patch,
+    model: &Model,
+    types: &ElemTypes,
+    path: &str,
+) -> std::result::Result<(), String> {
     let g = &model.graph;
     let projection = |leaf: &str| -> Option<ValueId> {
         let module = format!("{path}.{leaf}");
@@ -426,10 +440,7 @@ fn masactrl(p: &mut Patch, model: &Model, path: &str) -> std::result::Result<(),
         projection("to_k").ok_or(format!("no {path}.to_k projection"))?,
         projection("to_v").ok_or(format!("no {path}.to_v projection"))?,
     );
-    let dtype = g
-        .value_elem_type(k)
-        .and_then(|t| DataType::try_from(t).ok())
-        .unwrap_or(DataType::Float);
+    let dtype = float_type(types, &[k]);
     let producer = g.value(k).producer.map(|(n, _)| n);
     let mut e = Emitter::new(p, path, producer);
     let gate = input(

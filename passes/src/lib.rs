@@ -5,4 +5,5 @@ pub mod controller;
 pub mod emit;
 pub mod glob;
 pub mod lora;
+pub mod lower;
 pub mod tome;

@@ -769,8 +769,11 @@ fn merge_block(
         vec![b1, r1, one1],
         vec![attr::int("axis", 0)],
     );
-    let zeros = fill(&mut e, "count_init", cnt_shape, dtype, 0.0);
-    let ones = fill(&mut e, "merged_ones", src_shape, dtype, 1.0);
+    // Sums and counts accumulate in f32: ONNX Runtime's CPU ScatterElements has no f16 `add`,
+    // and f16 sums of many tokens lose precision.
+    let f32 = DataType::Float;
+    let zeros = fill(&mut e, "count_init", cnt_shape, f32, 0.0);
+    let ones = fill(&mut e, "merged_ones", src_shape, f32, 1.0);
     let target_col = e.op("Unsqueeze", "merge_target_col", vec![target, ax2], vec![]);
     let added = e.op(
         "ScatterElements",
@@ -778,7 +781,7 @@ fn merge_block(
         vec![zeros, target_col, ones],
         vec![attr::int("axis", 1), reduction_add()],
     );
-    let one_t = scalar_of(&mut e, dtype, 1.0);
+    let one_t = e.f32("tome_one_f", 1.0);
     let counts = e.op("Add", "counts", vec![added, one_t], vec![]);
     // Apply around each chosen sublayer.
     let mut what = Vec::new();
@@ -811,6 +814,8 @@ fn merge_block(
             vec![In::Value(y), msrc_e.clone()],
             vec![attr::int("axis", 1)],
         );
+        let base = cast(&mut e, base, dtype, f32, &format!("{name}_merge_keep_f32"));
+        let msrc = cast(&mut e, msrc, dtype, f32, &format!("{name}_merge_src_f32"));
         let summed = e.op(
             "ScatterElements",
             &format!("{name}_merge_sum"),
@@ -823,6 +828,7 @@ fn merge_block(
             vec![summed, counts.clone()],
             vec![],
         );
+        let merged = cast(&mut e, merged, f32, dtype, &format!("{name}_merged_cast"));
         let unmerged = e.op(
             "GatherElements",
             &format!("{name}_unmerge"),
@@ -895,19 +901,12 @@ fn reduction_add() -> AttributeProto {
     }
 }
 
-fn scalar_of(e: &mut Emitter, dtype: DataType, v: f64) -> In {
-    match dtype {
-        DataType::Float => e.f32("tome_one_f", v as f32),
-        other => {
-            let f = e.f32("tome_one_f", v as f32);
-            e.op(
-                "Cast",
-                "one_cast",
-                vec![f],
-                vec![attr::int("to", other as i64)],
-            )
-        }
+/// `x` of type `from` as `to`; a no-op when they agree.
+fn cast(e: &mut Emitter, x: In, from: DataType, to: DataType, tag: &str) -> In {
+    if from == to {
+        return x;
     }
+    e.op("Cast", tag, vec![x], vec![attr::int("to", to as i64)])
 }
 
 #[allow(clippy::too_many_arguments)]

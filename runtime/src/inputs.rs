@@ -161,6 +161,18 @@ pub fn prepare(
     let mut dims = dims.clone();
     // Sizes the given inputs imply for symbols, checked for consistency.
     let mut seen: BTreeMap<String, (i64, String)> = BTreeMap::new();
+    // Float data of the other width is converted: an fp16 model takes fp32 latents.
+    let given: Vec<(String, HostTensor)> = given
+        .into_iter()
+        .map(|(name, t)| {
+            let spec = specs
+                .iter()
+                .find(|s| s.name == name)
+                .expect("checked above");
+            let t = spec.dtype().and_then(|d| t.float_as(d)).unwrap_or(t);
+            (name, t)
+        })
+        .collect();
     for (name, t) in &given {
         let spec = specs
             .iter()

@@ -105,6 +105,15 @@ impl HostTensor {
         }
     }
 
+    /// The same values as another float type (f32 <-> f16); `None` unless both are floats.
+    pub fn float_as(&self, dtype: DType) -> Option<HostTensor> {
+        match (self, dtype) {
+            (HostTensor::F32(a), DType::F16) => Some(HostTensor::F16(a.mapv(f16::from_f32))),
+            (HostTensor::F16(a), DType::F32) => Some(HostTensor::F32(a.mapv(f16::to_f32))),
+            _ => None,
+        }
+    }
+
     /// Little-endian bytes in C order.
     pub fn to_le_bytes(&self) -> Vec<u8> {
         match self {

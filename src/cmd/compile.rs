@@ -10,9 +10,11 @@ use attune_passes::controller::{ControllerPass, Hook};
 use attune_passes::glob::Globs;
 use attune_passes::lora::adapter::{self, AdapterPass};
 use attune_passes::lora::{LoraPass, LoraSource};
+use attune_passes::lower::{CudaFusions, Precision, PrecisionPass, SupportCheck};
 use attune_passes::tome::{Mode as TomeMode, Pool, TomeOptions, TomePass};
 
 use super::exec::{EpArg, ExecArgs, InputArgs, OptArg};
+use crate::progress::Progress;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -35,6 +37,12 @@ pub struct Args {
     /// Inputs on which passes that change the model's function (linear attention) are measured
     #[command(flatten)]
     measure: InputArgs,
+    /// A recipe (TOML) holding the whole conversion; flags given here override it
+    #[arg(long)]
+    recipe: Option<PathBuf>,
+    /// No progress bars and no pass reports (errors still go to stderr)
+    #[arg(short, long)]
+    quiet: bool,
 }
 
 /// What to do to the model.
@@ -43,6 +51,15 @@ pub struct CompileOptions {
     /// Execution provider the output is for (decides which fused ops may be emitted)
     #[arg(long, value_enum, default_value_t = TargetArg::Cpu)]
     pub target: TargetArg,
+    /// Precision of the data path: fp16/bf16 convert weights and activations, with
+    /// normalisation statistics and the timestep projection kept in fp32 (after LoRA fusion
+    /// and the other rewrites)
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Fp32)]
+    pub precision: PrecisionArg,
+    /// With --precision fp16/bf16: keep the graph's inputs and outputs in their original types
+    /// (Casts at the boundary)
+    #[arg(long)]
+    pub keep_io_types: bool,
     /// Attention substitution: keep, flash (com.microsoft.MultiHeadAttention), onnx (opset-23 Attention), linear
     #[arg(long, value_enum, default_value_t = AttentionArg::Keep)]
     pub attention: AttentionArg,
@@ -195,6 +212,13 @@ pub enum TargetArg {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+pub enum PrecisionArg {
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
 pub enum AttentionArg {
     Keep,
     Flash,
@@ -209,9 +233,21 @@ pub enum FeatureMapArg {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
-enum Weights {
+pub enum Weights {
     Copy,
     Link,
+}
+
+impl Default for CompileOptions {
+    /// The options of a command line that gives none.
+    fn default() -> Self {
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            options: CompileOptions,
+        }
+        <Defaults as clap::Parser>::parse_from(["attune"]).options
+    }
 }
 
 impl CompileOptions {
@@ -278,6 +314,21 @@ impl CompileOptions {
         if let Some(tome) = self.tome.pass()? {
             pm.add(tome);
         }
+        let precision = match self.precision {
+            PrecisionArg::Fp32 => Precision::F32,
+            PrecisionArg::Fp16 => Precision::F16,
+            PrecisionArg::Bf16 => Precision::Bf16,
+        };
+        if target == Target::Cuda {
+            pm.add(CudaFusions { precision });
+        }
+        if precision != Precision::F32 {
+            pm.add(PrecisionPass {
+                precision,
+                keep_io_types: self.keep_io_types,
+            });
+        }
+        pm.add(SupportCheck { target });
         Ok(pm)
     }
 
@@ -325,8 +376,24 @@ pub fn adapter_path(output: &std::path::Path) -> PathBuf {
     output.with_extension("adapter.safetensors")
 }
 
-pub fn run(args: Args) -> anyhow::Result<i32> {
+pub fn run(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
+    if let Some(path) = &args.recipe {
+        let (recipe, dir) = super::recipe::Recipe::read(path)?;
+        let given = super::recipe::given_on_command_line(matches);
+        recipe
+            .apply(&dir, &mut args.options, &given)
+            .with_context(|| format!("recipe {}", path.display()))?;
+        if let (Some(w), false) = (&recipe.weights, given("weights")) {
+            args.weights = <Weights as clap::ValueEnum>::from_str(w, true).map_err(|_| {
+                anyhow::anyhow!(
+                    "recipe {}: key `weights`: '{w}' is not one of copy, link",
+                    path.display()
+                )
+            })?;
+        }
+    }
     let start = Instant::now();
+    let progress = Progress::start(&format!("loading {}", args.model.display()), args.quiet);
     let mut model = super::load(&args.model)?;
     verify::verify(&model).with_context(|| format!("input model {}", args.model.display()))?;
     // Inputs for measuring a function-changing rewrite are settled before anything is written.
@@ -341,44 +408,60 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let mut cx = PassCx {
         verify: args.verify || cfg!(debug_assertions),
     };
-    let reports = args.options.pipeline()?.run(&mut model, &mut cx)?;
-    print_reports(&reports);
+    let reports = args
+        .options
+        .pipeline()?
+        .run_observed(&mut model, &mut cx, &mut |pass| progress.step(pass))?;
+    let say = !args.quiet;
+    if say {
+        progress.suspend(|| print_reports(&reports));
+    }
+    progress.step(&format!("writing {}", args.output.display()));
     let weights = match args.weights {
         Weights::Copy => WeightsMode::Copy,
         Weights::Link => WeightsMode::Link,
     };
-    let written = export::write(
+    let written = export::write_with_progress(
         &model,
         &args.output,
         &ExportOptions {
             weights,
             inline: args.inline,
         },
+        &mut |done, total| progress.bytes(done, total),
     )
     .with_context(|| format!("cannot write {}", args.output.display()))?;
-    println!("wrote {}", written.model.display());
-    if let Some((path, size)) = &written.data_file {
-        println!("  data   {} ({})", path.display(), super::bytes(*size));
-    }
-    for (path, hard) in &written.linked {
-        println!(
-            "  {}   {}",
-            if *hard { "linked" } else { "copied" },
-            path.display()
-        );
+    progress.finish();
+    if say {
+        println!("wrote {}", written.model.display());
+        if let Some((path, size)) = &written.data_file {
+            println!("  data   {} ({})", path.display(), super::bytes(*size));
+        }
+        for (path, hard) in &written.linked {
+            println!(
+                "  {}   {}",
+                if *hard { "linked" } else { "copied" },
+                path.display()
+            );
+        }
     }
     if args.options.lora_mode == LoraModeArg::Adapter && !args.options.loras.is_empty() {
         let path = adapter_path(&args.output);
         let (tensors, skipped) = adapter::adapter_tensors(&model, &args.options.lora_sources()?)?;
         adapter::write(&path, &tensors)?;
-        println!(
-            "  adapter {} ({} tensors; run with --adapter)",
-            path.display(),
-            tensors.len()
-        );
-        for s in skipped {
-            println!("  - {}: {}", s.site, s.reason);
+        if say {
+            println!(
+                "  adapter {} ({} tensors; run with --adapter)",
+                path.display(),
+                tensors.len()
+            );
+            for s in skipped {
+                println!("  - {}: {}", s.site, s.reason);
+            }
         }
+    }
+    if !say {
+        return Ok(0);
     }
     println!(
         "  load {:.0} ms, total {:.0} ms",

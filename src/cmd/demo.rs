@@ -6,7 +6,7 @@ use attune_compiler::export::{self, ExportOptions};
 use attune_compiler::pass::PassCx;
 use attune_compiler::{diff, verify};
 
-use super::compile::{AttentionArg, CompileOptions, FeatureMapArg, TargetArg};
+use super::compile::{AttentionArg, CompileOptions};
 use super::exec::{EpArg, ExecArgs, InputArgs, OptArg};
 
 #[derive(clap::Args)]
@@ -43,18 +43,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let mut model = super::load(&args.model)?;
     verify::verify(&model)?;
     let options = CompileOptions {
-        target: TargetArg::Cpu,
         attention: args.attention,
-        attention_layers: None,
-        linear_feature_map: FeatureMapArg::Elu1,
-        loras: Vec::new(),
-        lora_strict: false,
-        lora_mode: super::compile::LoraModeArg::Fuse,
-        lora_layers: None,
-        tome: Default::default(),
-        hooks: Vec::new(),
-        hooks_layers: None,
-        hooks_words: 77,
+        ..Default::default()
     };
     let reports = options
         .pipeline()?

@@ -6,6 +6,7 @@ pub mod exec;
 pub mod inspect;
 pub mod lora_adapter;
 pub mod numeric;
+pub mod recipe;
 pub mod run;
 pub mod sample;
 pub mod setup;

@@ -25,9 +25,14 @@ pub fn compare_on(
         .open(a)?
         .run(&inputs)
         .with_context(|| format!("running {}", a.display()))?;
+    // The same values in b's declared types (an fp16 model compared with its fp32 source).
+    let specs_b = attune_runtime::inputs::input_specs(&super::load(b)?);
+    let inputs_b =
+        attune_runtime::inputs::prepare(&specs_b, inputs.clone(), &Default::default(), 0)
+            .with_context(|| format!("inputs of {}", b.display()))?;
     let out_b = exec
         .open(b)?
-        .run(&inputs)
+        .run(&inputs_b)
         .with_context(|| format!("running {}", b.display()))?;
     let mut result = Vec::new();
     for (name, ta) in &out_a {

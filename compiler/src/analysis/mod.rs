@@ -2,7 +2,9 @@
 pub mod attention;
 pub mod dim;
 pub mod shapes;
+pub mod types;
 
 pub use attention::{AttentionAnalysis, AttentionSite, Kind, TransformerBlock};
 pub use dim::Dim;
 pub use shapes::Shapes;
+pub use types::ElemTypes;

@@ -155,6 +155,27 @@ impl Graph {
         id
     }
 
+    /// Gives a value a new, unused name (node inputs and outputs follow by id). Values read
+    /// by name from subgraphs are not renamed.
+    pub fn rename_value(&mut self, id: ValueId, name: &str) -> Result<()> {
+        let v = self.value(id);
+        if self.by_name.contains_key(name)
+            || v.consumers.iter().any(|u| matches!(u, Use::Subgraph(_)))
+        {
+            return Err(Error::Graph(format!(
+                "cannot rename value '{}' to '{name}'",
+                v.name
+            )));
+        }
+        let old = std::mem::replace(&mut self.value_mut(id).name, name.to_string());
+        self.by_name.remove(&old);
+        self.by_name.insert(name.to_string(), id);
+        if let Some(info) = &mut self.value_mut(id).info {
+            info.name = name.to_string();
+        }
+        Ok(())
+    }
+
     /// A new value whose name starts with `base` and is not yet used.
     pub fn fresh_value(&mut self, base: &str) -> ValueId {
         let mut name = base.to_string();
@@ -492,11 +513,47 @@ impl Graph {
                 }
             }
         }
+        let mut was_output = false;
         for io in &mut self.outputs {
             if io.value == old {
                 io.value = new;
+                was_output = true;
             }
         }
+        if was_output {
+            self.keep_output_name(old, new);
+        }
+    }
+
+    /// A graph output that now reads `new` keeps `old`'s name (callers feed and read outputs by
+    /// name): `new` takes it, `old` gets a fresh one. Not when `new` is a graph input, or
+    /// another output, whose name is as fixed.
+    fn keep_output_name(&mut self, old: ValueId, new: ValueId) {
+        let fixed = self.inputs.iter().any(|io| io.value == new)
+            || self
+                .outputs
+                .iter()
+                .any(|io| io.value == new && io.info.name == self.value(new).name);
+        let subgraph = |g: &Self, v: ValueId| {
+            g.value(v)
+                .consumers
+                .iter()
+                .any(|u| matches!(u, Use::Subgraph(_)))
+        };
+        if fixed || subgraph(self, old) || subgraph(self, new) {
+            return;
+        }
+        let name = self.value(old).name.clone();
+        let mut spare = format!("{name}_replaced");
+        let mut k = 0;
+        while self.by_name.contains_key(&spare) {
+            k += 1;
+            spare = format!("{name}_replaced_{k}");
+        }
+        let renamed = self
+            .rename_value(old, &spare)
+            .and_then(|()| self.rename_value(new, &name));
+        debug_assert!(renamed.is_ok(), "free names, no subgraph readers");
     }
 
     // ---- order --------------------------------------------------------------------------

@@ -166,16 +166,7 @@ impl AttentionPass {
                     .into(),
             );
         }
-        let dtype = model.graph.value_elem_type(site.q.output).or_else(|| {
-            let w = model
-                .graph
-                .node(site.q.matmul)
-                .inputs
-                .get(1)
-                .copied()
-                .flatten()?;
-            model.graph.value_elem_type(w)
-        });
+        let dtype = site_type(model, site);
         let fused = matches!(self.mode, Mode::Flash | Mode::Onnx);
         match dtype {
             Some(t) if t == DataType::Float as i32 => {}
@@ -250,6 +241,20 @@ impl AttentionPass {
     }
 }
 
+/// The element type the site computes in (its query, or the query projection's weight).
+fn site_type(model: &Model, site: &AttentionSite) -> Option<i32> {
+    model.graph.value_elem_type(site.q.output).or_else(|| {
+        let w = model
+            .graph
+            .node(site.q.matmul)
+            .inputs
+            .get(1)
+            .copied()
+            .flatten()?;
+        model.graph.value_elem_type(w)
+    })
+}
+
 /// Linear attention from standard ops, heads kept separate:
 /// out = φ(Q)·(φ(K)ᵀ·V) / (φ(Q)·Σₙφ(K) + ε).
 fn linear(
@@ -262,8 +267,11 @@ fn linear(
     let (h, d) = (site.heads, site.head_dim);
     let split = In::New(p.i64s("linear_attention_split", &[0, -1, h, d]));
     let merge = In::New(p.i64s("linear_attention_merge", &[0, -1, h * d]));
-    let one = In::New(p.f32_scalar("linear_attention_one", 1.0));
-    let eps = In::New(p.f32_scalar("linear_attention_eps", LINEAR_EPS));
+    let dtype = site_type(model, site)
+        .and_then(|t| DataType::try_from(t).ok())
+        .unwrap_or(DataType::Float);
+    let one = In::New(p.float_scalar("linear_attention_one", dtype, 1.0));
+    let eps = In::New(p.float_scalar("linear_attention_eps", dtype, LINEAR_EPS));
     let token_axis = (model.opset("").unwrap_or(13) >= 13)
         .then(|| In::New(p.i64s("linear_attention_token_axis", &[2])));
     let mut s = Emitter::new(p, &site.path, after);

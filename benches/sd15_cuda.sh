@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The CUDA table: SD1.5-size UNet (random weights), batch 2, fp16, ONNX Runtime's CUDA EP at
+# 512 and 1024 px. attune's conversions against ONNX Runtime's Python transformers optimizer
+# (its default CUDA fusions + fp16), with PyTorch (diffusers SDPA, and tomesd) in the same run.
+# ORT models are timed by one `attune bench` per size, alternating on the same inputs.
+#
+# On the offline CUDA host (../shared/gpu/README.md), after its chunks are assembled:
+#   bash .gpu/bin/assemble.sh && . /tmp/ort/env.sh && export ORT_DYLIB_PATH=/tmp/ort/libonnxruntime.so.1.31.1
+#   WHEELS=.gpu/wheels ATTUNE=.gpu/bin/attune benches/sd15_cuda.sh
+# WHEELS: diffusers, tomesd (and importlib_metadata) wheels, when the host lacks them; a numpy
+# < 2.4 wheel there is used for the peer alone (its attention fusion calls int() on 1-element
+# arrays, which numpy 2.4 made an error).
+# Work files go to $WORK (default /tmp/sd15cuda; 3.4 GB fp32 + 1.7 GB per fp16 model).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+ATTUNE=${ATTUNE:-target/release/attune}
+W=${WORK:-/tmp/sd15cuda}
+ITERS=${ITERS:-20}
+mkdir -p "$W"
+PEER_PATH=${PYTHONPATH:-}
+if [ -n "${WHEELS:-}" ]; then
+  "$PY" -m pip install -q --no-deps --no-index --target "$W/pylib" $(ls "$WHEELS"/*.whl | grep -v /numpy-)
+  export PYTHONPATH="$W/pylib${PYTHONPATH:+:$PYTHONPATH}"
+  if ls "$WHEELS"/numpy-*.whl > /dev/null 2>&1; then
+    "$PY" -m pip install -q --no-deps --no-index --target "$W/peerlib" "$WHEELS"/numpy-*.whl
+    PEER_PATH="$W/peerlib"
+  fi
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+MODEL=$W/sd15/unet.onnx
+
+stamp() { # label, command...: wall time and peak RSS of one step
+  local label=$1; shift
+  local rc wall kb=0 t0
+  if [ -x /usr/bin/time ]; then
+    /usr/bin/time -f "%e %M" -o "$W/$label.time" "$@" > "$W/$label.log" 2>&1; rc=$?
+    read -r wall kb < <(tail -1 "$W/$label.time")
+  else  # no GNU time on the host: wall time only
+    t0=$(date +%s.%N); "$@" > "$W/$label.log" 2>&1; rc=$?
+    wall=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { print b - a }')
+  fi
+  printf '%-40s %7.1f s %7.0f MiB  rc=%s\n' "$label" "$wall" "$((kb / 1024))" "$rc"
+  [ $rc -eq 0 ] || tail -5 "$W/$label.log"
+}
+
+echo "== export (torch legacy exporter, fp32)"
+[ -f "$MODEL" ] || "$PY" benches/sd15_cuda_peers.py --export "$W/sd15" --latents 2>&1 | grep -v -i warn
+[ -f "$MODEL" ] || { echo "no export: stopping"; exit 1; }
+
+# Before the peer's optimizer loads the CPU: eager PyTorch at 512 px is bound by kernel launches.
+echo "== PyTorch peers: fp16, diffusers SDPA, then tomesd; CUDA events, median of $ITERS"
+"$PY" benches/sd15_cuda_peers.py --latents 64 128 --iters "$ITERS" 2>&1 | grep -v -i warn
+
+echo "== compile (wall time, peak RSS)"
+# The peer in the background: it is CPU-only and slow; attune compiles meanwhile.
+mkdir -p "$W/peer"
+( export PYTHONPATH="$PEER_PATH"
+  stamp "ORT optimizer unet --float16 --use_gpu" timeout "${PEER_TIMEOUT:-300}" "$PY" -m onnxruntime.transformers.optimizer \
+    --input "$MODEL" --output "$W/peer/unet.onnx" --model_type unet --use_external_data_format \
+    --opt_level 0 --float16 --use_gpu > "$W/peer.txt" ) &
+PEER=$!
+FP16="--precision fp16 --keep-io-types"   # the peer keeps fp32 I/O too
+stamp "attune fp16 (no fusion)" $ATTUNE compile "$MODEL" -o "$W/fp16/unet.onnx" --target cpu $FP16
+stamp "attune flash fp16 (no GroupNorm)" $ATTUNE compile "$MODEL" -o "$W/mha/unet.onnx" --target cpu $FP16 --attention flash
+stamp "attune cuda flash fp16" $ATTUNE compile "$MODEL" -o "$W/flash/unet.onnx" --target cuda $FP16 --attention flash
+stamp "attune cuda flash+tome0.5 fp16" $ATTUNE compile "$MODEL" -o "$W/tome/unet.onnx" --target cuda $FP16 --attention flash --tome 0.5
+stamp "attune cuda onnx-attention fp16" $ATTUNE compile "$MODEL" -o "$W/onnx/unet.onnx" --target cuda $FP16 --attention onnx
+wait $PEER; cat "$W/peer.txt"
+
+DIMS="--dim batch=2 --dim sequence=77"
+PEER_VS=(); [ -f "$W/peer/unet.onnx" ] && PEER_VS=(--vs "$W/peer/unet.onnx")
+for latent in 64 128; do
+  echo "== ORT CUDA, $((latent * 8)) px (latent ${latent}x${latent}), batch 2. A: fp16 only; B: + MultiHeadAttention;"
+  echo "   C: --target cuda (+ GroupNorm); D: C + ToMe 0.5; E: ORT optimizer (fp16, default fusions)"
+  $ATTUNE bench "$W/fp16/unet.onnx" --vs "$W/mha/unet.onnx" --vs "$W/flash/unet.onnx" --vs "$W/tome/unet.onnx" \
+    "${PEER_VS[@]}" --ep cuda $DIMS --dim height=$latent --dim width=$latent --iters "$ITERS" --warmup 3
+done
+echo "== ORT CUDA, 512 px: A --target cuda flash (MultiHeadAttention), B --target cuda onnx (opset-23 Attention)"
+$ATTUNE bench "$W/flash/unet.onnx" --vs "$W/onnx/unet.onnx" --ep cuda $DIMS --dim height=64 --dim width=64 \
+  --iters "$ITERS" --warmup 3
+echo "== numerics on CUDA: fused vs the original (rel L2 of out_sample)"
+for m in sd15_legacy sd15_dynamo sdxl_legacy sd15_fp16_legacy; do
+  for p in fp32 fp16; do
+    $ATTUNE compile models/$m/unet.onnx -o "$W/fx/$m-$p.onnx" --target cuda --precision $p --attention flash > /dev/null
+    printf '%-18s %s  ' "$m" "$p"
+    $ATTUNE diff --numeric models/$m/unet.onnx "$W/fx/$m-$p.onnx" --ep cuda --tol 5e-3 $DIMS --dim height=16 --dim width=16 2>&1 | grep -i -E "rel|out_sample|error" | tail -1
+  done
+done
+echo "SD1.5 512 px, --target cuda flash fp16 vs the fp32 export:"
+$ATTUNE diff --numeric "$MODEL" "$W/flash/unet.onnx" --ep cuda --tol 5e-3 $DIMS --dim height=64 --dim width=64 2>&1 | grep -i -E "rel|out_sample|error" | tail -2

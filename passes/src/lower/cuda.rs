@@ -1,0 +1,469 @@
+//! Fusions for ONNX Runtime's CUDA execution provider.
+//!
+//! GroupNorm: exporters write `nn.GroupNorm` as Reshape [N, G, -1] → InstanceNormalization
+//! (unit scale, zero bias) → Reshape back → Mul γ → Add β, usually followed by SiLU
+//! (Sigmoid, Mul). That is six kernels with the statistics in the activation type; ONNX
+//! Runtime's `com.microsoft.GroupNorm` does it in one (statistics in fp32, SiLU folded in),
+//! but only channels-last, so the fused op sits between Transposes.
+//!
+//! NhwcConv: convolutions channels-last too (`com.microsoft.NhwcConv`, weights stored
+//! [M, kH, kW, C]), between Transposes; then every Transpose that undoes the one before it
+//! goes, so GroupNorm → Conv chains and the transformers' own NCHW⇄NHWC permutes run without
+//! layout changes.
+use std::collections::HashMap;
+
+use attune_compiler::analysis::Dim;
+use attune_compiler::analysis::Shapes;
+use attune_compiler::error::Result;
+use attune_compiler::ir::{Graph, Model, NodeId, Use, ValueId};
+use attune_compiler::onnx::DataType;
+use attune_compiler::pass::{Pass, PassCx, PassReport, Skipped};
+use attune_compiler::patch::{In, Patch, attr};
+
+use super::Precision;
+use crate::cleanup::dce;
+
+const MS_DOMAIN: &str = "com.microsoft";
+
+/// Fuses what ONNX Runtime's CUDA EP runs faster fused (run before the precision pass, told
+/// the precision it converts to: the fused kernels exist for fp32 and fp16 only).
+pub struct CudaFusions {
+    pub precision: Precision,
+}
+
+/// One matched GroupNorm(+SiLU).
+struct GroupNormSite {
+    /// The (NCHW) input.
+    x: ValueId,
+    /// γ and β as the export has them ([C, 1, 1] or [1, C, 1, 1]).
+    gamma: ValueId,
+    beta: ValueId,
+    groups: i64,
+    epsilon: f32,
+    silu: bool,
+    /// The value the fused op replaces (the Add, or the SiLU's Mul).
+    out: ValueId,
+    /// The InstanceNormalization (its module names the site).
+    norm: NodeId,
+}
+
+/// The single node reading `v` (None if several, or a graph output).
+fn sole_reader(g: &Graph, v: ValueId) -> Option<NodeId> {
+    if g.is_graph_output(v) {
+        return None;
+    }
+    match g.value(v).consumers.as_slice() {
+        [Use::Input(n, _)] => Some(*n),
+        _ => None,
+    }
+}
+
+fn producer(g: &Graph, v: ValueId) -> Option<NodeId> {
+    g.value(v).producer.map(|(n, _)| n)
+}
+
+fn input(g: &Graph, n: NodeId, slot: usize) -> Option<ValueId> {
+    g.node(n).inputs.get(slot).copied().flatten()
+}
+
+fn output(g: &Graph, n: NodeId) -> Option<ValueId> {
+    g.node(n).outputs.first().copied().flatten()
+}
+
+/// For a binary node reading `from`: its other input.
+fn other_input(g: &Graph, n: NodeId, from: ValueId) -> Option<ValueId> {
+    match (input(g, n, 0), input(g, n, 1)) {
+        (Some(a), Some(b)) if a == from => Some(b),
+        (Some(a), Some(b)) if b == from => Some(a),
+        _ => None,
+    }
+}
+
+/// A per-channel parameter of an NCHW tensor with `c` channels: shape [C,1,1] or [1,C,1,1].
+fn per_channel(shapes: &Shapes, v: ValueId, c: i64) -> bool {
+    let Some(s) = shapes.shape(v) else {
+        return false;
+    };
+    let dims: Vec<Option<i64>> = s.iter().map(Dim::known).collect();
+    matches!(dims.as_slice(), [Some(a), Some(1), Some(1)] | [Some(1), Some(a), Some(1), Some(1)] if *a == c)
+}
+
+/// The GroupNorm whose InstanceNormalization is `norm`, or why it is not one.
+fn match_group_norm(
+    g: &Graph,
+    shapes: &Shapes,
+    norm: NodeId,
+) -> std::result::Result<GroupNormSite, String> {
+    let node = g.node(norm);
+    let grouped = input(g, norm, 0).ok_or("no input")?;
+    let reshape_in = producer(g, grouped)
+        .filter(|n| g.node(*n).is("Reshape"))
+        .ok_or("its input is not a Reshape")?;
+    let x = input(g, reshape_in, 0).ok_or("no Reshape input")?;
+    let (scale, bias) = (
+        input(g, norm, 1).ok_or("no scale")?,
+        input(g, norm, 2).ok_or("no bias")?,
+    );
+    if shapes.scalar(scale) != Some(1.0) || shapes.scalar(bias) != Some(0.0) {
+        return Err("its scale/bias are not the constant 1/0 a GroupNorm export has".into());
+    }
+    let groups = shapes
+        .shape(scale)
+        .and_then(|s| s.first()?.known())
+        .ok_or("the group count is unknown")?;
+    let x_shape = shapes.shape(x).ok_or("the input's shape is unknown")?;
+    if x_shape.len() != 4 {
+        return Err(format!(
+            "the input has rank {}, not 4 (NCHW)",
+            x_shape.len()
+        ));
+    }
+    let c = x_shape[1].known().ok_or("the channel count is unknown")?;
+    if c % groups != 0 {
+        return Err(format!("{c} channels do not split into {groups} groups"));
+    }
+    let normed = output(g, norm).ok_or("no output")?;
+    let reshape_out = sole_reader(g, normed)
+        .filter(|n| g.node(*n).is("Reshape"))
+        .ok_or("its output is not only reshaped back")?;
+    let back = output(g, reshape_out).ok_or("no output")?;
+    if shapes.shape(back) != Some(x_shape) {
+        return Err("the second Reshape does not restore the input's shape".into());
+    }
+    let mul = sole_reader(g, back)
+        .filter(|n| g.node(*n).is("Mul"))
+        .ok_or("no γ Mul")?;
+    let gamma = other_input(g, mul, back)
+        .filter(|v| per_channel(shapes, *v, c))
+        .ok_or("γ is not per channel")?;
+    let scaled = output(g, mul).ok_or("no output")?;
+    let add = sole_reader(g, scaled)
+        .filter(|n| g.node(*n).is("Add"))
+        .ok_or("no β Add")?;
+    let beta = other_input(g, add, scaled)
+        .filter(|v| per_channel(shapes, *v, c))
+        .ok_or("β is not per channel")?;
+    for v in [gamma, beta] {
+        if g.initializer(v).is_none() && producer(g, v).is_none_or(|n| !g.node(n).is("Constant")) {
+            return Err("γ/β are not constants".into());
+        }
+    }
+    let y = output(g, add).ok_or("no output")?;
+    let epsilon = node.attr("epsilon").map_or(1e-5, |a| a.f);
+    let (silu, out) = match silu_after(g, y) {
+        Some(out) => (true, out),
+        None => (false, y),
+    };
+    Ok(GroupNormSite {
+        x,
+        gamma,
+        beta,
+        groups,
+        epsilon,
+        silu,
+        out,
+        norm,
+    })
+}
+
+/// `y * Sigmoid(y)` when that is all that reads `y`: the SiLU's output.
+fn silu_after(g: &Graph, y: ValueId) -> Option<ValueId> {
+    if g.is_graph_output(y) {
+        return None;
+    }
+    let readers: Vec<NodeId> = g
+        .value(y)
+        .consumers
+        .iter()
+        .map(|u| match u {
+            Use::Input(n, _) => Some(*n),
+            Use::Subgraph(_) => None,
+        })
+        .collect::<Option<_>>()?;
+    let [a, b] = readers.as_slice() else {
+        return None;
+    };
+    let (sig, mul) = if g.node(*a).is("Sigmoid") {
+        (*a, *b)
+    } else {
+        (*b, *a)
+    };
+    let s = output(g, sig)?;
+    (g.node(sig).is("Sigmoid")
+        && g.node(mul).is("Mul")
+        && sole_reader(g, s) == Some(mul)
+        && other_input(g, mul, s) == Some(y))
+    .then(|| output(g, mul))
+    .flatten()
+}
+
+/// Conv → Transpose → NhwcConv → Transpose, or why the conv stays. `done`: the outputs of
+/// convs this patch already replaced (a conv reading one reads its replacement).
+fn nhwc_conv(
+    p: &mut Patch,
+    g: &Graph,
+    conv: NodeId,
+    done: &mut HashMap<ValueId, String>,
+) -> std::result::Result<(), String> {
+    let node = g.node(conv);
+    let x = input(g, conv, 0).ok_or("no input")?;
+    let w = input(g, conv, 1).ok_or("no weight")?;
+    // A 4-D weight makes it a 2-D convolution of a 4-D (NCHW) input.
+    let weight = g
+        .initializer(w)
+        .filter(|t| t.dims().len() == 4)
+        .ok_or("its weight is not a 4-D initializer")?;
+    if node.attr("group").is_some_and(|a| a.i != 1) {
+        return Err("grouped convolution".into());
+    }
+    let y = output(g, conv).ok_or("no output")?;
+    let dims = weight.dims().to_vec();
+    let data = weight.bytes().map_err(|e| e.to_string())?;
+    let dtype = DataType::try_from(weight.data_type()).map_err(|_| "unknown weight type")?;
+    let module = node.module.clone();
+    let after = Some(conv);
+    let name = |tag: &str| format!("{module}/attune_{tag}");
+    let w_nhwc = p.constant(
+        &format!("{}_nhwc", weight.name()),
+        dtype,
+        vec![dims[0], dims[2], dims[3], dims[1]],
+        to_channels_last(&data, &dims),
+    );
+    let x = done.get(&x).map_or(In::Value(x), |v| In::New(v.clone()));
+    let nhwc = p.op(
+        "Transpose",
+        &name("conv_to_nhwc"),
+        vec![x],
+        vec![attr::ints("perm", &[0, 2, 3, 1])],
+        &module,
+        after,
+    );
+    let mut inputs = vec![In::New(nhwc), In::New(w_nhwc)];
+    inputs.extend(input(g, conv, 2).map(In::Value));
+    let attrs = node.proto.attribute.clone();
+    let out = p
+        .node(
+            "NhwcConv",
+            MS_DOMAIN,
+            &name("NhwcConv"),
+            inputs,
+            1,
+            attrs,
+            &module,
+            after,
+        )
+        .remove(0);
+    let nchw = p.op(
+        "Transpose",
+        &name("conv_to_nchw"),
+        vec![In::New(out)],
+        vec![attr::ints("perm", &[0, 3, 1, 2])],
+        &module,
+        after,
+    );
+    p.replace(y, In::New(nchw.clone()));
+    done.insert(y, nchw);
+    Ok(())
+}
+
+/// OIHW weight bytes as OHWI.
+fn to_channels_last(data: &[u8], dims: &[i64]) -> Vec<u8> {
+    let [m, c, kh, kw] = [dims[0], dims[1], dims[2], dims[3]].map(|d| d as usize);
+    let size = data.len() / (m * c * kh * kw).max(1);
+    let mut out = vec![0u8; data.len()];
+    for o in 0..m {
+        for i in 0..c {
+            for y in 0..kh {
+                for x in 0..kw {
+                    let from = ((o * c + i) * kh + y) * kw + x;
+                    let to = ((o * kh + y) * kw + x) * c + i;
+                    out[to * size..(to + 1) * size]
+                        .copy_from_slice(&data[from * size..(from + 1) * size]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Removes Transposes that undo the Transpose they read; returns how many.
+fn cancel_transposes(model: &mut Model) -> Result<usize> {
+    let perm = |g: &Graph, n: NodeId| g.node(n).attr("perm").map(|a| a.ints.clone());
+    let mut cancelled = 0;
+    for n in model.graph.topo_order()? {
+        let g = &model.graph;
+        if !g.contains_node(n) || !g.node(n).is("Transpose") {
+            continue;
+        }
+        let (Some(x), Some(y)) = (input(g, n, 0), output(g, n)) else {
+            continue;
+        };
+        let Some(first) = producer(g, x).filter(|f| g.node(*f).is("Transpose")) else {
+            continue;
+        };
+        let (Some(p1), Some(p2), Some(src)) = (perm(g, first), perm(g, n), input(g, first, 0))
+        else {
+            continue;
+        };
+        let undoes = p1.len() == p2.len()
+            && p2
+                .iter()
+                .enumerate()
+                .all(|(i, &j)| p1.get(j as usize) == Some(&(i as i64)));
+        if undoes && !g.is_graph_output(y) {
+            model.graph.replace_all_uses(y, src);
+            cancelled += 1;
+        }
+    }
+    Ok(cancelled)
+}
+
+/// Emits Transpose → GroupNorm → Transpose for `site`.
+fn fuse_group_norm(p: &mut Patch, g: &Graph, site: &GroupNormSite) {
+    let module = g.node(site.norm).module.clone();
+    let after = Some(site.norm);
+    let name = |tag: &str| format!("{module}/attune_{tag}");
+    let perm = |v: &[i64]| attr::ints("perm", v);
+    // γ/β: the kernel wants fp32 vectors; ORT folds these constant ops at load time.
+    let mut vector = |v: ValueId, tag: &str| {
+        let flat = p.i64s(&name("flat"), &[-1]);
+        let r = p.op(
+            "Reshape",
+            &name(tag),
+            vec![In::Value(v), In::New(flat)],
+            vec![],
+            &module,
+            after,
+        );
+        if g.value_elem_type(v)
+            .is_some_and(|t| t != DataType::Float as i32)
+            || g.initializer(v)
+                .is_some_and(|t| t.data_type() != DataType::Float as i32)
+        {
+            In::New(p.op(
+                "Cast",
+                &name(&format!("{tag}_f32")),
+                vec![In::New(r)],
+                vec![attr::int("to", DataType::Float as i64)],
+                &module,
+                after,
+            ))
+        } else {
+            In::New(r)
+        }
+    };
+    let gamma = vector(site.gamma, "gamma");
+    let beta = vector(site.beta, "beta");
+    let nhwc = p.op(
+        "Transpose",
+        &name("to_nhwc"),
+        vec![In::Value(site.x)],
+        vec![perm(&[0, 2, 3, 1])],
+        &module,
+        after,
+    );
+    let attrs = vec![
+        attr::int("activation", i64::from(site.silu)),
+        attr::int("channels_last", 1),
+        attr::float("epsilon", site.epsilon),
+        attr::int("groups", site.groups),
+    ];
+    let normed = p
+        .node(
+            "GroupNorm",
+            MS_DOMAIN,
+            &name("GroupNorm"),
+            vec![In::New(nhwc), gamma, beta],
+            1,
+            attrs,
+            &module,
+            after,
+        )
+        .remove(0);
+    let nchw = p.op(
+        "Transpose",
+        &name("to_nchw"),
+        vec![In::New(normed)],
+        vec![perm(&[0, 3, 1, 2])],
+        &module,
+        after,
+    );
+    p.replace(site.out, In::New(nchw));
+}
+
+impl Pass for CudaFusions {
+    fn name(&self) -> &'static str {
+        "cuda-fusions"
+    }
+
+    fn run(&self, model: &mut Model, _cx: &mut PassCx) -> Result<PassReport> {
+        let mut report = PassReport::default();
+        if self.precision == Precision::Bf16 {
+            report.notes.push(
+                "bf16: ONNX Runtime's CUDA GroupNorm and NhwcConv have no bf16 kernels; nothing fused".into(),
+            );
+            return Ok(report);
+        }
+        let shapes = Shapes::infer(model);
+        let g = &model.graph;
+        let mut sites = Vec::new();
+        for n in g.topo_order()? {
+            if !g.node(n).is("InstanceNormalization") {
+                continue;
+            }
+            match match_group_norm(g, &shapes, n) {
+                Ok(site) => sites.push(site),
+                Err(why) => report.skipped.push(Skipped {
+                    site: g.node(n).module.clone(),
+                    reason: format!("GroupNorm: {why}"),
+                }),
+            }
+        }
+        let mut p = Patch::new(model);
+        let (mut with_silu, n) = (0, sites.len());
+        for site in &sites {
+            fuse_group_norm(&mut p, g, site);
+            with_silu += usize::from(site.silu);
+        }
+        p.into_parts().apply(model)?;
+        // Convolutions read the fused GroupNorms' outputs: a second patch on the new graph.
+        let g = &model.graph;
+        let mut p = Patch::new(model);
+        let mut convs = 0;
+        let mut done = HashMap::new();
+        for c in g.topo_order()? {
+            if !g.node(c).is("Conv") {
+                continue;
+            }
+            match nhwc_conv(&mut p, g, c, &mut done) {
+                Ok(()) => convs += 1,
+                Err(why) => report.skipped.push(Skipped {
+                    site: g.node(c).module.clone(),
+                    reason: format!("NhwcConv: {why}"),
+                }),
+            }
+        }
+        if n + convs == 0 {
+            return Ok(report);
+        }
+        p.into_parts().apply(model)?;
+        model.require_opset(MS_DOMAIN, 1);
+        let cancelled = cancel_transposes(model)?;
+        let removed = dce(model);
+        if n > 0 {
+            report.rewritten.push(format!(
+                "{n} GroupNorm -> com.microsoft.GroupNorm (channels-last, {with_silu} with SiLU)"
+            ));
+        }
+        if convs > 0 {
+            report
+                .rewritten
+                .push(format!("{convs} Conv -> com.microsoft.NhwcConv"));
+        }
+        report.notes.push(format!(
+            "{cancelled} Transpose pairs cancelled; removed {} nodes",
+            removed.nodes
+        ));
+        Ok(report)
+    }
+}

@@ -1,0 +1,638 @@
+//! Deployment lowering: the target check, fp16/bf16 precision, recipes.
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use attune_compiler::analysis::ElemTypes;
+use attune_compiler::import;
+use attune_compiler::onnx::DataType;
+use attune_runtime::compare::compare;
+use attune_runtime::ort_backend::OrtOptions;
+use attune_runtime::{Backend, Ep, HostTensor, inputs, npy};
+use common::*;
+
+/// Runs a model on ORT CPU with its fixture's inputs (converted to the model's float types;
+/// optional inputs at their defaults); every output.
+fn run_cpu(fixture_name: &str, model: &Path) -> Vec<(String, HostTensor)> {
+    let m = import::read(model).unwrap();
+    let specs = inputs::input_specs(&m);
+    let dir = root().join("models").join(fixture_name).join("inputs");
+    let given = specs
+        .iter()
+        .filter(|s| !s.optional)
+        .map(|s| {
+            (
+                s.name.clone(),
+                npy::read(&dir.join(format!("{}.npy", s.name))).unwrap(),
+            )
+        })
+        .collect();
+    let feed = inputs::prepare(&specs, given, &Default::default(), 0).unwrap();
+    Backend::open(model, Ep::Cpu, &OrtOptions::default())
+        .unwrap_or_else(|e| panic!("{}: ORT CPU session: {e}", model.display()))
+        .run(&feed)
+        .unwrap_or_else(|e| panic!("{}: ORT CPU run: {e}", model.display()))
+}
+
+fn out_sample(outputs: Vec<(String, HostTensor)>) -> HostTensor {
+    outputs
+        .into_iter()
+        .find(|(n, _)| n == "out_sample")
+        .expect("out_sample")
+        .1
+}
+
+fn reference(name: &str) -> HostTensor {
+    npy::read(&root().join("models").join(name).join("ref/out_sample.npy")).unwrap()
+}
+
+const LORA: &str = "models/loras/kohya.safetensors";
+
+/// Pass combinations users run (`--target cpu` is the default); the LoRA ones where the
+/// LoRA file fits the fixture (made for the SD1.5 fixture's layers).
+fn combinations(name: &str) -> Vec<Vec<String>> {
+    let lora = root().join(LORA).display().to_string();
+    let combos: Vec<Vec<&str>> = vec![
+        vec![],
+        vec!["--attention", "flash"],
+        vec!["--attention", "onnx"],
+        vec!["--attention", "linear", "--attention-layers", "*.attn1"],
+        vec!["--tome", "0.5"],
+        vec!["--tome-mode", "todo"],
+        vec!["--tome", "0.5", "--tome-rand", "--attention", "flash"],
+        vec!["--hooks", "capture,p2p,masactrl", "--attention", "flash"],
+        vec!["--lora", &lora, "--attention", "onnx"],
+        vec!["--lora-mode", "adapter", "--lora-layers", "*attn*"],
+        vec!["--precision", "fp16"],
+        vec![
+            "--precision",
+            "fp16",
+            "--keep-io-types",
+            "--attention",
+            "flash",
+            "--tome",
+            "0.5",
+        ],
+        vec![
+            "--precision",
+            "fp16",
+            "--hooks",
+            "capture,p2p",
+            "--lora",
+            &lora,
+        ],
+    ];
+    let fits = |c: &Vec<&str>| {
+        name.starts_with("sd15_") && !name.contains("classic") && !name.contains("fp16")
+            || !c.contains(&"--lora")
+    };
+    combos
+        .into_iter()
+        .filter(fits)
+        .map(|c| {
+            c.into_iter()
+                .map(str::to_string)
+                .chain(DIMS.iter().map(|d| d.to_string()))
+                .collect()
+        })
+        .collect()
+}
+
+fn every_combination_runs_on_ort_cpu(fixtures: &[&str]) {
+    for name in fixtures {
+        let dir = tempfile::tempdir().unwrap();
+        for flags in combinations(name) {
+            let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+            let (out, _) = compile_into(dir.path(), &fixture(name), &flags);
+            let outputs = run_cpu(name, &out);
+            let y = out_sample(outputs).to_f64();
+            assert!(
+                y.iter().all(|v| v.is_finite()),
+                "{name} {flags:?}: non-finite output"
+            );
+        }
+    }
+}
+
+#[test]
+fn target_cpu_output_runs_for_every_fixture_and_combination_sd15() {
+    every_combination_runs_on_ort_cpu(&FIXTURES[..3]);
+}
+
+#[test]
+fn target_cpu_output_runs_for_every_fixture_and_combination_rest() {
+    every_combination_runs_on_ort_cpu(&FIXTURES[3..]);
+}
+
+/// Every normalisation computes its statistics in fp32 (reads fp32, or is a LayerNormalization
+/// whose stash_type is fp32); the timestep projection computes in fp32.
+fn assert_no_low_precision_statistics(model: &Path) {
+    let m = import::read(model).unwrap();
+    let g = &m.graph;
+    let types = ElemTypes::infer(g).unwrap();
+    let mut norms = 0;
+    for n in g.node_ids() {
+        let node = g.node(n);
+        let island = matches!(
+            node.op(),
+            "InstanceNormalization" | "LayerNormalization" | "GroupNormalization"
+        ) || node.module.ends_with("time_proj")
+            && matches!(node.op(), "Mul" | "Sin" | "Cos");
+        if !island {
+            continue;
+        }
+        norms += 1;
+        let stash = node.attr("stash_type").map_or(1, |a| a.i);
+        if node.op() == "LayerNormalization" && stash == DataType::Float as i64 {
+            continue;
+        }
+        let x = node.inputs[0].unwrap();
+        assert_eq!(
+            types.get(x),
+            Some(DataType::Float as i32),
+            "{} computes in {:?}",
+            node.describe(),
+            types.get(x)
+        );
+    }
+    assert!(norms > 0, "{}: no normalisation found", model.display());
+}
+
+#[test]
+fn fp16_matches_the_fp32_reference_and_keeps_statistics_in_fp32() {
+    const TOL: f64 = 5e-3;
+    for name in FIXTURES {
+        let dir = tempfile::tempdir().unwrap();
+        let reference = reference(name);
+        for extra in [
+            &[][..],
+            &["--keep-io-types"][..],
+            &["--attention", "flash"][..],
+        ] {
+            let flags: Vec<&str> = ["--precision", "fp16"]
+                .iter()
+                .chain(extra)
+                .copied()
+                .collect();
+            let (out, stdout) = compile_into(dir.path(), &fixture(name), &flags);
+            assert!(stdout.contains("fp32 islands"), "{stdout}");
+            assert_no_low_precision_statistics(&out);
+            let m = import::read(&out).unwrap();
+            let io_type = m.graph.outputs[0].info.r#type.clone().unwrap();
+            let declared = attune_compiler::onnx::tensor_type(&io_type)
+                .unwrap()
+                .elem_type;
+            let expect = if extra.contains(&"--keep-io-types") || name.contains("fp16") {
+                reference.dtype()
+            } else {
+                attune_runtime::DType::F16
+            };
+            assert_eq!(
+                attune_runtime::DType::from_onnx(declared),
+                Some(expect),
+                "{name} {extra:?}"
+            );
+            let got = out_sample(run_cpu(name, &out));
+            let c = compare(
+                "out_sample",
+                &reference,
+                &got.float_as(reference.dtype()).unwrap_or(got),
+            )
+            .unwrap();
+            assert!(
+                c.within(TOL),
+                "{name} {extra:?}: fp16 vs fp32 reference rel L2 {:.2e}",
+                c.rel_l2
+            );
+        }
+    }
+}
+
+#[test]
+fn fp16_halves_the_weights_and_bf16_is_refused_on_cpu_naming_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let (f32_out, _) = compile_into(dir.path(), &fixture("sd15_legacy"), &[]);
+    let (f16_out, _) = compile_into(
+        dir.path(),
+        &fixture("sd15_legacy"),
+        &["--precision", "fp16"],
+    );
+    let size = |p: &Path| fs::metadata(p.with_extension("onnx.data")).unwrap().len() as f64;
+    let ratio = size(&f16_out) / size(&f32_out);
+    assert!((0.45..0.55).contains(&ratio), "data file ratio {ratio}");
+
+    let before = snapshot(&root().join("models/sd15_legacy"));
+    let out = dir.path().join("bf16.onnx");
+    let o = attune(&[
+        "compile",
+        fixture("sd15_legacy").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--precision",
+        "bf16",
+    ]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("node '")
+            && err.contains("has no bf16 kernel")
+            && err.contains("CPU execution provider"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing is written when the check fails");
+    assert_eq!(before, snapshot(&root().join("models/sd15_legacy")));
+
+    // The same conversion for CUDA passes the check (bf16 kernels exist there).
+    let (cuda, stdout) = compile_into(
+        dir.path(),
+        &fixture("sd15_legacy"),
+        &["--precision", "bf16", "--target", "cuda"],
+    );
+    assert!(cuda.exists(), "{stdout}");
+}
+
+#[test]
+fn an_op_the_target_cannot_run_is_refused_with_the_node_named() {
+    // A contrib op only the CUDA EP implements, spliced into a fixture.
+    use attune_compiler::onnx::{ModelProto, NodeProto, OperatorSetIdProto};
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let model = copy_fixture("sd15_legacy", dir.path());
+    let mut proto = ModelProto::decode(fs::read(&model).unwrap().as_slice()).unwrap();
+    let g = proto.graph.as_mut().unwrap();
+    let out = g.output[0].name.clone();
+    let last = g.node.iter_mut().find(|n| n.output.contains(&out)).unwrap();
+    last.output = vec!["pre_bias".into()];
+    g.node.push(NodeProto {
+        name: "my_bias_add".into(),
+        op_type: "BiasAdd".into(),
+        domain: "com.microsoft".into(),
+        input: vec!["pre_bias".into(), "pre_bias".into(), "pre_bias".into()],
+        output: vec![out],
+        ..Default::default()
+    });
+    proto.opset_import.push(OperatorSetIdProto {
+        domain: "com.microsoft".into(),
+        version: 1,
+    });
+    fs::write(&model, proto.encode_to_vec()).unwrap();
+    let o = attune(&[
+        "compile",
+        model.to_str().unwrap(),
+        "-o",
+        dir.path().join("o.onnx").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("node 'my_bias_add' (BiasAdd")
+            && err.contains("CPU execution provider cannot run com.microsoft.BiasAdd"),
+        "{err}"
+    );
+    let o = attune(&[
+        "compile",
+        model.to_str().unwrap(),
+        "-o",
+        dir.path().join("c.onnx").to_str().unwrap(),
+        "--target",
+        "cuda",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn a_recipe_and_the_equivalent_flags_produce_identical_graphs() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipes = root().join("models/recipes");
+    let lora = |f: &str| root().join("models/loras").join(f).display().to_string();
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        (
+            "cpu_flash_tome.toml",
+            vec!["--attention", "flash", "--tome", "0.5", "--weights", "link"]
+                .into_iter()
+                .map(String::from)
+                .collect(),
+        ),
+        (
+            "lora_style.toml",
+            vec![
+                "--attention".into(),
+                "flash".into(),
+                "--lora".into(),
+                format!("{}:0.8", lora("kohya.safetensors")),
+                "--lora".into(),
+                format!("{}:0.5", lora("loha.safetensors")),
+            ],
+        ),
+        (
+            "p2p_capture.toml",
+            vec!["--attention", "flash", "--hooks", "capture,p2p,masactrl"]
+                .into_iter()
+                .map(String::from)
+                .collect(),
+        ),
+        (
+            "cuda_fp16.toml",
+            vec![
+                "--target",
+                "cuda",
+                "--precision",
+                "fp16",
+                "--attention",
+                "flash",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+        ),
+    ];
+    for (recipe, flags) in cases {
+        let path = recipes.join(recipe);
+        let (a, _) = compile_into(
+            dir.path(),
+            &fixture("sd15_legacy"),
+            &["--recipe", path.to_str().unwrap()],
+        );
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let (b, _) = compile_into(dir.path(), &fixture("sd15_legacy"), &flags);
+        assert!(
+            normalized(&a) == normalized(&b),
+            "{recipe}: recipe and flags differ"
+        );
+    }
+    // Flags given on the command line override the recipe.
+    let path = recipes.join("cpu_flash_tome.toml");
+    let (a, _) = compile_into(
+        dir.path(),
+        &fixture("sd15_legacy"),
+        &[
+            "--recipe",
+            path.to_str().unwrap(),
+            "--attention",
+            "keep",
+            "--tome",
+            "0.25",
+        ],
+    );
+    let (b, _) = compile_into(
+        dir.path(),
+        &fixture("sd15_legacy"),
+        &["--tome", "0.25", "--weights", "link"],
+    );
+    assert!(
+        normalized(&a) == normalized(&b),
+        "command-line flags must win over the recipe"
+    );
+}
+
+#[test]
+fn recipe_errors_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[attention]\nmode = \"flash\"\nlayer = \"*\"\n",
+            "unknown field `layer`",
+        ),
+        (
+            "target = \"tpu\"\n",
+            "recipe key `target`: 'tpu' is not one of cpu, cuda",
+        ),
+        (
+            "precision = \"fp8\"\n",
+            "recipe key `precision`: 'fp8' is not one of fp32, fp16, bf16",
+        ),
+        ("[tome]\nratio = \"half\"\n", "invalid type"),
+        ("[[lora]]\nscale = 0.5\n", "missing field `file`"),
+    ];
+    for (text, want) in cases {
+        let recipe = dir.path().join("r.toml");
+        fs::write(&recipe, text).unwrap();
+        let o = attune(&[
+            "compile",
+            fixture("sd15_legacy").to_str().unwrap(),
+            "-o",
+            dir.path().join("o.onnx").to_str().unwrap(),
+            "--recipe",
+            recipe.to_str().unwrap(),
+        ]);
+        assert!(!o.status.success());
+        let err = stderr(&o);
+        assert!(
+            err.contains(want) && err.contains("r.toml"),
+            "{text:?}: {err}"
+        );
+        assert!(!dir.path().join("o.onnx").exists());
+    }
+}
+
+/// Ops of a model by (domain-qualified) name, with how often each occurs.
+fn op_counts(model: &attune_compiler::ir::Model) -> std::collections::HashMap<String, usize> {
+    let g = &model.graph;
+    let mut counts = std::collections::HashMap::new();
+    for n in g.node_ids() {
+        let node = g.node(n);
+        let key = if node.domain().is_empty() {
+            node.op().to_string()
+        } else {
+            format!("{}.{}", node.domain(), node.op())
+        };
+        *counts.entry(key).or_default() += 1;
+    }
+    counts
+}
+
+/// The float values of an initializer (f32 or f16).
+fn floats(t: &attune_compiler::weights::Tensor) -> Vec<f32> {
+    let bytes = t.bytes().unwrap();
+    match DataType::try_from(t.data_type()).unwrap() {
+        DataType::Float => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
+        DataType::Float16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => panic!("{}: {other:?}", t.name()),
+    }
+}
+
+#[test]
+fn cuda_target_fuses_every_group_norm_and_conv_channels_last() {
+    for name in FIXTURES {
+        let dir = tempfile::tempdir().unwrap();
+        let original = import::read(&fixture(name)).unwrap();
+        let before = op_counts(&original);
+        let n_norms = before["InstanceNormalization"];
+        let n_convs = before["Conv"];
+        for precision in ["fp32", "fp16"] {
+            let (out, stdout) = compile_into(
+                dir.path(),
+                &fixture(name),
+                &["--target", "cuda", "--precision", precision],
+            );
+            let m = import::read(&out).unwrap();
+            let after = op_counts(&m);
+            let count = |op: &str| after.get(op).copied().unwrap_or(0);
+            assert_eq!(
+                count("com.microsoft.GroupNorm"),
+                n_norms,
+                "{name} {precision}: {stdout}"
+            );
+            assert_eq!(
+                count("com.microsoft.NhwcConv"),
+                n_convs,
+                "{name} {precision}"
+            );
+            assert_eq!(
+                count("InstanceNormalization") + count("Conv"),
+                0,
+                "{name} {precision}"
+            );
+            assert!(
+                count("Transpose")
+                    < before.get("Transpose").copied().unwrap_or(0) + 2 * (n_norms + n_convs),
+                "{name}: transposes cancelled"
+            );
+            let g = &m.graph;
+            assert_eq!(
+                g.value(g.outputs[0].value).name,
+                "out_sample",
+                "{name}: the output keeps its name"
+            );
+            let types = ElemTypes::infer(g).unwrap();
+            // fp32 keeps the export's own type (the fp16 fixture stays fp16).
+            let native = original
+                .graph
+                .value_elem_type(original.graph.inputs[0].value)
+                .unwrap();
+            let low = if precision == "fp16" {
+                DataType::Float16 as i32
+            } else {
+                native
+            };
+            for n in g.node_ids() {
+                let node = g.node(n);
+                if node.op() == "GroupNorm" {
+                    // ONNX Runtime's kernel: fp32 γ/β, statistics in fp32 whatever X is.
+                    assert_eq!(
+                        types.get(node.inputs[1].unwrap()),
+                        Some(DataType::Float as i32),
+                        "{name}: γ of {}",
+                        node.describe()
+                    );
+                    assert_eq!(
+                        types.get(node.inputs[2].unwrap()),
+                        Some(DataType::Float as i32),
+                        "{name}: β"
+                    );
+                    assert_eq!(node.attr("channels_last").map(|a| a.i), Some(1));
+                }
+                if node.op() == "NhwcConv" {
+                    assert_eq!(
+                        types.get(node.inputs[0].unwrap()),
+                        Some(low),
+                        "{name} {precision}: {}",
+                        node.describe()
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn nhwc_conv_weights_are_the_original_weights_channels_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, _) = compile_into(dir.path(), &fixture("sd15_legacy"), &["--target", "cuda"]);
+    let original = import::read(&fixture("sd15_legacy")).unwrap();
+    let m = import::read(&out).unwrap();
+    let g = &m.graph;
+    let mut checked = 0;
+    for n in g.node_ids().filter(|n| g.node(*n).op() == "NhwcConv") {
+        let w = g.initializer(g.node(n).inputs[1].unwrap()).unwrap();
+        let src_name = w
+            .name()
+            .strip_suffix("_nhwc")
+            .expect("named after the original weight");
+        let src = original
+            .graph
+            .initializer(original.graph.value_id(src_name).unwrap())
+            .unwrap();
+        let [o, c, kh, kw] = <[i64; 4]>::try_from(src.dims())
+            .unwrap()
+            .map(|d| d as usize);
+        assert_eq!(w.dims(), &[o as i64, kh as i64, kw as i64, c as i64]);
+        let (a, b) = (floats(src), floats(w));
+        for (i, j, y, x) in [
+            (0, 0, 0, 0),
+            (o - 1, c - 1, kh - 1, kw - 1),
+            (o / 2, c / 3, kh / 2, kw - 1),
+        ] {
+            assert_eq!(
+                a[((i * c + j) * kh + y) * kw + x],
+                b[((i * kh + y) * kw + x) * c + j],
+                "{src_name}[{i},{j},{y},{x}]"
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked > 10);
+}
+
+/// The fused graph's outputs on ONNX Runtime's CUDA EP against the fixture references. Needs
+/// an NVIDIA GPU and `attune setup --cuda`: `cargo test --test lowering -- --ignored`.
+#[test]
+#[ignore = "needs an NVIDIA GPU (cargo test --test lowering -- --ignored)"]
+fn cuda_target_output_matches_the_reference_on_ort_cuda() {
+    for name in [
+        "sd15_legacy",
+        "sd15_dynamo",
+        "sdxl_legacy",
+        "sd15_fp16_legacy",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        for (precision, tol) in [("fp32", 5e-3), ("fp16", 5e-3)] {
+            let (out, _) = compile_into(
+                dir.path(),
+                &fixture(name),
+                &[
+                    "--target",
+                    "cuda",
+                    "--attention",
+                    "flash",
+                    "--precision",
+                    precision,
+                ],
+            );
+            let m = import::read(&out).unwrap();
+            let specs = inputs::input_specs(&m);
+            let inputs_dir = root().join("models").join(name).join("inputs");
+            let given = specs
+                .iter()
+                .filter(|s| !s.optional)
+                .map(|s| {
+                    (
+                        s.name.clone(),
+                        npy::read(&inputs_dir.join(format!("{}.npy", s.name))).unwrap(),
+                    )
+                })
+                .collect();
+            let feed = inputs::prepare(&specs, given, &Default::default(), 0).unwrap();
+            let y = Backend::open(&out, Ep::Cuda, &OrtOptions::default())
+                .unwrap()
+                .run(&feed)
+                .unwrap();
+            let reference = reference(name);
+            let got = out_sample(y);
+            let c = compare(
+                "out_sample",
+                &reference,
+                &got.float_as(reference.dtype()).unwrap_or(got),
+            )
+            .unwrap();
+            assert!(c.rel_l2 <= tol, "{name} {precision}: rel L2 {}", c.rel_l2);
+        }
+    }
+}
