@@ -15,6 +15,11 @@ use common::*;
 /// Runs a model on ORT CPU with its fixture's inputs (converted to the model's float types;
 /// optional inputs at their defaults); every output.
 fn run_cpu(fixture_name: &str, model: &Path) -> Vec<(String, HostTensor)> {
+    run_on(Ep::Cpu, fixture_name, model)
+}
+
+/// [`run_cpu`] on `ep`.
+fn run_on(ep: Ep, fixture_name: &str, model: &Path) -> Vec<(String, HostTensor)> {
     let m = import::read(model).unwrap();
     let specs = inputs::input_specs(&m);
     let dir = root().join("models").join(fixture_name).join("inputs");
@@ -29,10 +34,10 @@ fn run_cpu(fixture_name: &str, model: &Path) -> Vec<(String, HostTensor)> {
         })
         .collect();
     let feed = inputs::prepare(&specs, given, &Default::default(), 0).unwrap();
-    Backend::open(model, Ep::Cpu, &OrtOptions::default())
-        .unwrap_or_else(|e| panic!("{}: ORT CPU session: {e}", model.display()))
+    Backend::open(model, ep, &OrtOptions::default())
+        .unwrap_or_else(|e| panic!("{}: {ep:?} session: {e}", model.display()))
         .run(&feed)
-        .unwrap_or_else(|e| panic!("{}: ORT CPU run: {e}", model.display()))
+        .unwrap_or_else(|e| panic!("{}: {ep:?} run: {e}", model.display()))
 }
 
 fn out_sample(outputs: Vec<(String, HostTensor)>) -> HostTensor {
@@ -606,24 +611,7 @@ fn cuda_target_output_matches_the_reference_on_ort_cuda() {
                     precision,
                 ],
             );
-            let m = import::read(&out).unwrap();
-            let specs = inputs::input_specs(&m);
-            let inputs_dir = root().join("models").join(name).join("inputs");
-            let given = specs
-                .iter()
-                .filter(|s| !s.optional)
-                .map(|s| {
-                    (
-                        s.name.clone(),
-                        npy::read(&inputs_dir.join(format!("{}.npy", s.name))).unwrap(),
-                    )
-                })
-                .collect();
-            let feed = inputs::prepare(&specs, given, &Default::default(), 0).unwrap();
-            let y = Backend::open(&out, Ep::Cuda, &OrtOptions::default())
-                .unwrap()
-                .run(&feed)
-                .unwrap();
+            let y = run_on(Ep::Cuda, name, &out);
             let reference = reference(name);
             let got = out_sample(y);
             let c = compare(

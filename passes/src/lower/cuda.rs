@@ -16,7 +16,7 @@ use attune_compiler::analysis::Dim;
 use attune_compiler::analysis::Shapes;
 use attune_compiler::error::Result;
 use attune_compiler::ir::{Graph, Model, NodeId, Use, ValueId};
-use attune_compiler::onnx::DataType;
+use attune_compiler::onnx::{AttributeProto, DataType};
 use attune_compiler::pass::{Pass, PassCx, PassReport, Skipped};
 use attune_compiler::patch::{In, Patch, attr};
 
@@ -222,7 +222,6 @@ fn nhwc_conv(
     let dtype = DataType::try_from(weight.data_type()).map_err(|_| "unknown weight type")?;
     let module = node.module.clone();
     let after = Some(conv);
-    let name = |tag: &str| format!("{module}/attune_{tag}");
     let w_nhwc = p.constant(
         &format!("{}_nhwc", weight.name()),
         dtype,
@@ -230,37 +229,14 @@ fn nhwc_conv(
         to_channels_last(&data, &dims),
     );
     let x = done.get(&x).map_or(In::Value(x), |v| In::New(v.clone()));
-    let nhwc = p.op(
-        "Transpose",
-        &name("conv_to_nhwc"),
-        vec![x],
-        vec![attr::ints("perm", &[0, 2, 3, 1])],
-        &module,
-        after,
-    );
-    let mut inputs = vec![In::New(nhwc), In::New(w_nhwc)];
-    inputs.extend(input(g, conv, 2).map(In::Value));
+    let mut rest = vec![In::New(w_nhwc)];
+    rest.extend(input(g, conv, 2).map(In::Value));
     let attrs = node.proto.attribute.clone();
-    let out = p
-        .node(
-            "NhwcConv",
-            MS_DOMAIN,
-            &name("NhwcConv"),
-            inputs,
-            1,
-            attrs,
-            &module,
-            after,
-        )
-        .remove(0);
-    let nchw = p.op(
-        "Transpose",
-        &name("conv_to_nchw"),
-        vec![In::New(out)],
-        vec![attr::ints("perm", &[0, 3, 1, 2])],
-        &module,
+    let at = Site {
+        module: &module,
         after,
-    );
+    };
+    let nchw = channels_last(p, &at, "NhwcConv", x, rest, attrs);
     p.replace(y, In::New(nchw.clone()));
     done.insert(y, nchw);
     Ok(())
@@ -323,7 +299,6 @@ fn fuse_group_norm(p: &mut Patch, g: &Graph, site: &GroupNormSite) {
     let module = g.node(site.norm).module.clone();
     let after = Some(site.norm);
     let name = |tag: &str| format!("{module}/attune_{tag}");
-    let perm = |v: &[i64]| attr::ints("perm", v);
     // γ/β: the kernel wants fp32 vectors; ORT folds these constant ops at load time.
     let mut vector = |v: ValueId, tag: &str| {
         let flat = p.i64s(&name("flat"), &[-1]);
@@ -354,41 +329,69 @@ fn fuse_group_norm(p: &mut Patch, g: &Graph, site: &GroupNormSite) {
     };
     let gamma = vector(site.gamma, "gamma");
     let beta = vector(site.beta, "beta");
-    let nhwc = p.op(
-        "Transpose",
-        &name("to_nhwc"),
-        vec![In::Value(site.x)],
-        vec![perm(&[0, 2, 3, 1])],
-        &module,
-        after,
-    );
     let attrs = vec![
         attr::int("activation", i64::from(site.silu)),
         attr::int("channels_last", 1),
         attr::float("epsilon", site.epsilon),
         attr::int("groups", site.groups),
     ];
-    let normed = p
-        .node(
-            "GroupNorm",
-            MS_DOMAIN,
-            &name("GroupNorm"),
-            vec![In::New(nhwc), gamma, beta],
-            1,
-            attrs,
-            &module,
-            after,
-        )
-        .remove(0);
-    let nchw = p.op(
-        "Transpose",
-        &name("to_nchw"),
-        vec![In::New(normed)],
-        vec![perm(&[0, 3, 1, 2])],
-        &module,
+    let at = Site {
+        module: &module,
         after,
+    };
+    let nchw = channels_last(
+        p,
+        &at,
+        "GroupNorm",
+        In::Value(site.x),
+        vec![gamma, beta],
+        attrs,
     );
     p.replace(site.out, In::New(nchw));
+}
+
+/// Where emitted nodes go: their module path, and the node they follow in the exported order.
+struct Site<'a> {
+    module: &'a str,
+    after: Option<NodeId>,
+}
+
+/// `com.microsoft.<op>` on channels-last data between Transposes: reads NCHW `x` (then
+/// `rest`), returns the NCHW output's name.
+fn channels_last(
+    p: &mut Patch,
+    at: &Site,
+    op: &str,
+    x: In,
+    rest: Vec<In>,
+    attrs: Vec<AttributeProto>,
+) -> String {
+    let name = |tag: &str| format!("{}/attune_{tag}", at.module);
+    let transpose = |p: &mut Patch, x: In, tag: &str, perm: &[i64]| {
+        p.op(
+            "Transpose",
+            &name(tag),
+            vec![x],
+            vec![attr::ints("perm", perm)],
+            at.module,
+            at.after,
+        )
+    };
+    let nhwc = transpose(p, x, &format!("{op}_to_nhwc"), &[0, 2, 3, 1]);
+    let inputs = std::iter::once(In::New(nhwc)).chain(rest).collect();
+    let out = p
+        .node(
+            op,
+            MS_DOMAIN,
+            &name(op),
+            inputs,
+            1,
+            attrs,
+            at.module,
+            at.after,
+        )
+        .remove(0);
+    transpose(p, In::New(out), &format!("{op}_to_nchw"), &[0, 3, 1, 2])
 }
 
 impl Pass for CudaFusions {
