@@ -624,3 +624,146 @@ fn cuda_target_output_matches_the_reference_on_ort_cuda() {
         }
     }
 }
+
+/// The `--target cuda` graph with its CUDA-only ops written out in standard ops that do the
+/// same (NhwcConv: Conv between Transposes, with the weights back to OIHW; GroupNorm: the
+/// exporters' InstanceNormalization form), so ONNX Runtime's CPU EP can check every layout
+/// change, weight permutation and attribute the fusions wrote.
+fn with_cuda_ops_in_standard_ops(model: &Path, out: &Path) {
+    use attune_compiler::patch::{In, Patch, attr};
+    let mut m = import::read(model).unwrap();
+    let g = &m.graph;
+    let mut p = Patch::new(&m);
+    // New nodes read what replaces an old value (a patch rewires only the old readers).
+    let mut replaced: std::collections::HashMap<attune_compiler::ir::ValueId, In> =
+        Default::default();
+    for n in g.topo_order().unwrap() {
+        let node = g.node(n);
+        if node.domain() != "com.microsoft" || !matches!(node.op(), "NhwcConv" | "GroupNorm") {
+            continue;
+        }
+        let (module, after) = (node.module.clone(), Some(n));
+        let name = format!("{}_standard", node.name());
+        let mut op = |p: &mut Patch, op: &str, inputs: Vec<In>, attrs| {
+            In::New(p.op(op, &name, inputs, attrs, &module, after))
+        };
+        let input = |i: usize| {
+            let v = node.inputs[i].unwrap();
+            replaced.get(&v).cloned().unwrap_or(In::Value(v))
+        };
+        let to_nchw =
+            |p: &mut Patch, x, op: &mut dyn FnMut(&mut Patch, &str, Vec<In>, Vec<_>) -> In| {
+                op(
+                    p,
+                    "Transpose",
+                    vec![x],
+                    vec![attr::ints("perm", &[0, 3, 1, 2])],
+                )
+            };
+        let x = to_nchw(&mut p, input(0), &mut op);
+        let y = if node.op() == "NhwcConv" {
+            let w = to_nchw(&mut p, input(1), &mut op);
+            let mut inputs = vec![x, w];
+            inputs.extend(node.inputs.get(2).copied().flatten().map(|_| input(2)));
+            op(&mut p, "Conv", inputs, node.proto.attribute.clone())
+        } else {
+            let int = |k: &str| node.attr(k).unwrap().i;
+            let groups = int("groups");
+            let ones = p.constant(
+                "gn_ones",
+                DataType::Float,
+                vec![groups],
+                1f32.to_le_bytes().repeat(groups as usize),
+            );
+            let zeros = p.constant(
+                "gn_zeros",
+                DataType::Float,
+                vec![groups],
+                vec![0; 4 * groups as usize],
+            );
+            let grouped_shape = In::New(p.i64s("gn_grouped", &[0, groups, -1]));
+            let channel_col = In::New(p.i64s("gn_channel_col", &[-1, 1, 1]));
+            let f32_x = op(
+                &mut p,
+                "Cast",
+                vec![x.clone()],
+                vec![attr::int("to", DataType::Float as i64)],
+            );
+            let grouped = op(&mut p, "Reshape", vec![f32_x, grouped_shape], vec![]);
+            let eps = attr::float("epsilon", node.attr("epsilon").unwrap().f);
+            let normed = op(
+                &mut p,
+                "InstanceNormalization",
+                vec![grouped, In::New(ones), In::New(zeros)],
+                vec![eps],
+            );
+            let shape = op(&mut p, "Shape", vec![x.clone()], vec![]);
+            let back = op(&mut p, "Reshape", vec![normed, shape], vec![]);
+            let gamma = op(
+                &mut p,
+                "Reshape",
+                vec![input(1), channel_col.clone()],
+                vec![],
+            );
+            let beta = op(&mut p, "Reshape", vec![input(2), channel_col], vec![]);
+            let scaled = op(&mut p, "Mul", vec![back, gamma], vec![]);
+            let mut y = op(&mut p, "Add", vec![scaled, beta], vec![]);
+            if int("activation") == 1 {
+                let s = op(&mut p, "Sigmoid", vec![y.clone()], vec![]);
+                y = op(&mut p, "Mul", vec![y, s], vec![]);
+            }
+            op(&mut p, "CastLike", vec![y, x], vec![])
+        };
+        let y = op(
+            &mut p,
+            "Transpose",
+            vec![y],
+            vec![attr::ints("perm", &[0, 2, 3, 1])],
+        );
+        p.replace(node.outputs[0].unwrap(), y.clone());
+        replaced.insert(node.outputs[0].unwrap(), y);
+    }
+    p.into_parts().apply(&mut m).unwrap();
+    attune_passes::cleanup::dce(&mut m);
+    attune_compiler::export::write(&m, out, &Default::default()).unwrap();
+}
+
+#[test]
+fn cuda_target_graphs_compute_the_reference_with_their_cuda_ops_in_standard_form() {
+    for name in FIXTURES {
+        let dir = tempfile::tempdir().unwrap();
+        for precision in ["fp32", "fp16"] {
+            // fp32 keeps the fp16 fixture in fp16.
+            let tol = if precision == "fp32" && !name.contains("fp16") {
+                1e-4
+            } else {
+                5e-3
+            };
+            let flags = [
+                "--target",
+                "cuda",
+                "--attention",
+                "flash",
+                "--precision",
+                precision,
+            ];
+            let (out, _) = compile_into(dir.path(), &fixture(name), &flags);
+            let standard = dir.path().join(format!("standard_{precision}.onnx"));
+            with_cuda_ops_in_standard_ops(&out, &standard);
+            let reference = reference(name);
+            let got = out_sample(run_cpu(name, &standard));
+            let c = compare(
+                "out_sample",
+                &reference,
+                &got.float_as(reference.dtype()).unwrap_or(got),
+            )
+            .unwrap();
+            println!("{name} {precision}: rel L2 {:.3e}", c.rel_l2);
+            assert!(
+                c.rel_l2 <= tol,
+                "{name} {precision}: rel L2 {} > {tol}",
+                c.rel_l2
+            );
+        }
+    }
+}

@@ -294,6 +294,61 @@ fn cancel_transposes(model: &mut Model) -> Result<usize> {
     Ok(cancelled)
 }
 
+/// `Shape(Transpose(x, perm))` → `Gather(Shape(x), perm)` where a Transpose is read only for
+/// its shape (the NCHW views of NhwcConv outputs whose data flows on channels-last); returns
+/// how many Shapes changed.
+fn shapes_without_transposes(model: &mut Model) -> Result<usize> {
+    let g = &model.graph;
+    let mut p = Patch::new(model);
+    let mut changed = 0;
+    for t in g.topo_order()? {
+        let node = g.node(t);
+        let (Some(x), Some(y), Some(perm)) = (input(g, t, 0), output(g, t), node.attr("perm"))
+        else {
+            continue;
+        };
+        let readers: Option<Vec<NodeId>> = g
+            .value(y)
+            .consumers
+            .iter()
+            .map(|u| match u {
+                Use::Input(n, _)
+                    if g.node(*n).is("Shape") && g.node(*n).proto.attribute.is_empty() =>
+                {
+                    Some(*n)
+                }
+                _ => None,
+            })
+            .collect();
+        let Some(shapes) =
+            readers.filter(|r| !r.is_empty() && node.is("Transpose") && !g.is_graph_output(y))
+        else {
+            continue;
+        };
+        for s in shapes {
+            let module = g.node(s).module.clone();
+            let name = format!("{module}/attune_shape_untransposed");
+            let shape = p.op("Shape", &name, vec![In::Value(x)], vec![], &module, Some(s));
+            let order = p.i64s(&format!("{name}_perm"), &perm.ints);
+            let permuted = p.op(
+                "Gather",
+                &name,
+                vec![In::New(shape), In::New(order)],
+                vec![attr::int("axis", 0)],
+                &module,
+                Some(s),
+            );
+            p.replace(
+                output(g, s).expect("Shape has an output"),
+                In::New(permuted),
+            );
+            changed += 1;
+        }
+    }
+    p.into_parts().apply(model)?;
+    Ok(changed)
+}
+
 /// Emits Transpose → GroupNorm → Transpose for `site`.
 fn fuse_group_norm(p: &mut Patch, g: &Graph, site: &GroupNormSite) {
     let module = g.node(site.norm).module.clone();
@@ -452,7 +507,9 @@ impl Pass for CudaFusions {
         p.into_parts().apply(model)?;
         model.require_opset(MS_DOMAIN, 1);
         let cancelled = cancel_transposes(model)?;
-        let removed = dce(model);
+        let mut removed = dce(model).nodes; // the cancelled ones no longer read the first
+        let untransposed = shapes_without_transposes(model)?;
+        removed += dce(model).nodes;
         if n > 0 {
             report.rewritten.push(format!(
                 "{n} GroupNorm -> com.microsoft.GroupNorm (channels-last, {with_silu} with SiLU)"
@@ -464,8 +521,8 @@ impl Pass for CudaFusions {
                 .push(format!("{convs} Conv -> com.microsoft.NhwcConv"));
         }
         report.notes.push(format!(
-            "{cancelled} Transpose pairs cancelled; removed {} nodes",
-            removed.nodes
+            "{cancelled} Transpose pairs cancelled, {untransposed} Shapes read before the Transpose; removed {} nodes",
+            removed
         ));
         Ok(report)
     }
