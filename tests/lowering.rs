@@ -52,6 +52,21 @@ fn reference(name: &str) -> HostTensor {
     npy::read(&root().join("models").join(name).join("ref/out_sample.npy")).unwrap()
 }
 
+/// `out_sample` of `outputs` against the fixture's reference (in the reference's type).
+fn against_reference(
+    name: &str,
+    outputs: Vec<(String, HostTensor)>,
+) -> attune_runtime::compare::Comparison {
+    let reference = reference(name);
+    let got = out_sample(outputs);
+    compare(
+        "out_sample",
+        &reference,
+        &got.float_as(reference.dtype()).unwrap_or(got),
+    )
+    .unwrap()
+}
+
 const LORA: &str = "models/loras/kohya.safetensors";
 
 /// Pass combinations users run (`--target cpu` is the default); the LoRA ones where the
@@ -198,13 +213,7 @@ fn fp16_matches_the_fp32_reference_and_keeps_statistics_in_fp32() {
                 Some(expect),
                 "{name} {extra:?}"
             );
-            let got = out_sample(run_cpu(name, &out));
-            let c = compare(
-                "out_sample",
-                &reference,
-                &got.float_as(reference.dtype()).unwrap_or(got),
-            )
-            .unwrap();
+            let c = against_reference(name, run_cpu(name, &out));
             assert!(
                 c.within(TOL),
                 "{name} {extra:?}: fp16 vs fp32 reference rel L2 {:.2e}",
@@ -611,15 +620,7 @@ fn cuda_target_output_matches_the_reference_on_ort_cuda() {
                     precision,
                 ],
             );
-            let y = run_on(Ep::Cuda, name, &out);
-            let reference = reference(name);
-            let got = out_sample(y);
-            let c = compare(
-                "out_sample",
-                &reference,
-                &got.float_as(reference.dtype()).unwrap_or(got),
-            )
-            .unwrap();
+            let c = against_reference(name, run_on(Ep::Cuda, name, &out));
             assert!(c.rel_l2 <= tol, "{name} {precision}: rel L2 {}", c.rel_l2);
         }
     }
@@ -750,14 +751,7 @@ fn cuda_target_graphs_compute_the_reference_with_their_cuda_ops_in_standard_form
             let (out, _) = compile_into(dir.path(), &fixture(name), &flags);
             let standard = dir.path().join(format!("standard_{precision}.onnx"));
             with_cuda_ops_in_standard_ops(&out, &standard);
-            let reference = reference(name);
-            let got = out_sample(run_cpu(name, &standard));
-            let c = compare(
-                "out_sample",
-                &reference,
-                &got.float_as(reference.dtype()).unwrap_or(got),
-            )
-            .unwrap();
+            let c = against_reference(name, run_cpu(name, &standard));
             println!("{name} {precision}: rel L2 {:.3e}", c.rel_l2);
             assert!(
                 c.rel_l2 <= tol,
