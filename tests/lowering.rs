@@ -595,6 +595,19 @@ fn nhwc_conv_weights_are_the_original_weights_channels_last() {
     assert!(checked > 10);
 }
 
+/// `compile --target cuda --attention flash --precision PRECISION` of a fixture.
+fn compile_for_cuda(dir: &Path, name: &str, precision: &str) -> std::path::PathBuf {
+    let flags = [
+        "--target",
+        "cuda",
+        "--attention",
+        "flash",
+        "--precision",
+        precision,
+    ];
+    compile_into(dir, &fixture(name), &flags).0
+}
+
 /// The fused graph's outputs on ONNX Runtime's CUDA EP against the fixture references. Needs
 /// an NVIDIA GPU and `attune setup --cuda`: `cargo test --test lowering -- --ignored`.
 #[test]
@@ -608,18 +621,7 @@ fn cuda_target_output_matches_the_reference_on_ort_cuda() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         for (precision, tol) in [("fp32", 5e-3), ("fp16", 5e-3)] {
-            let (out, _) = compile_into(
-                dir.path(),
-                &fixture(name),
-                &[
-                    "--target",
-                    "cuda",
-                    "--attention",
-                    "flash",
-                    "--precision",
-                    precision,
-                ],
-            );
+            let out = compile_for_cuda(dir.path(), name, precision);
             let c = against_reference(name, run_on(Ep::Cuda, name, &out));
             assert!(c.rel_l2 <= tol, "{name} {precision}: rel L2 {}", c.rel_l2);
         }
@@ -740,15 +742,7 @@ fn cuda_target_graphs_compute_the_reference_with_their_cuda_ops_in_standard_form
             } else {
                 5e-3
             };
-            let flags = [
-                "--target",
-                "cuda",
-                "--attention",
-                "flash",
-                "--precision",
-                precision,
-            ];
-            let (out, _) = compile_into(dir.path(), &fixture(name), &flags);
+            let out = compile_for_cuda(dir.path(), name, precision);
             let standard = dir.path().join(format!("standard_{precision}.onnx"));
             with_cuda_ops_in_standard_ops(&out, &standard);
             let c = against_reference(name, run_cpu(name, &standard));
