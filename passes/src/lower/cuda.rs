@@ -118,6 +118,13 @@ fn match_group_norm(
             x_shape.len()
         ));
     }
+    // Normalised per (sample, group): the Reshape must be [N, G, -1].
+    let grouped_by_sample = shapes
+        .shape(grouped)
+        .is_some_and(|s| s.len() == 3 && s[0] == x_shape[0]);
+    if !grouped_by_sample {
+        return Err("its Reshape is not [N, groups, -1]".into());
+    }
     let c = x_shape[1].known().ok_or("the channel count is unknown")?;
     if c % groups != 0 {
         return Err(format!("{c} channels do not split into {groups} groups"));
