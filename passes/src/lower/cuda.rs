@@ -10,7 +10,7 @@
 //! [M, kH, kW, C]), between Transposes; then every Transpose that undoes the one before it
 //! goes, so GroupNorm → Conv chains and the transformers' own NCHW⇄NHWC permutes run without
 //! layout changes.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use attune_compiler::analysis::Dim;
 use attune_compiler::analysis::Shapes;
@@ -19,8 +19,10 @@ use attune_compiler::ir::{Graph, Model, NodeId, Use, ValueId};
 use attune_compiler::onnx::{AttributeProto, DataType};
 use attune_compiler::pass::{Pass, PassCx, PassReport, Skipped};
 use attune_compiler::patch::{In, Patch, attr};
+use attune_compiler::weights::Tensor;
 
 use super::Precision;
+use super::precision::{convert_tensor, data_values};
 use crate::cleanup::dce;
 
 const MS_DOMAIN: &str = "com.microsoft";
@@ -206,11 +208,21 @@ fn silu_after(g: &Graph, y: ValueId) -> Option<ValueId> {
 
 /// Conv → Transpose → NhwcConv → Transpose, or why the conv stays. `done`: the outputs of
 /// convs this patch already replaced (a conv reading one reads its replacement).
+/// How NhwcConv weights are stored: in `low` (the precision pass's type) for the convolutions
+/// of the data path, which that pass will run in `low` anyway; this halves what the compile
+/// holds (the transposed weights are new tensors). `clamped` counts fp16 range clamps.
+struct WeightStore {
+    low: Option<DataType>,
+    data: HashSet<ValueId>,
+    clamped: usize,
+}
+
 fn nhwc_conv(
     p: &mut Patch,
     g: &Graph,
     conv: NodeId,
     done: &mut HashMap<ValueId, String>,
+    store: &mut WeightStore,
 ) -> std::result::Result<(), String> {
     let node = g.node(conv);
     let x = input(g, conv, 0).ok_or("no input")?;
@@ -229,12 +241,27 @@ fn nhwc_conv(
     let dtype = DataType::try_from(weight.data_type()).map_err(|_| "unknown weight type")?;
     let module = node.module.clone();
     let after = Some(conv);
-    let w_nhwc = p.constant(
-        &format!("{}_nhwc", weight.name()),
+    let nhwc_dims = vec![dims[0], dims[2], dims[3], dims[1]];
+    let mut stored = Tensor::new(
+        format!("{}_nhwc", weight.name()),
         dtype,
-        vec![dims[0], dims[2], dims[3], dims[1]],
-        to_channels_last(&data, &dims),
+        nhwc_dims,
+        to_channels_last(&data, &dims).into(),
     );
+    drop(data);
+    weight.release();
+    if let Some(low) = store
+        .low
+        .filter(|_| dtype == DataType::Float && store.data.contains(&x))
+    {
+        let (converted, clamped) =
+            convert_tensor(&stored, low as i32).map_err(|e| e.to_string())?;
+        store.clamped += clamped;
+        stored = converted;
+    }
+    let bytes = stored.bytes().map_err(|e| e.to_string())?.into_owned();
+    let stored_type = DataType::try_from(stored.data_type()).map_err(|_| "unknown weight type")?;
+    let w_nhwc = p.constant(stored.name(), stored_type, stored.dims().to_vec(), bytes);
     let x = done.get(&x).map_or(In::Value(x), |v| In::New(v.clone()));
     let mut rest = vec![In::New(w_nhwc)];
     rest.extend(input(g, conv, 2).map(In::Value));
@@ -496,11 +523,16 @@ impl Pass for CudaFusions {
         let mut p = Patch::new(model);
         let mut convs = 0;
         let mut done = HashMap::new();
+        let mut store = WeightStore {
+            low: (self.precision == Precision::F16).then_some(DataType::Float16),
+            data: data_values(g, &g.topo_order()?),
+            clamped: 0,
+        };
         for c in g.topo_order()? {
             if !g.node(c).is("Conv") {
                 continue;
             }
-            match nhwc_conv(&mut p, g, c, &mut done) {
+            match nhwc_conv(&mut p, g, c, &mut done, &mut store) {
                 Ok(()) => convs += 1,
                 Err(why) => report.skipped.push(Skipped {
                     site: g.node(c).module.clone(),
@@ -531,6 +563,12 @@ impl Pass for CudaFusions {
             "{cancelled} Transpose pairs cancelled, {untransposed} Shapes read before the Transpose; removed {} nodes",
             removed
         ));
+        if store.clamped > 0 {
+            report.notes.push(format!(
+                "{} convolution weight values beyond the fp16 range were clamped to ±65504",
+                store.clamped
+            ));
+        }
         Ok(report)
     }
 }

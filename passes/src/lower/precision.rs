@@ -109,7 +109,7 @@ struct Plan {
 }
 
 /// Values computed from the values of the graph inputs (not just their shapes).
-fn data_values(g: &Graph, order: &[NodeId]) -> HashSet<ValueId> {
+pub(super) fn data_values(g: &Graph, order: &[NodeId]) -> HashSet<ValueId> {
     let mut data: HashSet<ValueId> = g.inputs.iter().map(|io| io.value).collect();
     for &n in order {
         let node = g.node(n);
@@ -151,7 +151,7 @@ fn plan(g: &Graph, types: &ElemTypes, order: &[NodeId], low: i32) -> Plan {
 
 /// Converts a float tensor's data to `to` (f32, f16 or bf16); returns it and how many
 /// finite values fell outside the new type's range (clamped to its largest finite value).
-fn convert_tensor(t: &Tensor, to: i32) -> Result<(Tensor, usize)> {
+pub(super) fn convert_tensor(t: &Tensor, to: i32) -> Result<(Tensor, usize)> {
     let bytes = t.bytes()?;
     let values: Vec<f32> = match DataType::try_from(t.data_type()) {
         Ok(DataType::Float) => bytes
