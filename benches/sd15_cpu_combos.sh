@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Pass combinations on the SD1.5-size UNet, ONNX Runtime CPU, 256 px: attune's attention +
+# token merging (+ a fused LoRA) against the original export and ONNX Runtime's optimizer
+# (CPU-safe options; its output from benches/sd15_cpu.sh). Compile wall time and peak RSS
+# with /usr/bin/time; latency with one alternating `attune bench` (four 3.4 GB sessions).
+#
+#   benches/sd15_cpu_combos.sh [ITERS]
+# Needs the release build, the SD1.5 export, the rank-64 LoRA (benches/lora_sd15.sh makes it)
+# and models/large/bench/peer_cpu (benches/sd15_cpu.sh makes it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ITERS=${1:-10}
+MODEL=models/large/sd15/unet.onnx
+LORA=models/large/lora_r64.safetensors
+OUT=models/large/bench/combos
+ATTUNE=target/release/attune
+mkdir -p "$OUT"
+measure() { # label, command...: prints "label: wall s, peak RSS MiB"
+  local label=$1; shift
+  /usr/bin/time -f "%e %M" -o "$OUT/time.txt" "$@" > "$OUT/$label.log" 2>&1
+  read -r wall kb < <(tail -1 "$OUT/time.txt")
+  printf '%-56s %6.1f s %6d MiB\n' "$label" "$wall" "$((kb / 1024))"
+}
+echo "== compile (--weights link: unchanged weights are hard-linked)"
+measure "flash+tome0.5" $ATTUNE compile "$MODEL" -o "$OUT/flash_tome/unet.onnx" --weights link \
+  --attention flash --tome 0.5
+measure "lora+flash+tome0.5" $ATTUNE compile "$MODEL" -o "$OUT/lora_flash_tome/unet.onnx" --weights link \
+  --lora "$LORA" --attention flash --tome 0.5
+echo "== ORT CPU latency, 256 px (latent 32x32), batch 2: A original, B flash+tome0.5, C lora+flash+tome0.5, D peer (CPU-safe)"
+$ATTUNE bench "$MODEL" --vs "$OUT/flash_tome/unet.onnx" --vs "$OUT/lora_flash_tome/unet.onnx" \
+  --vs models/large/bench/peer_cpu/unet.onnx --dim batch=2 --dim sequence=77 --dim height=32 --dim width=32 \
+  --iters "$ITERS" --warmup 1
