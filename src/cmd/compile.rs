@@ -475,9 +475,45 @@ pub fn run(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
             threads: None,
             opt_level: OptArg::All,
         };
-        let results = super::numeric::compare_on(&args.model, &args.output, &exec, &inputs)?;
-        println!("measured change of the outputs (ONNX Runtime CPU, these inputs):");
-        print!("{}", super::numeric::render(&results, None).0);
+        // A CUDA-target output may hold ops only CUDA runs: measure its CPU-target twin (same
+        // passes, no CUDA fusions), which computes the same function.
+        let twin = tempfile::tempdir()?;
+        let measured = match args.options.target {
+            TargetArg::Cpu => Ok(args.output.clone()),
+            TargetArg::Cuda => cpu_twin(&args, twin.path()),
+        };
+        match measured {
+            Ok(measured) => {
+                let results = super::numeric::compare_on(&args.model, &measured, &exec, &inputs)?;
+                let what = if measured == args.output {
+                    ""
+                } else {
+                    ", its CPU-target twin"
+                };
+                println!("measured change of the outputs (ONNX Runtime CPU{what}, these inputs):");
+                print!("{}", super::numeric::render(&results, None).0);
+            }
+            Err(e) => println!("change of the outputs not measured on the CPU: {e:#}"),
+        }
     }
     Ok(0)
+}
+
+/// The model compiled with the same passes for `--target cpu`, written (weights linked) in `dir`.
+fn cpu_twin(args: &Args, dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let options = CompileOptions {
+        target: TargetArg::Cpu,
+        ..args.options.clone()
+    };
+    let mut model = super::load(&args.model)?;
+    options
+        .pipeline()?
+        .run(&mut model, &mut PassCx::default())?;
+    let out = dir.join("cpu_twin.onnx");
+    let opts = ExportOptions {
+        weights: WeightsMode::Link,
+        inline: false,
+    };
+    export::write(&model, &out, &opts)?;
+    Ok(out)
 }
