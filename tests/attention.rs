@@ -224,18 +224,9 @@ fn linear_attention_runs_and_reports_its_error() {
     let out = dir.path().join("linear.onnx");
     let model = fixture("sd15_legacy");
     for map in ["relu", "elu1"] {
-        let mut args = vec![
-            "compile",
-            model.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--attention",
-            "linear",
-            "--linear-feature-map",
-            map,
-        ];
-        args.extend(DIMS);
-        let o = attune(&args);
+        let mut flags = vec!["--attention", "linear", "--linear-feature-map", map];
+        flags.extend(DIMS);
+        let o = compile_to(&model, &out, &flags);
         let text = stdout(&o);
         assert!(o.status.success(), "{text}{}", stderr(&o));
         assert!(
@@ -252,14 +243,11 @@ fn linear_attention_runs_and_reports_its_error() {
     }
     // Without inputs to measure on, it refuses before writing anything.
     let refused = dir.path().join("refused.onnx");
-    let o = attune(&[
-        "compile",
-        fixture("sd15_legacy").to_str().unwrap(),
-        "-o",
-        refused.to_str().unwrap(),
-        "--attention",
-        "linear",
-    ]);
+    let o = compile_to(
+        &fixture("sd15_legacy"),
+        &refused,
+        &["--attention", "linear"],
+    );
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--dim height=N"), "{}", stderr(&o));
     assert!(!refused.exists());

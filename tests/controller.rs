@@ -13,8 +13,16 @@ fn ctl(name: &str) -> PathBuf {
     root().join("models/controller").join(name)
 }
 
-fn compile(dir: &Path, model: &Path, flags: &[&str]) -> (PathBuf, String) {
-    compile_into(dir, model, flags)
+/// `attune sample` of `unet` with the controller fixture's prompts and latents.
+fn sample(unet: &Path, steps: &str, controller: &Path, extra: &[&str]) -> std::process::Output {
+    let s = ctl("sample");
+    let file = |f: &str| s.join(f).display().to_string();
+    let (cond, uncond, latents) = (file("cond.npy"), file("uncond.npy"), file("latents.npy"));
+    let mut args = vec!["sample", "--unet", unet.to_str().unwrap(), "--steps", steps];
+    args.extend(["--cond", &cond, "--uncond", &uncond, "--latents", &latents]);
+    args.extend(["--controller", controller.to_str().unwrap()]);
+    args.extend(extra);
+    attune(&args)
 }
 
 /// Runs with the controller fixture's inputs (and a hook-value file); every output.
@@ -39,7 +47,7 @@ const CASES: [&str; 5] = ["replace", "refine", "reweight", "self_replace", "masa
 #[test]
 fn every_control_matches_the_pytorch_processors_and_defaults_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let (hooked, report) = compile(
+    let (hooked, report) = compile_into(
         dir.path(),
         &fixture("sd15_legacy"),
         &["--hooks", "capture,p2p,masactrl"],
@@ -76,7 +84,7 @@ fn every_control_matches_the_pytorch_processors_and_defaults_change_nothing() {
 #[test]
 fn masactrl_works_on_fused_sites_and_layer_selection_keeps_others_fusable() {
     let dir = tempfile::tempdir().unwrap();
-    let (fused, report) = compile(
+    let (fused, report) = compile_into(
         dir.path(),
         &fixture("sd15_legacy"),
         &["--hooks", "masactrl", "--attention", "flash"],
@@ -94,7 +102,7 @@ fn masactrl_works_on_fused_sites_and_layer_selection_keeps_others_fusable() {
     .unwrap();
     assert!(c.rel_l2 <= 1e-4, "{c:?}");
     // Only cross-attention hooked: self-attention is fused, cross stays unfused and says why.
-    let (out, report) = compile(
+    let (out, report) = compile_into(
         dir.path(),
         &fixture("sd15_legacy"),
         &[
@@ -130,7 +138,7 @@ fn masactrl_works_on_fused_sites_and_layer_selection_keeps_others_fusable() {
 fn classic_form_hooks_keep_the_graph_exact_by_default() {
     let dir = tempfile::tempdir().unwrap();
     let model = fixture("sd15_classic_legacy");
-    let (hooked, report) = compile(dir.path(), &model, &["--hooks", "capture,p2p"]);
+    let (hooked, report) = compile_into(dir.path(), &model, &["--hooks", "capture,p2p"]);
     assert!(report.contains("hooks: 8 rewritten"), "{report}");
     let inputs = root().join("models/sd15_classic_legacy/inputs");
     let run_with = |m: &Path| {
@@ -157,32 +165,19 @@ fn classic_form_hooks_keep_the_graph_exact_by_default() {
 #[test]
 fn sampling_with_a_controller_matches_the_pytorch_loop() {
     let dir = tempfile::tempdir().unwrap();
-    let (hooked, _) = compile(
+    let (hooked, _) = compile_into(
         dir.path(),
         &fixture("sd15_legacy"),
         &["--hooks", "capture,p2p,masactrl"],
     );
     let s = ctl("sample");
     let out = dir.path().join("sampled");
-    let o = attune(&[
-        "sample",
-        "--unet",
-        hooked.to_str().unwrap(),
-        "--steps",
+    let o = sample(
+        &hooked,
         "4",
-        "--cond",
-        s.join("cond.npy").to_str().unwrap(),
-        "--uncond",
-        s.join("uncond.npy").to_str().unwrap(),
-        "--latents",
-        s.join("latents.npy").to_str().unwrap(),
-        "--controller",
-        s.join("controller.toml").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--save-maps",
-        "3,4",
-    ]);
+        &s.join("controller.toml"),
+        &["--out", out.to_str().unwrap(), "--save-maps", "3,4"],
+    );
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     let got = npy::read(&out.join("latents.npy")).unwrap();
     let c = compare(
@@ -205,7 +200,7 @@ fn controller(dir: &Path, toml: &str) -> PathBuf {
 #[test]
 fn bad_controllers_are_errors_before_running() {
     let dir = tempfile::tempdir().unwrap();
-    let (hooked, _) = compile(
+    let (hooked, _) = compile_into(
         dir.path(),
         &fixture("sd15_legacy"),
         &["--hooks", "capture,p2p,masactrl"],
@@ -216,7 +211,6 @@ fn bad_controllers_are_errors_before_running() {
         &HostTensor::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(&[1, 77, 76]))),
     )
     .unwrap();
-    let s = ctl("sample");
     let cases = [
         (
             format!("[p2p]\nmapper = \"{}\"\n", wrong.display()),
@@ -246,44 +240,14 @@ fn bad_controllers_are_errors_before_running() {
     for (toml, expected) in cases {
         let c = controller(dir.path(), &toml);
         let out = dir.path().join("never");
-        let o = attune(&[
-            "sample",
-            "--unet",
-            hooked.to_str().unwrap(),
-            "--steps",
-            "4",
-            "--cond",
-            s.join("cond.npy").to_str().unwrap(),
-            "--uncond",
-            s.join("uncond.npy").to_str().unwrap(),
-            "--latents",
-            s.join("latents.npy").to_str().unwrap(),
-            "--controller",
-            c.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let o = sample(&hooked, "4", &c, &["--out", out.to_str().unwrap()]);
         assert_eq!(o.status.code(), Some(2), "{toml}");
         assert!(stderr(&o).contains(expected), "{toml}: {}", stderr(&o));
         assert!(!out.exists());
     }
     // A controller needing hooks the model lacks.
     let c = controller(dir.path(), "[p2p]\ncross_replace_steps = 0.5\n");
-    let o = attune(&[
-        "sample",
-        "--unet",
-        fixture("sd15_legacy").to_str().unwrap(),
-        "--steps",
-        "2",
-        "--cond",
-        s.join("cond.npy").to_str().unwrap(),
-        "--uncond",
-        s.join("uncond.npy").to_str().unwrap(),
-        "--latents",
-        s.join("latents.npy").to_str().unwrap(),
-        "--controller",
-        c.to_str().unwrap(),
-    ]);
+    let o = sample(&fixture("sd15_legacy"), "2", &c, &[]);
     assert!(
         stderr(&o).contains("compile it with --hooks p2p"),
         "{}",

@@ -140,14 +140,7 @@ fn output_over_input_is_refused_and_input_untouched() {
     let path = copy_fixture("sd15_legacy", dir.path());
     let before = snapshot(dir.path());
     for mode in ["copy", "link"] {
-        let o = attune(&[
-            "compile",
-            path.to_str().unwrap(),
-            "-o",
-            path.to_str().unwrap(),
-            "--weights",
-            mode,
-        ]);
+        let o = compile_to(&path, &path, &["--weights", mode]);
         assert!(!o.status.success());
         assert!(
             stderr(&o).contains("would overwrite the input file"),
@@ -173,12 +166,7 @@ fn output_over_input_is_refused_and_input_untouched() {
     )
     .unwrap();
     let before2 = snapshot(dir.path());
-    let o = attune(&[
-        "compile",
-        renamed.to_str().unwrap(),
-        "-o",
-        dir.path().join("x.onnx").to_str().unwrap(),
-    ]);
+    let o = compile_to(&renamed, &dir.path().join("x.onnx"), &[]);
     assert!(!o.status.success());
     assert!(
         stderr(&o).contains("would overwrite the input file"),
@@ -264,12 +252,7 @@ fn bad_inputs_give_clear_errors_and_no_output() {
         let (dir, path) = broken(edit);
         let before = snapshot(dir.path());
         let out_dir = tempfile::tempdir().unwrap();
-        let o = attune(&[
-            "compile",
-            path.to_str().unwrap(),
-            "-o",
-            out_dir.path().join("out.onnx").to_str().unwrap(),
-        ]);
+        let o = compile_to(&path, &out_dir.path().join("out.onnx"), &[]);
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(2), "{what}: {err}");
         assert!(err.contains(expected), "{what}: {err}");

@@ -130,18 +130,11 @@ fn cli_fuses_with_linked_weights() {
     let out = dir.path().join("fused.onnx");
     let spec = format!("{}:0.8", lora("kohya").display());
     let spec2 = format!("{}:0.5", lora("loha").display());
-    let o = attune(&[
-        "compile",
-        fixture("sd15_legacy").to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--lora",
-        &spec,
-        "--lora",
-        &spec2,
-        "--weights",
-        "link",
-    ]);
+    let o = compile_to(
+        &fixture("sd15_legacy"),
+        &out,
+        &["--lora", &spec, "--lora", &spec2, "--weights", "link"],
+    );
     let text = stdout(&o);
     assert!(o.status.success(), "{text}{}", stderr(&o));
     assert!(text.contains("lora: 230 rewritten, 1 skipped"), "{text}");
@@ -160,18 +153,11 @@ fn adapters_switch_at_run_time() {
         format!("{}:0.8", lora("kohya").display()),
         format!("{}:0.5", lora("locon_tucker").display()),
     );
-    let o = attune(&[
-        "compile",
-        fixture("sd15_legacy").to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--lora-mode",
-        "adapter",
-        "--lora",
-        &a,
-        "--lora",
-        &b,
-    ]);
+    let o = compile_to(
+        &fixture("sd15_legacy"),
+        &out,
+        &["--lora-mode", "adapter", "--lora", &a, "--lora", &b],
+    );
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     let adapter = dir.path().join("adapted.adapter.safetensors");
     // Without an adapter: the base model, exactly.
@@ -334,15 +320,15 @@ fn unmatched_layers_are_reported_or_refused_when_strict() {
     );
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o.onnx");
-    let o = attune(&[
-        "compile",
-        fixture("noattn_legacy").to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--lora",
-        lora("diffusers_legacy").to_str().unwrap(),
-        "--lora-strict",
-    ]);
+    let o = compile_to(
+        &fixture("noattn_legacy"),
+        &out,
+        &[
+            "--lora",
+            lora("diffusers_legacy").to_str().unwrap(),
+            "--lora-strict",
+        ],
+    );
     assert_eq!(o.status.code(), Some(2));
     assert!(
         stderr(&o).contains("--lora-strict: 56 LoRA layers match no layer of this graph"),
@@ -448,14 +434,11 @@ fn bad_lora_files_are_clear_errors_and_write_nothing() {
         let model_dir = tempfile::tempdir().unwrap();
         let model = copy_fixture("sd15_legacy", model_dir.path());
         let before = snapshot(model_dir.path());
-        let o = attune(&[
-            "compile",
-            model.to_str().unwrap(),
-            "-o",
-            out_dir.path().join("o.onnx").to_str().unwrap(),
-            "--lora",
-            file.to_str().unwrap(),
-        ]);
+        let o = compile_to(
+            &model,
+            &out_dir.path().join("o.onnx"),
+            &["--lora", file.to_str().unwrap()],
+        );
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(2), "{err}");
         assert!(

@@ -238,14 +238,7 @@ fn fp16_halves_the_weights_and_bf16_is_refused_on_cpu_naming_the_node() {
 
     let before = snapshot(&root().join("models/sd15_legacy"));
     let out = dir.path().join("bf16.onnx");
-    let o = attune(&[
-        "compile",
-        fixture("sd15_legacy").to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--precision",
-        "bf16",
-    ]);
+    let o = compile_to(&fixture("sd15_legacy"), &out, &["--precision", "bf16"]);
     assert!(!o.status.success());
     let err = stderr(&o);
     assert!(
@@ -291,12 +284,7 @@ fn an_op_the_target_cannot_run_is_refused_with_the_node_named() {
         version: 1,
     });
     fs::write(&model, proto.encode_to_vec()).unwrap();
-    let o = attune(&[
-        "compile",
-        model.to_str().unwrap(),
-        "-o",
-        dir.path().join("o.onnx").to_str().unwrap(),
-    ]);
+    let o = compile_to(&model, &dir.path().join("o.onnx"), &[]);
     assert!(!o.status.success());
     let err = stderr(&o);
     assert!(
@@ -304,14 +292,7 @@ fn an_op_the_target_cannot_run_is_refused_with_the_node_named() {
             && err.contains("CPU execution provider cannot run com.microsoft.BiasAdd"),
         "{err}"
     );
-    let o = attune(&[
-        "compile",
-        model.to_str().unwrap(),
-        "-o",
-        dir.path().join("c.onnx").to_str().unwrap(),
-        "--target",
-        "cuda",
-    ]);
+    let o = compile_to(&model, &dir.path().join("c.onnx"), &["--target", "cuda"]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
@@ -422,14 +403,11 @@ fn recipe_errors_name_the_key() {
     for (text, want) in cases {
         let recipe = dir.path().join("r.toml");
         fs::write(&recipe, text).unwrap();
-        let o = attune(&[
-            "compile",
-            fixture("sd15_legacy").to_str().unwrap(),
-            "-o",
-            dir.path().join("o.onnx").to_str().unwrap(),
-            "--recipe",
-            recipe.to_str().unwrap(),
-        ]);
+        let o = compile_to(
+            &fixture("sd15_legacy"),
+            &dir.path().join("o.onnx"),
+            &["--recipe", recipe.to_str().unwrap()],
+        );
         assert!(!o.status.success());
         let err = stderr(&o);
         assert!(

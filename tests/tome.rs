@@ -230,14 +230,7 @@ fn bad_settings_are_errors_and_missing_blocks_a_no_op() {
         ),
     ] {
         let out = dir.path().join("bad.onnx");
-        let mut args = vec![
-            "compile",
-            model.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ];
-        args.extend(flags);
-        let o = attune(&args);
+        let o = compile_to(&model, &out, flags);
         assert_eq!(o.status.code(), Some(2), "{flags:?}");
         assert!(stderr(&o).contains(expected), "{flags:?}: {}", stderr(&o));
         assert!(!out.exists());

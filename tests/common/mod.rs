@@ -113,9 +113,8 @@ pub fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
     files
 }
 
-/// `attune compile MODEL -o DIR/cN.onnx FLAGS...`, which must succeed; (output, stdout).
-pub fn compile_into(dir: &Path, model: &Path, flags: &[&str]) -> (PathBuf, String) {
-    let out = dir.join(format!("c{}.onnx", fs::read_dir(dir).unwrap().count()));
+/// `attune compile MODEL -o OUT FLAGS...`, succeeding or not.
+pub fn compile_to(model: &Path, out: &Path, flags: &[&str]) -> std::process::Output {
     let mut args = vec![
         "compile",
         model.to_str().unwrap(),
@@ -123,7 +122,13 @@ pub fn compile_into(dir: &Path, model: &Path, flags: &[&str]) -> (PathBuf, Strin
         out.to_str().unwrap(),
     ];
     args.extend(flags);
-    let o = attune(&args);
+    attune(&args)
+}
+
+/// `attune compile MODEL -o DIR/cN.onnx FLAGS...`, which must succeed; (output, stdout).
+pub fn compile_into(dir: &Path, model: &Path, flags: &[&str]) -> (PathBuf, String) {
+    let out = dir.join(format!("c{}.onnx", fs::read_dir(dir).unwrap().count()));
+    let o = compile_to(model, &out, flags);
     assert!(
         o.status.success(),
         "{flags:?}: {}{}",
