@@ -320,22 +320,8 @@ impl AppliedPatch {
         }
         for (name, elem_type) in self.outputs {
             let value = g.value_named(&name);
-            let tensor = crate::onnx::type_proto::Tensor {
-                elem_type: elem_type as i32,
-                shape: None,
-            };
-            let r#type = Some(crate::onnx::TypeProto {
-                value: Some(crate::onnx::type_proto::Value::TensorType(tensor)),
-                ..Default::default()
-            });
-            g.outputs.push(crate::ir::Io {
-                value,
-                info: ValueInfoProto {
-                    name,
-                    r#type,
-                    ..Default::default()
-                },
-            });
+            let info = crate::onnx::tensor_info(&name, elem_type, None);
+            g.outputs.push(crate::ir::Io { value, info });
         }
         for (n, slot, name) in self.rewires {
             let v = g.value_named(&name);

@@ -15,9 +15,7 @@
 use attune_compiler::analysis::attention::{self, AttentionSite, Kind};
 use attune_compiler::analysis::{ElemTypes, Shapes};
 use attune_compiler::ir::{Model, NodeId, Use, ValueId};
-use attune_compiler::onnx::{
-    self, DataType, TensorShapeProto, TypeProto, ValueInfoProto, tensor_shape_proto, type_proto,
-};
+use attune_compiler::onnx::{self, DataType, tensor_shape_proto};
 use attune_compiler::pass::{Pass, PassCx, PassReport, Skipped};
 use attune_compiler::patch::{In, Patch, attr};
 use attune_compiler::weights::Tensor;
@@ -149,32 +147,13 @@ fn input(
     default: Vec<f32>,
 ) -> In {
     use tensor_shape_proto::dimension::Value;
-    let dim = |(i, d): (usize, &Option<i64>)| tensor_shape_proto::Dimension {
-        value: Some(match d {
-            Some(v) => Value::DimValue(*v),
-            None => Value::DimParam(if i == 0 {
-                "edits".into()
-            } else {
-                format!("{name}_{i}")
-            }),
-        }),
-        ..Default::default()
+    let dim = |(i, d): (usize, &Option<i64>)| match d {
+        Some(v) => Value::DimValue(*v),
+        None if i == 0 => Value::DimParam("edits".into()),
+        None => Value::DimParam(format!("{name}_{i}")),
     };
-    let shape = TensorShapeProto {
-        dim: dims.iter().enumerate().map(dim).collect(),
-    };
-    let ty = TypeProto {
-        value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-            elem_type: DataType::Float as i32,
-            shape: Some(shape),
-        })),
-        ..Default::default()
-    };
-    let info = ValueInfoProto {
-        name: name.into(),
-        r#type: Some(ty),
-        ..Default::default()
-    };
+    let dims = dims.iter().enumerate().map(dim).collect();
+    let info = onnx::tensor_info(name, DataType::Float, Some(dims));
     let bytes: Vec<u8> = default.iter().flat_map(|v| v.to_le_bytes()).collect();
     In::New(p.graph_input(
         info,

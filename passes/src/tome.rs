@@ -861,28 +861,9 @@ fn slot_input(e: &mut Emitter, model: &Model, ds: i64, random: bool) -> In {
     {
         return In::Value(v);
     }
-    use attune_compiler::onnx::{
-        TensorShapeProto, TypeProto, ValueInfoProto, tensor_shape_proto, type_proto,
-    };
-    let dim = |p: &str| tensor_shape_proto::Dimension {
-        value: Some(tensor_shape_proto::dimension::Value::DimParam(p.into())),
-        ..Default::default()
-    };
-    let shape = TensorShapeProto {
-        dim: vec![dim(&format!("{name}_rows")), dim(&format!("{name}_cols"))],
-    };
-    let ty = TypeProto {
-        value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-            elem_type: DataType::Int64 as i32,
-            shape: Some(shape),
-        })),
-        ..Default::default()
-    };
-    let info = ValueInfoProto {
-        name: name.clone(),
-        r#type: Some(ty),
-        ..Default::default()
-    };
+    use attune_compiler::onnx::tensor_shape_proto::dimension::Value;
+    let dims = ["rows", "cols"].map(|d| Value::DimParam(format!("{name}_{d}")));
+    let info = onnx::tensor_info(&name, DataType::Int64, Some(dims.into()));
     let default = attune_compiler::weights::Tensor::new(
         name.clone(),
         DataType::Int64,

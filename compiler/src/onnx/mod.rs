@@ -108,6 +108,35 @@ pub fn tensor_type(ty: &TypeProto) -> Option<&type_proto::Tensor> {
     }
 }
 
+/// A tensor's declaration: `name`, element type and, if given, its dims (sizes or symbols).
+pub fn tensor_info(
+    name: &str,
+    elem_type: DataType,
+    dims: Option<Vec<tensor_shape_proto::dimension::Value>>,
+) -> ValueInfoProto {
+    let shape = dims.map(|dims| TensorShapeProto {
+        dim: dims
+            .into_iter()
+            .map(|d| tensor_shape_proto::Dimension {
+                value: Some(d),
+                ..Default::default()
+            })
+            .collect(),
+    });
+    let tensor = type_proto::Tensor {
+        elem_type: elem_type as i32,
+        shape,
+    };
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(tensor)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// A dimension as users read it: a number, a symbol such as `batch`, or `?`.
 pub fn dim_text(d: &tensor_shape_proto::Dimension) -> String {
     match &d.value {

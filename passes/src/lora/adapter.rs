@@ -7,9 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use attune_compiler::ir::Model;
-use attune_compiler::onnx::{
-    DataType, TensorShapeProto, TypeProto, ValueInfoProto, tensor_shape_proto, type_proto,
-};
+use attune_compiler::onnx::{self, DataType, ValueInfoProto, tensor_shape_proto};
 use attune_compiler::pass::{Pass, PassCx, PassReport, Skipped};
 use attune_compiler::patch::{In, Patch, attr};
 use attune_compiler::weights::Tensor;
@@ -109,28 +107,11 @@ fn scalar(name: &str, v: f32) -> Tensor {
 /// each layer's rank is its own).
 fn tensor_info(name: &str, dt: DataType, dims: &[Option<i64>], rank: &str) -> ValueInfoProto {
     use tensor_shape_proto::dimension::Value;
-    let dim = |d: &Option<i64>| tensor_shape_proto::Dimension {
-        value: Some(match d {
-            Some(v) => Value::DimValue(*v),
-            None => Value::DimParam(rank.into()),
-        }),
-        ..Default::default()
-    };
-    let shape = TensorShapeProto {
-        dim: dims.iter().map(dim).collect(),
-    };
-    let tensor = type_proto::Tensor {
-        elem_type: dt as i32,
-        shape: Some(shape),
-    };
-    ValueInfoProto {
-        name: name.into(),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(tensor)),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    let dims = dims
+        .iter()
+        .map(|d| d.map_or_else(|| Value::DimParam(rank.into()), Value::DimValue))
+        .collect();
+    onnx::tensor_info(name, dt, Some(dims))
 }
 
 /// Adds `out + lora_scale · B(A(x))` after the layer's op.
