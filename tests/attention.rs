@@ -32,15 +32,20 @@ fn analyze(name: &str) -> attention::AttentionAnalysis {
 
 fn compile(name: &str, mode: Mode, layers: Option<&str>) -> (Model, PassReport) {
     let mut m = import::read(&fixture(name)).unwrap();
+    let report = attention_pass(&mut m, mode, Target::Cpu, layers);
+    (m, report)
+}
+
+/// Runs the attention pass (verified) on `m`; its report.
+fn attention_pass(m: &mut Model, mode: Mode, target: Target, layers: Option<&str>) -> PassReport {
     let mut pm = PassManager::new();
     pm.add(AttentionPass {
         mode,
-        target: Target::Cpu,
+        target,
         layers: layers.map(Globs::parse),
         keep_unfused: None,
     });
-    let mut reports = pm.run(&mut m, &mut PassCx { verify: true }).unwrap();
-    (m, reports.remove(0))
+    pm.run(m, &mut PassCx { verify: true }).unwrap().remove(0)
 }
 
 fn fixture_inputs(name: &str, model: &Model) -> Vec<(String, HostTensor)> {
@@ -333,17 +338,7 @@ fn sites_the_ops_cannot_take_are_skipped_with_the_reason() {
             ..Default::default()
         });
     });
-    let mut pm = PassManager::new();
-    pm.add(AttentionPass {
-        mode: Mode::Flash,
-        target: Target::Cpu,
-        layers: None,
-        keep_unfused: None,
-    });
-    let report = pm
-        .run(&mut m, &mut PassCx { verify: true })
-        .unwrap()
-        .remove(0);
+    let report = attention_pass(&mut m, Mode::Flash, Target::Cpu, None);
     assert_eq!(report.rewritten.len(), 13, "{report:?}");
     assert_eq!(report.skipped.len(), 1);
     let s = &report.skipped[0];
@@ -368,10 +363,7 @@ fn sites_the_ops_cannot_take_are_skipped_with_the_reason() {
         let t = c.attribute[0].t.as_mut().unwrap();
         t.raw_data = 3i64.to_le_bytes().to_vec().into();
     });
-    let report = pm
-        .run(&mut m, &mut PassCx { verify: true })
-        .unwrap()
-        .remove(0);
+    let report = attention_pass(&mut m, Mode::Flash, Target::Cpu, None);
     assert_eq!(report.rewritten.len(), 13);
     assert_eq!(report.skipped.len(), 1, "{:?}", report.skipped);
     assert!(
@@ -422,17 +414,7 @@ fn fp16_export_with_cast_wrappers_is_recognised_and_ep_rules_apply() {
     assert_eq!(a.sites.len(), 8);
     // The CPU execution provider's fused kernels are float32-only: every site skipped, saying why.
     let mut m = import::read(&fixture(NAME)).unwrap();
-    let mut pm = PassManager::new();
-    pm.add(AttentionPass {
-        mode: Mode::Flash,
-        target: Target::Cpu,
-        layers: None,
-        keep_unfused: None,
-    });
-    let report = pm
-        .run(&mut m, &mut PassCx { verify: true })
-        .unwrap()
-        .remove(0);
+    let report = attention_pass(&mut m, Mode::Flash, Target::Cpu, None);
     assert!(report.rewritten.is_empty());
     assert_eq!(report.skipped.len(), 8);
     assert!(
@@ -446,17 +428,7 @@ fn fp16_export_with_cast_wrappers_is_recognised_and_ep_rules_apply() {
     // For CUDA they are rewritten; ORT CPU can still execute the result, within fp16 precision.
     for mode in [Mode::Flash, Mode::Onnx] {
         let mut m = import::read(&fixture(NAME)).unwrap();
-        let mut pm = PassManager::new();
-        pm.add(AttentionPass {
-            mode,
-            target: Target::Cuda,
-            layers: None,
-            keep_unfused: None,
-        });
-        let report = pm
-            .run(&mut m, &mut PassCx { verify: true })
-            .unwrap()
-            .remove(0);
+        let report = attention_pass(&mut m, mode, Target::Cuda, None);
         assert_eq!(report.rewritten.len(), 8, "{mode:?}: {:?}", report.skipped);
         let c = compare("out_sample", &reference(NAME), &run_cpu(NAME, &m)).unwrap();
         assert!(c.rel_l2 <= 2e-3, "{mode:?}: {c:?}");
