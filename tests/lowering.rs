@@ -615,23 +615,23 @@ fn with_cuda_ops_in_standard_ops(model: &Path, out: &Path) {
     let mut m = import::read(model).unwrap();
     let g = &m.graph;
     let mut p = Patch::new(&m);
-    // New nodes read what replaces an old value (a patch rewires only the old readers).
-    let mut replaced: std::collections::HashMap<attune_compiler::ir::ValueId, In> =
-        Default::default();
     for n in g.topo_order().unwrap() {
         let node = g.node(n);
         if node.domain() != "com.microsoft" || !matches!(node.op(), "NhwcConv" | "GroupNorm") {
             continue;
         }
+        // What each input is now (an earlier rewrite of this patch may have replaced it).
+        let inputs: Vec<In> = node
+            .inputs
+            .iter()
+            .map(|v| v.map_or(In::None, |v| p.current(v)))
+            .collect();
         let (module, after) = (node.module.clone(), Some(n));
         let name = format!("{}_standard", node.name());
         let mut op = |p: &mut Patch, op: &str, inputs: Vec<In>, attrs| {
             In::New(p.op(op, &name, inputs, attrs, &module, after))
         };
-        let input = |i: usize| {
-            let v = node.inputs[i].unwrap();
-            replaced.get(&v).cloned().unwrap_or(In::Value(v))
-        };
+        let input = |i: usize| inputs[i].clone();
         let to_nchw =
             |p: &mut Patch, x, op: &mut dyn FnMut(&mut Patch, &str, Vec<In>, Vec<_>) -> In| {
                 op(
@@ -701,8 +701,7 @@ fn with_cuda_ops_in_standard_ops(model: &Path, out: &Path) {
             vec![y],
             vec![attr::ints("perm", &[0, 2, 3, 1])],
         );
-        p.replace(node.outputs[0].unwrap(), y.clone());
-        replaced.insert(node.outputs[0].unwrap(), y);
+        p.replace(node.outputs[0].unwrap(), y);
     }
     p.into_parts().apply(&mut m).unwrap();
     attune_passes::cleanup::dce(&mut m);

@@ -201,6 +201,13 @@ impl<'g> Patch<'g> {
         self.replace.push((old, new));
     }
 
+    /// What a new node should read for `v`: its replacement in this patch, if any (nodes the
+    /// patch adds read what they are given, so a chain of rewrites reads through this).
+    pub fn current(&self, v: ValueId) -> In {
+        let replaced = self.replace.iter().rev().find(|(old, _)| *old == v);
+        replaced.map_or(In::Value(v), |(_, new)| new.clone())
+    }
+
     /// A new graph input named `info.name`. With `default` it is an overridable initializer:
     /// callers may feed it, and the default applies when they don't.
     pub fn graph_input(&mut self, info: ValueInfoProto, default: Option<Tensor>) -> String {

@@ -10,7 +10,7 @@
 //! [M, kH, kW, C]), between Transposes; then every Transpose that undoes the one before it
 //! goes, so GroupNorm → Conv chains and the transformers' own NCHW⇄NHWC permutes run without
 //! layout changes.
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use attune_compiler::analysis::Dim;
 use attune_compiler::analysis::Shapes;
@@ -206,8 +206,6 @@ fn silu_after(g: &Graph, y: ValueId) -> Option<ValueId> {
     .flatten()
 }
 
-/// Conv → Transpose → NhwcConv → Transpose, or why the conv stays. `done`: the outputs of
-/// convs this patch already replaced (a conv reading one reads its replacement).
 /// How NhwcConv weights are stored: in `low` (the precision pass's type) for the convolutions
 /// of the data path, which that pass will run in `low` anyway; this halves what the compile
 /// holds (the transposed weights are new tensors). `clamped` counts fp16 range clamps.
@@ -217,11 +215,12 @@ struct WeightStore {
     clamped: usize,
 }
 
+/// Conv → Transpose → NhwcConv → Transpose, or why the conv stays. A conv reading another
+/// conv of the same patch reads its replacement.
 fn nhwc_conv(
     p: &mut Patch,
     g: &Graph,
     conv: NodeId,
-    done: &mut HashMap<ValueId, String>,
     store: &mut WeightStore,
 ) -> std::result::Result<(), String> {
     let node = g.node(conv);
@@ -262,7 +261,7 @@ fn nhwc_conv(
     let bytes = stored.bytes().map_err(|e| e.to_string())?.into_owned();
     let stored_type = DataType::try_from(stored.data_type()).map_err(|_| "unknown weight type")?;
     let w_nhwc = p.constant(stored.name(), stored_type, stored.dims().to_vec(), bytes);
-    let x = done.get(&x).map_or(In::Value(x), |v| In::New(v.clone()));
+    let x = p.current(x);
     let mut rest = vec![In::New(w_nhwc)];
     rest.extend(input(g, conv, 2).map(In::Value));
     let attrs = node.proto.attribute.clone();
@@ -271,8 +270,7 @@ fn nhwc_conv(
         after,
     };
     let nchw = channels_last(p, &at, "NhwcConv", x, rest, attrs);
-    p.replace(y, In::New(nchw.clone()));
-    done.insert(y, nchw);
+    p.replace(y, In::New(nchw));
     Ok(())
 }
 
@@ -522,7 +520,6 @@ impl Pass for CudaFusions {
         let g = &model.graph;
         let mut p = Patch::new(model);
         let mut convs = 0;
-        let mut done = HashMap::new();
         let mut store = WeightStore {
             low: (self.precision == Precision::F16).then_some(DataType::Float16),
             data: data_values(g, &g.topo_order()?),
@@ -532,7 +529,7 @@ impl Pass for CudaFusions {
             if !g.node(c).is("Conv") {
                 continue;
             }
-            match nhwc_conv(&mut p, g, c, &mut done, &mut store) {
+            match nhwc_conv(&mut p, g, c, &mut store) {
                 Ok(()) => convs += 1,
                 Err(why) => report.skipped.push(Skipped {
                     site: g.node(c).module.clone(),
