@@ -87,19 +87,21 @@ pub(crate) fn typeless_slot(op: &str, slot: usize) -> bool {
     )
 }
 
+/// A Scatter that accumulates (`reduction` other than `none`).
+pub(crate) fn reducing_scatter(node: &attune_compiler::ir::Node) -> bool {
+    matches!(node.op(), "ScatterElements" | "ScatterND")
+        && node.attr("reduction").is_some_and(|a| a.s != b"none")
+}
+
 /// Is the node an fp32 island?
 pub fn keeps_fp32(g: &Graph, n: NodeId) -> bool {
     let node = g.node(n);
-    let accumulates = matches!(node.op(), "ScatterElements" | "ScatterND")
-        && node
-            .attr("reduction")
-            .is_some_and(|a| a.s.as_slice() != b"none");
     let stashes_fp32 = node
         .attr("stash_type")
         .is_none_or(|a| a.i == DataType::Float as i64);
     STATISTICS.contains(&node.op())
         || node.op() == "LayerNormalization" && !stashes_fp32
-        || accumulates
+        || reducing_scatter(node)
         || FP32_MODULES.contains(&node.module.rsplit('.').next().unwrap_or(""))
 }
 

@@ -16,6 +16,7 @@ use attune_compiler::ir::{Model, NodeId};
 use attune_compiler::onnx::{self, DataType};
 use attune_compiler::pass::{Pass, PassCx, PassReport};
 
+use super::precision::reducing_scatter;
 use crate::attention::Target;
 
 /// One kernel (or function) row: opset range and the float types it takes.
@@ -177,10 +178,7 @@ impl Pass for SupportCheck {
             let (Some(t), Some(floats)) = (&dtype, &row.floats) else {
                 continue;
             };
-            if node.op().starts_with("Scatter")
-                && matches!(t.as_str(), "f16" | "bf16")
-                && reduces(node)
-            {
+            if matches!(t.as_str(), "f16" | "bf16") && reducing_scatter(node) {
                 return Err(fail(format!(
                     "{ep} implements {domain}.{} with a reduction only for f32, f64 and integers, not {t}",
                     node.op()
@@ -217,9 +215,4 @@ impl Pass for SupportCheck {
         }
         Ok(report)
     }
-}
-
-/// A Scatter with `reduction` other than `none`.
-fn reduces(node: &attune_compiler::ir::Node) -> bool {
-    node.attr("reduction").is_some_and(|a| a.s != b"none")
 }
