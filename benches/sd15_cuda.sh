@@ -79,12 +79,18 @@ done
 echo "== ORT CUDA, 512 px: A --target cuda flash (MultiHeadAttention), B --target cuda onnx (opset-23 Attention)"
 $ATTUNE bench "$W/flash/unet.onnx" --vs "$W/onnx/unet.onnx" --ep cuda $DIMS --dim height=64 --dim width=64 \
   --iters "$ITERS" --warmup 3
-echo "== numerics on CUDA: fused vs the original (rel L2 of out_sample)"
-for m in sd15_legacy sd15_dynamo sdxl_legacy sd15_fp16_legacy; do
+echo "== where the time goes at 1024 px: A --target cuda flash, B ORT optimizer (CUDA_LAUNCH_BLOCKING=1)"
+CUDA_LAUNCH_BLOCKING=1 $ATTUNE bench "$W/flash/unet.onnx" "${PEER_VS[@]}" --ep cuda $DIMS --dim height=128 --dim width=128 \
+  --iters 2 --warmup 2 --profile "$W/profile" --profile-runs 3 | sed -n '/time per op/,$p' | head -40
+echo "== numerics on CUDA: fused vs the original (rel L2 of out_sample; sd_widths: of every output)"
+for m in sd15_legacy sd15_dynamo sdxl_legacy sd15_fp16_legacy sd_widths_legacy sd_widths_dynamo; do
+  case $m in sd_widths*) FIXDIMS="--dim batch=2 --dim sequence=64"; FLAGS="";;
+             *) FIXDIMS="$DIMS --dim height=16 --dim width=16"; FLAGS="--attention flash";; esac
   for p in fp32 fp16; do
-    $ATTUNE compile models/$m/unet.onnx -o "$W/fx/$m-$p.onnx" --target cuda --precision $p --attention flash > /dev/null
+    $ATTUNE compile models/$m/unet.onnx -o "$W/fx/$m-$p.onnx" --target cuda --precision $p $FLAGS > /dev/null
     printf '%-18s %s  ' "$m" "$p"
-    $ATTUNE diff --numeric models/$m/unet.onnx "$W/fx/$m-$p.onnx" --ep cuda --tol 5e-3 $DIMS --dim height=16 --dim width=16 2>&1 | grep -i -E "rel|out_sample|error" | tail -1
+    $ATTUNE diff --numeric models/$m/unet.onnx "$W/fx/$m-$p.onnx" --ep cuda --tol 5e-3 $FIXDIMS 2>&1 | grep -E "^(out_sample|gated) |rror" | tr -s ' ' | tr '\n' ';'
+    echo
   done
 done
 echo "SD1.5 512 px, --target cuda flash fp16 vs the fp32 export:"

@@ -49,6 +49,16 @@ impl Backend {
         }
     }
 
+    /// Stops ORT's profiling and returns its trace file; tract has no profiler.
+    pub fn end_profiling(&mut self) -> Result<std::path::PathBuf> {
+        match self {
+            Backend::Ort(s) => s.end_profiling(),
+            Backend::Tract(_) => Err(crate::Error::Ort(
+                "tract has no profiler: profile on --ep cpu or cuda".into(),
+            )),
+        }
+    }
+
     /// Node placement ORT reported (CUDA sessions), empty otherwise.
     pub fn placement(&self) -> &[(String, usize)] {
         match self {

@@ -10,6 +10,7 @@ pub mod error;
 pub mod inputs;
 pub mod npy;
 pub mod ort_backend;
+pub mod profile;
 pub mod provision;
 pub mod safetensors_io;
 pub mod sample;

@@ -35,6 +35,8 @@ pub struct OrtOptions {
     pub opt_level: OptLevel,
     /// Intra-op threads (ORT's default: one per physical core).
     pub threads: Option<usize>,
+    /// Write ORT's profile (a JSON trace) under this file prefix; see [`OrtSession::end_profiling`].
+    pub profile: Option<PathBuf>,
 }
 
 /// The process-wide ORT environment and which library flavour it loaded.
@@ -106,6 +108,9 @@ impl OrtSession {
         if let Some(n) = opts.threads {
             builder = builder.with_intra_threads(n).map_err(ort_err)?;
         }
+        if let Some(prefix) = &opts.profile {
+            builder = builder.with_profiling(prefix).map_err(ort_err)?;
+        }
         let placement_log: Arc<Mutex<Vec<String>>> = Arc::default();
         if provider == Provider::Cuda {
             let log = placement_log.clone();
@@ -165,6 +170,11 @@ impl OrtSession {
             .iter()
             .map(|o| o.name().to_string())
             .collect()
+    }
+
+    /// Stops profiling (sessions opened with `OrtOptions::profile`) and returns the trace file.
+    pub fn end_profiling(&mut self) -> Result<PathBuf> {
+        Ok(PathBuf::from(self.session.end_profiling()?))
     }
 
     /// Runs the graph; outputs in the model's order.

@@ -3,6 +3,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use attune_runtime::bench::{self, Rss, Stats};
+use attune_runtime::profile::{self, OpTime};
 use attune_runtime::{Backend, HostTensor};
 use serde::Serialize;
 
@@ -26,6 +27,14 @@ pub struct Args {
     /// Print JSON
     #[arg(long)]
     json: bool,
+    /// After timing, profile each model with ONNX Runtime (traces written to DIR) and print the
+    /// time per op type side by side. On CUDA set CUDA_LAUNCH_BLOCKING=1 so nodes time kernels,
+    /// not launches
+    #[arg(long, value_name = "DIR")]
+    profile: Option<PathBuf>,
+    /// Profiled runs per model (after the warm-up runs)
+    #[arg(long, default_value_t = 5)]
+    profile_runs: usize,
 }
 
 #[derive(Serialize)]
@@ -35,6 +44,9 @@ pub struct Report {
     /// Median latency of each --vs model over the first model's, in --vs order.
     ratios: Vec<f64>,
     peak_rss_kb: u64,
+    /// Time per op type of each model (with --profile), in model order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    profiles: Vec<Vec<OpTime>>,
 }
 
 #[derive(Serialize)]
@@ -81,11 +93,24 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let inputs = args.exec.prepare_inputs(&args.model)?;
     let mut paths = vec![args.model.clone()];
     paths.extend(args.vs.clone());
-    let report = measure(&paths, &args.exec, &inputs, args.warmup, args.iters)?;
+    let mut report = measure(&paths, &args.exec, &inputs, args.warmup, args.iters)?;
+    if let Some(dir) = &args.profile {
+        report.profiles = profile_each(
+            &paths,
+            &args.exec,
+            &inputs,
+            args.warmup,
+            args.profile_runs,
+            dir,
+        )?;
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", render(&report));
+        if !report.profiles.is_empty() {
+            print!("{}", render_profiles(&report.profiles, args.profile_runs));
+        }
     }
     Ok(0)
 }
@@ -130,7 +155,82 @@ pub fn measure(
         models,
         ratios,
         peak_rss_kb: peak_kb,
+        profiles: Vec::new(),
     })
+}
+
+/// A fresh profiling session per model (profiling slows runs, so the timing above is not taken
+/// from these): warm-up runs, then `runs` profiled runs, read back per op type.
+fn profile_each(
+    paths: &[PathBuf],
+    exec: &ExecArgs,
+    inputs: &[(String, HostTensor)],
+    warmup: usize,
+    runs: usize,
+    dir: &Path,
+) -> anyhow::Result<Vec<Vec<OpTime>>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut out = Vec::new();
+    for (i, path) in paths.iter().enumerate() {
+        let mut opts = exec.ort_options();
+        opts.profile = Some(dir.join(format!("{}", (b'A' + i as u8) as char)));
+        let mut backend = Backend::open(path, exec.ep(), &opts).with_context(|| {
+            format!("cannot profile {} on {}", path.display(), exec.ep().name())
+        })?;
+        for _ in 0..warmup + runs.max(1) {
+            backend
+                .run(inputs)
+                .with_context(|| format!("running {}", path.display()))?;
+        }
+        let trace = backend.end_profiling()?;
+        out.push(profile::op_times(&trace, runs.max(1))?);
+    }
+    Ok(out)
+}
+
+/// Op types as rows (slowest in any model first), models as columns: ms per run and node count.
+pub fn render_profiles(profiles: &[Vec<OpTime>], runs: usize) -> String {
+    use std::collections::BTreeMap;
+    use std::fmt::Write;
+    let mut rows: BTreeMap<(String, String), Vec<Option<&OpTime>>> = BTreeMap::new();
+    for (i, p) in profiles.iter().enumerate() {
+        for t in p {
+            rows.entry((t.op.clone(), t.provider.clone()))
+                .or_insert_with(|| vec![None; profiles.len()])[i] = Some(t);
+        }
+    }
+    let mut rows: Vec<_> = rows.into_iter().collect();
+    let worst =
+        |r: &Vec<Option<&OpTime>>| r.iter().flatten().map(|t| t.ms_per_run).fold(0.0, f64::max);
+    rows.sort_by(|a, b| worst(&b.1).total_cmp(&worst(&a.1)));
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "time per op type, ms per run (nodes), mean of {runs} profiled runs"
+    );
+    let _ = write!(s, "{:<34}", "op (provider)");
+    for i in 0..profiles.len() {
+        let _ = write!(s, " {:>16}", (b'A' + i as u8) as char);
+    }
+    let _ = writeln!(s);
+    let short = |p: &str| p.trim_end_matches("ExecutionProvider").to_string();
+    for ((op, provider), cells) in &rows {
+        let _ = write!(s, "{:<34}", format!("{op} ({})", short(provider)));
+        for c in cells {
+            let cell = c.map_or("-".to_string(), |t| {
+                format!("{:.3} ({:.0})", t.ms_per_run, t.nodes_per_run)
+            });
+            let _ = write!(s, " {cell:>16}");
+        }
+        let _ = writeln!(s);
+    }
+    let _ = write!(s, "{:<34}", "total");
+    for p in profiles {
+        let total: f64 = p.iter().map(|t| t.ms_per_run).sum();
+        let _ = write!(s, " {total:>16.3}");
+    }
+    let _ = writeln!(s);
+    s
 }
 
 pub fn render(r: &Report) -> String {

@@ -123,7 +123,8 @@ impl Shapes {
 
     fn infer_node(&mut self, g: &Graph, id: NodeId) {
         let node = g.node(id);
-        if !onnx::is_default_domain(node.domain()) {
+        let contrib = node.domain() == "com.microsoft";
+        if !onnx::is_default_domain(node.domain()) && !contrib {
             return;
         }
         let facts = &self.facts;
@@ -140,13 +141,17 @@ impl Shapes {
             unknowns += 1;
             Dim::unknown(unknowns)
         };
-        let mut outs = infer_op(
-            node.op(),
-            &node.proto.attribute,
-            node.inputs.len(),
-            &input,
-            &mut fresh,
-        );
+        let mut outs = if contrib {
+            infer_contrib(node.op(), &input)
+        } else {
+            infer_op(
+                node.op(),
+                &node.proto.attribute,
+                node.inputs.len(),
+                &input,
+                &mut fresh,
+            )
+        };
         self.unknowns = unknowns;
         outs.resize(node.outputs.len(), Facts::default());
         for (slot, mut facts) in outs.into_iter().enumerate() {
@@ -339,6 +344,43 @@ fn binary_value(op: &str, a: &Num, b: &Num) -> Option<Num> {
 }
 
 /// Output facts of one default-domain op.
+/// The ONNX Runtime contrib ops attune emits (shapes only; NhwcConv is left to declarations).
+fn infer_contrib(op: &str, input: &dyn Fn(usize) -> Facts) -> Vec<Facts> {
+    let x = input(0);
+    let same = || {
+        x.shape
+            .clone()
+            .map(|s| shaped(s, x.float))
+            .unwrap_or_default()
+    };
+    match op {
+        "GroupNorm" | "BiasAdd" | "BiasGelu" | "FastGelu" | "Gelu" | "QuickGelu" => vec![same()],
+        "SkipGroupNorm" => vec![same(), same()],
+        // Outputs: normalised, mean, inverse std-dev, input + skip + bias.
+        "SkipLayerNormalization" => vec![same(), Facts::default(), Facts::default(), same()],
+        "BiasSplitGelu" => {
+            let shape = x.shape.as_ref().and_then(|s| {
+                let (last, rest) = s.split_last()?;
+                let half = last.div(&Dim::Known(2))?;
+                Some(rest.iter().cloned().chain([half]).collect())
+            });
+            vec![shape.map(|s| shaped(s, x.float)).unwrap_or_default()]
+        }
+        // Unpacked [B, S, D] query, key and value: [B, S, Dv].
+        "MultiHeadAttention" => {
+            let v = input(2);
+            let shape = match (&x.shape, &v.shape) {
+                (Some(q), Some(v)) if q.len() == 3 && v.len() == 3 => {
+                    Some(vec![q[0].clone(), q[1].clone(), v[2].clone()])
+                }
+                _ => None,
+            };
+            vec![shape.map(|s| shaped(s, x.float)).unwrap_or_default()]
+        }
+        _ => vec![],
+    }
+}
+
 fn infer_op(
     op: &str,
     attrs: &[AttributeProto],

@@ -21,6 +21,12 @@ use attune_compiler::pass::{Pass, PassCx, PassReport, Skipped};
 use attune_compiler::patch::{In, Patch, attr};
 use attune_compiler::weights::Tensor;
 
+mod geglu;
+mod residual;
+
+pub use geglu::BIAS_SPLIT_GELU_WIDTHS;
+pub use residual::BIAS_ADD_WIDTHS;
+
 use super::Precision;
 use super::precision::{convert_tensor, data_values};
 use crate::cleanup::dce;
@@ -45,8 +51,50 @@ struct GroupNormSite {
     silu: bool,
     /// The value the fused op replaces (the Add, or the SiLU's Mul).
     out: ValueId,
+    /// `x` is `x + skip` folded into the op (SkipGroupNorm): the skip, whether it broadcasts
+    /// as [N, C, 1, 1], and the sum when anything else reads it.
+    skip: Option<Skip>,
     /// The InstanceNormalization (its module names the site).
     norm: NodeId,
+}
+
+struct Skip {
+    value: ValueId,
+    per_channel: bool,
+    sum: Option<ValueId>,
+}
+
+/// `x = a + b` with `b` of `x`'s shape or [N, C, 1, 1]: `a` and the skip.
+fn skip_of(g: &Graph, shapes: &Shapes, x: ValueId) -> Option<(ValueId, Skip)> {
+    let add = producer(g, x).filter(|n| g.node(*n).is("Add"))?;
+    let xs = shapes.shape(x)?;
+    let per_channel = |v: ValueId| {
+        shapes.shape(v).is_some_and(|s| {
+            s.len() == 4
+                && s[0] == xs[0]
+                && s[1] == xs[1]
+                && s[2..].iter().all(|d| d.known() == Some(1))
+        })
+    };
+    let full = |v: ValueId| shapes.shape(v) == Some(xs);
+    let (a, b) = (input(g, add, 0)?, input(g, add, 1)?);
+    let (main, skip, broadcast) = if full(a) && (full(b) || per_channel(b)) {
+        (a, b, !full(b))
+    } else if full(b) && per_channel(a) {
+        (b, a, true)
+    } else {
+        return None;
+    };
+    // Only the GroupNorm's own Reshape reads the sum, or the sum is written out too.
+    let sum = (g.is_graph_output(x) || g.value(x).consumers.len() > 1).then_some(x);
+    Some((
+        main,
+        Skip {
+            value: skip,
+            per_channel: broadcast,
+            sum,
+        },
+    ))
 }
 
 /// The single node reading `v` (None if several, or a graph output).
@@ -163,8 +211,13 @@ fn match_group_norm(
         Some(out) => (true, out),
         None => (false, y),
     };
+    let (x, skip) = match skip_of(g, shapes, x) {
+        Some((main, skip)) => (main, Some(skip)),
+        None => (x, None),
+    };
     Ok(GroupNormSite {
         x,
+        skip,
         gamma,
         beta,
         groups,
@@ -269,7 +322,7 @@ fn nhwc_conv(
         module: &module,
         after,
     };
-    let nchw = channels_last(p, &at, "NhwcConv", x, rest, attrs);
+    let nchw = channels_last(p, &at, "NhwcConv", x, rest, attrs, 1).remove(0);
     p.replace(y, In::New(nchw));
     Ok(())
 }
@@ -416,6 +469,38 @@ fn fuse_group_norm(p: &mut Patch, g: &Graph, site: &GroupNormSite) {
     };
     let gamma = vector(site.gamma, "gamma");
     let beta = vector(site.beta, "beta");
+    let mut rest = vec![gamma, beta];
+    let op = if let Some(skip) = &site.skip {
+        rest.push(if skip.per_channel {
+            // [N, C, 1, 1] → [N, C], a broadcast the kernel takes.
+            let flat = p.i64s(&name("skip_nc"), &[0, -1]);
+            In::New(p.op(
+                "Reshape",
+                &name("skip_nc"),
+                vec![p.current(skip.value), In::New(flat)],
+                vec![],
+                &module,
+                after,
+            ))
+        } else {
+            In::New(p.op(
+                "Transpose",
+                &name("skip_to_nhwc"),
+                vec![p.current(skip.value)],
+                vec![attr::ints("perm", &[0, 2, 3, 1])],
+                &module,
+                after,
+            ))
+        });
+        "SkipGroupNorm"
+    } else {
+        "GroupNorm"
+    };
+    let outputs = if site.skip.as_ref().is_some_and(|s| s.sum.is_some()) {
+        2
+    } else {
+        1
+    };
     let attrs = vec![
         attr::int("activation", i64::from(site.silu)),
         attr::int("channels_last", 1),
@@ -426,15 +511,12 @@ fn fuse_group_norm(p: &mut Patch, g: &Graph, site: &GroupNormSite) {
         module: &module,
         after,
     };
-    let nchw = channels_last(
-        p,
-        &at,
-        "GroupNorm",
-        In::Value(site.x),
-        vec![gamma, beta],
-        attrs,
-    );
-    p.replace(site.out, In::New(nchw));
+    let x = p.current(site.x);
+    let nchw = channels_last(p, &at, op, x, rest, attrs, outputs);
+    p.replace(site.out, In::New(nchw[0].clone()));
+    if let Some(sum) = site.skip.as_ref().and_then(|s| s.sum) {
+        p.replace(sum, In::New(nchw[1].clone()));
+    }
 }
 
 /// Where emitted nodes go: their module path, and the node they follow in the exported order.
@@ -444,7 +526,7 @@ struct Site<'a> {
 }
 
 /// `com.microsoft.<op>` on channels-last data between Transposes: reads NCHW `x` (then
-/// `rest`), returns the NCHW output's name.
+/// `rest`), returns the names of its first `outputs` outputs, NCHW.
 fn channels_last(
     p: &mut Patch,
     at: &Site,
@@ -452,7 +534,8 @@ fn channels_last(
     x: In,
     rest: Vec<In>,
     attrs: Vec<AttributeProto>,
-) -> String {
+    outputs: usize,
+) -> Vec<String> {
     let name = |tag: &str| format!("{}/attune_{tag}", at.module);
     let transpose = |p: &mut Patch, x: In, tag: &str, perm: &[i64]| {
         p.op(
@@ -466,19 +549,77 @@ fn channels_last(
     };
     let nhwc = transpose(p, x, &format!("{op}_to_nhwc"), &[0, 2, 3, 1]);
     let inputs = std::iter::once(In::New(nhwc)).chain(rest).collect();
-    let out = p
-        .node(
-            op,
-            MS_DOMAIN,
-            &name(op),
-            inputs,
-            1,
-            attrs,
-            at.module,
-            at.after,
-        )
-        .remove(0);
-    transpose(p, In::New(out), &format!("{op}_to_nchw"), &[0, 3, 1, 2])
+    let outs = p.node(
+        op,
+        MS_DOMAIN,
+        &name(op),
+        inputs,
+        outputs,
+        attrs,
+        at.module,
+        at.after,
+    );
+    outs.into_iter()
+        .map(|out| transpose(p, In::New(out), &format!("{op}_to_nchw"), &[0, 3, 1, 2]))
+        .collect()
+}
+
+/// Every GEGLU → BiasSplitGelu; returns how many.
+fn fuse_geglus(model: &mut Model, report: &mut PassReport) -> Result<usize> {
+    let shapes = Shapes::infer(model);
+    let g = &model.graph;
+    let mut p = Patch::new(model);
+    let mut fused = 0;
+    for n in g.topo_order()? {
+        if !g.node(n).is("Erf") {
+            continue;
+        }
+        match geglu::match_geglu(g, &shapes, n) {
+            Ok(site) => {
+                geglu::fuse_geglu(&mut p, g, &site);
+                fused += 1;
+            }
+            Err(why) => report.skipped.push(Skipped {
+                site: g.node(n).module.clone(),
+                reason: format!("BiasSplitGelu: {why}"),
+            }),
+        }
+    }
+    p.into_parts().apply(model)?;
+    dce(model);
+    Ok(fused)
+}
+
+fn report_residuals(report: &mut PassReport, r: residual::Residuals, geglus: usize) {
+    if r.skip_layer_norms > 0 {
+        report.rewritten.push(format!(
+            "{} residual Add + LayerNormalization -> com.microsoft.SkipLayerNormalization",
+            r.skip_layer_norms
+        ));
+    }
+    if r.bias_adds > 0 {
+        report.rewritten.push(format!(
+            "{} bias + residual Add -> com.microsoft.BiasAdd",
+            r.bias_adds
+        ));
+    }
+    if geglus > 0 {
+        report
+            .rewritten
+            .push(format!("{geglus} GEGLU -> com.microsoft.BiasSplitGelu"));
+    }
+    if r.unit_scaling > 0 {
+        report.notes.push(format!(
+            "{} multiplications/divisions by 1 dropped",
+            r.unit_scaling
+        ));
+    }
+    for (site, why) in r.skipped {
+        report.skipped.push(Skipped {
+            site,
+            reason: format!("SkipLayerNormalization: {why}"),
+        });
+    }
 }
 
 impl Pass for CudaFusions {
@@ -494,6 +635,8 @@ impl Pass for CudaFusions {
             );
             return Ok(report);
         }
+        let residuals = residual::fuse_residuals(model)?;
+        let geglus = fuse_geglus(model, &mut report)?;
         let shapes = Shapes::infer(model);
         let g = &model.graph;
         let mut sites = Vec::new();
@@ -510,10 +653,11 @@ impl Pass for CudaFusions {
             }
         }
         let mut p = Patch::new(model);
-        let (mut with_silu, n) = (0, sites.len());
+        let (mut with_silu, mut with_skip, n) = (0, 0, sites.len());
         for site in &sites {
             fuse_group_norm(&mut p, g, site);
             with_silu += usize::from(site.silu);
+            with_skip += usize::from(site.skip.is_some());
         }
         p.into_parts().apply(model)?;
         // Convolutions read the fused GroupNorms' outputs: a second patch on the new graph.
@@ -537,7 +681,12 @@ impl Pass for CudaFusions {
                 }),
             }
         }
+        let fused_residuals = residuals.skip_layer_norms + residuals.bias_adds + geglus;
+        report_residuals(&mut report, residuals, geglus);
         if n + convs == 0 {
+            if fused_residuals > 0 {
+                model.require_opset(MS_DOMAIN, 1);
+            }
             return Ok(report);
         }
         p.into_parts().apply(model)?;
@@ -548,7 +697,7 @@ impl Pass for CudaFusions {
         removed += dce(model).nodes;
         if n > 0 {
             report.rewritten.push(format!(
-                "{n} GroupNorm -> com.microsoft.GroupNorm (channels-last, {with_silu} with SiLU)"
+                "{n} GroupNorm -> com.microsoft.GroupNorm (channels-last, {with_silu} with SiLU; {with_skip} as SkipGroupNorm with the Add before)"
             ));
         }
         if convs > 0 {
