@@ -292,8 +292,16 @@ fn an_op_the_target_cannot_run_is_refused_with_the_node_named() {
             && err.contains("CPU execution provider cannot run com.microsoft.BiasAdd"),
         "{err}"
     );
+    // CUDA has the op, but its kernel only for [batch, sequence, 320 | 640 | 1280] inputs; this
+    // one reads the UNet's NCHW output. (The sd_widths test compiles BiasAdds it accepts.)
     let o = compile_to(&model, &dir.path().join("c.onnx"), &["--target", "cuda"]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("node 'my_bias_add' (BiasAdd")
+            && err.contains("BiasAdd kernel takes a [batch, sequence, width] input with width 320, 640, 1280; this input is [batch, 4,"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -625,7 +633,12 @@ fn with_cuda_ops_in_standard_ops(model: &Path, out: &Path) {
         if node.domain() != "com.microsoft"
             || !matches!(
                 node.op(),
-                "NhwcConv" | "GroupNorm" | "SkipGroupNorm" | "BiasSplitGelu" | "BiasAdd"
+                "NhwcConv"
+                    | "GroupNorm"
+                    | "SkipGroupNorm"
+                    | "BiasSplitGelu"
+                    | "BiasAdd"
+                    | "MultiHeadAttention"
             )
         {
             continue;
@@ -642,6 +655,42 @@ fn with_cuda_ops_in_standard_ops(model: &Path, out: &Path) {
             In::New(p.op(op, &name, inputs, attrs, &module, after))
         };
         let input = |i: usize| inputs[i].clone();
+        if node.op() == "MultiHeadAttention" {
+            // Packed QKV [B, S, N, 3, H] / KV [B, L, N, 2, H] (CPU has no packed kernels): the
+            // t-th of each head's slots, as [B, S, N·H].
+            let packed = node.inputs.len() - 1;
+            let Some(5) = shapes.shape(node.inputs[packed].unwrap()).map(<[_]>::len) else {
+                continue;
+            };
+            let mut qkv: Vec<In> = (0..packed).map(input).collect();
+            let slots = if packed == 0 { 3 } else { 2 };
+            for t in 0..slots {
+                let ints = |p: &mut Patch, v: &[i64]| In::New(p.i64s("mha_unpack", v));
+                let (s, e, a) = (
+                    ints(&mut p, &[t]),
+                    ints(&mut p, &[t + 1]),
+                    ints(&mut p, &[3]),
+                );
+                let one = op(&mut p, "Slice", vec![input(packed), s, e, a], vec![]);
+                let flat = ints(&mut p, &[0, 0, -1]);
+                qkv.push(op(&mut p, "Reshape", vec![one, flat], vec![]));
+            }
+            let y = In::New(
+                p.node(
+                    "MultiHeadAttention",
+                    "com.microsoft",
+                    &name,
+                    qkv,
+                    1,
+                    node.proto.attribute.clone(),
+                    &module,
+                    after,
+                )
+                .remove(0),
+            );
+            p.replace(node.outputs[0].unwrap(), y);
+            continue;
+        }
         if node.op() == "BiasAdd" {
             let biased = op(&mut p, "Add", vec![input(0), input(1)], vec![]);
             let y = op(&mut p, "Add", vec![biased, input(2)], vec![]);

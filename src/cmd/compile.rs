@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use attune_compiler::export::{self, ExportOptions, WeightsMode};
 use attune_compiler::pass::{PassCx, PassManager, PassReport};
 use attune_compiler::verify;
@@ -10,7 +10,7 @@ use attune_passes::controller::{ControllerPass, Hook};
 use attune_passes::glob::Globs;
 use attune_passes::lora::adapter::{self, AdapterPass};
 use attune_passes::lora::{LoraPass, LoraSource};
-use attune_passes::lower::{CudaFusions, Precision, PrecisionPass, SupportCheck};
+use attune_passes::lower::{CudaFusion, CudaFusions, Precision, PrecisionPass, SupportCheck};
 use attune_passes::tome::{Mode as TomeMode, Pool, TomeOptions, TomePass};
 
 use super::exec::{EpArg, ExecArgs, InputArgs, OptArg};
@@ -60,6 +60,10 @@ pub struct CompileOptions {
     /// (Casts at the boundary)
     #[arg(long)]
     pub keep_io_types: bool,
+    /// With --target cuda: fusions to leave out (comma-separated), e.g. to measure what each
+    /// one gains or to bisect a numeric difference
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "FUSION")]
+    pub disable_fusions: Vec<FusionArg>,
     /// Attention substitution: keep, flash (com.microsoft.MultiHeadAttention), onnx (opset-23 Attention), linear
     #[arg(long, value_enum, default_value_t = AttentionArg::Keep)]
     pub attention: AttentionArg,
@@ -211,6 +215,31 @@ pub enum TargetArg {
     Cuda,
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum, PartialEq, Eq)]
+pub enum FusionArg {
+    GroupNorm,
+    SkipGroupNorm,
+    NhwcConv,
+    SkipLayerNorm,
+    BiasAdd,
+    BiasSplitGelu,
+    PackedQkv,
+}
+
+impl FusionArg {
+    fn fusion(self) -> CudaFusion {
+        match self {
+            FusionArg::GroupNorm => CudaFusion::GroupNorm,
+            FusionArg::SkipGroupNorm => CudaFusion::SkipGroupNorm,
+            FusionArg::NhwcConv => CudaFusion::NhwcConv,
+            FusionArg::SkipLayerNorm => CudaFusion::SkipLayerNorm,
+            FusionArg::BiasAdd => CudaFusion::BiasAdd,
+            FusionArg::BiasSplitGelu => CudaFusion::BiasSplitGelu,
+            FusionArg::PackedQkv => CudaFusion::PackedQkv,
+        }
+    }
+}
+
 #[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
 pub enum PrecisionArg {
     Fp32,
@@ -320,7 +349,15 @@ impl CompileOptions {
             PrecisionArg::Bf16 => Precision::Bf16,
         };
         if target == Target::Cuda {
-            pm.add(CudaFusions { precision });
+            let disabled = self.disable_fusions.iter().map(|f| f.fusion()).collect();
+            pm.add(CudaFusions {
+                precision,
+                disabled,
+            });
+        } else if !self.disable_fusions.is_empty() {
+            bail!(
+                "--disable-fusions applies to --target cuda (the CPU target fuses none of these)"
+            );
         }
         if precision != Precision::F32 {
             pm.add(PrecisionPass {

@@ -5,6 +5,8 @@
 //! target = "cpu"                  # cpu | cuda
 //! precision = "fp16"              # fp32 | fp16 | bf16
 //! keep_io_types = true
+//! disable_fusions = ["packed-qkv"] # cuda: group-norm | skip-group-norm | nhwc-conv |
+//!                                 #   skip-layer-norm | bias-add | bias-split-gelu | packed-qkv
 //! weights = "link"                # copy | link
 //! [attention]
 //! mode = "flash"                  # keep | flash | onnx | linear
@@ -50,6 +52,7 @@ pub struct Recipe {
     target: Option<String>,
     precision: Option<String>,
     keep_io_types: Option<bool>,
+    disable_fusions: Option<Vec<String>>,
     pub weights: Option<String>,
     attention: Option<Attention>,
     #[serde(default)]
@@ -252,20 +255,32 @@ impl Recipe {
                 choice("tome.todo_pool", &t.todo_pool)?,
             );
         }
-        if let Some(h) = &self.hooks {
-            let kinds = h
-                .kinds
-                .as_ref()
-                .map(|ks| {
-                    ks.iter()
-                        .map(|k| {
-                            choice(&format!("hooks.kinds ({k})"), &Some(k.clone()))
-                                .map(|v| v.expect("some"))
-                        })
-                        .collect::<anyhow::Result<Vec<_>>>()
+        fn choices<T: ValueEnum>(
+            key: &str,
+            v: &Option<Vec<String>>,
+        ) -> anyhow::Result<Option<Vec<T>>> {
+            v.as_ref()
+                .map(|items| {
+                    items
+                        .iter()
+                        .map(|k| choice(key, &Some(k.clone())).map(|v| v.expect("some")))
+                        .collect()
                 })
-                .transpose()?;
-            set(given, "hooks", &mut o.hooks, kinds);
+                .transpose()
+        }
+        set(
+            given,
+            "disable_fusions",
+            &mut o.disable_fusions,
+            choices("disable_fusions", &self.disable_fusions)?,
+        );
+        if let Some(h) = &self.hooks {
+            set(
+                given,
+                "hooks",
+                &mut o.hooks,
+                choices("hooks.kinds", &h.kinds)?,
+            );
             set(
                 given,
                 "hooks_layers",

@@ -142,7 +142,7 @@ impl Shapes {
             Dim::unknown(unknowns)
         };
         let mut outs = if contrib {
-            infer_contrib(node.op(), &input)
+            infer_contrib(node.op(), &node.proto.attribute, &input, &mut fresh)
         } else {
             infer_op(
                 node.op(),
@@ -344,8 +344,13 @@ fn binary_value(op: &str, a: &Num, b: &Num) -> Option<Num> {
 }
 
 /// Output facts of one default-domain op.
-/// The ONNX Runtime contrib ops attune emits (shapes only; NhwcConv is left to declarations).
-fn infer_contrib(op: &str, input: &dyn Fn(usize) -> Facts) -> Vec<Facts> {
+/// The ONNX Runtime contrib ops attune emits (shapes only).
+fn infer_contrib(
+    op: &str,
+    attrs: &[AttributeProto],
+    input: &dyn Fn(usize) -> Facts,
+    fresh: &mut dyn FnMut() -> Dim,
+) -> Vec<Facts> {
     let x = input(0);
     let same = || {
         x.shape
@@ -365,6 +370,27 @@ fn infer_contrib(op: &str, input: &dyn Fn(usize) -> Facts) -> Vec<Facts> {
                 Some(rest.iter().cloned().chain([half]).collect())
             });
             vec![shape.map(|s| shaped(s, x.float)).unwrap_or_default()]
+        }
+        // NHWC in, [N, H', W', M] out (OHWI weights); H, W kept by stride-1 "same" padding.
+        "NhwcConv" => {
+            let (Some(xs), Some(ws)) = (&x.shape, &input(1).shape) else {
+                return vec![Facts::default()];
+            };
+            if xs.len() != 4 || ws.len() != 4 {
+                return vec![Facts::default()];
+            }
+            let ints = |k: &str| attr_ints(attrs, k).unwrap_or_default();
+            let (strides, pads, dilations) = (ints("strides"), ints("pads"), ints("dilations"));
+            let mut spatial = |i: usize| {
+                let kernel = ws[1 + i].known();
+                let dil = dilations.get(i).copied().unwrap_or(1);
+                let pad = pads.get(i).copied().unwrap_or(0) + pads.get(i + 2).copied().unwrap_or(0);
+                let same = strides.get(i).copied().unwrap_or(1) == 1
+                    && kernel.is_some_and(|k| pad == dil * (k - 1));
+                if same { xs[1 + i].clone() } else { fresh() }
+            };
+            let shape = vec![xs[0].clone(), spatial(0), spatial(1), ws[0].clone()];
+            vec![shaped(shape, x.float)]
         }
         // Unpacked [B, S, D] query, key and value: [B, S, Dv].
         "MultiHeadAttention" => {

@@ -4,7 +4,7 @@ pub mod cuda;
 pub mod precision;
 pub mod support;
 
-pub use cuda::CudaFusions;
+pub use cuda::{CudaFusion, CudaFusions};
 pub use precision::{Precision, PrecisionPass};
 pub use support::SupportCheck;
 

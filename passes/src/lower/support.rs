@@ -10,12 +10,13 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use attune_compiler::analysis::ElemTypes;
+use attune_compiler::analysis::{ElemTypes, Shapes};
 use attune_compiler::error::{Error, Result};
-use attune_compiler::ir::{Model, NodeId};
+use attune_compiler::ir::{Model, Node, NodeId};
 use attune_compiler::onnx::{self, DataType};
 use attune_compiler::pass::{Pass, PassCx, PassReport};
 
+use super::cuda::{BIAS_ADD_WIDTHS, BIAS_SPLIT_GELU_WIDTHS};
 use super::precision::reducing_scatter;
 use crate::attention::Target;
 
@@ -67,6 +68,40 @@ const CUDA_CONTRIB: &[(&str, &[&str])] = &[
     ("QuickGelu", &["f32", "f16", "bf16", "f64"]),
     ("NhwcConv", &["f32", "f16"]),
 ];
+
+/// Contrib kernels that take only some widths (the last axis of a rank-3 input): ORT's
+/// diffusion kernels are instantiated for Stable Diffusion's sizes alone.
+const CUDA_WIDTHS: &[(&str, &[i64])] = &[
+    ("BiasSplitGelu", BIAS_SPLIT_GELU_WIDTHS),
+    ("BiasAdd", BIAS_ADD_WIDTHS),
+];
+
+fn check_width(node: &Node, shapes: &Shapes) -> std::result::Result<(), String> {
+    let Some((op, widths)) = CUDA_WIDTHS.iter().find(|(op, _)| *op == node.op()) else {
+        return Ok(());
+    };
+    let shape = node
+        .inputs
+        .first()
+        .copied()
+        .flatten()
+        .and_then(|v| shapes.shape(v));
+    let width = shape.filter(|s| s.len() == 3).and_then(|s| s[2].known());
+    match width {
+        Some(w) if widths.contains(&w) => Ok(()),
+        _ => {
+            let dims = shape.map_or("unknown".to_string(), |s| {
+                let d: Vec<String> = s.iter().map(|d| d.to_string()).collect();
+                format!("[{}]", d.join(", "))
+            });
+            let allowed: Vec<String> = widths.iter().map(i64::to_string).collect();
+            Err(format!(
+                "its {op} kernel takes a [batch, sequence, width] input with width {}; this input is {dims}",
+                allowed.join(", ")
+            ))
+        }
+    }
+}
 
 /// Checks that the model runs on `target`.
 pub struct SupportCheck {
@@ -122,6 +157,7 @@ impl Pass for SupportCheck {
     fn run(&self, model: &mut Model, _cx: &mut PassCx) -> Result<PassReport> {
         let g = &model.graph;
         let types = ElemTypes::infer(g)?;
+        let shapes = Shapes::infer(model);
         let ep = match self.target {
             Target::Cpu => "ONNX Runtime's CPU execution provider",
             Target::Cuda => "ONNX Runtime's CUDA execution provider",
@@ -153,6 +189,7 @@ impl Pass for SupportCheck {
                             floats.join(", ")
                         )));
                     }
+                    check_width(node, &shapes).map_err(|msg| fail(format!("{ep}: {msg}")))?;
                     continue;
                 }
             }

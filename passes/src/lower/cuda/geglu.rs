@@ -16,14 +16,14 @@ use super::{MS_DOMAIN, input, other_input, output, producer, sole_reader};
 pub const BIAS_SPLIT_GELU_WIDTHS: &[i64] = &[2560, 5120, 10240];
 
 /// One matched GEGLU.
-pub struct Geglu {
+struct Geglu {
     /// The projection's output before its bias ([B, S, 2D]) and the bias ([2D]).
-    pub projected: ValueId,
-    pub bias: ValueId,
+    projected: ValueId,
+    bias: ValueId,
     /// `h * gelu(g)`, which the fused op replaces.
-    pub out: ValueId,
+    out: ValueId,
     /// The Erf (its module names the site).
-    pub erf: NodeId,
+    erf: NodeId,
 }
 
 fn near(shapes: &Shapes, v: ValueId, want: f64) -> bool {
@@ -121,7 +121,7 @@ fn half_of(g: &Graph, shapes: &Shapes, v: ValueId) -> Option<(ValueId, usize)> {
 }
 
 /// The GEGLU around `erf`, or why it is not one that BiasSplitGelu computes.
-pub fn match_geglu(g: &Graph, shapes: &Shapes, erf: NodeId) -> Result<Geglu, String> {
+fn match_geglu(g: &Graph, shapes: &Shapes, erf: NodeId) -> Result<Geglu, String> {
     let (gate, gelu) = gelu_around(g, shapes, erf).ok_or("not an exact (erf) GELU")?;
     let mul = sole_reader(g, gelu)
         .filter(|n| g.node(*n).is("Mul"))
@@ -165,7 +165,14 @@ pub fn match_geglu(g: &Graph, shapes: &Shapes, erf: NodeId) -> Result<Geglu, Str
     })
 }
 
-pub fn fuse_geglu(p: &mut Patch, g: &Graph, site: &Geglu) {
+/// The GEGLU around `erf` → BiasSplitGelu, or why it stays.
+pub fn fuse(p: &mut Patch, g: &Graph, shapes: &Shapes, erf: NodeId) -> Result<(), String> {
+    let site = match_geglu(g, shapes, erf)?;
+    fuse_geglu(p, g, &site);
+    Ok(())
+}
+
+fn fuse_geglu(p: &mut Patch, g: &Graph, site: &Geglu) {
     let module = g.node(site.erf).module.clone();
     let out = p
         .node(

@@ -175,7 +175,12 @@ pub struct Residuals {
     pub skipped: Vec<(String, String)>,
 }
 
-pub fn fuse_residuals(model: &mut Model) -> Result<Residuals> {
+/// SkipLayerNormalization and BiasAdd (each when asked for) after dropping unit scalings.
+pub fn fuse_residuals(
+    model: &mut Model,
+    skip_layer_norms: bool,
+    bias_adds: bool,
+) -> Result<Residuals> {
     let mut done = Residuals {
         unit_scaling: drop_unit_scaling(model)?,
         ..Default::default()
@@ -185,7 +190,7 @@ pub fn fuse_residuals(model: &mut Model) -> Result<Residuals> {
     let mut p = Patch::new(model);
     let mut normalised = HashSet::new();
     for n in g.topo_order()? {
-        if !g.node(n).is("LayerNormalization") {
+        if !skip_layer_norms || !g.node(n).is("LayerNormalization") {
             continue;
         }
         match skip_layer_norm(&mut p, g, &shapes, n) {
@@ -200,7 +205,8 @@ pub fn fuse_residuals(model: &mut Model) -> Result<Residuals> {
     }
     // The residual sums no LayerNorm reads (their skips may be sums fused above).
     for n in g.topo_order()? {
-        if g.node(n).is("Add")
+        if bias_adds
+            && g.node(n).is("Add")
             && !normalised.contains(&n)
             && bias_add(&mut p, g, &shapes, n).is_some()
         {
