@@ -50,7 +50,7 @@ def main():
         for norm in (block.norm1, block.norm2):
             norm.weight.uniform_(0.5, 1.5)
             norm.bias.uniform_(-0.5, 0.5)
-    x = torch.randn(2, 64, DIM)
+    x = torch.randn(2, 16, DIM)
     names = ["out_sample", "gated"]
     for exporter in ("legacy", "dynamo"):
         out_dir = ROOT / f"sd_widths_{exporter}"
