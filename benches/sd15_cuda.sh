@@ -49,8 +49,12 @@ echo "== export (torch legacy exporter, fp32)"
 [ -f "$MODEL" ] || { echo "no export: stopping"; exit 1; }
 
 # Before the peer's optimizer loads the CPU: eager PyTorch at 512 px is bound by kernel launches.
+# QUICK=1 (a rerun on a short GPU lease): no PyTorch peers, no opset-23 Attention row, no
+# fixture numerics.
+if [ -z "${QUICK:-}" ]; then
 echo "== PyTorch peers: fp16, diffusers SDPA, then tomesd; CUDA events, median of $ITERS"
 "$PY" benches/sd15_cuda_peers.py --latents 64 128 --iters "$ITERS" 2>&1 | grep -v -i warn
+fi
 
 echo "== compile (wall time, peak RSS)"
 # The peer in the background: it is CPU-only and slow; attune compiles meanwhile.
@@ -71,7 +75,7 @@ stamp "attune cuda flash unpacked fp16" $ATTUNE compile "$MODEL" -o "$W/unpacked
   --disable-fusions packed-qkv
 stamp "attune cuda flash gn+conv fp16" $ATTUNE compile "$MODEL" -o "$W/gnconv/unet.onnx" --target cuda $FP16 --attention flash \
   --disable-fusions packed-qkv,skip-group-norm,skip-layer-norm,bias-add,bias-split-gelu
-stamp "attune cuda onnx-attention fp16" $ATTUNE compile "$MODEL" -o "$W/onnx/unet.onnx" --target cuda $FP16 --attention onnx
+[ -z "${QUICK:-}" ] && stamp "attune cuda onnx-attention fp16" $ATTUNE compile "$MODEL" -o "$W/onnx/unet.onnx" --target cuda $FP16 --attention onnx
 wait $PEER; cat "$W/peer.txt"
 
 DIMS="--dim batch=2 --dim sequence=77"
@@ -84,14 +88,16 @@ for latent in 64 128; do
     --vs "$W/unpacked/unet.onnx" --vs "$W/gnconv/unet.onnx" \
     "${PEER_VS[@]}" --ep cuda $DIMS --dim height=$latent --dim width=$latent --iters "$ITERS" --warmup 3
 done
+if [ -z "${QUICK:-}" ]; then
 echo "== ORT CUDA, 512 px: A --target cuda flash (MultiHeadAttention), B --target cuda onnx (opset-23 Attention)"
 $ATTUNE bench "$W/flash/unet.onnx" --vs "$W/onnx/unet.onnx" --ep cuda $DIMS --dim height=64 --dim width=64 \
   --iters "$ITERS" --warmup 3
+fi
 echo "== where the time goes at 1024 px: A --target cuda flash, B ORT optimizer (CUDA_LAUNCH_BLOCKING=1)"
 CUDA_LAUNCH_BLOCKING=1 $ATTUNE bench "$W/flash/unet.onnx" "${PEER_VS[@]}" --ep cuda $DIMS --dim height=128 --dim width=128 \
   --iters 2 --warmup 2 --profile "$W/profile" --profile-runs 3 | sed -n '/time per op/,$p' | head -40
 echo "== numerics on CUDA: fused vs the original (rel L2 of out_sample; sd_widths: of every output)"
-for m in sd15_legacy sd15_dynamo sdxl_legacy sd15_fp16_legacy sd_widths_legacy sd_widths_dynamo; do
+[ -n "${QUICK:-}" ] || for m in sd15_legacy sd15_dynamo sdxl_legacy sd15_fp16_legacy sd_widths_legacy sd_widths_dynamo; do
   case $m in sd_widths*) FIXDIMS="--dim batch=2 --dim sequence=16"; FLAGS="";;
              *) FIXDIMS="$DIMS --dim height=16 --dim width=16"; FLAGS="--attention flash";; esac
   for p in fp32 fp16; do

@@ -392,12 +392,20 @@ fn infer_contrib(
             let shape = vec![xs[0].clone(), spatial(0), spatial(1), ws[0].clone()];
             vec![shaped(shape, x.float)]
         }
-        // Unpacked [B, S, D] query, key and value: [B, S, Dv].
+        // [B, S, Dv] from query [B, S, D] and value [B, L, Dv]; packed QKV [B, S, N, 3, H];
+        // query [B, S, D] and packed KV [B, L, N, 2, H].
         "MultiHeadAttention" => {
-            let v = input(2);
-            let shape = match (&x.shape, &v.shape) {
-                (Some(q), Some(v)) if q.len() == 3 && v.len() == 3 => {
+            let (k, v) = (input(1), input(2));
+            let heads = |p: &[Dim]| p[2].mul(&p[4]);
+            let shape = match (&x.shape, &k.shape, &v.shape) {
+                (Some(q), _, Some(v)) if q.len() == 3 && v.len() == 3 => {
                     Some(vec![q[0].clone(), q[1].clone(), v[2].clone()])
+                }
+                (Some(q), _, _) if q.len() == 5 => {
+                    heads(q).map(|d| vec![q[0].clone(), q[1].clone(), d])
+                }
+                (Some(q), Some(kv), None) if q.len() == 3 && kv.len() == 5 => {
+                    heads(kv).map(|d| vec![q[0].clone(), q[1].clone(), d])
                 }
                 _ => None,
             };
