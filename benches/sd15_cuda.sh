@@ -69,12 +69,12 @@ stamp "attune fp16 (no fusion)" $ATTUNE compile "$MODEL" -o "$W/fp16/unet.onnx" 
 stamp "attune flash fp16 (no GroupNorm)" $ATTUNE compile "$MODEL" -o "$W/mha/unet.onnx" --target cpu $FP16 --attention flash
 stamp "attune cuda flash fp16" $ATTUNE compile "$MODEL" -o "$W/flash/unet.onnx" --target cuda $FP16 --attention flash
 stamp "attune cuda flash+tome0.5 fp16" $ATTUNE compile "$MODEL" -o "$W/tome/unet.onnx" --target cuda $FP16 --attention flash --tome 0.5
-# Ablations: C without packed projections; C with only GroupNorm + NhwcConv (the residual,
-# GEGLU and packing fusions left out).
-stamp "attune cuda flash unpacked fp16" $ATTUNE compile "$MODEL" -o "$W/unpacked/unet.onnx" --target cuda $FP16 --attention flash \
-  --disable-fusions packed-qkv
+# Ablations: C with packed QKV/KV projections (opt-in); C with only GroupNorm + NhwcConv (the
+# residual and GEGLU fusions left out).
+stamp "attune cuda flash packed fp16" $ATTUNE compile "$MODEL" -o "$W/packed/unet.onnx" --target cuda $FP16 --attention flash \
+  --enable-fusions packed-qkv
 stamp "attune cuda flash gn+conv fp16" $ATTUNE compile "$MODEL" -o "$W/gnconv/unet.onnx" --target cuda $FP16 --attention flash \
-  --disable-fusions packed-qkv,skip-group-norm,skip-layer-norm,bias-add,bias-split-gelu
+  --disable-fusions skip-group-norm,skip-layer-norm,bias-add,bias-split-gelu
 [ -z "${QUICK:-}" ] && stamp "attune cuda onnx-attention fp16" $ATTUNE compile "$MODEL" -o "$W/onnx/unet.onnx" --target cuda $FP16 --attention onnx
 wait $PEER; cat "$W/peer.txt"
 
@@ -82,10 +82,10 @@ DIMS="--dim batch=2 --dim sequence=77"
 PEER_VS=(); [ -f "$W/peer/unet.onnx" ] && PEER_VS=(--vs "$W/peer/unet.onnx")
 for latent in 64 128; do
   echo "== ORT CUDA, $((latent * 8)) px (latent ${latent}x${latent}), batch 2. A: fp16 only; B: + MultiHeadAttention;"
-  echo "   C: --target cuda (every fusion); D: C + ToMe 0.5; E: C without packed QKV/KV;"
+  echo "   C: --target cuda (default fusions); D: C + ToMe 0.5; E: C + packed QKV/KV;"
   echo "   F: C with only GroupNorm + NhwcConv; G: ORT optimizer (fp16, default fusions)"
   $ATTUNE bench "$W/fp16/unet.onnx" --vs "$W/mha/unet.onnx" --vs "$W/flash/unet.onnx" --vs "$W/tome/unet.onnx" \
-    --vs "$W/unpacked/unet.onnx" --vs "$W/gnconv/unet.onnx" \
+    --vs "$W/packed/unet.onnx" --vs "$W/gnconv/unet.onnx" \
     "${PEER_VS[@]}" --ep cuda $DIMS --dim height=$latent --dim width=$latent --iters "$ITERS" --warmup 3
 done
 if [ -z "${QUICK:-}" ]; then

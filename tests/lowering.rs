@@ -390,6 +390,87 @@ fn a_recipe_and_the_equivalent_flags_produce_identical_graphs() {
 }
 
 #[test]
+fn cuda_fusions_switch_by_flag_and_recipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("sd15_legacy");
+    let counts = |flags: &[&str]| {
+        let (out, _) = compile_into(dir.path(), &model, flags);
+        op_counts(&import::read(&out).unwrap())
+    };
+    let n =
+        |c: &std::collections::HashMap<String, usize>, op: &str| c.get(op).copied().unwrap_or(0);
+    let cuda = ["--target", "cuda", "--attention", "flash"];
+    let default = counts(&cuda);
+    assert!(n(&default, "com.microsoft.SkipGroupNorm") > 0);
+    fn with<'a>(cuda: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        [cuda, extra].concat()
+    }
+    let off = counts(&with(
+        &cuda,
+        &["--disable-fusions", "skip-group-norm,nhwc-conv"],
+    ));
+    assert_eq!(
+        n(&off, "com.microsoft.SkipGroupNorm") + n(&off, "com.microsoft.NhwcConv"),
+        0
+    );
+    assert_eq!(
+        n(&off, "com.microsoft.GroupNorm"),
+        n(&default, "com.microsoft.GroupNorm") + n(&default, "com.microsoft.SkipGroupNorm")
+    );
+    // Packed QKV/KV is opt-in: one packed MatMul per self-attention (3 -> 1) and cross-attention
+    // (2 -> 1).
+    let packed = counts(&with(&cuda, &["--enable-fusions", "packed-qkv"]));
+    let sites = n(&default, "com.microsoft.MultiHeadAttention");
+    assert_eq!(n(&default, "MatMul") - n(&packed, "MatMul"), 3 * sites / 2);
+    // The same switches in a recipe.
+    let recipe = dir.path().join("fusions.toml");
+    fs::write(
+        &recipe,
+        "target = \"cuda\"\ndisable_fusions = [\"skip-group-norm\", \"bias-add\"]\nenable_fusions = [\"packed-qkv\"]\n[attention]\nmode = \"flash\"\n",
+    )
+    .unwrap();
+    let (a, _) = compile_into(dir.path(), &model, &["--recipe", recipe.to_str().unwrap()]);
+    let flags = with(
+        &cuda,
+        &[
+            "--disable-fusions",
+            "skip-group-norm,bias-add",
+            "--enable-fusions",
+            "packed-qkv",
+        ],
+    );
+    let (b, _) = compile_into(dir.path(), &model, &flags);
+    assert!(normalized(&a) == normalized(&b), "recipe and flags differ");
+    // Misuse is an error.
+    let out = dir.path().join("bad.onnx");
+    let o = compile_to(&model, &out, &["--disable-fusions", "bias-add"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("apply to --target cuda"),
+        "{}",
+        stderr(&o)
+    );
+    let o = compile_to(
+        &model,
+        &out,
+        &with(
+            &cuda,
+            &[
+                "--disable-fusions",
+                "packed-qkv",
+                "--enable-fusions",
+                "packed-qkv",
+            ],
+        ),
+    );
+    assert!(
+        !o.status.success() && stderr(&o).contains("both enabled and disabled"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists(), "no output on error");
+}
+
+#[test]
 fn recipe_errors_name_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
@@ -585,16 +666,20 @@ fn nhwc_conv_weights_are_the_original_weights_channels_last() {
     assert!(checked > 10);
 }
 
-/// `compile --target cuda --attention flash --precision PRECISION` of a fixture.
-fn compile_for_cuda(dir: &Path, name: &str, precision: &str) -> std::path::PathBuf {
+/// `compile --target cuda --attention flash --precision PRECISION EXTRA` of a fixture.
+fn compile_for_cuda(dir: &Path, name: &str, precision: &str, extra: &[&str]) -> std::path::PathBuf {
     let flags = [
-        "--target",
-        "cuda",
-        "--attention",
-        "flash",
-        "--precision",
-        precision,
-    ];
+        &[
+            "--target",
+            "cuda",
+            "--attention",
+            "flash",
+            "--precision",
+            precision,
+        ],
+        extra,
+    ]
+    .concat();
     compile_into(dir, &fixture(name), &flags).0
 }
 
@@ -611,7 +696,7 @@ fn cuda_target_output_matches_the_reference_on_ort_cuda() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         for (precision, tol) in [("fp32", 5e-3), ("fp16", 5e-3)] {
-            let out = compile_for_cuda(dir.path(), name, precision);
+            let out = compile_for_cuda(dir.path(), name, precision, &[]);
             let c = against_reference(name, run_on(Ep::Cuda, name, &out));
             assert!(c.rel_l2 <= tol, "{name} {precision}: rel L2 {}", c.rel_l2);
         }
@@ -833,7 +918,8 @@ fn cuda_target_graphs_compute_the_reference_with_their_cuda_ops_in_standard_form
             } else {
                 5e-3
             };
-            let out = compile_for_cuda(dir.path(), name, precision);
+            let flags = ["--enable-fusions", "packed-qkv"];
+            let out = compile_for_cuda(dir.path(), name, precision, &flags);
             let standard = dir.path().join(format!("standard_{precision}.onnx"));
             with_cuda_ops_in_standard_ops(&out, &standard);
             let c = against_reference(name, run_cpu(name, &standard));

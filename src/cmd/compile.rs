@@ -64,6 +64,9 @@ pub struct CompileOptions {
     /// one gains or to bisect a numeric difference
     #[arg(long, value_enum, value_delimiter = ',', value_name = "FUSION")]
     pub disable_fusions: Vec<FusionArg>,
+    /// With --target cuda: fusions off by default to apply too (packed-qkv)
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "FUSION")]
+    pub enable_fusions: Vec<FusionArg>,
     /// Attention substitution: keep, flash (com.microsoft.MultiHeadAttention), onnx (opset-23 Attention), linear
     #[arg(long, value_enum, default_value_t = AttentionArg::Keep)]
     pub attention: AttentionArg,
@@ -349,14 +352,13 @@ impl CompileOptions {
             PrecisionArg::Bf16 => Precision::Bf16,
         };
         if target == Target::Cuda {
-            let disabled = self.disable_fusions.iter().map(|f| f.fusion()).collect();
             pm.add(CudaFusions {
                 precision,
-                disabled,
+                fusions: self.cuda_fusions()?,
             });
-        } else if !self.disable_fusions.is_empty() {
+        } else if !self.disable_fusions.is_empty() || !self.enable_fusions.is_empty() {
             bail!(
-                "--disable-fusions applies to --target cuda (the CPU target fuses none of these)"
+                "--disable-fusions/--enable-fusions apply to --target cuda (the CPU target fuses none of these)"
             );
         }
         if precision != Precision::F32 {
@@ -367,6 +369,21 @@ impl CompileOptions {
         }
         pm.add(SupportCheck { target });
         Ok(pm)
+    }
+
+    /// The default fusions, plus --enable-fusions, minus --disable-fusions.
+    fn cuda_fusions(&self) -> anyhow::Result<Vec<CudaFusion>> {
+        if let Some(f) = self
+            .enable_fusions
+            .iter()
+            .find(|f| self.disable_fusions.contains(f))
+        {
+            bail!("fusion {f:?} is both enabled and disabled");
+        }
+        let mut fusions = CudaFusion::DEFAULT.to_vec();
+        fusions.extend(self.enable_fusions.iter().map(|f| f.fusion()));
+        fusions.retain(|f| !self.disable_fusions.iter().any(|d| d.fusion() == *f));
+        Ok(fusions)
     }
 
     fn hook_layers(&self) -> Globs {

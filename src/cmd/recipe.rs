@@ -5,8 +5,9 @@
 //! target = "cpu"                  # cpu | cuda
 //! precision = "fp16"              # fp32 | fp16 | bf16
 //! keep_io_types = true
-//! disable_fusions = ["packed-qkv"] # cuda: group-norm | skip-group-norm | nhwc-conv |
-//!                                 #   skip-layer-norm | bias-add | bias-split-gelu | packed-qkv
+//! disable_fusions = ["bias-add"]  # cuda: group-norm | skip-group-norm | nhwc-conv |
+//!                                 #   skip-layer-norm | bias-add | bias-split-gelu
+//! enable_fusions = ["packed-qkv"] # cuda, off by default: packed-qkv
 //! weights = "link"                # copy | link
 //! [attention]
 //! mode = "flash"                  # keep | flash | onnx | linear
@@ -53,6 +54,7 @@ pub struct Recipe {
     precision: Option<String>,
     keep_io_types: Option<bool>,
     disable_fusions: Option<Vec<String>>,
+    enable_fusions: Option<Vec<String>>,
     pub weights: Option<String>,
     attention: Option<Attention>,
     #[serde(default)]
@@ -273,6 +275,12 @@ impl Recipe {
             "disable_fusions",
             &mut o.disable_fusions,
             choices("disable_fusions", &self.disable_fusions)?,
+        );
+        set(
+            given,
+            "enable_fusions",
+            &mut o.enable_fusions,
+            choices("enable_fusions", &self.enable_fusions)?,
         );
         if let Some(h) = &self.hooks {
             set(
