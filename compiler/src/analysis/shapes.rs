@@ -1088,6 +1088,72 @@ mod tests {
     use super::*;
 
     #[test]
+    fn contrib_op_shapes() {
+        let dims = |d: &[&str]| -> Vec<Dim> {
+            d.iter()
+                .map(|x| x.parse().map_or_else(|_| Dim::symbol(x), Dim::Known))
+                .collect()
+        };
+        let infer = |op: &str, attrs: Vec<AttributeProto>, ins: Vec<Option<Vec<Dim>>>| {
+            let input = |i: usize| Facts {
+                shape: ins.get(i).cloned().flatten(),
+                value: None,
+                float: true,
+            };
+            let mut n = 0;
+            let mut fresh = || {
+                n += 1;
+                Dim::unknown(n)
+            };
+            infer_contrib(op, &attrs, &input, &mut fresh)[0]
+                .shape
+                .clone()
+        };
+        // Packed QKV [B, S, N, 3, H] and packed KV [B, L, N, 2, H] give [B, S, N·H].
+        let packed = infer(
+            "MultiHeadAttention",
+            vec![],
+            vec![Some(dims(&["b", "s", "8", "3", "40"]))],
+        );
+        assert_eq!(packed, Some(dims(&["b", "s", "320"])));
+        let kv = vec![
+            Some(dims(&["b", "s", "320"])),
+            Some(dims(&["b", "77", "8", "2", "40"])),
+        ];
+        assert_eq!(
+            infer("MultiHeadAttention", vec![], kv),
+            Some(dims(&["b", "s", "320"]))
+        );
+        let halved = infer(
+            "BiasSplitGelu",
+            vec![],
+            vec![Some(dims(&["b", "s", "2560"]))],
+        );
+        assert_eq!(halved, Some(dims(&["b", "s", "1280"])));
+        // NhwcConv: 3x3 "same" keeps H and W; stride 2 leaves them unknown, channels known.
+        let ints = |name: &str, v: &[i64]| AttributeProto {
+            name: name.into(),
+            ints: v.to_vec(),
+            ..Default::default()
+        };
+        let conv = |strides: &[i64]| {
+            infer(
+                "NhwcConv",
+                vec![ints("pads", &[1, 1, 1, 1]), ints("strides", strides)],
+                vec![
+                    Some(dims(&["n", "h", "w", "4"])),
+                    Some(dims(&["320", "3", "3", "4"])),
+                ],
+            )
+            .unwrap()
+        };
+        assert_eq!(conv(&[1, 1]), dims(&["n", "h", "w", "320"]));
+        let down = conv(&[2, 2]);
+        assert_eq!((&down[0], &down[3]), (&Dim::symbol("n"), &Dim::Known(320)));
+        assert!(down[1].known().is_none() && down[1] != Dim::symbol("h"));
+    }
+
+    #[test]
     fn dim_params() {
         assert_eq!(parse_dim("8*height").to_string(), "8*height");
         assert_eq!(parse_dim("batch"), Dim::symbol("batch"));
