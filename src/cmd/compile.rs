@@ -62,11 +62,11 @@ pub struct CompileOptions {
     pub keep_io_types: bool,
     /// With --target cuda: fusions to leave out (comma-separated), e.g. to measure what each
     /// one gains or to bisect a numeric difference
-    #[arg(long, value_enum, value_delimiter = ',', value_name = "FUSION")]
-    pub disable_fusions: Vec<FusionArg>,
+    #[arg(long, value_delimiter = ',', value_name = "FUSION", value_parser = CudaFusion::parse)]
+    pub disable_fusions: Vec<CudaFusion>,
     /// With --target cuda: fusions off by default to apply too (packed-qkv)
-    #[arg(long, value_enum, value_delimiter = ',', value_name = "FUSION")]
-    pub enable_fusions: Vec<FusionArg>,
+    #[arg(long, value_delimiter = ',', value_name = "FUSION", value_parser = CudaFusion::parse)]
+    pub enable_fusions: Vec<CudaFusion>,
     /// Attention substitution: keep, flash (com.microsoft.MultiHeadAttention), onnx (opset-23 Attention), linear
     #[arg(long, value_enum, default_value_t = AttentionArg::Keep)]
     pub attention: AttentionArg,
@@ -218,31 +218,6 @@ pub enum TargetArg {
     Cuda,
 }
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum, PartialEq, Eq)]
-pub enum FusionArg {
-    GroupNorm,
-    SkipGroupNorm,
-    NhwcConv,
-    SkipLayerNorm,
-    BiasAdd,
-    BiasSplitGelu,
-    PackedQkv,
-}
-
-impl FusionArg {
-    fn fusion(self) -> CudaFusion {
-        match self {
-            FusionArg::GroupNorm => CudaFusion::GroupNorm,
-            FusionArg::SkipGroupNorm => CudaFusion::SkipGroupNorm,
-            FusionArg::NhwcConv => CudaFusion::NhwcConv,
-            FusionArg::SkipLayerNorm => CudaFusion::SkipLayerNorm,
-            FusionArg::BiasAdd => CudaFusion::BiasAdd,
-            FusionArg::BiasSplitGelu => CudaFusion::BiasSplitGelu,
-            FusionArg::PackedQkv => CudaFusion::PackedQkv,
-        }
-    }
-}
-
 #[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
 pub enum PrecisionArg {
     Fp32,
@@ -378,11 +353,11 @@ impl CompileOptions {
             .iter()
             .find(|f| self.disable_fusions.contains(f))
         {
-            bail!("fusion {f:?} is both enabled and disabled");
+            bail!("fusion {} is both enabled and disabled", f.name());
         }
         let mut fusions = CudaFusion::DEFAULT.to_vec();
-        fusions.extend(self.enable_fusions.iter().map(|f| f.fusion()));
-        fusions.retain(|f| !self.disable_fusions.iter().any(|d| d.fusion() == *f));
+        fusions.extend(&self.enable_fusions);
+        fusions.retain(|f| !self.disable_fusions.contains(f));
         Ok(fusions)
     }
 

@@ -45,6 +45,8 @@ use clap::ValueEnum;
 use clap::parser::ValueSource;
 use serde::Deserialize;
 
+use attune_passes::lower::CudaFusion;
+
 use super::compile::CompileOptions;
 
 #[derive(Debug, Default, Deserialize)]
@@ -270,17 +272,29 @@ impl Recipe {
                 })
                 .transpose()
         }
+        let fusions = |key: &str, names: &Option<Vec<String>>| -> anyhow::Result<_> {
+            names
+                .as_ref()
+                .map(|ns| {
+                    ns.iter()
+                        .map(|n| {
+                            CudaFusion::parse(n).map_err(|e| anyhow!("recipe key `{key}`: {e}"))
+                        })
+                        .collect::<anyhow::Result<Vec<_>>>()
+                })
+                .transpose()
+        };
         set(
             given,
             "disable_fusions",
             &mut o.disable_fusions,
-            choices("disable_fusions", &self.disable_fusions)?,
+            fusions("disable_fusions", &self.disable_fusions)?,
         );
         set(
             given,
             "enable_fusions",
             &mut o.enable_fusions,
-            choices("enable_fusions", &self.enable_fusions)?,
+            fusions("enable_fusions", &self.enable_fusions)?,
         );
         if let Some(h) = &self.hooks {
             set(

@@ -246,6 +246,35 @@ pub enum CudaFusion {
 }
 
 impl CudaFusion {
+    /// Every fusion with its command-line name.
+    pub const NAMES: &[(CudaFusion, &str)] = &[
+        (CudaFusion::GroupNorm, "group-norm"),
+        (CudaFusion::SkipGroupNorm, "skip-group-norm"),
+        (CudaFusion::NhwcConv, "nhwc-conv"),
+        (CudaFusion::SkipLayerNorm, "skip-layer-norm"),
+        (CudaFusion::BiasAdd, "bias-add"),
+        (CudaFusion::BiasSplitGelu, "bias-split-gelu"),
+        (CudaFusion::PackedQkv, "packed-qkv"),
+    ];
+
+    pub fn parse(name: &str) -> std::result::Result<CudaFusion, String> {
+        Self::NAMES
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(f, _)| *f)
+            .ok_or_else(|| {
+                let all: Vec<&str> = Self::NAMES.iter().map(|(_, n)| *n).collect();
+                format!("'{name}' is not one of {}", all.join(", "))
+            })
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .find(|(f, _)| *f == self)
+            .map_or("?", |(_, n)| n)
+    }
+
     /// On unless disabled. Packed QKV/KV is opt-in: on an H100 with ONNX Runtime 1.31 it made
     /// the SD1.5 UNet 1-2% slower (its flash kernel unpacks the heads first), see the README.
     pub const DEFAULT: &[CudaFusion] = &[
