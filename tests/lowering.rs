@@ -987,6 +987,35 @@ fn cuda_target_fuses_residuals_and_geglu_at_sd_widths() {
 }
 
 #[test]
+fn cuda_target_graphs_keep_dynamic_shapes() {
+    // Static Reshape targets and channels-last layouts must hold at any input size, not just
+    // the fixture's: another batch, latent and text length, against the original export.
+    let dims = ["batch=1", "height=24", "width=16", "sequence=5"].map(String::from);
+    let dims = inputs::Dims::parse(&dims).unwrap();
+    for name in ["sd15_legacy", "sd15_dynamo"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = compile_for_cuda(
+            dir.path(),
+            name,
+            "fp32",
+            &["--enable-fusions", "packed-qkv"],
+        );
+        let standard = dir.path().join("standard.onnx");
+        with_cuda_ops_in_standard_ops(&out, &standard);
+        let run = |model: &Path| {
+            let m = import::read(model).unwrap();
+            let feed = inputs::prepare(&inputs::input_specs(&m), vec![], &dims, 7).unwrap();
+            let mut b = Backend::open(model, Ep::Cpu, &OrtOptions::default()).unwrap();
+            out_sample(b.run(&feed).unwrap())
+        };
+        let (want, got) = (run(&fixture(name)), run(&standard));
+        assert_eq!(want.shape(), got.shape(), "{name}");
+        let c = compare("out_sample", &want, &got).unwrap();
+        assert!(c.rel_l2 <= 1e-4, "{name}: rel L2 {:.3e}", c.rel_l2);
+    }
+}
+
+#[test]
 fn cuda_target_equals_cpu_target_for_every_pass_combination() {
     // The same passes compiled for each target; the CUDA graph (its CUDA ops written back in
     // standard ops) computes what the CPU graph computes, on the CPU EP.

@@ -6,5 +6,5 @@ pub mod types;
 
 pub use attention::{AttentionAnalysis, AttentionSite, Kind, TransformerBlock};
 pub use dim::Dim;
-pub use shapes::Shapes;
+pub use shapes::{Num, Shapes};
 pub use types::ElemTypes;

@@ -344,6 +344,19 @@ fn binary_value(op: &str, a: &Num, b: &Num) -> Option<Num> {
 }
 
 /// Output facts of one default-domain op.
+/// A convolution's output size along one axis: kernel `k`, stride `s`, dilation `d`, total
+/// padding `pad` (None: SAME auto-padding).
+fn conv_size(size: &Dim, k: i64, s: i64, d: i64, pad: Option<i64>) -> Option<Dim> {
+    let extra = pad.map_or(0, |p| p - d * (k - 1) - 1);
+    match size.known() {
+        Some(v) if pad.is_some() => Some(Dim::Known((v + extra) / s + 1)),
+        Some(v) => Some(Dim::Known((v + s - 1) / s)),
+        // Symbolic: exact when the size divides by the stride (as UNet inputs must).
+        None if pad.is_none() || (-s <= extra && extra < 0) => size.div(&Dim::Known(s)),
+        None => None,
+    }
+}
+
 /// The ONNX Runtime contrib ops attune emits (shapes only).
 fn infer_contrib(
     op: &str,
@@ -371,7 +384,7 @@ fn infer_contrib(
             });
             vec![shape.map(|s| shaped(s, x.float)).unwrap_or_default()]
         }
-        // NHWC in, [N, H', W', M] out (OHWI weights); H, W kept by stride-1 "same" padding.
+        // NHWC in, [N, H', W', M] out (OHWI weights).
         "NhwcConv" => {
             let (Some(xs), Some(ws)) = (&x.shape, &input(1).shape) else {
                 return vec![Facts::default()];
@@ -382,12 +395,18 @@ fn infer_contrib(
             let ints = |k: &str| attr_ints(attrs, k).unwrap_or_default();
             let (strides, pads, dilations) = (ints("strides"), ints("pads"), ints("dilations"));
             let mut spatial = |i: usize| {
-                let kernel = ws[1 + i].known();
-                let dil = dilations.get(i).copied().unwrap_or(1);
                 let pad = pads.get(i).copied().unwrap_or(0) + pads.get(i + 2).copied().unwrap_or(0);
-                let same = strides.get(i).copied().unwrap_or(1) == 1
-                    && kernel.is_some_and(|k| pad == dil * (k - 1));
-                if same { xs[1 + i].clone() } else { fresh() }
+                let size = ws[1 + i].known().and_then(|k| {
+                    let s = strides.get(i).copied().unwrap_or(1);
+                    conv_size(
+                        &xs[1 + i],
+                        k,
+                        s,
+                        dilations.get(i).copied().unwrap_or(1),
+                        Some(pad),
+                    )
+                });
+                size.unwrap_or_else(&mut *fresh)
             };
             let shape = vec![xs[0].clone(), spatial(0), spatial(1), ws[0].clone()];
             vec![shaped(shape, x.float)]
@@ -601,25 +620,12 @@ fn infer_op(
                     return one(None);
                 };
                 let d = dil.get(i).copied().unwrap_or(1);
-                let extra = if same {
-                    0
-                } else {
-                    pads.get(i).copied().unwrap_or(0) + pads.get(i + spatial).copied().unwrap_or(0)
-                        - d * (k - 1)
-                        - 1
-                };
-                let size = &xs[i + 2];
-                let o = match size.known() {
-                    Some(v) if !same => Dim::Known((v + extra) / s + 1),
-                    Some(v) => Dim::Known((v + s - 1) / s),
-                    // Symbolic: exact when the size divides by the stride (as UNet inputs must).
-                    None if same || (-s <= extra && extra < 0) => match size.div(&Dim::Known(s)) {
-                        Some(o) => o,
-                        None => return one(None),
-                    },
+                let pad =
+                    pads.get(i).copied().unwrap_or(0) + pads.get(i + spatial).copied().unwrap_or(0);
+                match conv_size(&xs[i + 2], k, s, d, (!same).then_some(pad)) {
+                    Some(o) => out.push(o),
                     None => return one(None),
-                };
-                out.push(o);
+                }
             }
             one(Some(shaped(out, true)))
         }
@@ -1130,7 +1136,7 @@ mod tests {
             vec![Some(dims(&["b", "s", "2560"]))],
         );
         assert_eq!(halved, Some(dims(&["b", "s", "1280"])));
-        // NhwcConv: 3x3 "same" keeps H and W; stride 2 leaves them unknown, channels known.
+        // NhwcConv: 3x3 padded 1 keeps H and W; stride 2 halves them (exact for even sizes).
         let ints = |name: &str, v: &[i64]| AttributeProto {
             name: name.into(),
             ints: v.to_vec(),
@@ -1148,9 +1154,9 @@ mod tests {
             .unwrap()
         };
         assert_eq!(conv(&[1, 1]), dims(&["n", "h", "w", "320"]));
-        let down = conv(&[2, 2]);
-        assert_eq!((&down[0], &down[3]), (&Dim::symbol("n"), &Dim::Known(320)));
-        assert!(down[1].known().is_none() && down[1] != Dim::symbol("h"));
+        let half = |d: &str| Dim::symbol(d).div(&Dim::Known(2)).unwrap();
+        let down = vec![Dim::symbol("n"), half("h"), half("w"), Dim::Known(320)];
+        assert_eq!(conv(&[2, 2]), down);
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod geglu;
 mod group_norm;
 mod packed;
 mod residual;
+mod static_shapes;
 
 pub use geglu::BIAS_SPLIT_GELU_WIDTHS;
 pub use residual::BIAS_ADD_WIDTHS;
@@ -243,6 +244,7 @@ pub enum CudaFusion {
     BiasAdd,
     BiasSplitGelu,
     PackedQkv,
+    StaticReshapes,
 }
 
 impl CudaFusion {
@@ -255,6 +257,7 @@ impl CudaFusion {
         (CudaFusion::BiasAdd, "bias-add"),
         (CudaFusion::BiasSplitGelu, "bias-split-gelu"),
         (CudaFusion::PackedQkv, "packed-qkv"),
+        (CudaFusion::StaticReshapes, "static-reshapes"),
     ];
 
     pub fn parse(name: &str) -> std::result::Result<CudaFusion, String> {
@@ -284,6 +287,7 @@ impl CudaFusion {
         CudaFusion::SkipLayerNorm,
         CudaFusion::BiasAdd,
         CudaFusion::BiasSplitGelu,
+        CudaFusion::StaticReshapes,
     ];
 }
 
@@ -410,6 +414,19 @@ impl Pass for CudaFusions {
             report.notes.push(format!(
                 "{cancelled} Transpose pairs cancelled, {untransposed} Shapes read before the Transpose; removed {removed} nodes"
             ));
+        }
+        if on(CudaFusion::StaticReshapes) {
+            let t = static_shapes::static_reshape_targets(model)?;
+            count_line(
+                &mut report,
+                t.constant,
+                "Reshape targets computed at run time -> constants",
+            );
+            count_line(
+                &mut report,
+                t.shape_of,
+                "Reshape targets computed at run time -> the Shape of an equal-shaped tensor",
+            );
         }
         if store.clamped > 0 {
             report.notes.push(format!(
