@@ -74,7 +74,7 @@ stamp "attune cuda flash+tome0.5 fp16" $ATTUNE compile "$MODEL" -o "$W/tome/unet
 stamp "attune cuda flash packed fp16" $ATTUNE compile "$MODEL" -o "$W/packed/unet.onnx" --target cuda $FP16 --attention flash \
   --enable-fusions packed-qkv
 stamp "attune cuda flash gn+conv fp16" $ATTUNE compile "$MODEL" -o "$W/gnconv/unet.onnx" --target cuda $FP16 --attention flash \
-  --disable-fusions skip-group-norm,skip-layer-norm,bias-add,bias-split-gelu
+  --disable-fusions skip-group-norm,skip-layer-norm,bias-add,bias-split-gelu,static-reshapes
 [ -z "${QUICK:-}" ] && stamp "attune cuda onnx-attention fp16" $ATTUNE compile "$MODEL" -o "$W/onnx/unet.onnx" --target cuda $FP16 --attention onnx
 wait $PEER; cat "$W/peer.txt"
 

@@ -110,6 +110,30 @@ struct Plan {
     compute: HashMap<NodeId, i32>,
 }
 
+/// Removes Casts whose input already has the target type (exports cast to the compute type,
+/// which the conversion made the low type); returns how many.
+fn drop_identity_casts(model: &mut Model) -> Result<usize> {
+    let types = ElemTypes::infer(&model.graph)?;
+    let g = &model.graph;
+    let pairs: Vec<(ValueId, ValueId)> = g
+        .node_ids()
+        .filter(|n| g.node(*n).is("Cast"))
+        .filter_map(|n| {
+            let node = g.node(n);
+            let (x, y) = (
+                node.inputs.first().copied()??,
+                node.outputs.first().copied()??,
+            );
+            let to = node.attr("to")?.i as i32;
+            (types.get(x) == Some(to) && !g.is_graph_output(y)).then_some((y, x))
+        })
+        .collect();
+    for &(y, x) in &pairs {
+        model.graph.replace_all_uses(y, x);
+    }
+    Ok(pairs.len())
+}
+
 /// Values computed from the values of the graph inputs (not just their shapes).
 pub(super) fn data_values(g: &Graph, order: &[NodeId]) -> HashSet<ValueId> {
     let mut data: HashSet<ValueId> = g.inputs.iter().map(|io| io.value).collect();
@@ -409,6 +433,13 @@ impl Pass for PrecisionPass {
             if let Some(t) = types.get(low_value) {
                 set_elem_type(&mut io.info, t);
             }
+        }
+        let identity = drop_identity_casts(model)?;
+        if identity > 0 {
+            report.notes.push(format!(
+                "{identity} Casts to the type their input already has (the export's own, now in {}) dropped",
+                self.precision.name()
+            ));
         }
         let removed = dce(model);
         report.rewritten.push(format!(

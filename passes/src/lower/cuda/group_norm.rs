@@ -34,8 +34,22 @@ struct GroupNormSite {
 
 struct Skip {
     value: ValueId,
-    per_channel: bool,
+    /// For a [N, C, 1, 1] skip: the [N, C] value it unsqueezes, if there is one.
+    per_channel: Option<Option<ValueId>>,
     sum: Option<ValueId>,
+}
+
+/// The [N, C] value a [N, C, 1, 1] `v` is made from by Unsqueezes (the time embedding).
+fn unsqueezed_from(g: &Graph, shapes: &Shapes, v: ValueId) -> Option<ValueId> {
+    let want = shapes.shape(v)?.get(..2)?;
+    let mut at = v;
+    while let Some(n) = producer(g, at).filter(|n| g.node(*n).is("Unsqueeze")) {
+        at = input(g, n, 0)?;
+        if shapes.shape(at) == Some(want) {
+            return Some(at);
+        }
+    }
+    None
 }
 
 /// `x = a + b` with `b` of `x`'s shape or [N, C, 1, 1]: `a` and the skip.
@@ -65,7 +79,7 @@ fn skip_of(g: &Graph, shapes: &Shapes, x: ValueId) -> Option<(ValueId, Skip)> {
         main,
         Skip {
             value: skip,
-            per_channel: broadcast,
+            per_channel: broadcast.then(|| unsqueezed_from(g, shapes, skip)),
             sum,
         },
     ))
@@ -262,7 +276,9 @@ fn fuse_group_norm(p: &mut Patch, g: &Graph, site: &GroupNormSite) {
     let beta = vector(site.beta, "beta");
     let mut rest = vec![gamma, beta];
     let op = if let Some(skip) = &site.skip {
-        rest.push(if skip.per_channel {
+        rest.push(if let Some(Some(nc)) = skip.per_channel {
+            p.current(nc)
+        } else if skip.per_channel.is_some() {
             // [N, C, 1, 1] → [N, C], a broadcast the kernel takes.
             let flat = p.i64s(&name("skip_nc"), &[0, -1]);
             In::New(p.op(
