@@ -503,6 +503,13 @@ fn merge_block(
     };
     let (hw_rows, rows_inside, row_window, row_offset) = axis(&mut e, h, sy, "rows");
     let (hw_cols, cols_inside, col_window, col_offset) = axis(&mut e, w, sx.clone(), "cols");
+    // One dst per whole window: the counts follow from the shapes alone.
+    let n_dst = e.op(
+        "Mul",
+        "dst_count",
+        vec![hw_rows.clone(), hw_cols.clone()],
+        vec![],
+    );
     let rows_col = e.op(
         "Unsqueeze",
         "rows_inside_col",
@@ -565,13 +572,56 @@ fn merge_block(
     let grid_mask = e.op("And", "dst_grid", vec![inside, chosen_slot], vec![]);
     let flat = e.i64s("tome_flat", &[-1]);
     let mask = e.op("Reshape", "dst_mask", vec![grid_mask, flat.clone()], vec![]);
-    let nz = e.op("NonZero", "dst_nonzero", vec![mask.clone()], vec![]);
-    let dst = e.op("Reshape", "dst_index", vec![nz, flat.clone()], vec![]);
+    // The positions of the mask's true (dst) and false (src) tokens, ascending, as the top
+    // `count` of `mask·2N + (N − i)`: no NonZero, whose data-dependent size would make a CUDA
+    // run wait for the GPU before every merge.
+    let nd1 = e.op("Reshape", "dst_count_1d", vec![n_dst, flat.clone()], vec![]);
+    let ns1 = e.op("Sub", "src_count", vec![n1.clone(), nd1.clone()], vec![]);
+    let n = e.op("Squeeze", "N_scalar", vec![n1.clone()], vec![]);
+    let token = e.op(
+        "Range",
+        "token_range",
+        vec![zero.clone(), n.clone(), one.clone()],
+        vec![],
+    );
+    let earlier_first = e.op("Sub", "token_rank", vec![n.clone(), token], vec![]);
+    let two = e.i64("tome_two", 2);
+    let weight = e.op("Mul", "mask_weight", vec![n, two], vec![]);
+    let positions = |e: &mut Emitter, m: In, count: In, tag: &str| {
+        let m = e.op(
+            "Cast",
+            &format!("{tag}_mask_int"),
+            vec![m],
+            vec![attr::int("to", DataType::Int64 as i64)],
+        );
+        let m = e.op(
+            "Mul",
+            &format!("{tag}_weighted"),
+            vec![m, weight.clone()],
+            vec![],
+        );
+        let score = e.op(
+            "Add",
+            &format!("{tag}_score"),
+            vec![m, earlier_first.clone()],
+            vec![],
+        );
+        let top = e.ops(
+            "TopK",
+            &format!("{tag}_index"),
+            vec![score, count],
+            2,
+            vec![
+                attr::int("axis", -1),
+                attr::int("largest", 1),
+                attr::int("sorted", 1),
+            ],
+        );
+        top[1].clone()
+    };
+    let dst = positions(&mut e, mask.clone(), nd1.clone(), "dst");
     let not = e.op("Not", "src_mask", vec![mask], vec![]);
-    let nz = e.op("NonZero", "src_nonzero", vec![not], vec![]);
-    let src = e.op("Reshape", "src_index", vec![nz, flat.clone()], vec![]);
-    let ns1 = e.op("Shape", "src_count", vec![src.clone()], vec![]);
-    let nd1 = e.op("Shape", "dst_count", vec![dst.clone()], vec![]);
+    let src = positions(&mut e, not, ns1.clone(), "src");
     // r = min(⌊N·ratio⌋, #src)
     let nf = e.op(
         "Cast",
