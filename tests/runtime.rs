@@ -380,6 +380,39 @@ fn bench_and_demo_commands_run() {
     assert!(v["ratios"][0].as_f64().unwrap() > 0.0);
     assert!(v["peak_rss_kb"].as_u64().unwrap() > 0);
 
+    // --profile: ORT traces per model, time per op type side by side; tract has no profiler.
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("prof");
+    let mut args = vec![
+        "bench",
+        a.to_str().unwrap(),
+        "--iters",
+        "1",
+        "--warmup",
+        "1",
+        "--profile",
+        profile.to_str().unwrap(),
+        "--profile-runs",
+        "2",
+    ];
+    args.extend(dims);
+    let o = attune(&args);
+    let text = stdout(&o);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        text.contains("time per op type") && text.contains("Conv (CPU)"),
+        "{text}"
+    );
+    let traces = fs::read_dir(&profile).unwrap().count();
+    assert_eq!(traces, 1, "one trace for one model");
+    args.extend(["--ep", "tract"]);
+    let o = attune(&args);
+    assert!(
+        !o.status.success() && stderr(&o).contains("tract: no profiler"),
+        "{}",
+        stderr(&o)
+    );
+
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_attune"))
         .args(["demo", "--iters", "2"])
         .current_dir(root())

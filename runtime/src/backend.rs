@@ -53,8 +53,8 @@ impl Backend {
     pub fn end_profiling(&mut self) -> Result<std::path::PathBuf> {
         match self {
             Backend::Ort(s) => s.end_profiling(),
-            Backend::Tract(_) => Err(crate::Error::Ort(
-                "tract has no profiler: profile on --ep cpu or cuda".into(),
+            Backend::Tract(_) => Err(crate::Error::Tract(
+                "no profiler: profile on --ep cpu or cuda".into(),
             )),
         }
     }
