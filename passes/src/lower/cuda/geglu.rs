@@ -10,7 +10,7 @@ use attune_compiler::analysis::Shapes;
 use attune_compiler::ir::{Graph, NodeId, ValueId};
 use attune_compiler::patch::{In, Patch};
 
-use super::{MS_DOMAIN, input, other_input, output, producer, sole_reader};
+use super::{MS_DOMAIN, input, other_input, output, producer, sole_reader, split_bias};
 
 /// The last-axis sizes (2·D) ORT's CUDA BiasSplitGelu kernel takes.
 pub const BIAS_SPLIT_GELU_WIDTHS: &[i64] = &[2560, 5120, 10240];
@@ -139,15 +139,8 @@ fn match_geglu(g: &Graph, shapes: &Shapes, erf: NodeId) -> Result<Geglu, String>
         .ok_or("the split tensor is not a projection plus bias")?;
     let xs = shapes.shape(x).ok_or("unknown shape")?;
     let width = xs.last().and_then(|d| d.known());
-    let (projected, bias) = [0, 1]
-        .into_iter()
-        .find_map(|slot| {
-            let bias = input(g, add, 1 - slot)?;
-            let b = shapes.shape(bias)?;
-            (b.len() == 1 && b[0].known() == width && g.initializer(bias).is_some())
-                .then(|| Some((input(g, add, slot)?, bias)))?
-        })
-        .ok_or("the bias is not a constant vector")?;
+    let (projected, bias) =
+        split_bias(g, shapes, add, width).ok_or("the bias is not a constant vector")?;
     if xs.len() != 3 {
         return Err(format!("the projection has rank {}, not 3", xs.len()));
     }

@@ -58,6 +58,21 @@ fn output(g: &Graph, n: NodeId) -> Option<ValueId> {
     g.node(n).outputs.first().copied().flatten()
 }
 
+/// `p + bias` for an Add with a constant vector `bias` of `width` elements: (p, bias).
+fn split_bias(
+    g: &Graph,
+    shapes: &Shapes,
+    add: NodeId,
+    width: Option<i64>,
+) -> Option<(ValueId, ValueId)> {
+    [0, 1].into_iter().find_map(|slot| {
+        let bias = input(g, add, 1 - slot)?;
+        let b = shapes.shape(bias)?;
+        (b.len() == 1 && b[0].known() == width && g.initializer(bias).is_some())
+            .then(|| Some((input(g, add, slot)?, bias)))?
+    })
+}
+
 /// For a binary node reading `from`: its other input.
 fn other_input(g: &Graph, n: NodeId, from: ValueId) -> Option<ValueId> {
     match (input(g, n, 0), input(g, n, 1)) {

@@ -16,7 +16,7 @@ use attune_compiler::error::Result;
 use attune_compiler::ir::{Graph, Model, NodeId, ValueId};
 use attune_compiler::patch::{In, Patch, attr};
 
-use super::{MS_DOMAIN, input, output, producer, sole_reader};
+use super::{MS_DOMAIN, input, output, producer, sole_reader, split_bias};
 use crate::cleanup::dce;
 
 const NOT_A_SUM: &str = "its input is not a sum";
@@ -66,12 +66,7 @@ fn biased_sum(g: &Graph, shapes: &Shapes, add: NodeId) -> Option<(ValueId, Value
         if sole_reader(g, biased) != Some(add) {
             return None;
         }
-        let (proj, bias) = [0, 1].into_iter().find_map(|s| {
-            let bias = input(g, inner, 1 - s)?;
-            let b = shapes.shape(bias)?;
-            (b.len() == 1 && b[0].known() == Some(width) && g.initializer(bias).is_some())
-                .then(|| Some((input(g, inner, s)?, bias)))?
-        })?;
+        let (proj, bias) = split_bias(g, shapes, inner, Some(width))?;
         let same = |v: ValueId| shapes.shape(v) == shapes.shape(sum);
         (same(proj) && same(skip)).then_some((proj, bias, skip))
     })
