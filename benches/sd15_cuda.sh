@@ -65,34 +65,64 @@ mkdir -p "$W/peer"
     --opt_level 0 --float16 --use_gpu > "$W/peer.txt" ) &
 PEER=$!
 FP16="--precision fp16 --keep-io-types"   # the peer keeps fp32 I/O too
+# QUICK: only the rows the last runs left open (the default, ToMe, fixed shapes, CUDA graphs).
+if [ -z "${QUICK:-}" ]; then
 stamp "attune fp16 (no fusion)" $ATTUNE compile "$MODEL" -o "$W/fp16/unet.onnx" --target cpu $FP16
 stamp "attune flash fp16 (no GroupNorm)" $ATTUNE compile "$MODEL" -o "$W/mha/unet.onnx" --target cpu $FP16 --attention flash
-stamp "attune cuda flash fp16" $ATTUNE compile "$MODEL" -o "$W/flash/unet.onnx" --target cuda $FP16 --attention flash
-stamp "attune cuda flash+tome0.5 fp16" $ATTUNE compile "$MODEL" -o "$W/tome/unet.onnx" --target cuda $FP16 --attention flash --tome 0.5
-# Ablations: C with packed QKV/KV projections (opt-in); C with only GroupNorm + NhwcConv (the
+# Ablations: with packed QKV/KV projections (opt-in); with only GroupNorm + NhwcConv (the
 # residual and GEGLU fusions left out).
 stamp "attune cuda flash packed fp16" $ATTUNE compile "$MODEL" -o "$W/packed/unet.onnx" --target cuda $FP16 --attention flash \
   --enable-fusions packed-qkv
 stamp "attune cuda flash gn+conv fp16" $ATTUNE compile "$MODEL" -o "$W/gnconv/unet.onnx" --target cuda $FP16 --attention flash \
   --disable-fusions skip-group-norm,skip-layer-norm,bias-add,bias-split-gelu,static-reshapes
-[ -z "${QUICK:-}" ] && stamp "attune cuda onnx-attention fp16" $ATTUNE compile "$MODEL" -o "$W/onnx/unet.onnx" --target cuda $FP16 --attention onnx
+stamp "attune cuda onnx-attention fp16" $ATTUNE compile "$MODEL" -o "$W/onnx/unet.onnx" --target cuda $FP16 --attention onnx
+fi
+stamp "attune cuda flash fp16" $ATTUNE compile "$MODEL" -o "$W/flash/unet.onnx" --target cuda $FP16 --attention flash
+stamp "attune cuda flash+tome0.5 fp16" $ATTUNE compile "$MODEL" -o "$W/tome/unet.onnx" --target cuda $FP16 --attention flash --tome 0.5
+# Fixed shapes (one model per size): no size computed at run time, so no node on the CPU and
+# the session can replay a CUDA graph.
+for latent in 64 128; do
+  FIX="--fix-shapes sample=2x4x${latent}x${latent},sequence=77"
+  stamp "attune cuda flash fixed $latent fp16" $ATTUNE compile "$MODEL" -o "$W/fixed$latent/unet.onnx" --target cuda $FP16 \
+    --attention flash $FIX
+  stamp "attune cuda flash+tome fixed $latent fp16" $ATTUNE compile "$MODEL" -o "$W/tomefixed$latent/unet.onnx" --target cuda \
+    $FP16 --attention flash --tome 0.5 $FIX
+done
 wait $PEER; cat "$W/peer.txt"
 
 DIMS="--dim batch=2 --dim sequence=77"
-PEER_VS=(); [ -f "$W/peer/unet.onnx" ] && PEER_VS=(--vs "$W/peer/unet.onnx")
 for latent in 64 128; do
-  echo "== ORT CUDA, $((latent * 8)) px (latent ${latent}x${latent}), batch 2. A: fp16 only; B: + MultiHeadAttention;"
-  echo "   C: --target cuda (default fusions); D: C + ToMe 0.5; E: C + packed QKV/KV;"
-  echo "   F: C with only GroupNorm + NhwcConv; G: ORT optimizer (fp16, default fusions)"
-  $ATTUNE bench "$W/fp16/unet.onnx" --vs "$W/mha/unet.onnx" --vs "$W/flash/unet.onnx" --vs "$W/tome/unet.onnx" \
-    --vs "$W/packed/unet.onnx" --vs "$W/gnconv/unet.onnx" \
-    "${PEER_VS[@]}" --ep cuda $DIMS --dim height=$latent --dim width=$latent --iters "$ITERS" --warmup 3
+  # The models of one size, lettered A, B, ... as `attune bench` reports them.
+  MODELS=(); GRAPH=(); LEGEND=""
+  add() { # path, description[, graph]
+    [ -f "$1" ] || return 0
+    local letter; letter=$(printf "\\$(printf %o $((65 + ${#MODELS[@]})))")
+    MODELS+=("$1"); LEGEND+="   $letter: $2${3:+ (CUDA graph)}"$'\n'
+    [ -n "${3:-}" ] && GRAPH+=("$letter")
+  }
+  add "$W/fp16/unet.onnx" "fp16 only"
+  add "$W/mha/unet.onnx" "+ MultiHeadAttention"
+  add "$W/flash/unet.onnx" "--target cuda --attention flash (default fusions)"
+  add "$W/tome/unet.onnx" "the same + ToMe 0.5"
+  add "$W/packed/unet.onnx" "the same + packed QKV/KV"
+  add "$W/gnconv/unet.onnx" "the same with only GroupNorm + NhwcConv"
+  add "$W/fixed$latent/unet.onnx" "--target cuda --attention flash --fix-shapes"
+  add "$W/fixed$latent/unet.onnx" "--target cuda --attention flash --fix-shapes" graph
+  add "$W/tomefixed$latent/unet.onnx" "the same + ToMe 0.5" graph
+  add "$W/peer/unet.onnx" "ORT optimizer (fp16, default fusions)"
+  echo "== ORT CUDA, $((latent * 8)) px (latent ${latent}x${latent}), batch 2"
+  printf '%s' "$LEGEND"
+  VS=(); for m in "${MODELS[@]:1}"; do VS+=(--vs "$m"); done
+  GRAPHS=(); [ ${#GRAPH[@]} -gt 0 ] && GRAPHS=(--cuda-graph "$(IFS=,; echo "${GRAPH[*]}")")
+  $ATTUNE bench "${MODELS[0]}" "${VS[@]}" "${GRAPHS[@]}" --ep cuda $DIMS \
+    --dim height=$latent --dim width=$latent --iters "$ITERS" --warmup 3
 done
 if [ -z "${QUICK:-}" ]; then
 echo "== ORT CUDA, 512 px: A --target cuda flash (MultiHeadAttention), B --target cuda onnx (opset-23 Attention)"
 $ATTUNE bench "$W/flash/unet.onnx" --vs "$W/onnx/unet.onnx" --ep cuda $DIMS --dim height=64 --dim width=64 \
   --iters "$ITERS" --warmup 3
 fi
+PEER_VS=(); [ -f "$W/peer/unet.onnx" ] && PEER_VS=(--vs "$W/peer/unet.onnx")
 echo "== where the time goes at 1024 px: A --target cuda flash, B ORT optimizer (CUDA_LAUNCH_BLOCKING=1)"
 CUDA_LAUNCH_BLOCKING=1 $ATTUNE bench "$W/flash/unet.onnx" "${PEER_VS[@]}" --ep cuda $DIMS --dim height=128 --dim width=128 \
   --iters 2 --warmup 2 --profile "$W/profile" --profile-runs 3 | sed -n '/time per op/,$p' | head -40

@@ -3,6 +3,7 @@
 //! comparison and benchmarking.
 pub mod backend;
 pub mod bench;
+mod bound;
 pub mod compare;
 pub mod controller;
 pub mod cuda;

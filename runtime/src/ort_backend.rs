@@ -9,6 +9,7 @@ use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 
+use crate::bound::Bound;
 use crate::error::{Error, Result};
 use crate::provision::{self, Flavor};
 use crate::tensor::HostTensor;
@@ -37,6 +38,12 @@ pub struct OrtOptions {
     pub threads: Option<usize>,
     /// Write ORT's profile (a JSON trace) under this file prefix; see [`OrtSession::end_profiling`].
     pub profile: Option<PathBuf>,
+    /// Run with inputs and outputs in fixed buffers on the device (an IoBinding), shaped by the
+    /// first run; later runs must give inputs of the same shapes.
+    pub bind_io: bool,
+    /// Capture the CUDA kernels of a run into a CUDA graph and replay it (CUDA provider only;
+    /// implies `bind_io`; every node must be placed on CUDA: a model with fixed shapes).
+    pub cuda_graph: bool,
 }
 
 /// The process-wide ORT environment and which library flavour it loaded.
@@ -76,6 +83,8 @@ pub fn loaded_library() -> Option<PathBuf> {
 pub struct OrtSession {
     session: Session,
     pub provider: Provider,
+    bind_io: bool,
+    bound: Option<Bound>,
     /// (execution provider, node count) from ORT's node-placement log (CUDA sessions).
     pub placement: Vec<(String, usize)>,
 }
@@ -84,6 +93,10 @@ impl OrtSession {
     pub fn open(model: &Path, provider: Provider, opts: &OrtOptions) -> Result<Self> {
         if provider == Provider::Cuda {
             crate::cuda::check_driver()?;
+        } else if opts.cuda_graph {
+            return Err(Error::Cuda(
+                "CUDA graphs need the CUDA execution provider (--ep cuda)".into(),
+            ));
         }
         let flavor = if provider == Provider::Cuda {
             Flavor::Gpu
@@ -115,7 +128,10 @@ impl OrtSession {
         if provider == Provider::Cuda {
             let log = placement_log.clone();
             builder = builder
-                .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+                .with_execution_providers([ort::ep::CUDA::default()
+                    .with_cuda_graph(opts.cuda_graph)
+                    .build()
+                    .error_on_failure()])
                 .map_err(|e| Error::Cuda(e.to_string()))?
                 .with_log_level(LogLevel::Verbose)
                 .map_err(ort_err)?
@@ -152,6 +168,8 @@ impl OrtSession {
         Ok(OrtSession {
             session,
             provider,
+            bind_io: opts.bind_io || opts.cuda_graph,
+            bound: None,
             placement,
         })
     }
@@ -179,6 +197,17 @@ impl OrtSession {
 
     /// Runs the graph; outputs in the model's order.
     pub fn run(&mut self, inputs: &[(String, HostTensor)]) -> Result<Vec<(String, HostTensor)>> {
+        if self.bind_io {
+            let bound = match &mut self.bound {
+                Some(b) => b,
+                None => self.bound.insert(Bound::new(
+                    &self.session,
+                    self.provider == Provider::Cuda,
+                    inputs,
+                )?),
+            };
+            return bound.run(&mut self.session, inputs);
+        }
         let values: Vec<(String, DynValue)> = inputs
             .iter()
             .map(|(n, t)| Ok((n.clone(), to_value(t)?)))
@@ -218,7 +247,7 @@ fn parse_placement(lines: &[String]) -> Vec<(String, usize)> {
         .collect()
 }
 
-fn to_value(t: &HostTensor) -> Result<DynValue> {
+pub(crate) fn to_value(t: &HostTensor) -> Result<DynValue> {
     Ok(match t {
         HostTensor::F32(a) => Tensor::from_array(a.clone())?.into_dyn(),
         HostTensor::F16(a) => Tensor::from_array(a.clone())?.into_dyn(),
@@ -228,7 +257,7 @@ fn to_value(t: &HostTensor) -> Result<DynValue> {
     })
 }
 
-fn from_value(v: &DynValue) -> std::result::Result<HostTensor, String> {
+pub(crate) fn from_value(v: &DynValue) -> std::result::Result<HostTensor, String> {
     let ty = match v.dtype() {
         ValueType::Tensor { ty, .. } => *ty,
         other => return Err(format!("is a {other:?}, not a tensor")),

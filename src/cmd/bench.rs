@@ -35,6 +35,38 @@ pub struct Args {
     /// Profiled runs per model (after the warm-up runs)
     #[arg(long, default_value_t = 5)]
     profile_runs: usize,
+    /// Run with CUDA graphs (--ep cuda; models compiled with --fix-shapes): every model, or
+    /// those named by their letters in the report (e.g. B,C), so others run without in the
+    /// same alternation
+    #[arg(long, value_name = "MODELS", num_args = 0..=1, default_missing_value = "all")]
+    cuda_graph: Option<String>,
+}
+
+/// Which models (by index) run with CUDA graphs: `all`, or letters A, B, ...
+fn graph_models(spec: Option<&str>, count: usize) -> anyhow::Result<Vec<bool>> {
+    let Some(spec) = spec else {
+        return Ok(vec![false; count]);
+    };
+    if spec == "all" {
+        return Ok(vec![true; count]);
+    }
+    let mut chosen = vec![false; count];
+    for item in spec.split(',').map(str::trim) {
+        let index = match item.as_bytes() {
+            [c @ b'A'..=b'Z'] => (c - b'A') as usize,
+            _ => anyhow::bail!(
+                "--cuda-graph '{item}': expected a model letter (A, B, ...) or nothing for all"
+            ),
+        };
+        if index >= count {
+            anyhow::bail!(
+                "--cuda-graph {item}: there are only {count} models (A to {})",
+                (b'A' + count as u8 - 1) as char
+            );
+        }
+        chosen[index] = true;
+    }
+    Ok(chosen)
 }
 
 #[derive(Serialize)]
@@ -52,6 +84,7 @@ pub struct Report {
 #[derive(Serialize)]
 struct ModelReport {
     model: String,
+    cuda_graph: bool,
     session_ms: f64,
     /// Resident memory the session added (kB), measured after warm-up.
     session_rss_kb: u64,
@@ -68,12 +101,16 @@ struct Timed {
 fn open(
     path: &Path,
     exec: &ExecArgs,
+    cuda_graph: bool,
     inputs: &[(String, HostTensor)],
     warmup: usize,
 ) -> anyhow::Result<Timed> {
     let before = bench::rss();
     let start = Instant::now();
-    let mut backend = exec.open(path)?;
+    let mut opts = exec.ort_options();
+    opts.cuda_graph = cuda_graph;
+    let mut backend = Backend::open(path, exec.ep(), &opts)
+        .with_context(|| format!("cannot run {} on {}", path.display(), exec.ep().name()))?;
     let session = start.elapsed();
     for _ in 0..warmup {
         backend
@@ -93,7 +130,15 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let inputs = args.exec.prepare_inputs(&args.model)?;
     let mut paths = vec![args.model.clone()];
     paths.extend(args.vs.clone());
-    let mut report = measure(&paths, &args.exec, &inputs, args.warmup, args.iters)?;
+    let graphs = graph_models(args.cuda_graph.as_deref(), paths.len())?;
+    let mut report = measure(
+        &paths,
+        &graphs,
+        &args.exec,
+        &inputs,
+        args.warmup,
+        args.iters,
+    )?;
     if let Some(dir) = &args.profile {
         report.profiles = profile_each(
             &paths,
@@ -118,14 +163,15 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
 /// Opens every model, warms each up, then times them alternately on the same inputs.
 pub fn measure(
     paths: &[PathBuf],
+    graphs: &[bool],
     exec: &ExecArgs,
     inputs: &[(String, HostTensor)],
     warmup: usize,
     iters: usize,
 ) -> anyhow::Result<Report> {
     let mut timed = Vec::new();
-    for p in paths {
-        timed.push(open(p, exec, inputs, warmup)?);
+    for (p, &graph) in paths.iter().zip(graphs) {
+        timed.push(open(p, exec, graph, inputs, warmup)?);
     }
     // Alternate A, B, (C...), A, B... so drift on a noisy machine hits all alike.
     for _ in 0..iters {
@@ -138,8 +184,10 @@ pub fn measure(
     let models: Vec<ModelReport> = paths
         .iter()
         .zip(&timed)
-        .map(|(p, t)| ModelReport {
+        .zip(graphs)
+        .map(|((p, t), &cuda_graph)| ModelReport {
             model: p.display().to_string(),
+            cuda_graph,
             session_ms: t.session.as_secs_f64() * 1e3,
             session_rss_kb: t.rss,
             latency: bench::stats(&t.samples),
@@ -256,13 +304,14 @@ pub fn render(r: &Report) -> String {
         };
         let _ = writeln!(
             s,
-            "{label:<5} {:>10.2} {:>10.2} {:>10.2} {ratio:>8} {:>12.0} {:>12}  {}",
+            "{label:<5} {:>10.2} {:>10.2} {:>10.2} {ratio:>8} {:>12.0} {:>12}  {}{}",
             l.median_ms,
             l.p90_ms,
             l.min_ms,
             m.session_ms,
             super::bytes(m.session_rss_kb * 1024),
-            m.model
+            m.model,
+            if m.cuda_graph { " (CUDA graph)" } else { "" }
         );
     }
     let _ = writeln!(

@@ -10,7 +10,9 @@ use attune_passes::controller::{ControllerPass, Hook};
 use attune_passes::glob::Globs;
 use attune_passes::lora::adapter::{self, AdapterPass};
 use attune_passes::lora::{LoraPass, LoraSource};
-use attune_passes::lower::{CudaFusion, CudaFusions, Precision, PrecisionPass, SupportCheck};
+use attune_passes::lower::{
+    CudaFusion, CudaFusions, FixShapes, Precision, PrecisionPass, ShapeSpec, SupportCheck,
+};
 use attune_passes::tome::{Mode as TomeMode, Pool, TomeOptions, TomePass};
 
 use super::exec::{EpArg, ExecArgs, InputArgs, OptArg};
@@ -67,6 +69,12 @@ pub struct CompileOptions {
     /// With --target cuda: fusions off by default to apply too (packed-qkv)
     #[arg(long, value_delimiter = ',', value_name = "FUSION", value_parser = CudaFusion::parse)]
     pub enable_fusions: Vec<CudaFusion>,
+    /// Specialise to fixed input sizes and fold the shape arithmetic: comma-separated
+    /// INPUT=AxBx.. (an input's full shape) or SYMBOL=N (a dim symbol of the inputs), e.g.
+    /// "sample=2x4x64x64,sequence=77". With every size fixed, ONNX Runtime places no node on the
+    /// CPU, as CUDA graphs (`bench --cuda-graph`) need
+    #[arg(long, value_name = "SPEC")]
+    pub fix_shapes: Option<String>,
     /// Attention substitution: keep, flash (com.microsoft.MultiHeadAttention), onnx (opset-23 Attention), linear
     #[arg(long, value_enum, default_value_t = AttentionArg::Keep)]
     pub attention: AttentionArg,
@@ -335,6 +343,13 @@ impl CompileOptions {
             bail!(
                 "--disable-fusions/--enable-fusions apply to --target cuda (the CPU target fuses none of these)"
             );
+        }
+        if let Some(spec) = &self.fix_shapes {
+            let specs = ShapeSpec::parse_list(spec).map_err(anyhow::Error::msg)?;
+            if specs.is_empty() {
+                bail!("--fix-shapes '{spec}': no sizes given");
+            }
+            pm.add(FixShapes { specs });
         }
         if precision != Precision::F32 {
             pm.add(PrecisionPass {

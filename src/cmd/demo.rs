@@ -79,6 +79,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let inputs = exec.prepare_inputs(&args.model)?;
     let report = super::bench::measure(
         &[args.model.clone(), compiled.clone()],
+        &[false, false],
         &exec,
         &inputs,
         2,

@@ -87,7 +87,7 @@ impl ExecArgs {
         OrtOptions {
             opt_level,
             threads: self.threads,
-            profile: None,
+            ..OrtOptions::default()
         }
     }
 

@@ -9,6 +9,7 @@
 //!                                 #   skip-layer-norm | bias-add | bias-split-gelu
 //! enable_fusions = ["packed-qkv"] # cuda, off by default: packed-qkv
 //! weights = "link"                # copy | link
+//! fix_shapes = "sample=2x4x64x64,encoder_hidden_states=2x77x768,timestep=2"
 //! [attention]
 //! mode = "flash"                  # keep | flash | onnx | linear
 //! layers = "up_blocks.*"
@@ -58,6 +59,7 @@ pub struct Recipe {
     disable_fusions: Option<Vec<String>>,
     enable_fusions: Option<Vec<String>>,
     pub weights: Option<String>,
+    fix_shapes: Option<String>,
     attention: Option<Attention>,
     #[serde(default)]
     lora: Vec<Lora>,
@@ -180,6 +182,12 @@ impl Recipe {
             "keep_io_types",
             &mut o.keep_io_types,
             self.keep_io_types,
+        );
+        set(
+            given,
+            "fix_shapes",
+            &mut o.fix_shapes,
+            self.fix_shapes.clone().map(Some),
         );
         if let Some(a) = &self.attention {
             set(

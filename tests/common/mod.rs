@@ -8,6 +8,10 @@ use std::process::{Command, Output};
 use attune_compiler::onnx::{self, ModelProto, TensorProto, tensor_proto::DataLocation};
 use prost::Message;
 
+mod lowering;
+#[allow(unused_imports)]
+pub use lowering::*;
+
 /// The committed tiny exports (see models/export/unets.py).
 pub const FIXTURES: [&str; 7] = [
     "sd15_legacy",

@@ -38,6 +38,53 @@ impl Dim {
         matches!(self, Dim::Sym { symbols, .. } if symbols.keys().any(|s| s.starts_with('?')))
     }
 
+    /// A declared dim: `8*height` → 8·height; anything else becomes one opaque symbol.
+    pub fn parse(p: &str) -> Dim {
+        let mut d = Dim::Known(1);
+        for part in p.split('*').map(str::trim) {
+            let factor = match part.parse::<i64>() {
+                Ok(v) => Dim::Known(v),
+                Err(_)
+                    if !part.is_empty()
+                        && part.chars().all(|c| c.is_alphanumeric() || c == '_') =>
+                {
+                    Dim::symbol(part)
+                }
+                Err(_) => return Dim::symbol(p),
+            };
+            d = d.mul(&factor).unwrap_or_else(|| Dim::symbol(p));
+        }
+        d
+    }
+
+    /// The dim with the symbols `values` names replaced by their sizes (`None` where a
+    /// quotient does not come out whole).
+    pub fn substitute(&self, values: &BTreeMap<String, i64>) -> Option<Dim> {
+        let Dim::Sym { num, den, symbols } = self else {
+            return Some(self.clone());
+        };
+        let mut num = *num;
+        let mut rest = BTreeMap::new();
+        for (s, p) in symbols {
+            match values.get(s) {
+                Some(v) => num = num.checked_mul(v.checked_pow(*p)?)?,
+                None => {
+                    rest.insert(s.clone(), *p);
+                }
+            }
+        }
+        Dim::from_parts(num, *den, rest)
+    }
+
+    /// The symbols it mentions, with their powers.
+    pub fn symbols(&self) -> impl Iterator<Item = (&str, u32)> {
+        let symbols = match self {
+            Dim::Sym { symbols, .. } => Some(symbols),
+            Dim::Known(_) => None,
+        };
+        symbols.into_iter().flatten().map(|(s, p)| (s.as_str(), *p))
+    }
+
     pub fn known(&self) -> Option<i64> {
         match self {
             Dim::Known(v) => Some(*v),
@@ -171,5 +218,18 @@ mod tests {
         assert_eq!(Dim::Known(7).div(&Dim::Known(2)), None);
         assert_eq!(h.add(&h).unwrap().to_string(), "2*height");
         assert_eq!(h.add(&w), None);
+    }
+
+    #[test]
+    fn substitution() {
+        let values = BTreeMap::from([("height".to_string(), 64), ("batch".to_string(), 2)]);
+        let q = Dim::parse("height").mul(&Dim::parse("width")).unwrap();
+        let q = q.div(&Dim::Known(64)).unwrap();
+        assert_eq!(q.substitute(&values).unwrap().to_string(), "width");
+        let d = Dim::parse("8*height");
+        assert_eq!(d.substitute(&values), Some(Dim::Known(512)));
+        let odd = Dim::parse("height").div(&Dim::Known(3)).unwrap();
+        assert_eq!(odd.substitute(&values), None, "64/3 is not a size");
+        assert_eq!(Dim::Known(5).substitute(&values), Some(Dim::Known(5)));
     }
 }

@@ -74,7 +74,7 @@ impl Shapes {
                     .enumerate()
                     .map(|(i, d)| match &d.value {
                         Some(DimValue::DimValue(v)) => Dim::Known(*v),
-                        Some(DimValue::DimParam(p)) if !p.is_empty() => parse_dim(p),
+                        Some(DimValue::DimParam(p)) if !p.is_empty() => Dim::parse(p),
                         _ => Dim::symbol(&format!("{}_{i}", g.value(io.value).name)),
                     })
                     .collect()
@@ -174,26 +174,10 @@ fn declared_shape(g: &Graph, v: ValueId) -> Option<Vec<Dim>> {
         .iter()
         .map(|d| match &d.value {
             Some(DimValue::DimValue(x)) => Some(Dim::Known(*x)),
-            Some(DimValue::DimParam(p)) if !p.is_empty() => Some(parse_dim(p)),
+            Some(DimValue::DimParam(p)) if !p.is_empty() => Some(Dim::parse(p)),
             _ => None,
         })
         .collect()
-}
-
-/// `8*height` → 8·height; anything else becomes one opaque symbol.
-fn parse_dim(p: &str) -> Dim {
-    let mut d = Dim::Known(1);
-    for part in p.split('*').map(str::trim) {
-        let factor = match part.parse::<i64>() {
-            Ok(v) => Dim::Known(v),
-            Err(_) if !part.is_empty() && part.chars().all(|c| c.is_alphanumeric() || c == '_') => {
-                Dim::symbol(part)
-            }
-            Err(_) => return Dim::symbol(p),
-        };
-        d = d.mul(&factor).unwrap_or_else(|| Dim::symbol(p));
-    }
-    d
 }
 
 fn tensor_facts(t: &Tensor) -> Facts {
@@ -326,7 +310,18 @@ fn binary_value(op: &str, a: &Num, b: &Num) -> Option<Num> {
                 _ if x == y => Dim::Known(1),
                 _ => return None,
             },
-            _ => return None,
+            _ => {
+                let (p, q) = (x.known()?, y.known()?);
+                Dim::Known(match op {
+                    "Min" => p.min(q),
+                    "Max" => p.max(q),
+                    "Less" => (p < q) as i64,
+                    "Greater" => (p > q) as i64,
+                    // Sizes are not negative; fmod and Python-style modulo agree on them.
+                    "Mod" if p >= 0 && q > 0 => p % q,
+                    _ => return None,
+                })
+            }
         }),
         _ => {
             let (x, y) = (a.as_f64()?, b.as_f64()?);
@@ -337,6 +332,10 @@ fn binary_value(op: &str, a: &Num, b: &Num) -> Option<Num> {
                 "Div" => x / y,
                 "Pow" => x.powf(y),
                 "Equal" => (x == y) as i64 as f64,
+                "Less" => (x < y) as i64 as f64,
+                "Greater" => (x > y) as i64 as f64,
+                "Min" => x.min(y),
+                "Max" => x.max(y),
                 _ => return None,
             })
         }
@@ -480,6 +479,8 @@ fn infer_op(
                         }),
                         "Sqrt" => Some(Num::F(n.as_f64()?.sqrt())),
                         "Reciprocal" => Some(Num::F(1.0 / n.as_f64()?)),
+                        "Floor" => Some(Num::F(n.as_f64()?.floor())),
+                        "Ceil" => Some(Num::F(n.as_f64()?.ceil())),
                         _ => None,
                     })
                     .collect::<Option<Vec<_>>>()
@@ -1161,8 +1162,8 @@ mod tests {
 
     #[test]
     fn dim_params() {
-        assert_eq!(parse_dim("8*height").to_string(), "8*height");
-        assert_eq!(parse_dim("batch"), Dim::symbol("batch"));
-        assert_eq!(parse_dim("s0 + 1"), Dim::symbol("s0 + 1"));
+        assert_eq!(Dim::parse("8*height").to_string(), "8*height");
+        assert_eq!(Dim::parse("batch"), Dim::symbol("batch"));
+        assert_eq!(Dim::parse("s0 + 1"), Dim::symbol("s0 + 1"));
     }
 }

@@ -1,0 +1,420 @@
+//! Fixed input shapes: specialise a model to one set of input sizes and fold the shape
+//! arithmetic that then has a single value. Exporters compute sizes at run time (`Shape →
+//! Gather → Concat`), small nodes ONNX Runtime places on the CPU between the CUDA kernels;
+//! with every size fixed they become constants, and a graph left with no CPU node is what
+//! CUDA graph capture (`attune bench --cuda-graph`) needs.
+use std::collections::{BTreeMap, HashSet};
+
+use attune_compiler::analysis::{Dim, ElemTypes, Num, Shapes};
+use attune_compiler::error::{Error, Result};
+use attune_compiler::ir::{Graph, Model, NodeId, ValueId};
+use attune_compiler::onnx::{self, DataType, ValueInfoProto, tensor_shape_proto::dimension};
+use attune_compiler::pass::{Pass, PassCx, PassReport};
+use attune_compiler::patch::{In, Patch};
+
+use crate::cleanup::dce;
+
+/// One entry of `--fix-shapes`: an input's full shape (`sample=2x4x64x64`) or one dim
+/// symbol of the inputs (`batch=2`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShapeSpec {
+    pub name: String,
+    pub sizes: Vec<i64>,
+}
+
+impl ShapeSpec {
+    /// `sample=2x4x64x64,batch=2`
+    pub fn parse_list(text: &str) -> std::result::Result<Vec<ShapeSpec>, String> {
+        text.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|item| {
+                let (name, sizes) = item.split_once('=').ok_or_else(|| {
+                    format!("--fix-shapes '{item}': expected INPUT=AxBx.. or SYMBOL=N")
+                })?;
+                let sizes = sizes
+                    .split(['x', 'X'])
+                    .map(|s| match s.trim().parse::<i64>() {
+                        Ok(v) if v > 0 => Ok(v),
+                        _ => Err(format!(
+                            "--fix-shapes '{item}': '{}' is not a positive size",
+                            s.trim()
+                        )),
+                    })
+                    .collect::<std::result::Result<_, _>>()?;
+                Ok(ShapeSpec {
+                    name: name.trim().to_string(),
+                    sizes,
+                })
+            })
+            .collect()
+    }
+}
+
+pub struct FixShapes {
+    pub specs: Vec<ShapeSpec>,
+}
+
+impl Pass for FixShapes {
+    fn name(&self) -> &'static str {
+        "fix-shapes"
+    }
+
+    fn run(&self, model: &mut Model, _cx: &mut PassCx) -> Result<PassReport> {
+        let mut report = PassReport::default();
+        let symbols = solve(&model.graph, &self.specs)?;
+        report.rewritten.push(
+            symbols
+                .iter()
+                .map(|(s, v)| format!("{s}={v}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        fix_declarations(&mut model.graph, &symbols);
+        for io in &model.graph.inputs {
+            let open = declared_dims(&io.info)
+                .iter()
+                .filter(|d| d.known().is_none())
+                .map(Dim::to_string)
+                .collect::<Vec<_>>();
+            if !open.is_empty() {
+                report.notes.push(format!(
+                    "input {} keeps dynamic sizes {} (give them in --fix-shapes for a fully static graph)",
+                    io.info.name,
+                    open.join(", ")
+                ));
+            }
+        }
+        let shapes = Shapes::infer(model);
+        check_sizes(&model.graph, &shapes)?;
+        let before = model.graph.node_count();
+        let folded = fold_known_values(model, &shapes)?;
+        dce(model);
+        let shapes = Shapes::infer(model);
+        fix_outputs(&mut model.graph, &shapes);
+        report.notes.push(format!(
+            "{folded} computed sizes made constants, {} nodes fewer",
+            before - model.graph.node_count()
+        ));
+        Ok(report)
+    }
+}
+
+fn declared_dims(info: &ValueInfoProto) -> Vec<Dim> {
+    let shape = info
+        .r#type
+        .as_ref()
+        .and_then(onnx::tensor_type)
+        .and_then(|t| t.shape.as_ref());
+    shape.map_or_else(Vec::new, |s| {
+        s.dim
+            .iter()
+            .enumerate()
+            .map(|(i, d)| match &d.value {
+                Some(dimension::Value::DimValue(v)) => Dim::Known(*v),
+                Some(dimension::Value::DimParam(p)) if !p.is_empty() => Dim::parse(p),
+                _ => Dim::symbol(&format!("{}_{i}", info.name)),
+            })
+            .collect()
+    })
+}
+
+/// The size of every dim symbol the specs decide.
+fn solve(g: &Graph, specs: &[ShapeSpec]) -> Result<BTreeMap<String, i64>> {
+    let err = |msg: String| Error::Graph(format!("--fix-shapes: {msg}"));
+    let inputs: Vec<&ValueInfoProto> = g
+        .inputs
+        .iter()
+        .filter(|io| g.initializer(io.value).is_none())
+        .map(|io| &io.info)
+        .collect();
+    let describe = || {
+        inputs
+            .iter()
+            .map(|i| {
+                let dims: Vec<String> = declared_dims(i).iter().map(Dim::to_string).collect();
+                format!("{}[{}]", i.name, dims.join(","))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let known_symbols: Vec<String> = inputs
+        .iter()
+        .flat_map(|i| declared_dims(i))
+        .flat_map(|d| d.symbols().map(|(s, _)| s.to_string()).collect::<Vec<_>>())
+        .collect();
+    let mut symbols = BTreeMap::new();
+    // Symbols first, so input shapes can be checked against them.
+    let (by_input, by_symbol): (Vec<&ShapeSpec>, Vec<&ShapeSpec>) = specs
+        .iter()
+        .partition(|s| inputs.iter().any(|i| i.name == s.name));
+    for spec in by_symbol {
+        if !known_symbols.contains(&spec.name) {
+            return Err(err(format!(
+                "'{}' is neither an input nor a dim symbol of the inputs ({})",
+                spec.name,
+                describe()
+            )));
+        }
+        let [size] = spec.sizes[..] else {
+            return Err(err(format!(
+                "dim symbol '{}' takes one size, not {:?}",
+                spec.name, spec.sizes
+            )));
+        };
+        bind(&mut symbols, &spec.name, size, &spec.name)?;
+    }
+    for spec in by_input {
+        let info = inputs.iter().find(|i| i.name == spec.name).expect("input");
+        let dims = declared_dims(info);
+        if dims.len() != spec.sizes.len() {
+            return Err(err(format!(
+                "input {} has {} dims ({}), {} given",
+                spec.name,
+                dims.len(),
+                describe(),
+                spec.sizes.len()
+            )));
+        }
+        for (axis, (d, &size)) in dims.iter().zip(&spec.sizes).enumerate() {
+            let at = match d {
+                Dim::Known(_) => format!("input {} dim {axis}", spec.name),
+                Dim::Sym { .. } => format!("input {} dim {axis} ({d})", spec.name),
+            };
+            match d.substitute(&symbols) {
+                Some(Dim::Known(k)) if k == size => {}
+                Some(Dim::Known(k)) => {
+                    return Err(err(format!("{at} is {k}, not {size}")));
+                }
+                Some(Dim::Sym {
+                    num,
+                    den,
+                    symbols: s,
+                }) if s.len() == 1 && s.values().all(|p| *p == 1) => {
+                    let name = s.keys().next().expect("one symbol");
+                    let scaled = size * den;
+                    if scaled % num != 0 {
+                        let factor = match den {
+                            1 => num.to_string(),
+                            _ => format!("{num}/{den}"),
+                        };
+                        return Err(err(format!("{at}: {size} is not a multiple of {factor}")));
+                    }
+                    bind(&mut symbols, name, scaled / num, &at)?;
+                }
+                _ => {
+                    return Err(err(format!(
+                        "{at}: cannot tell its symbols from one size; give them as SYMBOL=N"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(symbols)
+}
+
+fn bind(symbols: &mut BTreeMap<String, i64>, name: &str, size: i64, at: &str) -> Result<()> {
+    if size < 1 {
+        return Err(Error::Graph(format!(
+            "--fix-shapes: {at}: {name} would be {size}"
+        )));
+    }
+    match symbols.insert(name.to_string(), size) {
+        Some(old) if old != size => Err(Error::Graph(format!(
+            "--fix-shapes: {at} makes {name} {size}, but it is {old} elsewhere"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Writes the fixed sizes into the inputs' and every `value_info` declaration.
+fn fix_declarations(g: &mut Graph, symbols: &BTreeMap<String, i64>) {
+    let fix = |info: &mut ValueInfoProto| {
+        let Some(onnx::type_proto::Value::TensorType(t)) =
+            info.r#type.as_mut().and_then(|t| t.value.as_mut())
+        else {
+            return;
+        };
+        for d in t.shape.iter_mut().flat_map(|s| s.dim.iter_mut()) {
+            if let Some(dimension::Value::DimParam(p)) = &d.value {
+                if let Some(Dim::Known(v)) = Dim::parse(p).substitute(symbols) {
+                    d.value = Some(dimension::Value::DimValue(v));
+                }
+            }
+        }
+    };
+    for io in g.inputs.iter_mut() {
+        fix(&mut io.info);
+    }
+    let ids: Vec<_> = g
+        .values()
+        .filter(|(_, v)| v.info.is_some())
+        .map(|(id, _)| id)
+        .collect();
+    for id in ids {
+        if let Some(info) = g.value_mut(id).info.as_mut() {
+            fix(info);
+        }
+    }
+}
+
+/// Outputs get the sizes inference now knows.
+fn fix_outputs(g: &mut Graph, shapes: &Shapes) {
+    for io in g.outputs.iter_mut() {
+        let Some(sizes) = shapes
+            .shape(io.value)
+            .and_then(|s| s.iter().map(Dim::known).collect::<Option<Vec<_>>>())
+        else {
+            continue;
+        };
+        if let Some(onnx::type_proto::Value::TensorType(t)) =
+            io.info.r#type.as_mut().and_then(|t| t.value.as_mut())
+        {
+            t.shape = Some(onnx::TensorShapeProto {
+                dim: sizes
+                    .into_iter()
+                    .map(|v| onnx::tensor_shape_proto::Dimension {
+                        value: Some(dimension::Value::DimValue(v)),
+                        ..Default::default()
+                    })
+                    .collect(),
+            });
+        }
+    }
+}
+
+/// Sizes that cannot meet at these input sizes (a skip connection of another size than the
+/// upsampled path it joins) fail here, naming the node, rather than in ONNX Runtime.
+fn check_sizes(g: &Graph, shapes: &Shapes) -> Result<()> {
+    let known = |v: Option<ValueId>| {
+        shapes
+            .shape(v?)
+            .and_then(|s| s.iter().map(Dim::known).collect::<Option<Vec<i64>>>())
+    };
+    for n in g.topo_order()? {
+        let node = g.node(n);
+        let ins: Option<Vec<Vec<i64>>> = node.inputs.iter().map(|v| known(*v)).collect();
+        let Some(ins) = ins else { continue };
+        let mismatch = match node.op() {
+            "Concat" => {
+                let rank = ins.first().map_or(0, Vec::len) as i64;
+                let a = node.attr("axis").map_or(0, |a| a.i);
+                let a = if a < 0 { a + rank } else { a } as usize;
+                let strip = |s: &Vec<i64>| {
+                    let mut s = s.clone();
+                    if a < s.len() {
+                        s.remove(a);
+                    }
+                    s
+                };
+                ins.iter().any(|s| strip(s) != strip(&ins[0]))
+            }
+            "Add" | "Sub" | "Mul" | "Div" | "Where" | "Pow" | "Equal" => !broadcasts(&ins),
+            _ => false,
+        };
+        if mismatch {
+            let sizes: Vec<String> = ins.iter().map(|s| format!("{s:?}")).collect();
+            return Err(Error::Node {
+                node: node.describe(),
+                msg: format!(
+                    "inputs of sizes {} do not fit together at these --fix-shapes sizes",
+                    sizes.join(", ")
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn broadcasts(shapes: &[Vec<i64>]) -> bool {
+    let rank = shapes.iter().map(Vec::len).max().unwrap_or(0);
+    (0..rank).all(|i| {
+        let sizes: Vec<i64> = shapes
+            .iter()
+            .filter_map(|s| (i + s.len()).checked_sub(rank).map(|j| s[j]))
+            .filter(|&d| d != 1)
+            .collect();
+        sizes.windows(2).all(|w| w[0] == w[1])
+    })
+}
+
+/// Integer and boolean values inference knows completely become initializers.
+fn fold_known_values(model: &mut Model, shapes: &Shapes) -> Result<usize> {
+    let g = &model.graph;
+    let types = ElemTypes::infer(g)?;
+    let mut p = Patch::new(model);
+    let mut folded = 0;
+    // Values computed from an input with a default (a hook's or adapter's setting) may change
+    // from run to run: inference read the default, so they stay computed.
+    let mut settable: HashSet<ValueId> = g
+        .inputs
+        .iter()
+        .filter(|io| g.initializer(io.value).is_some())
+        .map(|io| io.value)
+        .collect();
+    for n in g.topo_order()? {
+        let node = g.node(n);
+        if node.inputs.iter().flatten().any(|v| settable.contains(v)) {
+            settable.extend(node.outputs.iter().flatten());
+            continue;
+        }
+        if node.is("Constant") {
+            continue;
+        }
+        for v in node.outputs.iter().flatten().copied() {
+            if g.is_graph_output(v) {
+                continue;
+            }
+            let Some(bytes) = known_bytes(shapes, types.get(v), v) else {
+                continue;
+            };
+            let (data_type, dims, data) = bytes;
+            let name = p.constant(&fold_name(g, n), data_type, dims, data);
+            p.replace(v, In::New(name));
+            folded += 1;
+        }
+    }
+    p.into_parts().apply(model)?;
+    Ok(folded)
+}
+
+fn fold_name(g: &Graph, n: NodeId) -> String {
+    let node = g.node(n);
+    format!("{}/attune_fixed", node.module.trim_end_matches('/'))
+}
+
+type Encoded = (DataType, Vec<i64>, Vec<u8>);
+
+/// The value's bytes, when its type is an integer or bool and inference knows every element.
+fn known_bytes(shapes: &Shapes, elem_type: Option<i32>, v: ValueId) -> Option<Encoded> {
+    let dims: Vec<i64> = shapes
+        .shape(v)?
+        .iter()
+        .map(Dim::known)
+        .collect::<Option<_>>()?;
+    let values: Vec<i64> = shapes
+        .value(v)?
+        .iter()
+        .map(|n| match n {
+            Num::I(d) => d.known(),
+            Num::F(_) => None,
+        })
+        .collect::<Option<_>>()?;
+    if values.len() as i64 != dims.iter().product::<i64>() {
+        return None;
+    }
+    let data_type = DataType::try_from(elem_type?).ok()?;
+    let data = match data_type {
+        DataType::Int64 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DataType::Int32 => values
+            .iter()
+            .map(|&x| i32::try_from(x).ok())
+            .collect::<Option<Vec<_>>>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        DataType::Bool => values.iter().map(|&x| (x != 0) as u8).collect(),
+        _ => return None,
+    };
+    Some((data_type, dims, data))
+}
