@@ -236,10 +236,10 @@ fn fix_declarations(g: &mut Graph, symbols: &BTreeMap<String, i64>) {
             return;
         };
         for d in t.shape.iter_mut().flat_map(|s| s.dim.iter_mut()) {
-            if let Some(dimension::Value::DimParam(p)) = &d.value {
-                if let Some(Dim::Known(v)) = Dim::parse(p).substitute(symbols) {
-                    d.value = Some(dimension::Value::DimValue(v));
-                }
+            if let Some(dimension::Value::DimParam(p)) = &d.value
+                && let Some(Dim::Known(v)) = Dim::parse(p).substitute(symbols)
+            {
+                d.value = Some(dimension::Value::DimValue(v));
             }
         }
     };
