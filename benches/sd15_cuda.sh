@@ -123,8 +123,10 @@ $ATTUNE bench "$W/flash/unet.onnx" --vs "$W/onnx/unet.onnx" --ep cuda $DIMS --di
   --iters "$ITERS" --warmup 3
 fi
 PEER_VS=(); [ -f "$W/peer/unet.onnx" ] && PEER_VS=(--vs "$W/peer/unet.onnx")
-echo "== where the time goes at 1024 px: A --target cuda flash, B ORT optimizer (CUDA_LAUNCH_BLOCKING=1)"
-CUDA_LAUNCH_BLOCKING=1 $ATTUNE bench "$W/flash/unet.onnx" "${PEER_VS[@]}" --ep cuda $DIMS --dim height=128 --dim width=128 \
+echo "== where the time goes at 1024 px: A --target cuda flash, B the same + ToMe 0.5 (fixed shapes), C ORT optimizer"
+echo "   (CUDA_LAUNCH_BLOCKING=1, no CUDA graphs: per-node times)"
+TOME_VS=(); [ -f "$W/tomefixed128/unet.onnx" ] && TOME_VS=(--vs "$W/tomefixed128/unet.onnx")
+CUDA_LAUNCH_BLOCKING=1 $ATTUNE bench "$W/flash/unet.onnx" "${TOME_VS[@]}" "${PEER_VS[@]}" --ep cuda $DIMS --dim height=128 --dim width=128 \
   --iters 2 --warmup 2 --profile "$W/profile" --profile-runs 3 | sed -n '/time per op/,$p' | head -40
 echo "== numerics on CUDA: fused vs the original (rel L2 of out_sample; sd_widths: of every output)"
 [ -n "${QUICK:-}" ] || for m in sd15_legacy sd15_dynamo sdxl_legacy sd15_fp16_legacy sd_widths_legacy sd_widths_dynamo; do
