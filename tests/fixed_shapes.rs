@@ -146,9 +146,58 @@ fn fixed_shapes_of_the_cpu_target_run_on_ort_cpu() {
         &["--fix-shapes", "sample=2x4x16x16"],
     );
     assert!(
-        stdout.contains("input encoder_hidden_states keeps dynamic sizes sequence"),
+        stdout.contains("sequence stays dynamic (in encoder_hidden_states)"),
         "{stdout}"
     );
+}
+
+#[test]
+fn hooks_keep_working_with_fixed_shapes_and_in_fixed_buffers() {
+    // The hooks' inputs have defaults a sampler overrides: what depends on their values stays
+    // computed, their sizes fold once given (`edits`), and runs in fixed buffers bind them too.
+    let ctl = root().join("models/controller");
+    let dir = tempfile::tempdir().unwrap();
+    let fixed = "sample=4x4x16x16,encoder_hidden_states=4x77x32,edits=1";
+    let flags = ["--hooks", "capture,p2p,masactrl", "--fix-shapes", fixed];
+    let (out, stdout) = compile_into(dir.path(), &fixture("sd15_legacy"), &flags);
+    assert!(!stdout.contains("stays dynamic"), "{stdout}");
+    assert_static(&import::read(&out).unwrap(), "hooks");
+    let mut feed: Vec<(String, HostTensor)> = ["sample", "timestep", "encoder_hidden_states"]
+        .iter()
+        .map(|n| {
+            let file = ctl.join("inputs").join(format!("{n}.npy"));
+            (n.to_string(), attune_runtime::npy::read(&file).unwrap())
+        })
+        .collect();
+    let bound = OrtOptions {
+        bind_io: true,
+        ..Default::default()
+    };
+    for case in ["replace", "masactrl"] {
+        let mut inputs = feed.clone();
+        let controls = ctl.join(format!("{case}.safetensors"));
+        inputs.extend(attune_runtime::safetensors_io::read(&controls).unwrap());
+        let want = attune_runtime::npy::read(&ctl.join(format!("{case}.npy"))).unwrap();
+        for opts in [OrtOptions::default(), bound.clone()] {
+            let mut b = Backend::open(&out, Ep::Cpu, &opts).unwrap();
+            for run in 0..2 {
+                let got = out_sample(b.run(&inputs).unwrap());
+                let c = compare("out_sample", &want, &got).unwrap();
+                assert!(
+                    c.rel_l2 <= 1e-4,
+                    "{case} bind_io={} run {run}: {c:?}",
+                    opts.bind_io
+                );
+            }
+            // Buffers are made for the first run's inputs: one more is refused by name.
+            if opts.bind_io {
+                feed.push(("p2p.extra".into(), HostTensor::F32(Default::default())));
+                let err = b.run(&feed).unwrap_err().to_string();
+                assert!(err.contains("input 'p2p.extra'"), "{err}");
+                feed.pop();
+            }
+        }
+    }
 }
 
 #[test]

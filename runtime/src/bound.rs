@@ -11,7 +11,7 @@ use crate::tensor::HostTensor;
 
 pub struct Bound {
     binding: IoBinding,
-    /// The device buffers each run's inputs are copied into, in the session's input order.
+    /// The device buffers each run's inputs are copied into, by name.
     inputs: Vec<(String, DynTensor)>,
     outputs: Vec<String>,
 }
@@ -40,16 +40,19 @@ impl Bound {
             Allocator::default()
         };
         let mut binding = session.create_binding()?;
-        let mut bound_inputs = Vec::new();
         for input in session.inputs() {
-            let name = input.name();
-            let host = to_value(given(inputs, name)?)?;
+            given(inputs, input.name())?;
+        }
+        // Every given input, the optional ones (defaults a caller overrides) included.
+        let mut bound_inputs = Vec::new();
+        for (name, host) in inputs {
+            let host = to_value(host)?;
             let ValueType::Tensor { ty, shape, .. } = host.dtype() else {
                 return Err(Error::Ort(format!("input '{name}' is not a tensor")));
             };
             let buffer = DynTensor::new(&allocator, *ty, shape.clone())?;
             binding.bind_input(name, &buffer)?;
-            bound_inputs.push((name.to_string(), buffer));
+            bound_inputs.push((name.clone(), buffer));
         }
         let mut outputs = Vec::new();
         for output in session.outputs() {
@@ -78,6 +81,14 @@ impl Bound {
         session: &mut Session,
         inputs: &[(String, HostTensor)],
     ) -> Result<Vec<(String, HostTensor)>> {
+        if let Some((name, _)) = inputs
+            .iter()
+            .find(|(n, _)| !self.inputs.iter().any(|(b, _)| b == n))
+        {
+            return Err(Error::Ort(format!(
+                "input '{name}' was not given to this session's first run, so it has no buffer (runs in fixed buffers take the same inputs every run)"
+            )));
+        }
         for (name, buffer) in &mut self.inputs {
             let host = to_value(given(inputs, name)?)?.downcast::<DynTensorValueType>()?;
             if host.dtype() != buffer.dtype() {

@@ -51,6 +51,10 @@ pub struct Args {
     save_maps: Vec<usize>,
     #[arg(long, value_enum, default_value_t = EpArg::Cpu)]
     ep: EpArg,
+    /// Replay the UNet's steps as a CUDA graph (--ep cuda; a UNet compiled with --fix-shapes
+    /// for these latents and prompts)
+    #[arg(long)]
+    cuda_graph: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -197,7 +201,11 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         EpArg::Cuda => attune_runtime::Ep::Cuda,
         EpArg::Tract => attune_runtime::Ep::Tract,
     };
-    let mut unet = Backend::open(&args.unet, ep, &OrtOptions::default())?;
+    let opts = OrtOptions {
+        cuda_graph: args.cuda_graph,
+        ..OrtOptions::default()
+    };
+    let mut unet = Backend::open(&args.unet, ep, &opts)?;
     let run = SampleRun {
         cond: &cond,
         uncond: &uncond,

@@ -71,19 +71,26 @@ impl Pass for FixShapes {
                 .join(", "),
         );
         fix_declarations(&mut model.graph, &symbols);
+        let mut open: BTreeMap<String, Vec<&str>> = BTreeMap::new();
         for io in &model.graph.inputs {
-            let open = declared_dims(&io.info)
-                .iter()
-                .filter(|d| d.known().is_none())
-                .map(Dim::to_string)
-                .collect::<Vec<_>>();
-            if !open.is_empty() {
-                report.notes.push(format!(
-                    "input {} keeps dynamic sizes {} (give them in --fix-shapes for a fully static graph)",
-                    io.info.name,
-                    open.join(", ")
-                ));
+            for d in declared_dims(&io.info) {
+                for (symbol, _) in d.symbols() {
+                    let names = open.entry(symbol.to_string()).or_default();
+                    if !names.contains(&io.info.name.as_str()) {
+                        names.push(&io.info.name);
+                    }
+                }
             }
+        }
+        for (symbol, names) in open {
+            report.notes.push(format!(
+                "{symbol} stays dynamic (in {}{}); give it in --fix-shapes for a fully static graph",
+                names[0],
+                match names.len() {
+                    1 => String::new(),
+                    n => format!(" and {} more inputs", n - 1),
+                }
+            ));
         }
         let shapes = Shapes::infer(model);
         check_sizes(&model.graph, &shapes)?;
@@ -122,12 +129,7 @@ fn declared_dims(info: &ValueInfoProto) -> Vec<Dim> {
 /// The size of every dim symbol the specs decide.
 fn solve(g: &Graph, specs: &[ShapeSpec]) -> Result<BTreeMap<String, i64>> {
     let err = |msg: String| Error::Graph(format!("--fix-shapes: {msg}"));
-    let inputs: Vec<&ValueInfoProto> = g
-        .inputs
-        .iter()
-        .filter(|io| g.initializer(io.value).is_none())
-        .map(|io| &io.info)
-        .collect();
+    let inputs: Vec<&ValueInfoProto> = g.inputs.iter().map(|io| &io.info).collect();
     let describe = || {
         inputs
             .iter()
@@ -344,18 +346,10 @@ fn fold_known_values(model: &mut Model, shapes: &Shapes) -> Result<usize> {
     let types = ElemTypes::infer(g)?;
     let mut p = Patch::new(model);
     let mut folded = 0;
-    // Values computed from an input with a default (a hook's or adapter's setting) may change
-    // from run to run: inference read the default, so they stay computed.
-    let mut settable: HashSet<ValueId> = g
-        .inputs
-        .iter()
-        .filter(|io| g.initializer(io.value).is_some())
-        .map(|io| io.value)
-        .collect();
+    let mut settable = Settable::of_inputs(g);
     for n in g.topo_order()? {
         let node = g.node(n);
-        if node.inputs.iter().flatten().any(|v| settable.contains(v)) {
-            settable.extend(node.outputs.iter().flatten());
+        if settable.propagate(g, n) {
             continue;
         }
         if node.is("Constant") {
@@ -376,6 +370,72 @@ fn fold_known_values(model: &mut Model, shapes: &Shapes) -> Result<usize> {
     }
     p.into_parts().apply(model)?;
     Ok(folded)
+}
+
+/// What an input with a default (a hook's or adapter's setting, fed or not at run time) may
+/// change from run to run: inference read the default, so these stay computed. Its values
+/// reach what is computed from it; its size, only where its dims are not fixed, and sizes
+/// computed from its values (a Reshape target, an Expand shape).
+struct Settable {
+    values: HashSet<ValueId>,
+    sizes: HashSet<ValueId>,
+}
+
+impl Settable {
+    fn of_inputs(g: &Graph) -> Settable {
+        let mut s = Settable {
+            values: HashSet::new(),
+            sizes: HashSet::new(),
+        };
+        for io in g
+            .inputs
+            .iter()
+            .filter(|io| g.initializer(io.value).is_some())
+        {
+            s.values.insert(io.value);
+            if declared_dims(&io.info).iter().any(|d| d.known().is_none()) {
+                s.sizes.insert(io.value);
+            }
+        }
+        s
+    }
+
+    /// Marks the node's outputs; is any of them settable?
+    fn propagate(&mut self, g: &Graph, n: NodeId) -> bool {
+        let node = g.node(n);
+        let ins: Vec<(usize, ValueId)> = node
+            .inputs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| Some((i, (*v)?)))
+            .collect();
+        let sized = ins.iter().any(|(_, v)| self.sizes.contains(v));
+        let size_from_values = ins
+            .iter()
+            .any(|&(i, v)| self.values.contains(&v) && size_input(node.op(), i));
+        let valued = match node.op() {
+            "Shape" | "Size" => sized,
+            _ => ins.iter().any(|(_, v)| self.values.contains(v)),
+        };
+        let outputs = node.outputs.iter().flatten().copied();
+        if sized || size_from_values {
+            self.sizes.extend(outputs.clone());
+        }
+        if valued || sized {
+            self.values.extend(outputs);
+        }
+        valued || sized || size_from_values
+    }
+}
+
+/// Does input `slot` of `op` decide the size of its output?
+fn size_input(op: &str, slot: usize) -> bool {
+    match op {
+        "ConstantOfShape" | "NonZero" | "Range" => true,
+        "Reshape" | "Expand" | "Tile" | "Slice" | "Resize" | "TopK" | "Pad" | "Squeeze"
+        | "Unsqueeze" | "Split" | "Compress" | "OneHot" => slot >= 1,
+        _ => false,
+    }
 }
 
 fn fold_name(g: &Graph, n: NodeId) -> String {
