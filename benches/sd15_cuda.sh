@@ -49,8 +49,8 @@ echo "== export (torch legacy exporter, fp32)"
 [ -f "$MODEL" ] || { echo "no export: stopping"; exit 1; }
 
 # Before the peer's optimizer loads the CPU: eager PyTorch at 512 px is bound by kernel launches.
-# QUICK=1 (a rerun on a short GPU lease): no PyTorch peers, no opset-23 Attention row, no
-# fixture numerics.
+# QUICK=1 (a rerun on a short GPU lease): no PyTorch peers, no ablation rows, no opset-23
+# Attention row, no fixture numerics. SDPA=1 adds a cuDNN-attention on/off pair at 1024 px.
 if [ -z "${QUICK:-}" ]; then
 echo "== PyTorch peers: fp16, diffusers SDPA, then tomesd; CUDA events, median of $ITERS"
 "$PY" benches/sd15_cuda_peers.py --latents 64 128 --iters "$ITERS" 2>&1 | grep -v -i warn
@@ -123,6 +123,15 @@ $ATTUNE bench "$W/flash/unet.onnx" --vs "$W/onnx/unet.onnx" --ep cuda $DIMS --di
   --iters "$ITERS" --warmup 3
 fi
 PEER_VS=(); [ -f "$W/peer/unet.onnx" ] && PEER_VS=(--vs "$W/peer/unet.onnx")
+# SDPA=1: which attention kernels MultiHeadAttention gets (recent ORT may prefer cuDNN's on
+# SM >= 90 by itself); the same setting for both models.
+if [ -n "${SDPA:-}" ]; then
+  for v in 0 1; do
+    echo "== 1024 px, ORT_ENABLE_CUDNN_FLASH_ATTENTION=$v: A --target cuda flash, B ORT optimizer"
+    ORT_ENABLE_CUDNN_FLASH_ATTENTION=$v $ATTUNE bench "$W/flash/unet.onnx" "${PEER_VS[@]}" --ep cuda $DIMS \
+      --dim height=128 --dim width=128 --iters "$ITERS" --warmup 3 | tail -4
+  done
+fi
 echo "== where the time goes at 1024 px: A --target cuda flash, B the same + ToMe 0.5 (fixed shapes), C ORT optimizer"
 echo "   (CUDA_LAUNCH_BLOCKING=1, no CUDA graphs: per-node times)"
 TOME_VS=(); [ -f "$W/tomefixed128/unet.onnx" ] && TOME_VS=(--vs "$W/tomefixed128/unet.onnx")

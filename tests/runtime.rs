@@ -379,6 +379,9 @@ fn bench_and_demo_commands_run() {
     assert_eq!(v["models"][0]["latency"]["iters"], 3);
     assert!(v["ratios"][0].as_f64().unwrap() > 0.0);
     assert!(v["peak_rss_kb"].as_u64().unwrap() > 0);
+    // The same model on the same inputs: its output agrees with A's exactly.
+    assert!(v["models"][0]["rel_l2_vs_a"].is_null());
+    assert_eq!(v["models"][1]["rel_l2_vs_a"].as_f64(), Some(0.0));
 
     // --profile: ORT traces per model, time per op type side by side; tract has no profiler.
     let dir = tempfile::tempdir().unwrap();

@@ -3,6 +3,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use attune_runtime::bench::{self, Rss, Stats};
+use attune_runtime::compare::compare;
 use attune_runtime::profile::{self, OpTime};
 use attune_runtime::{Backend, HostTensor};
 use serde::Serialize;
@@ -89,6 +90,9 @@ struct ModelReport {
     /// Resident memory the session added (kB), measured after warm-up.
     session_rss_kb: u64,
     latency: Stats,
+    /// Relative L2 distance of its first output (last timed run) from model A's; `None` for A
+    /// and where the outputs do not compare (other shapes).
+    rel_l2_vs_a: Option<f64>,
 }
 
 struct Timed {
@@ -96,6 +100,8 @@ struct Timed {
     session: Duration,
     rss: u64,
     samples: Vec<Duration>,
+    /// The first output of the last run.
+    last: Option<HostTensor>,
 }
 
 fn open(
@@ -123,6 +129,7 @@ fn open(
         session,
         rss,
         samples: Vec::new(),
+        last: None,
     })
 }
 
@@ -177,8 +184,9 @@ pub fn measure(
     for _ in 0..iters {
         for t in timed.iter_mut() {
             let start = Instant::now();
-            t.backend.run(inputs)?;
+            let outputs = t.backend.run(inputs)?;
             t.samples.push(start.elapsed());
+            t.last = outputs.into_iter().next().map(|(_, v)| v);
         }
     }
     let models: Vec<ModelReport> = paths
@@ -188,6 +196,12 @@ pub fn measure(
         .map(|((p, t), &cuda_graph)| ModelReport {
             model: p.display().to_string(),
             cuda_graph,
+            rel_l2_vs_a: match (&timed[0].last, &t.last) {
+                (Some(a), Some(b)) if !std::ptr::eq(t, &timed[0]) => {
+                    compare("output", a, b).ok().map(|c| c.rel_l2)
+                }
+                _ => None,
+            },
             session_ms: t.session.as_secs_f64() * 1e3,
             session_rss_kb: t.rss,
             latency: bench::stats(&t.samples),
@@ -291,8 +305,8 @@ pub fn render(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<5} {:>10} {:>10} {:>10} {:>8} {:>12} {:>12}  model",
-        "", "median ms", "p90 ms", "min ms", "vs A", "session ms", "session RSS"
+        "{:<5} {:>10} {:>10} {:>10} {:>8} {:>12} {:>12} {:>10}  model",
+        "", "median ms", "p90 ms", "min ms", "vs A", "session ms", "session RSS", "rel L2 A"
     );
     for (i, m) in r.models.iter().enumerate() {
         let l = &m.latency;
@@ -304,12 +318,14 @@ pub fn render(r: &Report) -> String {
         };
         let _ = writeln!(
             s,
-            "{label:<5} {:>10.2} {:>10.2} {:>10.2} {ratio:>8} {:>12.0} {:>12}  {}{}",
+            "{label:<5} {:>10.2} {:>10.2} {:>10.2} {ratio:>8} {:>12.0} {:>12} {:>10}  {}{}",
             l.median_ms,
             l.p90_ms,
             l.min_ms,
             m.session_ms,
             super::bytes(m.session_rss_kb * 1024),
+            m.rel_l2_vs_a
+                .map_or("-".to_string(), |r| format!("{r:.1e}")),
             m.model,
             if m.cuda_graph { " (CUDA graph)" } else { "" }
         );
