@@ -249,18 +249,27 @@ fn an_op_the_target_cannot_run_is_refused_with_the_node_named() {
     );
 }
 
+fn owned(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
 #[test]
 fn a_recipe_and_the_equivalent_flags_produce_identical_graphs() {
     let dir = tempfile::tempdir().unwrap();
     let recipes = root().join("models/recipes");
     let lora = |f: &str| root().join("models/loras").join(f).display().to_string();
+    let cuda_fp16 = [
+        "--target",
+        "cuda",
+        "--precision",
+        "fp16",
+        "--attention",
+        "flash",
+    ];
     let cases: Vec<(&str, Vec<String>)> = vec![
         (
             "cpu_flash_tome.toml",
-            vec!["--attention", "flash", "--tome", "0.5", "--weights", "link"]
-                .into_iter()
-                .map(String::from)
-                .collect(),
+            owned(&["--attention", "flash", "--tome", "0.5", "--weights", "link"]),
         ),
         (
             "lora_style.toml",
@@ -275,40 +284,18 @@ fn a_recipe_and_the_equivalent_flags_produce_identical_graphs() {
         ),
         (
             "p2p_capture.toml",
-            vec!["--attention", "flash", "--hooks", "capture,p2p,masactrl"]
-                .into_iter()
-                .map(String::from)
-                .collect(),
+            owned(&["--attention", "flash", "--hooks", "capture,p2p,masactrl"]),
         ),
-        (
-            "cuda_fp16.toml",
-            vec![
-                "--target",
-                "cuda",
-                "--precision",
-                "fp16",
-                "--attention",
-                "flash",
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect(),
-        ),
+        ("cuda_fp16.toml", owned(&cuda_fp16)),
         (
             "cuda_graph_512.toml",
-            vec![
-                "--target",
-                "cuda",
-                "--precision",
-                "fp16",
-                "--attention",
-                "flash",
-                "--fix-shapes",
-                "sample=2x4x64x64,sequence=77",
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect(),
+            owned(
+                &[
+                    &cuda_fp16[..],
+                    &["--fix-shapes", "sample=2x4x64x64,sequence=77"],
+                ]
+                .concat(),
+            ),
         ),
     ];
     for (recipe, flags) in cases {
