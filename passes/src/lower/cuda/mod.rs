@@ -14,6 +14,7 @@ use attune_compiler::patch::{In, Patch, attr};
 mod conv;
 mod geglu;
 mod group_norm;
+mod layout;
 mod packed;
 mod residual;
 mod static_shapes;
@@ -80,93 +81,6 @@ fn other_input(g: &Graph, n: NodeId, from: ValueId) -> Option<ValueId> {
         (Some(a), Some(b)) if b == from => Some(a),
         _ => None,
     }
-}
-
-/// Removes Transposes that undo the Transpose they read; returns how many.
-fn cancel_transposes(model: &mut Model) -> Result<usize> {
-    let perm = |g: &Graph, n: NodeId| g.node(n).attr("perm").map(|a| a.ints.clone());
-    let mut cancelled = 0;
-    for n in model.graph.topo_order()? {
-        let g = &model.graph;
-        if !g.contains_node(n) || !g.node(n).is("Transpose") {
-            continue;
-        }
-        let (Some(x), Some(y)) = (input(g, n, 0), output(g, n)) else {
-            continue;
-        };
-        let Some(first) = producer(g, x).filter(|f| g.node(*f).is("Transpose")) else {
-            continue;
-        };
-        let (Some(p1), Some(p2), Some(src)) = (perm(g, first), perm(g, n), input(g, first, 0))
-        else {
-            continue;
-        };
-        let undoes = p1.len() == p2.len()
-            && p2
-                .iter()
-                .enumerate()
-                .all(|(i, &j)| p1.get(j as usize) == Some(&(i as i64)));
-        if undoes && !g.is_graph_output(y) {
-            model.graph.replace_all_uses(y, src);
-            cancelled += 1;
-        }
-    }
-    Ok(cancelled)
-}
-
-/// `Shape(Transpose(x, perm))` → `Gather(Shape(x), perm)` where a Transpose is read only for
-/// its shape (the NCHW views of NhwcConv outputs whose data flows on channels-last); returns
-/// how many Shapes changed.
-fn shapes_without_transposes(model: &mut Model) -> Result<usize> {
-    let g = &model.graph;
-    let mut p = Patch::new(model);
-    let mut changed = 0;
-    for t in g.topo_order()? {
-        let node = g.node(t);
-        let (Some(x), Some(y), Some(perm)) = (input(g, t, 0), output(g, t), node.attr("perm"))
-        else {
-            continue;
-        };
-        let readers: Option<Vec<NodeId>> = g
-            .value(y)
-            .consumers
-            .iter()
-            .map(|u| match u {
-                Use::Input(n, _)
-                    if g.node(*n).is("Shape") && g.node(*n).proto.attribute.is_empty() =>
-                {
-                    Some(*n)
-                }
-                _ => None,
-            })
-            .collect();
-        let Some(shapes) =
-            readers.filter(|r| !r.is_empty() && node.is("Transpose") && !g.is_graph_output(y))
-        else {
-            continue;
-        };
-        for s in shapes {
-            let module = g.node(s).module.clone();
-            let name = format!("{module}/attune_shape_untransposed");
-            let shape = p.op("Shape", &name, vec![In::Value(x)], vec![], &module, Some(s));
-            let order = p.i64s(&format!("{name}_perm"), &perm.ints);
-            let permuted = p.op(
-                "Gather",
-                &name,
-                vec![In::New(shape), In::New(order)],
-                vec![attr::int("axis", 0)],
-                &module,
-                Some(s),
-            );
-            p.replace(
-                output(g, s).expect("Shape has an output"),
-                In::New(permuted),
-            );
-            changed += 1;
-        }
-    }
-    p.into_parts().apply(model)?;
-    Ok(changed)
 }
 
 /// Where emitted nodes go: their module path, and the node they follow in the exported order.
@@ -260,6 +174,7 @@ pub enum CudaFusion {
     BiasSplitGelu,
     PackedQkv,
     StaticReshapes,
+    SinkTransposes,
 }
 
 impl CudaFusion {
@@ -273,6 +188,7 @@ impl CudaFusion {
         (CudaFusion::BiasSplitGelu, "bias-split-gelu"),
         (CudaFusion::PackedQkv, "packed-qkv"),
         (CudaFusion::StaticReshapes, "static-reshapes"),
+        (CudaFusion::SinkTransposes, "sink-transposes"),
     ];
 
     pub fn parse(name: &str) -> std::result::Result<CudaFusion, String> {
@@ -303,6 +219,7 @@ impl CudaFusion {
         CudaFusion::BiasAdd,
         CudaFusion::BiasSplitGelu,
         CudaFusion::StaticReshapes,
+        CudaFusion::SinkTransposes,
     ];
 }
 
@@ -422,10 +339,20 @@ impl Pass for CudaFusions {
             ));
         }
         if channels_last > 0 {
-            let cancelled = cancel_transposes(model)?;
+            let sunk = if on(CudaFusion::SinkTransposes) {
+                layout::sink_transposes(model)?
+            } else {
+                0
+            };
+            let cancelled = layout::cancel_transposes(model)?;
             let mut removed = dce(model).nodes; // the cancelled ones no longer read the first
-            let untransposed = shapes_without_transposes(model)?;
+            let untransposed = layout::shapes_without_transposes(model)?;
             removed += dce(model).nodes;
+            count_line(
+                &mut report,
+                sunk,
+                "residual Adds, skip Concats and upsampling Resizes -> channels-last",
+            );
             report.notes.push(format!(
                 "{cancelled} Transpose pairs cancelled, {untransposed} Shapes read before the Transpose; removed {removed} nodes"
             ));
