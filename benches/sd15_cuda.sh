@@ -76,6 +76,8 @@ stamp "attune cuda flash packed fp16" $ATTUNE compile "$MODEL" -o "$W/packed/une
 stamp "attune cuda flash gn+conv fp16" $ATTUNE compile "$MODEL" -o "$W/gnconv/unet.onnx" --target cuda $FP16 --attention flash \
   --disable-fusions skip-group-norm,skip-layer-norm,bias-add,bias-split-gelu,static-reshapes
 stamp "attune cuda onnx-attention fp16" $ATTUNE compile "$MODEL" -o "$W/onnx/unet.onnx" --target cuda $FP16 --attention onnx
+stamp "attune cuda flash nosink fp16" $ATTUNE compile "$MODEL" -o "$W/nosink/unet.onnx" --target cuda $FP16 --attention flash \
+  --disable-fusions sink-transposes
 fi
 stamp "attune cuda flash fp16" $ATTUNE compile "$MODEL" -o "$W/flash/unet.onnx" --target cuda $FP16 --attention flash
 stamp "attune cuda flash+tome0.5 fp16" $ATTUNE compile "$MODEL" -o "$W/tome/unet.onnx" --target cuda $FP16 --attention flash --tome 0.5
@@ -106,6 +108,7 @@ for latent in 64 128; do
   add "$W/tome/unet.onnx" "the same + ToMe 0.5"
   add "$W/packed/unet.onnx" "the same + packed QKV/KV"
   add "$W/gnconv/unet.onnx" "the same with only GroupNorm + NhwcConv"
+  add "$W/nosink/unet.onnx" "the same without sink-transposes (74 Transposes left)"
   add "$W/fixed$latent/unet.onnx" "--target cuda --attention flash --fix-shapes"
   add "$W/fixed$latent/unet.onnx" "--target cuda --attention flash --fix-shapes" graph
   add "$W/tomefixed$latent/unet.onnx" "the same + ToMe 0.5" graph
