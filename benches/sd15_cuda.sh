@@ -74,7 +74,7 @@ stamp "attune flash fp16 (no GroupNorm)" $ATTUNE compile "$MODEL" -o "$W/mha/une
 stamp "attune cuda flash packed fp16" $ATTUNE compile "$MODEL" -o "$W/packed/unet.onnx" --target cuda $FP16 --attention flash \
   --enable-fusions packed-qkv
 stamp "attune cuda flash gn+conv fp16" $ATTUNE compile "$MODEL" -o "$W/gnconv/unet.onnx" --target cuda $FP16 --attention flash \
-  --disable-fusions skip-group-norm,skip-layer-norm,bias-add,bias-split-gelu,static-reshapes
+  --disable-fusions skip-group-norm,skip-layer-norm,bias-add,bias-split-gelu,static-reshapes,sink-transposes
 stamp "attune cuda onnx-attention fp16" $ATTUNE compile "$MODEL" -o "$W/onnx/unet.onnx" --target cuda $FP16 --attention onnx
 stamp "attune cuda flash nosink fp16" $ATTUNE compile "$MODEL" -o "$W/nosink/unet.onnx" --target cuda $FP16 --attention flash \
   --disable-fusions sink-transposes
