@@ -5,8 +5,10 @@
 //! ORT CPU: its kernel registry (`ort_cpu_kernels.tsv`, generated from the pinned ONNX
 //! Runtime by `models/export/ort_kernels.py`) plus the ONNX ops it runs by inlining their
 //! function bodies. An fp16 node with only an fp32 kernel runs: ORT wraps it in Casts.
-//! ORT CUDA: the contrib ops attune emits, with their CUDA types (ORT's OperatorKernels.md);
-//! standard ops CUDA lacks are placed on the CPU by ORT, so they need a CPU kernel.
+//! ORT CUDA: the contrib ops attune emits, with their CUDA types and width limits; every
+//! other op against ORT's CUDA kernel list (`ort_cuda_ops.tsv`, from its OperatorKernels.md).
+//! What CUDA lacks ORT places on the CPU, so it needs a CPU kernel, and the report names it:
+//! each such node costs copies between the devices and rules out CUDA graphs.
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
@@ -31,26 +33,34 @@ struct Row {
 
 type Table = HashMap<(String, String), Vec<Row>>;
 
+fn parse_table(tsv: &str) -> Table {
+    let mut t: Table = HashMap::new();
+    for line in tsv.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = line.split('\t').collect();
+        let row = Row {
+            since: f[2].parse().expect("generated table"),
+            until: (!f[3].is_empty()).then(|| f[3].parse().expect("generated table")),
+            floats: (f[4] != "function").then(|| f[4].split(',').map(str::to_string).collect()),
+        };
+        t.entry((f[0].to_string(), f[1].to_string()))
+            .or_default()
+            .push(row);
+    }
+    t
+}
+
 fn cpu_table() -> &'static Table {
     static TABLE: OnceLock<Table> = OnceLock::new();
-    TABLE.get_or_init(|| {
-        let mut t: Table = HashMap::new();
-        for line in include_str!("ort_cpu_kernels.tsv").lines() {
-            if line.starts_with('#') || line.is_empty() {
-                continue;
-            }
-            let f: Vec<&str> = line.split('\t').collect();
-            let row = Row {
-                since: f[2].parse().expect("generated table"),
-                until: (!f[3].is_empty()).then(|| f[3].parse().expect("generated table")),
-                floats: (f[4] != "function").then(|| f[4].split(',').map(str::to_string).collect()),
-            };
-            t.entry((f[0].to_string(), f[1].to_string()))
-                .or_default()
-                .push(row);
-        }
-        t
-    })
+    TABLE.get_or_init(|| parse_table(include_str!("ort_cpu_kernels.tsv")))
+}
+
+/// ONNX Runtime's CUDA kernels (`ort_cuda_ops.tsv`, from its OperatorKernels.md).
+fn cuda_table() -> &'static Table {
+    static TABLE: OnceLock<Table> = OnceLock::new();
+    TABLE.get_or_init(|| parse_table(include_str!("ort_cuda_ops.tsv")))
 }
 
 /// Contrib ops with CUDA kernels, and their float types (ORT 1.31 OperatorKernels.md).
@@ -118,7 +128,19 @@ fn domain_key(domain: &str) -> &str {
 
 /// The CPU row for `op` at `version`: a kernel whose range holds it, or a function.
 fn cpu_row(domain: &str, op: &str, version: i64) -> Option<&'static Row> {
-    let rows = cpu_table().get(&(domain.to_string(), op.to_string()))?;
+    row_in(cpu_table(), domain, op, version)
+}
+
+/// Does ONNX Runtime's CUDA EP have a kernel for `op` at `version` computing in `dtype`?
+fn on_cuda(domain: &str, op: &str, version: i64, dtype: Option<&str>) -> bool {
+    row_in(cuda_table(), domain, op, version).is_some_and(|r| {
+        let floats = r.floats.as_deref().unwrap_or_default();
+        dtype.is_none_or(|t| floats.iter().any(|f| f == t))
+    })
+}
+
+fn row_in<'t>(table: &'t Table, domain: &str, op: &str, version: i64) -> Option<&'t Row> {
+    let rows = table.get(&(domain.to_string(), op.to_string()))?;
     rows.iter()
         .find(|r| r.floats.is_some() && r.since <= version && r.until.is_none_or(|u| version <= u))
         .or_else(|| {
@@ -163,7 +185,7 @@ impl Pass for SupportCheck {
             Target::Cuda => "ONNX Runtime's CUDA execution provider",
         };
         let mut via_casts = 0;
-        let mut on_cpu = 0;
+        let mut on_cpu: std::collections::BTreeMap<String, usize> = Default::default();
         for n in g.topo_order()? {
             let node = g.node(n);
             let domain = domain_key(node.domain());
@@ -208,8 +230,12 @@ impl Pass for SupportCheck {
                 )));
             };
             if self.target == Target::Cuda {
-                // Standard ops: ORT runs them on CUDA, or places them on the CPU.
-                on_cpu += usize::from(domain != "ai.onnx");
+                // ORT runs it on CUDA, or places it on the CPU (an ONNX function is expanded
+                // into ops that have their own kernels).
+                let function = row.floats.is_none();
+                if !function && !on_cuda(domain, node.op(), version, dtype.as_deref()) {
+                    *on_cpu.entry(format!("{domain}.{}", node.op())).or_default() += 1;
+                }
                 continue;
             }
             let (Some(t), Some(floats)) = (&dtype, &row.floats) else {
@@ -245,9 +271,11 @@ impl Pass for SupportCheck {
                 "{via_casts} fp16 nodes have only fp32 CPU kernels: ONNX Runtime computes them in fp32 between Casts it inserts (correct, not fast)"
             ));
         }
-        if on_cpu > 0 {
+        if !on_cpu.is_empty() {
+            let ops: Vec<String> = on_cpu.iter().map(|(op, n)| format!("{op} x{n}")).collect();
             report.notes.push(format!(
-                "{on_cpu} contrib nodes have no CUDA kernel and will run on the CPU"
+                "no CUDA kernel in ONNX Runtime for {}: they run on its CPU EP, with copies to and from the GPU around them (and no CUDA graph)",
+                ops.join(", ")
             ));
         }
         Ok(report)
