@@ -1,6 +1,6 @@
 //! Token merging inside the graph: ToMe for Stable Diffusion (tomesd's bipartite soft
 //! matching, deterministic top-left dst slots) and ToDo (key/value downsampling of
-//! self-attention). Built from standard ops (opset 16+: `ScatterElements` with `add`), with
+//! self-attention). Built from standard ops (opset 16+: scatters with `add`), with
 //! token counts, `r` and the partition computed from the `sample` input's shape, so dynamic
 //! resolutions keep working; `static_hw` fixes the latent size so ONNX Runtime folds the
 //! partition to constants.
@@ -110,7 +110,7 @@ pub struct TomePass {
     pub options: TomeOptions,
 }
 
-/// ScatterElements with `reduction` needs opset 16.
+/// Scatters with `reduction` need opset 16.
 const MIN_OPSET: i64 = 16;
 
 impl Pass for TomePass {
@@ -181,7 +181,7 @@ impl Pass for TomePass {
                 Ok(notes) => report.notes.extend(notes),
                 Err(why) => {
                     return Err(Error::Graph(format!(
-                        "token merging needs opset {MIN_OPSET} (ScatterElements with reduction): {why}"
+                        "token merging needs opset {MIN_OPSET} (scatters with reduction): {why}"
                     )));
                 }
             }
@@ -432,19 +432,14 @@ fn merge_block(
         let idx = e.i64s(&format!("tome_{tag}_index"), &[i]);
         e.op("Gather", tag, vec![shape_x.clone(), idx], vec![])
     };
-    let (b1, n1, c1) = (
-        dim(&mut e, 0, "B"),
-        dim(&mut e, 1, "N"),
-        dim(&mut e, 2, "C"),
-    );
+    let (b1, n1) = (dim(&mut e, 0, "B"), dim(&mut e, 1, "N"));
     // Partition: dst = one slot of every full sy×sx window (its top-left unless random slots
     // are given), src = the rest.
     let (zero, one) = (e.i64("tome_zero", 0), e.i64("tome_one", 1));
     let (sy, sx) = (e.i64("tome_sy", o.sy), e.i64("tome_sx", o.sx));
-    let (ax0, ax1, ax2, axm1) = (
+    let (ax0, ax1, axm1) = (
         e.i64s("tome_axes0", &[0]),
         e.i64s("tome_axes1", &[1]),
-        e.i64s("tome_axes2", &[2]),
         e.i64s("tome_axes_last", &[-1]),
     );
     let slots = slot_input(&mut e, model, ds, o.random);
@@ -771,7 +766,12 @@ fn merge_block(
         vec![zero.clone(), nr, one.clone()],
         vec![],
     );
-    let rng = e.op("Unsqueeze", "merged_range_row", vec![rng, ax0], vec![]);
+    let rng = e.op(
+        "Unsqueeze",
+        "merged_range_row",
+        vec![rng, ax0.clone()],
+        vec![],
+    );
     let bnr = e.op(
         "Concat",
         "B_Nr",
@@ -798,49 +798,60 @@ fn merge_block(
         vec![pos1, merged_pos.clone(), target.clone()],
         vec![attr::int("axis", 1)],
     );
-    // Index tensors expanded over channels, and how many tokens each merged slot averages.
-    let along_c = |e: &mut Emitter, idx: In, rows: In, tag: &str| {
-        let shape = e.op(
-            "Concat",
-            &format!("{tag}_shape"),
-            vec![b1.clone(), rows, c1.clone()],
-            vec![attr::int("axis", 0)],
-        );
-        let col = e.op(
-            "Unsqueeze",
-            &format!("{tag}_col"),
-            vec![idx, ax2.clone()],
-            vec![],
-        );
-        e.op("Expand", tag, vec![col, shape], vec![])
-    };
-    let keep_e = along_c(&mut e, keep, nr1.clone(), "keep_index");
-    let msrc_e = along_c(&mut e, merged_pos, r1.clone(), "merged_src_index");
-    let target_e = along_c(&mut e, target.clone(), r1.clone(), "merge_target_index");
-    let pos_e = along_c(&mut e, pos, n1, "unmerge_index");
+    // Token indices as [B, rows, 1], read by GatherND per batch row (batch_dims 1): no index
+    // tensor as large as the activations. The merge scatter addresses (batch, token) pairs.
+    // (Reshaped to [B, rows, 1] with the row count given, so shape inference sees it.)
     let one1 = e.i64s("tome_one1", &[1]);
-    let cnt_shape = e.op(
-        "Concat",
-        "count_shape",
-        vec![b1.clone(), nr1, one1.clone()],
-        vec![attr::int("axis", 0)],
+    let rows_shape = |e: &mut Emitter, rows: In, tag: &str| {
+        e.op(
+            "Concat",
+            tag,
+            vec![b1.clone(), rows, one1.clone()],
+            vec![attr::int("axis", 0)],
+        )
+    };
+    let (kept_shape, merged_shape, all_shape) = (
+        rows_shape(&mut e, nr1, "kept_rows"),
+        rows_shape(&mut e, r1, "merged_rows"),
+        rows_shape(&mut e, n1, "all_rows"),
     );
-    let src_shape = e.op(
+    let col = |e: &mut Emitter, idx: In, shape: &In, tag: &str| {
+        e.op("Reshape", tag, vec![idx, shape.clone()], vec![])
+    };
+    let keep_c = col(&mut e, keep, &kept_shape, "keep_index");
+    let msrc_c = col(&mut e, merged_pos, &merged_shape, "merged_src_index");
+    let pos_c = col(&mut e, pos, &all_shape, "unmerge_index");
+    let target_c = col(&mut e, target.clone(), &merged_shape, "merge_target_index");
+    let b = e.op("Squeeze", "B_scalar", vec![b1, ax0.clone()], vec![]);
+    let batches = e.op(
+        "Range",
+        "batch_range",
+        vec![zero.clone(), b, one.clone()],
+        vec![],
+    );
+    let ax12 = e.i64s("tome_axes12", &[1, 2]);
+    let batch_col = e.op("Unsqueeze", "batch_col", vec![batches, ax12], vec![]);
+    let batch_of = e.op(
+        "Expand",
+        "merge_batch_index",
+        vec![batch_col, merged_shape.clone()],
+        vec![],
+    );
+    let target_nd = e.op(
         "Concat",
-        "merged_ones_shape",
-        vec![b1, r1, one1],
-        vec![attr::int("axis", 0)],
+        "merge_target_nd",
+        vec![batch_of, target_c.clone()],
+        vec![attr::int("axis", 2)],
     );
     // Sums and counts accumulate in f32: ONNX Runtime's CPU ScatterElements has no f16 `add`,
     // and f16 sums of many tokens lose precision.
     let f32 = DataType::Float;
-    let zeros = fill(&mut e, "count_init", cnt_shape, f32, 0.0);
-    let ones = fill(&mut e, "merged_ones", src_shape, f32, 1.0);
-    let target_col = e.op("Unsqueeze", "merge_target_col", vec![target, ax2], vec![]);
+    let zeros = fill(&mut e, "count_init", kept_shape, f32, 0.0);
+    let ones = fill(&mut e, "merged_ones", merged_shape, f32, 1.0);
     let added = e.op(
         "ScatterElements",
         "merged_counts",
-        vec![zeros, target_col, ones],
+        vec![zeros, target_c, ones],
         vec![attr::int("axis", 1), reduction_add()],
     );
     let one_t = e.f32("tome_one_f", 1.0);
@@ -865,24 +876,24 @@ fn merge_block(
             ));
         };
         let base = e.op(
-            "GatherElements",
+            "GatherND",
             &format!("{name}_merge_keep"),
-            vec![In::Value(y), keep_e.clone()],
-            vec![attr::int("axis", 1)],
+            vec![In::Value(y), keep_c.clone()],
+            vec![attr::int("batch_dims", 1)],
         );
         let msrc = e.op(
-            "GatherElements",
+            "GatherND",
             &format!("{name}_merge_src"),
-            vec![In::Value(y), msrc_e.clone()],
-            vec![attr::int("axis", 1)],
+            vec![In::Value(y), msrc_c.clone()],
+            vec![attr::int("batch_dims", 1)],
         );
         let base = cast(&mut e, base, dtype, f32, &format!("{name}_merge_keep_f32"));
         let msrc = cast(&mut e, msrc, dtype, f32, &format!("{name}_merge_src_f32"));
         let summed = e.op(
-            "ScatterElements",
+            "ScatterND",
             &format!("{name}_merge_sum"),
-            vec![base, target_e.clone(), msrc],
-            vec![attr::int("axis", 1), reduction_add()],
+            vec![base, target_nd.clone(), msrc],
+            vec![reduction_add()],
         );
         let merged = e.op(
             "Div",
@@ -892,10 +903,10 @@ fn merge_block(
         );
         let merged = cast(&mut e, merged, f32, dtype, &format!("{name}_merged_cast"));
         let unmerged = e.op(
-            "GatherElements",
+            "GatherND",
             &format!("{name}_unmerge"),
-            vec![In::Value(z), pos_e.clone()],
-            vec![attr::int("axis", 1)],
+            vec![In::Value(z), pos_c.clone()],
+            vec![attr::int("batch_dims", 1)],
         );
         e.p.replace(y, merged);
         e.p.replace(z, unmerged);

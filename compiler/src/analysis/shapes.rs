@@ -1038,6 +1038,17 @@ fn infer_op(
         "Constant" => one(constant_facts(attrs)),
         // Token merging's ops: outputs shaped like an input, or with a size known only at run time.
         "GatherElements" => one(input(1).shape.map(|s| shaped(s, x.float))),
+        "GatherND" => {
+            // indices [..., k] pick the k dims after the batch dims of data.
+            let batch = attr_i(attrs, "batch_dims").unwrap_or(0).max(0) as usize;
+            let shape = (|| {
+                let (data, idx) = (x.shape.as_ref()?, input(1).shape?);
+                let (k, lead) = idx.split_last()?;
+                let rest = data.get(batch + usize::try_from(k.known()?).ok()?..)?;
+                Some(lead.iter().chain(rest).cloned().collect())
+            })();
+            one(shape.map(|s| shaped(s, x.float)))
+        }
         "ScatterElements" | "ScatterND" | "LpNormalization" => {
             one(x.shape.clone().map(|s| shaped(s, x.float)))
         }
