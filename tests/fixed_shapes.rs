@@ -246,6 +246,18 @@ fn bad_fixed_shapes_are_clear_errors_and_write_nothing() {
         );
         assert!(!out.exists(), "{name} {spec}: wrote an output");
     }
+    // A hook input's default ([1, 77, 77] for one edit) fixes its size too.
+    let o = compile_to(
+        &fixture("sd15_legacy"),
+        &out,
+        &["--hooks", "p2p", "--fix-shapes", "sample=4x4x16x16,edits=2"],
+    );
+    let err = stderr(&o);
+    assert!(
+        err.contains("(edits) would be 2, but its default has 1"),
+        "{err}"
+    );
+    assert!(!out.exists());
     let recipe = dir.path().join("r.toml");
     std::fs::write(&recipe, "fix_shapes = \"nope=1\"\n").unwrap();
     let o = compile_to(

@@ -63,6 +63,7 @@ impl Pass for FixShapes {
     fn run(&self, model: &mut Model, _cx: &mut PassCx) -> Result<PassReport> {
         let mut report = PassReport::default();
         let symbols = solve(&model.graph, &self.specs)?;
+        check_defaults(&model.graph, &symbols)?;
         report.rewritten.push(
             symbols
                 .iter()
@@ -213,6 +214,29 @@ fn solve(g: &Graph, specs: &[ShapeSpec]) -> Result<BTreeMap<String, i64>> {
         }
     }
     Ok(symbols)
+}
+
+/// An input with a default (a hook's setting) keeps the default's shape: a fixed size must
+/// agree with it, or ONNX Runtime refuses the model.
+fn check_defaults(g: &Graph, symbols: &BTreeMap<String, i64>) -> Result<()> {
+    for io in &g.inputs {
+        let Some(default) = g.initializer(io.value) else {
+            continue;
+        };
+        for (axis, d) in declared_dims(&io.info).iter().enumerate() {
+            let size = default.dims().get(axis).copied();
+            if let (Some(Dim::Known(v)), Some(size)) = (d.substitute(symbols), size)
+                && v != size
+            {
+                return Err(Error::Graph(format!(
+                    "--fix-shapes: input {} dim {axis} ({d}) would be {v}, but its default has {size} there ({:?}); fixed sizes must agree with the defaults",
+                    io.info.name,
+                    default.dims()
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn bind(symbols: &mut BTreeMap<String, i64>, name: &str, size: i64, at: &str) -> Result<()> {
