@@ -72,27 +72,7 @@ impl Pass for FixShapes {
                 .join(", "),
         );
         fix_declarations(&mut model.graph, &symbols);
-        let mut open: BTreeMap<String, Vec<&str>> = BTreeMap::new();
-        for io in &model.graph.inputs {
-            for d in declared_dims(&io.info) {
-                for (symbol, _) in d.symbols() {
-                    let names = open.entry(symbol.to_string()).or_default();
-                    if !names.contains(&io.info.name.as_str()) {
-                        names.push(&io.info.name);
-                    }
-                }
-            }
-        }
-        for (symbol, names) in open {
-            report.notes.push(format!(
-                "{symbol} stays dynamic (in {}{}); give it in --fix-shapes for a fully static graph",
-                names[0],
-                match names.len() {
-                    1 => String::new(),
-                    n => format!(" and {} more inputs", n - 1),
-                }
-            ));
-        }
+        report.notes.extend(still_dynamic(&model.graph));
         let shapes = Shapes::infer(model);
         check_sizes(&model.graph, &shapes)?;
         let before = model.graph.node_count();
@@ -106,6 +86,33 @@ impl Pass for FixShapes {
         ));
         Ok(report)
     }
+}
+
+/// A note per dim symbol the inputs still have, naming where.
+fn still_dynamic(g: &Graph) -> Vec<String> {
+    let mut open: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for io in &g.inputs {
+        for d in declared_dims(&io.info) {
+            for (symbol, _) in d.symbols() {
+                let names = open.entry(symbol.to_string()).or_default();
+                if !names.contains(&io.info.name.as_str()) {
+                    names.push(&io.info.name);
+                }
+            }
+        }
+    }
+    open.into_iter()
+        .map(|(symbol, names)| {
+            let more = match names.len() {
+                1 => String::new(),
+                n => format!(" and {} more inputs", n - 1),
+            };
+            format!(
+                "{symbol} stays dynamic (in {}{more}); give it in --fix-shapes for a fully static graph",
+                names[0]
+            )
+        })
+        .collect()
 }
 
 fn declared_dims(info: &ValueInfoProto) -> Vec<Dim> {
