@@ -302,7 +302,26 @@ fn runs_in_fixed_buffers_refuse_dynamic_outputs_and_other_input_sizes() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("input 'sample'"), "{err}");
-    // CUDA graphs are for the CUDA provider only.
+    // CUDA graphs are for the CUDA provider only, in bench and in the sampling loop.
+    let s = root().join("models/controller/sample");
+    let file = |f: &str| s.join(f).display().to_string();
+    let o = attune(&[
+        "sample",
+        "--unet",
+        fixed.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--cond",
+        &file("cond.npy"),
+        "--uncond",
+        &file("uncond.npy"),
+        "--cuda-graph",
+    ]);
+    assert!(
+        stderr(&o).contains("CUDA graphs need the CUDA execution provider"),
+        "{}",
+        stderr(&o)
+    );
     let o = attune(&[
         "bench",
         fixed.to_str().unwrap(),
