@@ -23,23 +23,23 @@ fn perm_of(g: &Graph, n: NodeId) -> Option<Vec<i64>> {
         .flatten()
 }
 
-/// How `n` runs on NHWC data instead of NCHW: the attributes and constant inputs it needs
-/// there, or None when it does not. Its data inputs are all NCHW views of NHWC values (rank
-/// 4, permuted alike), so elementwise ops broadcast the same either way.
-fn on_nhwc(g: &Graph, shapes: &Shapes, p: &mut Patch, n: NodeId) -> Option<Nhwc> {
+/// How `n` runs on NHWC data instead of NCHW, or None when it does not. Its data inputs are
+/// all NCHW views of NHWC values (rank 4, permuted alike), so elementwise ops broadcast the
+/// same either way.
+fn on_nhwc(g: &Graph, shapes: &Shapes, n: NodeId) -> Option<Nhwc> {
     let node = g.node(n);
     match node.op() {
         "Add" | "Sub" | "Mul" | "Div" => Some(Nhwc {
             data: vec![0, 1],
-            inputs: vec![],
             attrs: node.proto.attribute.clone(),
+            scales: None,
         }),
         "Concat" => {
             let axis = node.attr("axis").map_or(0, |a| a.i);
             matches!(axis, 1 | -3).then(|| Nhwc {
                 data: (0..node.inputs.len()).collect(),
-                inputs: vec![],
                 attrs: vec![attr::int("axis", 3)],
+                scales: None,
             })
         }
         "Resize" => {
@@ -54,32 +54,22 @@ fn on_nhwc(g: &Graph, shapes: &Shapes, p: &mut Patch, n: NodeId) -> Option<Nhwc>
             if mode != b"nearest" || computed || axes || values.len() != 4 {
                 return None;
             }
-            let permuted: Vec<u8> = TO_NHWC
-                .iter()
-                .flat_map(|&i| (values[i as usize] as f32).to_le_bytes())
-                .collect();
-            let name = p.constant(
-                &format!("{}/attune_scales_nhwc", node.module),
-                DataType::Float,
-                vec![4],
-                permuted,
-            );
             Some(Nhwc {
                 data: vec![0],
-                inputs: vec![(2, In::New(name))],
                 attrs: node.proto.attribute.clone(),
+                scales: Some(TO_NHWC.iter().map(|&i| values[i as usize] as f32).collect()),
             })
         }
         _ => None,
     }
 }
 
-/// A node's NHWC form: which inputs carry the data (to be read NHWC), the inputs to replace,
-/// and its attributes.
+/// A node's NHWC form: which inputs carry the data (to be read NHWC), its attributes, and
+/// (a Resize) its scales in NHWC order.
 struct Nhwc {
     data: Vec<usize>,
-    inputs: Vec<(usize, In)>,
     attrs: Vec<attune_compiler::onnx::AttributeProto>,
+    scales: Option<Vec<f32>>,
 }
 
 /// Moves NHWC→NCHW Transposes past the ops that compute the same on NHWC data, where every
@@ -106,7 +96,7 @@ pub(super) fn sink_transposes(model: &mut Model) -> Result<usize> {
         if g.is_graph_output(y) {
             continue;
         }
-        let Some(form) = on_nhwc(g, &shapes, &mut p, n) else {
+        let Some(form) = on_nhwc(g, &shapes, n) else {
             continue;
         };
         let data: Option<Vec<In>> = form
@@ -123,13 +113,15 @@ pub(super) fn sink_transposes(model: &mut Model) -> Result<usize> {
         for (&slot, x) in form.data.iter().zip(data) {
             inputs[slot] = x;
         }
-        for (slot, x) in form.inputs {
-            inputs[slot] = x;
+        let module = node.module.clone();
+        if let Some(scales) = form.scales {
+            let bytes = scales.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let name = format!("{module}/attune_scales_nhwc");
+            inputs[2] = In::New(p.constant(&name, DataType::Float, vec![4], bytes));
         }
         while matches!(inputs.last(), Some(In::None)) {
             inputs.pop();
         }
-        let module = node.module.clone();
         let name = format!("{}_nhwc", node.name());
         let out = p.node(
             node.op(),
