@@ -31,6 +31,14 @@ fn combinations(name: &str) -> Vec<Vec<String>> {
         vec!["--lora-mode", "adapter", "--lora-layers", "*attn*"],
         vec!["--precision", "fp16"],
         vec![
+            "--fix-shapes",
+            "sample=2x4x16x16",
+            "--attention",
+            "flash",
+            "--tome",
+            "0.5",
+        ],
+        vec![
             "--precision",
             "fp16",
             "--keep-io-types",
