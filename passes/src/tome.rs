@@ -672,24 +672,30 @@ fn merge_block(
         vec![ints("perm", &[0, 2, 1])],
     );
     let scores = e.op("MatMul", "scores", vec![ma, mbt], vec![]);
-    let k1 = e.i64s("tome_k1", &[1]);
-    let best = e.ops(
-        "TopK",
+    // Each src's best dst: ArgMax (the first of equal maxima, as TopK with k 1 gives), its
+    // score read back. Not TopK: ONNX Runtime's CUDA TopK sorts each row in a block.
+    let best_index = e.op(
+        "ArgMax",
         "best_dst",
-        vec![scores, k1],
-        2,
+        vec![scores.clone()],
+        vec![attr::int("axis", -1), attr::int("keepdims", 1)],
+    );
+    let best_score = e.op(
+        "GatherElements",
+        "best_dst_score",
+        vec![scores, best_index.clone()],
         vec![attr::int("axis", -1)],
     );
     let node_max = e.op(
         "Squeeze",
         "best_score",
-        vec![best[0].clone(), axm1.clone()],
+        vec![best_score, axm1.clone()],
         vec![],
     );
     let node_idx = e.op(
         "Squeeze",
         "best_index",
-        vec![best[1].clone(), axm1.clone()],
+        vec![best_index, axm1.clone()],
         vec![],
     );
     let ranked = e.ops(
