@@ -246,6 +246,25 @@ fn bad_fixed_shapes_are_clear_errors_and_write_nothing() {
         );
         assert!(!out.exists(), "{name} {spec}: wrote an output");
     }
+    // ToMe specialised to another latent size than the fixed one.
+    let o = compile_to(
+        &fixture("sd15_legacy"),
+        &out,
+        &[
+            "--tome",
+            "0.5",
+            "--tome-static",
+            "32x32",
+            "--fix-shapes",
+            FIXED,
+        ],
+    );
+    let err = stderr(&o);
+    assert!(
+        err.contains("attune_dst_score") && err.contains("[1024], [256] do not fit"),
+        "{err}"
+    );
+    assert!(!out.exists());
     // A hook input's default ([1, 77, 77] for one edit) fixes its size too.
     let o = compile_to(
         &fixture("sd15_legacy"),

@@ -1069,7 +1069,30 @@ fn infer_op(
             .shape
             .as_ref()
             .map(|s| shaped(vec![Dim::Known(s.len() as i64), fresh()], false))),
-        "Range" => one(Some(shaped(vec![fresh()], x.float))),
+        "Range" => {
+            // Known start, limit and delta: ⌈(limit - start) / delta⌉ elements.
+            let scalar = |f: &Facts| f.value.as_ref().filter(|v| v.len() == 1)?[0].as_f64();
+            let (start, limit, delta) = (scalar(&x), scalar(&input(1)), scalar(&input(2)));
+            let len = match (start, limit, delta) {
+                (Some(a), Some(b), Some(d)) if d != 0.0 => {
+                    Dim::Known(((b - a) / d).ceil().max(0.0) as i64)
+                }
+                _ => fresh(),
+            };
+            let value = match (start, delta, len.known()) {
+                (Some(a), Some(d), Some(n)) if !x.float && n as usize <= MAX_VALUE_LEN => Some(
+                    (0..n)
+                        .map(|i| Num::I(Dim::Known((a + d * i as f64) as i64)))
+                        .collect(),
+                ),
+                _ => None,
+            };
+            one(Some(Facts {
+                shape: Some(vec![len]),
+                value,
+                float: x.float,
+            }))
+        }
         _ => vec![],
     }
 }
