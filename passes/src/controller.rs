@@ -222,22 +222,14 @@ fn probability_hooks(
     let mut what = Vec::new();
     if capture && cross {
         let opset = model.opset("").unwrap_or(13);
-        let mean = if opset >= 18 {
-            let axes = e.i64s("hooks_heads_axis", &[1]);
-            e.op(
-                "ReduceMean",
-                "heads_mean",
-                vec![probs4.clone(), axes],
-                vec![attr::int("keepdims", 0)],
-            )
-        } else {
-            e.op(
-                "ReduceMean",
-                "heads_mean",
-                vec![probs4.clone()],
-                vec![attr::ints("axes", &[1]), attr::int("keepdims", 0)],
-            )
-        };
+        let mean = e.reduce(
+            "ReduceMean",
+            "heads_mean",
+            probs4.clone(),
+            &[1],
+            false,
+            opset,
+        );
         e.p.graph_output(
             mean,
             &format!("attn.{}", site.path),

@@ -2,7 +2,7 @@
 //! order, names under one prefix; constants made on the way.
 use attune_compiler::ir::NodeId;
 use attune_compiler::onnx::{AttributeProto, DataType};
-use attune_compiler::patch::{In, Patch};
+use attune_compiler::patch::{In, Patch, attr};
 
 pub struct Emitter<'a, 'g> {
     pub p: &'a mut Patch<'g>,
@@ -61,5 +61,24 @@ impl<'a, 'g> Emitter<'a, 'g> {
 
     pub fn f32(&mut self, tag: &str, value: f32) -> In {
         In::New(self.p.f32_scalar(tag, value))
+    }
+
+    /// A reduction over `axes`, which opset 18 moved from an attribute to an input.
+    pub fn reduce(
+        &mut self,
+        op: &str,
+        tag: &str,
+        x: In,
+        axes: &[i64],
+        keepdims: bool,
+        opset: i64,
+    ) -> In {
+        let keep = attr::int("keepdims", keepdims as i64);
+        if opset >= 18 {
+            let axes = self.i64s(&format!("{tag}_axes"), axes);
+            self.op(op, tag, vec![x, axes], vec![keep])
+        } else {
+            self.op(op, tag, vec![x], vec![attr::ints("axes", axes), keep])
+        }
     }
 }

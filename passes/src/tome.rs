@@ -637,21 +637,8 @@ fn merge_block(
     // Similarity of every src to every dst; each src's best dst; src ranked by it.
     // x / ‖x‖ over channels. Not LpNormalization: ONNX Runtime's CUDA EP has no kernel for
     // it, so it would run on the CPU with the activations copied there and back.
-    let norm = if model.opset("").unwrap_or(MIN_OPSET) >= 18 {
-        e.op(
-            "ReduceL2",
-            "metric_norm",
-            vec![x.clone(), axm1.clone()],
-            vec![attr::int("keepdims", 1)],
-        )
-    } else {
-        e.op(
-            "ReduceL2",
-            "metric_norm",
-            vec![x.clone()],
-            vec![attr::ints("axes", &[-1]), attr::int("keepdims", 1)],
-        )
-    };
+    let opset = model.opset("").unwrap_or(MIN_OPSET);
+    let norm = e.reduce("ReduceL2", "metric_norm", x.clone(), &[-1], true, opset);
     let metric = e.op("Div", "metric", vec![x.clone(), norm], vec![]);
     let ma = e.op(
         "Gather",
