@@ -88,9 +88,11 @@ impl Pass for FixShapes {
     }
 }
 
-/// A note per dim symbol the inputs still have, naming where.
+/// Notes on the dim symbols the inputs still have: one per symbol of a required input, one
+/// for all those only inputs with defaults have (a LoRA adapter's ranks, a hook's edits).
 fn still_dynamic(g: &Graph) -> Vec<String> {
     let mut open: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    let mut required: HashSet<String> = HashSet::new();
     for io in &g.inputs {
         for d in declared_dims(&io.info) {
             for (symbol, _) in d.symbols() {
@@ -98,21 +100,42 @@ fn still_dynamic(g: &Graph) -> Vec<String> {
                 if !names.contains(&io.info.name.as_str()) {
                     names.push(&io.info.name);
                 }
+                if g.initializer(io.value).is_none() {
+                    required.insert(symbol.to_string());
+                }
             }
         }
     }
-    open.into_iter()
+    let hint = "give it in --fix-shapes for a fully static graph";
+    let mut notes: Vec<String> = open
+        .iter()
+        .filter(|(symbol, _)| required.contains(*symbol))
         .map(|(symbol, names)| {
             let more = match names.len() {
                 1 => String::new(),
                 n => format!(" and {} more inputs", n - 1),
             };
-            format!(
-                "{symbol} stays dynamic (in {}{more}); give it in --fix-shapes for a fully static graph",
-                names[0]
-            )
+            format!("{symbol} stays dynamic (in {}{more}); {hint}", names[0])
         })
-        .collect()
+        .collect();
+    let optional: Vec<(&String, &Vec<&str>)> = open
+        .iter()
+        .filter(|(symbol, _)| !required.contains(*symbol))
+        .collect();
+    if let Some((symbol, names)) = optional.first() {
+        let (more, hint) = match optional.len() {
+            1 => (String::new(), hint.to_string()),
+            n => (
+                format!(" and {} more", n - 1),
+                hint.replace(" it ", " them "),
+            ),
+        };
+        notes.push(format!(
+            "sizes of inputs with defaults stay dynamic: {symbol} (in {}){more}; {hint}",
+            names[0]
+        ));
+    }
+    notes
 }
 
 fn declared_dims(info: &ValueInfoProto) -> Vec<Dim> {
