@@ -68,17 +68,7 @@ impl Shapes {
                 continue;
             }
             let t = io.info.r#type.as_ref().and_then(onnx::tensor_type);
-            let shape = t.and_then(|t| t.shape.as_ref()).map(|sh| {
-                sh.dim
-                    .iter()
-                    .enumerate()
-                    .map(|(i, d)| match &d.value {
-                        Some(DimValue::DimValue(v)) => Dim::Known(*v),
-                        Some(DimValue::DimParam(p)) if !p.is_empty() => Dim::parse(p),
-                        _ => Dim::symbol(&format!("{}_{i}", g.value(io.value).name)),
-                    })
-                    .collect()
-            });
+            let shape = declared_dims(&io.info);
             let float = t.is_some_and(|t| onnx::is_float(t.elem_type));
             s.facts.insert(
                 io.value,
@@ -165,6 +155,24 @@ impl Shapes {
             self.facts.insert(*v, facts);
         }
     }
+}
+
+/// The dims an input declares: sizes, dim expressions, and a symbol of its own (`name_i`) for
+/// a dim it leaves unnamed; None without a declared shape.
+pub fn declared_dims(info: &onnx::ValueInfoProto) -> Option<Vec<Dim>> {
+    let shape = onnx::tensor_type(info.r#type.as_ref()?)?.shape.as_ref()?;
+    Some(
+        shape
+            .dim
+            .iter()
+            .enumerate()
+            .map(|(i, d)| match &d.value {
+                Some(DimValue::DimValue(v)) => Dim::Known(*v),
+                Some(DimValue::DimParam(p)) if !p.is_empty() => Dim::parse(p),
+                _ => Dim::symbol(&format!("{}_{i}", info.name)),
+            })
+            .collect(),
+    )
 }
 
 fn declared_shape(g: &Graph, v: ValueId) -> Option<Vec<Dim>> {

@@ -5,7 +5,7 @@
 //! CUDA graph capture (`attune bench --cuda-graph`) needs.
 use std::collections::{BTreeMap, HashSet};
 
-use attune_compiler::analysis::{Dim, ElemTypes, Num, Shapes};
+use attune_compiler::analysis::{Dim, ElemTypes, Num, Shapes, shapes};
 use attune_compiler::error::{Error, Result};
 use attune_compiler::ir::{Graph, Model, NodeId, ValueId};
 use attune_compiler::onnx::{self, DataType, ValueInfoProto, tensor_shape_proto::dimension};
@@ -139,22 +139,7 @@ fn still_dynamic(g: &Graph) -> Vec<String> {
 }
 
 fn declared_dims(info: &ValueInfoProto) -> Vec<Dim> {
-    let shape = info
-        .r#type
-        .as_ref()
-        .and_then(onnx::tensor_type)
-        .and_then(|t| t.shape.as_ref());
-    shape.map_or_else(Vec::new, |s| {
-        s.dim
-            .iter()
-            .enumerate()
-            .map(|(i, d)| match &d.value {
-                Some(dimension::Value::DimValue(v)) => Dim::Known(*v),
-                Some(dimension::Value::DimParam(p)) if !p.is_empty() => Dim::parse(p),
-                _ => Dim::symbol(&format!("{}_{i}", info.name)),
-            })
-            .collect()
-    })
+    shapes::declared_dims(info).unwrap_or_default()
 }
 
 /// The size of every dim symbol the specs decide.
