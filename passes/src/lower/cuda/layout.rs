@@ -152,7 +152,6 @@ pub(super) fn sink_transposes(model: &mut Model) -> Result<usize> {
 
 /// Removes Transposes that undo the Transpose they read; returns how many.
 pub(super) fn cancel_transposes(model: &mut Model) -> Result<usize> {
-    let perm = |g: &Graph, n: NodeId| g.node(n).attr("perm").map(|a| a.ints.clone());
     let mut cancelled = 0;
     for n in model.graph.topo_order()? {
         let g = &model.graph;
@@ -165,7 +164,8 @@ pub(super) fn cancel_transposes(model: &mut Model) -> Result<usize> {
         let Some(first) = producer(g, x).filter(|f| g.node(*f).is("Transpose")) else {
             continue;
         };
-        let (Some(p1), Some(p2), Some(src)) = (perm(g, first), perm(g, n), input(g, first, 0))
+        let (Some(p1), Some(p2), Some(src)) =
+            (perm_of(g, first), perm_of(g, n), input(g, first, 0))
         else {
             continue;
         };
