@@ -261,7 +261,7 @@ fn bad_fixed_shapes_are_clear_errors_and_write_nothing() {
     );
     let err = stderr(&o);
     assert!(
-        err.contains("attune_dst_score") && err.contains("[1024], [256] do not fit"),
+        err.contains("attune_src_before") && err.contains("[256], [1024] do not fit"),
         "{err}"
     );
     assert!(!out.exists());

@@ -567,9 +567,10 @@ fn merge_block(
     let grid_mask = e.op("And", "dst_grid", vec![inside, chosen_slot], vec![]);
     let flat = e.i64s("tome_flat", &[-1]);
     let mask = e.op("Reshape", "dst_mask", vec![grid_mask, flat.clone()], vec![]);
-    // The positions of the mask's true (dst) and false (src) tokens, ascending, as the top
-    // `count` of `mask·2N + (N − i)`: no NonZero, whose data-dependent size would make a CUDA
-    // run wait for the GPU before every merge.
+    // The dst tokens, then the src tokens, each ascending: a stable partition by the mask,
+    // each token's place counted with CumSum and the tokens scattered there. Neither NonZero
+    // (its data-dependent size makes a CUDA run wait for the GPU) nor a sort (ONNX Runtime's
+    // CUDA TopK runs each row in one thread block).
     let nd1 = e.op("Reshape", "dst_count_1d", vec![n_dst, flat.clone()], vec![]);
     let ns1 = e.op("Sub", "src_count", vec![n1.clone(), nd1.clone()], vec![]);
     let n = e.op("Squeeze", "N_scalar", vec![n1.clone()], vec![]);
@@ -579,44 +580,46 @@ fn merge_block(
         vec![zero.clone(), n.clone(), one.clone()],
         vec![],
     );
-    let earlier_first = e.op("Sub", "token_rank", vec![n.clone(), token], vec![]);
-    let two = e.i64("tome_two", 2);
-    let weight = e.op("Mul", "mask_weight", vec![n, two], vec![]);
-    let positions = |e: &mut Emitter, m: In, count: In, tag: &str| {
-        let m = e.op(
-            "Cast",
-            &format!("{tag}_mask_int"),
-            vec![m],
-            vec![attr::int("to", DataType::Int64 as i64)],
-        );
-        let m = e.op(
-            "Mul",
-            &format!("{tag}_weighted"),
-            vec![m, weight.clone()],
-            vec![],
-        );
-        let score = e.op(
-            "Add",
-            &format!("{tag}_score"),
-            vec![m, earlier_first.clone()],
-            vec![],
-        );
-        let top = e.ops(
-            "TopK",
-            &format!("{tag}_index"),
-            vec![score, count],
-            2,
-            vec![
-                attr::int("axis", -1),
-                attr::int("largest", 1),
-                attr::int("sorted", 1),
-            ],
-        );
-        top[1].clone()
-    };
-    let dst = positions(&mut e, mask.clone(), nd1.clone(), "dst");
-    let not = e.op("Not", "src_mask", vec![mask], vec![]);
-    let src = positions(&mut e, not, ns1.clone(), "src");
+    let mask_int = e.op(
+        "Cast",
+        "dst_mask_int",
+        vec![mask.clone()],
+        vec![attr::int("to", DataType::Int64 as i64)],
+    );
+    let dst_upto = e.op("CumSum", "dst_upto", vec![mask_int, zero.clone()], vec![]);
+    let dst_rank = e.op(
+        "Sub",
+        "dst_rank",
+        vec![dst_upto.clone(), one.clone()],
+        vec![],
+    );
+    let src_before = e.op("Sub", "src_before", vec![token.clone(), dst_upto], vec![]);
+    let src_rank = e.op("Add", "src_rank", vec![src_before, nd1.clone()], vec![]);
+    let rank = e.op(
+        "Where",
+        "partition_rank",
+        vec![mask, dst_rank, src_rank],
+        vec![],
+    );
+    let order = e.op(
+        "ScatterElements",
+        "partition",
+        vec![token.clone(), rank, token],
+        vec![attr::int("axis", 0)],
+    );
+    let (start, end) = (e.i64s("tome_start", &[0]), e.i64s("tome_end", &[i64::MAX]));
+    let dst = e.op(
+        "Slice",
+        "dst_index",
+        vec![order.clone(), start.clone(), nd1.clone()],
+        vec![],
+    );
+    let src = e.op(
+        "Slice",
+        "src_index",
+        vec![order, nd1.clone(), end.clone()],
+        vec![],
+    );
     // r = min(⌊N·ratio⌋, #src)
     let nf = e.op(
         "Cast",
@@ -697,18 +700,16 @@ fn merge_block(
         ],
     );
     let order = ranked[1].clone();
-    let max = e.i64s("tome_end", &[i64::MAX]);
-    let zero1 = e.i64s("tome_start", &[0]);
     let merged_src = e.op(
         "Slice",
         "merged_src",
-        vec![order.clone(), zero1, r1.clone(), ax1.clone()],
+        vec![order.clone(), start, r1.clone(), ax1.clone()],
         vec![],
     );
     let kept_src = e.op(
         "Slice",
         "kept_src",
-        vec![order, r1.clone(), max, ax1.clone()],
+        vec![order, r1.clone(), end, ax1.clone()],
         vec![],
     );
     let kept_pos = e.op(

@@ -474,6 +474,7 @@ fn infer_op(
         | "HardSigmoid"
         | "Clip"
         | "Not"
+        | "CumSum"
         | "Neg"
         | "Sqrt"
         | "Reciprocal" => {
