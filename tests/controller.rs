@@ -52,7 +52,8 @@ fn every_control_matches_the_pytorch_processors_and_defaults_change_nothing() {
         &fixture("sd15_legacy"),
         &["--hooks", "capture,p2p,masactrl"],
     );
-    assert!(report.contains("hooks: 21 rewritten"), "{report}"); // 14 probability sites + 7 masactrl gates
+    // 7 cross sites (capture, p2p) + 7 self-attention modules (p2p self_gate, masactrl gate).
+    assert!(report.contains("hooks: 14 rewritten"), "{report}");
     for case in CASES {
         let outs = run(&hooked, Some(&ctl(&format!("{case}.safetensors"))));
         let want = npy::read(&ctl(&format!("{case}.npy"))).unwrap();
@@ -82,9 +83,27 @@ fn every_control_matches_the_pytorch_processors_and_defaults_change_nothing() {
 }
 
 #[test]
-fn masactrl_works_on_fused_sites_and_layer_selection_keeps_others_fusable() {
+fn self_controls_work_on_fused_sites_and_layer_selection_keeps_others_fusable() {
     let dir = tempfile::tempdir().unwrap();
+    // P2P's self-replace and MasaCtrl act on the projections: self-attention fuses, the
+    // cross-attention sites whose maps P2P and capture read stay unfused and say why.
     let (fused, report) = compile_into(
+        dir.path(),
+        &fixture("sd15_legacy"),
+        &["--hooks", "capture,p2p,masactrl", "--attention", "flash"],
+    );
+    assert!(
+        report.contains("attention: 7 rewritten, 7 skipped")
+            && report.contains("hooks: 14 rewritten"),
+        "{report}"
+    );
+    for case in CASES {
+        let outs = run(&fused, Some(&ctl(&format!("{case}.safetensors"))));
+        let want = npy::read(&ctl(&format!("{case}.npy"))).unwrap();
+        let c = compare("out_sample", &want, output(&outs, "out_sample")).unwrap();
+        assert!(c.rel_l2 <= 1e-4, "{case}: {c:?}");
+    }
+    let (masa, report) = compile_into(
         dir.path(),
         &fixture("sd15_legacy"),
         &["--hooks", "masactrl", "--attention", "flash"],
@@ -93,7 +112,7 @@ fn masactrl_works_on_fused_sites_and_layer_selection_keeps_others_fusable() {
         report.contains("attention: 14 rewritten") && report.contains("hooks: 7 rewritten"),
         "{report}"
     );
-    let outs = run(&fused, Some(&ctl("masactrl.safetensors")));
+    let outs = run(&masa, Some(&ctl("masactrl.safetensors")));
     let c = compare(
         "out_sample",
         &npy::read(&ctl("masactrl.npy")).unwrap(),
@@ -101,7 +120,7 @@ fn masactrl_works_on_fused_sites_and_layer_selection_keeps_others_fusable() {
     )
     .unwrap();
     assert!(c.rel_l2 <= 1e-4, "{c:?}");
-    // Only cross-attention hooked: self-attention is fused, cross stays unfused and says why.
+    // Only cross-attention hooked: no self control, cross stays unfused and says why.
     let (out, report) = compile_into(
         dir.path(),
         &fixture("sd15_legacy"),
@@ -115,12 +134,13 @@ fn masactrl_works_on_fused_sites_and_layer_selection_keeps_others_fusable() {
         ],
     );
     assert!(
-        report.contains("attention: 7 rewritten, 7 skipped"),
+        report.contains("attention: 7 rewritten, 7 skipped")
+            && report.contains("hooks: 7 rewritten"),
         "{report}"
     );
     assert!(
         report.contains(
-            "attn2: hooked by --hooks (capture/p2p read the attention probabilities): kept unfused"
+            "attn2: hooked by --hooks (capture/p2p read the cross-attention probabilities): kept unfused"
         ),
         "{report}"
     );

@@ -6,15 +6,17 @@
 //!   edit per text token), `.mapper` [P-1, T, T] (replace: a word map; refine: one-hot) and
 //!   `.equalizer` [P-1 or 1, T] (reweight); edited maps = alpha·((source ⊗ mapper)·equalizer)
 //!   + (1-alpha)·own. Self sites take `p2p.<path>.self_gate` (scalar): edited self maps become
-//!   the source's where gate = 1 and the site has at most 16·16 query tokens;
+//!   the source's where gate = 1 and the site has at most 16·16 query tokens (the edits take
+//!   the source's queries and keys);
 //! - `masactrl`: self sites take `masactrl.<path>.gate` (scalar): where 1, every image of a
 //!   half attends to the keys/values of the first image of that half (MasaCtrl).
 //! Every input defaults to "no control" (alpha 0, identity mapper, equalizer 1, gates 0):
-//! a graph fed nothing computes exactly what the original does. Capture and P2P need the
-//! probabilities, so their sites must stay unfused; MasaCtrl works on fused sites too.
+//! a graph fed nothing computes exactly what the original does. Capture and P2P read the
+//! cross-attention probabilities, so those sites must stay unfused; the self-attention
+//! controls act on the projections, so self sites fuse.
 use attune_compiler::analysis::attention::{self, AttentionSite, Kind};
 use attune_compiler::analysis::{ElemTypes, Shapes};
-use attune_compiler::ir::{Model, NodeId, Use, ValueId};
+use attune_compiler::ir::{Graph, Model, NodeId, Use, ValueId};
 use attune_compiler::onnx::{self, DataType, tensor_shape_proto};
 use attune_compiler::pass::{Pass, PassCx, PassReport, Skipped};
 use attune_compiler::patch::{In, Patch, attr};
@@ -29,13 +31,6 @@ pub enum Hook {
     Capture,
     P2p,
     MasaCtrl,
-}
-
-impl Hook {
-    /// Does it need the attention probabilities (an unfused site)?
-    pub fn needs_probabilities(self) -> bool {
-        matches!(self, Hook::Capture | Hook::P2p)
-    }
 }
 
 pub struct ControllerPass {
@@ -107,8 +102,16 @@ impl Pass for ControllerPass {
                 }
             }
         }
-        if wants(Hook::MasaCtrl) {
-            // Self-attention modules of the transformer blocks, fused or not.
+        // Self-attention modules of the transformer blocks, fused or not.
+        let controls: Vec<SelfControl> = [
+            (Hook::P2p, SelfControl::P2pSelf),
+            (Hook::MasaCtrl, SelfControl::MasaCtrl),
+        ]
+        .into_iter()
+        .filter(|(h, _)| wants(*h))
+        .map(|(_, c)| c)
+        .collect();
+        if !controls.is_empty() {
             let modules: Vec<String> = found
                 .blocks
                 .iter()
@@ -116,18 +119,24 @@ impl Pass for ControllerPass {
                 .filter(|p| selected(p))
                 .collect();
             for path in modules {
-                let mut patch = Patch::new(model);
-                match masactrl(&mut patch, model, &types, &path) {
-                    Ok(()) => {
-                        patch.into_parts().apply(model)?;
-                        report
-                            .rewritten
-                            .push(format!("{path} (self): masactrl gate"));
+                let mut what = Vec::new();
+                for &control in &controls {
+                    let mut patch = Patch::new(model);
+                    match self_control(&mut patch, model, &types, &path, control) {
+                        Ok(()) => {
+                            patch.into_parts().apply(model)?;
+                            what.push(control.report());
+                        }
+                        Err(why) => report.skipped.push(Skipped {
+                            site: path.clone(),
+                            reason: why,
+                        }),
                     }
-                    Err(why) => report.skipped.push(Skipped {
-                        site: path,
-                        reason: why,
-                    }),
+                }
+                if !what.is_empty() {
+                    report
+                        .rewritten
+                        .push(format!("{path} (self): {}", what.join(", ")));
                 }
             }
         }
@@ -195,9 +204,8 @@ fn probability_hooks(
 ) -> std::result::Result<Vec<&'static str>, String> {
     let g = &model.graph;
     let dtype = float_type(types, &[site.probs, site.q.output]);
-    let cross = site.kind == Kind::Cross;
-    if !cross && !p2p {
-        return Ok(Vec::new()); // capture is for cross-attention maps
+    if site.kind != Kind::Cross {
+        return Ok(Vec::new()); // self sites are controlled through their projections
     }
     let after = Some(site.softmax);
     let mut e = Emitter::new(p, &site.path, after);
@@ -220,7 +228,7 @@ fn probability_hooks(
         probs.clone()
     };
     let mut what = Vec::new();
-    if capture && cross {
+    if capture {
         let opset = model.opset("").unwrap_or(13);
         let mean = e.reduce(
             "ReduceMean",
@@ -278,81 +286,48 @@ fn probability_hooks(
     );
     let one = In::New(e.p.f32_scalar("hooks_one_f", 1.0));
     let one = typed(&mut e, one, dtype, "one_cast");
-    let (blend, new_edits) = if cross {
-        let w = words;
-        let alpha = input(
-            e.p,
-            &input_name("p2p", &site.path, "alpha"),
-            &[None, Some(w)],
-            vec![1, w],
-            vec![0.0; w as usize],
-        );
-        let eye: Vec<f32> = (0..w * w)
-            .map(|i| if i / w == i % w { 1.0 } else { 0.0 })
-            .collect();
-        let mapper = input(
-            e.p,
-            &input_name("p2p", &site.path, "mapper"),
-            &[None, Some(w), Some(w)],
-            vec![1, w, w],
-            eye,
-        );
-        let equalizer = input(
-            e.p,
-            &input_name("p2p", &site.path, "equalizer"),
-            &[None, Some(w)],
-            vec![1, w],
-            vec![1.0; w as usize],
-        );
-        let (alpha, mapper, equalizer) = (
-            typed(&mut e, alpha, dtype, "alpha_cast"),
-            typed(&mut e, mapper, dtype, "mapper_cast"),
-            typed(&mut e, equalizer, dtype, "equalizer_cast"),
-        );
-        let (ax1, ax12) = (e.i64s("hooks_axis1", &[1]), e.i64s("hooks_axes12", &[1, 2]));
-        let mapper4 = e.op("Unsqueeze", "mapper4", vec![mapper, ax1], vec![]);
-        let mapped = e.op("MatMul", "mapped", vec![source.clone(), mapper4], vec![]);
-        let eq4 = e.op(
-            "Unsqueeze",
-            "equalizer4",
-            vec![equalizer, ax12.clone()],
-            vec![],
-        );
-        let weighted = e.op("Mul", "reweighted", vec![mapped, eq4], vec![]);
-        (
-            e.op("Unsqueeze", "alpha4", vec![alpha, ax12], vec![]),
-            weighted,
-        )
-    } else {
-        let gate = input(
-            e.p,
-            &input_name("p2p", &site.path, "self_gate"),
-            &[],
-            vec![],
-            vec![0.0],
-        );
-        let gate = typed(&mut e, gate, dtype, "gate_cast");
-        // Only maps with at most 16x16 query tokens are replaced.
-        let (q_start, q_end) = (e.i64s("hooks_q_start", &[2]), e.i64s("hooks_q_end", &[3]));
-        let nq = e.op(
-            "Slice",
-            "query_tokens",
-            vec![shape4, q_start, q_end],
-            vec![],
-        );
-        let limit = e.i64s("hooks_self_limit", &[SELF_REPLACE_MAX_TOKENS + 1]);
-        let small = e.op("Less", "small_enough", vec![nq, limit], vec![]);
-        let small = e.op(
-            "Cast",
-            "small_enough_f",
-            vec![small],
-            vec![attr::int("to", dtype as i64)],
-        );
-        (
-            e.op("Mul", "self_gate_effective", vec![gate, small], vec![]),
-            source.clone(),
-        )
-    };
+    // Edited maps = alpha·((source ⊗ mapper)·equalizer) + (1-alpha)·own.
+    let w = words;
+    let alpha = input(
+        e.p,
+        &input_name("p2p", &site.path, "alpha"),
+        &[None, Some(w)],
+        vec![1, w],
+        vec![0.0; w as usize],
+    );
+    let eye: Vec<f32> = (0..w * w)
+        .map(|i| if i / w == i % w { 1.0 } else { 0.0 })
+        .collect();
+    let mapper = input(
+        e.p,
+        &input_name("p2p", &site.path, "mapper"),
+        &[None, Some(w), Some(w)],
+        vec![1, w, w],
+        eye,
+    );
+    let equalizer = input(
+        e.p,
+        &input_name("p2p", &site.path, "equalizer"),
+        &[None, Some(w)],
+        vec![1, w],
+        vec![1.0; w as usize],
+    );
+    let (alpha, mapper, equalizer) = (
+        typed(&mut e, alpha, dtype, "alpha_cast"),
+        typed(&mut e, mapper, dtype, "mapper_cast"),
+        typed(&mut e, equalizer, dtype, "equalizer_cast"),
+    );
+    let (ax1, ax12) = (e.i64s("hooks_axis1", &[1]), e.i64s("hooks_axes12", &[1, 2]));
+    let mapper4 = e.op("Unsqueeze", "mapper4", vec![mapper, ax1], vec![]);
+    let mapped = e.op("MatMul", "mapped", vec![source.clone(), mapper4], vec![]);
+    let eq4 = e.op(
+        "Unsqueeze",
+        "equalizer4",
+        vec![equalizer, ax12.clone()],
+        vec![],
+    );
+    let new_edits = e.op("Mul", "reweighted", vec![mapped, eq4], vec![]);
+    let blend = e.op("Unsqueeze", "alpha4", vec![alpha, ax12], vec![]);
     let keep = e.op("Sub", "keep_own", vec![one, blend.clone()], vec![]);
     let taken = e.op("Mul", "taken", vec![new_edits, blend], vec![]);
     let own = e.op("Mul", "own", vec![edits, keep], vec![]);
@@ -379,100 +354,177 @@ fn probability_hooks(
         unreachable!("ops make new values")
     };
     e.p.rewire_inputs(vec![(site.probs_matmul, slot)], name);
-    what.push(if cross {
-        "p2p alpha/mapper/equalizer"
-    } else {
-        "p2p self_gate"
-    });
+    what.push("p2p alpha/mapper/equalizer");
     Ok(what)
 }
 
-/// MasaCtrl: gate·K[src] + (1-gate)·K for the site's key and value projections.
-fn masactrl(
+/// A self-attention control: which projections of the module take which batch rows.
+#[derive(Clone, Copy)]
+enum SelfControl {
+    /// P2P self-replace: the edits' queries and keys become the source's, so their maps
+    /// (softmax(Q·Kᵀ)) are the source's while the values stay their own.
+    P2pSelf,
+    /// MasaCtrl: every image of a half takes the keys and values of the half's first image.
+    MasaCtrl,
+}
+
+impl SelfControl {
+    fn input(self, path: &str) -> String {
+        match self {
+            SelfControl::P2pSelf => input_name("p2p", path, "self_gate"),
+            SelfControl::MasaCtrl => input_name("masactrl", path, "gate"),
+        }
+    }
+    fn leaves(self) -> [&'static str; 2] {
+        match self {
+            SelfControl::P2pSelf => ["to_q", "to_k"],
+            SelfControl::MasaCtrl => ["to_k", "to_v"],
+        }
+    }
+    fn tag(self) -> &'static str {
+        match self {
+            SelfControl::P2pSelf => "p2p_self",
+            SelfControl::MasaCtrl => "masactrl",
+        }
+    }
+    fn report(self) -> &'static str {
+        match self {
+            SelfControl::P2pSelf => "p2p self_gate",
+            SelfControl::MasaCtrl => "masactrl gate",
+        }
+    }
+}
+
+/// The output of the projection module `module`: its last node in graph order (the MatMul,
+/// or its bias Add).
+fn projection(g: &Graph, order: &[NodeId], module: &str) -> Option<ValueId> {
+    let last = order.iter().rev().find(|n| g.node(**n).module == module)?;
+    g.node(*last).outputs.first().copied().flatten()
+}
+
+/// `x ← gate·x[source] + (1-gate)·x` for the control's two projections of the self-attention
+/// module `path` (exact at gates 0 and 1), with every reader of a projection (the head split,
+/// shape arithmetic, a fused attention op) reading the mix. Acting on the projections, not on
+/// the probabilities, it works on fused sites and costs [batch, tokens, channels] tensors.
+fn self_control(
     p: &mut Patch,
     model: &Model,
     types: &ElemTypes,
     path: &str,
+    control: SelfControl,
 ) -> std::result::Result<(), String> {
     let g = &model.graph;
-    let projection = |leaf: &str| -> Option<ValueId> {
-        let module = format!("{path}.{leaf}");
-        // The projection's output: the last node of the module in graph order (MatMul, or its bias Add).
-        let nodes: Vec<NodeId> = g
-            .topo_order()
-            .ok()?
-            .into_iter()
-            .filter(|n| g.node(*n).module == module)
-            .collect();
-        let last = *nodes.last()?;
-        g.node(last).outputs.first().copied().flatten()
-    };
-    let (k, v) = (
-        projection("to_k").ok_or(format!("no {path}.to_k projection"))?,
-        projection("to_v").ok_or(format!("no {path}.to_v projection"))?,
-    );
-    let dtype = float_type(types, &[k]);
-    let producer = g.value(k).producer.map(|(n, _)| n);
-    let mut e = Emitter::new(p, path, producer);
-    let gate = input(
-        e.p,
-        &input_name("masactrl", path, "gate"),
-        &[],
+    let order = g.topo_order().map_err(|e| e.to_string())?;
+    let [a, b] = control.leaves().map(|leaf| {
+        projection(g, &order, &format!("{path}.{leaf}"))
+            .ok_or(format!("no {path}.{leaf} projection"))
+    });
+    let xs = [a?, b?];
+    let dtype = float_type(types, &xs);
+    // Emitted after the later projection.
+    let after = xs
+        .iter()
+        .filter_map(|v| g.value(*v).producer.map(|(n, _)| n))
+        .max_by_key(|n| order.iter().position(|o| o == n));
+    let tag = control.tag();
+    let mut e = Emitter::new(p, path, after);
+    let gate = input(e.p, &control.input(path), &[], vec![], vec![0.0]);
+    let mut gate = typed(&mut e, gate, dtype, &format!("{tag}_gate_cast"));
+    let shape = e.op(
+        "Shape",
+        &format!("{tag}_shape"),
+        vec![In::Value(xs[0])],
         vec![],
-        vec![0.0],
     );
-    let gate = typed(&mut e, gate, dtype, "masactrl_gate_cast");
-    let one = In::New(e.p.f32_scalar("masactrl_one", 1.0));
-    let one = typed(&mut e, one, dtype, "masactrl_one_cast");
-    let keep = e.op("Sub", "masactrl_keep", vec![one, gate.clone()], vec![]);
-    // Source index of every batch row: 0 for the first half, half for the second.
-    let shape = e.op("Shape", "masactrl_batch_shape", vec![In::Value(k)], vec![]);
     let (z1, one1, two) = (
-        e.i64s("masactrl_zero", &[0]),
-        e.i64s("masactrl_one_i", &[1]),
-        e.i64s("masactrl_two", &[2]),
+        e.i64s(&format!("{tag}_zero"), &[0]),
+        e.i64s(&format!("{tag}_one_i"), &[1]),
+        e.i64s(&format!("{tag}_two"), &[2]),
     );
-    let batch = e.op("Slice", "masactrl_batch", vec![shape, z1, one1], vec![]);
-    let half = e.op("Div", "masactrl_half", vec![batch, two], vec![]);
-    let zeros = e.op(
-        "ConstantOfShape",
-        "masactrl_first_half",
-        vec![half.clone()],
-        vec![int64_fill(0)],
-    );
-    let seconds = e.op(
-        "Add",
-        "masactrl_second_half",
-        vec![zeros.clone(), half],
+    let batch = e.op(
+        "Slice",
+        &format!("{tag}_batch"),
+        vec![shape.clone(), z1.clone(), one1.clone()],
         vec![],
     );
-    let src = e.op(
-        "Concat",
-        "masactrl_source_index",
-        vec![zeros, seconds],
-        vec![attr::int("axis", 0)],
+    let half = e.op(
+        "Div",
+        &format!("{tag}_half"),
+        vec![batch.clone(), two.clone()],
+        vec![],
     );
-    for (x, tag) in [(k, "key"), (v, "value")] {
+    // The batch row each row takes its projections from.
+    let source = match control {
+        SelfControl::MasaCtrl => {
+            // 0 for the first half, `half` for the second.
+            let zeros = e.op(
+                "ConstantOfShape",
+                "masactrl_first_half",
+                vec![half.clone()],
+                vec![int64_fill(0)],
+            );
+            let seconds = e.op(
+                "Add",
+                "masactrl_second_half",
+                vec![zeros.clone(), half],
+                vec![],
+            );
+            e.op(
+                "Concat",
+                "masactrl_source_index",
+                vec![zeros, seconds],
+                vec![attr::int("axis", 0)],
+            )
+        }
+        SelfControl::P2pSelf => {
+            // [uncond × P, source, edits × (P-1)]: min(row, P), so the edits read row P.
+            let rows = e.op("Squeeze", "p2p_self_rows", vec![batch, z1.clone()], vec![]);
+            let zero = e.i64("p2p_self_zero_s", 0);
+            let one = e.i64("p2p_self_one_s", 1);
+            let row = e.op("Range", "p2p_self_row", vec![zero, rows, one], vec![]);
+            let source = e.op("Min", "p2p_self_source_index", vec![row, half], vec![]);
+            // P2P replaces self maps only at sites with at most 16x16 query tokens.
+            let tokens = e.op("Slice", "p2p_self_tokens", vec![shape, one1, two], vec![]);
+            let limit = e.i64s("hooks_self_limit", &[SELF_REPLACE_MAX_TOKENS + 1]);
+            let small = e.op("Less", "small_enough", vec![tokens, limit], vec![]);
+            let small = e.op(
+                "Cast",
+                "small_enough_f",
+                vec![small],
+                vec![attr::int("to", dtype as i64)],
+            );
+            gate = e.op("Mul", "self_gate_effective", vec![gate, small], vec![]);
+            source
+        }
+    };
+    let one = In::New(e.p.f32_scalar(&format!("{tag}_one"), 1.0));
+    let one = typed(&mut e, one, dtype, &format!("{tag}_one_cast"));
+    let keep = e.op(
+        "Sub",
+        &format!("{tag}_keep"),
+        vec![one, gate.clone()],
+        vec![],
+    );
+    for (x, leaf) in xs.into_iter().zip(control.leaves()) {
         let from_source = e.op(
             "Gather",
-            &format!("masactrl_{tag}_source"),
-            vec![In::Value(x), src.clone()],
+            &format!("{tag}_{leaf}_source"),
+            vec![In::Value(x), source.clone()],
             vec![attr::int("axis", 0)],
         );
-        let a = e.op(
+        let taken = e.op(
             "Mul",
-            &format!("masactrl_{tag}_taken"),
+            &format!("{tag}_{leaf}_taken"),
             vec![from_source, gate.clone()],
             vec![],
         );
-        let b = e.op(
+        let own = e.op(
             "Mul",
-            &format!("masactrl_{tag}_own"),
+            &format!("{tag}_{leaf}_own"),
             vec![In::Value(x), keep.clone()],
             vec![],
         );
-        let mixed = e.op("Add", &format!("masactrl_{tag}"), vec![a, b], vec![]);
-        // Readers inside the attention (the head split, shape arithmetic, a fused op) read the mix.
+        let mixed = e.op("Add", &format!("{tag}_{leaf}"), vec![taken, own], vec![]);
         let readers: Vec<(NodeId, usize)> = g
             .value(x)
             .consumers

@@ -8,7 +8,7 @@ pub(crate) use opset::upgrade_default as upgrade_default_opset;
 
 use attune_compiler::Result;
 use attune_compiler::analysis::Shapes;
-use attune_compiler::analysis::attention::{self, AttentionSite};
+use attune_compiler::analysis::attention::{self, AttentionSite, Kind};
 use attune_compiler::ir::{Model, NodeId, ValueId};
 use attune_compiler::onnx::{self, DataType};
 use attune_compiler::pass::{Pass, PassCx, PassReport, Skipped};
@@ -49,7 +49,8 @@ pub struct AttentionPass {
     pub target: Target,
     /// Only sites whose module path matches (all when `None`).
     pub layers: Option<Globs>,
-    /// Sites that must stay unfused (they carry hooks reading the probabilities).
+    /// Cross-attention sites that must stay unfused (hooks read their probabilities; self
+    /// sites are controlled through their projections and fuse).
     pub keep_unfused: Option<Globs>,
 }
 
@@ -159,10 +160,11 @@ impl AttentionPass {
             .keep_unfused
             .as_ref()
             .is_some_and(|g| g.matches(&site.path))
+            && site.kind == Kind::Cross
             && matches!(self.mode, Mode::Flash | Mode::Onnx)
         {
             return Err(
-                "hooked by --hooks (capture/p2p read the attention probabilities): kept unfused"
+                "hooked by --hooks (capture/p2p read the cross-attention probabilities): kept unfused"
                     .into(),
             );
         }
