@@ -78,6 +78,9 @@ stamp "attune cuda flash gn+conv fp16" $ATTUNE compile "$MODEL" -o "$W/gnconv/un
 stamp "attune cuda onnx-attention fp16" $ATTUNE compile "$MODEL" -o "$W/onnx/unet.onnx" --target cuda $FP16 --attention onnx
 stamp "attune cuda flash nosink fp16" $ATTUNE compile "$MODEL" -o "$W/nosink/unet.onnx" --target cuda $FP16 --attention flash \
   --disable-fusions sink-transposes
+# Idle hooks: capture and P2P keep the cross sites unfused; the self sites fuse with their controls.
+stamp "attune cuda flash hooks fp16" $ATTUNE compile "$MODEL" -o "$W/hooks/unet.onnx" --target cuda $FP16 --attention flash \
+  --hooks capture,p2p,masactrl
 fi
 stamp "attune cuda flash fp16" $ATTUNE compile "$MODEL" -o "$W/flash/unet.onnx" --target cuda $FP16 --attention flash
 stamp "attune cuda flash+tome0.5 fp16" $ATTUNE compile "$MODEL" -o "$W/tome/unet.onnx" --target cuda $FP16 --attention flash --tome 0.5
@@ -106,6 +109,7 @@ for latent in 64 128; do
   add "$W/mha/unet.onnx" "+ MultiHeadAttention"
   add "$W/flash/unet.onnx" "--target cuda --attention flash (default fusions)"
   add "$W/tome/unet.onnx" "the same + ToMe 0.5"
+  add "$W/hooks/unet.onnx" "the same + --hooks capture,p2p,masactrl (idle)"
   add "$W/packed/unet.onnx" "the same + packed QKV/KV"
   add "$W/gnconv/unet.onnx" "the same with only GroupNorm + NhwcConv"
   add "$W/nosink/unet.onnx" "the same without sink-transposes (74 Transposes left)"
