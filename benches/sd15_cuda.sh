@@ -139,6 +139,15 @@ if [ -n "${SDPA:-}" ]; then
       --dim height=128 --dim width=128 --iters "$ITERS" --warmup 3 | tail -4
   done
 fi
+# ToMe's best dst per src: the pass emits ArgMax (ORT's CUDA kernel casts fp16 to fp32 first);
+# TopK(k=1) is the alternative. One-op models (models/export/best_dst_micro.py), merge sizes of
+# 512 and 1024 px.
+for sizes in "3072 1024" "12288 4096"; do
+  set -- $sizes
+  echo "== ToMe's best dst, fp16 scores [2, $1, $2]: A ArgMax + GatherElements, B TopK(k=1)"
+  $ATTUNE bench benches/micro/best_dst_argmax.onnx --vs benches/micro/best_dst_topk.onnx --ep cuda \
+    --dim batch=2 --dim src=$1 --dim dst=$2 --iters 50 --warmup 5 | tail -4
+done
 echo "== where the time goes at 1024 px: A --target cuda flash, B the same + ToMe 0.5 (fixed shapes), C ORT optimizer"
 echo "   (CUDA_LAUNCH_BLOCKING=1, no CUDA graphs: per-node times)"
 TOME_VS=(); [ -f "$W/tomefixed128/unet.onnx" ] && TOME_VS=(--vs "$W/tomefixed128/unet.onnx")
