@@ -577,7 +577,7 @@ fn merge_block(
     let token = e.op(
         "Range",
         "token_range",
-        vec![zero.clone(), n.clone(), one.clone()],
+        vec![zero.clone(), n, one.clone()],
         vec![],
     );
     let mask_int = e.op(
