@@ -16,6 +16,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 enum Command {
     /// Show a model's inputs/outputs, ops, parameters, opsets, exporter and module tree
     Inspect(cmd::inspect::Args),

@@ -209,11 +209,8 @@ fn set_location(m: &mut ModelProto, key: &str, value: &str) {
 
 #[test]
 fn bad_inputs_give_clear_errors_and_no_output() {
-    let cases: Vec<(
-        &str,
-        Box<dyn FnOnce(&mut ModelProto, &std::path::Path)>,
-        &str,
-    )> = vec![
+    type Corrupt = Box<dyn FnOnce(&mut ModelProto, &std::path::Path)>;
+    let cases: Vec<(&str, Corrupt, &str)> = vec![
         (
             "absolute location",
             Box::new(|m, _| set_location(m, "location", "/etc/passwd")),

@@ -3,6 +3,7 @@
 //! - legacy TorchScript export: node names `/unet/down_blocks.0/.../to_q/MatMul`;
 //! - dynamo export: anonymous names (`node_MatMul_162`) with the scope in `metadata_props`
 //!   (`pkg.torch.onnx.name_scopes`, else `namespace`).
+//!
 //! A wrapper module every node sits in (`unet` in `/unet/...`) is stripped, the same way for
 //! both exporters, so both name a module alike.
 use crate::ir::Graph;

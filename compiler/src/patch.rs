@@ -148,6 +148,7 @@ impl<'g> Patch<'g> {
     /// Adds a node with `outputs` new values (named `<name>_out<i>`); returns their names.
     /// `name` is the node's name prefix (made unique); `module` its module path; `after`
     /// places it in the exported order.
+    #[allow(clippy::too_many_arguments)] // one argument per NodeProto field
     pub fn node(
         &mut self,
         op: &str,

@@ -41,10 +41,10 @@ pub fn problems(model: &Model) -> Vec<String> {
     let mut node_names: HashMap<&str, String> = HashMap::new();
     for id in g.node_ids() {
         let node = g.node(id);
-        if !node.name().is_empty() {
-            if let Some(first) = node_names.insert(node.name(), node.describe()) {
-                out.push(format!("{} has the same name as {first}", node.describe()));
-            }
+        if !node.name().is_empty()
+            && let Some(first) = node_names.insert(node.name(), node.describe())
+        {
+            out.push(format!("{} has the same name as {first}", node.describe()));
         }
         if model.opset(node.domain()).is_none() {
             let domain = if node.domain().is_empty() {

@@ -284,7 +284,7 @@ impl ExternalData {
         let file_len = file.bytes().len() as u64;
         let len = match length {
             Some(l) => l,
-            None => file_len.checked_sub(offset).unwrap_or(0),
+            None => file_len.saturating_sub(offset),
         };
         if offset.checked_add(len).is_none_or(|end| end > file_len) {
             return Err(Error::tensor(
@@ -322,16 +322,16 @@ impl ExternalData {
             ));
         }
         // A symbolic link may still lead outside the model's folder.
-        if let (Some(base), Ok(real)) = (&self.canonical_base, path.canonicalize()) {
-            if !real.starts_with(base) {
-                return Err(Error::tensor(
-                    tensor,
-                    format!(
-                        "external data location '{location}' resolves outside the model's folder ({})",
-                        real.display()
-                    ),
-                ));
-            }
+        if let (Some(base), Ok(real)) = (&self.canonical_base, path.canonicalize())
+            && !real.starts_with(base)
+        {
+            return Err(Error::tensor(
+                tensor,
+                format!(
+                    "external data location '{location}' resolves outside the model's folder ({})",
+                    real.display()
+                ),
+            ));
         }
         let file = Arc::new(DataFile::open(location, path)?);
         self.files.insert(location.to_string(), file.clone());

@@ -4,12 +4,14 @@
 //! - `p2p`: Prompt-to-Prompt on the conditional half of a CFG batch [uncond × P, cond × P]
 //!   (prompt 0 the source): cross sites take `p2p.<path>.alpha` [P-1, T] (blend weight of the
 //!   edit per text token), `.mapper` [P-1, T, T] (replace: a word map; refine: one-hot) and
-//!   `.equalizer` [P-1 or 1, T] (reweight); edited maps = alpha·((source ⊗ mapper)·equalizer)
-//!   + (1-alpha)·own. Self sites take `p2p.<path>.self_gate` (scalar): edited self maps become
-//!   the source's where gate = 1 and the site has at most 16·16 query tokens (the edits take
-//!   the source's queries and keys);
+//!   `.equalizer` [P-1 or 1, T] (reweight); edited maps =
+//!   alpha·((source ⊗ mapper)·equalizer) + (1-alpha)·own. Self sites take
+//!   `p2p.<path>.self_gate` (scalar): edited self maps become the source's where gate = 1
+//!   and the site has at most 16·16 query tokens (the edits take the source's queries and
+//!   keys);
 //! - `masactrl`: self sites take `masactrl.<path>.gate` (scalar): where 1, every image of a
 //!   half attends to the keys/values of the first image of that half (MasaCtrl).
+//!
 //! Every input defaults to "no control" (alpha 0, identity mapper, equalizer 1, gates 0):
 //! a graph fed nothing computes exactly what the original does. Capture and P2P read the
 //! cross-attention probabilities, so those sites must stay unfused; the self-attention

@@ -97,10 +97,10 @@ impl TomeOptions {
                 self.max_downsample
             ));
         }
-        if let Some((h, w)) = self.static_hw {
-            if h < 1 || w < 1 {
-                return Err(format!("--tome-static {h}x{w}: sizes must be positive"));
-            }
+        if let Some((h, w)) = self.static_hw
+            && (h < 1 || w < 1)
+        {
+            return Err(format!("--tome-static {h}x{w}: sizes must be positive"));
         }
         Ok(())
     }

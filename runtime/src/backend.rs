@@ -27,6 +27,7 @@ impl Ep {
     }
 }
 
+#[allow(clippy::large_enum_variant)] // one per session, never in a collection
 pub enum Backend {
     Ort(OrtSession),
     Tract(TractSession),

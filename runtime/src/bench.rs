@@ -75,7 +75,7 @@ mod tests {
 
     #[test]
     fn percentiles() {
-        let s: Vec<Duration> = (1..=10).map(|i| Duration::from_millis(i)).collect();
+        let s: Vec<Duration> = (1..=10).map(Duration::from_millis).collect();
         let st = stats(&s);
         assert_eq!(st.median_ms, 5.5);
         assert_eq!(st.p90_ms, 9.0);

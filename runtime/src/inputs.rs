@@ -185,21 +185,21 @@ pub fn prepare(
         for (d, size) in spec.dims.iter().zip(t.shape()) {
             if let Dim::Symbol(sym) = d {
                 let size = *size as i64;
-                if let Some((prev, from)) = seen.get(sym) {
-                    if *prev != size {
-                        return Err(Error::Input {
-                            input: name.clone(),
-                            msg: format!("dim '{sym}' is {size} here but {prev} in '{from}'"),
-                        });
-                    }
+                if let Some((prev, from)) = seen.get(sym)
+                    && *prev != size
+                {
+                    return Err(Error::Input {
+                        input: name.clone(),
+                        msg: format!("dim '{sym}' is {size} here but {prev} in '{from}'"),
+                    });
                 }
-                if let Some(want) = dims.resolve(sym) {
-                    if want != size {
-                        return Err(Error::Input {
-                            input: name.clone(),
-                            msg: format!("dim '{sym}' is {size} but --dim gives {want}"),
-                        });
-                    }
+                if let Some(want) = dims.resolve(sym)
+                    && want != size
+                {
+                    return Err(Error::Input {
+                        input: name.clone(),
+                        msg: format!("dim '{sym}' is {size} but --dim gives {want}"),
+                    });
                 }
                 seen.insert(sym.clone(), (size, name.clone()));
             }
@@ -254,13 +254,13 @@ fn check(spec: &InputSpec, t: &HostTensor) -> std::result::Result<(), String> {
             ));
         }
         for (i, (d, size)) in spec.dims.iter().zip(t.shape()).enumerate() {
-            if let Dim::Fixed(want) = d {
-                if want != size {
-                    return Err(format!(
-                        "dim {i} is {size}, the model declares {want} (shape {:?})",
-                        t.shape()
-                    ));
-                }
+            if let Dim::Fixed(want) = d
+                && want != size
+            {
+                return Err(format!(
+                    "dim {i} is {size}, the model declares {want} (shape {:?})",
+                    t.shape()
+                ));
             }
         }
     }

@@ -237,7 +237,6 @@ fn parse_placement(lines: &[String]) -> Vec<(String, usize)> {
             let count = l
                 .split("Number of nodes:")
                 .nth(1)?
-                .trim()
                 .split_whitespace()
                 .next()?
                 .parse()

@@ -255,8 +255,8 @@ fn local_blend(
     let source = x.slice(s![0..1, .., .., ..]).to_owned();
     for p in 1..prompts {
         for c in 0..x.shape()[1] {
-            for i in 0..h * w {
-                let keep = masks[0][i] || masks[p][i];
+            for (i, (&in_source, &in_edit)) in masks[0].iter().zip(&masks[p]).enumerate() {
+                let keep = in_source || in_edit;
                 let (r, col) = (i / w, i % w);
                 let src = source[[0, c, r, col]];
                 out[[p, c, r, col]] = src + if keep { x[[p, c, r, col]] - src } else { 0.0 };

@@ -33,8 +33,8 @@ impl InputArgs {
             given.extend(safetensors_io::read(a)?);
         }
         let dims = Dims::parse(&self.dims)?;
-        Ok(inputs::prepare(&specs, given, &dims, self.seed)
-            .with_context(|| format!("inputs of {}", model.display()))?)
+        inputs::prepare(&specs, given, &dims, self.seed)
+            .with_context(|| format!("inputs of {}", model.display()))
     }
 }
 

@@ -142,10 +142,10 @@ impl Recipe {
         given: &dyn Fn(&str) -> bool,
     ) -> anyhow::Result<()> {
         fn set<T>(given: &dyn Fn(&str) -> bool, id: &str, slot: &mut T, value: Option<T>) {
-            if let Some(v) = value {
-                if !given(id) {
-                    *slot = v;
-                }
+            if let Some(v) = value
+                && !given(id)
+            {
+                *slot = v;
             }
         }
         fn choice<T: ValueEnum>(key: &str, v: &Option<String>) -> anyhow::Result<Option<T>> {

@@ -10,6 +10,15 @@ use attune_runtime::{Backend, Ep, HostTensor, inputs, npy};
 
 use super::*;
 
+/// Adds one node (op, inputs, attributes) to a patch; returns its output.
+type OpFn<'a> = dyn FnMut(
+        &mut attune_compiler::patch::Patch,
+        &str,
+        Vec<attune_compiler::patch::In>,
+        Vec<attune_compiler::onnx::AttributeProto>,
+    ) -> attune_compiler::patch::In
+    + 'a;
+
 /// Runs a model on ORT CPU with its fixture's inputs (converted to the model's float types;
 /// optional inputs at their defaults); every output.
 pub fn run_cpu(fixture_name: &str, model: &Path) -> Vec<(String, HostTensor)> {
@@ -199,12 +208,9 @@ pub fn with_cuda_ops_in_standard_ops(model: &Path, out: &Path) {
             let h = half(&mut p, 0, width / 2);
             let gate = half(&mut p, width / 2, width);
             let f = |p: &mut Patch, v: f32| In::New(p.f32_scalar("bsg_c", v));
-            let like =
-                |p: &mut Patch,
-                 c: In,
-                 op: &mut dyn FnMut(&mut Patch, &str, Vec<In>, Vec<_>) -> In| {
-                    op(p, "CastLike", vec![c, gate.clone()], vec![])
-                };
+            let like = |p: &mut Patch, c: In, op: &mut OpFn<'_>| {
+                op(p, "CastLike", vec![c, gate.clone()], vec![])
+            };
             let (sqrt2, one, half_c) = (
                 f(&mut p, std::f32::consts::SQRT_2),
                 f(&mut p, 1.0),
@@ -222,15 +228,14 @@ pub fn with_cuda_ops_in_standard_ops(model: &Path, out: &Path) {
             p.replace(node.outputs[0].unwrap(), y);
             continue;
         }
-        let to_nchw =
-            |p: &mut Patch, x, op: &mut dyn FnMut(&mut Patch, &str, Vec<In>, Vec<_>) -> In| {
-                op(
-                    p,
-                    "Transpose",
-                    vec![x],
-                    vec![attr::ints("perm", &[0, 3, 1, 2])],
-                )
-            };
+        let to_nchw = |p: &mut Patch, x, op: &mut OpFn<'_>| {
+            op(
+                p,
+                "Transpose",
+                vec![x],
+                vec![attr::ints("perm", &[0, 3, 1, 2])],
+            )
+        };
         // SkipGroupNorm: GroupNorm of x + skip (NHWC; a [N, C] skip per channel), and the sum.
         let mut x_nhwc = input(0);
         if node.op() == "SkipGroupNorm" {

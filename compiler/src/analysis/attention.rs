@@ -356,10 +356,10 @@ fn site(
         _ => return Err("head split is not 4-D".into()),
     };
     // The value heads must agree (same count; head dim may differ only for exotic models).
-    if let Some([_, vh, _, _]) = shapes.shape(value("v_heads")) {
-        if vh.known() != Some(heads) {
-            return Err(format!("value heads {vh} differ from query heads {heads}"));
-        }
+    if let Some([_, vh, _, _]) = shapes.shape(value("v_heads"))
+        && vh.known() != Some(heads)
+    {
+        return Err(format!("value heads {vh} differ from query heads {heads}"));
     }
     // The projection's output width: from its shape, else from its weight (x @ Wᵀ: last dim).
     let weight_width = || {
@@ -388,10 +388,10 @@ fn site(
             return Err("key transpose does not end in [head_dim, key tokens]".into());
         }
     }
-    if let Some(beta) = m.value("beta") {
-        if shapes.scalar(beta) != Some(0.0) {
-            return Err("an additive bias/mask is applied to the scores".into());
-        }
+    if let Some(beta) = m.value("beta")
+        && shapes.scalar(beta) != Some(0.0)
+    {
+        return Err("an additive bias/mask is applied to the scores".into());
     }
     let mut scale = 1.0;
     for (name, invert) in [
@@ -461,10 +461,10 @@ fn blocks(g: &Graph, shapes: &Shapes, sites: &mut [AttentionSite]) -> Vec<Transf
             node.op(),
             "LayerNormalization" | "GroupNormalization" | "InstanceNormalization"
         );
-        if let Some(parent) = node.module.strip_suffix(".norm1").filter(|_| is_norm) {
-            if !paths.iter().any(|p| p == parent) {
-                paths.push(parent.to_string());
-            }
+        if let Some(parent) = node.module.strip_suffix(".norm1").filter(|_| is_norm)
+            && !paths.iter().any(|p| p == parent)
+        {
+            paths.push(parent.to_string());
         }
     }
     let has_attn1 = |p: &str| {

@@ -151,10 +151,10 @@ impl AttentionPass {
 
     /// Why a site cannot be rewritten in this mode for this target, if it cannot.
     fn check(&self, model: &Model, site: &AttentionSite) -> std::result::Result<(), String> {
-        if let Some(globs) = &self.layers {
-            if !globs.matches(&site.path) {
-                return Err(format!("not selected by --attention-layers {globs}"));
-            }
+        if let Some(globs) = &self.layers
+            && !globs.matches(&site.path)
+        {
+            return Err(format!("not selected by --attention-layers {globs}"));
         }
         if self
             .keep_unfused

@@ -301,7 +301,7 @@ pub fn adapter_tensors(
                 .initializer(target.weight)
                 .expect("targets are initializers");
             let shape = target.torch_shape(w.dims());
-            let (down, up) = factors(layer, &shape, s.multiplier).map_err(|why| Error::Model {
+            let factors = factors(layer, &shape, s.multiplier).map_err(|why| Error::Model {
                 path: s.path.clone(),
                 msg: format!(
                     "layer {} (graph layer {}): {why}",
@@ -317,7 +317,7 @@ pub fn adapter_tensors(
                 };
                 (empty(&down_name), empty(&up_name))
             });
-            concat_rank(&mut entry.0, &mut entry.1, down, up, &shape, &target.layout);
+            concat_rank(&mut entry.0, &mut entry.1, factors, &shape, &target.layout);
         }
     }
     Ok((
@@ -326,13 +326,20 @@ pub fn adapter_tensors(
     ))
 }
 
-/// (down [r, in, k..], up [out, r]) with the scale and multiplier folded into up; a Tucker
-/// mid is folded into down.
+/// One file's factors of one layer: down [rank, in, k..], up [out, rank].
+struct Factors {
+    rank: usize,
+    down: Vec<f32>,
+    up: Vec<f32>,
+}
+
+/// A layer's factors with the scale and multiplier folded into up; a Tucker mid is folded
+/// into down.
 fn factors(
     layer: &Layer,
     shape: &[usize],
     multiplier: f32,
-) -> std::result::Result<((usize, Vec<f32>), Vec<f32>), String> {
+) -> std::result::Result<Factors, String> {
     if !layer.parts.contains_key(&Part::Down) {
         return Err("adapter mode takes LoRA/LoCon factors; LoHa and LoKr layers can only be fused (--lora-mode fuse)".into());
     }
@@ -366,7 +373,11 @@ fn factors(
         .map(|v| v * delta.scale * multiplier)
         .collect();
     debug_assert_eq!(up_data.len(), out * rank);
-    Ok(((rank, down_data), up_data))
+    Ok(Factors {
+        rank,
+        down: down_data,
+        up: up_data,
+    })
 }
 
 /// Appends a file's factors to a layer's A/B in the graph's layout: for `MatMul` branches
@@ -375,8 +386,7 @@ fn factors(
 fn concat_rank(
     a: &mut AdapterTensor,
     b: &mut AdapterTensor,
-    (rank, down): (usize, Vec<f32>),
-    up: Vec<f32>,
+    Factors { rank, down, up }: Factors,
     shape: &[usize],
     layout: &Layout,
 ) {

@@ -5,6 +5,7 @@
 //! - diffusers/PEFT: `unet.<path>.lora_A.weight` / `lora_B.weight`, alphas from the file's
 //!   `lora_adapter_metadata` (rsLoRA when flagged) or `<path>.alpha` keys;
 //! - diffusers' legacy attention processors: `unet.<attn>.processor.to_q_lora.down.weight`.
+//!
 //! Text-encoder keys are kept aside as "not in this graph".
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -285,7 +286,7 @@ fn parse_key(key: &str, lpb: usize) -> Option<KeyKind> {
     } else if let Some(m) = path.strip_suffix(".alpha") {
         (m.to_string(), Part::Alpha)
     } else if let Some((attn, tail)) = path.split_once(".processor.") {
-        let (proj, part) = tail.split_once("_lora.").map(|(p, t)| (p, t))?;
+        let (proj, part) = tail.split_once("_lora.")?;
         let part = match part {
             "down.weight" => Part::Down,
             "up.weight" => Part::Up,

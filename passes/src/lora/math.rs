@@ -86,7 +86,7 @@ fn scale(layer: &Layer, rank: usize) -> f32 {
     }
 }
 
-fn need<'a>(layer: &'a Layer, part: Part) -> Result<&'a Factor, String> {
+fn need(layer: &Layer, part: Part) -> Result<&Factor, String> {
     layer
         .parts
         .get(&part)

@@ -21,6 +21,9 @@ use half::{bf16, f16};
 
 use crate::cleanup::dce;
 
+/// A value that needs a converted copy: (value, target type, copy's name, its readers).
+type CastCopy = (ValueId, i32, String, Vec<(NodeId, usize)>);
+
 /// The floating-point type a model computes in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
@@ -283,7 +286,7 @@ impl Pass for PrecisionPass {
 
         let mut p = Patch::new(model);
         let mut in_place: Vec<(ValueId, i32)> = Vec::new();
-        let mut copies: Vec<(ValueId, i32, String, Vec<(NodeId, usize)>)> = Vec::new();
+        let mut copies: Vec<CastCopy> = Vec::new();
         let mut n_casts = 0;
         let mut keys: Vec<_> = casts.keys().copied().collect();
         keys.sort();

@@ -197,23 +197,23 @@ impl Pass for SupportCheck {
                 .opset(node.domain())
                 .ok_or_else(|| fail(format!("the model imports no opset for domain '{domain}'")))?;
             let dtype = compute_type(model, &types, n).map(onnx::type_name);
-            if self.target == Target::Cuda && domain != "ai.onnx" {
-                if let Some((_, floats)) = CUDA_CONTRIB
+            if self.target == Target::Cuda
+                && domain != "ai.onnx"
+                && let Some((_, floats)) = CUDA_CONTRIB
                     .iter()
                     .find(|(op, _)| domain == "com.microsoft" && *op == node.op())
+            {
+                if let Some(t) = &dtype
+                    && !floats.contains(&t.as_str())
                 {
-                    if let Some(t) = &dtype
-                        && !floats.contains(&t.as_str())
-                    {
-                        return Err(fail(format!(
-                            "{ep} has no {t} kernel for {domain}.{} (it has {})",
-                            node.op(),
-                            floats.join(", ")
-                        )));
-                    }
-                    check_width(node, &shapes).map_err(|msg| fail(format!("{ep}: {msg}")))?;
-                    continue;
+                    return Err(fail(format!(
+                        "{ep} has no {t} kernel for {domain}.{} (it has {})",
+                        node.op(),
+                        floats.join(", ")
+                    )));
                 }
+                check_width(node, &shapes).map_err(|msg| fail(format!("{ep}: {msg}")))?;
+                continue;
             }
             if domain == "ai.onnx" && node.op() == "Constant" {
                 continue; // ORT makes constants initializers before placing nodes
