@@ -269,6 +269,149 @@ fn bad_inputs_give_clear_errors_and_no_output() {
     }
 }
 
+fn graph_mut(m: &mut ModelProto) -> &mut attune_compiler::onnx::GraphProto {
+    m.graph.as_mut().unwrap()
+}
+
+fn first_node<'a>(m: &'a mut ModelProto, op: &str) -> &'a mut NodeProto {
+    graph_mut(m)
+        .node
+        .iter_mut()
+        .find(|n| n.op_type == op)
+        .unwrap()
+}
+
+/// Graphs the exporters never write but users' tools can: each is a clear error (or, where
+/// the model is valid, a success), never a panic, for `inspect` and for `compile` with every
+/// pass family.
+#[test]
+fn malformed_graphs_are_errors_not_panics() {
+    type Edit = Box<dyn FnOnce(&mut ModelProto, &std::path::Path)>;
+    let cases: Vec<(&str, Edit, Option<&str>)> = vec![
+        (
+            "softmax without input",
+            Box::new(|m, _| first_node(m, "Softmax").input.clear()),
+            Some("Softmax needs 1 input, has 0"),
+        ),
+        (
+            "matmul without output",
+            Box::new(|m, _| first_node(m, "MatMul").output.clear()),
+            Some("MatMul has no output"),
+        ),
+        (
+            "negative initializer dims",
+            Box::new(|m, _| {
+                let t = graph_mut(m)
+                    .initializer
+                    .iter_mut()
+                    .find(|t| t.name == "unet.conv_in.weight")
+                    .unwrap();
+                t.dims[0] = -32;
+            }),
+            Some("tensor 'unet.conv_in.weight': dims [-32, 4, 3, 3] are negative or too large"),
+        ),
+        (
+            "zero conv stride",
+            Box::new(|m, _| {
+                let conv = first_node(m, "Conv");
+                conv.attribute.retain(|a| a.name != "strides");
+                conv.attribute
+                    .push(attune_compiler::patch::attr::ints("strides", &[0, 0]));
+            }),
+            None,
+        ),
+        (
+            "cast cycle before a softmax",
+            Box::new(|m, _| {
+                let softmax = first_node(m, "Softmax");
+                softmax.input[0] = "loop_a".into();
+                let cast = |name: &str, from: &str, to: &str| NodeProto {
+                    name: name.into(),
+                    op_type: "Cast".into(),
+                    input: vec![from.into()],
+                    output: vec![to.into()],
+                    attribute: vec![attune_compiler::patch::attr::int("to", 1)],
+                    ..Default::default()
+                };
+                let g = graph_mut(m);
+                g.node.push(cast("loop_cast_a", "loop_b", "loop_a"));
+                g.node.push(cast("loop_cast_b", "loop_a", "loop_b"));
+            }),
+            Some("cycle"),
+        ),
+        (
+            // Valid: a dead node reading one initializer twice (dead-code elimination removed
+            // the value twice before).
+            "dead node reading a value twice",
+            Box::new(|m, _| {
+                graph_mut(m).node.push(NodeProto {
+                    name: "dead_square".into(),
+                    op_type: "Mul".into(),
+                    input: vec!["unet.conv_in.weight".into(), "unet.conv_in.weight".into()],
+                    output: vec!["dead_square_out".into()],
+                    ..Default::default()
+                });
+            }),
+            None,
+        ),
+    ];
+    let pass_sets: [&[&str]; 3] = [
+        &[
+            "--attention",
+            "flash",
+            "--tome",
+            "0.5",
+            "--hooks",
+            "capture,p2p,masactrl",
+        ],
+        &[
+            "--target",
+            "cuda",
+            "--attention",
+            "flash",
+            "--precision",
+            "fp16",
+        ],
+        &[
+            "--target",
+            "cpu",
+            "--fix-shapes",
+            "batch=2,height=16,width=16,sequence=8",
+        ],
+    ];
+    for (what, edit, expected) in cases {
+        let (dir, path) = broken(edit);
+        let before = snapshot(dir.path());
+        let o = attune(&["inspect", path.to_str().unwrap()]);
+        let err = stderr(&o);
+        assert!(
+            !err.contains("panicked") && o.status.code().is_some(),
+            "{what}: inspect: {err}"
+        );
+        if let Some(expected) = expected
+            && o.status.code() == Some(2)
+        {
+            assert!(err.contains(expected), "{what}: inspect: {err}");
+        }
+        for flags in pass_sets {
+            let out_dir = tempfile::tempdir().unwrap();
+            let o = compile_to(&path, &out_dir.path().join("out.onnx"), flags);
+            let err = stderr(&o);
+            assert!(!err.contains("panicked"), "{what} {flags:?}: {err}");
+            match expected {
+                Some(expected) => {
+                    assert_eq!(o.status.code(), Some(2), "{what} {flags:?}: {err}");
+                    assert!(err.contains(expected), "{what} {flags:?}: {err}");
+                    let written = fs::read_dir(out_dir.path()).unwrap().count();
+                    assert_eq!(written, 0, "{what}: output written");
+                }
+                None => assert_eq!(o.status.code(), Some(0), "{what} {flags:?}: {err}"),
+            }
+        }
+        assert_eq!(before, snapshot(dir.path()), "{what}: input modified");
+    }
+}
+
 #[test]
 fn corrupt_and_truncated_models_are_errors() {
     let dir = tempfile::tempdir().unwrap();

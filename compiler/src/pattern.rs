@@ -103,6 +103,9 @@ impl Match {
     }
 }
 
+/// The most wrapper nodes (casts, scales) one `through` pattern looks past.
+const MAX_WRAPPERS: usize = 32;
+
 /// Matches `pat` against the value `v`.
 pub fn match_value(g: &Graph, v: ValueId, pat: &Pat) -> Option<Match> {
     let mut m = Match::default();
@@ -121,23 +124,31 @@ fn go(g: &Graph, v: ValueId, pat: &Pat, m: &mut Match) -> bool {
             ok
         }),
         Pat::Through(ops, inner) => {
-            let mut trial = m.clone();
-            if go(g, v, inner, &mut trial) {
-                *m = trial;
-                return true;
+            // Iterative and bounded: a cycle of wrappers (in a corrupt model) must not recurse
+            // forever; exporters chain a few.
+            let mut v = v;
+            let mut wrappers = Vec::new();
+            for _ in 0..MAX_WRAPPERS {
+                let mut trial = m.clone();
+                if go(g, v, inner, &mut trial) {
+                    trial.matched.extend(wrappers);
+                    *m = trial;
+                    return true;
+                }
+                let Some((n, 0)) = g.value(v).producer else {
+                    return false;
+                };
+                let node = g.node(n);
+                if !ops.iter().any(|o| node.is(o)) {
+                    return false;
+                }
+                let Some(Some(input)) = node.inputs.first() else {
+                    return false;
+                };
+                wrappers.push(n);
+                v = *input;
             }
-            let Some((n, 0)) = g.value(v).producer else {
-                return false;
-            };
-            let node = g.node(n);
-            if !ops.iter().any(|o| node.is(o)) {
-                return false;
-            }
-            let Some(Some(input)) = node.inputs.first() else {
-                return false;
-            };
-            m.matched.push(n);
-            go(g, *input, pat, m)
+            false
         }
         Pat::Op(p) => {
             let Some((n, 0)) = g.value(v).producer else {

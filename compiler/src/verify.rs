@@ -9,6 +9,42 @@ use crate::onnx;
 /// At most this many problems are listed in one error.
 const MAX_LISTED: usize = 20;
 
+/// Required inputs of the standard ops the analyses and passes read (ONNX's schemas, at the
+/// opsets exporters use; Reshape and Slice take one where opsets before 5/10 read attributes);
+/// every one of them has a required first output too.
+const REQUIRED_INPUTS: &[(&str, usize)] = &[
+    ("Add", 2),
+    ("Sub", 2),
+    ("Mul", 2),
+    ("Div", 2),
+    ("Pow", 2),
+    ("Equal", 2),
+    ("MatMul", 2),
+    ("Gemm", 2),
+    ("Conv", 2),
+    ("Reshape", 1),
+    ("Expand", 2),
+    ("Gather", 2),
+    ("Where", 3),
+    ("Slice", 1),
+    ("LayerNormalization", 2),
+    ("GroupNormalization", 3),
+    ("InstanceNormalization", 3),
+    ("Softmax", 1),
+    ("Transpose", 1),
+    ("Cast", 1),
+    ("Shape", 1),
+    ("Concat", 1),
+    ("Split", 1),
+    ("Unsqueeze", 1),
+    ("Squeeze", 1),
+    ("Sigmoid", 1),
+    ("Erf", 1),
+    ("Sqrt", 1),
+    ("Resize", 1),
+    ("ReduceMean", 1),
+];
+
 /// Checks the model; the error lists what is wrong.
 pub fn verify(model: &Model) -> Result<()> {
     let problems = problems(model);
@@ -56,6 +92,23 @@ pub fn problems(model: &Model) -> Vec<String> {
                 "{}: domain '{domain}' has no opset import",
                 node.describe()
             ));
+        }
+        if let Some(&(_, n)) = REQUIRED_INPUTS
+            .iter()
+            .find(|(op, _)| node.domain().is_empty() && node.op() == *op)
+        {
+            let present = node.inputs.iter().take(n).flatten().count();
+            if present < n {
+                out.push(format!(
+                    "{}: {} needs {n} input{}, has {present}",
+                    node.describe(),
+                    node.op(),
+                    if n == 1 { "" } else { "s" }
+                ));
+            }
+            if node.outputs.first().copied().flatten().is_none() {
+                out.push(format!("{}: {} has no output", node.describe(), node.op()));
+            }
         }
         for (slot, input) in node.inputs.iter().enumerate() {
             let Some(v) = input else { continue };

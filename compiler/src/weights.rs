@@ -166,8 +166,14 @@ impl Tensor {
 
     /// Checks that the stored bytes match what dims and type call for.
     pub fn check_len(&self) -> Result<()> {
+        if onnx::element_bits(self.proto.data_type).is_none() {
+            return Ok(()); // strings: no fixed size
+        }
         let Some(expected) = self.expected_len() else {
-            return Ok(());
+            return Err(Error::tensor(
+                &self.proto.name,
+                format!("dims {:?} are negative or too large", self.proto.dims),
+            ));
         };
         let actual = match &self.data {
             TensorData::Inline if self.proto.raw_data.is_empty() => {

@@ -29,7 +29,7 @@ pub fn dce(model: &mut Model) -> Removed {
             continue;
         }
         let producers: Vec<NodeId> = g.predecessors(n).collect();
-        let values: Vec<_> = g
+        let mut values: Vec<_> = g
             .node(n)
             .inputs
             .iter()
@@ -37,6 +37,9 @@ pub fn dce(model: &mut Model) -> Removed {
             .chain(g.node(n).outputs.iter().flatten())
             .copied()
             .collect();
+        // A node may read one value in several slots (Mul(x, x)): remove it once.
+        values.sort();
+        values.dedup();
         g.remove_node(n);
         removed.nodes += 1;
         for v in values {

@@ -43,6 +43,10 @@ pub struct ControllerPass {
     pub words: i64,
 }
 
+/// The most text tokens a hook site takes (the default mapper is words² per site; text
+/// encoders in use have at most 512).
+const MAX_WORDS: i64 = 1024;
+
 /// Self-replace applies to sites with at most this many query tokens (P2P: 16·16).
 const SELF_REPLACE_MAX_TOKENS: i64 = 16 * 16;
 
@@ -58,9 +62,9 @@ impl Pass for ControllerPass {
     fn run(&self, model: &mut Model, _cx: &mut PassCx) -> Result<PassReport> {
         let mut report = PassReport::default();
         let selected = |path: &str| self.layers.as_ref().is_none_or(|g| g.matches(path));
-        if self.words < 1 {
+        if !(1..=MAX_WORDS).contains(&self.words) {
             return Err(Error::Graph(format!(
-                "--hooks-words {}: must be at least 1",
+                "--hooks-words {}: must be 1 to {MAX_WORDS}",
                 self.words
             )));
         }
@@ -351,7 +355,7 @@ fn probability_hooks(
         .inputs
         .iter()
         .position(|i| *i == Some(site.probs))
-        .expect("reads the probabilities");
+        .ok_or("the value product does not read the probabilities")?;
     let In::New(name) = merged else {
         unreachable!("ops make new values")
     };

@@ -283,7 +283,7 @@ fn level(b: &TransformerBlock, latent_tokens: Option<&Dim>) -> std::result::Resu
         ));
     };
     let ds = (ratio as f64).sqrt().round() as i64;
-    if ds * ds != ratio {
+    if ratio < 1 || ds.checked_mul(ds) != Some(ratio) {
         return Err(format!(
             "the block's tokens are 1/{ratio} of the latent's, not a square downsample"
         ));

@@ -275,9 +275,12 @@ pub fn analyze(model: &Model, shapes: &Shapes) -> AttentionAnalysis {
 
 /// A Softmax fed (through casts/scales) by a MatMul and feeding a MatMul.
 fn looks_like_attention(g: &Graph, softmax: NodeId) -> bool {
+    let Some(scores) = g.node(softmax).inputs.first().copied().flatten() else {
+        return false;
+    };
     let from_matmul = match_value(
         g,
-        g.node(softmax).inputs[0].expect("softmax has an input"),
+        scores,
         &through(
             &["Cast", "Mul", "Div", "Add"],
             op("MatMul", [anything(), anything()]),
@@ -522,7 +525,7 @@ fn block(g: &Graph, shapes: &Shapes, path: &str) -> TransformerBlock {
     let input = norms
         .iter()
         .find(|(l, _)| l == "norm1")
-        .and_then(|(_, n)| g.node(*n).inputs[0]);
+        .and_then(|(_, n)| g.node(*n).inputs.first().copied().flatten());
     let tokens = input
         .and_then(|v| shapes.shape(v))
         .and_then(|s| s.get(1).cloned());

@@ -16,7 +16,12 @@ pub enum Dim {
 }
 
 fn gcd(a: i64, b: i64) -> i64 {
-    if b == 0 { a.abs() } else { gcd(b, a % b) }
+    // i64::MIN has no positive counterpart: 1 keeps the fraction as it is.
+    if b == 0 {
+        a.checked_abs().unwrap_or(1)
+    } else {
+        gcd(b, a.wrapping_rem(b))
+    }
 }
 
 impl Dim {
@@ -106,8 +111,8 @@ impl Dim {
         let g = gcd(num, den).max(1);
         let (mut num, mut den) = (num / g, den / g);
         if den < 0 {
-            num = -num;
-            den = -den;
+            num = num.checked_neg()?;
+            den = den.checked_neg()?;
         }
         if symbols.is_empty() {
             return (den == 1).then_some(Dim::Known(num));
@@ -161,9 +166,9 @@ impl Dim {
         )
     }
 
-    pub fn neg(&self) -> Dim {
+    pub fn neg(&self) -> Option<Dim> {
         let (n, d, s) = self.parts();
-        Dim::from_parts(-n, d, s).expect("nonzero denominator")
+        Dim::from_parts(n.checked_neg()?, d, s)
     }
 }
 

@@ -275,9 +275,12 @@ fn broadcast(a: &[Dim], b: &[Dim]) -> Option<Vec<Dim>> {
         .collect()
 }
 
+/// The most outputs a `Split` by `num_outputs` is believed to have.
+const MAX_SPLIT: i64 = 1 << 16;
+
 fn count(shape: &[Dim]) -> Option<usize> {
     shape.iter().try_fold(1usize, |acc, d| {
-        Some(acc * usize::try_from(d.known()?).ok()?)
+        acc.checked_mul(usize::try_from(d.known()?).ok()?)
     })
 }
 
@@ -305,10 +308,10 @@ fn binary_value(op: &str, a: &Num, b: &Num) -> Option<Num> {
     Some(match (a, b) {
         (Num::I(x), Num::I(y)) => Num::I(match op {
             "Add" => x.add(y)?,
-            "Sub" => x.add(&y.neg())?,
+            "Sub" => x.add(&y.neg()?)?,
             "Mul" => x.mul(y)?,
             "Div" => match (x.known(), y.known()) {
-                (Some(p), Some(q)) if q != 0 => Dim::Known(p.div_euclid(q)),
+                (Some(p), Some(q)) if q != 0 => Dim::Known(p.checked_div_euclid(q)?),
                 _ => x.div(y)?,
             },
             "Equal" => match (x.known(), y.known()) {
@@ -354,10 +357,16 @@ fn binary_value(op: &str, a: &Num, b: &Num) -> Option<Num> {
 /// A convolution's output size along one axis: kernel `k`, stride `s`, dilation `d`, total
 /// padding `pad` (None: SAME auto-padding).
 fn conv_size(size: &Dim, k: i64, s: i64, d: i64, pad: Option<i64>) -> Option<Dim> {
-    let extra = pad.map_or(0, |p| p - d * (k - 1) - 1);
+    if s <= 0 || d <= 0 || k <= 0 {
+        return None; // invalid attributes: leave the size unknown
+    }
+    let extra = match pad {
+        Some(p) => p.checked_sub(d.checked_mul(k - 1)?.checked_add(1)?)?,
+        None => 0,
+    };
     match size.known() {
-        Some(v) if pad.is_some() => Some(Dim::Known((v + extra) / s + 1)),
-        Some(v) => Some(Dim::Known((v + s - 1) / s)),
+        Some(v) if pad.is_some() => Some(Dim::Known(v.checked_add(extra)? / s + 1)),
+        Some(v) => Some(Dim::Known(v.checked_add(s - 1)? / s)),
         // Symbolic: exact when the size divides by the stride (as UNet inputs must).
         None if pad.is_none() || (-s <= extra && extra < 0) => size.div(&Dim::Known(s)),
         None => None,
@@ -402,7 +411,8 @@ fn infer_contrib(
             let ints = |k: &str| attr_ints(attrs, k).unwrap_or_default();
             let (strides, pads, dilations) = (ints("strides"), ints("pads"), ints("dilations"));
             let mut spatial = |i: usize| {
-                let pad = pads.get(i).copied().unwrap_or(0) + pads.get(i + 2).copied().unwrap_or(0);
+                let pad = (pads.get(i).copied().unwrap_or(0))
+                    .saturating_add(pads.get(i + 2).copied().unwrap_or(0));
                 let size = ws[1 + i].known().and_then(|k| {
                     let s = strides.get(i).copied().unwrap_or(1);
                     conv_size(
@@ -483,7 +493,7 @@ fn infer_op(
                     .map(|n| match op {
                         "Identity" | "Dropout" => Some(n.clone()),
                         "Neg" => Some(match n {
-                            Num::I(d) => Num::I(d.neg()),
+                            Num::I(d) => Num::I(d.neg()?),
                             Num::F(f) => Num::F(-f),
                         }),
                         "Sqrt" => Some(Num::F(n.as_f64()?.sqrt())),
@@ -630,8 +640,8 @@ fn infer_op(
                     return one(None);
                 };
                 let d = dil.get(i).copied().unwrap_or(1);
-                let pad =
-                    pads.get(i).copied().unwrap_or(0) + pads.get(i + spatial).copied().unwrap_or(0);
+                let pad = (pads.get(i).copied().unwrap_or(0))
+                    .saturating_add(pads.get(i + spatial).copied().unwrap_or(0));
                 match conv_size(&xs[i + 2], k, s, d, (!same).then_some(pad)) {
                     Some(o) => out.push(o),
                     None => return one(None),
@@ -933,7 +943,10 @@ fn infer_op(
             let sizes: Vec<Dim> = match sizes {
                 Some(s) => s.into_iter().map(Dim::Known).collect(),
                 None => {
-                    let Some(n) = attr_i(attrs, "num_outputs") else {
+                    // Outputs are listed in the node, so a valid count is small.
+                    let Some(n) =
+                        attr_i(attrs, "num_outputs").filter(|n| (1..=MAX_SPLIT).contains(n))
+                    else {
                         return vec![];
                     };
                     match xs[a].div(&Dim::Known(n)) {
@@ -1053,7 +1066,7 @@ fn infer_op(
             let shape = (|| {
                 let (data, idx) = (x.shape.as_ref()?, input(1).shape?);
                 let (k, lead) = idx.split_last()?;
-                let rest = data.get(batch + usize::try_from(k.known()?).ok()?..)?;
+                let rest = data.get(batch.checked_add(usize::try_from(k.known()?).ok()?)?..)?;
                 Some(lead.iter().chain(rest).cloned().collect())
             })();
             one(shape.map(|s| shaped(s, x.float)))

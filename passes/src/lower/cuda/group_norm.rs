@@ -133,7 +133,7 @@ fn match_group_norm(
         return Err("its Reshape is not [N, groups, -1]".into());
     }
     let c = x_shape[1].known().ok_or("the channel count is unknown")?;
-    if c % groups != 0 {
+    if groups <= 0 || c % groups != 0 {
         return Err(format!("{c} channels do not split into {groups} groups"));
     }
     let normed = output(g, norm).ok_or("no output")?;

@@ -48,6 +48,9 @@ fn pack(g: &Graph, ws: &[ValueId], heads: i64) -> Result<Tensor, String> {
     {
         return Err("the projections' weights differ in shape or type".into());
     }
+    if heads <= 0 || c <= 0 || d <= 0 {
+        return Err(format!("{heads} heads over a [{c}, {d}] weight"));
+    }
     if d % heads != 0 {
         return Err(format!("{d} columns do not split into {heads} heads"));
     }
