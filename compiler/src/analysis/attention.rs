@@ -374,7 +374,7 @@ fn site(
         .and_then(|s| s.last())
         .and_then(Dim::known)
         .or_else(weight_width);
-    if hidden != Some(heads * head_dim) {
+    if hidden != heads.checked_mul(head_dim) {
         return Err(format!(
             "{heads} heads × {head_dim} do not make the hidden size {hidden:?}"
         ));

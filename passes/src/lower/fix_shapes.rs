@@ -499,7 +499,8 @@ fn known_bytes(shapes: &Shapes, elem_type: Option<i32>, v: ValueId) -> Option<En
             Num::F(_) => None,
         })
         .collect::<Option<_>>()?;
-    if values.len() as i64 != dims.iter().product::<i64>() {
+    let count = dims.iter().try_fold(1i64, |acc, d| acc.checked_mul(*d));
+    if count != Some(values.len() as i64) {
         return None;
     }
     let data_type = DataType::try_from(elem_type?).ok()?;
