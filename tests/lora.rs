@@ -490,3 +490,444 @@ fn a_fused_weight_that_overflows_its_dtype_is_an_error_naming_the_layer() {
         stderr(&o)
     );
 }
+
+/// (key, shape) of the tensors of a crafted LoRA file.
+type Keys = Vec<(String, Vec<usize>)>;
+
+/// Writes an f32 `.safetensors` file of (key, shape) tensors filled with small values.
+fn crafted_lora(dir: &Path, name: &str, tensors: &[(String, Vec<usize>)]) -> PathBuf {
+    let data: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(k, shape)| {
+            let n: usize = shape.iter().product();
+            let bytes = (0..n)
+                .flat_map(|i| crafted_value(i).to_le_bytes())
+                .collect();
+            (k.to_string(), bytes, shape.to_vec())
+        })
+        .collect();
+    let views: Vec<_> = data
+        .iter()
+        .map(|(n, b, s)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let path = dir.join(format!("{name}.safetensors"));
+    fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    path
+}
+
+/// The i-th value of a crafted factor (none zero).
+fn crafted_value(i: usize) -> f32 {
+    ((i as f32 + 1.0) * 0.37).sin() * 0.1
+}
+
+/// Compiles sd15_legacy with a LoRA (and flags), which must fail with an error holding every
+/// `expected` text and the file's name, and write nothing.
+fn assert_refused(file: &Path, flags: &[&str], expected: &[&str]) {
+    let out_dir = tempfile::tempdir().unwrap();
+    let model_dir = tempfile::tempdir().unwrap();
+    let model = copy_fixture("sd15_legacy", model_dir.path());
+    let before = snapshot(model_dir.path());
+    let mut args = vec!["--lora", file.to_str().unwrap()];
+    args.extend(flags);
+    let o = compile_to(&model, &out_dir.path().join("o.onnx"), &args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{flags:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for e in expected
+        .iter()
+        .copied()
+        .chain([file.file_name().unwrap().to_str().unwrap()])
+    {
+        assert!(err.contains(e), "{flags:?}: expected '{e}' in: {err}");
+    }
+    assert_eq!(
+        fs::read_dir(out_dir.path()).unwrap().count(),
+        0,
+        "{flags:?}: an output was written"
+    );
+    assert_eq!(before, snapshot(model_dir.path()));
+}
+
+#[test]
+fn factors_of_too_few_or_empty_dims_are_errors_naming_the_key() {
+    const L: &str = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k";
+    const C: &str = "lora_unet_down_blocks_0_resnets_0_conv1";
+    let dir = tempfile::tempdir().unwrap();
+    let k = |part: &str| format!("{L}.{part}");
+    let c = |part: &str| format!("{C}.{part}");
+    let cases: Vec<(&str, Keys, String)> = vec![
+        (
+            "scalar_down",
+            vec![
+                (k("lora_down.weight"), vec![]),
+                (k("lora_up.weight"), vec![32, 1]),
+            ],
+            format!("key '{}'", k("lora_down.weight")),
+        ),
+        (
+            "vector_up",
+            vec![
+                (k("lora_down.weight"), vec![1, 32]),
+                (k("lora_up.weight"), vec![32]),
+            ],
+            format!("key '{}'", k("lora_up.weight")),
+        ),
+        (
+            "empty_rank",
+            vec![
+                (k("lora_down.weight"), vec![0, 32]),
+                (k("lora_up.weight"), vec![32, 0]),
+            ],
+            format!("key '{}'", k("lora_down.weight")),
+        ),
+        (
+            "vector_lokr",
+            vec![(c("lokr_w1"), vec![4]), (c("lokr_w2"), vec![8, 8, 3, 3])],
+            format!("key '{}'", c("lokr_w1")),
+        ),
+        (
+            "scalar_hada",
+            vec![
+                (c("hada_w1_a"), vec![]),
+                (c("hada_w1_b"), vec![4, 288]),
+                (c("hada_w2_a"), vec![32, 4]),
+                (c("hada_w2_b"), vec![4, 288]),
+            ],
+            format!("key '{}'", c("hada_w1_a")),
+        ),
+        (
+            "vector_tucker",
+            vec![
+                (c("lora_down.weight"), vec![4, 32]),
+                (c("lora_mid.weight"), vec![4]),
+                (c("lora_up.weight"), vec![32, 4]),
+            ],
+            format!("key '{}'", c("lora_mid.weight")),
+        ),
+        (
+            "alpha_vector",
+            vec![
+                (k("lora_down.weight"), vec![4, 32]),
+                (k("lora_up.weight"), vec![32, 4]),
+                (k("alpha"), vec![2]),
+            ],
+            format!("key '{}'", k("alpha")),
+        ),
+    ];
+    for (name, tensors, expected) in cases {
+        let file = crafted_lora(dir.path(), name, &tensors);
+        for flags in [&[][..], &["--lora-mode", "adapter"][..]] {
+            assert_refused(&file, flags, &[&expected]);
+        }
+    }
+}
+
+#[test]
+fn factors_that_do_not_fit_the_layers_kernel_are_errors_naming_the_layer() {
+    const C: &str = "lora_unet_down_blocks_0_resnets_0_conv1";
+    let layer = format!("layer {C} (graph layer down_blocks.0.resnets.0.conv1)");
+    let c = |part: &str| format!("{C}.{part}");
+    let dir = tempfile::tempdir().unwrap();
+    // conv1 is [32, 32, 3, 3]; lokr_w1 4x4 leaves w2 an 8x8x3x3 block.
+    let lokr_tucker = |t2: Vec<usize>| {
+        vec![
+            (c("lokr_w1"), vec![4, 4]),
+            (c("lokr_w2_a"), vec![2, 8]),
+            (c("lokr_w2_b"), vec![2, 8]),
+            (c("lokr_t2"), t2),
+        ]
+    };
+    let cases: Vec<(&str, Keys, Vec<String>)> = vec![
+        (
+            "lokr_t2_1x1",
+            lokr_tucker(vec![2, 2, 1, 1]),
+            vec![c("lokr_t2"), "[2, 2, 1, 1]".into(), "[3, 3]".into()],
+        ),
+        (
+            "lokr_t2_5x5",
+            lokr_tucker(vec![2, 2, 5, 5]),
+            vec![c("lokr_t2"), "[2, 2, 5, 5]".into(), "[3, 3]".into()],
+        ),
+        (
+            // As many values as a 3x3 kernel, laid out differently.
+            "lokr_t2_9x1",
+            lokr_tucker(vec![2, 2, 9, 1]),
+            vec![c("lokr_t2"), "[2, 2, 9, 1]".into(), "[3, 3]".into()],
+        ),
+        (
+            "lokr_w2_1x1",
+            vec![(c("lokr_w1"), vec![4, 4]), (c("lokr_w2"), vec![8, 8, 1, 1])],
+            vec![c("lokr_w2"), "[8, 8, 1, 1]".into(), "8x72".into()],
+        ),
+        (
+            "lokr_w2_9x1",
+            vec![(c("lokr_w1"), vec![4, 4]), (c("lokr_w2"), vec![8, 8, 9, 1])],
+            vec![c("lokr_w2"), "[8, 8, 9, 1]".into(), "[_, 8, 3, 3]".into()],
+        ),
+        (
+            "lora_down_9x1",
+            vec![
+                (c("lora_down.weight"), vec![4, 32, 9, 1]),
+                (c("lora_up.weight"), vec![32, 4, 1, 1]),
+            ],
+            vec![
+                c("lora_down.weight"),
+                "[4, 32, 9, 1]".into(),
+                "[_, 32, 3, 3]".into(),
+            ],
+        ),
+        (
+            "loha_t2_1x1",
+            vec![
+                (c("hada_w1_a"), vec![4, 32]),
+                (c("hada_w1_b"), vec![4, 32]),
+                (c("hada_t1"), vec![4, 4, 3, 3]),
+                (c("hada_w2_a"), vec![4, 32]),
+                (c("hada_w2_b"), vec![4, 32]),
+                (c("hada_t2"), vec![4, 4, 1, 1]),
+            ],
+            vec![c("hada_t2"), "[4, 4, 1, 1]".into(), "[3, 3]".into()],
+        ),
+    ];
+    for (name, tensors, expected) in cases {
+        let file = crafted_lora(dir.path(), name, &tensors);
+        let expected: Vec<&str> = expected
+            .iter()
+            .map(String::as_str)
+            .chain([layer.as_str()])
+            .collect();
+        assert_refused(&file, &[], &expected);
+    }
+    // The same Tucker LoKr with the layer's 3x3 kernel fuses.
+    let file = crafted_lora(dir.path(), "lokr_t2_3x3", &lokr_tucker(vec![2, 2, 3, 3]));
+    let mut m = import::read(&fixture("sd15_legacy")).unwrap();
+    let mut pm = PassManager::new();
+    pm.add(LoraPass {
+        sources: vec![LoraSource {
+            path: file,
+            multiplier: 1.0,
+        }],
+        strict: true,
+    });
+    let report = pm.run(&mut m, &mut PassCx { verify: true }).unwrap();
+    assert_eq!(report[0].rewritten.len(), 1, "{:?}", report[0]);
+}
+
+#[test]
+fn adapter_mode_checks_the_loras_before_writing_anything() {
+    const LAYER: &str = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    let dir = tempfile::tempdir().unwrap();
+    // Readable files whose factors do not fit (the branches are built, the tensors are not).
+    let wrong_shape = edited_kohya(dir.path(), "shape", |t| {
+        t.iter_mut()
+            .find(|(n, ..)| n == &format!("{LAYER}.lora_up.weight"))
+            .unwrap()
+            .1 = vec![16, 8];
+    });
+    assert_refused(
+        &wrong_shape,
+        &["--lora-mode", "adapter"],
+        &[&format!(
+            "layer {LAYER} (graph layer down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q)"
+        )],
+    );
+    assert_refused(
+        &lora("loha"),
+        &["--lora-mode", "adapter"],
+        &["LoHa and LoKr layers can only be fused"],
+    );
+}
+
+/// A rank-1 LoRA of layer `proj` (4x4).
+fn proj_lora_keys() -> Keys {
+    vec![
+        ("lora_unet_proj.lora_down.weight".into(), vec![1, 4]),
+        ("lora_unet_proj.lora_up.weight".into(), vec![4, 1]),
+    ]
+}
+
+/// A model of one `MatMul(x, w)` at module `proj` (node `/proj/MatMul`), `w` [4, 4] of
+/// `dtype` holding `w`; `output: false` leaves the MatMul without output.
+fn matmul_model(dtype: DataType, w: &[f64], output: bool) -> Model {
+    use attune_compiler::onnx::{self, tensor_shape_proto::dimension::Value as Dim};
+    let raw: Vec<u8> = match dtype {
+        DataType::Double => w.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        _ => w.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect(),
+    };
+    let graph = onnx::GraphProto {
+        name: "g".into(),
+        input: vec![onnx::tensor_info(
+            "x",
+            dtype,
+            Some(vec![Dim::DimValue(1), Dim::DimValue(4)]),
+        )],
+        output: vec![onnx::tensor_info(
+            if output { "y" } else { "x" },
+            dtype,
+            None,
+        )],
+        initializer: vec![onnx::TensorProto {
+            name: "w".into(),
+            data_type: dtype as i32,
+            dims: vec![4, 4],
+            raw_data: raw.into(),
+            ..Default::default()
+        }],
+        node: vec![onnx::NodeProto {
+            input: vec!["x".into(), "w".into()],
+            output: if output { vec!["y".into()] } else { vec![] },
+            name: "/proj/MatMul".into(),
+            op_type: "MatMul".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let proto = onnx::ModelProto {
+        ir_version: 8,
+        producer_name: "pytorch".into(),
+        opset_import: vec![onnx::OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    import::from_proto(
+        proto,
+        &mut attune_compiler::weights::ExternalData::new(dir.path()),
+    )
+    .unwrap()
+}
+
+fn fuse_into(m: &mut Model, file: &Path) -> attune_compiler::Result<Vec<PassReport>> {
+    let mut pm = PassManager::new();
+    pm.add(LoraPass {
+        sources: vec![LoraSource {
+            path: file.into(),
+            multiplier: 1.0,
+        }],
+        strict: true,
+    });
+    pm.run(m, &mut PassCx { verify: false })
+}
+
+fn weight_values(m: &Model) -> Vec<f64> {
+    let t = m.graph.initializer(m.graph.value_id("w").unwrap()).unwrap();
+    let bytes = t.bytes().unwrap();
+    if t.data_type() == DataType::Double as i32 {
+        bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    } else {
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()).into())
+            .collect()
+    }
+}
+
+#[test]
+fn f64_weights_fuse_like_f32_ones_and_stay_f64() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = crafted_lora(dir.path(), "proj", &proj_lora_keys());
+    // Values exact in f32, but for one: 0.1 shows f64 weights keep their own precision.
+    let mut w: Vec<f64> = (0..16).map(|i| i as f64 * 0.25).collect();
+    w[5] = 0.1;
+    let (mut m32, mut m64) = (
+        matmul_model(DataType::Float, &w, true),
+        matmul_model(DataType::Double, &w, true),
+    );
+    fuse_into(&mut m32, &file).unwrap();
+    let report = fuse_into(&mut m64, &file).unwrap();
+    assert_eq!(report[0].rewritten.len(), 1, "{:?}", report[0]);
+    let t = m64
+        .graph
+        .initializer(m64.graph.value_id("w").unwrap())
+        .unwrap();
+    assert_eq!(t.data_type(), DataType::Double as i32);
+    assert_eq!(t.bytes().unwrap().len(), 16 * 8);
+    let (f32s, f64s) = (weight_values(&m32), weight_values(&m64));
+    // ΔW[o, i] = up[o]·down[i] (rank 1, no alpha: scale 1); MatMul stores W [in, out].
+    for (at, (a, b)) in f32s.iter().zip(&f64s).enumerate() {
+        let (i, o) = (at / 4, at % 4);
+        let delta = crafted_value(o) * crafted_value(i);
+        assert_eq!(*a as f32, w[at] as f32 + delta, "f32 element {at}");
+        // f64: W + ΔW in f64, not (W rounded to f32) + ΔW.
+        assert_eq!(*b, w[at] + f64::from(delta), "f64 element {at}");
+        if at != 5 {
+            assert_eq!(*b as f32, *a as f32, "element {at}: f64 {b} vs f32 {a}");
+        }
+    }
+    // Adapter tensors of f64 branches are written as F64.
+    let tensors = [attune_passes::lora::adapter::AdapterTensor {
+        name: "a".into(),
+        dims: vec![2],
+        data: vec![0.5, -1.25],
+        dtype: DataType::Double,
+    }];
+    let out = dir.path().join("a.safetensors");
+    attune_passes::lora::adapter::write(&out, &tensors).unwrap();
+    let bytes = fs::read(&out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let a = st.tensor("a").unwrap();
+    assert_eq!(a.dtype(), safetensors::Dtype::F64);
+    assert_eq!(
+        a.data(),
+        [0.5f64.to_le_bytes(), (-1.25f64).to_le_bytes()].concat()
+    );
+}
+
+#[test]
+fn malformed_layers_are_errors_or_skips_naming_them() {
+    use attune_passes::glob::Globs;
+    use attune_passes::lora::adapter::AdapterPass;
+    let dir = tempfile::tempdir().unwrap();
+    let file = crafted_lora(dir.path(), "proj", &proj_lora_keys());
+    let adapter = |m: &mut Model| {
+        let mut pm = PassManager::new();
+        pm.add(AdapterPass {
+            sources: vec![],
+            layers: Some(Globs::parse("*")),
+        });
+        pm.run(m, &mut PassCx { verify: false })
+    };
+    // A weight with a negative dim (as built in memory; the importer refuses such files).
+    let negative = || {
+        let mut m = matmul_model(DataType::Float, &[0.0; 16], true);
+        let w = m.graph.initializer(m.graph.value_id("w").unwrap()).unwrap();
+        let mut bad = w.with_data(Vec::new().into());
+        bad.proto.dims = vec![-1, 4];
+        m.graph.set_initializer(bad);
+        m
+    };
+    for err in [
+        fuse_into(&mut negative(), &file).unwrap_err().to_string(),
+        adapter(&mut negative()).unwrap_err().to_string(),
+    ] {
+        assert!(
+            err.contains("tensor 'w'") && err.contains("negative dim") && err.contains("proj"),
+            "{err}"
+        );
+    }
+    // A MatMul without output takes no branch, and says why.
+    let mut m = matmul_model(DataType::Float, &[0.0; 16], false);
+    let report = adapter(&mut m).unwrap().remove(0);
+    assert!(report.rewritten.is_empty(), "{report:?}");
+    assert_eq!(report.skipped.len(), 1, "{report:?}");
+    assert_eq!(report.skipped[0].site, "proj");
+    assert!(
+        report.skipped[0]
+            .reason
+            .contains("node '/proj/MatMul' (MatMul at proj) has no output"),
+        "{:?}",
+        report.skipped[0]
+    );
+}

@@ -460,6 +460,18 @@ pub fn run(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
     if say {
         progress.suspend(|| print_reports(&reports));
     }
+    // The adapter's tensors are built (and the LoRAs' shapes checked) before anything is
+    // written: a bad LoRA leaves no output behind.
+    let adapter = if args.options.lora_mode == LoraModeArg::Adapter
+        && !args.options.loras.is_empty()
+    {
+        let path = adapter_path(&args.output);
+        let (tensors, skipped) = adapter::adapter_tensors(&model, &args.options.lora_sources()?)?;
+        let bytes = adapter::serialize(&path, &tensors)?;
+        Some((path, tensors.len(), skipped, bytes))
+    } else {
+        None
+    };
     progress.step(&format!("writing {}", args.output.display()));
     let weights = match args.weights {
         Weights::Copy => WeightsMode::Copy,
@@ -489,15 +501,19 @@ pub fn run(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
             );
         }
     }
-    if args.options.lora_mode == LoraModeArg::Adapter && !args.options.loras.is_empty() {
-        let path = adapter_path(&args.output);
-        let (tensors, skipped) = adapter::adapter_tensors(&model, &args.options.lora_sources()?)?;
-        adapter::write(&path, &tensors)?;
+    if let Some((path, count, skipped, bytes)) = adapter {
+        if let Err(e) = adapter::write_bytes(&path, &bytes) {
+            // No model without its adapter: take back what was just written.
+            let _ = std::fs::remove_file(&written.model);
+            if let Some((data, _)) = &written.data_file {
+                let _ = std::fs::remove_file(data);
+            }
+            return Err(e.into());
+        }
         if say {
             println!(
-                "  adapter {} ({} tensors; run with --adapter)",
-                path.display(),
-                tensors.len()
+                "  adapter {} ({count} tensors; run with --adapter)",
+                path.display()
             );
             for s in skipped {
                 println!("  - {}: {}", s.site, s.reason);

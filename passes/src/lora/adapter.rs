@@ -70,6 +70,14 @@ impl Pass for AdapterPass {
                 .push("no layer selected for LoRA branches: nothing to do".into());
             return Ok(report);
         }
+        // A malformed weight (negative dims) is an error naming it, not a skipped layer.
+        for t in chosen.values() {
+            let w = model
+                .graph
+                .initializer(t.weight)
+                .expect("targets are initializers");
+            t.torch_shape(w.name(), w.dims())?;
+        }
         let mut patch = Patch::new(model);
         let scale = patch.graph_input(
             tensor_info(SCALE_INPUT, DataType::Float, &[], ""),
@@ -125,10 +133,22 @@ fn branch(
     let node = g.node(t.node);
     let w = g.initializer(t.weight).expect("targets are initializers");
     let dt = DataType::try_from(w.data_type()).map_err(|_| "unknown weight type".to_string())?;
-    let shape = t.torch_shape(w.dims());
+    let shape = t
+        .torch_shape(w.name(), w.dims())
+        .map_err(|e| e.to_string())?;
     let (out, inp) = (shape[0] as i64, shape[1] as i64);
-    let x = node.inputs[0].ok_or("the layer has no input")?;
-    let y = node.outputs[0].ok_or("the layer has no output")?;
+    let x = node
+        .inputs
+        .first()
+        .copied()
+        .flatten()
+        .ok_or_else(|| format!("{} has no input", node.describe()))?;
+    let y = node
+        .outputs
+        .first()
+        .copied()
+        .flatten()
+        .ok_or_else(|| format!("{} has no output", node.describe()))?;
     let (down_name, up_name) = input_names(&t.module);
     let rank = format!("rank_{}", t.module.replace('.', "_"));
     let empty = |name: &str, dims: Vec<i64>| Tensor::new(name, dt, dims, Vec::new().into());
@@ -300,7 +320,7 @@ pub fn adapter_tensors(
             let w = g
                 .initializer(target.weight)
                 .expect("targets are initializers");
-            let shape = target.torch_shape(w.dims());
+            let shape = target.torch_shape(w.name(), w.dims())?;
             let factors = factors(layer, &shape, s.multiplier).map_err(|why| Error::Model {
                 path: s.path.clone(),
                 msg: format!(
@@ -345,7 +365,7 @@ fn factors(
     }
     let delta = super::math::delta(layer, shape)?; // validates every shape
     let (down, up) = (&layer.parts[&Part::Down], &layer.parts[&Part::Up]);
-    let rank = down.shape[0];
+    let rank = down.rows_cols().0;
     let (out, inp) = (shape[0], shape[1]);
     let spatial: usize = shape[2..].iter().product();
     let down_data = match layer.parts.get(&Part::Mid) {
@@ -434,37 +454,47 @@ fn concat_rank(
 
 /// Writes adapter tensors as `.safetensors` (atomically).
 pub fn write(path: &Path, tensors: &[AdapterTensor]) -> Result<()> {
+    write_bytes(path, &serialize(path, tensors)?)
+}
+
+/// Adapter tensors as the bytes of a `.safetensors` file (`path`: where it goes, for errors).
+pub fn serialize(path: &Path, tensors: &[AdapterTensor]) -> Result<Vec<u8>> {
     let bytes: Vec<(String, Vec<u8>, safetensors::Dtype, Vec<usize>)> = tensors
         .iter()
         .map(|t| {
             let dt = match t.dtype {
                 DataType::Float16 => safetensors::Dtype::F16,
                 DataType::Bfloat16 => safetensors::Dtype::BF16,
+                DataType::Double => safetensors::Dtype::F64,
                 _ => safetensors::Dtype::F32,
             };
             let data = super::encode(&t.data, t.dtype);
             (t.name.clone(), data, dt, t.dims.clone())
         })
         .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+    let output_error = |msg: String| Error::Output {
+        path: path.into(),
+        msg,
+    };
+    let views = bytes
         .iter()
         .map(|(n, b, dt, dims)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*dt, dims.clone(), b).expect("sizes match"),
-            )
+            safetensors::tensor::TensorView::new(*dt, dims.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| output_error(format!("tensor {n}: {e}")))
         })
-        .collect();
-    let out = safetensors::serialize(views, None).map_err(|e| Error::Output {
-        path: path.into(),
-        msg: e.to_string(),
-    })?;
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize(views, None).map_err(|e| output_error(e.to_string()))
+}
+
+/// Writes a file's bytes atomically (a temporary file in the same folder, renamed).
+pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let mut tmp = tempfile_in(dir)?;
-    std::io::Write::write_all(&mut tmp, &out).map_err(|e| Error::io(path, e))?;
+    std::io::Write::write_all(&mut tmp, bytes).map_err(|e| Error::io(path, e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
 }

@@ -150,9 +150,17 @@ pub fn read(path: &Path, layers_per_block: usize) -> Result<LoraFile> {
             )));
         }
         if part == Part::Alpha {
+            if data.len() != 1 {
+                return Err(bad(format!(
+                    "key '{key}' (layer {module}): alpha must be a single value, not shape {:?}",
+                    view.shape()
+                )));
+            }
             layer.alpha = data.first().copied();
             continue;
         }
+        check_rank(part, view.shape())
+            .map_err(|why| bad(format!("key '{key}' (layer {module}): {why}")))?;
         let factor = Factor {
             shape: view.shape().to_vec(),
             data,
@@ -176,6 +184,27 @@ pub fn read(path: &Path, layers_per_block: usize) -> Result<LoraFile> {
         layers,
         elsewhere,
     })
+}
+
+/// Every factor is a matrix (Tucker cores and conv factors have more dims), with no empty
+/// dimension: the math indexes rows and ranks without re-checking.
+fn check_rank(part: Part, shape: &[usize]) -> std::result::Result<(), String> {
+    let min = match part {
+        Part::Alpha => return Ok(()),
+        Part::DoraScale => 1,
+        _ => 2,
+    };
+    if shape.len() < min {
+        return Err(format!(
+            "a {part:?} factor must have at least {min} dimensions, this one has shape {shape:?}"
+        ));
+    }
+    if shape.contains(&0) {
+        return Err(format!(
+            "a {part:?} factor must not have an empty dimension, this one has shape {shape:?}"
+        ));
+    }
+    Ok(())
 }
 
 fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {

@@ -49,14 +49,25 @@ fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// Tucker rebuild: ΔW[p, q, s] = Σ_ij t[i, j, s] · wa[i, p] · wb[j, q]
-/// (t [i, j, spatial], wa [i, out], wb [j, in]).
-fn tucker(t: &Factor, wa: &[f32], wb: &[f32], out: usize, inp: usize) -> Result<Vec<f32>, String> {
-    let (i, j) = (
-        t.shape[0],
-        *t.shape
-            .get(1)
-            .ok_or_else(|| format!("'{}' must be at least 2-D", t.key))?,
-    );
+/// (t [i, j, kernel..], wa [i, out], wb [j, in]); `kernel` is the layer's.
+fn tucker(
+    t: &Factor,
+    wa: &[f32],
+    wb: &[f32],
+    out: usize,
+    inp: usize,
+    kernel: &[usize],
+) -> Result<Vec<f32>, String> {
+    let (i, j) = match t.shape[..] {
+        [i, j, ..] => (i, j),
+        _ => return Err(format!("'{}' must be at least 2-D", t.key)),
+    };
+    if !fits_kernel(&t.shape[2..], kernel) {
+        return Err(format!(
+            "'{}' has shape {:?}: its kernel does not match the layer's {kernel:?}",
+            t.key, t.shape
+        ));
+    }
     let spatial = t.data.len() / (i * j).max(1);
     if wa.len() != i * out || wb.len() != j * inp {
         return Err(format!(
@@ -98,12 +109,16 @@ pub fn delta(layer: &Layer, shape: &[usize]) -> Result<Delta, String> {
     if layer.parts.contains_key(&Part::DoraScale) {
         return Err("DoRA (weight-decomposed LoRA) is not supported".into());
     }
-    let (out, inp) = (shape[0], shape.get(1).copied().unwrap_or(1));
-    let spatial: usize = shape[2..].iter().product();
+    let (out, inp) = match shape {
+        [out, inp, ..] => (*out, *inp),
+        _ => return Err(format!("the layer's weight {shape:?} is not a matrix")),
+    };
+    let kernel = &shape[2..];
+    let spatial: usize = kernel.iter().product();
     let d = if layer.parts.contains_key(&Part::Down) {
-        lora(layer, out, inp, spatial)?
+        lora(layer, out, inp, kernel)?
     } else if layer.parts.contains_key(&Part::HadaW1A) {
-        loha(layer, out, inp, spatial)?
+        loha(layer, out, inp, kernel)?
     } else if layer.parts.keys().any(|p| {
         matches!(
             p,
@@ -128,6 +143,29 @@ pub fn delta(layer: &Layer, shape: &[usize]) -> Result<Delta, String> {
     Ok(d)
 }
 
+/// Trailing (kernel) dims of a factor against the layer's kernel: equal, or both 1x1 / none.
+fn fits_kernel(dims: &[usize], kernel: &[usize]) -> bool {
+    dims == kernel || (dims.iter().all(|d| *d == 1) && kernel.iter().all(|d| *d == 1))
+}
+
+/// An input-side factor stored unflattened ([rows, inner, kernel..]) must split its columns
+/// as the layer does ([.., in, kernel..]); a flattened [rows, in·kernel] one is taken as is.
+fn check_conv(f: &Factor, inner: usize, kernel: &[usize], what: &str) -> Result<(), String> {
+    if f.shape.len() > 2 && (f.shape[1] != inner || !fits_kernel(&f.shape[2..], kernel)) {
+        return Err(format!(
+            "'{}' has shape {:?}, expected [_, {inner}, {}] for {what}",
+            f.key,
+            f.shape,
+            kernel
+                .iter()
+                .map(|k| k.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    Ok(())
+}
+
 fn check_dims(f: &Factor, rows: usize, cols: usize, what: &str) -> Result<(), String> {
     let (r, c) = f.rows_cols();
     if (r, c) != (rows, cols) {
@@ -139,9 +177,10 @@ fn check_dims(f: &Factor, rows: usize, cols: usize, what: &str) -> Result<(), St
     Ok(())
 }
 
-fn lora(layer: &Layer, out: usize, inp: usize, spatial: usize) -> Result<Delta, String> {
+fn lora(layer: &Layer, out: usize, inp: usize, kernel: &[usize]) -> Result<Delta, String> {
+    let spatial: usize = kernel.iter().product();
     let (down, up) = (need(layer, Part::Down)?, need(layer, Part::Up)?);
-    let rank = down.shape[0];
+    let rank = down.rows_cols().0;
     let s = scale(layer, rank);
     check_dims(up, out, rank, "the layer's output dim x rank")?;
     let mut data = match layer.parts.get(&Part::Mid) {
@@ -152,10 +191,18 @@ fn lora(layer: &Layer, out: usize, inp: usize, spatial: usize) -> Result<Delta, 
                 inp,
                 "rank x the layer's input dim (1x1 down with a mid)",
             )?;
-            tucker(mid, &transpose(&up.data, out, rank), &down.data, out, inp)?
+            tucker(
+                mid,
+                &transpose(&up.data, out, rank),
+                &down.data,
+                out,
+                inp,
+                kernel,
+            )?
         }
         None => {
             check_dims(down, rank, inp * spatial, "rank x the layer's input dims")?;
+            check_conv(down, inp, kernel, "rank x the layer's input dims")?;
             matmul(&up.data, out, rank, &down.data, inp * spatial)
         }
     };
@@ -172,19 +219,33 @@ fn lora(layer: &Layer, out: usize, inp: usize, spatial: usize) -> Result<Delta, 
     })
 }
 
-fn loha(layer: &Layer, out: usize, inp: usize, spatial: usize) -> Result<Delta, String> {
+fn loha(layer: &Layer, out: usize, inp: usize, kernel: &[usize]) -> Result<Delta, String> {
+    let spatial: usize = kernel.iter().product();
     let half = |a: Part, b: Part, t: Part| -> Result<(Vec<f32>, usize), String> {
         let (fa, fb) = (need(layer, a)?, need(layer, b)?);
-        match layer.parts.get(&t) {
+        let (w, rank) = match layer.parts.get(&t) {
             // Tucker: wa [rank, out], wb [rank, in], t [rank, rank, kh, kw].
-            Some(tf) => Ok((tucker(tf, &fa.data, &fb.data, out, inp)?, fa.shape[0])),
+            Some(tf) => (
+                tucker(tf, &fa.data, &fb.data, out, inp, kernel)?,
+                fa.rows_cols().0,
+            ),
             None => {
-                let rank = fb.shape[0];
+                let rank = fb.rows_cols().0;
                 check_dims(fa, out, rank, "the layer's output dim x rank")?;
                 check_dims(fb, rank, inp * spatial, "rank x the layer's input dims")?;
-                Ok((matmul(&fa.data, out, rank, &fb.data, inp * spatial), rank))
+                check_conv(fb, inp, kernel, "rank x the layer's input dims")?;
+                (matmul(&fa.data, out, rank, &fb.data, inp * spatial), rank)
             }
+        };
+        if w.len() != out * inp * spatial {
+            return Err(format!(
+                "'{}' and '{}' give {} values, expected {out}x{inp}x{kernel:?}",
+                fa.key,
+                fb.key,
+                w.len()
+            ));
         }
+        Ok((w, rank))
     };
     let (w1, rank) = half(Part::HadaW1A, Part::HadaW1B, Part::HadaT1)?;
     let (w2, _) = half(Part::HadaW2A, Part::HadaW2B, Part::HadaT2)?;
@@ -202,7 +263,7 @@ fn lokr(layer: &Layer, shape: &[usize]) -> Result<Delta, String> {
     let get = |p: Part| layer.parts.get(&p);
     // w1 [a, c]: full or a·b decomposed.
     let (w1, a, c) = match (get(Part::LokrW1), get(Part::LokrW1A), get(Part::LokrW1B)) {
-        (Some(w), _, _) => (w.data.clone(), w.shape[0], w.rows_cols().1),
+        (Some(w), _, _) => (w.data.clone(), w.rows_cols().0, w.rows_cols().1),
         (None, Some(wa), Some(wb)) => {
             let (a, r) = wa.rows_cols();
             check_dims(wb, r, wb.rows_cols().1, "w1b")?;
@@ -220,7 +281,8 @@ fn lokr(layer: &Layer, shape: &[usize]) -> Result<Delta, String> {
         }
     };
     let (out, inp) = (shape[0], shape.get(1).copied().unwrap_or(1));
-    let spatial: usize = shape[2..].iter().product();
+    let kernel = &shape[2..];
+    let spatial: usize = kernel.iter().product();
     if a == 0 || c == 0 || out % a != 0 || inp % c != 0 {
         return Err(format!(
             "lokr_w1 {a}x{c} does not divide the layer's weight {shape:?}"
@@ -235,19 +297,16 @@ fn lokr(layer: &Layer, shape: &[usize]) -> Result<Delta, String> {
         get(Part::LokrT2),
     ) {
         (Some(w), _, _, _) => {
-            if w.data.len() != b * d * spatial {
-                return Err(format!(
-                    "'{}' has shape {:?}, expected {b}x{d} (x kernel) for this layer",
-                    w.key, w.shape
-                ));
-            }
+            check_dims(w, b, d * spatial, "lokr_w2 (x kernel) for this layer")?;
+            check_conv(w, d, kernel, "lokr_w2 for this layer")?;
             w.data.clone()
         }
-        (None, Some(wa), Some(wb), Some(t)) => tucker(t, &wa.data, &wb.data, b, d)?,
+        (None, Some(wa), Some(wb), Some(t)) => tucker(t, &wa.data, &wb.data, b, d, kernel)?,
         (None, Some(wa), Some(wb), None) => {
             let r = wa.rows_cols().1;
             check_dims(wa, b, r, "w2a")?;
             check_dims(wb, r, d * spatial, "w2b")?;
+            check_conv(wb, d, kernel, "w2b")?;
             matmul(&wa.data, b, r, &wb.data, d * spatial)
         }
         _ => {
@@ -257,6 +316,14 @@ fn lokr(layer: &Layer, shape: &[usize]) -> Result<Delta, String> {
             ));
         }
     };
+    // kron(w1 [a, c], w2 [b, d, k..]) must give the layer's [out, in, k..] exactly.
+    if w2.len() != b * d * spatial {
+        return Err(format!(
+            "lokr_w2 (rebuilt from its factors) has {} values, expected {b}x{d}x{kernel:?} = {} for the layer's weight {shape:?} (lokr_w1 {a}x{c})",
+            w2.len(),
+            b * d * spatial
+        ));
+    }
     // LyCORIS: the rank is w1a's (else w2a's) inner dim; full matrices use scale 1.
     let rank = get(Part::LokrW1A)
         .map(|w| w.rows_cols().1)

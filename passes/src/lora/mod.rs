@@ -84,12 +84,32 @@ pub struct Target {
 }
 
 impl Target {
-    /// The weight's shape in torch's layout ([out, in, k..]).
-    pub fn torch_shape(&self, stored: &[i64]) -> Vec<usize> {
-        let s: Vec<usize> = stored.iter().map(|d| *d as usize).collect();
-        match self.layout {
-            Layout::MatMulT | Layout::Gemm { trans_b: false } => vec![s[1], s[0]],
-            Layout::Gemm { trans_b: true } | Layout::Conv => s,
+    /// The weight's shape in torch's layout ([out, in, k..]); `weight` is the initializer's
+    /// name (for the error about a negative or missing dim).
+    pub fn torch_shape(&self, weight: &str, stored: &[i64]) -> Result<Vec<usize>> {
+        let s: Vec<usize> = stored
+            .iter()
+            .map(|d| usize::try_from(*d))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| {
+                Error::tensor(
+                    weight,
+                    format!(
+                        "weight of layer {} has a negative dim ({stored:?})",
+                        self.module
+                    ),
+                )
+            })?;
+        match (self.layout, &s[..]) {
+            (Layout::MatMulT | Layout::Gemm { trans_b: false }, [a, b]) => Ok(vec![*b, *a]),
+            (Layout::Gemm { trans_b: true }, [_, _]) | (Layout::Conv, [_, _, _, ..]) => Ok(s),
+            _ => Err(Error::tensor(
+                weight,
+                format!(
+                    "weight of layer {} has shape {stored:?}, not one a {:?} layer stores",
+                    self.module, self.layout
+                ),
+            )),
         }
     }
 }
@@ -214,13 +234,11 @@ impl Pass for LoraPass {
             )));
         }
         for (target, uses) in plan.into_values() {
-            let stored = model
+            let w = model
                 .graph
                 .initializer(target.weight)
-                .expect("targets are initializers")
-                .dims()
-                .to_vec();
-            let shape = target.torch_shape(&stored);
+                .expect("targets are initializers");
+            let shape = target.torch_shape(w.name(), w.dims())?;
             let mut sum: Vec<f32> = Vec::new();
             for (fi, li) in uses {
                 let (f, multiplier) = &files[fi];
@@ -265,7 +283,8 @@ fn layer_error(f: &LoraFile, layer: &Layer, target: &Target, why: String) -> Err
     }
 }
 
-/// W ← round(W_f32 + ΔW) in the weight's own dtype and layout.
+/// W ← round(W_f32 + ΔW) in the weight's own dtype and layout (f64 weights: W_f64 + ΔW, no
+/// rounding through f32).
 fn fuse(model: &mut Model, target: &Target, shape: &[usize], delta: &[f32]) -> Result<()> {
     let g = &mut model.graph;
     let t = g
@@ -273,17 +292,71 @@ fn fuse(model: &mut Model, target: &Target, shape: &[usize], delta: &[f32]) -> R
         .expect("targets are initializers");
     let dtype = DataType::try_from(t.data_type())
         .map_err(|_| Error::tensor(t.name(), "unknown data type"))?;
-    let mut w = decode(&t.bytes()?, dtype).ok_or_else(|| {
-        Error::tensor(
+    let not_finite = |bad: String| {
+        Error::Graph(format!(
+            "fusing LoRA into layer {} ({}) gives {bad}, which is not finite in {}",
+            target.module,
             t.name(),
-            format!(
-                "cannot fuse into {} weights",
-                onnx::type_name(t.data_type())
-            ),
-        )
-    })?;
-    t.release();
+            onnx::type_name(t.data_type())
+        ))
+    };
+    let data = if dtype == DataType::Double {
+        let mut w: Vec<f64> = t
+            .bytes()?
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        t.release();
+        add_delta(&mut w, target, shape, delta, |w, d| *w += f64::from(d))?;
+        if let Some(bad) = w.iter().find(|v| !v.is_finite()) {
+            return Err(not_finite(bad.to_string()));
+        }
+        w.iter().flat_map(|v| v.to_le_bytes()).collect()
+    } else {
+        let mut w = decode(&t.bytes()?, dtype).ok_or_else(|| {
+            Error::tensor(
+                t.name(),
+                format!(
+                    "cannot fuse into {} weights",
+                    onnx::type_name(t.data_type())
+                ),
+            )
+        })?;
+        t.release();
+        add_delta(&mut w, target, shape, delta, |w, d| *w += d)?;
+        let max = match dtype {
+            DataType::Float16 => 65504.0,
+            DataType::Bfloat16 => 3.389_531_4e38,
+            _ => f32::MAX,
+        };
+        if let Some(bad) = w.iter().find(|v| !v.is_finite() || v.abs() > max) {
+            return Err(not_finite(bad.to_string()));
+        }
+        encode(&w, dtype)
+    };
+    let fused = t.with_data(data.into());
+    g.set_initializer(fused);
+    Ok(())
+}
+
+/// Adds ΔW (torch layout [out, rest]) to the stored weight `w` (its own layout).
+fn add_delta<T>(
+    w: &mut [T],
+    target: &Target,
+    shape: &[usize],
+    delta: &[f32],
+    add: impl Fn(&mut T, f32),
+) -> Result<()> {
     let (out, rest) = (shape[0], shape[1..].iter().product::<usize>());
+    if w.len() != out * rest || delta.len() != out * rest {
+        return Err(Error::Graph(format!(
+            "layer {}: its weight holds {} values and the LoRA gives {}, its dims {shape:?} call for {}",
+            target.module,
+            w.len(),
+            delta.len(),
+            out * rest
+        )));
+    }
     let transposed = matches!(
         target.layout,
         Layout::MatMulT | Layout::Gemm { trans_b: false }
@@ -295,24 +368,9 @@ fn fuse(model: &mut Model, target: &Target, shape: &[usize], delta: &[f32]) -> R
             } else {
                 o * rest + i
             };
-            w[at] += delta[o * rest + i];
+            add(&mut w[at], delta[o * rest + i]);
         }
     }
-    let max = match dtype {
-        DataType::Float16 => 65504.0,
-        DataType::Bfloat16 => 3.389_531_4e38,
-        _ => f32::MAX,
-    };
-    if let Some(bad) = w.iter().find(|v| !v.is_finite() || v.abs() > max) {
-        return Err(Error::Graph(format!(
-            "fusing LoRA into layer {} ({}) gives {bad}, which is not finite in {}",
-            target.module,
-            t.name(),
-            onnx::type_name(t.data_type())
-        )));
-    }
-    let fused = t.with_data(encode(&w, dtype).into());
-    g.set_initializer(fused);
     Ok(())
 }
 
@@ -336,9 +394,10 @@ pub(crate) fn decode(bytes: &[u8], dtype: DataType) -> Option<Vec<f32>> {
     })
 }
 
-/// f32 values rounded once to `dtype` (f32, f16 or bf16).
+/// f32 values rounded once to `dtype` (f32, f16 or bf16; f64 widened exactly).
 pub(crate) fn encode(w: &[f32], dtype: DataType) -> Vec<u8> {
     match dtype {
+        DataType::Double => w.iter().flat_map(|v| f64::from(*v).to_le_bytes()).collect(),
         DataType::Float16 => w
             .iter()
             .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
