@@ -412,6 +412,198 @@ fn malformed_graphs_are_errors_not_panics() {
     }
 }
 
+/// A small deterministic generator (xorshift64*), so a failing mutation can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len())]
+    }
+}
+
+/// One structural mutation of the kind hand-edited or tool-written models carry; returns
+/// what it did.
+fn mutate(m: &mut ModelProto, rng: &mut Rng) -> String {
+    use attune_compiler::onnx::attribute_proto::AttributeType;
+    let g = graph_mut(m);
+    let n = rng.below(g.node.len());
+    let node_name = g.node[n].name.clone();
+    match rng.below(7) {
+        0 => {
+            let Some(a) =
+                (!g.node[n].attribute.is_empty()).then(|| rng.below(g.node[n].attribute.len()))
+            else {
+                return format!("{node_name}: no attribute");
+            };
+            let a = &mut g.node[n].attribute[a];
+            let v = rng.pick(&[-5i64, -1, 0, 1, 7, 1 << 40]);
+            match AttributeType::try_from(a.r#type) {
+                Ok(AttributeType::Int) => a.i = v,
+                Ok(AttributeType::Ints) if !a.ints.is_empty() => {
+                    let i = rng.below(a.ints.len());
+                    a.ints[i] = v;
+                }
+                Ok(AttributeType::Float) => a.f = rng.pick(&[0.0, -1.0, f32::NAN, 1e30]),
+                _ => a.name = "renamed".into(),
+            }
+            format!("{node_name}: attribute {} set with {v}", a.name)
+        }
+        1 if !g.node[n].input.is_empty() => {
+            let other = rng.below(g.node.len());
+            let i = rng.below(g.node[n].input.len());
+            let to = match rng.below(3) {
+                0 => String::new(),
+                1 => "nowhere".into(),
+                _ => g.node[other].output.first().cloned().unwrap_or_default(),
+            };
+            g.node[n].input[i] = to.clone();
+            format!("{node_name}: input {i} reads '{to}'")
+        }
+        2 => {
+            g.node[n].input.pop();
+            format!("{node_name}: last input dropped")
+        }
+        3 => {
+            let t = rng.below(g.initializer.len());
+            let t = &mut g.initializer[t];
+            if t.dims.is_empty() {
+                return format!("{}: scalar kept", t.name);
+            }
+            let d = rng.below(t.dims.len());
+            t.dims[d] = rng.pick(&[0, 1, 2, -1, 1 << 33]);
+            format!("{}: dims {:?}", t.name, t.dims)
+        }
+        4 => {
+            let op = rng.pick(&[
+                "Softmax",
+                "MatMul",
+                "Reshape",
+                "Transpose",
+                "Add",
+                "Cast",
+                "Foo",
+            ]);
+            g.node[n].op_type = op.into();
+            format!("{node_name}: now a {op}")
+        }
+        5 => {
+            let copy = g.node[n].clone();
+            g.node.push(copy);
+            format!("{node_name}: duplicated")
+        }
+        _ => {
+            let io = rng.below(g.input.len());
+            let dims = g.input[io]
+                .r#type
+                .as_mut()
+                .and_then(|t| match t.value.as_mut()? {
+                    attune_compiler::onnx::type_proto::Value::TensorType(t) => t.shape.as_mut(),
+                    _ => None,
+                });
+            let Some(dims) = dims.filter(|d| !d.dim.is_empty()) else {
+                return "no input dims".into();
+            };
+            use attune_compiler::onnx::tensor_shape_proto::dimension::Value;
+            let d = rng.below(dims.dim.len());
+            dims.dim[d].value = Some(match rng.below(2) {
+                0 => Value::DimValue(rng.pick(&[0, 1, 3, -2, 1 << 40])),
+                _ => Value::DimParam(rng.pick(&["x", "batch", ""]).into()),
+            });
+            format!("input {io}: dim {d} changed")
+        }
+    }
+}
+
+/// Seeded random structural mutations of a real export: `inspect` and `compile` (a pass
+/// family per case) end in a result or an error, never a panic or a half-written output.
+#[test]
+fn seeded_graph_mutations_never_panic() {
+    let pass_sets: [&[&str]; 4] = [
+        &[
+            "--attention",
+            "flash",
+            "--tome",
+            "0.5",
+            "--hooks",
+            "capture,p2p,masactrl",
+        ],
+        &[
+            "--target",
+            "cuda",
+            "--attention",
+            "flash",
+            "--precision",
+            "fp16",
+        ],
+        &[
+            "--target",
+            "cpu",
+            "--attention",
+            "onnx",
+            "--fix-shapes",
+            "batch=2,height=16,width=16,sequence=8",
+        ],
+        &[
+            "--attention",
+            "linear",
+            "--tome",
+            "0.5",
+            "--tome-mode",
+            "todo",
+        ],
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let path = copy_fixture("sd15_legacy", dir.path());
+    let original = ModelProto::decode(fs::read(&path).unwrap().as_slice()).unwrap();
+    // ATTUNE_MUTATIONS=N,SEED explores further than the default run.
+    let (cases, seed) = std::env::var("ATTUNE_MUTATIONS")
+        .ok()
+        .and_then(|v| {
+            let (n, s) = v.split_once(',')?;
+            Some((n.parse().ok()?, s.parse().ok()?))
+        })
+        .unwrap_or((64, 7));
+    let mut rng = Rng(seed);
+    for case in 0..cases {
+        let mut m = original.clone();
+        let what: Vec<String> = (0..1 + rng.below(3))
+            .map(|_| mutate(&mut m, &mut rng))
+            .collect();
+        fs::write(&path, m.encode_to_vec()).unwrap();
+        let flags = pass_sets[case % pass_sets.len()];
+        let out = dir.path().join("out");
+        let _ = fs::remove_dir_all(&out);
+        fs::create_dir(&out).unwrap();
+        for o in [
+            attune(&["inspect", path.to_str().unwrap()]),
+            compile_to(&path, &out.join("o.onnx"), flags),
+        ] {
+            let err = stderr(&o);
+            let code = o.status.code();
+            assert!(
+                matches!(code, Some(0 | 2)) && !err.contains("panicked"),
+                "case {case} {what:?} {flags:?}: exit {code:?}: {err}"
+            );
+            if code == Some(2) {
+                assert_eq!(
+                    fs::read_dir(&out).unwrap().count(),
+                    0,
+                    "case {case}: output written"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn corrupt_and_truncated_models_are_errors() {
     let dir = tempfile::tempdir().unwrap();

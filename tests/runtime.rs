@@ -4,14 +4,17 @@ mod common;
 
 use std::fs;
 use std::path::Path;
+use std::process::Output;
 
 use attune_compiler::export::{self, ExportOptions, WeightsMode};
 use attune_compiler::import;
+use attune_compiler::onnx::{self, tensor_shape_proto::dimension::Value as DimValue};
 use attune_runtime::compare::compare;
 use attune_runtime::inputs::{self, Dims};
 use attune_runtime::ort_backend::OrtOptions;
 use attune_runtime::{Backend, Ep, HostTensor, npy};
 use common::*;
+use prost::Message;
 
 /// The fixture's committed inputs, in the model's order.
 fn fixture_inputs(name: &str) -> Vec<(String, HostTensor)> {
@@ -431,4 +434,316 @@ fn bench_and_demo_commands_run() {
     ] {
         assert!(text.contains(section), "{text}");
     }
+}
+
+/// A failed command that reported `expected` (each part) as an error, without a panic.
+fn assert_clean_error(o: &Output, expected: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for e in expected {
+        assert!(err.contains(e), "expected '{e}' in: {err}");
+    }
+}
+
+/// Writes a model of Identity nodes: f32 `inputs` (name, dims), `(from, to)` per node.
+fn identity_model(path: &Path, inputs: &[(&str, Vec<DimValue>)], nodes: &[(&str, &str)]) {
+    let graph = onnx::GraphProto {
+        name: "g".into(),
+        input: inputs
+            .iter()
+            .map(|(n, dims)| onnx::tensor_info(n, onnx::DataType::Float, Some(dims.clone())))
+            .collect(),
+        output: nodes
+            .iter()
+            .map(|(_, to)| onnx::tensor_info(to, onnx::DataType::Float, None))
+            .collect(),
+        node: nodes
+            .iter()
+            .map(|(from, to)| onnx::NodeProto {
+                input: vec![from.to_string()],
+                output: vec![to.to_string()],
+                name: format!("/{to}/Identity"),
+                op_type: "Identity".into(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let model = onnx::ModelProto {
+        ir_version: 8,
+        producer_name: "pytorch".into(),
+        opset_import: vec![onnx::OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    };
+    fs::write(path, model.encode_to_vec()).unwrap();
+}
+
+/// A .npy file of `header`'s shape and element type with no data after the header.
+fn npy_without_data(path: &Path, descr: &str, shape: &str) {
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    header.push_str(&" ".repeat((64 - (10 + header.len() + 1) % 64) % 64));
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((header.len() as u16).to_le_bytes());
+    bytes.extend(header.as_bytes());
+    fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn input_files_with_overflowing_shapes_are_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("sd15_legacy");
+    // 2^62 * 4 elements wrap to 0 (matching the empty data) without checked arithmetic.
+    let npy_file = dir.path().join("overflow.npy");
+    npy_without_data(&npy_file, "<f4", "(4611686018427387904, 4, 1, 1)");
+    // No elements, but a dim ndarray cannot index.
+    let st_file = dir.path().join("zero_huge.safetensors");
+    let header =
+        r#"{"sample":{"dtype":"F32","shape":[0,9223372036854775808],"data_offsets":[0,0]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header.as_bytes());
+    fs::write(&st_file, bytes).unwrap();
+    let out = dir.path().join("out");
+    let npy_arg = format!("sample={}", npy_file.display());
+    for (input, tensor) in [
+        (npy_arg.as_str(), ""),
+        (st_file.to_str().unwrap(), "tensor 'sample'"),
+    ] {
+        let mut args = vec![
+            "run",
+            model.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(["--input", input]);
+        args.extend(DIMS);
+        let file = input.trim_start_matches("sample=");
+        assert_clean_error(
+            &attune(&args),
+            &[file, tensor, "too large to hold in memory"],
+        );
+    }
+    assert!(!out.exists());
+}
+
+#[test]
+fn unrepresentable_dim_sizes_are_errors_naming_the_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    // 2^32 x 2^32 latents: the element count overflows isize (ndarray's "Shape too large").
+    let unet = fixture("sd15_legacy");
+    let mut args = vec![
+        "run",
+        unet.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(["--dim", "batch=1", "--dim", "sequence=77"]);
+    args.extend(["--dim", "height=4294967296", "--dim", "width=4294967296"]);
+    assert_clean_error(
+        &attune(&args),
+        &[
+            "input 'sample'",
+            "[1, 4, 4294967296, 4294967296]",
+            "more than 4 GiB",
+        ],
+    );
+    // The same through `sample --height/--width`.
+    let s = root().join("models/controller/sample");
+    let (cond, uncond) = (s.join("cond.npy"), s.join("uncond.npy"));
+    let o = attune(&[
+        "sample",
+        "--unet",
+        unet.to_str().unwrap(),
+        "--cond",
+        cond.to_str().unwrap(),
+        "--uncond",
+        uncond.to_str().unwrap(),
+        "--height",
+        "4294967296",
+        "--width",
+        "4294967296",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_clean_error(
+        &o,
+        &["--height 4294967296", "input 'sample'", "more than 4 GiB"],
+    );
+    // A dim expression that comes out negative, and a huge fixed dim in the model.
+    let cases = [
+        (
+            DimValue::DimParam("s0-5".into()),
+            "dim 's0-5' comes to -3; sizes cannot be negative",
+        ),
+        (DimValue::DimValue(1 << 62), "[4611686018427387904, 4]"),
+    ];
+    for (dim, expected) in cases {
+        let model = dir.path().join("m.onnx");
+        identity_model(
+            &model,
+            &[("x", vec![dim, DimValue::DimValue(4)])],
+            &[("x", "y")],
+        );
+        let o = attune(&[
+            "run",
+            model.to_str().unwrap(),
+            "--dim",
+            "s0=2",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_clean_error(&o, &["input 'x'", expected]);
+    }
+    assert!(!out.exists());
+}
+
+#[test]
+fn deeply_nested_dim_expressions_are_errors_not_stack_overflows() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("deep.onnx");
+    let deep = format!("{}a{}", "(".repeat(100_000), ")".repeat(100_000));
+    identity_model(
+        &model,
+        &[("x", vec![DimValue::DimParam(deep)])],
+        &[("x", "y")],
+    );
+    let out = dir.path().join("out");
+    let o = attune(&[
+        "run",
+        model.to_str().unwrap(),
+        "--dim",
+        "a=1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_clean_error(&o, &["input 'x'", "nests parentheses more than 64 deep"]);
+    assert!(
+        !stderr(&o).contains(&"(".repeat(100)),
+        "the expression is abbreviated"
+    );
+}
+
+#[test]
+fn sample_rejects_empty_or_mismatched_prompts_naming_the_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, shape: &[usize]| {
+        let path = dir.path().join(name);
+        npy::write(
+            &path,
+            &HostTensor::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(shape))),
+        )
+        .unwrap();
+        path.display().to_string()
+    };
+    let (cond0, uncond1) = (
+        write("cond0.npy", &[0, 77, 32]),
+        write("uncond1.npy", &[1, 77, 32]),
+    );
+    let (cond2, uncond5) = (
+        write("cond2.npy", &[2, 77, 32]),
+        write("uncond5.npy", &[1, 5, 32]),
+    );
+    let unet = fixture("sd15_legacy");
+    let out = dir.path().join("out");
+    let cases = [
+        (
+            &cond0,
+            &uncond1,
+            vec![format!("--cond {cond0}"), "is empty".into()],
+        ),
+        (
+            &cond2,
+            &uncond5,
+            vec![format!("--uncond {uncond5}"), format!("--cond {cond2}")],
+        ),
+    ];
+    for (cond, uncond, expected) in cases {
+        let o = attune(&[
+            "sample",
+            "--unet",
+            unet.to_str().unwrap(),
+            "--cond",
+            cond,
+            "--uncond",
+            uncond,
+            "--ep",
+            "tract",
+            "--steps",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_clean_error(&o, &expected.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    assert!(!out.exists());
+}
+
+#[test]
+fn sample_rejects_malformed_attention_outputs_and_step_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    // A "UNet" whose captured map `attn.bad` is the rank-1 timestep (--save-maps indexed it).
+    let unet = dir.path().join("unet.onnx");
+    let sym = |s: &str| DimValue::DimParam(s.into());
+    identity_model(
+        &unet,
+        &[
+            (
+                "sample",
+                vec![
+                    sym("batch"),
+                    DimValue::DimValue(4),
+                    sym("height"),
+                    sym("width"),
+                ],
+            ),
+            ("timestep", vec![sym("batch")]),
+            (
+                "encoder_hidden_states",
+                vec![sym("batch"), sym("sequence"), DimValue::DimValue(32)],
+            ),
+        ],
+        &[("sample", "out_sample"), ("timestep", "attn.bad")],
+    );
+    let cond = dir.path().join("cond.npy");
+    npy::write(
+        &cond,
+        &HostTensor::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(&[1, 4, 32]))),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let args = |steps: &'static str| {
+        vec![
+            "sample".to_string(),
+            format!("--unet={}", unet.display()),
+            format!("--cond={}", cond.display()),
+            format!("--uncond={}", cond.display()),
+            "--height=8".into(),
+            "--width=8".into(),
+            "--ep=tract".into(),
+            format!("--steps={steps}"),
+            "--save-maps=0".into(),
+            format!("--out={}", out.display()),
+        ]
+    };
+    let run = |args: Vec<String>| attune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_clean_error(
+        &run(args("1")),
+        &["output 'attn.bad' is [2], expected attention maps [2, query tokens, text tokens]"],
+    );
+    // A step count whose controller schedule (steps + 1 rows) would overflow.
+    let controller = dir.path().join("c.toml");
+    fs::write(&controller, "[local_blend]\nwords = [[0]]\n").unwrap();
+    let mut huge = args("18446744073709551615");
+    huge.push(format!("--controller={}", controller.display()));
+    assert_clean_error(
+        &run(huge),
+        &["--steps 18446744073709551615: must be within 1..=1000"],
+    );
+    assert!(!out.exists());
 }

@@ -152,11 +152,15 @@ impl Controller {
     ) -> Result<Plan> {
         let bad = |msg: String| Error::Inputs(format!("controller: {msg}"));
         let edits = prompts.saturating_sub(1);
+        // P2P's alpha has a row per step and one more.
+        let alpha_rows = steps
+            .checked_add(1)
+            .ok_or_else(|| bad(format!("{steps} steps are too many")))?;
         let mut plan = Plan {
             steps,
             prompts,
             words,
-            cross_alpha: vec![0.0; steps + 1],
+            cross_alpha: vec![0.0; alpha_rows],
             refine: None,
             self_range: (0, 0),
             mapper: None,
@@ -182,8 +186,8 @@ impl Controller {
             // P2P: alpha over steps + 1 rows, self replace over steps.
             let (s, e) = fraction(p.cross_replace_steps, "cross_replace_steps")?;
             let (start, end) = (
-                (s * (steps + 1) as f64) as usize,
-                (e * (steps + 1) as f64) as usize,
+                (s * alpha_rows as f64) as usize,
+                (e * alpha_rows as f64) as usize,
             );
             for (i, a) in plan.cross_alpha.iter_mut().enumerate() {
                 *a = if (start..end).contains(&i) { 1.0 } else { 0.0 };
@@ -277,7 +281,7 @@ impl Controller {
 impl Plan {
     /// Cross-attention alpha of every edit for this step, [P-1, T].
     pub fn alpha(&self, step: usize) -> HostTensor {
-        let edits = self.prompts - 1;
+        let edits = self.prompts.saturating_sub(1);
         let a = self.cross_alpha[step];
         let data: Vec<f32> = (0..edits * self.words)
             .map(|i| a * self.refine.as_ref().map_or(1.0, |r| r[i]))

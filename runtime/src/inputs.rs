@@ -8,7 +8,13 @@ use half::f16;
 use ndarray::{ArrayD, IxDyn};
 
 use crate::error::{Error, Result};
-use crate::tensor::{DType, HostTensor};
+use crate::tensor::{self, DType, HostTensor};
+
+/// Largest random input `prepare` generates (4 GiB); bigger ones must come from files.
+const MAX_GENERATED_BYTES: usize = 4 << 30;
+
+/// Deepest parenthesis nesting of a dim expression (the parser recurses per level).
+const MAX_NESTING: usize = 64;
 
 /// A declared input.
 #[derive(Clone, Debug)]
@@ -119,12 +125,13 @@ impl Dims {
         Ok(Dims(map))
     }
 
-    /// The size of a symbolic dim: given literally, or computed from the symbols it uses.
-    pub fn resolve(&self, symbol: &str) -> Option<i64> {
-        self.0
-            .get(symbol)
-            .copied()
-            .or_else(|| eval(symbol, &self.0))
+    /// The size of a symbolic dim: given literally, or computed from the symbols it uses
+    /// (`None` when a symbol has no size); an error for an expression too deep to evaluate.
+    pub fn resolve(&self, symbol: &str) -> std::result::Result<Option<i64>, String> {
+        match self.0.get(symbol) {
+            Some(v) => Ok(Some(*v)),
+            None => eval(symbol, &self.0),
+        }
     }
 }
 
@@ -193,7 +200,11 @@ pub fn prepare(
                         msg: format!("dim '{sym}' is {size} here but {prev} in '{from}'"),
                     });
                 }
-                if let Some(want) = dims.resolve(sym)
+                let resolved = dims.resolve(sym).map_err(|msg| Error::Input {
+                    input: name.clone(),
+                    msg,
+                })?;
+                if let Some(want) = resolved
                     && want != size
                 {
                     return Err(Error::Input {
@@ -227,6 +238,16 @@ pub fn prepare(
                 onnx::type_name(spec.elem_type)
             ),
         })?;
+        if tensor::byte_count(dtype, &shape).is_none_or(|b| b > MAX_GENERATED_BYTES) {
+            return Err(Error::Input {
+                input: spec.name.clone(),
+                msg: format!(
+                    "random {} data of shape {shape:?} would take more than {} GiB; give smaller --dim sizes or the input itself with --input",
+                    dtype.name(),
+                    MAX_GENERATED_BYTES >> 30
+                ),
+            });
+        }
         out.push((
             spec.name.clone(),
             random(&spec.name, dtype, &shape, &mut rng),
@@ -273,8 +294,17 @@ fn concrete_shape(spec: &InputSpec, dims: &Dims) -> Result<Vec<usize>> {
     for d in &spec.dims {
         match d {
             Dim::Fixed(v) => shape.push(*v),
-            Dim::Symbol(s) => match dims.resolve(s) {
-                Some(v) => shape.push(v as usize),
+            Dim::Symbol(s) => match dims.resolve(s).map_err(|msg| Error::Input {
+                input: spec.name.clone(),
+                msg,
+            })? {
+                Some(v) => shape.push(usize::try_from(v).map_err(|_| Error::Input {
+                    input: spec.name.clone(),
+                    msg: format!(
+                        "dim '{}' comes to {v}; sizes cannot be negative",
+                        abbreviated(s)
+                    ),
+                })?),
                 None => missing.push(s.clone()),
             },
             Dim::Unknown => missing.push("?".into()),
@@ -362,16 +392,41 @@ fn symbols(expr: &str) -> Vec<String> {
     out
 }
 
-/// Evaluates a dim expression such as `8*height` or `(s0 + 1)//2` with integer arithmetic.
-fn eval(expr: &str, vars: &BTreeMap<String, i64>) -> Option<i64> {
-    let tokens = tokenize(expr)?;
+/// Evaluates a dim expression such as `8*height` or `(s0 + 1)//2` with integer arithmetic;
+/// `None` for unknown symbols, overflow or bad syntax, an error for too deep nesting.
+fn eval(expr: &str, vars: &BTreeMap<String, i64>) -> std::result::Result<Option<i64>, String> {
+    let Some(tokens) = tokenize(expr) else {
+        return Ok(None);
+    };
+    let mut depth = 0usize;
+    for t in &tokens {
+        match t {
+            Tok::Op('(') => depth += 1,
+            Tok::Op(')') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        if depth > MAX_NESTING {
+            return Err(format!(
+                "dim expression '{}' nests parentheses more than {MAX_NESTING} deep",
+                abbreviated(expr)
+            ));
+        }
+    }
     let mut p = Parser {
         tokens: &tokens,
         pos: 0,
         vars,
     };
-    let v = p.sum()?;
-    (p.pos == tokens.len()).then_some(v)
+    Ok(p.sum().filter(|_| p.pos == tokens.len()))
+}
+
+/// The start of a long expression, for messages.
+fn abbreviated(expr: &str) -> String {
+    const SHOWN: usize = 40;
+    match expr.char_indices().nth(SHOWN) {
+        Some((at, _)) => format!("{}...", &expr[..at]),
+        None => expr.to_string(),
+    }
 }
 
 #[derive(Debug, PartialEq)]
@@ -473,9 +528,13 @@ mod tests {
     #[test]
     fn dim_expressions() {
         let d = Dims::parse(&["height=2".into(), "batch=3".into()]).unwrap();
-        assert_eq!(d.resolve("8*height"), Some(16));
-        assert_eq!(d.resolve("(batch + 1)//2"), Some(2));
-        assert_eq!(d.resolve("width"), None);
+        assert_eq!(d.resolve("8*height"), Ok(Some(16)));
+        assert_eq!(d.resolve("(batch + 1)//2"), Ok(Some(2)));
+        assert_eq!(d.resolve("width"), Ok(None));
+        let deep = format!("{}height{}", "(".repeat(100_000), ")".repeat(100_000));
+        assert!(d.resolve(&deep).unwrap_err().contains("more than 64 deep"));
+        let nested = format!("{}height{}", "(".repeat(64), ")".repeat(64));
+        assert_eq!(d.resolve(&nested), Ok(Some(2)));
         assert_eq!(symbols("8*height + w_1"), ["height", "w_1"]);
         assert!(Dims::parse(&["x".into()]).is_err());
     }

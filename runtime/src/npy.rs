@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::tensor::{DType, HostTensor};
+use crate::tensor::{self, DType, HostTensor};
 
 const MAGIC: &[u8] = b"\x93NUMPY";
 
@@ -62,13 +62,17 @@ fn parse(bytes: &[u8]) -> std::result::Result<HostTensor, String> {
         }
     };
     let data = &bytes[start + header_len..];
-    let count: usize = shape.iter().product();
-    if data.len() != count * dtype.size() {
+    let needed = tensor::byte_count(dtype, &shape).ok_or_else(|| {
+        format!(
+            "shape {shape:?} {} is too large to hold in memory",
+            dtype.name()
+        )
+    })?;
+    if data.len() != needed {
         return Err(format!(
-            "{} bytes of data for shape {shape:?} {} (needs {})",
+            "{} bytes of data for shape {shape:?} {} (needs {needed})",
             data.len(),
             dtype.name(),
-            count * dtype.size()
         ));
     }
     if !fortran {

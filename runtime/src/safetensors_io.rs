@@ -31,7 +31,8 @@ pub fn read(path: &Path) -> Result<Vec<(String, HostTensor)>> {
                 ));
             }
         };
-        let t = HostTensor::from_le_bytes(dtype, view.shape(), view.data(), &name)
+        let what = format!("tensor '{name}'");
+        let t = HostTensor::from_le_bytes(dtype, view.shape(), view.data(), &what)
             .map_err(|e| Error::file(path, e.to_string()))?;
         out.push((name, t));
     }

@@ -81,13 +81,15 @@ pub struct Maps {
 
 /// Runs the loop; returns the final latents and the accumulated attention maps.
 pub fn sample(unet: &mut Backend, run: SampleRun) -> Result<(ArrayD<f32>, Maps)> {
-    let prompts = run.cond.shape()[0];
+    let prompts = prompt_count(&run)?;
     let mut x = run.latents;
     if x.shape()[0] == 1 && prompts > 1 {
-        x = concatenate(Axis(0), &vec![x.view(); prompts]).expect("same shapes");
+        x = concatenate(Axis(0), &vec![x.view(); prompts])
+            .map_err(|e| Error::Inputs(format!("latents: {e}")))?;
     }
     let uncond = if run.uncond.shape()[0] == 1 {
-        concatenate(Axis(0), &vec![run.uncond.view(); prompts]).expect("same shapes")
+        concatenate(Axis(0), &vec![run.uncond.view(); prompts])
+            .map_err(|e| Error::Inputs(format!("unconditional embeddings: {e}")))?
     } else {
         run.uncond.clone()
     };
@@ -131,6 +133,16 @@ pub fn sample(unet: &mut Backend, run: SampleRun) -> Result<(ArrayD<f32>, Maps)>
                 "the UNet's first output is not f32 noise".into(),
             ));
         };
+        let noise_shape: Vec<usize> = [2 * prompts]
+            .into_iter()
+            .chain(x.shape()[1..].iter().copied())
+            .collect();
+        if eps.shape() != noise_shape {
+            return Err(Error::Inputs(format!(
+                "the UNet's noise output is {:?}, expected {noise_shape:?} (the batched sample's shape)",
+                eps.shape()
+            )));
+        }
         let (eu, ec) = (
             eps.slice_axis(Axis(0), (0..prompts).into()),
             eps.slice_axis(Axis(0), (prompts..2 * prompts).into()),
@@ -139,11 +151,16 @@ pub fn sample(unet: &mut Backend, run: SampleRun) -> Result<(ArrayD<f32>, Maps)>
         x = run.ddim.step(&guided.into_dyn(), t, &x);
         for (name, t) in &outputs {
             if let (Some(path), HostTensor::F32(m)) = (name.strip_prefix("attn."), t) {
-                let cond = m
-                    .slice_axis(Axis(0), (prompts..2 * prompts).into())
-                    .to_owned();
+                let cond = cond_map(name, m, prompts)?;
                 match maps.sum.get_mut(path) {
-                    Some(acc) => *acc += &cond,
+                    Some(acc) if acc.shape() == cond.shape() => *acc += &cond,
+                    Some(acc) => {
+                        return Err(Error::Inputs(format!(
+                            "the UNet's output '{name}' is {:?} at step {i}, {:?} before",
+                            m.shape(),
+                            acc.shape()
+                        )));
+                    }
                     None => {
                         maps.sum.insert(path.to_string(), cond);
                     }
@@ -155,6 +172,38 @@ pub fn sample(unet: &mut Backend, run: SampleRun) -> Result<(ArrayD<f32>, Maps)>
         }
     }
     Ok((x, maps))
+}
+
+/// The prompt count P, after checking that the embeddings and latents fit together.
+fn prompt_count(run: &SampleRun) -> Result<usize> {
+    let (cond, uncond, x) = (run.cond.shape(), run.uncond.shape(), run.latents.shape());
+    let prompts = cond.first().copied().unwrap_or(0);
+    let fits = cond.len() == 3
+        && prompts >= 1
+        && uncond.len() == 3
+        && uncond[1..] == cond[1..]
+        && (uncond[0] == 1 || uncond[0] == prompts)
+        && x.len() == 4
+        && (x[0] == 1 || x[0] == prompts);
+    if !fits {
+        return Err(Error::Inputs(format!(
+            "text embeddings {cond:?} (unconditional {uncond:?}) and latents {x:?} do not fit: expected [P >= 1, tokens, dim], [1 or P, tokens, dim] and [1 or P, channels, height, width]"
+        )));
+    }
+    Ok(prompts)
+}
+
+/// The cond half of a captured attention output, checked to be [2P, queries, keys].
+fn cond_map(name: &str, m: &ArrayD<f32>, prompts: usize) -> Result<ArrayD<f32>> {
+    let shape = m.shape();
+    if shape.len() != 3 || shape[0] != 2 * prompts || shape.contains(&0) {
+        return Err(Error::Inputs(format!(
+            "the UNet's output '{name}' is {shape:?}, expected attention maps [{}, query tokens, text tokens]",
+            2 * prompts
+        )));
+    }
+    let cond_half = m.slice_axis(Axis(0), (prompts..2 * prompts).into());
+    Ok(cond_half.to_owned())
 }
 
 /// Every hook input's value for step `i` (inputs not named here keep their defaults).
@@ -198,11 +247,19 @@ fn local_blend(
     lb: &crate::controller::LocalBlend,
     prompts: usize,
 ) -> Result<ArrayD<f32>> {
+    if lb.words.len() != prompts {
+        return Err(Error::Inputs(format!(
+            "local_blend: words lists {} prompts, the run has {prompts}",
+            lb.words.len()
+        )));
+    }
     let res = lb.resolution;
+    let tokens = res.checked_mul(res);
+    // Maps are [P, query tokens, text tokens] with no zero dims (see `cond_map`).
     let layers: Vec<&ArrayD<f32>> = maps
         .sum
         .values()
-        .filter(|m| m.shape()[1] == res * res)
+        .filter(|m| Some(m.shape()[1]) == tokens)
         .collect();
     if layers.is_empty() {
         return Err(Error::Inputs(format!(

@@ -127,61 +127,66 @@ impl HostTensor {
 
     /// From little-endian bytes in C order; `what` names the source in errors.
     pub fn from_le_bytes(dtype: DType, shape: &[usize], bytes: &[u8], what: &str) -> Result<Self> {
-        let count: usize = shape.iter().product();
-        if bytes.len() != count * dtype.size() {
+        let needed = byte_count(dtype, shape).ok_or_else(|| {
+            Error::Inputs(format!(
+                "{what}: shape {shape:?} {} is too large to hold in memory",
+                dtype.name()
+            ))
+        })?;
+        if bytes.len() != needed {
             return Err(Error::Inputs(format!(
-                "{what}: {} bytes of data for shape {shape:?} {} (needs {})",
+                "{what}: {} bytes of data for shape {shape:?} {} (needs {needed})",
                 bytes.len(),
                 dtype.name(),
-                count * dtype.size()
             )));
         }
-        let shape = ndarray::IxDyn(shape);
-        let arr = |v| Ok(v);
-        match dtype {
-            DType::F32 => arr(HostTensor::F32(
-                ArrayD::from_shape_vec(
-                    shape,
-                    bytes
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                        .collect(),
-                )
-                .unwrap(),
-            )),
-            DType::F16 => arr(HostTensor::F16(
-                ArrayD::from_shape_vec(
-                    shape,
-                    bytes
-                        .chunks_exact(2)
-                        .map(|c| f16::from_le_bytes(c.try_into().unwrap()))
-                        .collect(),
-                )
-                .unwrap(),
-            )),
-            DType::I64 => arr(HostTensor::I64(
-                ArrayD::from_shape_vec(
-                    shape,
-                    bytes
-                        .chunks_exact(8)
-                        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-                        .collect(),
-                )
-                .unwrap(),
-            )),
-            DType::I32 => arr(HostTensor::I32(
-                ArrayD::from_shape_vec(
-                    shape,
-                    bytes
-                        .chunks_exact(4)
-                        .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
-                        .collect(),
-                )
-                .unwrap(),
-            )),
-            DType::Bool => arr(HostTensor::Bool(
-                ArrayD::from_shape_vec(shape, bytes.iter().map(|b| *b != 0).collect()).unwrap(),
-            )),
-        }
+        let dims = ndarray::IxDyn(shape);
+        let bad_shape =
+            |e: ndarray::ShapeError| Error::Inputs(format!("{what}: shape {shape:?}: {e}"));
+        Ok(match dtype {
+            DType::F32 => HostTensor::F32(
+                ArrayD::from_shape_vec(dims, decode(bytes, f32::from_le_bytes))
+                    .map_err(bad_shape)?,
+            ),
+            DType::F16 => HostTensor::F16(
+                ArrayD::from_shape_vec(dims, decode(bytes, f16::from_le_bytes))
+                    .map_err(bad_shape)?,
+            ),
+            DType::I64 => HostTensor::I64(
+                ArrayD::from_shape_vec(dims, decode(bytes, i64::from_le_bytes))
+                    .map_err(bad_shape)?,
+            ),
+            DType::I32 => HostTensor::I32(
+                ArrayD::from_shape_vec(dims, decode(bytes, i32::from_le_bytes))
+                    .map_err(bad_shape)?,
+            ),
+            DType::Bool => HostTensor::Bool(
+                ArrayD::from_shape_vec(dims, bytes.iter().map(|b| *b != 0).collect())
+                    .map_err(bad_shape)?,
+            ),
+        })
     }
+}
+
+/// Elements in `shape`; `None` when the count (or the product of the non-zero dims, which
+/// ndarray also needs) does not fit in `isize`.
+pub fn element_count(shape: &[usize]) -> Option<usize> {
+    let nonzero = shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
+    isize::try_from(nonzero).ok()?;
+    Some(if shape.contains(&0) { 0 } else { nonzero })
+}
+
+/// Bytes a tensor of `shape` takes; `None` when that overflows `isize`.
+pub fn byte_count(dtype: DType, shape: &[usize]) -> Option<usize> {
+    let bytes = element_count(shape)?.checked_mul(dtype.size())?;
+    isize::try_from(bytes).ok().map(|_| bytes)
+}
+
+/// Values of `N` little-endian bytes each (`bytes.len()` is a multiple of `N`).
+fn decode<T, const N: usize>(bytes: &[u8], from_le: fn([u8; N]) -> T) -> Vec<T> {
+    let (chunks, _) = bytes.as_chunks::<N>();
+    chunks.iter().map(|c| from_le(*c)).collect()
 }

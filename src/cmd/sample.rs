@@ -119,15 +119,26 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         .any(|io| g.value(io.value).name.starts_with("attn."));
     drop(order);
 
+    // Checked first: the controller's schedules are sized by the step count.
+    let ddim = Ddim::new(args.steps)?;
     let cond = read_f32(&args.cond, "cond", 3)?;
     let uncond = read_f32(&args.uncond, "uncond", 3)?;
+    if cond.is_empty() {
+        bail!(
+            "--cond {}: shape {:?} is empty (expected [prompts >= 1, tokens >= 1, dim >= 1])",
+            args.cond.display(),
+            cond.shape()
+        );
+    }
     let (prompts, words) = (cond.shape()[0], cond.shape()[1]);
     if uncond.shape()[1..] != cond.shape()[1..]
         || (uncond.shape()[0] != 1 && uncond.shape()[0] != prompts)
     {
         bail!(
-            "--uncond {:?} does not fit --cond {:?} (expected [1 or {prompts}, {words}, {}])",
+            "--uncond {} {:?} does not fit --cond {} {:?} (expected [1 or {prompts}, {words}, {}])",
+            args.uncond.display(),
             uncond.shape(),
+            args.cond.display(),
             cond.shape(),
             cond.shape()[2]
         );
@@ -153,16 +164,31 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                 vec![],
                 &dims,
                 args.seed,
-            )?;
+            )
+            .with_context(|| {
+                format!(
+                    "seeded latents of --height {} --width {}",
+                    args.height, args.width
+                )
+            })?;
             match random.remove(0).1 {
-                HostTensor::F32(a) => a,
-                _ => bail!("the sample input is not f32"),
+                HostTensor::F32(a) if a.ndim() == 4 => a,
+                other => bail!(
+                    "{}: the sample input is {} {:?}, expected f32 [batch, channels, height, width]",
+                    args.unet.display(),
+                    other.dtype().name(),
+                    other.shape()
+                ),
             }
         }
     };
     if latents.shape()[0] != 1 && latents.shape()[0] != prompts {
+        let from = args.latents.as_ref().map_or_else(
+            || format!("the seeded latents for {}", args.unet.display()),
+            |p| format!("--latents {}", p.display()),
+        );
         bail!(
-            "--latents has batch {}, expected 1 or {prompts}",
+            "{from} have batch {}, expected 1 or {prompts} (the prompts in --cond)",
             latents.shape()[0]
         );
     }
@@ -195,7 +221,6 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         }
         None => None,
     };
-    let ddim = Ddim::new(args.steps)?;
     let ep = match args.ep {
         EpArg::Cpu => attune_runtime::Ep::Cpu,
         EpArg::Cuda => attune_runtime::Ep::Cuda,
@@ -246,6 +271,14 @@ fn write_heatmaps(
     prompts: usize,
     words: &[usize],
 ) -> anyhow::Result<usize> {
+    for (path, m) in &maps.sum {
+        if m.ndim() != 3 || m.shape()[0] < prompts || m.shape().contains(&0) {
+            bail!(
+                "--save-maps: output 'attn.{path}' is {:?}, expected [{prompts}, query tokens, text tokens]",
+                m.shape()
+            );
+        }
+    }
     let Some(tokens) = maps.sum.values().map(|m| m.shape()[1]).max() else {
         bail!("--save-maps: the UNet outputs no attention maps (compile it with --hooks capture)");
     };
@@ -263,7 +296,7 @@ fn write_heatmaps(
     let mut written = 0;
     for p in 0..prompts {
         for &w in words {
-            let total = layers[0].shape()[2];
+            let total = layers.iter().map(|l| l.shape()[2]).min().unwrap_or(0);
             if w >= total {
                 bail!("--save-maps: word {w} is beyond the {total} text tokens");
             }
