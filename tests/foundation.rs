@@ -281,6 +281,51 @@ fn first_node<'a>(m: &'a mut ModelProto, op: &str) -> &'a mut NodeProto {
         .unwrap()
 }
 
+/// One `compile` flag set per pass family, for the bad-input tests.
+const PASS_FAMILIES: [&[&str]; 4] = [
+    &[
+        "--attention",
+        "flash",
+        "--tome",
+        "0.5",
+        "--hooks",
+        "capture,p2p,masactrl",
+    ],
+    &[
+        "--target",
+        "cuda",
+        "--attention",
+        "flash",
+        "--precision",
+        "fp16",
+    ],
+    &[
+        "--target",
+        "cpu",
+        "--attention",
+        "onnx",
+        "--fix-shapes",
+        "batch=2,height=16,width=16,sequence=8",
+    ],
+    &[
+        "--attention",
+        "linear",
+        "--tome",
+        "0.5",
+        "--tome-mode",
+        "todo",
+        // linear attention measures its error on inputs of these sizes
+        "--dim",
+        "batch=2",
+        "--dim",
+        "height=16",
+        "--dim",
+        "width=16",
+        "--dim",
+        "sequence=8",
+    ],
+];
+
 /// Graphs the exporters never write but users' tools can: each is a clear error (or, where
 /// the model is valid, a success), never a panic, for `inspect` and for `compile` with every
 /// pass family.
@@ -355,30 +400,6 @@ fn malformed_graphs_are_errors_not_panics() {
             None,
         ),
     ];
-    let pass_sets: [&[&str]; 3] = [
-        &[
-            "--attention",
-            "flash",
-            "--tome",
-            "0.5",
-            "--hooks",
-            "capture,p2p,masactrl",
-        ],
-        &[
-            "--target",
-            "cuda",
-            "--attention",
-            "flash",
-            "--precision",
-            "fp16",
-        ],
-        &[
-            "--target",
-            "cpu",
-            "--fix-shapes",
-            "batch=2,height=16,width=16,sequence=8",
-        ],
-    ];
     for (what, edit, expected) in cases {
         let (dir, path) = broken(edit);
         let before = snapshot(dir.path());
@@ -393,7 +414,7 @@ fn malformed_graphs_are_errors_not_panics() {
         {
             assert!(err.contains(expected), "{what}: inspect: {err}");
         }
-        for flags in pass_sets {
+        for flags in PASS_FAMILIES {
             let out_dir = tempfile::tempdir().unwrap();
             let o = compile_to(&path, &out_dir.path().join("out.onnx"), flags);
             let err = stderr(&o);
@@ -527,40 +548,6 @@ fn mutate(m: &mut ModelProto, rng: &mut Rng) -> String {
 /// family per case) end in a result or an error, never a panic or a half-written output.
 #[test]
 fn seeded_graph_mutations_never_panic() {
-    let pass_sets: [&[&str]; 4] = [
-        &[
-            "--attention",
-            "flash",
-            "--tome",
-            "0.5",
-            "--hooks",
-            "capture,p2p,masactrl",
-        ],
-        &[
-            "--target",
-            "cuda",
-            "--attention",
-            "flash",
-            "--precision",
-            "fp16",
-        ],
-        &[
-            "--target",
-            "cpu",
-            "--attention",
-            "onnx",
-            "--fix-shapes",
-            "batch=2,height=16,width=16,sequence=8",
-        ],
-        &[
-            "--attention",
-            "linear",
-            "--tome",
-            "0.5",
-            "--tome-mode",
-            "todo",
-        ],
-    ];
     let dir = tempfile::tempdir().unwrap();
     let path = copy_fixture("sd15_legacy", dir.path());
     let original = ModelProto::decode(fs::read(&path).unwrap().as_slice()).unwrap();
@@ -579,7 +566,7 @@ fn seeded_graph_mutations_never_panic() {
             .map(|_| mutate(&mut m, &mut rng))
             .collect();
         fs::write(&path, m.encode_to_vec()).unwrap();
-        let flags = pass_sets[case % pass_sets.len()];
+        let flags = PASS_FAMILIES[case % PASS_FAMILIES.len()];
         let out = dir.path().join("out");
         let _ = fs::remove_dir_all(&out);
         fs::create_dir(&out).unwrap();
@@ -597,7 +584,7 @@ fn seeded_graph_mutations_never_panic() {
                 assert_eq!(
                     fs::read_dir(&out).unwrap().count(),
                     0,
-                    "case {case}: output written"
+                    "case {case} {what:?}: output written: {err}"
                 );
             }
         }

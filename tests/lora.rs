@@ -361,23 +361,7 @@ fn edited_kohya(
         })
         .collect();
     edit(&mut tensors);
-    let data: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
-        .into_iter()
-        .map(|(n, s, d)| (n, d.iter().flat_map(|v| v.to_le_bytes()).collect(), s))
-        .collect();
-    let views: Vec<_> = data
-        .iter()
-        .map(|(n, b, s)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .unwrap(),
-            )
-        })
-        .collect();
-    let path = dir.join(format!("{name}.safetensors"));
-    fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
-    path
+    write_f32_safetensors(dir, name, &tensors)
 }
 
 #[test]
@@ -496,29 +480,18 @@ type Keys = Vec<(String, Vec<usize>)>;
 
 /// Writes an f32 `.safetensors` file of (key, shape) tensors filled with small values.
 fn crafted_lora(dir: &Path, name: &str, tensors: &[(String, Vec<usize>)]) -> PathBuf {
-    let data: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = tensors
         .iter()
         .map(|(k, shape)| {
             let n: usize = shape.iter().product();
-            let bytes = (0..n)
-                .flat_map(|i| crafted_value(i).to_le_bytes())
-                .collect();
-            (k.to_string(), bytes, shape.to_vec())
-        })
-        .collect();
-    let views: Vec<_> = data
-        .iter()
-        .map(|(n, b, s)| {
             (
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .unwrap(),
+                k.clone(),
+                shape.clone(),
+                (0..n).map(crafted_value).collect(),
             )
         })
         .collect();
-    let path = dir.join(format!("{name}.safetensors"));
-    fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
-    path
+    write_f32_safetensors(dir, name, &tensors)
 }
 
 /// The i-th value of a crafted factor (none zero).
@@ -788,16 +761,7 @@ fn matmul_model(dtype: DataType, w: &[f64], output: bool) -> Model {
         }],
         ..Default::default()
     };
-    let proto = onnx::ModelProto {
-        ir_version: 8,
-        producer_name: "pytorch".into(),
-        opset_import: vec![onnx::OperatorSetIdProto {
-            domain: String::new(),
-            version: 17,
-        }],
-        graph: Some(graph),
-        ..Default::default()
-    };
+    let proto = model_of(graph);
     let dir = tempfile::tempdir().unwrap();
     import::from_proto(
         proto,

@@ -470,16 +470,7 @@ fn identity_model(path: &Path, inputs: &[(&str, Vec<DimValue>)], nodes: &[(&str,
             .collect(),
         ..Default::default()
     };
-    let model = onnx::ModelProto {
-        ir_version: 8,
-        producer_name: "pytorch".into(),
-        opset_import: vec![onnx::OperatorSetIdProto {
-            domain: String::new(),
-            version: 17,
-        }],
-        graph: Some(graph),
-        ..Default::default()
-    };
+    let model = model_of(graph);
     fs::write(path, model.encode_to_vec()).unwrap();
 }
 

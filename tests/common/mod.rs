@@ -35,6 +35,43 @@ pub const DIMS: [&str; 8] = [
     "sequence=77",
 ];
 
+/// A model of `graph` as torch's legacy exporter writes one (IR 8, opset 17).
+pub fn model_of(graph: onnx::GraphProto) -> ModelProto {
+    ModelProto {
+        ir_version: 8,
+        producer_name: "pytorch".into(),
+        opset_import: vec![onnx::OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+}
+
+/// Writes an f32 `.safetensors` file of (key, shape, values) tensors as `DIR/NAME.safetensors`.
+pub fn write_f32_safetensors(
+    dir: &Path,
+    name: &str,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+) -> PathBuf {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, d)| d.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<_> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, s, _), b)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b);
+            (n.clone(), view.unwrap())
+        })
+        .collect();
+    let path = dir.join(format!("{name}.safetensors"));
+    fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    path
+}
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
