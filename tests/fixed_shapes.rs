@@ -149,6 +149,19 @@ fn fixed_shapes_of_the_cpu_target_run_on_ort_cpu() {
         stdout.contains("sequence stays dynamic (in encoder_hidden_states)"),
         "{stdout}"
     );
+    // A partial spec fixes the outputs' declarations as it does the inputs'.
+    let (out, _) = compile_into(
+        dir.path(),
+        &fixture("sd15_legacy"),
+        &["--fix-shapes", "height=16"],
+    );
+    let shown = common::stdout(&attune(&["inspect", out.to_str().unwrap()]));
+    for decl in [
+        "sample f32[batch,4,16,width]",
+        "out_sample f32[batch,4,16,width]",
+    ] {
+        assert!(shown.contains(decl), "{decl}: {shown}");
+    }
 }
 
 #[test]
@@ -235,6 +248,23 @@ fn bad_fixed_shapes_are_clear_errors_and_write_nothing() {
         ),
         // The skip connection (15x15) and the upsampled path (16x16) cannot meet.
         ("sd15_legacy", "sample=2x4x15x15", "Concat at up_blocks"),
+        // The same with only the height given: axes compare where both sizes are known.
+        (
+            "sd15_legacy",
+            "height=3",
+            "inputs of sizes [?, 32, 4, ?], [?, 32, 3, ?] do not fit",
+        ),
+        // 8·height overflows 64 bits: an error, not a height left dynamic.
+        (
+            "sd15_dynamo",
+            "height=1152921504606846976",
+            "input sample dim 2 (8*height) is not a 64-bit whole number",
+        ),
+        (
+            "sd15_legacy",
+            "sample=1x4x4611686018427387904x4",
+            "input sample would hold more than 2^63 elements",
+        ),
     ];
     for (name, spec, expected) in cases {
         let o = compile_to(&fixture(name), &out, &["--fix-shapes", spec]);

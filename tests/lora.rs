@@ -459,20 +459,22 @@ fn a_fused_weight_that_overflows_its_dtype_is_an_error_naming_the_layer() {
             && err.contains("which is not finite in f16"),
         "{err}"
     );
-    // Multipliers themselves must be numbers.
-    let o = attune(&[
-        "compile",
-        fixture("sd15_legacy").to_str().unwrap(),
-        "-o",
-        "/nonexistent/o.onnx",
-        "--lora",
-        &format!("{}:inf", lora("kohya").display()),
-    ]);
-    assert!(
-        stderr(&o).contains("multiplier 'inf' is not a finite number"),
-        "{}",
-        stderr(&o)
-    );
+    // Multipliers themselves must be finite numbers, however they are spelled.
+    for m in ["inf", "NaN", "-INF"] {
+        let o = attune(&[
+            "compile",
+            fixture("sd15_legacy").to_str().unwrap(),
+            "-o",
+            "/nonexistent/o.onnx",
+            "--lora",
+            &format!("{}:{m}", lora("kohya").display()),
+        ]);
+        assert!(
+            stderr(&o).contains(&format!("multiplier '{m}' is not a finite number")),
+            "{}",
+            stderr(&o)
+        );
+    }
 }
 
 /// (key, shape) of the tensors of a crafted LoRA file.

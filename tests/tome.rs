@@ -218,11 +218,20 @@ fn bad_settings_are_errors_and_missing_blocks_a_no_op() {
         (&["--tome=-0.1"][..], "the ratio must be in [0, 1)"),
         (
             &["--tome", "0.5", "--tome-sx", "0"][..],
-            "strides must be at least 1",
+            "strides must be 1 to 64",
+        ),
+        // A stride wider than any latent compiles to a graph that fails at run time.
+        (
+            &["--tome", "0.5", "--tome-sy", "9223372036854775807"][..],
+            "--tome-sx 2 --tome-sy 9223372036854775807: strides must be 1 to 64",
         ),
         (
             &["--tome-mode", "todo", "--todo-factor", "0"][..],
-            "must be at least 1",
+            "--todo-factor 0: must be 1 to 64",
+        ),
+        (
+            &["--tome", "0.5", "--tome-static", "99999999999x64"][..],
+            "--tome-static 99999999999x64: sizes must be 1 to 65536 latent pixels",
         ),
         (
             &["--tome", "0.5", "--tome-static", "64"][..],

@@ -16,8 +16,10 @@
 //! a graph fed nothing computes exactly what the original does. Capture and P2P read the
 //! cross-attention probabilities, so those sites must stay unfused; the self-attention
 //! controls act on the projections, so self sites fuse.
+use std::collections::BTreeMap;
+
 use attune_compiler::analysis::attention::{self, AttentionSite, Kind};
-use attune_compiler::analysis::{ElemTypes, Shapes};
+use attune_compiler::analysis::{Dim, ElemTypes, Shapes};
 use attune_compiler::ir::{Graph, Model, NodeId, Use, ValueId};
 use attune_compiler::onnx::{self, DataType, tensor_shape_proto};
 use attune_compiler::pass::{Pass, PassCx, PassReport, Skipped};
@@ -79,8 +81,26 @@ impl Pass for ControllerPass {
             });
         }
         let wants = |h: Hook| self.hooks.contains(&h);
+        // P2P's word inputs are `words` long, so the text the cross sites read must be too.
+        let mut text_symbols = BTreeMap::new();
         if wants(Hook::Capture) || wants(Hook::P2p) {
             for site in found.sites.iter().filter(|s| selected(&s.path)) {
+                let mut p2p = wants(Hook::P2p);
+                if p2p && site.kind == Kind::Cross {
+                    match text_tokens(site, self.words) {
+                        Ok(Some(symbol)) => {
+                            text_symbols.insert(symbol, self.words);
+                        }
+                        Ok(None) => {}
+                        Err(why) => {
+                            report.skipped.push(Skipped {
+                                site: site.path.clone(),
+                                reason: format!("p2p: {why}"),
+                            });
+                            p2p = false;
+                        }
+                    }
+                }
                 let mut patch = Patch::new(model);
                 match probability_hooks(
                     &mut patch,
@@ -88,7 +108,7 @@ impl Pass for ControllerPass {
                     &types,
                     site,
                     wants(Hook::Capture),
-                    wants(Hook::P2p),
+                    p2p,
                     self.words,
                 ) {
                     Ok(what) if !what.is_empty() => {
@@ -146,10 +166,38 @@ impl Pass for ControllerPass {
                 }
             }
         }
+        if !text_symbols.is_empty() {
+            crate::lower::fix_shapes::fix_declarations(&mut model.graph, &text_symbols);
+            report.notes.push(format!(
+                "text length fixed to --hooks-words {} ({}), the length of the P2P inputs",
+                self.words,
+                text_symbols.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
         if report.rewritten.is_empty() {
             report.notes.push("no attention site took a hook".into());
         }
         Ok(report)
+    }
+}
+
+/// The dim symbol of a cross site's text tokens, which P2P ties to `words` (None when the
+/// count is already `words`); an error when the count is another fixed number.
+fn text_tokens(site: &AttentionSite, words: i64) -> std::result::Result<Option<String>, String> {
+    match &site.key_tokens {
+        Some(Dim::Known(n)) if *n == words => Ok(None),
+        Some(Dim::Known(n)) => Err(format!(
+            "it reads {n} text tokens, but the P2P inputs take --hooks-words {words}"
+        )),
+        Some(d) => match d.symbols().collect::<Vec<_>>()[..] {
+            [(symbol, 1)] if *d == Dim::symbol(symbol) => Ok(Some(symbol.to_string())),
+            _ => Err(format!(
+                "its text length {d} is not one dim symbol that --hooks-words {words} can fix"
+            )),
+        },
+        None => Err(format!(
+            "its text length is unknown, so it cannot be tied to --hooks-words {words}"
+        )),
     }
 }
 

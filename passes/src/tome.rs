@@ -73,6 +73,11 @@ impl Default for TomeOptions {
     }
 }
 
+/// Bounds on strides and factors (tomesd uses 2; a grid cell wider than any latent merges
+/// nothing) and on a static latent side (1024 px images have 128).
+const MAX_GRID: i64 = 64;
+const MAX_LATENT: i64 = 1 << 16;
+
 impl TomeOptions {
     /// Errors for settings that mean nothing.
     pub fn check(&self) -> std::result::Result<(), String> {
@@ -80,27 +85,29 @@ impl TomeOptions {
             Mode::Merge { ratio } if !(0.0..1.0).contains(&ratio) => {
                 return Err(format!("--tome {ratio}: the ratio must be in [0, 1)"));
             }
-            Mode::Downsample { factor, .. } if factor < 1 => {
-                return Err(format!("--todo-factor {factor}: must be at least 1"));
+            Mode::Downsample { factor, .. } if !(1..=MAX_GRID).contains(&factor) => {
+                return Err(format!("--todo-factor {factor}: must be 1 to {MAX_GRID}"));
             }
             _ => {}
         }
-        if self.sx < 1 || self.sy < 1 {
+        if !(1..=MAX_GRID).contains(&self.sx) || !(1..=MAX_GRID).contains(&self.sy) {
             return Err(format!(
-                "--tome-sx {} --tome-sy {}: strides must be at least 1",
+                "--tome-sx {} --tome-sy {}: strides must be 1 to {MAX_GRID}",
                 self.sx, self.sy
             ));
         }
-        if self.max_downsample < 1 {
+        if !(1..=MAX_GRID).contains(&self.max_downsample) {
             return Err(format!(
-                "--tome-max-downsample {}: must be at least 1",
+                "--tome-max-downsample {}: must be 1 to {MAX_GRID}",
                 self.max_downsample
             ));
         }
         if let Some((h, w)) = self.static_hw
-            && (h < 1 || w < 1)
+            && !((1..=MAX_LATENT).contains(&h) && (1..=MAX_LATENT).contains(&w))
         {
-            return Err(format!("--tome-static {h}x{w}: sizes must be positive"));
+            return Err(format!(
+                "--tome-static {h}x{w}: sizes must be 1 to {MAX_LATENT} latent pixels"
+            ));
         }
         Ok(())
     }

@@ -34,11 +34,12 @@ impl LoraSource {
             });
         };
         // A colon followed by no number belongs to the path.
-        let looks_numeric = m
+        let lower = m.to_ascii_lowercase();
+        let looks_numeric = lower
             .trim_start_matches(['-', '+'])
             .starts_with(|c: char| c.is_ascii_digit() || c == '.')
-            || m.contains("inf")
-            || m.contains("nan");
+            || lower.contains("inf")
+            || lower.contains("nan");
         if !looks_numeric {
             return Ok(LoraSource {
                 path: text.into(),

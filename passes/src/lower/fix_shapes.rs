@@ -64,6 +64,7 @@ impl Pass for FixShapes {
         let mut report = PassReport::default();
         let symbols = solve(&model.graph, &self.specs)?;
         check_defaults(&model.graph, &symbols)?;
+        check_representable(&model.graph, &symbols)?;
         report.rewritten.push(
             symbols
                 .iter()
@@ -254,6 +255,34 @@ fn check_defaults(g: &Graph, symbols: &BTreeMap<String, i64>) -> Result<()> {
     Ok(())
 }
 
+/// Every input dim the sizes decide comes out a whole number, and every input's element
+/// count fits 64 bits: a size that overflows (`8*height`) would otherwise stay dynamic.
+fn check_representable(g: &Graph, symbols: &BTreeMap<String, i64>) -> Result<()> {
+    for io in &g.inputs {
+        let mut count: Option<i64> = Some(1);
+        for (axis, d) in declared_dims(&io.info).iter().enumerate() {
+            let decided = d.symbols().any(|(s, _)| symbols.contains_key(s));
+            match d.substitute(symbols) {
+                Some(Dim::Known(v)) => count = count.and_then(|c| c.checked_mul(v)),
+                None if decided => {
+                    return Err(Error::Graph(format!(
+                        "--fix-shapes: input {} dim {axis} ({d}) is not a 64-bit whole number at these sizes",
+                        io.info.name
+                    )));
+                }
+                _ => {}
+            }
+        }
+        if count.is_none() {
+            return Err(Error::Graph(format!(
+                "--fix-shapes: input {} would hold more than 2^63 elements",
+                io.info.name
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn bind(symbols: &mut BTreeMap<String, i64>, name: &str, size: i64, at: &str) -> Result<()> {
     if size < 1 {
         return Err(Error::Graph(format!(
@@ -268,8 +297,8 @@ fn bind(symbols: &mut BTreeMap<String, i64>, name: &str, size: i64, at: &str) ->
     }
 }
 
-/// Writes the fixed sizes into the inputs' and every `value_info` declaration.
-fn fix_declarations(g: &mut Graph, symbols: &BTreeMap<String, i64>) {
+/// Writes the fixed sizes into the inputs', outputs' and every `value_info` declaration.
+pub(crate) fn fix_declarations(g: &mut Graph, symbols: &BTreeMap<String, i64>) {
     let fix = |info: &mut ValueInfoProto| {
         let Some(onnx::type_proto::Value::TensorType(t)) =
             info.r#type.as_mut().and_then(|t| t.value.as_mut())
@@ -284,7 +313,7 @@ fn fix_declarations(g: &mut Graph, symbols: &BTreeMap<String, i64>) {
             }
         }
     };
-    for io in g.inputs.iter_mut() {
+    for io in g.inputs.iter_mut().chain(g.outputs.iter_mut()) {
         fix(&mut io.info);
     }
     let ids: Vec<_> = g
@@ -325,36 +354,52 @@ fn fix_outputs(g: &mut Graph, shapes: &Shapes) {
 }
 
 /// Sizes that cannot meet at these input sizes (a skip connection of another size than the
-/// upsampled path it joins) fail here, naming the node, rather than in ONNX Runtime.
+/// upsampled path it joins) fail here, naming the node, rather than in ONNX Runtime. Axes
+/// compare where both sizes are known, so a partial spec (`height=3`) is checked too.
 fn check_sizes(g: &Graph, shapes: &Shapes) -> Result<()> {
     let known = |v: Option<ValueId>| {
         shapes
             .shape(v?)
-            .and_then(|s| s.iter().map(Dim::known).collect::<Option<Vec<i64>>>())
+            .map(|s| s.iter().map(Dim::known).collect::<Vec<Option<i64>>>())
     };
     for n in g.topo_order()? {
         let node = g.node(n);
-        let ins: Option<Vec<Vec<i64>>> = node.inputs.iter().map(|v| known(*v)).collect();
+        let ins: Option<Vec<Vec<Option<i64>>>> = node.inputs.iter().map(|v| known(*v)).collect();
         let Some(ins) = ins else { continue };
         let mismatch = match node.op() {
             "Concat" => {
                 let rank = ins.first().map_or(0, Vec::len) as i64;
                 let a = node.attr("axis").map_or(0, |a| a.i);
                 let a = if a < 0 { a + rank } else { a } as usize;
-                let strip = |s: &Vec<i64>| {
+                let strip = |s: &Vec<Option<i64>>| {
                     let mut s = s.clone();
                     if a < s.len() {
                         s.remove(a);
                     }
                     s
                 };
-                ins.iter().any(|s| strip(s) != strip(&ins[0]))
+                let first = strip(&ins[0]);
+                ins.iter().map(strip).any(|s| {
+                    s.len() != first.len()
+                        || s.iter()
+                            .zip(&first)
+                            .any(|(x, y)| matches!((x, y), (Some(x), Some(y)) if x != y))
+                })
             }
             "Add" | "Sub" | "Mul" | "Div" | "Where" | "Pow" | "Equal" => !broadcasts(&ins),
             _ => false,
         };
         if mismatch {
-            let sizes: Vec<String> = ins.iter().map(|s| format!("{s:?}")).collect();
+            let sizes: Vec<String> = ins
+                .iter()
+                .map(|s| {
+                    let dims: Vec<String> = s
+                        .iter()
+                        .map(|d| d.map_or("?".into(), |d| d.to_string()))
+                        .collect();
+                    format!("[{}]", dims.join(", "))
+                })
+                .collect();
             return Err(Error::Node {
                 node: node.describe(),
                 msg: format!(
@@ -367,12 +412,13 @@ fn check_sizes(g: &Graph, shapes: &Shapes) -> Result<()> {
     Ok(())
 }
 
-fn broadcasts(shapes: &[Vec<i64>]) -> bool {
+/// Whether the shapes broadcast together, as far as their known sizes tell.
+fn broadcasts(shapes: &[Vec<Option<i64>>]) -> bool {
     let rank = shapes.iter().map(Vec::len).max().unwrap_or(0);
     (0..rank).all(|i| {
         let sizes: Vec<i64> = shapes
             .iter()
-            .filter_map(|s| (i + s.len()).checked_sub(rank).map(|j| s[j]))
+            .filter_map(|s| (i + s.len()).checked_sub(rank).and_then(|j| s[j]))
             .filter(|&d| d != 1)
             .collect();
         sizes.windows(2).all(|w| w[0] == w[1])
