@@ -15,14 +15,30 @@ fn ctl(name: &str) -> PathBuf {
 
 /// `attune sample` of `unet` with the controller fixture's prompts and latents.
 fn sample(unet: &Path, steps: &str, controller: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["--controller", controller.to_str().unwrap()];
+    args.extend(extra);
+    sample_with(unet, steps, &args)
+}
+
+/// `attune sample` of `unet` with the controller fixture's prompts and latents, no controller.
+fn sample_with(unet: &Path, steps: &str, extra: &[&str]) -> std::process::Output {
     let s = ctl("sample");
     let file = |f: &str| s.join(f).display().to_string();
     let (cond, uncond, latents) = (file("cond.npy"), file("uncond.npy"), file("latents.npy"));
     let mut args = vec!["sample", "--unet", unet.to_str().unwrap(), "--steps", steps];
     args.extend(["--cond", &cond, "--uncond", &uncond, "--latents", &latents]);
-    args.extend(["--controller", controller.to_str().unwrap()]);
     args.extend(extra);
     attune(&args)
+}
+
+/// A failed command that reported `expected` (each part) as an error, without a panic.
+fn assert_clean_error(o: &std::process::Output, expected: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for e in expected {
+        assert!(err.contains(e), "expected '{e}' in: {err}");
+    }
 }
 
 /// Runs with the controller fixture's inputs (and a hook-value file); every output.
@@ -265,6 +281,73 @@ fn bad_controllers_are_errors_before_running() {
         assert!(stderr(&o).contains(expected), "{toml}: {}", stderr(&o));
         assert!(!out.exists());
     }
+    // Non-finite values, empty word lists and map resolutions the UNet lacks.
+    let nan_mapper = dir.path().join("nan_mapper.npy");
+    let nan_alphas = dir.path().join("nan_alphas.npy");
+    let nan = |shape: &[usize]| {
+        HostTensor::F32(ndarray::ArrayD::from_elem(ndarray::IxDyn(shape), f32::NAN))
+    };
+    npy::write(&nan_mapper, &nan(&[1, 77, 77])).unwrap();
+    npy::write(&nan_alphas, &nan(&[1, 77])).unwrap();
+    let cases = [
+        (
+            "[p2p]\nequalizer = { 5 = nan }\n".to_string(),
+            "equalizer token 5: weight NaN is not a finite f32",
+        ),
+        (
+            "[p2p]\nequalizer = { 5 = inf }\n".to_string(),
+            "equalizer token 5: weight inf is not a finite f32",
+        ),
+        (
+            "[p2p]\nequalizer = { 5 = 1e39 }\n".to_string(),
+            "equalizer token 5: weight 1e39 is not a finite f32",
+        ),
+        (
+            format!("[p2p]\nmapper = \"{}\"\n", nan_mapper.display()),
+            "nan_mapper.npy has a non-finite value (NaN)",
+        ),
+        (
+            format!("[p2p]\nrefine_alphas = \"{}\"\n", nan_alphas.display()),
+            "nan_alphas.npy has a non-finite value (NaN)",
+        ),
+        (
+            "[local_blend]\nwords = [[], []]\n".to_string(),
+            "[local_blend] words: the list of prompt 0 is empty",
+        ),
+        (
+            "[local_blend]\nwords = [[3], []]\n".to_string(),
+            "[local_blend] words: the list of prompt 1 is empty",
+        ),
+        (
+            "[local_blend]\nwords = [[3], [4]]\nresolution = 0\n".to_string(),
+            "[local_blend] resolution 0: must be at least 1",
+        ),
+        (
+            "[local_blend]\nwords = [[3], [4]]\nresolution = 5\n".to_string(),
+            "[local_blend] resolution = 5: ",
+        ),
+        (
+            "[local_blend]\nwords = [[3], [4]]\nresolution = 4294967296\n".to_string(),
+            "its maps have resolutions 4, 8, 16",
+        ),
+    ];
+    for (toml, expected) in cases {
+        let c = controller(dir.path(), &toml);
+        let out = dir.path().join("never");
+        let o = sample(&hooked, "4", &c, &["--out", out.to_str().unwrap()]);
+        assert_clean_error(&o, &[expected, "c.toml"]);
+        assert!(!out.exists(), "{toml}");
+    }
+    for g in ["nan", "inf", "-inf"] {
+        let out = dir.path().join("never");
+        let o = sample_with(
+            &hooked,
+            "2",
+            &[&format!("--guidance={g}"), "--out", out.to_str().unwrap()],
+        );
+        assert_clean_error(&o, &["--guidance", "must be a finite number"]);
+        assert!(!out.exists());
+    }
     // A controller needing hooks the model lacks.
     let c = controller(dir.path(), "[p2p]\ncross_replace_steps = 0.5\n");
     let o = sample(&fixture("sd15_legacy"), "2", &c, &[]);
@@ -272,5 +355,239 @@ fn bad_controllers_are_errors_before_running() {
         stderr(&o).contains("compile it with --hooks p2p"),
         "{}",
         stderr(&o)
+    );
+}
+
+#[test]
+fn fp16_unets_sample_like_fp32_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixture("sd15_legacy");
+    let (fp16, _) = compile_into(dir.path(), &base, &["--precision", "fp16"]);
+    let (fp16_hooked, _) = compile_into(
+        dir.path(),
+        &base,
+        &["--precision", "fp16", "--hooks", "capture,p2p,masactrl"],
+    );
+    // Every input is fp16, hook inputs included: the sampler must convert what it feeds.
+    let o = attune(&["inspect", fp16_hooked.to_str().unwrap()]);
+    let text = stdout(&o);
+    assert!(
+        text.contains("sample f16[") && text.contains("encoder_hidden_states f16["),
+        "{text}"
+    );
+    let latents = |o: &std::process::Output, out: &Path| {
+        assert!(o.status.success(), "{}{}", stdout(o), stderr(o));
+        npy::read(&out.join("latents.npy")).unwrap()
+    };
+    let (o32, o16) = (dir.path().join("s32"), dir.path().join("s16"));
+    let want = latents(
+        &sample_with(&base, "4", &["--out", o32.to_str().unwrap()]),
+        &o32,
+    );
+    let got = latents(
+        &sample_with(&fp16, "4", &["--out", o16.to_str().unwrap()]),
+        &o16,
+    );
+    assert_eq!(got.dtype(), attune_runtime::DType::F32);
+    // Observed: rel L2 2.0e-3 (fp16 UNet on ORT CPU, 4 steps).
+    let c = compare("latents", &want, &got).unwrap();
+    assert!(c.rel_l2 <= 1e-2, "{c:?}");
+    // With a controller (P2P, LocalBlend on fp16 maps, MasaCtrl) against the PyTorch loop.
+    let s = ctl("sample");
+    let oh = dir.path().join("s16h");
+    let o = sample(
+        &fp16_hooked,
+        "4",
+        &s.join("controller.toml"),
+        &["--out", oh.to_str().unwrap(), "--save-maps", "3"],
+    );
+    let got = latents(&o, &oh);
+    let c = compare(
+        "latents",
+        &npy::read(&s.join("final_latents.npy")).unwrap(),
+        &got,
+    )
+    .unwrap();
+    // Observed: rel L2 2.0e-3.
+    assert!(c.rel_l2 <= 1e-2, "{c:?}");
+    assert_eq!(fs::read_dir(oh.join("maps")).unwrap().count(), 2);
+}
+
+/// Writes a model of Identity nodes from one f32 input `x` to each of `outputs`.
+fn identity_model(path: &Path, outputs: &[&str]) {
+    use attune_compiler::onnx;
+    use prost::Message;
+    let graph = onnx::GraphProto {
+        name: "g".into(),
+        input: vec![onnx::tensor_info("x", onnx::DataType::Float, None)],
+        output: outputs
+            .iter()
+            .map(|o| onnx::tensor_info(o, onnx::DataType::Float, None))
+            .collect(),
+        node: outputs
+            .iter()
+            .enumerate()
+            .map(|(i, o)| onnx::NodeProto {
+                input: vec!["x".into()],
+                output: vec![o.to_string()],
+                name: format!("/id{i}/Identity"),
+                op_type: "Identity".into(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    fs::write(path, model_of(graph).encode_to_vec()).unwrap();
+}
+
+#[test]
+fn outputs_never_replace_inputs_and_are_checked_before_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // sample: --latents inside --out.
+    let sx = d.join("sx");
+    fs::create_dir(&sx).unwrap();
+    let latents = sx.join("latents.npy");
+    fs::copy(ctl("sample").join("latents.npy"), &latents).unwrap();
+    let before = fs::read(&latents).unwrap();
+    let s = ctl("sample");
+    let file = |f: &str| s.join(f).display().to_string();
+    let (cond, uncond) = (file("cond.npy"), file("uncond.npy"));
+    let base = fixture("sd15_legacy");
+    let o = attune(&[
+        "sample",
+        "--unet",
+        base.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--cond",
+        &cond,
+        "--uncond",
+        &uncond,
+        "--latents",
+        latents.to_str().unwrap(),
+        "--out",
+        sx.to_str().unwrap(),
+    ]);
+    assert_clean_error(&o, &["is the same file as --latents", "latents.npy"]);
+    assert_eq!(fs::read(&latents).unwrap(), before);
+    // run: an input file where an output goes (a hard link is the same file too).
+    let rr = d.join("rr");
+    fs::create_dir(&rr).unwrap();
+    let inputs = root().join("models/sd15_legacy/inputs");
+    fs::copy(inputs.join("sample.npy"), rr.join("out_sample.npy")).unwrap();
+    fs::hard_link(rr.join("out_sample.npy"), d.join("linked.npy")).unwrap();
+    let before = fs::read(rr.join("out_sample.npy")).unwrap();
+    for given in [rr.join("out_sample.npy"), d.join("linked.npy")] {
+        let mut args = vec![
+            "run".to_string(),
+            base.display().to_string(),
+            "--out".into(),
+            rr.display().to_string(),
+            format!("--input=sample={}", given.display()),
+        ];
+        for n in ["timestep", "encoder_hidden_states"] {
+            args.push(format!(
+                "--input={n}={}",
+                inputs.join(format!("{n}.npy")).display()
+            ));
+        }
+        let o = attune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_clean_error(
+            &o,
+            &[
+                "output 'out_sample'",
+                "out_sample.npy",
+                &given.display().to_string(),
+            ],
+        );
+        assert_eq!(fs::read(rr.join("out_sample.npy")).unwrap(), before);
+    }
+    // run: two outputs that map to one file name.
+    let collide = d.join("collide.onnx");
+    identity_model(&collide, &["a/b", "a_b"]);
+    let out = d.join("col");
+    let o = attune(&[
+        "run",
+        collide.to_str().unwrap(),
+        "--dim",
+        "x=2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_clean_error(&o, &["outputs 'a/b' and 'a_b'", "a_b.npy"]);
+    assert!(!out.exists());
+    // sample: --save-maps problems are found before sampling, so nothing is written.
+    let (hooked, _) = compile_into(d, &base, &["--hooks", "capture"]);
+    let sm = d.join("sm");
+    let o = sample_with(
+        &hooked,
+        "2",
+        &["--save-maps", "77", "--out", sm.to_str().unwrap()],
+    );
+    assert_clean_error(&o, &["--save-maps 77", "beyond the 77 text tokens"]);
+    assert!(!sm.exists());
+    let o = sample_with(
+        &base,
+        "2",
+        &["--save-maps", "3", "--out", sm.to_str().unwrap()],
+    );
+    assert_clean_error(&o, &["--save-maps", "compile it with --hooks capture"]);
+    assert!(!sm.exists());
+    fs::create_dir(&sm).unwrap();
+    fs::write(sm.join("maps"), b"a file").unwrap();
+    let o = sample_with(
+        &hooked,
+        "2",
+        &["--save-maps", "3", "--out", sm.to_str().unwrap()],
+    );
+    assert_clean_error(&o, &["maps", "exists and is not a folder"]);
+    assert!(!sm.join("latents.npy").exists());
+}
+
+/// P2P's word inputs are `--hooks-words` long, so the text input is fixed to that length: a
+/// prompt of another length is an error naming the input, not a broadcast error in a hook.
+#[test]
+fn p2p_fixes_the_text_length_to_hooks_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hooked, report) = compile_into(
+        dir.path(),
+        &fixture("sd15_legacy"),
+        &["--hooks", "capture,p2p", "--hooks-words", "8"],
+    );
+    assert!(
+        report.contains("text length fixed to --hooks-words 8 (sequence)"),
+        "{report}"
+    );
+    let shown = common::stdout(&attune(&["inspect", hooked.to_str().unwrap()]));
+    assert!(
+        shown.contains("encoder_hidden_states f32[batch,8,32]"),
+        "{shown}"
+    );
+    let run_with_tokens = |tokens: usize| {
+        let text = dir.path().join(format!("text{tokens}.npy"));
+        let zeros = ndarray::ArrayD::zeros(ndarray::IxDyn(&[2, tokens, 32]));
+        npy::write(&text, &HostTensor::F32(zeros)).unwrap();
+        let out = dir.path().join(format!("out{tokens}"));
+        let mut args = vec!["run".to_string(), hooked.display().to_string()];
+        args.push(format!("--input=encoder_hidden_states={}", text.display()));
+        args.extend(["--out".into(), out.display().to_string()]);
+        args.extend(["--dim", "height=16", "--dim", "width=16"].map(String::from));
+        attune(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let ok = run_with_tokens(8);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert_clean_error(
+        &run_with_tokens(7),
+        &["input 'encoder_hidden_states': dim 1 is 7, the model declares 8"],
+    );
+    // Capture alone has no word inputs and keeps the text length free.
+    let (capture, report) =
+        compile_into(dir.path(), &fixture("sd15_legacy"), &["--hooks", "capture"]);
+    assert!(!report.contains("text length fixed"), "{report}");
+    let shown = common::stdout(&attune(&["inspect", capture.to_str().unwrap()]));
+    assert!(
+        shown.contains("encoder_hidden_states f32[batch,sequence,32]"),
+        "{shown}"
     );
 }

@@ -46,7 +46,7 @@ pub struct P2p {
     #[serde(default = "no_range")]
     pub self_replace_steps: StepRange,
     #[serde(default)]
-    pub equalizer: BTreeMap<String, f32>,
+    pub equalizer: BTreeMap<String, f64>,
 }
 
 /// A fraction of the run (`0.8` = the first 80%) or `[start, end]` fractions.
@@ -204,12 +204,28 @@ impl Controller {
                         m.dtype().name()
                     )));
                 }
+                if let HostTensor::F32(arr) = &m
+                    && let Some(pos) = arr.iter().position(|v| !v.is_finite())
+                {
+                    return Err(bad(format!(
+                        "mapper {} has a non-finite value ({}) at element {pos}",
+                        f.display(),
+                        arr.iter().nth(pos).copied().unwrap_or(f32::NAN)
+                    )));
+                }
                 plan.mapper = Some(m);
             }
             if let Some(f) = &p.refine_alphas {
                 let a = npy::read(f)?;
                 match &a {
                     HostTensor::F32(arr) if a.shape() == [edits, words] => {
+                        if let Some(pos) = arr.iter().position(|v| !v.is_finite()) {
+                            return Err(bad(format!(
+                                "refine_alphas {} has a non-finite value ({}) at element {pos}",
+                                f.display(),
+                                arr.iter().nth(pos).copied().unwrap_or(f32::NAN)
+                            )));
+                        }
                         plan.refine = Some(arr.iter().copied().collect())
                     }
                     _ => {
@@ -232,7 +248,12 @@ impl Controller {
                             "equalizer token {i} is beyond the {words} text tokens"
                         )));
                     }
-                    eq[i] = *v;
+                    if !v.is_finite() || v.abs() > f32::MAX as f64 {
+                        return Err(bad(format!(
+                            "equalizer token {k}: weight {v:e} is not a finite f32"
+                        )));
+                    }
+                    eq[i] = *v as f32;
                 }
                 plan.equalizer = Some(HostTensor::F32(
                     ArrayD::from_shape_vec(IxDyn(&[1, words]), eq).expect("sized"),
@@ -245,6 +266,14 @@ impl Controller {
                     "[local_blend] words lists {} prompts, the run has {prompts}",
                     lb.words.len()
                 )));
+            }
+            if let Some(p) = lb.words.iter().position(Vec::is_empty) {
+                return Err(bad(format!(
+                    "[local_blend] words: the list of prompt {p} is empty (every prompt needs at least one token index, or its mask is empty)"
+                )));
+            }
+            if lb.resolution == 0 {
+                return Err(bad("[local_blend] resolution 0: must be at least 1".into()));
             }
             if let Some(w) = lb.words.iter().flatten().find(|w| **w >= words) {
                 return Err(bad(format!(

@@ -69,8 +69,33 @@ pub struct SampleRun<'a> {
     pub plan: Option<Plan>,
     /// The UNet's hook inputs in call order: (input name, kind).
     pub hooks: Vec<String>,
-    /// Dtype of the timestep input.
-    pub timestep_dtype: DType,
+    /// Declared element type of every UNet input (an fp16 UNet takes fp16 latents, text
+    /// embeddings and hook values); inputs not listed are fed as f32.
+    pub input_dtypes: BTreeMap<String, DType>,
+}
+
+/// `t` as the element type the UNet declares for input `name` (f32 <-> f16).
+fn as_declared(name: &str, t: HostTensor, dtypes: &BTreeMap<String, DType>) -> Result<HostTensor> {
+    match dtypes.get(name) {
+        Some(&d) if d != t.dtype() => t.float_as(d).ok_or_else(|| Error::Input {
+            input: name.to_string(),
+            msg: format!(
+                "the UNet declares it {}, `attune sample` feeds {}",
+                d.name(),
+                t.dtype().name()
+            ),
+        }),
+        _ => Ok(t),
+    }
+}
+
+/// A UNet output as f32 (an fp16 UNet's noise and maps), or `None` if it is not a float.
+fn output_f32(t: &HostTensor) -> Option<std::borrow::Cow<'_, ArrayD<f32>>> {
+    match t {
+        HostTensor::F32(a) => Some(std::borrow::Cow::Borrowed(a)),
+        HostTensor::F16(a) => Some(std::borrow::Cow::Owned(a.mapv(half::f16::to_f32))),
+        _ => None,
+    }
 }
 
 /// Cross-attention maps summed over steps (the cond half, per captured layer).
@@ -103,14 +128,11 @@ pub fn sample(unet: &mut Backend, run: SampleRun) -> Result<(ArrayD<f32>, Maps)>
         .collect();
     for (i, &t) in run.ddim.timesteps.iter().enumerate() {
         let sample = concatenate(Axis(0), &[x.view(), x.view()]).expect("same shapes");
-        let timestep = match run.timestep_dtype {
-            DType::I64 => HostTensor::I64(ArrayD::from_elem(IxDyn(&[2 * prompts]), t as i64)),
-            DType::I32 => HostTensor::I32(ArrayD::from_elem(IxDyn(&[2 * prompts]), t as i32)),
-            DType::F16 => HostTensor::F16(ArrayD::from_elem(
-                IxDyn(&[2 * prompts]),
-                half::f16::from_f32(t as f32),
-            )),
-            _ => HostTensor::F32(ArrayD::from_elem(IxDyn(&[2 * prompts]), t as f32)),
+        let steps = ArrayD::from_elem(IxDyn(&[2 * prompts]), t as f32);
+        let timestep = match run.input_dtypes.get("timestep") {
+            Some(DType::I64) => HostTensor::I64(steps.mapv(|v| v as i64)),
+            Some(DType::I32) => HostTensor::I32(steps.mapv(|v| v as i32)),
+            _ => HostTensor::F32(steps),
         };
         let mut inputs = vec![
             ("sample".to_string(), HostTensor::F32(sample)),
@@ -123,14 +145,22 @@ pub fn sample(unet: &mut Backend, run: SampleRun) -> Result<(ArrayD<f32>, Maps)>
         if let Some(plan) = &run.plan {
             inputs.extend(hook_values(plan, i, &run.hooks, &self_gates));
         }
+        let inputs = inputs
+            .into_iter()
+            .map(|(n, t)| {
+                let t = as_declared(&n, t, &run.input_dtypes)?;
+                Ok((n, t))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let outputs = unet.run(&inputs)?;
-        let Some((_, HostTensor::F32(eps))) = outputs
+        let Some(eps) = outputs
             .iter()
             .find(|(n, _)| n == "out_sample")
             .or_else(|| outputs.first())
+            .and_then(|(_, t)| output_f32(t))
         else {
             return Err(Error::Inputs(
-                "the UNet's first output is not f32 noise".into(),
+                "the UNet's first output is not float noise".into(),
             ));
         };
         let noise_shape: Vec<usize> = [2 * prompts]
@@ -150,8 +180,8 @@ pub fn sample(unet: &mut Backend, run: SampleRun) -> Result<(ArrayD<f32>, Maps)>
         let guided = &eu + &((&ec - &eu) * run.guidance);
         x = run.ddim.step(&guided.into_dyn(), t, &x);
         for (name, t) in &outputs {
-            if let (Some(path), HostTensor::F32(m)) = (name.strip_prefix("attn."), t) {
-                let cond = cond_map(name, m, prompts)?;
+            if let (Some(path), Some(m)) = (name.strip_prefix("attn."), output_f32(t)) {
+                let cond = cond_map(name, &m, prompts)?;
                 match maps.sum.get_mut(path) {
                     Some(acc) if acc.shape() == cond.shape() => *acc += &cond,
                     Some(acc) => {
@@ -237,6 +267,12 @@ fn hook_values(
     out
 }
 
+/// The side of a square grid of `tokens` query tokens.
+pub fn square_side(tokens: usize) -> Option<usize> {
+    let r = (tokens as f64).sqrt().round() as usize;
+    (r.checked_mul(r) == Some(tokens)).then_some(r)
+}
+
 /// P2P's LocalBlend: a mask from the accumulated cross maps (at the chosen resolution) of
 /// each prompt's words, max-pooled 3x3, upsampled (nearest), normalised by its max and
 /// thresholded; outside the union of the source's and each edit's mask the edits take the
@@ -262,9 +298,25 @@ fn local_blend(
         .filter(|m| Some(m.shape()[1]) == tokens)
         .collect();
     if layers.is_empty() {
-        return Err(Error::Inputs(format!(
-            "local_blend: no captured cross-attention maps have {res}x{res} query tokens (compile with --hooks capture)"
-        )));
+        let have: Vec<String> = maps
+            .sum
+            .values()
+            .map(|m| {
+                square_side(m.shape()[1])
+                    .map_or(format!("{} tokens", m.shape()[1]), |r| r.to_string())
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        return Err(Error::Inputs(if have.is_empty() {
+            "[local_blend]: the UNet output no cross-attention maps (compile with --hooks capture)"
+                .to_string()
+        } else {
+            format!(
+                "[local_blend] resolution = {res}: no captured cross-attention maps have {res}x{res} query tokens (the UNet's maps have resolutions {})",
+                have.join(", ")
+            )
+        }));
     }
     let words = layers[0].shape()[2];
     let (h, w) = (x.shape()[2], x.shape()[3]);

@@ -1,8 +1,9 @@
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::Context;
-use attune_runtime::npy;
+use anyhow::{Context, bail};
+use attune_runtime::{inputs, npy};
 
 use super::exec::{ExecArgs, output_file};
 
@@ -17,7 +18,70 @@ pub struct Args {
     out: PathBuf,
 }
 
+/// Are `a` and `b` the same file (same device and inode: links and other spellings of one
+/// path included)? `false` where either does not exist.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    let (Ok(ma), Ok(mb)) = (std::fs::metadata(a), std::fs::metadata(b)) else {
+        return false;
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        ma.dev() == mb.dev() && ma.ino() == mb.ino()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (ma, mb);
+        matches!(
+            (a.canonicalize(), b.canonicalize()),
+            (Ok(x), Ok(y)) if x == y
+        )
+    }
+}
+
+/// The file each output goes to, checked before running: two outputs whose names map to
+/// one file, an output file that is an input, or an --out that is not a folder are errors.
+fn output_paths(args: &Args) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    if args.out.exists() && !args.out.is_dir() {
+        bail!("--out {}: exists and is not a folder", args.out.display());
+    }
+    let model = super::load(&args.model)?;
+    let mut by_file: BTreeMap<PathBuf, String> = BTreeMap::new();
+    let mut paths = Vec::new();
+    for name in inputs::output_names(&model) {
+        let path = output_file(&args.out, &name);
+        if let Some(other) = by_file.get(&path) {
+            bail!(
+                "{}: outputs '{other}' and '{name}' would both be written to {}",
+                args.model.display(),
+                path.display()
+            );
+        }
+        by_file.insert(path.clone(), name.clone());
+        paths.push((name, path));
+    }
+    let mut read: Vec<(String, PathBuf)> = vec![("the model".into(), args.model.clone())];
+    for item in &args.exec.input.inputs {
+        let file = item.split_once('=').map_or(item.as_str(), |(_, f)| f);
+        read.push((format!("--input {item}"), PathBuf::from(file)));
+    }
+    if let Some(a) = &args.exec.input.adapter {
+        read.push(("--adapter".into(), a.clone()));
+    }
+    for (name, out) in &paths {
+        if let Some((what, input)) = read.iter().find(|(_, p)| same_file(out, p)) {
+            bail!(
+                "output '{name}' would be written to {}, which is {what} ({}): choose another --out",
+                out.display(),
+                input.display()
+            );
+        }
+    }
+    Ok(paths)
+}
+
 pub fn run(args: Args) -> anyhow::Result<i32> {
+    let paths = output_paths(&args)?;
     let inputs = args.exec.prepare_inputs(&args.model)?;
     let start = Instant::now();
     let mut backend = args.exec.open(&args.model)?;
@@ -30,7 +94,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     for (name, t) in &outputs {
-        let path = output_file(&args.out, name);
+        let path = paths
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or_else(|| output_file(&args.out, name), |(_, p)| p.clone());
         npy::write(&path, t)?;
         println!(
             "{name}: {} {:?} -> {}",

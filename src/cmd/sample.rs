@@ -1,6 +1,9 @@
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use attune_compiler::Model;
+use attune_compiler::analysis::{Dim, Shapes};
 use attune_runtime::controller::Controller;
 use attune_runtime::ort_backend::OrtOptions;
 use attune_runtime::sample::{self, Ddim, Maps, SampleRun};
@@ -64,7 +67,16 @@ enum SchedulerArg {
 
 fn read_f32(path: &Path, what: &str, rank: usize) -> anyhow::Result<ArrayD<f32>> {
     match npy::read(path)? {
-        HostTensor::F32(a) if a.ndim() == rank => Ok(a),
+        HostTensor::F32(a) if a.ndim() == rank => {
+            if let Some(pos) = a.iter().position(|v| !v.is_finite()) {
+                bail!(
+                    "--{what} {}: element {pos} is {}, not a finite number",
+                    path.display(),
+                    a.iter().nth(pos).copied().unwrap_or(f32::NAN)
+                );
+            }
+            Ok(a)
+        }
         other => bail!(
             "--{what} {}: expected a {rank}-D f32 array, got {} {:?}",
             path.display(),
@@ -76,6 +88,9 @@ fn read_f32(path: &Path, what: &str, rank: usize) -> anyhow::Result<ArrayD<f32>>
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
     let SchedulerArg::Ddim = args.scheduler;
+    if !args.guidance.is_finite() {
+        bail!("--guidance {}: must be a finite number", args.guidance);
+    }
     let model = super::load(&args.unet)?;
     let specs = inputs::input_specs(&model);
     for name in ["sample", "timestep", "encoder_hidden_states"] {
@@ -86,11 +101,27 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             );
         }
     }
-    let timestep_dtype = specs
-        .iter()
-        .find(|s| s.name == "timestep")
-        .and_then(|s| s.dtype())
-        .context("timestep input type")?;
+    // Every input is fed as the type the UNet declares (fp16 UNets take fp16 latents too).
+    let mut input_dtypes = BTreeMap::new();
+    for s in &specs {
+        match s.dtype() {
+            Some(d) => {
+                input_dtypes.insert(s.name.clone(), d);
+            }
+            None if !s.optional
+                || s.name.starts_with("p2p.")
+                || s.name.starts_with("masactrl.") =>
+            {
+                bail!(
+                    "{}: input '{}' has element type {}, which `attune sample` cannot feed",
+                    args.unet.display(),
+                    s.name,
+                    s.elem_type
+                )
+            }
+            None => {}
+        }
+    }
     // Hook inputs in call order (the order their readers run in).
     let g = &model.graph;
     let order = g.topo_order()?;
@@ -193,9 +224,27 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         );
     }
     let self_layers = hooks.iter().filter(|h| h.starts_with("masactrl.")).count();
+    // Every file read, so that no output replaces one.
+    let mut read: Vec<(String, PathBuf)> = vec![
+        ("--unet".into(), args.unet.clone()),
+        ("--cond".into(), args.cond.clone()),
+        ("--uncond".into(), args.uncond.clone()),
+    ];
+    if let Some(p) = &args.latents {
+        read.push(("--latents".into(), p.clone()));
+    }
     let plan = match &args.controller {
         Some(path) => {
             let c = Controller::read(path)?;
+            read.push(("--controller".into(), path.clone()));
+            if let Some(p) = &c.p2p {
+                let files = [("mapper", &p.mapper), ("refine_alphas", &p.refine_alphas)];
+                for (key, f) in files {
+                    if let Some(f) = f {
+                        read.push((format!("[p2p] {key} of --controller"), f.clone()));
+                    }
+                }
+            }
             let needs = [
                 (c.p2p.is_some(), "p2p.", "p2p"),
                 (c.masactrl.is_some(), "masactrl.", "masactrl"),
@@ -214,13 +263,69 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                     args.unet.display()
                 );
             }
-            Some(
-                c.plan(args.steps, prompts, words, self_layers)
-                    .with_context(|| format!("controller {}", path.display()))?,
-            )
+            let plan = c
+                .plan(args.steps, prompts, words, self_layers)
+                .with_context(|| format!("controller {}", path.display()))?;
+            if let Some(lb) = &plan.local_blend
+                && let Some(have) = map_resolutions(&model, latents.shape())
+                && !have.contains(&lb.resolution)
+            {
+                let have: Vec<String> = have.iter().map(usize::to_string).collect();
+                let r = lb.resolution;
+                bail!(
+                    "controller {}: [local_blend] resolution = {}: {} has no cross-attention maps of {r}x{r} query tokens for {:?} latents (its maps have resolutions {})",
+                    path.display(),
+                    lb.resolution,
+                    args.unet.display(),
+                    latents.shape(),
+                    have.join(", ")
+                );
+            }
+            Some(plan)
         }
         None => None,
     };
+    // Outputs: checked before the (long) run.
+    let latents_out = args.out.join("latents.npy");
+    let maps_dir = args.out.join("maps");
+    let mut written = vec![latents_out.clone()];
+    if !args.save_maps.is_empty() {
+        if !captured {
+            bail!(
+                "--save-maps: {} outputs no attention maps (compile it with --hooks capture)",
+                args.unet.display()
+            );
+        }
+        if let Some(w) = args.save_maps.iter().find(|w| **w >= words) {
+            bail!(
+                "--save-maps {w}: word {w} is beyond the {words} text tokens of --cond {}",
+                args.cond.display()
+            );
+        }
+        for p in 0..prompts {
+            for w in &args.save_maps {
+                written.push(maps_dir.join(format!("prompt{p}_word{w}.png")));
+            }
+        }
+    }
+    let mut dirs = vec![("--out", &args.out)];
+    if !args.save_maps.is_empty() {
+        dirs.push(("--save-maps folder", &maps_dir));
+    }
+    for (what, dir) in dirs {
+        if dir.exists() && !dir.is_dir() {
+            bail!("{what} {}: exists and is not a folder", dir.display());
+        }
+    }
+    for out in &written {
+        if let Some((flag, input)) = read.iter().find(|(_, p)| super::run::same_file(out, p)) {
+            bail!(
+                "the output {} is the same file as {flag} {}: it would be overwritten; choose another --out",
+                out.display(),
+                input.display()
+            );
+        }
+    }
     let ep = match args.ep {
         EpArg::Cpu => attune_runtime::Ep::Cpu,
         EpArg::Cuda => attune_runtime::Ep::Cuda,
@@ -239,12 +344,12 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         ddim,
         plan,
         hooks,
-        timestep_dtype,
+        input_dtypes,
     };
     let (x, maps) = sample::sample(&mut unet, run)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
-    let path = args.out.join("latents.npy");
+    let path = latents_out;
     npy::write(&path, &HostTensor::F32(x.clone()))?;
     println!(
         "{} DDIM steps, {prompts} prompts, guidance {}: wrote {} {:?}",
@@ -254,11 +359,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         x.shape()
     );
     if !args.save_maps.is_empty() {
-        let n = write_heatmaps(&args.out.join("maps"), &maps, prompts, &args.save_maps)?;
-        println!(
-            "wrote {n} attention heatmaps to {}",
-            args.out.join("maps").display()
-        );
+        let n = write_heatmaps(&maps_dir, &maps, prompts, &args.save_maps)?;
+        println!("wrote {n} attention heatmaps to {}", maps_dir.display());
     }
     Ok(0)
 }
@@ -323,4 +425,43 @@ fn write_heatmaps(
         }
     }
     Ok(written)
+}
+
+/// The resolutions (sides of square query-token grids) of the UNet's captured cross-attention
+/// maps for latents of `shape` [batch, channels, height, width], from symbolic shape
+/// inference; `None` where a size is not known statically.
+fn map_resolutions(model: &Model, shape: &[usize]) -> Option<Vec<usize>> {
+    let g = &model.graph;
+    let shapes = Shapes::infer(model);
+    let sample = g.value_id("sample")?;
+    let declared = shapes.shape(sample)?;
+    if declared.len() != 4 || shape.len() != 4 {
+        return None;
+    }
+    // Solve the declared height and width (`height`, `8*height`) for the latents' sizes.
+    let mut values = BTreeMap::new();
+    for (d, &size) in declared[2..].iter().zip(&shape[2..]) {
+        if let Dim::Sym { num, den, symbols } = d
+            && let [(name, 1)] = symbols.iter().collect::<Vec<_>>()[..]
+        {
+            let scaled = (size as i64).checked_mul(*den)?;
+            if *num == 0 || scaled % num != 0 {
+                return None;
+            }
+            values.insert(name.clone(), scaled / num);
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    for io in &g.outputs {
+        if !g.value(io.value).name.starts_with("attn.") {
+            continue;
+        }
+        let tokens = shapes
+            .shape(io.value)?
+            .get(1)?
+            .substitute(&values)?
+            .known()?;
+        out.insert(sample::square_side(usize::try_from(tokens).ok()?)?);
+    }
+    (!out.is_empty()).then(|| out.into_iter().collect())
 }
