@@ -738,3 +738,355 @@ fn sample_rejects_malformed_attention_outputs_and_step_counts() {
     );
     assert!(!out.exists());
 }
+
+/// 1..=6 as f32 [2, 3].
+fn one_to_six() -> HostTensor {
+    HostTensor::F32(
+        ndarray::ArrayD::from_shape_vec(
+            ndarray::IxDyn(&[2, 3]),
+            (1..=6).map(|v| v as f32).collect(),
+        )
+        .unwrap(),
+    )
+}
+
+#[test]
+fn outputs_that_are_inputs_come_back_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    // (passthru, chain) models with x of `dims`.
+    let models = |tag: &str, dims: Vec<DimValue>| {
+        // The graph output is the graph input itself: ORT hands the input's buffer back.
+        let passthru = dir.path().join(format!("passthru_{tag}.onnx"));
+        let graph = onnx::GraphProto {
+            name: "g".into(),
+            input: vec![onnx::tensor_info(
+                "x",
+                onnx::DataType::Float,
+                Some(dims.clone()),
+            )],
+            output: vec![onnx::tensor_info(
+                "x",
+                onnx::DataType::Float,
+                Some(dims.clone()),
+            )],
+            ..Default::default()
+        };
+        fs::write(&passthru, model_of(graph).encode_to_vec()).unwrap();
+        // An Identity chain returning the input (ORT may alias Identity's output to its input).
+        let chain = dir.path().join(format!("chain_{tag}.onnx"));
+        identity_model(&chain, &[("x", dims)], &[("x", "a"), ("a", "b")]);
+        [passthru, chain]
+    };
+    let dynamic = models(
+        "dynamic",
+        vec![DimValue::DimParam("n".into()), DimValue::DimValue(3)],
+    );
+    // Runs in fixed buffers (IoBinding, as CUDA graphs run) need fixed sizes.
+    let fixed = models("fixed", vec![DimValue::DimValue(2), DimValue::DimValue(3)]);
+    let x = one_to_six();
+    let inputs = vec![("x".to_string(), x.clone())];
+    let cases = dynamic
+        .iter()
+        .map(|m| (m, false))
+        .chain(fixed.iter().flat_map(|m| [(m, false), (m, true)]));
+    for (model, bind_io) in cases {
+        let opts = OrtOptions {
+            bind_io,
+            ..OrtOptions::default()
+        };
+        let mut backend = Backend::open(model, Ep::Cpu, &opts).unwrap();
+        // Twice: the IoBinding path reuses its buffers from the first run.
+        for _ in 0..2 {
+            let outputs = backend.run(&inputs).unwrap();
+            assert!(!outputs.is_empty());
+            for (name, t) in &outputs {
+                assert_eq!(
+                    t,
+                    &x,
+                    "{} output '{name}' (bind_io {bind_io})",
+                    model.display()
+                );
+            }
+        }
+        let outputs = run(model, Ep::Tract, &inputs);
+        assert!(
+            outputs.iter().all(|(_, t)| t == &x),
+            "tract {}",
+            model.display()
+        );
+    }
+    let passthru = &dynamic[0];
+    // Through the CLI, as the audit saw it.
+    let npy_in = dir.path().join("x.npy");
+    npy::write(&npy_in, &x).unwrap();
+    let out = dir.path().join("out");
+    let o = attune(&[
+        "run",
+        passthru.to_str().unwrap(),
+        &format!("--input=x={}", npy_in.display()),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(npy::read(&out.join("x.npy")).unwrap(), x);
+}
+
+/// `attune run` of a tiny model with `env` set, ORT_DYLIB_PATH unset unless given, and no
+/// python on PATH (so a damaged cache cannot be fetched again from the network).
+fn run_with_env(model: &Path, env: &[(&str, &Path)]) -> Output {
+    let out = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_attune"));
+    cmd.args(["run", model.to_str().unwrap(), "--dim", "n=2", "--out"])
+        .arg(out.path().join("o"))
+        .env_remove("ORT_DYLIB_PATH")
+        .env("PATH", "/nonexistent");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn damaged_onnxruntime_libraries_are_errors_naming_them_not_crashes() {
+    use attune_runtime::provision::{self, Flavor, ORT_VERSION};
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("id.onnx");
+    identity_model(
+        &model,
+        &[(
+            "x",
+            vec![DimValue::DimParam("n".into()), DimValue::DimValue(3)],
+        )],
+        &[("x", "y")],
+    );
+    let lib = provision::locate(Flavor::Cpu).unwrap();
+    let lib_name = format!("libonnxruntime.so.{ORT_VERSION}");
+
+    // ORT_DYLIB_PATH at a truncated copy: the user's file, checked, not loaded.
+    let truncated = dir.path().join("truncated.so");
+    fs::copy(&lib.path, &truncated).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&truncated)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let o = run_with_env(&model, &[("ORT_DYLIB_PATH", &truncated)]);
+    assert_clean_error(&o, &["ORT_DYLIB_PATH", "truncated.so", "truncated"]);
+    let o = run_with_env(&model, &[("ORT_DYLIB_PATH", &model)]);
+    assert_clean_error(&o, &["id.onnx", "not an ELF shared library"]);
+
+    if lib.origin == "ORT_DYLIB_PATH" {
+        eprintln!("ORT_DYLIB_PATH is set: no cache to copy, cache checks skipped");
+        return;
+    }
+    // Copies of the cache (never the real one), damaged in turn.
+    let source = lib.path.parent().unwrap();
+    let old_marker =
+        format!("onnxruntime=={ORT_VERSION}\n{lib_name}\nlibonnxruntime_providers_shared.so\n");
+    let fresh_cache = |name: &str| {
+        let cache = dir.path().join(name);
+        let flavor_dir = cache.join(source.file_name().unwrap());
+        fs::create_dir_all(&flavor_dir).unwrap();
+        for entry in fs::read_dir(source).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_file() {
+                fs::copy(&p, flavor_dir.join(p.file_name().unwrap())).unwrap();
+            }
+        }
+        // The marker older versions wrote: names only (upgraded on first use).
+        fs::write(flavor_dir.join(".verified"), &old_marker).unwrap();
+        (cache.clone(), flavor_dir.join(&lib_name))
+    };
+    let truncate = |p: &Path| {
+        let f = fs::OpenOptions::new().write(true).open(p).unwrap();
+        f.set_len(4096).unwrap();
+    };
+
+    // An older marker and a truncated library: the ELF check catches it (SIGBUS before).
+    let (cache, copy) = fresh_cache("old_marker");
+    truncate(&copy);
+    let o = run_with_env(&model, &[("ATTUNE_CACHE", &cache)]);
+    assert_clean_error(&o, &[copy.to_str().unwrap(), "is truncated"]);
+
+    // An intact copy runs and records size and hash; truncated after, its size gives it away.
+    let (cache, copy) = fresh_cache("recorded");
+    let o = run_with_env(&model, &[("ATTUNE_CACHE", &cache)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let marker = fs::read_to_string(copy.with_file_name(".verified")).unwrap();
+    assert!(marker.contains(&format!("{lib_name} size=")) && marker.contains("sha256="));
+    let o = run_with_env(&model, &[("ATTUNE_CACHE", &cache)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    truncate(&copy);
+    let o = run_with_env(&model, &[("ATTUNE_CACHE", &cache)]);
+    assert_clean_error(&o, &[copy.to_str().unwrap(), "4096 bytes, but was"]);
+
+    // Same size, other bytes: the recorded hash gives it away.
+    let (cache, copy) = fresh_cache("changed");
+    let o = run_with_env(&model, &[("ATTUNE_CACHE", &cache)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut bytes = fs::read(&copy).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    fs::write(&copy, bytes).unwrap();
+    let o = run_with_env(&model, &[("ATTUNE_CACHE", &cache)]);
+    assert_clean_error(&o, &[copy.to_str().unwrap(), "sha256"]);
+}
+
+#[test]
+fn bench_vs_converts_inputs_for_each_model_and_names_one_that_does_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = fixture("sd15_legacy");
+    let (fp16, _) = compile_into(dir.path(), &a, &["--precision", "fp16"]);
+    let (fixed, _) = compile_into(
+        dir.path(),
+        &a,
+        &["--fix-shapes", "batch=1,height=8,width=8,sequence=4"],
+    );
+    let (other_size, _) = compile_into(
+        dir.path(),
+        &a,
+        &["--fix-shapes", "batch=2,height=8,width=8,sequence=4"],
+    );
+    let dims = [
+        "--dim",
+        "batch=1",
+        "--dim",
+        "height=8",
+        "--dim",
+        "width=8",
+        "--dim",
+        "sequence=4",
+    ];
+    let mut args = vec![
+        "bench",
+        a.to_str().unwrap(),
+        "--vs",
+        fp16.to_str().unwrap(),
+        "--vs",
+        fixed.to_str().unwrap(),
+        "--iters",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+    ];
+    args.extend(dims);
+    let o = attune(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let rel = |i: usize| v["models"][i]["rel_l2_vs_a"].as_f64().unwrap();
+    assert!(rel(1) < 1e-2, "fp16 B: {}", rel(1));
+    assert!(rel(2) < 1e-4, "fixed-shape C: {}", rel(2));
+
+    // Fixed to other sizes than --dim gives: an error naming the model.
+    let mut args = vec![
+        "bench",
+        a.to_str().unwrap(),
+        "--vs",
+        other_size.to_str().unwrap(),
+        "--iters",
+        "1",
+    ];
+    args.extend(dims);
+    let o = attune(&args);
+    assert_clean_error(
+        &o,
+        &["model B", other_size.to_str().unwrap(), "input 'sample'"],
+    );
+
+    // A --vs model with an input the first lacks: made like any random input.
+    let x = || vec![DimValue::DimParam("n".into()), DimValue::DimValue(3)];
+    let (one, two) = (dir.path().join("one.onnx"), dir.path().join("two.onnx"));
+    identity_model(&one, &[("x", x())], &[("x", "y")]);
+    identity_model(&two, &[("x", x()), ("extra", x())], &[("x", "y")]);
+    let o = attune(&[
+        "bench",
+        one.to_str().unwrap(),
+        "--vs",
+        two.to_str().unwrap(),
+        "--iters",
+        "1",
+        "--dim",
+        "n=2",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The other way round the first model's inputs do not fit the second.
+    let o = attune(&[
+        "bench",
+        two.to_str().unwrap(),
+        "--vs",
+        one.to_str().unwrap(),
+        "--iters",
+        "1",
+        "--dim",
+        "n=2",
+    ]);
+    assert_clean_error(&o, &["model B", "one.onnx", "no input 'extra'"]);
+}
+
+#[test]
+fn bad_run_option_values_are_errors_naming_the_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("id.onnx");
+    identity_model(
+        &model,
+        &[(
+            "x",
+            vec![DimValue::DimParam("n".into()), DimValue::DimValue(3)],
+        )],
+        &[("x", "y")],
+    );
+    let m = model.to_str().unwrap();
+    for tol in ["--tol=NaN", "--tol=-1", "--tol=inf"] {
+        let o = attune(&["diff", m, m, "--numeric", tol, "--dim", "n=2"]);
+        assert_clean_error(&o, &["--tol"]);
+    }
+    let o = attune(&["diff", m, m, "--numeric", "--tol=0", "--dim", "n=2"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+
+    let bench = |extra: &[&str]| {
+        let mut args = vec!["bench", m, "--dim", "n=2", "--warmup", "0"];
+        args.extend(extra);
+        attune(&args)
+    };
+    assert_clean_error(&bench(&["--iters", "0"]), &["--iters", "'0'"]);
+    assert_clean_error(
+        &bench(&["--iters", "1", "--profile-runs", "0"]),
+        &["--profile-runs"],
+    );
+    assert_clean_error(
+        &bench(&["--iters", "1", "--threads", "100000"]),
+        &["--threads 100000", "at most 1024"],
+    );
+    let o = bench(&["--iters", "1", "--threads", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for ep in ["tract", "cpu"] {
+        assert_clean_error(
+            &bench(&["--iters", "1", "--ep", ep, "--cuda-graph"]),
+            &["--cuda-graph needs --ep cuda"],
+        );
+    }
+    // The library refuses too, whatever the caller.
+    let opts = OrtOptions {
+        cuda_graph: true,
+        ..OrtOptions::default()
+    };
+    let err = Backend::open(&model, Ep::Tract, &opts)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("--ep cuda"), "{err}");
+
+    // 27 models would run out of letters.
+    let mut args = vec!["bench", m, "--iters", "1", "--dim", "n=2"];
+    for _ in 0..26 {
+        args.extend(["--vs", m]);
+    }
+    assert_clean_error(&attune(&args), &["at most 26 models", "27"]);
+    args.truncate(args.len() - 2);
+    let o = attune(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("\nZ "), "{}", stdout(&o));
+}

@@ -35,6 +35,12 @@ pub enum Backend {
 
 impl Backend {
     pub fn open(model: &Path, ep: Ep, opts: &OrtOptions) -> Result<Backend> {
+        if opts.cuda_graph && ep != Ep::Cuda {
+            return Err(crate::Error::Cuda(format!(
+                "CUDA graphs need the CUDA execution provider (--ep cuda), not {}",
+                ep.name()
+            )));
+        }
         Ok(match ep {
             Ep::Cpu => Backend::Ort(OrtSession::open(model, Provider::Cpu, opts)?),
             Ep::Cuda => Backend::Ort(OrtSession::open(model, Provider::Cuda, opts)?),

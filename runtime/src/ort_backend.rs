@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use ort::environment::Environment;
 use ort::logging::LogLevel;
-use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 
 use crate::bound::Bound;
@@ -45,6 +45,10 @@ pub struct OrtOptions {
     /// implies `bind_io`; every node must be placed on CUDA: a model with fixed shapes).
     pub cuda_graph: bool,
 }
+
+/// The most intra-op threads a session may ask for: ORT starts them all at once, and a
+/// mistyped count (100000) would otherwise hang the process starting threads.
+pub const MAX_THREADS: usize = 1024;
 
 /// The process-wide ORT environment and which library flavour it loaded.
 static ENVIRONMENT: OnceLock<(Flavor, PathBuf, Environment)> = OnceLock::new();
@@ -119,6 +123,11 @@ impl OrtSession {
             .with_optimization_level(level)
             .map_err(ort_err)?;
         if let Some(n) = opts.threads {
+            if n > MAX_THREADS {
+                return Err(Error::Ort(format!(
+                    "--threads {n}: at most {MAX_THREADS} intra-op threads"
+                )));
+            }
             builder = builder.with_intra_threads(n).map_err(ort_err)?;
         }
         if let Some(prefix) = &opts.profile {
@@ -213,8 +222,15 @@ impl OrtSession {
             .map(|(n, t)| Ok((n.clone(), to_value(t)?)))
             .collect::<Result<_>>()?;
         let names = self.output_names();
-        let outputs = self.session.run(values)?;
-        names
+        // The session gets views: `values` owns the input buffers and must outlive the copies
+        // of the outputs below, because ORT may hand an input back as an output without a copy
+        // (a graph output that is also an input, an Identity chain).
+        let views: Vec<(&str, SessionInputValue<'_>)> = values
+            .iter()
+            .map(|(n, v)| (n.as_str(), SessionInputValue::from(v)))
+            .collect();
+        let outputs = self.session.run(views)?;
+        let copied = names
             .into_iter()
             .map(|name| {
                 let value = outputs
@@ -224,7 +240,10 @@ impl OrtSession {
                     from_value(value).map_err(|e| Error::Ort(format!("output '{name}': {e}")))?;
                 Ok((name, t))
             })
-            .collect()
+            .collect();
+        drop(outputs);
+        drop(values);
+        copied
     }
 }
 

@@ -3,7 +3,7 @@
 //! wheel fetched from PyPI through the ordinary client (`pip download`), unpacked, checked
 //! against the wheel's own RECORD hashes and its reported version, then cached.
 use std::fs::{self, File};
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -57,9 +57,13 @@ pub fn cache_dir() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".cache/attune"))
 }
 
-/// The library to load for `flavor`, fetching it on first use.
+/// The library to load for `flavor`, fetching it on first use, and again when the cached copy
+/// no longer matches what was installed (a truncated or changed file would crash the process
+/// when loaded, with SIGBUS, instead of giving an error).
 pub fn locate(flavor: Flavor) -> Result<OrtLibrary> {
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        // The user owns this file: attune neither hashes nor replaces it, but checks that it is
+        // a whole ELF library before loading it, so a truncated copy is an error naming it.
         let path = PathBuf::from(p);
         if !path.is_file() {
             return Err(Error::Provision(format!(
@@ -67,6 +71,9 @@ pub fn locate(flavor: Flavor) -> Result<OrtLibrary> {
                 path.display()
             )));
         }
+        check_elf(&path).map_err(|msg| {
+            Error::Provision(format!("ORT_DYLIB_PATH is {}, which {msg}", path.display()))
+        })?;
         return Ok(OrtLibrary {
             path,
             origin: "ORT_DYLIB_PATH",
@@ -74,20 +81,231 @@ pub fn locate(flavor: Flavor) -> Result<OrtLibrary> {
     }
     let dir = cache_dir()?.join(flavor.dir_name());
     let lib = dir.join(format!("libonnxruntime.so.{ORT_VERSION}"));
-    if dir.join(VERIFIED).is_file() && lib.is_file() {
-        return Ok(OrtLibrary {
-            path: lib,
-            origin: "cache",
-        });
+    match check_cache(&dir) {
+        Ok(()) => {
+            return Ok(OrtLibrary {
+                path: lib,
+                origin: "cache",
+            });
+        }
+        Err(None) => fetch(flavor, &dir)?,
+        Err(Some(damage)) => {
+            eprintln!("attune: {damage}; fetching ONNX Runtime again");
+            fetch(flavor, &dir).map_err(|e| {
+                let e = match e {
+                    Error::Provision(msg) => msg,
+                    other => other.to_string(),
+                };
+                Error::Provision(format!("{damage}, and fetching it again failed: {e}"))
+            })?;
+        }
     }
-    fetch(flavor, &dir)?;
     Ok(OrtLibrary {
         path: lib,
         origin: "fetched",
     })
 }
 
+/// The marker of a verified install: the wheel spec, then one line per library with the size,
+/// modification time and sha256 it had when installed (`NAME size=N mtime=S.NS sha256=HEX`).
+/// Older markers list names only; they are upgraded on first use.
 const VERIFIED: &str = ".verified";
+
+/// One library as `.verified` records it.
+#[derive(Clone, Debug, PartialEq)]
+struct Record {
+    name: String,
+    size: u64,
+    mtime: String,
+    sha256: String,
+}
+
+impl Record {
+    fn line(&self) -> String {
+        format!(
+            "{} size={} mtime={} sha256={}",
+            self.name, self.size, self.mtime, self.sha256
+        )
+    }
+
+    /// `None` for a name-only line (an older marker).
+    fn parse(line: &str) -> Option<Record> {
+        let mut parts = line.split_whitespace();
+        let name = parts.next()?.to_string();
+        let (mut size, mut mtime, mut sha256) = (None, None, None);
+        for part in parts {
+            match part.split_once('=') {
+                Some(("size", v)) => size = v.parse().ok(),
+                Some(("mtime", v)) => mtime = Some(v.to_string()),
+                Some(("sha256", v)) => sha256 = Some(v.to_string()),
+                _ => {}
+            }
+        }
+        Some(Record {
+            name,
+            size: size?,
+            mtime: mtime?,
+            sha256: sha256?,
+        })
+    }
+
+    /// Records `path` as it is now (hashing it).
+    fn of(path: &Path) -> Result<Record> {
+        let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+        Ok(Record {
+            name: file_name(path),
+            size: bytes.len() as u64,
+            mtime: mtime(path)?,
+            sha256: hex(&Sha256::digest(&bytes)),
+        })
+    }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn mtime(path: &Path) -> Result<String> {
+    let modified = fs::metadata(path)
+        .and_then(|m| m.modified())
+        .map_err(|e| Error::io(path, e))?;
+    let since = modified
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Ok(format!("{}.{:09}", since.as_secs(), since.subsec_nanos()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Is the cached install in `dir` whole? `Err(None)`: nothing is installed there (no marker);
+/// `Err(Some(why))`: it is damaged, `why` naming the file. Every library is checked for its
+/// recorded size; one whose modification time changed is hashed again (so an intact cache
+/// costs no hashing), and its new time recorded when the hash still matches.
+fn check_cache(dir: &Path) -> std::result::Result<(), Option<String>> {
+    let marker = dir.join(VERIFIED);
+    let Ok(text) = fs::read_to_string(&marker) else {
+        return Err(None);
+    };
+    let mut lines = text.lines();
+    let spec = lines.next().unwrap_or_default().to_string();
+    let main = format!("libonnxruntime.so.{ORT_VERSION}");
+    let mut records = Vec::new();
+    let mut rewrite = false;
+    for line in lines.filter(|l| !l.trim().is_empty()) {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let path = dir.join(name);
+        let meta = fs::metadata(&path)
+            .map_err(|e| Some(format!("cached library {}: {e}", path.display())))?;
+        if !meta.is_file() {
+            return Err(Some(format!(
+                "cached library {} is not a file",
+                path.display()
+            )));
+        }
+        let now = |path: &Path| Record::of(path).map_err(|e| Some(format!("cached library {e}")));
+        let record = match Record::parse(line) {
+            Some(r) => {
+                if meta.len() != r.size {
+                    return Err(Some(format!(
+                        "cached library {} is {} bytes, but was {} when installed (truncated or changed)",
+                        path.display(),
+                        meta.len(),
+                        r.size
+                    )));
+                }
+                if mtime(&path).ok().as_ref() == Some(&r.mtime) {
+                    r
+                } else {
+                    let current = now(&path)?;
+                    if current.sha256 != r.sha256 {
+                        return Err(Some(format!(
+                            "cached library {} does not match the sha256 recorded when it was installed",
+                            path.display()
+                        )));
+                    }
+                    rewrite = true;
+                    current
+                }
+            }
+            None => {
+                // An older marker: check the file is a whole library, then record it.
+                check_elf(&path)
+                    .map_err(|msg| Some(format!("cached library {} {msg}", path.display())))?;
+                rewrite = true;
+                now(&path)?
+            }
+        };
+        records.push(record);
+    }
+    if !records.iter().any(|r| r.name == main) {
+        return Err(Some(format!("{} lists no {main}", marker.display())));
+    }
+    if rewrite {
+        // Best effort: a read-only cache is still used, and checked again next time.
+        let _ = write_marker(dir, &spec, &records);
+    }
+    Ok(())
+}
+
+/// Writes `.verified` atomically (concurrent readers see the old or the new marker).
+fn write_marker(dir: &Path, spec: &str, records: &[Record]) -> Result<()> {
+    let lines: Vec<String> = records.iter().map(Record::line).collect();
+    let text = format!("{spec}\n{}\n", lines.join("\n"));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
+    std::io::Write::write_all(&mut tmp, text.as_bytes()).map_err(|e| Error::io(dir, e))?;
+    let marker = dir.join(VERIFIED);
+    tmp.persist(&marker)
+        .map_err(|e| Error::io(&marker, e.error))?;
+    Ok(())
+}
+
+/// Checks that `path` is a whole 64-bit little-endian ELF file: every segment and the section
+/// header table its headers describe lie inside the file. Loading a truncated library maps
+/// pages past its end and dies with SIGBUS; this turns that into an error. The message
+/// completes "PATH ...".
+fn check_elf(path: &Path) -> std::result::Result<(), String> {
+    let mut f = File::open(path).map_err(|e| format!("cannot be opened: {e}"))?;
+    let len = f
+        .metadata()
+        .map_err(|e| format!("cannot be read: {e}"))?
+        .len();
+    let mut h = [0u8; 64];
+    if len < 64 || f.read_exact(&mut h).is_err() {
+        return Err(format!("is {len} bytes, too short for a shared library"));
+    }
+    if &h[..4] != b"\x7fELF" {
+        return Err("is not an ELF shared library".into());
+    }
+    if h[4] != 2 || h[5] != 1 {
+        return Err("is not a 64-bit little-endian ELF library".into());
+    }
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as u64;
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+    let (phoff, shoff) = (u64_at(&h, 0x20), u64_at(&h, 0x28));
+    let (phentsize, phnum) = (u16_at(&h, 0x36), u16_at(&h, 0x38));
+    let (shentsize, shnum) = (u16_at(&h, 0x3a), u16_at(&h, 0x3c));
+    let ph_end = phoff.saturating_add(phentsize * phnum);
+    let mut need = ph_end.max(shoff.saturating_add(shentsize * shnum));
+    if ph_end <= len && phentsize >= 56 {
+        let mut table = vec![0u8; (phentsize * phnum) as usize];
+        f.seek(SeekFrom::Start(phoff))
+            .and_then(|_| f.read_exact(&mut table))
+            .map_err(|e| format!("cannot be read: {e}"))?;
+        for ph in table.chunks_exact(phentsize as usize) {
+            need = need.max(u64_at(ph, 8).saturating_add(u64_at(ph, 32)));
+        }
+    }
+    if len < need {
+        return Err(format!(
+            "is truncated: {len} bytes, but its ELF headers describe {need}"
+        ));
+    }
+    Ok(())
+}
 
 /// Downloads the pinned wheel with pip and installs its libraries into `dir`.
 /// Concurrent callers (parallel tests) wait on a lock; the folder appears atomically.
@@ -97,7 +315,7 @@ pub fn fetch(flavor: Flavor, dir: &Path) -> Result<()> {
     let lock_path = root.join(format!(".{}.lock", flavor.dir_name()));
     let lock = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
     lock.lock().map_err(|e| Error::io(&lock_path, e))?;
-    if dir.join(VERIFIED).is_file() {
+    if check_cache(dir).is_ok() {
         return Ok(()); // another process finished it while we waited
     }
     let spec = format!("{}=={ORT_VERSION}", flavor.package());
@@ -156,11 +374,11 @@ pub fn fetch(flavor: Flavor, dir: &Path) -> Result<()> {
         )));
     }
     check_version(&main)?;
-    fs::write(
-        lib_dir.join(VERIFIED),
-        format!("{spec}\n{}\n", installed.join("\n")),
-    )
-    .map_err(|e| Error::io(&lib_dir, e))?;
+    let records = installed
+        .iter()
+        .map(|name| Record::of(&lib_dir.join(name)))
+        .collect::<Result<Vec<_>>>()?;
+    write_marker(&lib_dir, &spec, &records)?;
     if dir.exists() {
         fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?; // a stale, unverified folder
     }

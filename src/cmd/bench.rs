@@ -5,7 +5,7 @@ use anyhow::Context;
 use attune_runtime::bench::{self, Rss, Stats};
 use attune_runtime::compare::compare;
 use attune_runtime::profile::{self, OpTime};
-use attune_runtime::{Backend, HostTensor};
+use attune_runtime::{Backend, Ep, HostTensor};
 use serde::Serialize;
 
 use super::exec::ExecArgs;
@@ -20,7 +20,7 @@ pub struct Args {
     #[command(flatten)]
     exec: ExecArgs,
     /// Timed runs per model
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = at_least_one)]
     iters: usize,
     /// Untimed runs per model first
     #[arg(long, default_value_t = 3)]
@@ -34,13 +34,39 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     profile: Option<PathBuf>,
     /// Profiled runs per model (after the warm-up runs)
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = at_least_one)]
     profile_runs: usize,
     /// Run with CUDA graphs (--ep cuda; models compiled with --fix-shapes): every model, or
     /// those named by their letters in the report (e.g. B,C), so others run without in the
     /// same alternation
     #[arg(long, value_name = "MODELS", num_args = 0..=1, default_missing_value = "all")]
     cuda_graph: Option<String>,
+}
+
+/// A count of runs: 1 or more (no timed run has no statistics).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("'{s}' is not a whole number >= 1")),
+    }
+}
+
+/// Models are labelled A to Z in the report.
+const MAX_MODELS: usize = 26;
+
+/// The report's letter for the model at `index` (below [`MAX_MODELS`]).
+fn label(index: usize) -> char {
+    (b'A' + index.min(MAX_MODELS - 1) as u8) as char
+}
+
+fn check_model_count(count: usize) -> anyhow::Result<()> {
+    if count > MAX_MODELS {
+        anyhow::bail!(
+            "bench compares at most {MAX_MODELS} models (A to Z), but {count} are given (the model and {} --vs)",
+            count - 1
+        );
+    }
+    Ok(())
 }
 
 /// Which models (by index) run with CUDA graphs: `all`, or letters A, B, ...
@@ -62,7 +88,7 @@ fn graph_models(spec: Option<&str>, count: usize) -> anyhow::Result<Vec<bool>> {
         if index >= count {
             anyhow::bail!(
                 "--cuda-graph {item}: there are only {count} models (A to {})",
-                (b'A' + count as u8 - 1) as char
+                label(count - 1)
             );
         }
         chosen[index] = true;
@@ -134,9 +160,16 @@ fn open(
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
-    let inputs = args.exec.prepare_inputs(&args.model)?;
     let mut paths = vec![args.model.clone()];
     paths.extend(args.vs.clone());
+    check_model_count(paths.len())?;
+    if args.cuda_graph.is_some() && args.exec.ep() != Ep::Cuda {
+        anyhow::bail!(
+            "--cuda-graph needs --ep cuda (CUDA graphs run on the CUDA execution provider); this bench runs on {}",
+            args.exec.ep().name()
+        );
+    }
+    let inputs = args.exec.prepare_inputs(&args.model)?;
     let graphs = graph_models(args.cuda_graph.as_deref(), paths.len())?;
     let mut report = measure(
         &paths,
@@ -176,15 +209,20 @@ pub fn measure(
     warmup: usize,
     iters: usize,
 ) -> anyhow::Result<Report> {
+    check_model_count(paths.len())?;
+    let per_model = inputs_per_model(paths, exec, inputs)?;
     let mut timed = Vec::new();
-    for (p, &graph) in paths.iter().zip(graphs) {
+    for ((p, &graph), inputs) in paths.iter().zip(graphs).zip(&per_model) {
         timed.push(open(p, exec, graph, inputs, warmup)?);
     }
     // Alternate A, B, (C...), A, B... so drift on a noisy machine hits all alike.
     for _ in 0..iters {
-        for t in timed.iter_mut() {
+        for ((t, inputs), p) in timed.iter_mut().zip(&per_model).zip(paths) {
             let start = Instant::now();
-            let outputs = t.backend.run(inputs)?;
+            let outputs = t
+                .backend
+                .run(inputs)
+                .with_context(|| format!("running {}", p.display()))?;
             t.samples.push(start.elapsed());
             t.last = outputs.into_iter().next().map(|(_, v)| v);
         }
@@ -221,6 +259,24 @@ pub fn measure(
     })
 }
 
+/// The inputs of each model: `inputs` (made for the first) as they are for the first, checked
+/// against each --vs model and converted to its declared types (an fp16 model takes the fp32
+/// values), the inputs only it has made from --dim and --seed. Errors name the model.
+fn inputs_per_model(
+    paths: &[PathBuf],
+    exec: &ExecArgs,
+    inputs: &[(String, HostTensor)],
+) -> anyhow::Result<Vec<Vec<(String, HostTensor)>>> {
+    let mut out = vec![inputs.to_vec()];
+    for (i, path) in paths.iter().enumerate().skip(1) {
+        out.push(
+            super::numeric::inputs_for(path, inputs, exec)
+                .with_context(|| format!("model {} ({})", label(i), path.display()))?,
+        );
+    }
+    Ok(out)
+}
+
 /// A fresh profiling session per model (profiling slows runs, so the timing above is not taken
 /// from these): warm-up runs, then `runs` profiled runs, read back per op type.
 fn profile_each(
@@ -232,10 +288,11 @@ fn profile_each(
     dir: &Path,
 ) -> anyhow::Result<Vec<Vec<OpTime>>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let per_model = inputs_per_model(paths, exec, inputs)?;
     let mut out = Vec::new();
-    for (i, path) in paths.iter().enumerate() {
+    for ((i, path), inputs) in paths.iter().enumerate().zip(&per_model) {
         let mut opts = exec.ort_options();
-        opts.profile = Some(dir.join(format!("{}", (b'A' + i as u8) as char)));
+        opts.profile = Some(dir.join(format!("{}", label(i))));
         let mut backend = Backend::open(path, exec.ep(), &opts).with_context(|| {
             format!("cannot profile {} on {}", path.display(), exec.ep().name())
         })?;
@@ -272,7 +329,7 @@ pub fn render_profiles(profiles: &[Vec<OpTime>], runs: usize) -> String {
     );
     let _ = write!(s, "{:<34}", "op (provider)");
     for i in 0..profiles.len() {
-        let _ = write!(s, " {:>16}", (b'A' + i as u8) as char);
+        let _ = write!(s, " {:>16}", label(i));
     }
     let _ = writeln!(s);
     let short = |p: &str| p.trim_end_matches("ExecutionProvider").to_string();
@@ -310,7 +367,7 @@ pub fn render(r: &Report) -> String {
     );
     for (i, m) in r.models.iter().enumerate() {
         let l = &m.latency;
-        let label = (b'A' + i as u8) as char;
+        let label = label(i);
         let ratio = if i == 0 {
             "1".to_string()
         } else {

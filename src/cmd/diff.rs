@@ -17,10 +17,18 @@ pub struct Args {
     #[arg(long)]
     numeric: bool,
     /// Largest relative L2 error that passes (--numeric exits 1 above it)
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 1e-4, value_parser = tolerance)]
     tol: f64,
     #[command(flatten)]
     exec: ExecArgs,
+}
+
+/// `--tol`: a finite number, zero or more (NaN would pass nothing, a negative one never).
+fn tolerance(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        _ => Err(format!("'{s}' is not a finite number >= 0")),
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {

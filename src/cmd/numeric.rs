@@ -4,6 +4,7 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use attune_runtime::HostTensor;
 use attune_runtime::compare::{self, Comparison};
+use attune_runtime::inputs::{self, Dims};
 
 use super::exec::ExecArgs;
 
@@ -26,10 +27,7 @@ pub fn compare_on(
         .run(&inputs)
         .with_context(|| format!("running {}", a.display()))?;
     // The same values in b's declared types (an fp16 model compared with its fp32 source).
-    let specs_b = attune_runtime::inputs::input_specs(&super::load(b)?);
-    let inputs_b =
-        attune_runtime::inputs::prepare(&specs_b, inputs.clone(), &Default::default(), 0)
-            .with_context(|| format!("inputs of {}", b.display()))?;
+    let inputs_b = inputs_for(b, &inputs, exec)?;
     let out_b = exec
         .open(b)?
         .run(&inputs_b)
@@ -42,6 +40,20 @@ pub fn compare_on(
         result.push(compare::compare(name, ta, tb).map_err(anyhow::Error::msg)?);
     }
     Ok(result)
+}
+
+/// `inputs` (made for another model) checked against `model` and converted to its declared
+/// types (an fp16 model takes the fp32 values); inputs only `model` has are made from `--dim`
+/// and `--seed` like any random input. Errors name the model.
+pub fn inputs_for(
+    model: &Path,
+    inputs: &[(String, HostTensor)],
+    exec: &ExecArgs,
+) -> anyhow::Result<Vec<(String, HostTensor)>> {
+    let specs = inputs::input_specs(&super::load(model)?);
+    let dims = Dims::parse(&exec.input.dims)?;
+    inputs::prepare(&specs, inputs.to_vec(), &dims, exec.input.seed)
+        .with_context(|| format!("inputs of {}", model.display()))
 }
 
 /// A table of the comparisons, with a pass/fail column when `tol` is given; `true` when
