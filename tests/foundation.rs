@@ -776,3 +776,264 @@ fn module_paths_match_between_exporters_for_attention_projections() {
     );
     assert_eq!(legacy, paths("sd15_dynamo"));
 }
+
+/// Asserts a refused command: exit 2, the message names `file`, and `dir` is as it was.
+fn assert_refused(
+    o: &std::process::Output,
+    file: &str,
+    what: &str,
+    dir: &std::path::Path,
+    before: &[(String, Vec<u8>)],
+) {
+    assert_eq!(o.status.code(), Some(2), "{}{}", stdout(o), stderr(o));
+    let err = stderr(o);
+    assert!(err.contains(file) && err.contains(what), "{err}");
+    assert!(
+        snapshot(dir) == before,
+        "{file}: files changed or appeared: {err}"
+    );
+}
+
+#[test]
+fn compile_never_replaces_a_file_it_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = copy_fixture("sd15_legacy", dir.path());
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let kohya = root().join("models/loras/kohya.safetensors");
+    fs::copy(&kohya, p("k.safetensors")).unwrap();
+    fs::copy(&kohya, p("k.adapter.safetensors")).unwrap();
+    fs::copy(
+        root().join("models/recipes/cpu_flash_tome.toml"),
+        p("r.toml"),
+    )
+    .unwrap();
+    fs::write(p("x.npy"), b"not read before the check").unwrap();
+    let before = snapshot(dir.path());
+    let overwrite = "would overwrite the input file";
+    // A LoRA as the output model; a LoRA where the adapter goes; the recipe; an --input file.
+    let (k, ka, r) = (p("k.safetensors"), p("k.adapter.safetensors"), p("r.toml"));
+    let x = format!("sample={}", p("x.npy"));
+    let cases: [(&str, Vec<&str>, &str); 4] = [
+        ("k.safetensors", vec!["--lora", &k], "k.safetensors"),
+        (
+            "k.onnx",
+            vec!["--lora", &ka, "--lora-mode", "adapter"],
+            "k.adapter.safetensors",
+        ),
+        ("r.toml", vec!["--recipe", &r], "r.toml"),
+        ("x.npy", vec!["--input", &x], "x.npy"),
+    ];
+    for (out, flags, named) in &cases {
+        let o = compile_to(&model, &dir.path().join(out), flags);
+        assert_refused(&o, named, overwrite, dir.path(), &before);
+    }
+}
+
+/// Makes a FIFO (a file that is not a regular file) at `path`.
+fn mkfifo(path: &std::path::Path) {
+    let ok = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mkfifo {}", path.display());
+}
+
+/// The mode a new output file should have: 0644 under this process's umask.
+fn expected_mode(dir: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    let probe = dir.join("umask-probe");
+    fs::write(&probe, b"").unwrap();
+    let mode = fs::metadata(&probe).unwrap().permissions().mode() & 0o777;
+    fs::remove_file(&probe).unwrap();
+    mode & 0o644
+}
+
+#[test]
+fn lora_adapter_never_replaces_inputs_folders_or_special_files() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let kohya = root().join("models/loras/kohya.safetensors");
+    let lora = dir.path().join("k.safetensors");
+    fs::copy(&kohya, &lora).unwrap();
+    let model = dir.path().join("m.onnx");
+    let o = compile_to(
+        &fixture("sd15_legacy"),
+        &model,
+        &["--lora-mode", "adapter", "--lora", lora.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mode = expected_mode(dir.path());
+    for f in ["m.onnx", "m.onnx.data", "m.adapter.safetensors"] {
+        let m = fs::metadata(dir.path().join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(m, mode, "{f}: mode {m:o}");
+    }
+    mkfifo(&dir.path().join("fifo"));
+    fs::create_dir(dir.path().join("folder")).unwrap();
+    let before = snapshot(dir.path());
+    let adapter = |out: &str| {
+        attune(&[
+            "lora-adapter",
+            model.to_str().unwrap(),
+            lora.to_str().unwrap(),
+            "-o",
+            dir.path().join(out).to_str().unwrap(),
+        ])
+    };
+    let overwrite = "would overwrite the input file";
+    for out in ["k.safetensors", "m.onnx", "m.onnx.data"] {
+        assert_refused(&adapter(out), out, overwrite, dir.path(), &before);
+    }
+    assert_refused(
+        &adapter("fifo"),
+        "fifo",
+        "not a regular file",
+        dir.path(),
+        &before,
+    );
+    assert!(
+        fs::symlink_metadata(dir.path().join("fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
+    assert_refused(
+        &adapter("folder"),
+        "folder",
+        "is a folder",
+        dir.path(),
+        &before,
+    );
+    assert!(dir.path().join("folder").is_dir());
+    // A good one is written with an ordinary file's mode.
+    let o = adapter("new.safetensors");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = fs::metadata(dir.path().join("new.safetensors"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(m, mode, "adapter mode {m:o}");
+}
+
+#[test]
+fn link_mode_never_replaces_another_models_weights() {
+    let src = tempfile::tempdir().unwrap();
+    let model = copy_fixture("sd15_legacy", src.path());
+    // Y holds another model under the same file names.
+    let y = tempfile::tempdir().unwrap();
+    copy_fixture("sd2_legacy", y.path());
+    let theirs = snapshot(y.path());
+    let out = y.path().join("other.onnx");
+    for run in 0..2 {
+        let o = compile_to(&model, &out, &["--weights", "link"]);
+        assert!(o.status.success(), "run {run}: {}", stderr(&o));
+        let now = snapshot(y.path());
+        for file in &theirs {
+            assert!(now.contains(file), "run {run}: {} was replaced", file.0);
+        }
+        // The link is named after the output (once, however often it is compiled) and is the
+        // original's data file itself.
+        let names: Vec<_> = now.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "other.onnx",
+                "other.onnx.link1.data",
+                "unet.onnx",
+                "unet.onnx.data"
+            ],
+            "run {run}"
+        );
+        assert_eq!(
+            fs::metadata(y.path().join("other.onnx.link1.data"))
+                .unwrap()
+                .ino(),
+            fs::metadata(src.path().join("unet.onnx.data"))
+                .unwrap()
+                .ino()
+        );
+        assert!(
+            normalized(&out) == normalized(&model),
+            "run {run}: not the same model"
+        );
+    }
+}
+
+#[test]
+fn folder_outputs_are_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = copy_fixture("sd15_legacy", dir.path());
+    fs::create_dir(dir.path().join("d")).unwrap();
+    let before = snapshot(dir.path());
+    let o = compile_to(&model, &dir.path().join("d"), &[]);
+    assert_refused(&o, "d", "is a folder", dir.path(), &before);
+    let slash = format!("{}/s1/", dir.path().display());
+    let o = attune(&["compile", model.to_str().unwrap(), "-o", &slash]);
+    assert_refused(&o, "s1/", "is a folder path", dir.path(), &before);
+    assert!(!dir.path().join("s1").exists());
+    assert!(fs::read_dir(dir.path().join("d")).unwrap().next().is_none());
+}
+
+#[test]
+fn failed_adapter_placement_keeps_the_previous_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("unet.onnx");
+    let o = compile_to(&fixture("sd15_legacy"), &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    fs::create_dir(dir.path().join("unet.adapter.safetensors")).unwrap();
+    let before = snapshot(dir.path());
+    let kohya = root().join("models/loras/kohya.safetensors");
+    let o = compile_to(
+        &fixture("sd15_legacy"),
+        &out,
+        &["--lora-mode", "adapter", "--lora", kohya.to_str().unwrap()],
+    );
+    assert_refused(
+        &o,
+        "unet.adapter.safetensors",
+        "is a folder",
+        dir.path(),
+        &before,
+    );
+    // An adapter at a FIFO is refused the same way.
+    fs::remove_dir(dir.path().join("unet.adapter.safetensors")).unwrap();
+    mkfifo(&dir.path().join("unet.adapter.safetensors"));
+    let o = compile_to(
+        &fixture("sd15_legacy"),
+        &out,
+        &["--lora-mode", "adapter", "--lora", kohya.to_str().unwrap()],
+    );
+    assert_refused(
+        &o,
+        "unet.adapter.safetensors",
+        "not a regular file",
+        dir.path(),
+        &before,
+    );
+}
+
+#[test]
+fn tome_static_size_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["8x", "x8", "0x8", "64", "ax8"] {
+        let o = compile_to(
+            &fixture("sd15_legacy"),
+            &dir.path().join("t.onnx"),
+            &["--tome", "0.5", "--tome-static", bad],
+        );
+        assert_eq!(o.status.code(), Some(2), "{bad}");
+        assert!(
+            stderr(&o).contains(&format!(
+                "--tome-static {bad}: expected HxW with positive integers"
+            )),
+            "{}",
+            stderr(&o)
+        );
+    }
+    assert!(fs::read_dir(dir.path()).unwrap().next().is_none());
+}

@@ -1065,7 +1065,7 @@ fn bad_run_option_values_are_errors_naming_the_option() {
     for ep in ["tract", "cpu"] {
         assert_clean_error(
             &bench(&["--iters", "1", "--ep", ep, "--cuda-graph"]),
-            &["--cuda-graph needs --ep cuda"],
+            &["--cuda-graph: CUDA graphs need the CUDA execution provider"],
         );
     }
     // The library refuses too, whatever the caller.

@@ -1,8 +1,9 @@
 //! Writing a model: the `.onnx` and its external data, atomically.
 //!
 //! Everything is written to temp files in the output folder and renamed into place only
-//! when all of it succeeded: no half-written output, and no input file is ever written to
-//! (a model is never exported over one of its own input files).
+//! when all of it succeeded, and a failure while renaming puts back what was there: no
+//! half-written output, and no input file is ever written to (a model is never exported
+//! over one of its own input files, nor over any other file the command reads).
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
@@ -61,27 +62,95 @@ pub fn write_with_progress(
     opts: &ExportOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ExportReport> {
-    let out_dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    fs::create_dir_all(&out_dir).at(&out_dir)?;
-    let file_name = out.file_name().ok_or_else(|| Error::Output {
-        path: out.into(),
-        msg: "is not a file path".into(),
-    })?;
-    let data_location = new_data_location(&file_name.to_string_lossy(), model, opts);
+    write_guarded(model, out, opts, &Guard::default(), progress)
+}
+
+/// What else a command reads and writes around the model it exports.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Guard<'a> {
+    /// More files the command reads (LoRAs, a recipe, input tensors): no output replaces one.
+    pub inputs: &'a [PathBuf],
+    /// Files written with the model, all or nothing (path, bytes), e.g. a LoRA adapter.
+    pub companions: &'a [(PathBuf, Vec<u8>)],
+}
+
+/// [`write_with_progress`], also protecting `guard.inputs` and placing `guard.companions`.
+/// Either every output file is in place, or none changed (earlier outputs stay as they were).
+pub fn write_guarded(
+    model: &Model,
+    out: &Path,
+    opts: &ExportOptions,
+    guard: &Guard,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ExportReport> {
     let inputs: Vec<PathBuf> = model
         .path
         .iter()
         .cloned()
         .chain(model.data_files.iter().map(|f| f.path.clone()))
+        .chain(guard.inputs.iter().cloned())
         .collect();
-    refuse_overwriting_inputs(out, &inputs)?;
-    refuse_overwriting_inputs(&out_dir.join(&data_location), &inputs)?;
+    check_output(out, &inputs)?;
+    let out_dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = out
+        .file_name()
+        .ok_or_else(|| Error::Output {
+            path: out.into(),
+            msg: "is not a file path".into(),
+        })?
+        .to_string_lossy()
+        .into_owned();
+    // Every target, to keep two outputs off one path.
+    let mut targets: Vec<PathBuf> = vec![out.to_path_buf()];
+    for (path, _) in guard.companions {
+        check_output(path, &inputs)?;
+        claim(&mut targets, path)?;
+    }
+    let link_locations = link_locations(model, opts, &out_dir, &file_name, &inputs, &targets);
+    for (file, location) in &link_locations {
+        let target = out_dir.join(location);
+        if !same_file(&target, &file.path) {
+            claim(&mut targets, &target)?;
+        }
+    }
+    let data_location = new_data_location(&file_name, &link_locations);
+    let data_target = out_dir.join(&data_location);
+    check_output(&data_target, &inputs)?;
+    claim(&mut targets, &data_target)?;
 
-    let mut data = DataWriter::new(&out_dir, data_location);
-    let mut links: Vec<Arc<DataFile>> = Vec::new();
+    let created = create_dir_all_tracked(&out_dir)?;
+    let result = write_checked(
+        model,
+        out,
+        opts,
+        guard,
+        progress,
+        (&out_dir, data_location, &link_locations),
+    );
+    if result.is_err() {
+        // Folders this call made, if it left them empty.
+        for dir in created.iter().rev() {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+    result
+}
+
+type Plan<'p> = (&'p Path, String, &'p [(Arc<DataFile>, String)]);
+
+fn write_checked(
+    model: &Model,
+    out: &Path,
+    opts: &ExportOptions,
+    guard: &Guard,
+    progress: &mut dyn FnMut(u64, u64),
+    (out_dir, data_location, link_locations): Plan,
+) -> Result<ExportReport> {
+    let mut data = DataWriter::new(out_dir, data_location);
+    let mut links: Vec<(Arc<DataFile>, String)> = Vec::new();
     let kept = |t: &Tensor| match &t.data {
         TensorData::Inline => !opts.inline,
         TensorData::External { .. } => opts.weights == WeightsMode::Link && !opts.inline,
@@ -99,12 +168,16 @@ pub fn write_with_progress(
         match &tensor.data {
             TensorData::Inline if kept(tensor) => return Ok(proto),
             TensorData::External { file, offset, len } if kept(tensor) => {
-                if !links.iter().any(|l| Arc::ptr_eq(l, file)) {
-                    links.push(file.clone());
+                let location = link_locations
+                    .iter()
+                    .find(|(f, _)| Arc::ptr_eq(f, file))
+                    .map_or_else(|| file.location.clone(), |(_, l)| l.clone());
+                if !links.iter().any(|(l, _)| Arc::ptr_eq(l, file)) {
+                    links.push((file.clone(), location.clone()));
                 }
                 proto.data_location = DataLocation::External as i32;
                 proto.external_data =
-                    weights::external_entries(&file.location, *offset as u64, *len as u64);
+                    weights::external_entries(&location, *offset as u64, *len as u64);
                 return Ok(proto);
             }
             _ => {}
@@ -134,31 +207,166 @@ pub fn write_with_progress(
             ),
         });
     }
-    let mut model_tmp = temp_in(&out_dir)?;
+    let mut model_tmp = temp_in(out_dir)?;
     model_tmp.write_all(&encoded).at(model_tmp.path())?;
 
-    // Everything is written; now put it in place: data first, the model last.
+    // Every file is complete in a temp file; prepare the links the same way.
+    let mut staged: Vec<(PathBuf, tempfile::TempPath)> = Vec::new();
     let mut report = ExportReport {
         model: out.to_path_buf(),
         ..Default::default()
     };
-    for file in &links {
-        let target = out_dir.join(&file.location);
+    for (file, location) in &links {
+        let target = out_dir.join(location);
         if same_file(&target, &file.path) {
             continue; // exporting into the model's own folder: the data file is already there
         }
-        refuse_overwriting_inputs(&target, &inputs)?;
-        report
-            .linked
-            .push((target.clone(), link_or_copy(&file.path, &target)?));
+        let (tmp, hard) = stage_link(&file.path, &target)?;
+        report.linked.push((target.clone(), hard));
+        staged.push((target, tmp));
     }
-    if let Some((path, size)) = data.finish()? {
-        report.data_file = Some((path, size));
+    if let Some((tmp, size)) = data.finish()? {
+        let target = out_dir.join(&data.location);
+        report.data_file = Some((target.clone(), size));
+        staged.push((target, tmp));
     }
-    model_tmp
-        .persist(out)
-        .map_err(|e| Error::io(out, e.error))?;
+    for (path, bytes) in guard.companions {
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        fs::create_dir_all(dir).at(dir)?;
+        let mut tmp = temp_in(dir)?;
+        tmp.write_all(bytes).at(tmp.path())?;
+        staged.push((path.clone(), tmp.into_temp_path()));
+    }
+    staged.push((out.to_path_buf(), model_tmp.into_temp_path()));
+
+    // Now put it all in place, the model last; on any failure, put back what was there.
+    let mut placement = Placement::default();
+    for (target, tmp) in staged {
+        if let Err(e) = placement.place(&target, tmp) {
+            placement.undo();
+            return Err(e);
+        }
+    }
+    placement.commit();
     Ok(report)
+}
+
+/// Refuses an output path that is a folder (or ends in '/'), an existing file that is not a
+/// regular file (a device, a FIFO), or one of `inputs` (same file, by device and inode).
+pub fn check_output(target: &Path, inputs: &[PathBuf]) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let refuse = |msg: String| {
+        Err(Error::Output {
+            path: target.into(),
+            msg,
+        })
+    };
+    let text = target.as_os_str().as_bytes();
+    if text.ends_with(b"/") || target.file_name().is_none() {
+        return refuse("is a folder path; give a file path".into());
+    }
+    match fs::metadata(target) {
+        Ok(m) if m.is_dir() => return refuse("is a folder; give a file path".into()),
+        Ok(m) if !m.is_file() => {
+            return refuse("exists and is not a regular file; choose another output path".into());
+        }
+        _ => {}
+    }
+    refuse_overwriting_inputs(target, inputs)
+}
+
+/// Adds `target` to the output paths, refusing one already taken by another output.
+fn claim(targets: &mut Vec<PathBuf>, target: &Path) -> Result<()> {
+    let key = path_key(target);
+    if let Some(other) = targets.iter().find(|t| path_key(t) == key) {
+        return Err(Error::Output {
+            path: target.into(),
+            msg: format!(
+                "is also where '{}' would be written; choose another output path",
+                other.display()
+            ),
+        });
+    }
+    targets.push(target.to_path_buf());
+    Ok(())
+}
+
+/// A path compared as (its folder, resolved where it exists; its file name).
+fn path_key(p: &Path) -> (PathBuf, Option<std::ffi::OsString>) {
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let dir = fs::canonicalize(dir)
+        .or_else(|_| std::path::absolute(dir))
+        .unwrap_or_else(|_| dir.to_path_buf());
+    (dir, p.file_name().map(|n| n.to_os_string()))
+}
+
+/// Where link mode puts each original data file in the output folder: under its own name,
+/// unless a file of that name is there that is not this data file and not named after this
+/// output (another model's weights, an input): then `<output>.link<K>.data`. Nothing of
+/// another model is ever replaced.
+fn link_locations(
+    model: &Model,
+    opts: &ExportOptions,
+    out_dir: &Path,
+    file_name: &str,
+    inputs: &[PathBuf],
+    targets: &[PathBuf],
+) -> Vec<(Arc<DataFile>, String)> {
+    if opts.weights != WeightsMode::Link || opts.inline {
+        return Vec::new();
+    }
+    let ours = |l: &str| {
+        l.strip_prefix(file_name)
+            .is_some_and(|r| r.starts_with('.'))
+    };
+    let taken_by_output = |target: &Path, chosen: &[(Arc<DataFile>, String)]| {
+        let key = path_key(target);
+        targets.iter().any(|t| path_key(t) == key)
+            || chosen
+                .iter()
+                .any(|(_, l)| path_key(&out_dir.join(l)) == key)
+    };
+    let mut chosen: Vec<(Arc<DataFile>, String)> = Vec::new();
+    let mut k = 0;
+    for file in &model.data_files {
+        let target = out_dir.join(&file.location);
+        let free = same_file(&target, &file.path)
+            || (!taken_by_output(&target, &chosen)
+                && match fs::symlink_metadata(&target) {
+                    Err(_) => true,
+                    Ok(m) => {
+                        ours(&file.location)
+                            && m.is_file()
+                            && !inputs.iter().any(|i| same_file(&target, i))
+                    }
+                });
+        let location = if free {
+            file.location.clone()
+        } else {
+            loop {
+                k += 1;
+                let l = format!("{file_name}.link{k}.data");
+                let t = out_dir.join(&l);
+                let usable = same_file(&t, &file.path)
+                    || !taken_by_output(&t, &chosen)
+                        && match fs::symlink_metadata(&t) {
+                            Err(_) => true,
+                            Ok(m) => m.is_file() && !inputs.iter().any(|i| same_file(&t, i)),
+                        };
+                if usable {
+                    break l;
+                }
+            }
+        };
+        chosen.push((file.clone(), location));
+    }
+    chosen
 }
 
 /// The model as a proto, each initializer written by `place`.
@@ -202,10 +410,8 @@ fn graph_to_proto(
 }
 
 /// `<model file>.data`, unless link mode keeps an original data file of that name.
-fn new_data_location(file_name: &str, model: &Model, opts: &ExportOptions) -> String {
-    let taken = |l: &str| {
-        opts.weights == WeightsMode::Link && model.data_files.iter().any(|f| f.location == l)
-    };
+fn new_data_location(file_name: &str, links: &[(Arc<DataFile>, String)]) -> String {
+    let taken = |l: &str| links.iter().any(|(_, location)| location == l);
     let mut location = format!("{file_name}.data");
     let mut k = 0;
     while taken(&location) {
@@ -272,15 +478,13 @@ impl DataWriter {
         Ok((offset, size))
     }
 
-    fn finish(self) -> Result<Option<(PathBuf, u64)>> {
-        let Some(tmp) = self.file else {
+    /// The complete data file, still under its temp name, with its size.
+    fn finish(&mut self) -> Result<Option<(tempfile::TempPath, u64)>> {
+        let Some(tmp) = self.file.take() else {
             return Ok(None);
         };
-        let target = self.dir.join(&self.location);
         tmp.as_file().sync_all().at(tmp.path())?;
-        tmp.persist(&target)
-            .map_err(|e| Error::io(&target, e.error))?;
-        Ok(Some((target, self.len)))
+        Ok(Some((tmp.into_temp_path(), self.len)))
     }
 }
 
@@ -294,10 +498,13 @@ fn temp_in(dir: &Path) -> Result<NamedTempFile> {
         .at(dir)
 }
 
-/// Puts `src` at `target` as a hard link, or a copy where links cannot cross filesystems.
-/// Returns whether it is a hard link.
-fn link_or_copy(src: &Path, target: &Path) -> Result<bool> {
-    let dir = target.parent().unwrap_or(Path::new("."));
+/// `src` as a hard link (or a copy where links cannot cross filesystems) under a temp name in
+/// `target`'s folder. Returns it and whether it is a hard link.
+fn stage_link(src: &Path, target: &Path) -> Result<(tempfile::TempPath, bool)> {
+    let dir = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
     fs::create_dir_all(dir).at(dir)?;
     let tmp = temp_in(dir)?.into_temp_path();
     let tmp_path = tmp.to_path_buf();
@@ -309,9 +516,67 @@ fn link_or_copy(src: &Path, target: &Path) -> Result<bool> {
             false
         }
     };
-    tmp.persist(target)
-        .map_err(|e| Error::io(target, e.error))?;
-    Ok(linked)
+    Ok((tmp, linked))
+}
+
+/// Files renamed into place, each with a hard link to what it replaced, so that a failure
+/// part way puts every earlier output back.
+#[derive(Default)]
+struct Placement {
+    done: Vec<(PathBuf, Option<tempfile::TempPath>)>,
+}
+
+impl Placement {
+    fn place(&mut self, target: &Path, tmp: tempfile::TempPath) -> Result<()> {
+        let backup = match fs::symlink_metadata(target) {
+            Ok(m) if m.is_file() => {
+                let dir = match target.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p,
+                    _ => Path::new("."),
+                };
+                let backup = temp_in(dir)?.into_temp_path();
+                fs::remove_file(&backup).at(&*backup)?;
+                // Without hard links (some filesystems), a failure cannot put it back.
+                fs::hard_link(target, &backup).ok().map(|()| backup)
+            }
+            _ => None,
+        };
+        tmp.persist(target)
+            .map_err(|e| Error::io(target, e.error))?;
+        self.done.push((target.to_path_buf(), backup));
+        Ok(())
+    }
+
+    /// Puts back what was there before (or removes what was not).
+    fn undo(self) {
+        for (target, backup) in self.done.into_iter().rev() {
+            match backup {
+                Some(b) => {
+                    let _ = b.persist(&target);
+                }
+                None => {
+                    let _ = fs::remove_file(&target);
+                }
+            }
+        }
+    }
+
+    /// Drops the backups.
+    fn commit(self) {
+        drop(self.done);
+    }
+}
+
+/// `fs::create_dir_all`, returning the folders it created (outermost first).
+fn create_dir_all_tracked(dir: &Path) -> Result<Vec<PathBuf>> {
+    let missing: Vec<PathBuf> = dir
+        .ancestors()
+        .filter(|a| !a.as_os_str().is_empty())
+        .take_while(|a| fs::symlink_metadata(a).is_err())
+        .map(Path::to_path_buf)
+        .collect();
+    fs::create_dir_all(dir).at(dir)?;
+    Ok(missing.into_iter().rev().collect())
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -332,4 +597,40 @@ fn refuse_overwriting_inputs(target: &Path, inputs: &[PathBuf]) -> Result<()> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failure part way through placing puts back every earlier output.
+    #[test]
+    fn placement_undo_restores_what_was_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("old.data");
+        let fresh = dir.path().join("fresh.data");
+        fs::write(&old, b"previous").unwrap();
+        let staged = |bytes: &[u8]| {
+            let mut t = temp_in(dir.path()).unwrap();
+            t.write_all(bytes).unwrap();
+            t.into_temp_path()
+        };
+        let mut placement = Placement::default();
+        placement.place(&old, staged(b"new")).unwrap();
+        placement.place(&fresh, staged(b"new")).unwrap();
+        assert_eq!(fs::read(&old).unwrap(), b"new");
+        // The model cannot go where a folder is.
+        let blocked = dir.path().join("m.onnx");
+        fs::create_dir(&blocked).unwrap();
+        assert!(placement.place(&blocked, staged(b"model")).is_err());
+        placement.undo();
+        assert_eq!(fs::read(&old).unwrap(), b"previous");
+        assert!(!fresh.exists());
+        let mut names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["m.onnx", "old.data"], "no temp file left");
+    }
 }

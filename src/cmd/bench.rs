@@ -165,7 +165,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     check_model_count(paths.len())?;
     if args.cuda_graph.is_some() && args.exec.ep() != Ep::Cuda {
         anyhow::bail!(
-            "--cuda-graph needs --ep cuda (CUDA graphs run on the CUDA execution provider); this bench runs on {}",
+            "--cuda-graph: CUDA graphs need the CUDA execution provider (--ep cuda); this bench runs on {}",
             args.exec.ep().name()
         );
     }

@@ -192,10 +192,17 @@ impl TomeArgs {
             .tome_static
             .as_deref()
             .map(|t| {
-                let (h, w) = t
-                    .split_once(['x', 'X'])
-                    .ok_or_else(|| anyhow::anyhow!("--tome-static {t}: expected HxW"))?;
-                Ok::<_, anyhow::Error>((h.trim().parse()?, w.trim().parse()?))
+                let bad =
+                    || anyhow::anyhow!("--tome-static {t}: expected HxW with positive integers");
+                let (h, w) = t.split_once(['x', 'X']).ok_or_else(bad)?;
+                let side = |s: &str| {
+                    s.trim()
+                        .parse::<i64>()
+                        .ok()
+                        .filter(|v| *v > 0)
+                        .ok_or_else(bad)
+                };
+                Ok::<_, anyhow::Error>((side(h)?, side(w)?))
             })
             .transpose()?;
         let options = TomeOptions {
@@ -436,6 +443,15 @@ pub fn run(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
             })?;
         }
     }
+    // Every file this command reads; no output may replace one. Checked before any work.
+    let inputs = args.read_files()?;
+    let adapter_out = (args.options.lora_mode == LoraModeArg::Adapter
+        && !args.options.loras.is_empty())
+    .then(|| adapter_path(&args.output));
+    for out in std::iter::once(&args.output).chain(&adapter_out) {
+        export::check_output(out, &inputs)
+            .with_context(|| format!("cannot write {}", args.output.display()))?;
+    }
     let start = Instant::now();
     let progress = Progress::start(&format!("loading {}", args.model.display()), args.quiet);
     let mut model = super::load(&args.model)?;
@@ -461,28 +477,35 @@ pub fn run(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
         progress.suspend(|| print_reports(&reports));
     }
     // The adapter's tensors are built (and the LoRAs' shapes checked) before anything is
-    // written: a bad LoRA leaves no output behind.
-    let adapter = if args.options.lora_mode == LoraModeArg::Adapter
-        && !args.options.loras.is_empty()
-    {
-        let path = adapter_path(&args.output);
-        let (tensors, skipped) = adapter::adapter_tensors(&model, &args.options.lora_sources()?)?;
-        let bytes = adapter::serialize(&path, &tensors)?;
-        Some((path, tensors.len(), skipped, bytes))
-    } else {
-        None
+    // written: a bad LoRA leaves no output behind. It is placed with the model, all or nothing.
+    let adapter = match &adapter_out {
+        Some(path) => {
+            let (tensors, skipped) =
+                adapter::adapter_tensors(&model, &args.options.lora_sources()?)?;
+            let bytes = adapter::serialize(path, &tensors)?;
+            Some((path.clone(), tensors.len(), skipped, bytes))
+        }
+        None => None,
     };
     progress.step(&format!("writing {}", args.output.display()));
     let weights = match args.weights {
         Weights::Copy => WeightsMode::Copy,
         Weights::Link => WeightsMode::Link,
     };
-    let written = export::write_with_progress(
+    let companions: Vec<(PathBuf, Vec<u8>)> = adapter
+        .iter()
+        .map(|(path, _, _, bytes)| (path.clone(), bytes.clone()))
+        .collect();
+    let written = export::write_guarded(
         &model,
         &args.output,
         &ExportOptions {
             weights,
             inline: args.inline,
+        },
+        &export::Guard {
+            inputs: &inputs,
+            companions: &companions,
         },
         &mut |done, total| progress.bytes(done, total),
     )
@@ -500,17 +523,7 @@ pub fn run(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
                 path.display()
             );
         }
-    }
-    if let Some((path, count, skipped, bytes)) = adapter {
-        if let Err(e) = adapter::write_bytes(&path, &bytes) {
-            // No model without its adapter: take back what was just written.
-            let _ = std::fs::remove_file(&written.model);
-            if let Some((data, _)) = &written.data_file {
-                let _ = std::fs::remove_file(data);
-            }
-            return Err(e.into());
-        }
-        if say {
+        if let Some((path, count, skipped, _)) = adapter {
             println!(
                 "  adapter {} ({count} tensors; run with --adapter)",
                 path.display()
@@ -562,6 +575,28 @@ pub fn run(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+impl Args {
+    /// The files besides the model that the command reads: LoRAs, the recipe, --input and
+    /// --adapter files.
+    fn read_files(&self) -> anyhow::Result<Vec<PathBuf>> {
+        let mut files: Vec<PathBuf> = self
+            .options
+            .lora_sources()?
+            .into_iter()
+            .map(|s| s.path)
+            .collect();
+        files.extend(self.recipe.iter().cloned());
+        files.extend(self.measure.adapter.iter().cloned());
+        files.extend(
+            self.measure
+                .inputs
+                .iter()
+                .map(|i| PathBuf::from(i.split_once('=').map_or(i.as_str(), |(_, file)| file))),
+        );
+        Ok(files)
+    }
 }
 
 /// The model compiled with the same passes for `--target cpu`, written (weights linked) in `dir`.

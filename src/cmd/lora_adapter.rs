@@ -1,5 +1,6 @@
 use std::path::PathBuf;
 
+use attune_compiler::export;
 use attune_passes::lora::LoraSource;
 use attune_passes::lora::adapter;
 
@@ -17,12 +18,18 @@ pub struct Args {
 
 /// Converts LoRA files into the A/B inputs of a model's LoRA branches.
 pub fn run(args: Args) -> anyhow::Result<i32> {
-    let model = super::load(&args.model)?;
     let sources = args
         .loras
         .iter()
         .map(|l| LoraSource::parse(l).map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    // Never over a file this command reads (the model, its data, a LoRA), a folder or a device.
+    let model = super::load(&args.model)?;
+    let inputs: Vec<PathBuf> = std::iter::once(args.model.clone())
+        .chain(model.data_files.iter().map(|f| f.path.clone()))
+        .chain(sources.iter().map(|s| s.path.clone()))
+        .collect();
+    export::check_output(&args.output, &inputs)?;
     let (tensors, skipped) = adapter::adapter_tensors(&model, &sources)?;
     for s in &skipped {
         println!("  - {}: {}", s.site, s.reason);
