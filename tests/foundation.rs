@@ -985,36 +985,39 @@ fn failed_adapter_placement_keeps_the_previous_outputs() {
     let out = dir.path().join("unet.onnx");
     let o = compile_to(&fixture("sd15_legacy"), &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
-    fs::create_dir(dir.path().join("unet.adapter.safetensors")).unwrap();
-    let before = snapshot(dir.path());
+    let adapter = dir.path().join("unet.adapter.safetensors");
     let kohya = root().join("models/loras/kohya.safetensors");
-    let o = compile_to(
-        &fixture("sd15_legacy"),
-        &out,
-        &["--lora-mode", "adapter", "--lora", kohya.to_str().unwrap()],
-    );
-    assert_refused(
-        &o,
-        "unet.adapter.safetensors",
-        "is a folder",
-        dir.path(),
-        &before,
-    );
-    // An adapter at a FIFO is refused the same way.
-    fs::remove_dir(dir.path().join("unet.adapter.safetensors")).unwrap();
-    mkfifo(&dir.path().join("unet.adapter.safetensors"));
-    let o = compile_to(
-        &fixture("sd15_legacy"),
-        &out,
-        &["--lora-mode", "adapter", "--lora", kohya.to_str().unwrap()],
-    );
-    assert_refused(
-        &o,
-        "unet.adapter.safetensors",
-        "not a regular file",
-        dir.path(),
-        &before,
-    );
+    // The adapter's place taken by a folder, then by a FIFO.
+    for (make, expected) in [
+        (
+            (|p: &std::path::Path| fs::create_dir(p))
+                as fn(&std::path::Path) -> std::io::Result<()>,
+            "is a folder",
+        ),
+        (
+            |p: &std::path::Path| {
+                mkfifo(p);
+                Ok(())
+            },
+            "not a regular file",
+        ),
+    ] {
+        let _ = fs::remove_dir(&adapter).or_else(|_| fs::remove_file(&adapter));
+        make(&adapter).unwrap();
+        let before = snapshot(dir.path());
+        let o = compile_to(
+            &fixture("sd15_legacy"),
+            &out,
+            &["--lora-mode", "adapter", "--lora", kohya.to_str().unwrap()],
+        );
+        assert_refused(
+            &o,
+            "unet.adapter.safetensors",
+            expected,
+            dir.path(),
+            &before,
+        );
+    }
 }
 
 #[test]

@@ -350,19 +350,22 @@ fn numeric_diff_passes_identical_models_and_fails_changed_ones() {
     );
 }
 
+/// `--dim` flags for a small run of the fixtures (batch 1, 8x8 latents, 4 tokens).
+const SMALL_DIMS: [&str; 8] = [
+    "--dim",
+    "batch=1",
+    "--dim",
+    "height=8",
+    "--dim",
+    "width=8",
+    "--dim",
+    "sequence=4",
+];
+
 #[test]
 fn bench_and_demo_commands_run() {
     let a = fixture("sd15_legacy");
-    let dims = [
-        "--dim",
-        "batch=1",
-        "--dim",
-        "height=8",
-        "--dim",
-        "width=8",
-        "--dim",
-        "sequence=4",
-    ];
+    let dims = SMALL_DIMS;
     let mut args = vec![
         "bench",
         a.to_str().unwrap(),
@@ -948,16 +951,7 @@ fn bench_vs_converts_inputs_for_each_model_and_names_one_that_does_not_fit() {
         &a,
         &["--fix-shapes", "batch=2,height=8,width=8,sequence=4"],
     );
-    let dims = [
-        "--dim",
-        "batch=1",
-        "--dim",
-        "height=8",
-        "--dim",
-        "width=8",
-        "--dim",
-        "sequence=4",
-    ];
+    let dims = SMALL_DIMS;
     let mut args = vec![
         "bench",
         a.to_str().unwrap(),
