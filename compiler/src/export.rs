@@ -332,38 +332,29 @@ fn link_locations(
                 .iter()
                 .any(|(_, l)| path_key(&out_dir.join(l)) == key)
     };
-    let mut chosen: Vec<(Arc<DataFile>, String)> = Vec::new();
-    let mut k = 0;
-    for file in &model.data_files {
-        let target = out_dir.join(&file.location);
-        let free = same_file(&target, &file.path)
-            || (!taken_by_output(&target, &chosen)
+    // Free for `file`: already it, or no other output's and either absent or a regular file
+    // named after this output that no input is.
+    let usable = |file: &DataFile, location: &str, chosen: &[(Arc<DataFile>, String)]| {
+        let target = out_dir.join(location);
+        same_file(&target, &file.path)
+            || (!taken_by_output(&target, chosen)
                 && match fs::symlink_metadata(&target) {
                     Err(_) => true,
                     Ok(m) => {
-                        ours(&file.location)
+                        ours(location)
                             && m.is_file()
                             && !inputs.iter().any(|i| same_file(&target, i))
                     }
-                });
-        let location = if free {
-            file.location.clone()
-        } else {
-            loop {
-                k += 1;
-                let l = format!("{file_name}.link{k}.data");
-                let t = out_dir.join(&l);
-                let usable = same_file(&t, &file.path)
-                    || !taken_by_output(&t, &chosen)
-                        && match fs::symlink_metadata(&t) {
-                            Err(_) => true,
-                            Ok(m) => m.is_file() && !inputs.iter().any(|i| same_file(&t, i)),
-                        };
-                if usable {
-                    break l;
-                }
-            }
-        };
+                })
+    };
+    let mut chosen: Vec<(Arc<DataFile>, String)> = Vec::new();
+    let mut k = 0;
+    for file in &model.data_files {
+        let mut location = file.location.clone();
+        while !usable(file, &location, &chosen) {
+            k += 1;
+            location = format!("{file_name}.link{k}.data");
+        }
         chosen.push((file.clone(), location));
     }
     chosen
