@@ -569,13 +569,18 @@ fn unrepresentable_dim_sizes_are_errors_naming_the_input() {
         &o,
         &["--height 4294967296", "input 'sample'", "more than 4 GiB"],
     );
-    // A dim expression that comes out negative, and a huge fixed dim in the model.
+    // A dim expression that comes out negative, a huge and a negative fixed dim in the model.
     let cases = [
         (
             DimValue::DimParam("s0-5".into()),
             "dim 's0-5' comes to -3; sizes cannot be negative",
         ),
         (DimValue::DimValue(1 << 62), "[4611686018427387904, 4]"),
+        // A negative declared size has nothing --dim could set.
+        (
+            DimValue::DimValue(-5),
+            "dim 0 has neither a size nor a name in the model; give the input itself with --input",
+        ),
     ];
     for (dim, expected) in cases {
         let model = dir.path().join("m.onnx");

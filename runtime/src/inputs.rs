@@ -291,7 +291,7 @@ fn check(spec: &InputSpec, t: &HostTensor) -> std::result::Result<(), String> {
 fn concrete_shape(spec: &InputSpec, dims: &Dims) -> Result<Vec<usize>> {
     let mut missing = Vec::new();
     let mut shape = Vec::new();
-    for d in &spec.dims {
+    for (axis, d) in spec.dims.iter().enumerate() {
         match d {
             Dim::Fixed(v) => shape.push(*v),
             Dim::Symbol(s) => match dims.resolve(s).map_err(|msg| Error::Input {
@@ -307,7 +307,15 @@ fn concrete_shape(spec: &InputSpec, dims: &Dims) -> Result<Vec<usize>> {
                 })?),
                 None => missing.push(s.clone()),
             },
-            Dim::Unknown => missing.push("?".into()),
+            // No size and no name (or a negative size): nothing --dim could set.
+            Dim::Unknown => {
+                return Err(Error::Input {
+                    input: spec.name.clone(),
+                    msg: format!(
+                        "dim {axis} has neither a size nor a name in the model; give the input itself with --input"
+                    ),
+                });
+            }
         }
     }
     if !missing.is_empty() {
