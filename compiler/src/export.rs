@@ -91,10 +91,7 @@ pub fn write_guarded(
         .chain(guard.inputs.iter().cloned())
         .collect();
     check_output(out, &inputs)?;
-    let out_dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let out_dir = folder_of(out).to_path_buf();
     let file_name = out
         .file_name()
         .ok_or_else(|| Error::Output {
@@ -231,10 +228,7 @@ fn write_checked(
         staged.push((target, tmp));
     }
     for (path, bytes) in guard.companions {
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
+        let dir = folder_of(path);
         fs::create_dir_all(dir).at(dir)?;
         let mut tmp = temp_in(dir)?;
         tmp.write_all(bytes).at(tmp.path())?;
@@ -296,10 +290,7 @@ fn claim(targets: &mut Vec<PathBuf>, target: &Path) -> Result<()> {
 
 /// A path compared as (its folder, resolved where it exists; its file name).
 fn path_key(p: &Path) -> (PathBuf, Option<std::ffi::OsString>) {
-    let dir = match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = folder_of(p);
     let dir = fs::canonicalize(dir)
         .or_else(|_| std::path::absolute(dir))
         .unwrap_or_else(|_| dir.to_path_buf());
@@ -492,10 +483,7 @@ fn temp_in(dir: &Path) -> Result<NamedTempFile> {
 /// `src` as a hard link (or a copy where links cannot cross filesystems) under a temp name in
 /// `target`'s folder. Returns it and whether it is a hard link.
 fn stage_link(src: &Path, target: &Path) -> Result<(tempfile::TempPath, bool)> {
-    let dir = match target.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let dir = folder_of(target);
     fs::create_dir_all(dir).at(dir)?;
     let tmp = temp_in(dir)?.into_temp_path();
     let tmp_path = tmp.to_path_buf();
@@ -521,10 +509,7 @@ impl Placement {
     fn place(&mut self, target: &Path, tmp: tempfile::TempPath) -> Result<()> {
         let backup = match fs::symlink_metadata(target) {
             Ok(m) if m.is_file() => {
-                let dir = match target.parent() {
-                    Some(p) if !p.as_os_str().is_empty() => p,
-                    _ => Path::new("."),
-                };
+                let dir = folder_of(target);
                 let backup = temp_in(dir)?.into_temp_path();
                 fs::remove_file(&backup).at(&*backup)?;
                 // Without hard links (some filesystems), a failure cannot put it back.
@@ -570,7 +555,17 @@ fn create_dir_all_tracked(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(missing.into_iter().rev().collect())
 }
 
-fn same_file(a: &Path, b: &Path) -> bool {
+/// The folder `path` is in (`.` for a bare file name).
+fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Are `a` and `b` the same file (device and inode: links and other spellings of one path
+/// included)? `false` where either does not exist.
+pub fn same_file(a: &Path, b: &Path) -> bool {
     match (fs::metadata(a), fs::metadata(b)) {
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
         _ => false,

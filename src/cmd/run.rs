@@ -1,8 +1,9 @@
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+use attune_compiler::export;
 use attune_runtime::{inputs, npy};
 
 use super::exec::{ExecArgs, output_file};
@@ -16,27 +17,6 @@ pub struct Args {
     /// Folder for the outputs, one DIR/<output name>.npy each
     #[arg(long, default_value = "out")]
     out: PathBuf,
-}
-
-/// Are `a` and `b` the same file (same device and inode: links and other spellings of one
-/// path included)? `false` where either does not exist.
-pub fn same_file(a: &Path, b: &Path) -> bool {
-    let (Ok(ma), Ok(mb)) = (std::fs::metadata(a), std::fs::metadata(b)) else {
-        return false;
-    };
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        ma.dev() == mb.dev() && ma.ino() == mb.ino()
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = (ma, mb);
-        matches!(
-            (a.canonicalize(), b.canonicalize()),
-            (Ok(x), Ok(y)) if x == y
-        )
-    }
 }
 
 /// The file each output goes to, checked before running: two outputs whose names map to
@@ -69,7 +49,7 @@ fn output_paths(args: &Args) -> anyhow::Result<Vec<(String, PathBuf)>> {
         read.push(("--adapter".into(), a.clone()));
     }
     for (name, out) in &paths {
-        if let Some((what, input)) = read.iter().find(|(_, p)| same_file(out, p)) {
+        if let Some((what, input)) = read.iter().find(|(_, p)| export::same_file(out, p)) {
             bail!(
                 "output '{name}' would be written to {}, which is {what} ({}): choose another --out",
                 out.display(),

@@ -318,7 +318,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         }
     }
     for out in &written {
-        if let Some((flag, input)) = read.iter().find(|(_, p)| super::run::same_file(out, p)) {
+        if let Some((flag, input)) = read
+            .iter()
+            .find(|(_, p)| attune_compiler::export::same_file(out, p))
+        {
             bail!(
                 "the output {} is the same file as {flag} {}: it would be overwritten; choose another --out",
                 out.display(),
