@@ -470,6 +470,14 @@ impl DataWriter {
     }
 }
 
+/// Writes one file atomically: a temp file in the same folder, renamed into place.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = temp_in(folder_of(path))?;
+    tmp.write_all(bytes).at(tmp.path())?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
 fn temp_in(dir: &Path) -> Result<NamedTempFile> {
     use std::os::unix::fs::PermissionsExt;
     tempfile::Builder::new()

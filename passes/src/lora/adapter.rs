@@ -454,7 +454,7 @@ fn concat_rank(
 
 /// Writes adapter tensors as `.safetensors` (atomically).
 pub fn write(path: &Path, tensors: &[AdapterTensor]) -> Result<()> {
-    write_bytes(path, &serialize(path, tensors)?)
+    attune_compiler::export::write_file(path, &serialize(path, tensors)?)
 }
 
 /// Adapter tensors as the bytes of a `.safetensors` file (`path`: where it goes, for errors).
@@ -485,26 +485,4 @@ pub fn serialize(path: &Path, tensors: &[AdapterTensor]) -> Result<Vec<u8>> {
         })
         .collect::<Result<Vec<_>>>()?;
     safetensors::serialize(views, None).map_err(|e| output_error(e.to_string()))
-}
-
-/// Writes a file's bytes atomically (a temporary file in the same folder, renamed).
-pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = tempfile_in(dir)?;
-    std::io::Write::write_all(&mut tmp, bytes).map_err(|e| Error::io(path, e))?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
-}
-
-fn tempfile_in(dir: &Path) -> Result<tempfile::NamedTempFile> {
-    use std::os::unix::fs::PermissionsExt;
-    // An ordinary file's mode (0644 under the umask), not a temp file's 0600.
-    tempfile::Builder::new()
-        .prefix(".attune-")
-        .permissions(std::fs::Permissions::from_mode(0o644))
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, e))
 }
