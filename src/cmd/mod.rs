@@ -11,7 +11,7 @@ pub mod run;
 pub mod sample;
 pub mod setup;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use attune_compiler::{Model, import};
@@ -22,6 +22,27 @@ pub fn load(path: &Path) -> anyhow::Result<Model> {
 }
 
 /// Human-readable count: 1.2 K, 3.4 M, 5.6 G.
+/// Refuses an output that is the same file as one the command reads; `outputs` are
+/// (what the output is, its file), `read` (the flag it came from, its file).
+pub fn refuse_outputs_over_inputs(
+    outputs: &[(String, PathBuf)],
+    read: &[(String, PathBuf)],
+) -> anyhow::Result<()> {
+    for (what, out) in outputs {
+        if let Some((flag, input)) = read
+            .iter()
+            .find(|(_, p)| attune_compiler::export::same_file(out, p))
+        {
+            anyhow::bail!(
+                "{what} {} is the same file as {flag} {}: it would be overwritten; choose another --out",
+                out.display(),
+                input.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn count(n: u64) -> String {
     match n {
         n if n >= 1_000_000_000 => format!("{:.2} G", n as f64 / 1e9),

@@ -3,7 +3,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use attune_compiler::export;
 use attune_runtime::{inputs, npy};
 
 use super::exec::{ExecArgs, output_file};
@@ -48,15 +47,11 @@ fn output_paths(args: &Args) -> anyhow::Result<Vec<(String, PathBuf)>> {
     if let Some(a) = &args.exec.input.adapter {
         read.push(("--adapter".into(), a.clone()));
     }
-    for (name, out) in &paths {
-        if let Some((what, input)) = read.iter().find(|(_, p)| export::same_file(out, p)) {
-            bail!(
-                "output '{name}' would be written to {}, which is {what} ({}): choose another --out",
-                out.display(),
-                input.display()
-            );
-        }
-    }
+    let outputs: Vec<(String, PathBuf)> = paths
+        .iter()
+        .map(|(name, path)| (format!("output '{name}' file"), path.clone()))
+        .collect();
+    super::refuse_outputs_over_inputs(&outputs, &read)?;
     Ok(paths)
 }
 

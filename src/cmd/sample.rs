@@ -317,18 +317,11 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             bail!("{what} {}: exists and is not a folder", dir.display());
         }
     }
-    for out in &written {
-        if let Some((flag, input)) = read
-            .iter()
-            .find(|(_, p)| attune_compiler::export::same_file(out, p))
-        {
-            bail!(
-                "the output {} is the same file as {flag} {}: it would be overwritten; choose another --out",
-                out.display(),
-                input.display()
-            );
-        }
-    }
+    let outputs: Vec<(String, PathBuf)> = written
+        .iter()
+        .map(|out| ("the output".to_string(), out.clone()))
+        .collect();
+    super::refuse_outputs_over_inputs(&outputs, &read)?;
     let ep = match args.ep {
         EpArg::Cpu => attune_runtime::Ep::Cpu,
         EpArg::Cuda => attune_runtime::Ep::Cuda,
