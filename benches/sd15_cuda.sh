@@ -65,7 +65,7 @@ mkdir -p "$W/peer"
     --opt_level 0 --float16 --use_gpu > "$W/peer.txt" ) &
 PEER=$!
 FP16="--precision fp16 --keep-io-types"   # the peer keeps fp32 I/O too
-# QUICK: only the rows the last runs left open (the default, ToMe, fixed shapes, CUDA graphs).
+# QUICK: only the rows the last runs left open (the default, ToMe and ToDo, fixed shapes, CUDA graphs).
 if [ -z "${QUICK:-}" ]; then
 stamp "attune fp16 (no fusion)" $ATTUNE compile "$MODEL" -o "$W/fp16/unet.onnx" --target cpu $FP16
 stamp "attune flash fp16 (no GroupNorm)" $ATTUNE compile "$MODEL" -o "$W/mha/unet.onnx" --target cpu $FP16 --attention flash
@@ -84,6 +84,7 @@ stamp "attune cuda flash hooks fp16" $ATTUNE compile "$MODEL" -o "$W/hooks/unet.
 fi
 stamp "attune cuda flash fp16" $ATTUNE compile "$MODEL" -o "$W/flash/unet.onnx" --target cuda $FP16 --attention flash
 stamp "attune cuda flash+tome0.5 fp16" $ATTUNE compile "$MODEL" -o "$W/tome/unet.onnx" --target cuda $FP16 --attention flash --tome 0.5
+stamp "attune cuda flash+todo fp16" $ATTUNE compile "$MODEL" -o "$W/todo/unet.onnx" --target cuda $FP16 --attention flash --tome-mode todo
 # Fixed shapes (one model per size): no size computed at run time, so no node on the CPU and
 # the session can replay a CUDA graph.
 for latent in 64 128; do
@@ -92,6 +93,8 @@ for latent in 64 128; do
     --attention flash $FIX
   stamp "attune cuda flash+tome fixed $latent fp16" $ATTUNE compile "$MODEL" -o "$W/tomefixed$latent/unet.onnx" --target cuda \
     $FP16 --attention flash --tome 0.5 $FIX
+  stamp "attune cuda flash+todo fixed $latent fp16" $ATTUNE compile "$MODEL" -o "$W/todofixed$latent/unet.onnx" --target cuda \
+    $FP16 --attention flash --tome-mode todo $FIX
 done
 wait $PEER; cat "$W/peer.txt"
 
@@ -109,6 +112,7 @@ for latent in 64 128; do
   add "$W/mha/unet.onnx" "+ MultiHeadAttention"
   add "$W/flash/unet.onnx" "--target cuda --attention flash (default fusions)"
   add "$W/tome/unet.onnx" "the same + ToMe 0.5"
+  add "$W/todo/unet.onnx" "the same + ToDo (2x2 average keys/values)"
   add "$W/hooks/unet.onnx" "the same + --hooks capture,p2p,masactrl (idle)"
   add "$W/packed/unet.onnx" "the same + packed QKV/KV"
   add "$W/gnconv/unet.onnx" "the same with only GroupNorm + NhwcConv"
@@ -116,6 +120,7 @@ for latent in 64 128; do
   add "$W/fixed$latent/unet.onnx" "--target cuda --attention flash --fix-shapes"
   add "$W/fixed$latent/unet.onnx" "--target cuda --attention flash --fix-shapes" graph
   add "$W/tomefixed$latent/unet.onnx" "the same + ToMe 0.5" graph
+  add "$W/todofixed$latent/unet.onnx" "the same + ToDo (2x2 average keys/values)" graph
   add "$W/peer/unet.onnx" "ORT optimizer (fp16, default fusions)"
   echo "== ORT CUDA, $((latent * 8)) px (latent ${latent}x${latent}), batch 2"
   printf '%s' "$LEGEND"
@@ -148,9 +153,9 @@ for sizes in "3072 1024" "12288 4096"; do
   $ATTUNE bench benches/micro/best_dst_argmax.onnx --vs benches/micro/best_dst_topk.onnx --ep cuda \
     --dim batch=2 --dim src=$1 --dim dst=$2 --iters 50 --warmup 5 | tail -4
 done
-echo "== where the time goes at 1024 px: A --target cuda flash, B the same + ToMe 0.5 (fixed shapes), C ORT optimizer"
+echo "== where the time goes at 1024 px: A --target cuda flash, B the same + ToMe 0.5 (fixed shapes), C the same + ToDo, D ORT optimizer"
 echo "   (CUDA_LAUNCH_BLOCKING=1, no CUDA graphs: per-node times)"
-TOME_VS=(); [ -f "$W/tomefixed128/unet.onnx" ] && TOME_VS=(--vs "$W/tomefixed128/unet.onnx")
+TOME_VS=(); for m in tomefixed128 todofixed128; do [ -f "$W/$m/unet.onnx" ] && TOME_VS+=(--vs "$W/$m/unet.onnx"); done
 CUDA_LAUNCH_BLOCKING=1 $ATTUNE bench "$W/flash/unet.onnx" "${TOME_VS[@]}" "${PEER_VS[@]}" --ep cuda $DIMS --dim height=128 --dim width=128 \
   --iters 2 --warmup 2 --profile "$W/profile" --profile-runs 3 | sed -n '/time per op/,$p' | head -40
 echo "== numerics on CUDA: fused vs the original (rel L2 of out_sample; sd_widths: of every output)"

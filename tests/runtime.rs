@@ -257,6 +257,35 @@ fn bad_inputs_are_clear_errors_listing_the_model_inputs() {
 }
 
 #[test]
+fn onnxruntime_failures_are_reported_once_as_attune_errors() {
+    // 15x15 latents cannot pass the UNet's down/up sampling: ORT fails inside a Concat. Its
+    // own log line of that failure (an ANSI-coloured `[E:onnxruntime:...]`) must not precede
+    // attune's error, which already carries ORT's message.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let model = fixture("sd15_legacy");
+    let o = attune(&[
+        "run",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--dim",
+        "batch=2",
+        "--dim",
+        "height=15",
+        "--dim",
+        "width=15",
+        "--dim",
+        "sequence=7",
+    ]);
+    assert_clean_error(&o, &["error: running", "/unet/up_blocks.2/Concat"]);
+    let err = stderr(&o);
+    assert!(!err.contains("onnxruntime:"), "ORT's log leaked: {err}");
+    assert_eq!(err.matches("Concat node").count(), 1, "{err}");
+    assert!(!out.exists(), "output written");
+}
+
+#[test]
 fn cuda_is_real_or_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");

@@ -78,6 +78,22 @@ pub fn environment(flavor: Flavor) -> Result<&'static Environment> {
     Ok(env)
 }
 
+/// ORT's log of one session: the node placement is kept; warnings are printed as attune
+/// prints them; errors are dropped, since each one also comes back as the failing call's
+/// error (printed once, by the caller, instead of twice).
+fn session_logger(placement: Arc<Mutex<Vec<String>>>) -> ort::logging::LoggerFunction {
+    Arc::new(move |level, _category, _id, _location, message: &str| {
+        if message.contains("placed on [") {
+            placement
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(message.to_string());
+        } else if level == LogLevel::Warning {
+            eprintln!("warning: onnxruntime: {message}");
+        }
+    })
+}
+
 /// The library this process loaded, if any.
 pub fn loaded_library() -> Option<PathBuf> {
     ENVIRONMENT.get().map(|(_, p, _)| p.clone())
@@ -135,26 +151,19 @@ impl OrtSession {
         }
         let placement_log: Arc<Mutex<Vec<String>>> = Arc::default();
         if provider == Provider::Cuda {
-            let log = placement_log.clone();
             builder = builder
                 .with_execution_providers([ort::ep::CUDA::default()
                     .with_cuda_graph(opts.cuda_graph)
                     .build()
                     .error_on_failure()])
                 .map_err(|e| Error::Cuda(e.to_string()))?
+                // Verbose: the node placement is only logged at this level.
                 .with_log_level(LogLevel::Verbose)
-                .map_err(ort_err)?
-                .with_logger(Arc::new(
-                    move |_level, _category, _id, _location, message: &str| {
-                        if message.contains("placed on [") {
-                            log.lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .push(message.to_string());
-                        }
-                    },
-                ))
                 .map_err(ort_err)?;
         }
+        builder = builder
+            .with_logger(session_logger(placement_log.clone()))
+            .map_err(ort_err)?;
         let session = builder
             .commit_from_file(model)
             .map_err(|e| match provider {
