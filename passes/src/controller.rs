@@ -23,7 +23,7 @@ use attune_compiler::analysis::{Dim, ElemTypes, Shapes};
 use attune_compiler::ir::{Graph, Model, NodeId, Use, ValueId};
 use attune_compiler::onnx::{self, DataType, tensor_shape_proto};
 use attune_compiler::pass::{Pass, PassCx, PassReport, Skipped};
-use attune_compiler::patch::{In, Patch, attr};
+use attune_compiler::patch::{In, Patch};
 use attune_compiler::weights::Tensor;
 use attune_compiler::{Error, Result};
 
@@ -234,7 +234,7 @@ fn typed(e: &mut Emitter, x: In, dtype: DataType, tag: &str) -> In {
     if dtype == DataType::Float {
         x
     } else {
-        e.op("Cast", tag, vec![x], vec![attr::int("to", dtype as i64)])
+        e.cast(tag, x, dtype)
     }
 }
 
@@ -271,12 +271,7 @@ fn probability_hooks(
         let (s, en) = (e.i64s("hooks_qk_start", &[1]), e.i64s("hooks_qk_end", &[3]));
         let qk = e.op("Slice", "probs_qk", vec![shape.clone(), s, en], vec![]);
         let lead = e.i64s("hooks_batch_heads", &[-1, site.heads]);
-        let target = e.op(
-            "Concat",
-            "probs4_shape",
-            vec![lead, qk],
-            vec![attr::int("axis", 0)],
-        );
+        let target = e.concat("probs4_shape", vec![lead, qk], 0);
         e.op("Reshape", "probs4", vec![probs.clone(), target], vec![])
     } else {
         probs.clone()
@@ -372,26 +367,16 @@ fn probability_hooks(
         typed(&mut e, equalizer, dtype, "equalizer_cast"),
     );
     let (ax1, ax12) = (e.i64s("hooks_axis1", &[1]), e.i64s("hooks_axes12", &[1, 2]));
-    let mapper4 = e.op("Unsqueeze", "mapper4", vec![mapper, ax1], vec![]);
+    let mapper4 = e.unsqueeze("mapper4", mapper, &ax1);
     let mapped = e.op("MatMul", "mapped", vec![source.clone(), mapper4], vec![]);
-    let eq4 = e.op(
-        "Unsqueeze",
-        "equalizer4",
-        vec![equalizer, ax12.clone()],
-        vec![],
-    );
+    let eq4 = e.unsqueeze("equalizer4", equalizer, &ax12);
     let new_edits = e.op("Mul", "reweighted", vec![mapped, eq4], vec![]);
-    let blend = e.op("Unsqueeze", "alpha4", vec![alpha, ax12], vec![]);
+    let blend = e.unsqueeze("alpha4", alpha, &ax12);
     let keep = e.op("Sub", "keep_own", vec![one, blend.clone()], vec![]);
     let taken = e.op("Mul", "taken", vec![new_edits, blend], vec![]);
     let own = e.op("Mul", "own", vec![edits, keep], vec![]);
     let edited = e.op("Add", "edited", vec![taken, own], vec![]);
-    let merged4 = e.op(
-        "Concat",
-        "controlled",
-        vec![uncond, source, edited],
-        vec![attr::int("axis", 0)],
-    );
+    let merged4 = e.concat("controlled", vec![uncond, source, edited], 0);
     let merged = if four {
         e.op("Reshape", "controlled_probs", vec![merged4, shape], vec![])
     } else {
@@ -523,16 +508,11 @@ fn self_control(
                 vec![zeros.clone(), half],
                 vec![],
             );
-            e.op(
-                "Concat",
-                "masactrl_source_index",
-                vec![zeros, seconds],
-                vec![attr::int("axis", 0)],
-            )
+            e.concat("masactrl_source_index", vec![zeros, seconds], 0)
         }
         SelfControl::P2pSelf => {
             // [uncond × P, source, edits × (P-1)]: min(row, P), so the edits read row P.
-            let rows = e.op("Squeeze", "p2p_self_rows", vec![batch, z1.clone()], vec![]);
+            let rows = e.squeeze("p2p_self_rows", batch, &z1);
             let zero = e.i64("p2p_self_zero_s", 0);
             let one = e.i64("p2p_self_one_s", 1);
             let row = e.op("Range", "p2p_self_row", vec![zero, rows, one], vec![]);
@@ -541,12 +521,7 @@ fn self_control(
             let tokens = e.op("Slice", "p2p_self_tokens", vec![shape, one1, two], vec![]);
             let limit = e.i64s("hooks_self_limit", &[SELF_REPLACE_MAX_TOKENS + 1]);
             let small = e.op("Less", "small_enough", vec![tokens, limit], vec![]);
-            let small = e.op(
-                "Cast",
-                "small_enough_f",
-                vec![small],
-                vec![attr::int("to", dtype as i64)],
-            );
+            let small = e.cast("small_enough_f", small, dtype);
             gate = e.op("Mul", "self_gate_effective", vec![gate, small], vec![]);
             source
         }
@@ -560,11 +535,11 @@ fn self_control(
         vec![],
     );
     for (x, leaf) in xs.into_iter().zip(control.leaves()) {
-        let from_source = e.op(
-            "Gather",
+        let from_source = e.gather(
             &format!("{tag}_{leaf}_source"),
-            vec![In::Value(x), source.clone()],
-            vec![attr::int("axis", 0)],
+            In::Value(x),
+            source.clone(),
+            0,
         );
         let taken = e.op(
             "Mul",

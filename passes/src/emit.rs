@@ -47,6 +47,35 @@ impl<'a, 'g> Emitter<'a, 'g> {
             .collect()
     }
 
+    /// Concat along `axis`.
+    pub fn concat(&mut self, tag: &str, inputs: Vec<In>, axis: i64) -> In {
+        self.op("Concat", tag, inputs, vec![attr::int("axis", axis)])
+    }
+
+    /// Gather along `axis`.
+    pub fn gather(&mut self, tag: &str, data: In, indices: In, axis: i64) -> In {
+        self.op(
+            "Gather",
+            tag,
+            vec![data, indices],
+            vec![attr::int("axis", axis)],
+        )
+    }
+
+    /// Unsqueeze (opset 13+: the axes are an input).
+    pub fn unsqueeze(&mut self, tag: &str, x: In, axes: &In) -> In {
+        self.op("Unsqueeze", tag, vec![x, axes.clone()], vec![])
+    }
+
+    /// Squeeze (opset 13+: the axes are an input).
+    pub fn squeeze(&mut self, tag: &str, x: In, axes: &In) -> In {
+        self.op("Squeeze", tag, vec![x, axes.clone()], vec![])
+    }
+
+    pub fn cast(&mut self, tag: &str, x: In, to: DataType) -> In {
+        self.op("Cast", tag, vec![x], vec![attr::int("to", to as i64)])
+    }
+
     pub fn i64s(&mut self, tag: &str, values: &[i64]) -> In {
         In::New(self.p.i64s(tag, values))
     }

@@ -1,0 +1,106 @@
+//! ToDo (token downsampling): self-attention's keys and values read the block's tokens
+//! pooled over factor×factor windows of the token grid; queries, and so the output, keep
+//! every token.
+use attune_compiler::analysis::attention::TransformerBlock;
+use attune_compiler::ir::{Model, NodeId, Use, ValueId};
+use attune_compiler::patch::{In, Patch, attr};
+
+use super::{Pool, TomeOptions, anatomy, grid};
+use crate::emit::Emitter;
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn downsample_block(
+    p: &mut Patch,
+    model: &Model,
+    b: &TransformerBlock,
+    ds: i64,
+    sample: ValueId,
+    factor: i64,
+    pool: Pool,
+    o: &TomeOptions,
+) -> std::result::Result<String, String> {
+    let g = &model.graph;
+    let a = anatomy(model, b)?;
+    let y = a.norm_out[0].ok_or("the block has no norm1")?;
+    // The self-attention's key and value projections reading norm1's output.
+    let kv: Vec<(NodeId, usize)> = g
+        .value(y)
+        .consumers
+        .iter()
+        .filter_map(|u| match u {
+            Use::Input(n, slot) => Some((*n, *slot)),
+            _ => None,
+        })
+        .filter(|(n, _)| {
+            let m = &g.node(*n).module;
+            m == &format!("{}.attn1.to_k", b.path) || m == &format!("{}.attn1.to_v", b.path)
+        })
+        .collect();
+    if kv.len() != 2 {
+        return Err(format!(
+            "expected attn1's to_k and to_v to read norm1's output, found {} readers there",
+            kv.len()
+        ));
+    }
+    let after = b.norms.first().map(|(_, n)| *n);
+    let mut e = Emitter::new(p, &b.path, after);
+    let (h, w) = grid(&mut e, sample, ds, o);
+    let shape_y = e.op("Shape", "y_shape", vec![In::Value(y)], vec![]);
+    let dim = |e: &mut Emitter, i: i64, tag: &str| {
+        let idx = e.i64s(&format!("todo_{tag}_index"), &[i]);
+        e.op("Gather", tag, vec![shape_y.clone(), idx], vec![])
+    };
+    let (b1, c1) = (dim(&mut e, 0, "B"), dim(&mut e, 2, "C"));
+    let axes0 = e.i64s("todo_axes0", &[0]);
+    let h1 = e.unsqueeze("grid_h_1d", h, &axes0);
+    let w1 = e.unsqueeze("grid_w_1d", w, &axes0);
+    let grid_shape = e.concat("grid_shape", vec![b1.clone(), h1, w1, c1.clone()], 0);
+    let grid4 = e.op("Reshape", "grid", vec![In::Value(y), grid_shape], vec![]);
+    let nchw = e.op(
+        "Transpose",
+        "grid_nchw",
+        vec![grid4],
+        vec![attr::ints("perm", &[0, 3, 1, 2])],
+    );
+    let small = match pool {
+        Pool::Average => e.op(
+            "AveragePool",
+            "pool",
+            vec![nchw],
+            vec![
+                attr::ints("kernel_shape", &[factor, factor]),
+                attr::ints("strides", &[factor, factor]),
+            ],
+        ),
+        Pool::Nearest => {
+            let (s, en, ax, st) = (
+                e.i64s("todo_starts", &[0, 0]),
+                e.i64s("todo_ends", &[i64::MAX, i64::MAX]),
+                e.i64s("todo_axes", &[2, 3]),
+                e.i64s("todo_steps", &[factor, factor]),
+            );
+            e.op("Slice", "pool", vec![nchw, s, en, ax, st], vec![])
+        }
+    };
+    let nhwc = e.op(
+        "Transpose",
+        "pool_nhwc",
+        vec![small],
+        vec![attr::ints("perm", &[0, 2, 3, 1])],
+    );
+    let minus1 = e.i64s("todo_minus1", &[-1]);
+    let tokens_shape = e.concat("kv_shape", vec![b1, minus1, c1], 0);
+    let kv_in = e.op("Reshape", "kv_tokens", vec![nhwc, tokens_shape], vec![]);
+    // Rewire after the patch: the projections read the pooled tokens.
+    let In::New(name) = kv_in else {
+        unreachable!("ops make new values")
+    };
+    e.p.rewire_inputs(kv, name);
+    let how = match pool {
+        Pool::Average => "average",
+        Pool::Nearest => "nearest",
+    };
+    Ok(format!(
+        "self-attention keys/values pooled {factor}x{factor} ({how})"
+    ))
+}
