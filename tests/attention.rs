@@ -390,6 +390,22 @@ fn inspect_lists_attention_in_text_and_json() {
     );
     assert_eq!(sites[0]["kind"], "self");
     assert_eq!(sites[1]["kind"], "cross");
+    assert_eq!(v["layer_norms_written_out"], 0);
+    // The opset-14 export: the same sites, its LayerNorms written out (so no blocks yet).
+    let o = attune(&[
+        "inspect",
+        fixture("sd15_op14_legacy").to_str().unwrap(),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["attention"].as_array().unwrap().len(), 14);
+    assert_eq!(v["layer_norms_written_out"], 21);
+    let o = attune(&["inspect", fixture("sd15_op14_legacy").to_str().unwrap()]);
+    assert!(
+        stdout(&o).contains("note: 21 LayerNorms are written out (opset 14"),
+        "{}",
+        stdout(&o)
+    );
     assert_eq!(
         (sites[0]["heads"].as_i64(), sites[0]["head_dim"].as_i64()),
         (Some(2), Some(16))

@@ -99,6 +99,38 @@ fn every_control_matches_the_pytorch_processors_and_defaults_change_nothing() {
 }
 
 #[test]
+fn controls_work_on_an_opset_14_export_with_its_layer_norms_written_out() {
+    // The same UNet exported at opset 14: no LayerNormalization op, so the self-attention
+    // modules (found by their norm1) appear only once compile fuses the LayerNorms back.
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("sd15_op14_legacy");
+    let (hooked, report) = compile_into(
+        dir.path(),
+        &model,
+        &["--hooks", "capture,p2p,masactrl", "--attention", "flash"],
+    );
+    assert!(
+        report.contains("21 exported LayerNorms -> LayerNormalization")
+            && report.contains("hooks: 14 rewritten"),
+        "{report}"
+    );
+    for case in CASES {
+        let outs = run(&hooked, Some(&ctl(&format!("{case}.safetensors"))));
+        let want = npy::read(&ctl(&format!("{case}.npy"))).unwrap();
+        let c = compare("out_sample", &want, output(&outs, "out_sample")).unwrap();
+        assert!(c.rel_l2 <= 1e-4, "{case}: {c:?}");
+    }
+    let (original, defaults) = (run(&model, None), run(&hooked, None));
+    let c = compare(
+        "out_sample",
+        output(&original, "out_sample"),
+        output(&defaults, "out_sample"),
+    )
+    .unwrap();
+    assert!(c.rel_l2 <= 1e-5, "defaults: {c:?}");
+}
+
+#[test]
 fn self_controls_work_on_fused_sites_and_layer_selection_keeps_others_fusable() {
     let dir = tempfile::tempdir().unwrap();
     // P2P's self-replace and MasaCtrl act on the projections: self-attention fuses, the

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use attune_compiler::analysis::ElemTypes;
 use attune_compiler::import;
-use attune_compiler::onnx::DataType;
+use attune_compiler::onnx::{self, DataType};
 use attune_runtime::compare::compare;
 use attune_runtime::ort_backend::OrtOptions;
 use attune_runtime::{Backend, Ep, HostTensor, inputs, npy};
@@ -90,12 +90,12 @@ fn every_combination_runs_on_ort_cpu(fixtures: &[&str]) {
 
 #[test]
 fn target_cpu_output_runs_for_every_fixture_and_combination_sd15() {
-    every_combination_runs_on_ort_cpu(&FIXTURES[..3]);
+    every_combination_runs_on_ort_cpu(&FIXTURES[..4]);
 }
 
 #[test]
 fn target_cpu_output_runs_for_every_fixture_and_combination_rest() {
-    every_combination_runs_on_ort_cpu(&FIXTURES[3..]);
+    every_combination_runs_on_ort_cpu(&FIXTURES[4..]);
 }
 
 /// Every normalisation computes its statistics in fp32 (reads fp32, or is a LayerNormalization
@@ -574,6 +574,52 @@ fn cuda_target_fuses_every_group_norm_and_conv_channels_last() {
 }
 
 #[test]
+fn an_opset_14_export_lowers_to_the_same_ops_as_its_opset_17_twin() {
+    // sd15_op14_legacy is sd15_legacy's UNet at opset 14, its 21 LayerNorms written out
+    // (ReduceMean, Sub, Pow, Sqrt, Div...): fused back first, they fuse on as the op does.
+    let dir = tempfile::tempdir().unwrap();
+    let flag_sets: [&[&str]; 3] = [
+        &[
+            "--target",
+            "cuda",
+            "--precision",
+            "fp16",
+            "--attention",
+            "flash",
+        ],
+        &["--target", "cuda"],
+        &["--precision", "fp16"],
+    ];
+    for flags in flag_sets {
+        let mut counts = Vec::new();
+        for name in ["sd15_legacy", "sd15_op14_legacy"] {
+            let (out, stdout) = compile_into(dir.path(), &fixture(name), flags);
+            counts.push((op_counts(&import::read(&out).unwrap()), stdout));
+        }
+        let (twin, op14) = (&counts[0], &counts[1]);
+        assert!(
+            op14.1.contains("layer-norm: 1 rewritten, 0 skipped")
+                && op14
+                    .1
+                    .contains("21 exported LayerNorms -> LayerNormalization"),
+            "{flags:?}: {}",
+            op14.1
+        );
+        assert_eq!(op14.0, twin.0, "{flags:?}: {}", op14.1);
+    }
+    // Without a pass that needs them, the export keeps its form (and its opset).
+    let (out, stdout) = compile_into(
+        dir.path(),
+        &fixture("sd15_op14_legacy"),
+        &["--attention", "flash"],
+    );
+    assert!(!stdout.contains("layer-norm"), "{stdout}");
+    let m = import::read(&out).unwrap();
+    assert_eq!(m.opset(""), Some(14));
+    assert_eq!(op_counts(&m).get("LayerNormalization"), None);
+}
+
+#[test]
 fn nhwc_conv_weights_are_the_original_weights_channels_last() {
     let dir = tempfile::tempdir().unwrap();
     let (out, _) = compile_into(dir.path(), &fixture("sd15_legacy"), &["--target", "cuda"]);
@@ -768,5 +814,168 @@ fn cuda_target_equals_cpu_target_for_every_pass_combination() {
         .unwrap();
         let tol = if flags.contains(&"fp16") { 5e-3 } else { 1e-4 };
         assert!(c.rel_l2 <= tol, "{flags:?}: rel L2 {:.3e}", c.rel_l2);
+    }
+}
+
+/// A graph of written-out LayerNorms over x [2, 5, 8], one per output, as exporters and
+/// ONNX's own function expansion spell them: (a) torch's Div form with γ and β, (b) the
+/// Reciprocal form with `c·c` for the square, ε first and no affine, the axis given as 2,
+/// (c) γ only, multiplied from the left, (d) a mean over axis 1, which is not a LayerNorm.
+fn written_out_layer_norms() -> onnx::ModelProto {
+    use onnx::{AttributeProto, NodeProto, TensorProto, attribute_proto::AttributeType};
+    let node = |op: &str, ins: &[&str], out: &str, axes: Option<i64>| NodeProto {
+        op_type: op.into(),
+        name: format!("/n/{out}"),
+        input: ins.iter().map(|s| s.to_string()).collect(),
+        output: vec![out.into()],
+        attribute: axes
+            .map(|a| AttributeProto {
+                name: "axes".into(),
+                r#type: AttributeType::Ints as i32,
+                ints: vec![a],
+                ..Default::default()
+            })
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    };
+    let tensor = |name: &str, dims: &[i64], values: Vec<f32>| TensorProto {
+        name: name.into(),
+        data_type: DataType::Float as i32,
+        dims: dims.to_vec(),
+        float_data: values,
+        ..Default::default()
+    };
+    let ramp = |scale: f32, offset: f32| (0..8).map(|i| offset + scale * i as f32).collect();
+    let mut nodes = Vec::new();
+    let mut center = |p: &str, axis: i64| {
+        nodes.push(node("ReduceMean", &["x"], &format!("{p}_mean"), Some(axis)));
+        nodes.push(node(
+            "Sub",
+            &["x", &format!("{p}_mean")],
+            &format!("{p}_c"),
+            None,
+        ));
+    };
+    center("a", -1);
+    center("b", 2);
+    center("c", -1);
+    center("d", 1);
+    for p in ["a", "c", "d"] {
+        nodes.push(node(
+            "Pow",
+            &[&format!("{p}_c"), "two"],
+            &format!("{p}_sq"),
+            None,
+        ));
+        nodes.push(node(
+            "ReduceMean",
+            &[&format!("{p}_sq")],
+            &format!("{p}_var"),
+            Some(if p == "d" { 1 } else { -1 }),
+        ));
+        nodes.push(node(
+            "Add",
+            &[&format!("{p}_var"), "eps"],
+            &format!("{p}_ve"),
+            None,
+        ));
+        nodes.push(node(
+            "Sqrt",
+            &[&format!("{p}_ve")],
+            &format!("{p}_std"),
+            None,
+        ));
+        nodes.push(node(
+            "Div",
+            &[&format!("{p}_c"), &format!("{p}_std")],
+            &format!("{p}_n"),
+            None,
+        ));
+    }
+    nodes.push(node("Mul", &["b_c", "b_c"], "b_sq", None));
+    nodes.push(node("ReduceMean", &["b_sq"], "b_var", Some(2)));
+    nodes.push(node("Add", &["eps", "b_var"], "b_ve", None));
+    nodes.push(node("Sqrt", &["b_ve"], "b_std", None));
+    nodes.push(node("Reciprocal", &["b_std"], "b_inv", None));
+    nodes.push(node("Mul", &["b_c", "b_inv"], "b", None));
+    nodes.push(node("Mul", &["a_n", "gamma"], "a_s", None));
+    nodes.push(node("Add", &["a_s", "beta"], "a", None));
+    nodes.push(node("Mul", &["gamma", "c_n"], "c", None));
+    nodes.push(node("Mul", &["d_n", "gamma"], "d", None));
+    let io = |name: &str| {
+        onnx::tensor_info(
+            name,
+            DataType::Float,
+            Some(
+                [2, 5, 8]
+                    .map(onnx::tensor_shape_proto::dimension::Value::DimValue)
+                    .to_vec(),
+            ),
+        )
+    };
+    let mut m = model_of(onnx::GraphProto {
+        name: "g".into(),
+        node: nodes,
+        input: vec![io("x")],
+        output: ["a", "b", "c", "d"].map(io).to_vec(),
+        initializer: vec![
+            tensor("two", &[], vec![2.0]),
+            tensor("eps", &[], vec![1e-5]),
+            tensor("gamma", &[8], ramp(0.25, 0.5)),
+            tensor("beta", &[8], ramp(-0.1, 0.3)),
+        ],
+        ..Default::default()
+    });
+    m.opset_import[0].version = 14;
+    m
+}
+
+#[test]
+fn written_out_layer_norms_of_every_form_become_the_op_and_compute_the_same() {
+    use attune_compiler::pass::{PassCx, PassManager};
+    use attune_passes::layer_norm::LayerNormPass;
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let original = dir.path().join("ln.onnx");
+    fs::write(&original, written_out_layer_norms().encode_to_vec()).unwrap();
+    let mut m = import::read(&original).unwrap();
+    let mut pm = PassManager::new();
+    pm.add(LayerNormPass);
+    let report = pm
+        .run(&mut m, &mut PassCx { verify: true })
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        report.rewritten,
+        ["3 exported LayerNorms -> LayerNormalization (22 nodes fewer)"],
+        "{report:?}"
+    );
+    assert_eq!(report.skipped.len(), 1, "{report:?}");
+    assert!(
+        report.skipped[0]
+            .reason
+            .contains("does not average the last axis alone"),
+        "{report:?}"
+    );
+    assert_eq!(m.opset(""), Some(17));
+    let counts = op_counts(&m);
+    assert_eq!(counts["LayerNormalization"], 3);
+    let fused = dir.path().join("fused.onnx");
+    attune_compiler::export::write(&m, &fused, &Default::default()).unwrap();
+    let x = HostTensor::F32(ndarray::ArrayD::from_shape_fn(
+        ndarray::IxDyn(&[2, 5, 8]),
+        |i| ((i[0] * 40 + i[1] * 8 + i[2]) as f32 * 0.37).sin() * 30.0,
+    ));
+    let feed = [("x".to_string(), x)];
+    let run = |p: &Path| {
+        Backend::open(p, Ep::Cpu, &OrtOptions::default())
+            .unwrap()
+            .run(&feed)
+            .unwrap()
+    };
+    for ((name, want), (_, got)) in run(&original).iter().zip(run(&fused)) {
+        let c = compare(name, want, &got).unwrap();
+        assert!(c.rel_l2 <= 1e-6, "{name}: {c:?}");
     }
 }

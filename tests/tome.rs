@@ -37,6 +37,9 @@ fn merging_matches_tomesd_and_todo_matches_its_definition() {
     let cases: &[(&str, &str, &[&str], usize)] = &[
         ("tome_r05", "sd15_legacy", &["--tome", "0.5"], 3),
         ("tome_r05", "sd15_dynamo", &["--tome", "0.5"], 3),
+        // The same UNet at opset 14: its LayerNorms written out, fused back first.
+        ("tome_r05", "sd15_op14_legacy", &["--tome", "0.5"], 3),
+        ("todo_avg", "sd15_op14_legacy", &["--tome-mode", "todo"], 3),
         (
             "tome_r03_all",
             "sd15_legacy",

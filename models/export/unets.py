@@ -72,6 +72,9 @@ TINY = {
     # fp16 weights and activations, softmax upcast to fp32: Cast wrappers around it
     "sd15_fp16_legacy": (SMALL_SD1, "legacy", {"processor": "classic", "fp16": True}),
     "noattn_legacy": (NO_ATTENTION, "legacy", {}),
+    # sd15_legacy's UNet at opset 14, the default of diffusers' conversion script and of
+    # optimum's Stable Diffusion export: no LayerNormalization op yet, LayerNorms written out
+    "sd15_op14_legacy": (TINY_SD1, "legacy", {"opset": 14}),
 }
 FULL = {"sd15": (FULL_SD15, "legacy", {})}
 
@@ -132,7 +135,7 @@ def build_unet(config, seed):
     return unet
 
 
-def export(unet, config, exporter, path, dims, dtype=torch.float32):
+def export(unet, config, exporter, path, dims, dtype=torch.float32, opset=17):
     specs = input_specs(config)
     names = [n for n, _ in specs]
     inputs = {k: v.to(dtype) for k, v in example_inputs(specs, dims, seed=1).items()}
@@ -143,7 +146,7 @@ def export(unet, config, exporter, path, dims, dtype=torch.float32):
         if exporter == "legacy":
             axes = {n: {i: d for i, d in enumerate(shape) if isinstance(d, str)} for n, shape in specs}
             axes["out_sample"] = {0: "batch", 2: "height", 3: "width"}
-            torch.onnx.export(model, args, str(raw), dynamo=False, opset_version=17,
+            torch.onnx.export(model, args, str(raw), dynamo=False, opset_version=opset,
                               input_names=names, output_names=["out_sample"],
                               dynamic_axes=axes, do_constant_folding=True)
         else:
@@ -229,11 +232,13 @@ def main():
                 if hasattr(m, "upcast_softmax"):
                     m.upcast_softmax = True
         path = model_dir / "unet.onnx"
-        specs, inputs = export(unet, config, exporter, path, TEST_DIMS, dtype)
+        specs, inputs = export(unet, config, exporter, path, TEST_DIMS, dtype,
+                               options.get("opset", 17))
         provenance = write_reference(path, specs, inputs, unet, model_dir)
         spec = {
             "model": "unet.onnx",
             "exporter": exporter,
+            "opset": options.get("opset", 17) if exporter == "legacy" else 18,
             "attention_processor": options.get("processor", "default (SDPA)"),
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()},
             "inputs": [{"name": n, "dtype": str(dtype).removeprefix("torch."), "shape": graph_shape(path, n),

@@ -4,6 +4,7 @@ pub mod cleanup;
 pub mod controller;
 pub mod emit;
 pub mod glob;
+pub mod layer_norm;
 pub mod lora;
 pub mod lower;
 pub mod tome;

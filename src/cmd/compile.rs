@@ -8,6 +8,7 @@ use attune_compiler::verify;
 use attune_passes::attention::{AttentionPass, FeatureMap, Mode, Target};
 use attune_passes::controller::{ControllerPass, Hook};
 use attune_passes::glob::Globs;
+use attune_passes::layer_norm::LayerNormPass;
 use attune_passes::lora::adapter::{self, AdapterPass};
 use attune_passes::lora::{LoraPass, LoraSource};
 use attune_passes::lower::{
@@ -276,6 +277,16 @@ impl CompileOptions {
     /// The passes these options ask for, in order.
     pub fn pipeline(&self) -> anyhow::Result<PassManager> {
         let mut pm = PassManager::new();
+        let tome = self.tome.pass()?;
+        // Passes that read transformer blocks' norms, or fuse or convert them: exports below
+        // opset 17 write LayerNorms out, so first they become LayerNormalization.
+        if !self.hooks.is_empty()
+            || tome.is_some()
+            || self.target == TargetArg::Cuda
+            || self.precision != PrecisionArg::Fp32
+        {
+            pm.add(LayerNormPass);
+        }
         let sources = self.lora_sources()?;
         match self.lora_mode {
             LoraModeArg::Fuse if !sources.is_empty() => {
@@ -333,7 +344,7 @@ impl CompileOptions {
                 words: self.hooks_words,
             });
         }
-        if let Some(tome) = self.tome.pass()? {
+        if let Some(tome) = tome {
             pm.add(tome);
         }
         let precision = match self.precision {

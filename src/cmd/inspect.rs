@@ -2,6 +2,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use attune_compiler::summary::{self, Summary};
+use attune_passes::layer_norm;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -18,10 +19,21 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<i32> {
     let model = super::load(&args.model)?;
     let s = summary::summarize(&model);
+    let written_out = layer_norm::written_out(&model);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        let mut v = serde_json::to_value(&s)?;
+        v["layer_norms_written_out"] = written_out.into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", render(&args.model, &s, args.depth));
+        if written_out > 0 {
+            println!(
+                "note: {written_out} LayerNorms are written out (opset {}: no LayerNormalization op); \
+                 compile fuses them back for --tome, --hooks, --target cuda and --precision, \
+                 whose transformer blocks are found by their norms",
+                model.opset("").unwrap_or(0)
+            );
+        }
     }
     Ok(0)
 }
