@@ -114,13 +114,56 @@ fn controls_work_on_an_opset_14_export_with_its_layer_norms_written_out() {
             && report.contains("hooks: 14 rewritten"),
         "{report}"
     );
+    assert_controls_match(&model, &hooked);
+}
+
+#[test]
+fn controls_work_on_an_export_that_names_each_inputs_batch_differently() {
+    // Olive's dim names: the sample's batch, the text states' batch and the timestep's are
+    // three symbols, so the cross-attention shapes only line up if they are taken as equal.
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("sd15_olive_legacy");
+    let (hooked, report) = compile_into(
+        dir.path(),
+        &model,
+        &["--hooks", "capture,p2p,masactrl", "--attention", "flash"],
+    );
+    assert!(
+        report.contains("attention: 7 rewritten, 7 skipped")
+            && report.contains("hooks: 14 rewritten"),
+        "{report}"
+    );
+    // The controller fixture's inputs have a float timestep; this export takes int64.
+    let inputs = dir.path().join("inputs");
+    fs::create_dir(&inputs).unwrap();
+    for f in fs::read_dir(ctl("inputs")).unwrap() {
+        let f = f.unwrap().path();
+        let t = npy::read(&f).unwrap();
+        let t = match (f.file_stem().unwrap().to_str(), t) {
+            (Some("timestep"), HostTensor::F32(a)) => HostTensor::I64(a.mapv(|v| v as i64)),
+            (_, t) => t,
+        };
+        npy::write(&inputs.join(f.file_name().unwrap()), &t).unwrap();
+    }
     for case in CASES {
-        let outs = run(&hooked, Some(&ctl(&format!("{case}.safetensors"))));
+        let hooks = format!("--input={}", ctl(&format!("{case}.safetensors")).display());
+        let outs = run_outputs(&hooked, &inputs, &[hooks]);
         let want = npy::read(&ctl(&format!("{case}.npy"))).unwrap();
         let c = compare("out_sample", &want, output(&outs, "out_sample")).unwrap();
         assert!(c.rel_l2 <= 1e-4, "{case}: {c:?}");
     }
-    let (original, defaults) = (run(&model, None), run(&hooked, None));
+}
+
+/// Every control of a `--hooks capture,p2p,masactrl` compile of `model` against the PyTorch
+/// references; fed nothing, the hooked graph computes what the original does.
+fn assert_controls_match(model: &Path, hooked: &Path) {
+    for case in CASES {
+        let outs = run(hooked, Some(&ctl(&format!("{case}.safetensors"))));
+        let want = npy::read(&ctl(&format!("{case}.npy"))).unwrap();
+        let c = compare("out_sample", &want, output(&outs, "out_sample")).unwrap();
+        assert!(c.rel_l2 <= 1e-4, "{case}: {c:?}");
+    }
+    let (original, defaults) = (run(model, None), run(hooked, None));
     let c = compare(
         "out_sample",
         output(&original, "out_sample"),
@@ -622,4 +665,48 @@ fn p2p_fixes_the_text_length_to_hooks_words() {
         shown.contains("encoder_hidden_states f32[batch,sequence,32]"),
         "{shown}"
     );
+}
+
+#[test]
+fn seeded_latents_follow_each_exports_own_dim_symbols() {
+    // One UNet, four exports: our dim names, diffusers' conversion script's (a `channels`
+    // symbol), Olive's (a symbol per input, int64 timestep) and dynamo's (`8*height`).
+    // Sampled from seeded noise at 16x16, all start from the same latents and end alike.
+    let dir = tempfile::tempdir().unwrap();
+    let s = ctl("sample");
+    let file = |f: &str| s.join(f).display().to_string();
+    let mut finals = Vec::new();
+    for name in [
+        "sd15_legacy",
+        "sd15_op14_legacy",
+        "sd15_olive_legacy",
+        "sd15_dynamo",
+    ] {
+        let out = dir.path().join(name);
+        let o = attune(&[
+            "sample",
+            "--unet",
+            fixture(name).to_str().unwrap(),
+            "--steps",
+            "2",
+            "--cond",
+            &file("cond.npy"),
+            "--uncond",
+            &file("uncond.npy"),
+            "--height",
+            "16",
+            "--width",
+            "16",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let latents = npy::read(&out.join("latents.npy")).unwrap();
+        assert_eq!(latents.shape()[1..], [4, 16, 16], "{name}");
+        finals.push((name, latents));
+    }
+    for (name, latents) in &finals[1..] {
+        let c = compare("latents", &finals[0].1, latents).unwrap();
+        assert!(c.rel_l2 <= 1e-5, "{name}: {c:?}");
+    }
 }

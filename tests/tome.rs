@@ -40,6 +40,8 @@ fn merging_matches_tomesd_and_todo_matches_its_definition() {
         // The same UNet at opset 14: its LayerNorms written out, fused back first.
         ("tome_r05", "sd15_op14_legacy", &["--tome", "0.5"], 3),
         ("todo_avg", "sd15_op14_legacy", &["--tome-mode", "todo"], 3),
+        // ... and with a dim symbol per input (Olive's names) and an int64 timestep.
+        ("tome_r05", "sd15_olive_legacy", &["--tome", "0.5"], 3),
         (
             "tome_r03_all",
             "sd15_legacy",
@@ -72,8 +74,10 @@ fn merging_matches_tomesd_and_todo_matches_its_definition() {
             report.contains(&format!("tome: {blocks} rewritten")),
             "{case}: {report}"
         );
+        // Each export's own inputs (the same values; Olive's timestep as int64).
+        let inputs = root().join("models").join(model).join("inputs");
         assert_close(
-            &run(&out, &fixture_inputs()),
+            &run(&out, &inputs),
             &tome_ref(case),
             &format!("{case} on {model}"),
         );

@@ -72,9 +72,22 @@ TINY = {
     # fp16 weights and activations, softmax upcast to fp32: Cast wrappers around it
     "sd15_fp16_legacy": (SMALL_SD1, "legacy", {"processor": "classic", "fp16": True}),
     "noattn_legacy": (NO_ATTENTION, "legacy", {}),
-    # sd15_legacy's UNet at opset 14, the default of diffusers' conversion script and of
-    # optimum's Stable Diffusion export: no LayerNormalization op yet, LayerNorms written out
-    "sd15_op14_legacy": (TINY_SD1, "legacy", {"opset": 14}),
+    # sd15_legacy's UNet as diffusers' convert_stable_diffusion_checkpoint_to_onnx.py writes
+    # it: opset 14 (also optimum's default), so no LayerNormalization op yet (LayerNorms
+    # written out), and a dynamic `channels` axis on the sample
+    "sd15_op14_legacy": (TINY_SD1, "legacy", {"opset": 14, "axes": "script"}),
+    # sd15_legacy's UNet with a dim symbol per input, as Olive's Stable Diffusion example
+    # names them (unet_sample_batch, unet_time_batch, unet_hidden_batch, ...), and an int64
+    # timestep, as optimum exports it
+    "sd15_olive_legacy": (TINY_SD1, "legacy", {"axes": "olive", "int_timestep": True}),
+}
+# Dynamic axes other exporting tools write, by input (the output's follow the sample's).
+AXES = {
+    "script": {"sample": {0: "batch", 1: "channels", 2: "height", 3: "width"},
+               "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch", 1: "sequence"}},
+    "olive": {"sample": {0: "unet_sample_batch", 2: "unet_sample_height", 3: "unet_sample_width"},
+              "timestep": {0: "unet_time_batch"},
+              "encoder_hidden_states": {0: "unet_hidden_batch", 1: "unet_hidden_sequence"}},
 }
 FULL = {"sd15": (FULL_SD15, "legacy", {})}
 
@@ -135,18 +148,22 @@ def build_unet(config, seed):
     return unet
 
 
-def export(unet, config, exporter, path, dims, dtype=torch.float32, opset=17):
+def export(unet, config, exporter, path, dims, dtype=torch.float32, options=None):
+    options = options or {}
     specs = input_specs(config)
     names = [n for n, _ in specs]
     inputs = {k: v.to(dtype) for k, v in example_inputs(specs, dims, seed=1).items()}
+    if options.get("int_timestep"):
+        inputs["timestep"] = inputs["timestep"].to(torch.int64)
     model = Wrapper(unet, sdxl="text_embeds" in names).eval()
     args = tuple(inputs[n] for n in names)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.onnx"
         if exporter == "legacy":
             axes = {n: {i: d for i, d in enumerate(shape) if isinstance(d, str)} for n, shape in specs}
-            axes["out_sample"] = {0: "batch", 2: "height", 3: "width"}
-            torch.onnx.export(model, args, str(raw), dynamo=False, opset_version=opset,
+            axes.update(AXES.get(options.get("axes"), {}))
+            axes["out_sample"] = {i: d for i, d in axes["sample"].items() if i != 1}
+            torch.onnx.export(model, args, str(raw), dynamo=False, opset_version=options.get("opset", 17),
                               input_names=names, output_names=["out_sample"],
                               dynamic_axes=axes, do_constant_folding=True)
         else:
@@ -232,8 +249,7 @@ def main():
                 if hasattr(m, "upcast_softmax"):
                     m.upcast_softmax = True
         path = model_dir / "unet.onnx"
-        specs, inputs = export(unet, config, exporter, path, TEST_DIMS, dtype,
-                               options.get("opset", 17))
+        specs, inputs = export(unet, config, exporter, path, TEST_DIMS, dtype, options)
         provenance = write_reference(path, specs, inputs, unet, model_dir)
         spec = {
             "model": "unet.onnx",
@@ -241,7 +257,7 @@ def main():
             "opset": options.get("opset", 17) if exporter == "legacy" else 18,
             "attention_processor": options.get("processor", "default (SDPA)"),
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()},
-            "inputs": [{"name": n, "dtype": str(dtype).removeprefix("torch."), "shape": graph_shape(path, n),
+            "inputs": [{"name": n, "dtype": str(inputs[n].dtype).removeprefix("torch."), "shape": graph_shape(path, n),
                         "test_shape": list(inputs[n].shape)} for n, _ in specs if graph_shape(path, n) is not None],
             "outputs": [{"name": "out_sample", "dtype": str(dtype).removeprefix("torch.")}],
             "torch_parameters": sum(p.numel() for p in unet.parameters()),

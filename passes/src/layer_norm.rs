@@ -14,7 +14,7 @@ use attune_compiler::ir::{Graph, Model, NodeId, ValueId};
 use attune_compiler::onnx::DataType;
 use attune_compiler::pass::{Pass, PassCx, PassReport, Skipped};
 use attune_compiler::patch::{In, Patch, attr};
-use attune_compiler::pattern::{Match, Pat, alt, any, match_value, op};
+use attune_compiler::pattern::{Match, Pat, alt, any, match_value, op, through};
 use attune_compiler::{Error, Result};
 
 use crate::cleanup;
@@ -25,13 +25,17 @@ const LAYER_NORM_OPSET: i64 = 17;
 pub struct LayerNormPass;
 
 /// `x − mean(x)`, then normalised: `centered / √(mean(centered²) + ε)`, the reciprocal form
-/// of ONNX's own function expansion, or either with `centered · centered`.
+/// of ONNX's own function expansion, or either with `centered · centered`. fp16 exports
+/// cast `centered` to f64 for the statistics, and the quotient back.
 fn normalized() -> Pat {
-    let centered =
-        op("Sub", [any("x"), op("ReduceMean", [any("x")]).bind("mean")]).bind("centered");
+    let centered = through(
+        CAST,
+        op("Sub", [any("x"), op("ReduceMean", [any("x")]).bind("mean")]).bind("centered"),
+    );
+    let again = || through(CAST, any("centered"));
     let square = alt([
-        op("Pow", [any("centered"), any("two")]),
-        op("Mul", [any("centered"), any("centered")]),
+        op("Pow", [again(), any("two")]),
+        op("Mul", [again(), again()]),
     ]);
     let std = op(
         "Sqrt",
@@ -41,11 +45,16 @@ fn normalized() -> Pat {
         )
         .commutative()],
     );
-    alt([
-        op("Div", [centered.clone(), std.clone()]),
-        op("Mul", [centered, op("Reciprocal", [std])]).commutative(),
-    ])
+    through(
+        CAST,
+        alt([
+            op("Div", [centered.clone(), std.clone()]),
+            op("Mul", [centered, op("Reciprocal", [std])]).commutative(),
+        ]),
+    )
 }
+
+const CAST: &[&str] = &["Cast"];
 
 /// The whole LayerNorm: normalised, then scaled by γ and shifted by β (each optional).
 fn layer_norm() -> [Pat; 3] {
@@ -199,6 +208,9 @@ fn site(
             )
         })
         .ok_or("the input is not a float tensor")?;
+    if types.get(out).is_some_and(|t| t != dtype as i32) {
+        return Err("the result is cast to another type than the input's".into());
+    }
     let affine = |name: &str| -> std::result::Result<Option<ValueId>, String> {
         let Some(v) = m.value(name) else {
             return Ok(None);

@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use attune_compiler::Model;
 use attune_compiler::analysis::{Dim, Shapes};
+use attune_compiler::ir::{Use, ValueId};
+use attune_compiler::onnx::DataType;
 use attune_runtime::controller::Controller;
 use attune_runtime::ort_backend::OrtOptions;
 use attune_runtime::sample::{self, Ddim, Maps, SampleRun};
@@ -32,12 +34,12 @@ pub struct Args {
     /// Initial latents [1 or P, 4, h, w] .npy (else seeded noise of --height x --width)
     #[arg(long)]
     latents: Option<PathBuf>,
-    /// Latent height for seeded noise
-    #[arg(long, default_value_t = 64)]
-    height: usize,
-    /// Latent width for seeded noise
-    #[arg(long, default_value_t = 64)]
-    width: usize,
+    /// Latent height for seeded noise [default: the model's fixed size, else 64]
+    #[arg(long)]
+    height: Option<usize>,
+    /// Latent width for seeded noise [default: the model's fixed size, else 64]
+    #[arg(long)]
+    width: Option<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Classifier-free guidance scale
@@ -177,39 +179,39 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let latents = match &args.latents {
         Some(p) => read_f32(p, "latents", 4)?,
         None => {
-            let dims = inputs::Dims::parse(&[
-                format!("batch={prompts}"),
-                format!("height={}", args.height),
-                format!("width={}", args.width),
-            ])?;
-            let spec = specs
-                .iter()
-                .find(|s| s.name == "sample")
-                .expect("checked")
-                .clone();
-            let mut random = inputs::prepare(
-                &[inputs::InputSpec {
-                    optional: false,
-                    ..spec
-                }],
-                vec![],
-                &dims,
-                args.seed,
-            )
-            .with_context(|| {
-                format!(
-                    "seeded latents of --height {} --width {}",
-                    args.height, args.width
-                )
-            })?;
+            // Seeded noise [prompts, channels, height, width] in latent pixels, whatever the
+            // export calls its sizes (`batch_size`, dynamo's `8*height`); a model with fixed
+            // sizes gives its own unless --height/--width say otherwise.
+            let sample = g.value_id("sample").expect("checked");
+            let declared = Shapes::infer(&model)
+                .shape(sample)
+                .map(<[Dim]>::to_vec)
+                .unwrap_or_default();
+            let side = |axis: usize, given: Option<usize>| {
+                given
+                    .or_else(|| usize::try_from(declared.get(axis)?.known()?).ok())
+                    .unwrap_or(64)
+            };
+            let (height, width) = (side(2, args.height), side(3, args.width));
+            let Some(channels) = latent_channels(&model, sample, &declared) else {
+                bail!(
+                    "{}: the sample input's channel count is neither declared nor read by a convolution; give --latents",
+                    args.unet.display()
+                );
+            };
+            let spec = inputs::InputSpec {
+                name: "sample".into(),
+                optional: false,
+                elem_type: DataType::Float as i32,
+                dims: [prompts, channels, height, width]
+                    .map(inputs::Dim::Fixed)
+                    .to_vec(),
+            };
+            let mut random = inputs::prepare(&[spec], vec![], &inputs::Dims::default(), args.seed)
+                .with_context(|| format!("seeded latents of --height {height} --width {width}"))?;
             match random.remove(0).1 {
-                HostTensor::F32(a) if a.ndim() == 4 => a,
-                other => bail!(
-                    "{}: the sample input is {} {:?}, expected f32 [batch, channels, height, width]",
-                    args.unet.display(),
-                    other.dtype().name(),
-                    other.shape()
-                ),
+                HostTensor::F32(a) => a,
+                other => unreachable!("f32 noise was asked for, not {}", other.dtype().name()),
             }
         }
     };
@@ -434,19 +436,8 @@ fn map_resolutions(model: &Model, shape: &[usize]) -> Option<Vec<usize>> {
     if declared.len() != 4 || shape.len() != 4 {
         return None;
     }
-    // Solve the declared height and width (`height`, `8*height`) for the latents' sizes.
-    let mut values = BTreeMap::new();
-    for (d, &size) in declared[2..].iter().zip(&shape[2..]) {
-        if let Dim::Sym { num, den, symbols } = d
-            && let [(name, 1)] = symbols.iter().collect::<Vec<_>>()[..]
-        {
-            let scaled = (size as i64).checked_mul(*den)?;
-            if *num == 0 || scaled % num != 0 {
-                return None;
-            }
-            values.insert(name.clone(), scaled / num);
-        }
-    }
+    let sides: Vec<i64> = shape[2..].iter().map(|&s| s as i64).collect();
+    let values = solve_symbols(&declared[2..], &sides)?;
     let mut out = std::collections::BTreeSet::new();
     for io in &g.outputs {
         if !g.value(io.value).name.starts_with("attn.") {
@@ -460,4 +451,47 @@ fn map_resolutions(model: &Model, shape: &[usize]) -> Option<Vec<usize>> {
         out.insert(sample::square_side(usize::try_from(tokens).ok()?)?);
     }
     (!out.is_empty()).then(|| out.into_iter().collect())
+}
+
+/// The latents' channel count: declared, or (diffusers' conversion script declares it a
+/// `channels` symbol) the input channels of the convolution reading the sample.
+fn latent_channels(model: &Model, sample: ValueId, declared: &[Dim]) -> Option<usize> {
+    if let Some(c) = declared.get(1).and_then(Dim::known) {
+        return usize::try_from(c).ok();
+    }
+    let g = &model.graph;
+    g.value(sample).consumers.iter().find_map(|u| {
+        let Use::Input(n, 0) = u else { return None };
+        let node = g.node(*n);
+        let weight = node.inputs.get(1).copied().flatten()?;
+        let dims = &g.initializer(weight)?.proto.dims;
+        (node.is("Conv") && dims.len() == 4)
+            .then(|| usize::try_from(dims[1]).ok())
+            .flatten()
+    })
+}
+
+/// Sizes of the symbols of `declared` dims (`height`, `8*height`) that make them `sizes`;
+/// `None` when a dim is a product of symbols, a size does not divide, or sizes contradict.
+fn solve_symbols(declared: &[Dim], sizes: &[i64]) -> Option<BTreeMap<String, i64>> {
+    let mut values = BTreeMap::new();
+    for (d, &size) in declared.iter().zip(sizes) {
+        match d {
+            Dim::Known(k) if *k == size => {}
+            Dim::Known(_) => return None,
+            Dim::Sym { num, den, symbols } => {
+                let [(name, 1)] = symbols.iter().collect::<Vec<_>>()[..] else {
+                    return None;
+                };
+                let scaled = size.checked_mul(*den)?;
+                if *num == 0 || scaled % num != 0 {
+                    return None;
+                }
+                if *values.entry(name.clone()).or_insert(scaled / num) != scaled / num {
+                    return None;
+                }
+            }
+        }
+    }
+    Some(values)
 }

@@ -13,12 +13,13 @@ mod lowering;
 pub use lowering::*;
 
 /// The committed tiny exports (see models/export/unets.py).
-pub const FIXTURES: [&str; 8] = [
+pub const FIXTURES: [&str; 9] = [
     "sd15_legacy",
     "sd15_dynamo",
     "sd2_legacy",
     "sdxl_legacy",
     "sd15_op14_legacy",
+    "sd15_olive_legacy",
     "sd15_classic_legacy",
     "sd15_fp16_legacy",
     "noattn_legacy",

@@ -38,6 +38,42 @@ impl Dim {
         Dim::symbol(&format!("?{id}"))
     }
 
+    /// The same with each symbol replaced by `rename`'s choice (powers of symbols that become
+    /// one add up).
+    pub fn renamed(&self, rename: impl Fn(&str) -> String) -> Dim {
+        match self {
+            Dim::Known(_) => self.clone(),
+            Dim::Sym { num, den, symbols } => {
+                let mut renamed: BTreeMap<String, u32> = BTreeMap::new();
+                for (s, p) in symbols {
+                    let power = renamed.entry(rename(s)).or_default();
+                    *power = power.saturating_add(*p);
+                }
+                Dim::Sym {
+                    num: *num,
+                    den: *den,
+                    symbols: renamed,
+                }
+            }
+        }
+    }
+
+    /// The symbol, if the dim is exactly one (coefficient 1, power 1).
+    pub fn as_symbol(&self) -> Option<&str> {
+        match self {
+            Dim::Sym {
+                num: 1,
+                den: 1,
+                symbols,
+            } if symbols.len() == 1 => symbols
+                .iter()
+                .next()
+                .filter(|(_, p)| **p == 1)
+                .map(|(s, _)| s.as_str()),
+            _ => None,
+        }
+    }
+
     /// Is it (a multiple of) a size nothing is known about?
     pub fn is_unknown(&self) -> bool {
         matches!(self, Dim::Sym { symbols, .. } if symbols.keys().any(|s| s.starts_with('?')))

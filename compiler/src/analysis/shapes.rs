@@ -2,7 +2,7 @@
 //! exporters emit (`Shape → Gather → Div → Concat → Reshape`, `Sqrt(1/sqrt(d))`). Sizes are
 //! [`Dim`]s in terms of the graph inputs' dim symbols; values of small tensors are tracked
 //! so reshape targets, head counts and attention scales can be read off the graph.
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::dim::Dim;
 use crate::ir::{Graph, Model, NodeId, ValueId};
@@ -57,18 +57,37 @@ pub struct Shapes {
     facts: HashMap<ValueId, Facts>,
     /// Counter of unknown sizes handed out (each one a distinct symbol).
     unknowns: usize,
+    /// Input dim symbols found to be one size (see [`Shapes::infer`]), by the one they became.
+    aliases: BTreeMap<String, String>,
 }
 
 impl Shapes {
+    /// Shapes and small integer values of every value it can tell. Exports may name one size
+    /// differently per input (Olive: `unet_sample_batch`, `unet_hidden_batch`); where two
+    /// input symbols must broadcast together they are one size, so inference runs again with
+    /// each such group named after its first symbol, and the shapes line up.
     pub fn infer(model: &Model) -> Shapes {
+        let first = Shapes::infer_named(model, BTreeMap::new());
+        let aliases = first.equal_symbols(model);
+        if aliases.is_empty() {
+            first
+        } else {
+            Shapes::infer_named(model, aliases)
+        }
+    }
+
+    fn infer_named(model: &Model, aliases: BTreeMap<String, String>) -> Shapes {
         let g = &model.graph;
-        let mut s = Shapes::default();
+        let mut s = Shapes {
+            aliases,
+            ..Shapes::default()
+        };
         for io in &g.inputs {
             if g.initializer(io.value).is_some() {
                 continue;
             }
             let t = io.info.r#type.as_ref().and_then(onnx::tensor_type);
-            let shape = declared_dims(&io.info);
+            let shape = declared_dims(&io.info).map(|d| s.renamed(d));
             let float = t.is_some_and(|t| onnx::is_float(t.elem_type));
             s.facts.insert(
                 io.value,
@@ -88,6 +107,83 @@ impl Shapes {
             }
         }
         s
+    }
+
+    fn renamed(&self, dims: Vec<Dim>) -> Vec<Dim> {
+        if self.aliases.is_empty() {
+            return dims;
+        }
+        let rename = |s: &str| {
+            self.aliases
+                .get(s)
+                .cloned()
+                .unwrap_or_else(|| s.to_string())
+        };
+        dims.iter().map(|d| d.renamed(rename)).collect()
+    }
+
+    /// Input dim symbols that meet in an elementwise op or a MatMul's batch dims, where both
+    /// can only hold if they are equal (or one is 1, which a batch or a token count is not):
+    /// each → the group's symbol that appears first in the inputs.
+    fn equal_symbols(&self, model: &Model) -> BTreeMap<String, String> {
+        let g = &model.graph;
+        let declared: Vec<String> = g
+            .inputs
+            .iter()
+            .flat_map(|io| declared_dims(&io.info).unwrap_or_default())
+            .filter_map(|d| d.as_symbol().map(str::to_string))
+            .collect();
+        let rank = |s: &str| declared.iter().position(|d| d == s);
+        let mut parent: BTreeMap<String, String> = BTreeMap::new();
+        fn root(parent: &BTreeMap<String, String>, s: &str) -> String {
+            let mut at = s.to_string();
+            while let Some(p) = parent.get(&at) {
+                at = p.clone();
+            }
+            at
+        }
+        for n in g.node_ids() {
+            let node = g.node(n);
+            let batch_dims = |v: &Option<ValueId>| -> Option<Vec<Dim>> {
+                let shape = self.shape((*v)?)?;
+                Some(match node.op() {
+                    "MatMul" => shape.get(..shape.len().saturating_sub(2))?.to_vec(),
+                    _ => shape.to_vec(),
+                })
+            };
+            if !BROADCASTING.contains(&node.op()) || node.inputs.len() < 2 {
+                continue;
+            }
+            let (Some(a), Some(b)) = (batch_dims(&node.inputs[0]), batch_dims(&node.inputs[1]))
+            else {
+                continue;
+            };
+            for (x, y) in aligned(&a, &b) {
+                let (Some(x), Some(y)) = (x.as_symbol(), y.as_symbol()) else {
+                    continue;
+                };
+                let (Some(_), Some(_)) = (rank(x), rank(y)) else {
+                    continue;
+                };
+                let (rx, ry) = (root(&parent, x), root(&parent, y));
+                if rx != ry {
+                    let (keep, drop) = if rank(&rx) <= rank(&ry) {
+                        (rx, ry)
+                    } else {
+                        (ry, rx)
+                    };
+                    parent.insert(drop, keep);
+                }
+            }
+        }
+        let names: Vec<String> = parent.keys().cloned().collect();
+        names
+            .into_iter()
+            .map(|s| {
+                let r = root(&parent, &s);
+                (s, r)
+            })
+            .collect()
     }
 
     pub fn facts(&self, v: ValueId) -> Option<&Facts> {
@@ -150,7 +246,7 @@ impl Shapes {
             };
             // What the exporter declared (dynamo's value_info) fills in what inference could not.
             if facts.shape.is_none() {
-                facts.shape = declared_shape(g, *v);
+                facts.shape = declared_shape(g, *v).map(|d| self.renamed(d));
             }
             self.facts.insert(*v, facts);
         }
@@ -252,28 +348,42 @@ fn axis(a: i64, rank: usize) -> Option<usize> {
     (0..rank as i64).contains(&a).then_some(a as usize)
 }
 
-/// Numpy broadcasting. An unknown size against a known one is taken to be compatible (the
-/// model is assumed valid), so one unknown does not hide every shape after it.
+/// Numpy broadcasting. The model is assumed valid, so sizes that differ without either being
+/// 1 must be equal at run time: an unknown size takes the other, a symbol against a known
+/// size is that size, and two symbols (inputs that name their batch differently, as Olive's
+/// `unet_sample_batch` and `unet_hidden_batch`, or optimum's `steps` timestep against
+/// `batch_size`) are the first. One unnamed or renamed size then does not hide every shape
+/// after it.
 fn broadcast(a: &[Dim], b: &[Dim]) -> Option<Vec<Dim>> {
-    let n = a.len().max(b.len());
-    let pad = |s: &[Dim]| -> Vec<Dim> {
-        std::iter::repeat_n(Dim::Known(1), n - s.len())
-            .chain(s.iter().cloned())
-            .collect()
-    };
-    let (a, b) = (pad(a), pad(b));
-    a.into_iter()
-        .zip(b)
+    aligned(a, b)
         .map(|(x, y)| match (&x, &y) {
             (Dim::Known(1), _) => Some(y),
             (_, Dim::Known(1)) => Some(x),
             _ if x == y => Some(x),
             _ if x.is_unknown() => Some(y),
             _ if y.is_unknown() => Some(x),
-            _ => None,
+            (Dim::Known(p), Dim::Known(q)) if p != q => None,
+            (_, Dim::Known(_)) => Some(y),
+            _ => Some(x),
         })
         .collect()
 }
+
+/// The dims of two shapes paired from the last, the shorter padded with 1s in front.
+fn aligned(a: &[Dim], b: &[Dim]) -> impl Iterator<Item = (Dim, Dim)> {
+    let n = a.len().max(b.len());
+    let pad = move |s: &[Dim]| -> Vec<Dim> {
+        std::iter::repeat_n(Dim::Known(1), n - s.len())
+            .chain(s.iter().cloned())
+            .collect()
+    };
+    pad(a).into_iter().zip(pad(b))
+}
+
+/// Ops whose inputs broadcast against each other (a MatMul: its batch dims).
+const BROADCASTING: &[&str] = &[
+    "Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min", "Equal", "MatMul",
+];
 
 /// The most outputs a `Split` by `num_outputs` is believed to have.
 const MAX_SPLIT: i64 = 1 << 16;
@@ -974,7 +1084,8 @@ fn infer_op(
                 .map(|n| n.dim().unwrap_or_else(&mut *fresh))
                 .collect();
             match &x.shape {
-                Some(xs) => one(broadcast(xs, &target).map(|s| shaped(s, x.float))),
+                // The target first: of two symbols, the one Expand was asked for.
+                Some(xs) => one(broadcast(&target, xs).map(|s| shaped(s, x.float))),
                 // An input of unknown shape expanded to a target: the target's shape.
                 None => one(Some(shaped(target, x.float))),
             }
