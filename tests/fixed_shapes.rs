@@ -214,6 +214,44 @@ fn hooks_keep_working_with_fixed_shapes_and_in_fixed_buffers() {
 }
 
 #[test]
+fn symbols_the_model_uses_as_one_size_are_fixed_together() {
+    // Olive names each input's batch: fixing the sample's fixes the text states' (they meet in
+    // the cross-attention), not the timestep's (expanded to the batch, it may be 1).
+    let name = "sd15_olive_legacy";
+    let dir = tempfile::tempdir().unwrap();
+    let fix = ["--fix-shapes", "sample=2x4x16x16,unet_hidden_sequence=77"];
+    for target in [&[][..], &["--target", "cuda", "--attention", "flash"]] {
+        let (out, report) = compile_into(dir.path(), &fixture(name), &[target, &fix].concat());
+        assert!(
+            report.contains("unet_hidden_batch=2 too: one size with unet_sample_batch")
+                && report.contains("unet_time_batch stays dynamic"),
+            "{target:?}: {report}"
+        );
+        let m = import::read(&out).unwrap();
+        let text = inputs::input_specs(&m)
+            .into_iter()
+            .find(|s| s.name == "encoder_hidden_states")
+            .unwrap();
+        assert_eq!(text.dims, [2, 77, 32].map(inputs::Dim::Fixed), "{target:?}");
+        let standard = dir.path().join("standard.onnx");
+        with_cuda_ops_in_standard_ops(&out, &standard);
+        let c = against_reference(name, run_cpu(name, &standard));
+        assert!(c.rel_l2 <= 1e-4, "{target:?}: rel L2 {:.3e}", c.rel_l2);
+    }
+    let o = compile_to(
+        &fixture(name),
+        &dir.path().join("bad.onnx"),
+        &["--fix-shapes", "sample=2x4x16x16,unet_hidden_batch=3"],
+    );
+    assert!(
+        stderr(&o).contains("unet_sample_batch=2 but unet_hidden_batch=3"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!dir.path().join("bad.onnx").exists());
+}
+
+#[test]
 fn bad_fixed_shapes_are_clear_errors_and_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o.onnx");

@@ -123,8 +123,9 @@ impl Shapes {
     }
 
     /// Input dim symbols that meet in an elementwise op or a MatMul's batch dims, where both
-    /// can only hold if they are equal (or one is 1, which a batch or a token count is not):
-    /// each → the group's symbol that appears first in the inputs.
+    /// can only hold if they are equal (or one is 1, which a batch or a token count is not),
+    /// or as the batch of a fused op's inputs: each → the group's symbol that appears first
+    /// in the inputs.
     fn equal_symbols(&self, model: &Model) -> BTreeMap<String, String> {
         let g = &model.graph;
         let declared: Vec<String> = g
@@ -134,56 +135,61 @@ impl Shapes {
             .filter_map(|d| d.as_symbol().map(str::to_string))
             .collect();
         let rank = |s: &str| declared.iter().position(|d| d == s);
+        let mut pairs: Vec<(Dim, Dim)> = Vec::new();
+        for n in g.node_ids() {
+            let node = g.node(n);
+            let shape = |slot: usize| self.shape(node.inputs.get(slot).copied().flatten()?);
+            if let Some(slots) = SHARED_BATCH
+                .iter()
+                .find(|(op, _)| node.op() == *op)
+                .map(|(_, slots)| *slots)
+            {
+                let batches: Vec<&Dim> = slots.iter().filter_map(|&i| shape(i)?.first()).collect();
+                pairs.extend(batches.windows(2).map(|w| (w[0].clone(), w[1].clone())));
+            } else if BROADCASTING.contains(&node.op())
+                && let (Some(a), Some(b)) = (shape(0), shape(1))
+            {
+                let lead = |s: &[Dim]| match node.op() {
+                    "MatMul" => s[..s.len().saturating_sub(2)].to_vec(),
+                    _ => s.to_vec(),
+                };
+                pairs.extend(aligned(&lead(a), &lead(b)));
+            }
+        }
         let mut parent: BTreeMap<String, String> = BTreeMap::new();
-        fn root(parent: &BTreeMap<String, String>, s: &str) -> String {
+        let root = |parent: &BTreeMap<String, String>, s: &str| {
             let mut at = s.to_string();
             while let Some(p) = parent.get(&at) {
                 at = p.clone();
             }
             at
-        }
-        for n in g.node_ids() {
-            let node = g.node(n);
-            let batch_dims = |v: &Option<ValueId>| -> Option<Vec<Dim>> {
-                let shape = self.shape((*v)?)?;
-                Some(match node.op() {
-                    "MatMul" => shape.get(..shape.len().saturating_sub(2))?.to_vec(),
-                    _ => shape.to_vec(),
-                })
-            };
-            if !BROADCASTING.contains(&node.op()) || node.inputs.len() < 2 {
-                continue;
-            }
-            let (Some(a), Some(b)) = (batch_dims(&node.inputs[0]), batch_dims(&node.inputs[1]))
-            else {
+        };
+        for (x, y) in &pairs {
+            let (Some(x), Some(y)) = (x.as_symbol(), y.as_symbol()) else {
                 continue;
             };
-            for (x, y) in aligned(&a, &b) {
-                let (Some(x), Some(y)) = (x.as_symbol(), y.as_symbol()) else {
-                    continue;
+            if rank(x).is_none() || rank(y).is_none() {
+                continue;
+            }
+            let (rx, ry) = (root(&parent, x), root(&parent, y));
+            if rx != ry {
+                let (keep, drop) = if rank(&rx) <= rank(&ry) {
+                    (rx, ry)
+                } else {
+                    (ry, rx)
                 };
-                let (Some(_), Some(_)) = (rank(x), rank(y)) else {
-                    continue;
-                };
-                let (rx, ry) = (root(&parent, x), root(&parent, y));
-                if rx != ry {
-                    let (keep, drop) = if rank(&rx) <= rank(&ry) {
-                        (rx, ry)
-                    } else {
-                        (ry, rx)
-                    };
-                    parent.insert(drop, keep);
-                }
+                parent.insert(drop, keep);
             }
         }
-        let names: Vec<String> = parent.keys().cloned().collect();
-        names
-            .into_iter()
-            .map(|s| {
-                let r = root(&parent, &s);
-                (s, r)
-            })
+        parent
+            .keys()
+            .map(|s| (s.clone(), root(&parent, s)))
             .collect()
+    }
+
+    /// Input dim symbols taken to be one size, each → its group's first symbol.
+    pub fn equal_input_symbols(&self) -> &BTreeMap<String, String> {
+        &self.aliases
     }
 
     pub fn facts(&self, v: ValueId) -> Option<&Facts> {
@@ -379,6 +385,17 @@ fn aligned(a: &[Dim], b: &[Dim]) -> impl Iterator<Item = (Dim, Dim)> {
     };
     pad(a).into_iter().zip(pad(b))
 }
+
+/// Fused ops whose inputs (these slots) share their batch, dim 0: where the query's and the
+/// text states' batches meet once attention is fused, and the time embedding's in a
+/// SkipGroupNorm.
+const SHARED_BATCH: &[(&str, &[usize])] = &[
+    ("MultiHeadAttention", &[0, 1, 2]),
+    ("Attention", &[0, 1, 2]),
+    ("SkipGroupNorm", &[0, 3]),
+    ("SkipLayerNormalization", &[0, 1]),
+    ("BiasAdd", &[0, 2]),
+];
 
 /// Ops whose inputs broadcast against each other (a MatMul: its batch dims).
 const BROADCASTING: &[&str] = &[

@@ -62,7 +62,11 @@ impl Pass for FixShapes {
 
     fn run(&self, model: &mut Model, _cx: &mut PassCx) -> Result<PassReport> {
         let mut report = PassReport::default();
-        let symbols = solve(&model.graph, &self.specs)?;
+        let mut symbols = solve(&model.graph, &self.specs)?;
+        let equal = Shapes::infer(model).equal_input_symbols().clone();
+        report
+            .notes
+            .extend(size_equal_symbols(&mut symbols, &equal)?);
         check_defaults(&model.graph, &symbols)?;
         check_representable(&model.graph, &symbols)?;
         report.rewritten.push(
@@ -87,6 +91,48 @@ impl Pass for FixShapes {
         ));
         Ok(report)
     }
+}
+
+/// Symbols the model uses as one size (inputs that name their batch differently, meeting in
+/// a broadcast) all take the size given for any of them; notes on those so sized.
+fn size_equal_symbols(
+    symbols: &mut BTreeMap<String, i64>,
+    equal: &BTreeMap<String, String>,
+) -> Result<Vec<String>> {
+    let mut groups: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (s, first) in equal {
+        groups.entry(first).or_insert_with(|| vec![first]).push(s);
+    }
+    let mut notes = Vec::new();
+    for members in groups.values() {
+        let sized: Vec<(&str, i64)> = members
+            .iter()
+            .filter_map(|m| symbols.get(*m).map(|v| (*m, *v)))
+            .collect();
+        let Some(&(from, size)) = sized.first() else {
+            continue;
+        };
+        if let Some((other, v)) = sized.iter().find(|(_, v)| *v != size) {
+            return Err(Error::Graph(format!(
+                "--fix-shapes: {from}={size} but {other}={v}, and the model uses them as one size (they broadcast together)"
+            )));
+        }
+        let unsized_: Vec<&str> = members
+            .iter()
+            .copied()
+            .filter(|m| !symbols.contains_key(*m))
+            .collect();
+        for m in &unsized_ {
+            symbols.insert(m.to_string(), size);
+        }
+        if !unsized_.is_empty() {
+            notes.push(format!(
+                "{}={size} too: one size with {from} in the model (they broadcast together)",
+                unsized_.join(", ")
+            ));
+        }
+    }
+    Ok(notes)
 }
 
 /// Notes on the dim symbols the inputs still have: one per symbol of a required input, one
