@@ -104,11 +104,7 @@ fn controls_work_on_an_opset_14_export_with_its_layer_norms_written_out() {
     // modules (found by their norm1) appear only once compile fuses the LayerNorms back.
     let dir = tempfile::tempdir().unwrap();
     let model = fixture("sd15_op14_legacy");
-    let (hooked, report) = compile_into(
-        dir.path(),
-        &model,
-        &["--hooks", "capture,p2p,masactrl", "--attention", "flash"],
-    );
+    let (hooked, report) = every_hook_fused(dir.path(), &model);
     assert!(
         report.contains("21 exported LayerNorms -> LayerNormalization")
             && report.contains("hooks: 14 rewritten"),
@@ -122,12 +118,7 @@ fn controls_work_on_an_export_that_names_each_inputs_batch_differently() {
     // Olive's dim names: the sample's batch, the text states' batch and the timestep's are
     // three symbols, so the cross-attention shapes only line up if they are taken as equal.
     let dir = tempfile::tempdir().unwrap();
-    let model = fixture("sd15_olive_legacy");
-    let (hooked, report) = compile_into(
-        dir.path(),
-        &model,
-        &["--hooks", "capture,p2p,masactrl", "--attention", "flash"],
-    );
+    let (hooked, report) = every_hook_fused(dir.path(), &fixture("sd15_olive_legacy"));
     assert!(
         report.contains("attention: 7 rewritten, 7 skipped")
             && report.contains("hooks: 14 rewritten"),
@@ -152,6 +143,15 @@ fn controls_work_on_an_export_that_names_each_inputs_batch_differently() {
         let c = compare("out_sample", &want, output(&outs, "out_sample")).unwrap();
         assert!(c.rel_l2 <= 1e-4, "{case}: {c:?}");
     }
+}
+
+/// `--hooks capture,p2p,masactrl --attention flash`: the compiled model and the report.
+fn every_hook_fused(dir: &Path, model: &Path) -> (PathBuf, String) {
+    compile_into(
+        dir,
+        model,
+        &["--hooks", "capture,p2p,masactrl", "--attention", "flash"],
+    )
 }
 
 /// Every control of a `--hooks capture,p2p,masactrl` compile of `model` against the PyTorch

@@ -16,6 +16,16 @@ const LORA: &str = "models/loras/kohya.safetensors";
 
 /// Pass combinations users run (`--target cpu` is the default); the LoRA ones where the
 /// LoRA file fits the fixture (made for the SD1.5 fixture's layers).
+/// The usual CUDA deployment's flags.
+const CUDA_FP16_FLASH: [&str; 6] = [
+    "--target",
+    "cuda",
+    "--precision",
+    "fp16",
+    "--attention",
+    "flash",
+];
+
 fn combinations(name: &str) -> Vec<Vec<String>> {
     let lora = root().join(LORA).display().to_string();
     let combos: Vec<Vec<&str>> = vec![
@@ -277,14 +287,7 @@ fn a_recipe_and_the_equivalent_flags_produce_identical_graphs() {
     let dir = tempfile::tempdir().unwrap();
     let recipes = root().join("models/recipes");
     let lora = |f: &str| root().join("models/loras").join(f).display().to_string();
-    let cuda_fp16 = [
-        "--target",
-        "cuda",
-        "--precision",
-        "fp16",
-        "--attention",
-        "flash",
-    ];
+    let cuda_fp16 = CUDA_FP16_FLASH;
     let cases: Vec<(&str, Vec<String>)> = vec![
         (
             "cpu_flash_tome.toml",
@@ -591,14 +594,7 @@ fn other_exports_of_the_same_unet_lower_to_the_same_ops() {
     // sd15_olive_legacy names each input's batch differently: shapes still line up.
     let dir = tempfile::tempdir().unwrap();
     let flag_sets: [&[&str]; 3] = [
-        &[
-            "--target",
-            "cuda",
-            "--precision",
-            "fp16",
-            "--attention",
-            "flash",
-        ],
+        &CUDA_FP16_FLASH,
         &["--target", "cuda"],
         &["--precision", "fp16"],
     ];
@@ -880,47 +876,25 @@ fn written_out_layer_norms() -> onnx::ModelProto {
         attribute: vec![attune_compiler::patch::attr::int("to", to as i64)],
         ..node("Cast", &[input], out, None)
     };
-    nodes.push(cast("e_c", "e_c64", DataType::Double));
-    nodes.push(node("Pow", &["e_c64", "two64"], "e_sq", None));
-    nodes.push(node("ReduceMean", &["e_sq"], "e_var", Some(-1)));
-    nodes.push(node("Add", &["e_var", "eps64"], "e_ve", None));
-    nodes.push(node("Sqrt", &["e_ve"], "e_std", None));
-    nodes.push(node("Div", &["e_c64", "e_std"], "e_n64", None));
-    nodes.push(cast("e_n64", "e_n", DataType::Float));
-    nodes.push(node("Mul", &["e_n", "gamma"], "e_s", None));
-    nodes.push(node("Add", &["e_s", "beta"], "e", None));
-    for p in ["a", "c", "d"] {
-        nodes.push(node(
-            "Pow",
-            &[&format!("{p}_c"), "two"],
-            &format!("{p}_sq"),
-            None,
-        ));
-        nodes.push(node(
-            "ReduceMean",
-            &[&format!("{p}_sq")],
-            &format!("{p}_var"),
-            Some(if p == "d" { 1 } else { -1 }),
-        ));
-        nodes.push(node(
-            "Add",
-            &[&format!("{p}_var"), "eps"],
-            &format!("{p}_ve"),
-            None,
-        ));
-        nodes.push(node(
-            "Sqrt",
-            &[&format!("{p}_ve")],
-            &format!("{p}_std"),
-            None,
-        ));
-        nodes.push(node(
-            "Div",
-            &[&format!("{p}_c"), &format!("{p}_std")],
-            &format!("{p}_n"),
-            None,
-        ));
+    // `{p}_n` = c / √(mean(c^two over axis) + eps)
+    let normalize = |p: &str, c: &str, (two, eps): (&str, &str), axis: i64| {
+        let v = |s: &str| format!("{p}_{s}");
+        [
+            node("Pow", &[c, two], &v("sq"), None),
+            node("ReduceMean", &[&v("sq")], &v("var"), Some(axis)),
+            node("Add", &[&v("var"), eps], &v("ve"), None),
+            node("Sqrt", &[&v("ve")], &v("std"), None),
+            node("Div", &[c, &v("std")], &v("n"), None),
+        ]
+    };
+    for (p, axis) in [("a", -1), ("c", -1), ("d", 1)] {
+        nodes.extend(normalize(p, &format!("{p}_c"), ("two", "eps"), axis));
     }
+    nodes.push(cast("e_c", "e_c64", DataType::Double));
+    nodes.extend(normalize("e", "e_c64", ("two64", "eps64"), -1));
+    nodes.push(cast("e_n", "e_n32", DataType::Float));
+    nodes.push(node("Mul", &["e_n32", "gamma"], "e_s", None));
+    nodes.push(node("Add", &["e_s", "beta"], "e", None));
     nodes.push(node("Mul", &["b_c", "b_c"], "b_sq", None));
     nodes.push(node("ReduceMean", &["b_sq"], "b_var", Some(2)));
     nodes.push(node("Add", &["eps", "b_var"], "b_ve", None));
