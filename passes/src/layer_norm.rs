@@ -131,9 +131,9 @@ fn find(g: &Graph, shapes: &Shapes, types: &ElemTypes, report: &mut PassReport) 
     let order = g.topo_order().unwrap_or_else(|_| g.node_ids().collect());
     let mut taken: HashSet<NodeId> = HashSet::new();
     let mut sites = Vec::new();
-    // Outermost first: an Add β is tried before the Mul γ and the Div inside it.
+    // Outermost first: an Add β is tried before the Mul γ and the Div (or Cast) inside it.
     for &n in order.iter().rev() {
-        if taken.contains(&n) || !matches!(g.node(n).op(), "Add" | "Mul" | "Div") {
+        if taken.contains(&n) || !matches!(g.node(n).op(), "Add" | "Mul" | "Div" | "Cast") {
             continue;
         }
         let Some(out) = g.node(n).outputs.first().copied().flatten() else {
