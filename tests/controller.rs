@@ -710,3 +710,85 @@ fn seeded_latents_follow_each_exports_own_dim_symbols() {
         assert!(c.rel_l2 <= 1e-5, "{name}: {c:?}");
     }
 }
+
+/// sd15_olive_legacy with its timestep declared `[]` (a scalar, unsqueezed inside) or `[1]`,
+/// as some exports take it; the data file next to it.
+fn with_timestep_declared(dir: &Path, dims: &[i64]) -> PathBuf {
+    use attune_compiler::onnx::{self, DataType, ModelProto, NodeProto};
+    use prost::Message;
+    let src = fixture("sd15_olive_legacy");
+    let mut m = ModelProto::decode(fs::read(&src).unwrap().as_slice()).unwrap();
+    let g = m.graph.as_mut().unwrap();
+    let input = g.input.iter_mut().find(|i| i.name == "timestep").unwrap();
+    let shape = dims
+        .iter()
+        .map(|&d| onnx::tensor_shape_proto::dimension::Value::DimValue(d))
+        .collect();
+    *input = onnx::tensor_info("timestep", DataType::Int64, Some(shape));
+    if dims.is_empty() {
+        for n in &mut g.node {
+            for i in n.input.iter_mut().filter(|i| *i == "timestep") {
+                *i = "timestep_row".into();
+            }
+        }
+        g.initializer.push(onnx::TensorProto {
+            name: "timestep_axes".into(),
+            data_type: DataType::Int64 as i32,
+            dims: vec![1],
+            int64_data: vec![0],
+            ..Default::default()
+        });
+        g.node.insert(
+            0,
+            NodeProto {
+                op_type: "Unsqueeze".into(),
+                name: "/unsqueeze_timestep".into(),
+                input: vec!["timestep".into(), "timestep_axes".into()],
+                output: vec!["timestep_row".into()],
+                ..Default::default()
+            },
+        );
+    }
+    let out = dir.join(format!("t{}", dims.len())).join("unet.onnx");
+    fs::create_dir_all(out.parent().unwrap()).unwrap();
+    fs::copy(
+        src.with_file_name("unet.onnx.data"),
+        out.with_file_name("unet.onnx.data"),
+    )
+    .unwrap();
+    fs::write(&out, m.encode_to_vec()).unwrap();
+    out
+}
+
+#[test]
+fn the_sampler_feeds_the_timestep_in_the_form_the_unet_declares() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ctl("sample");
+    let file = |f: &str| s.join(f).display().to_string();
+    let sample = |unet: &Path, out: &str| {
+        let out = dir.path().join(out);
+        let o = attune(&[
+            "sample",
+            "--unet",
+            unet.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--cond",
+            &file("cond.npy"),
+            "--uncond",
+            &file("uncond.npy"),
+            "--latents",
+            &file("latents.npy"),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}: {}", unet.display(), stderr(&o));
+        npy::read(&out.join("latents.npy")).unwrap()
+    };
+    let per_row = sample(&fixture("sd15_olive_legacy"), "per_row");
+    for dims in [&[][..], &[1]] {
+        let got = sample(&with_timestep_declared(dir.path(), dims), "other");
+        let c = compare("latents", &per_row, &got).unwrap();
+        assert!(c.rel_l2 <= 1e-6, "timestep {dims:?}: {c:?}");
+    }
+}

@@ -72,6 +72,17 @@ pub struct SampleRun<'a> {
     /// Declared element type of every UNet input (an fp16 UNet takes fp16 latents, text
     /// embeddings and hook values); inputs not listed are fed as f32.
     pub input_dtypes: BTreeMap<String, DType>,
+    pub timestep: TimestepForm,
+}
+
+/// How the UNet takes the timestep: one per batch row (the usual `[batch]`), one for the
+/// whole batch (`[1]`), or a scalar (`[]`, as some exports declare it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TimestepForm {
+    #[default]
+    PerRow,
+    One,
+    Scalar,
 }
 
 /// `t` as the element type the UNet declares for input `name` (f32 <-> f16).
@@ -128,7 +139,12 @@ pub fn sample(unet: &mut Backend, run: SampleRun) -> Result<(ArrayD<f32>, Maps)>
         .collect();
     for (i, &t) in run.ddim.timesteps.iter().enumerate() {
         let sample = concatenate(Axis(0), &[x.view(), x.view()]).expect("same shapes");
-        let steps = ArrayD::from_elem(IxDyn(&[2 * prompts]), t as f32);
+        let shape: &[usize] = match run.timestep {
+            TimestepForm::PerRow => &[2 * prompts],
+            TimestepForm::One => &[1],
+            TimestepForm::Scalar => &[],
+        };
+        let steps = ArrayD::from_elem(IxDyn(shape), t as f32);
         let timestep = match run.input_dtypes.get("timestep") {
             Some(DType::I64) => HostTensor::I64(steps.mapv(|v| v as i64)),
             Some(DType::I32) => HostTensor::I32(steps.mapv(|v| v as i32)),

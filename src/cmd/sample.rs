@@ -3,12 +3,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use attune_compiler::Model;
+use attune_compiler::analysis::shapes::declared_dims;
 use attune_compiler::analysis::{Dim, Shapes};
 use attune_compiler::ir::{Use, ValueId};
 use attune_compiler::onnx::DataType;
 use attune_runtime::controller::Controller;
 use attune_runtime::ort_backend::OrtOptions;
-use attune_runtime::sample::{self, Ddim, Maps, SampleRun};
+use attune_runtime::sample::{self, Ddim, Maps, SampleRun, TimestepForm};
 use attune_runtime::{Backend, HostTensor, inputs, npy};
 use ndarray::{ArrayD, IxDyn};
 
@@ -343,6 +344,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         plan,
         hooks,
         input_dtypes,
+        timestep: timestep_form(&model),
     };
     let (x, maps) = sample::sample(&mut unet, run)?;
     std::fs::create_dir_all(&args.out)
@@ -451,6 +453,21 @@ fn map_resolutions(model: &Model, shape: &[usize]) -> Option<Vec<usize>> {
         out.insert(sample::square_side(usize::try_from(tokens).ok()?)?);
     }
     (!out.is_empty()).then(|| out.into_iter().collect())
+}
+
+/// The timestep's declared form: a scalar, one for the batch (`[1]`), else one per row.
+fn timestep_form(model: &Model) -> TimestepForm {
+    let declared = model
+        .graph
+        .inputs
+        .iter()
+        .find(|io| io.info.name == "timestep")
+        .and_then(|io| declared_dims(&io.info));
+    match declared.as_deref() {
+        Some([]) => TimestepForm::Scalar,
+        Some([Dim::Known(1)]) => TimestepForm::One,
+        _ => TimestepForm::PerRow,
+    }
 }
 
 /// The latents' channel count: declared, or (diffusers' conversion script declares it a
