@@ -548,17 +548,18 @@ fn mutate(m: &mut ModelProto, rng: &mut Rng) -> String {
 /// family per case) end in a result or an error, never a panic or a half-written output.
 #[test]
 fn seeded_graph_mutations_never_panic() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = copy_fixture("sd15_legacy", dir.path());
-    let original = ModelProto::decode(fs::read(&path).unwrap().as_slice()).unwrap();
-    // ATTUNE_MUTATIONS=N,SEED explores further than the default run.
-    let (cases, seed) = std::env::var("ATTUNE_MUTATIONS")
-        .ok()
-        .and_then(|v| {
-            let (n, s) = v.split_once(',')?;
-            Some((n.parse().ok()?, s.parse().ok()?))
-        })
+    // ATTUNE_MUTATIONS=N,SEED[,FIXTURE] explores further than the default run.
+    let setting = std::env::var("ATTUNE_MUTATIONS").unwrap_or_default();
+    let mut parts = setting.split(',');
+    let (cases, seed) = parts
+        .next()
+        .zip(parts.next())
+        .and_then(|(n, s)| Some((n.parse().ok()?, s.parse().ok()?)))
         .unwrap_or((64, 7));
+    let fixture_name = parts.next().unwrap_or("sd15_legacy");
+    let dir = tempfile::tempdir().unwrap();
+    let path = copy_fixture(fixture_name, dir.path());
+    let original = ModelProto::decode(fs::read(&path).unwrap().as_slice()).unwrap();
     let mut rng = Rng(seed);
     for case in 0..cases {
         let mut m = original.clone();
