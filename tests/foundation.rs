@@ -330,6 +330,36 @@ const PASS_FAMILIES: [&[&str]; 4] = [
 /// the model is valid, a success), never a panic, for `inspect` and for `compile` with every
 /// pass family.
 #[test]
+fn huge_declared_sizes_are_not_materialised() {
+    // A batch declared 2^40 (the timestep's, which the sample's batch meets, or the sample's
+    // own): inference must not build values of that length, whatever the passes ask.
+    use attune_compiler::onnx::tensor_shape_proto::dimension::Value;
+    let dir = tempfile::tempdir().unwrap();
+    for input in ["timestep", "sample"] {
+        let path = copy_fixture("sd15_op14_legacy", dir.path());
+        let mut m = ModelProto::decode(fs::read(&path).unwrap().as_slice()).unwrap();
+        let g = m.graph.as_mut().unwrap();
+        let info = g.input.iter_mut().find(|i| i.name == input).unwrap();
+        let Some(attune_compiler::onnx::type_proto::Value::TensorType(t)) =
+            info.r#type.as_mut().and_then(|t| t.value.as_mut())
+        else {
+            panic!("{input} is not a tensor")
+        };
+        t.shape.as_mut().unwrap().dim[0].value = Some(Value::DimValue(1 << 40));
+        fs::write(&path, m.encode_to_vec()).unwrap();
+        for flags in PASS_FAMILIES {
+            let o = compile_to(&path, &dir.path().join("out/o.onnx"), flags);
+            let err = stderr(&o);
+            assert!(
+                matches!(o.status.code(), Some(0 | 2)) && !err.contains("panicked"),
+                "{input} {flags:?}: exit {:?}: {err}",
+                o.status.code()
+            );
+        }
+    }
+}
+
+#[test]
 fn malformed_graphs_are_errors_not_panics() {
     type Edit = Box<dyn FnOnce(&mut ModelProto, &std::path::Path)>;
     let cases: Vec<(&str, Edit, Option<&str>)> = vec![

@@ -668,7 +668,9 @@ fn infer_op(
             let float = float && !matches!(op, "Equal" | "Less" | "Greater" | "And" | "Or");
             let value = match (&x.value, &y.value, count(&shape)) {
                 (Some(a), Some(b), Some(n))
-                    if (a.len() == n || a.len() == 1) && (b.len() == n || b.len() == 1) =>
+                    if n <= MAX_VALUE_LEN
+                        && (a.len() == n || a.len() == 1)
+                        && (b.len() == n || b.len() == 1) =>
                 {
                     (0..n)
                         .map(|i| binary_value(op, &a[i.min(a.len() - 1)], &b[i.min(b.len() - 1)]))
@@ -692,19 +694,22 @@ fn infer_op(
                 .zip(b.shape.as_ref())
                 .and_then(|(s, b)| broadcast(&s, b));
             let value = match (&shape, &c.value, &a.value, &b.value) {
-                (Some(sh), Some(cv), Some(av), Some(bv)) => count(sh).and_then(|n| {
-                    let pick =
-                        |v: &Vec<Num>, i: usize| v.get(if v.len() == 1 { 0 } else { i }).cloned();
-                    (0..n)
-                        .map(|i| {
-                            if pick(cv, i)?.as_i64()? != 0 {
-                                pick(av, i)
-                            } else {
-                                pick(bv, i)
-                            }
-                        })
-                        .collect::<Option<Vec<_>>>()
-                }),
+                (Some(sh), Some(cv), Some(av), Some(bv)) => {
+                    count(sh).filter(|n| *n <= MAX_VALUE_LEN).and_then(|n| {
+                        let pick = |v: &Vec<Num>, i: usize| {
+                            v.get(if v.len() == 1 { 0 } else { i }).cloned()
+                        };
+                        (0..n)
+                            .map(|i| {
+                                if pick(cv, i)?.as_i64()? != 0 {
+                                    pick(av, i)
+                                } else {
+                                    pick(bv, i)
+                                }
+                            })
+                            .collect::<Option<Vec<_>>>()
+                    })
+                }
                 _ => None,
             };
             one(shape.map(|s| Facts {
@@ -981,7 +986,7 @@ fn infer_op(
                                 .and_then(Dim::known),
                         ) {
                             (Some(v), _) => Some(v.clone()),
-                            (None, Some(k)) if !p.float => {
+                            (None, Some(k)) if !p.float && k <= MAX_VALUE_LEN as i64 => {
                                 Some((0..k).map(|_| Num::I(fresh())).collect())
                             }
                             _ => None,
