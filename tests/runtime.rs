@@ -986,6 +986,9 @@ fn bench_vs_converts_inputs_for_each_model_and_names_one_that_does_not_fit() {
         &["--fix-shapes", "batch=2,height=8,width=8,sequence=4"],
     );
     let dims = SMALL_DIMS;
+    // D: the same UNet as Olive exports it (its own dim names, an int64 timestep, which
+    // takes A's whole-numbered timesteps).
+    let olive = fixture("sd15_olive_legacy");
     let mut args = vec![
         "bench",
         a.to_str().unwrap(),
@@ -993,6 +996,8 @@ fn bench_vs_converts_inputs_for_each_model_and_names_one_that_does_not_fit() {
         fp16.to_str().unwrap(),
         "--vs",
         fixed.to_str().unwrap(),
+        "--vs",
+        olive.to_str().unwrap(),
         "--iters",
         "2",
         "--warmup",
@@ -1006,6 +1011,7 @@ fn bench_vs_converts_inputs_for_each_model_and_names_one_that_does_not_fit() {
     let rel = |i: usize| v["models"][i]["rel_l2_vs_a"].as_f64().unwrap();
     assert!(rel(1) < 1e-2, "fp16 B: {}", rel(1));
     assert!(rel(2) < 1e-4, "fixed-shape C: {}", rel(2));
+    assert!(rel(3) < 1e-6, "Olive's export D: {}", rel(3));
 
     // Fixed to other sizes than --dim gives: an error naming the model.
     let mut args = vec![

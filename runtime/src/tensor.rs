@@ -1,6 +1,6 @@
 //! Host tensors: what goes into and comes out of a backend, and what .npy/.safetensors hold.
 use half::f16;
-use ndarray::ArrayD;
+use ndarray::{ArrayD, IxDyn};
 
 use crate::error::{Error, Result};
 
@@ -105,11 +105,33 @@ impl HostTensor {
         }
     }
 
-    /// The same values as another float type (f32 <-> f16); `None` unless both are floats.
+    /// The same values as another type: floats of the other width (f32 <-> f16), and floats
+    /// that are all whole numbers as integers (a float timestep for an int64 one); `None`
+    /// otherwise.
     pub fn float_as(&self, dtype: DType) -> Option<HostTensor> {
         match (self, dtype) {
             (HostTensor::F32(a), DType::F16) => Some(HostTensor::F16(a.mapv(f16::from_f32))),
             (HostTensor::F16(a), DType::F32) => Some(HostTensor::F32(a.mapv(f16::to_f32))),
+            (HostTensor::F32(_) | HostTensor::F16(_), DType::I64 | DType::I32) => {
+                let limit = match dtype {
+                    DType::I64 => 2f64.powi(53),
+                    _ => f64::from(i32::MAX),
+                };
+                let values = self.to_f64();
+                if !values.iter().all(|v| v.fract() == 0.0 && v.abs() <= limit) {
+                    return None;
+                }
+                let shape = IxDyn(self.shape());
+                let ints = values.iter().map(|v| *v as i64);
+                Some(match dtype {
+                    DType::I64 => {
+                        HostTensor::I64(ArrayD::from_shape_vec(shape, ints.collect()).ok()?)
+                    }
+                    _ => HostTensor::I32(
+                        ArrayD::from_shape_vec(shape, ints.map(|v| v as i32).collect()).ok()?,
+                    ),
+                })
+            }
             _ => None,
         }
     }
@@ -189,4 +211,27 @@ pub fn byte_count(dtype: DType, shape: &[usize]) -> Option<usize> {
 fn decode<T, const N: usize>(bytes: &[u8], from_le: fn([u8; N]) -> T) -> Vec<T> {
     let (chunks, _) = bytes.as_chunks::<N>();
     chunks.iter().map(|c| from_le(*c)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_floats_become_integers_and_fractions_do_not() {
+        let t =
+            |v: Vec<f32>| HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[v.len()]), v).unwrap());
+        let ints = t(vec![999.0, 0.0, -3.0]).float_as(DType::I64).unwrap();
+        assert_eq!(
+            ints,
+            HostTensor::I64(ArrayD::from_shape_vec(IxDyn(&[3]), vec![999, 0, -3]).unwrap())
+        );
+        assert!(t(vec![999.5]).float_as(DType::I64).is_none());
+        assert!(t(vec![f32::NAN]).float_as(DType::I32).is_none());
+        assert!(t(vec![3e9]).float_as(DType::I32).is_none());
+        assert!(matches!(
+            t(vec![1.5]).float_as(DType::F16),
+            Some(HostTensor::F16(_))
+        ));
+    }
 }
