@@ -450,3 +450,19 @@ fn fp16_export_with_cast_wrappers_is_recognised_and_ep_rules_apply() {
         assert!(c.rel_l2 <= 2e-3, "{mode:?}: {c:?}");
     }
 }
+
+#[test]
+fn a_diffusion_transformers_attention_is_found_and_fused() {
+    // PixArt-α (patchified tokens, adaLN-single blocks): its position table and unpatchify are
+    // Einsums, which shape inference must follow to see the heads split.
+    const NAME: &str = "pixart_legacy";
+    let a = analyze(NAME);
+    assert!(a.unrecognised.is_empty(), "{:?}", a.unrecognised);
+    assert_eq!((a.sites.len(), a.blocks.len()), (4, 2));
+    for mode in [Mode::Flash, Mode::Onnx] {
+        let (m, report) = compile(NAME, mode, None);
+        assert_eq!(report.rewritten.len(), 4, "{report:?}");
+        let c = compare("out_sample", &reference(NAME), &run_cpu(NAME, &m)).unwrap();
+        assert!(c.rel_l2 <= 1e-5, "{mode:?}: {c:?}");
+    }
+}

@@ -1224,6 +1224,16 @@ fn infer_op(
             .shape
             .as_ref()
             .map(|s| shaped(vec![Dim::Known(s.len() as i64), fresh()], false))),
+        "Einsum" => {
+            let Some(eq) = attr(attrs, "equation").and_then(|a| std::str::from_utf8(&a.s).ok())
+            else {
+                return one(None);
+            };
+            let shapes: Option<Vec<Vec<Dim>>> = (0..n_inputs).map(|i| input(i).shape).collect();
+            one(shapes
+                .and_then(|s| einsum_shape(eq, &s))
+                .map(|s| shaped(s, x.float)))
+        }
         "Range" => {
             // Known start, limit and delta: ⌈(limit - start) / delta⌉ elements.
             let scalar = |f: &Facts| f.value.as_ref().filter(|v| v.len() == 1)?[0].as_f64();
@@ -1250,6 +1260,62 @@ fn infer_op(
         }
         _ => vec![],
     }
+}
+
+/// Einsum's output shape: each output letter's size from the inputs (`m,d->md`, PixArt's
+/// sin-cos position table; `nhwpqc->nchpwq`, its unpatchify), `...` broadcast across the
+/// inputs; without `->`, the letters used once, in alphabetical order.
+fn einsum_shape(equation: &str, shapes: &[Vec<Dim>]) -> Option<Vec<Dim>> {
+    let eq: String = equation.chars().filter(|c| !c.is_whitespace()).collect();
+    let (lhs, rhs) = match eq.split_once("->") {
+        Some((l, r)) => (l, Some(r)),
+        None => (eq.as_str(), None),
+    };
+    let terms: Vec<&str> = lhs.split(',').collect();
+    if terms.len() != shapes.len() {
+        return None;
+    }
+    let mut sizes: BTreeMap<char, Dim> = BTreeMap::new();
+    let mut ellipsis: Vec<Dim> = Vec::new();
+    let mut counts: BTreeMap<char, usize> = BTreeMap::new();
+    for (term, shape) in terms.iter().zip(shapes) {
+        let (before, after) = term.split_once("...").unwrap_or((term, ""));
+        let named = before.len() + after.len();
+        let spread = shape.len().checked_sub(named)?;
+        if !term.contains("...") && spread != 0 {
+            return None;
+        }
+        let dims_after = &shape[shape.len() - after.len()..];
+        for (c, d) in before
+            .chars()
+            .zip(shape)
+            .chain(after.chars().zip(dims_after))
+        {
+            *counts.entry(c).or_default() += 1;
+            // A letter's size: its first, unless that was a broadcast 1.
+            if sizes.get(&c).is_none_or(|prev| *prev == Dim::Known(1)) {
+                sizes.insert(c, d.clone());
+            }
+        }
+        ellipsis = broadcast(&ellipsis, &shape[before.len()..before.len() + spread])?;
+    }
+    let implicit: String = counts
+        .iter()
+        .filter(|(_, n)| **n == 1)
+        .map(|(c, _)| *c)
+        .collect();
+    let rhs = rhs
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("...{implicit}"));
+    let (before, after) = rhs.split_once("...").unwrap_or((&rhs, ""));
+    let letters =
+        |t: &str| -> Option<Vec<Dim>> { t.chars().map(|c| sizes.get(&c).cloned()).collect() };
+    let mut out = letters(before)?;
+    if rhs.contains("...") {
+        out.extend(ellipsis);
+    }
+    out.extend(letters(after)?);
+    Some(out)
 }
 
 fn constant_facts(attrs: &[AttributeProto]) -> Option<Facts> {
@@ -1347,6 +1413,39 @@ mod tests {
         let half = |d: &str| Dim::symbol(d).div(&Dim::Known(2)).unwrap();
         let down = vec![Dim::symbol("n"), half("h"), half("w"), Dim::Known(320)];
         assert_eq!(conv(&[2, 2]), down);
+    }
+
+    #[test]
+    fn einsum_shapes() {
+        let d = |names: &[&str]| -> Vec<Dim> { names.iter().map(|n| Dim::parse(n)).collect() };
+        let show =
+            |s: Option<Vec<Dim>>| s.map(|s| s.iter().map(Dim::to_string).collect::<Vec<_>>());
+        // PixArt's sin-cos table (an outer product) and its unpatchify.
+        assert_eq!(
+            show(einsum_shape("m,d->md", &[d(&["n"]), d(&["4"])])),
+            Some(vec!["n".into(), "4".into()])
+        );
+        assert_eq!(
+            show(einsum_shape(
+                "nhwpqc->nchpwq",
+                &[d(&["b", "h", "w", "2", "2", "8"])]
+            )),
+            Some(["b", "8", "h", "2", "w", "2"].map(String::from).to_vec())
+        );
+        // Ellipsis broadcast across inputs; implicit output (letters used once, sorted).
+        assert_eq!(
+            show(einsum_shape(
+                "...ij,...jk->...ik",
+                &[d(&["b", "3", "4"]), d(&["1", "4", "5"])]
+            )),
+            Some(["b", "3", "5"].map(String::from).to_vec())
+        );
+        assert_eq!(
+            show(einsum_shape("ij,jk", &[d(&["3", "4"]), d(&["4", "5"])])),
+            Some(["3", "5"].map(String::from).to_vec())
+        );
+        // A term that does not fit its input's rank.
+        assert_eq!(show(einsum_shape("ij->i", &[d(&["3"])])), None);
     }
 
     #[test]
