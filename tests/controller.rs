@@ -673,8 +673,6 @@ fn seeded_latents_follow_each_exports_own_dim_symbols() {
     // symbol), Olive's (a symbol per input, int64 timestep) and dynamo's (`8*height`).
     // Sampled from seeded noise at 16x16, all start from the same latents and end alike.
     let dir = tempfile::tempdir().unwrap();
-    let s = ctl("sample");
-    let file = |f: &str| s.join(f).display().to_string();
     let mut finals = Vec::new();
     for name in [
         "sd15_legacy",
@@ -682,26 +680,11 @@ fn seeded_latents_follow_each_exports_own_dim_symbols() {
         "sd15_olive_legacy",
         "sd15_dynamo",
     ] {
-        let out = dir.path().join(name);
-        let o = attune(&[
-            "sample",
-            "--unet",
-            fixture(name).to_str().unwrap(),
-            "--steps",
-            "2",
-            "--cond",
-            &file("cond.npy"),
-            "--uncond",
-            &file("uncond.npy"),
-            "--height",
-            "16",
-            "--width",
-            "16",
-            "--out",
-            out.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "{name}: {}", stderr(&o));
-        let latents = npy::read(&out.join("latents.npy")).unwrap();
+        let latents = two_steps(
+            &fixture(name),
+            &dir.path().join(name),
+            &["--height", "16", "--width", "16"],
+        );
         assert_eq!(latents.shape()[1..], [4, 16, 16], "{name}");
         finals.push((name, latents));
     }
@@ -763,32 +746,34 @@ fn with_timestep_declared(dir: &Path, dims: &[i64]) -> PathBuf {
 #[test]
 fn the_sampler_feeds_the_timestep_in_the_form_the_unet_declares() {
     let dir = tempfile::tempdir().unwrap();
-    let s = ctl("sample");
-    let file = |f: &str| s.join(f).display().to_string();
-    let sample = |unet: &Path, out: &str| {
-        let out = dir.path().join(out);
-        let o = attune(&[
-            "sample",
-            "--unet",
-            unet.to_str().unwrap(),
-            "--steps",
-            "2",
-            "--cond",
-            &file("cond.npy"),
-            "--uncond",
-            &file("uncond.npy"),
-            "--latents",
-            &file("latents.npy"),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "{}: {}", unet.display(), stderr(&o));
-        npy::read(&out.join("latents.npy")).unwrap()
-    };
+    let latents = ctl("sample").join("latents.npy").display().to_string();
+    let sample =
+        |unet: &Path, out: &str| two_steps(unet, &dir.path().join(out), &["--latents", &latents]);
     let per_row = sample(&fixture("sd15_olive_legacy"), "per_row");
     for dims in [&[][..], &[1]] {
         let got = sample(&with_timestep_declared(dir.path(), dims), "other");
         let c = compare("latents", &per_row, &got).unwrap();
         assert!(c.rel_l2 <= 1e-6, "timestep {dims:?}: {c:?}");
     }
+}
+
+/// `attune sample` of `unet`, 2 steps, with the controller fixture's prompts (and `extra`):
+/// the final latents.
+fn two_steps(unet: &Path, out: &Path, extra: &[&str]) -> HostTensor {
+    let s = ctl("sample");
+    let file = |f: &str| s.join(f).display().to_string();
+    let (cond, uncond) = (file("cond.npy"), file("uncond.npy"));
+    let mut args = vec!["sample", "--unet", unet.to_str().unwrap(), "--steps", "2"];
+    args.extend([
+        "--cond",
+        &cond,
+        "--uncond",
+        &uncond,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    args.extend(extra);
+    let o = attune(&args);
+    assert!(o.status.success(), "{}: {}", unet.display(), stderr(&o));
+    npy::read(&out.join("latents.npy")).unwrap()
 }
