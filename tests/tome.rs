@@ -162,12 +162,16 @@ fn ratio_zero_is_the_original_graph() {
 #[test]
 fn other_architectures_compile_and_run() {
     let dir = tempfile::tempdir().unwrap();
-    for model in ["sd2_legacy", "sdxl_legacy", "sd15_classic_legacy"] {
-        let (out, report) = compile(
-            dir.path(),
-            &fixture(model),
-            &["--tome", "0.5", "--tome-max-downsample", "2", "--tome-mlp"],
-        );
+    let unets = ["sd2_legacy", "sdxl_legacy", "sd15_classic_legacy"];
+    // PixArt-α: its patch grid is the latent's downsampled 2x, its residuals gated by adaLN;
+    // only self-attention has a norm of its own there (no tomesd reference for DiTs).
+    let with_mlp = ["--tome", "0.5", "--tome-max-downsample", "2", "--tome-mlp"];
+    for (model, flags) in unets
+        .map(|m| (m, &with_mlp[..]))
+        .into_iter()
+        .chain([("pixart_legacy", &with_mlp[..4])])
+    {
+        let (out, report) = compile(dir.path(), &fixture(model), flags);
         assert!(!report.contains("tome: 0 rewritten"), "{model}: {report}");
         let inputs = root().join("models").join(model).join("inputs");
         let mut args = vec![

@@ -285,7 +285,7 @@ fn merge_around_sublayers(
         }
         let (Some(y), Some(&(_, _, z))) = (a.norm_out[i], a.residuals.get(i)) else {
             return Err(format!(
-                "the block has no norm{} / residual for {name}",
+                "the block has no norm{} of the stream {name} reads, or no residual for it (a DiT's cross-attention reads the stream itself)",
                 i + 1
             ));
         };

@@ -312,6 +312,8 @@ fn level(b: &TransformerBlock, latent_tokens: Option<&Dim>) -> std::result::Resu
 /// The block's stream and sublayers: (norm outputs by name, [(residual add, sublayer output)]).
 struct Anatomy {
     x: ValueId,
+    /// Outputs of norm1..3, where each normalises the stream its sublayer reads (a DiT's
+    /// cross-attention reads the stream itself, and its norm2 is the feed-forward's).
     norm_out: [Option<ValueId>; 3],
     /// (add node, input slot of the sublayer output, sublayer output) for attn1, attn2, ff.
     residuals: Vec<(NodeId, usize, ValueId)>,
@@ -320,32 +322,41 @@ struct Anatomy {
 fn anatomy(model: &Model, b: &TransformerBlock) -> std::result::Result<Anatomy, String> {
     let g = &model.graph;
     let x = b.input.ok_or("the block's input is unknown")?;
-    let mut norm_out = [None; 3];
-    for (name, n) in &b.norms {
-        if let Some(i) = ["norm1", "norm2", "norm3"].iter().position(|k| k == name) {
-            norm_out[i] = g.node(*n).outputs.first().copied().flatten();
-        }
-    }
-    let mut stream = x;
+    // Follow the stream from the block's input through the Adds onto it; other Adds of the
+    // block (a DiT's adaLN shift, `1 + scale`) are not residuals.
+    let mut streams = vec![x];
+    let mut pending = b.residual_adds.clone();
     let mut residuals = Vec::new();
-    for &add in &b.residual_adds {
+    while let Some((pos, slot)) = pending.iter().enumerate().find_map(|(pos, &add)| {
+        let stream = *streams.last().expect("starts with x");
         let ins = &g.node(add).inputs;
-        let slot = match (
+        match (
             ins.first().copied().flatten(),
             ins.get(1).copied().flatten(),
         ) {
-            (Some(first), Some(_)) if first == stream => 1,
-            (Some(_), Some(second)) if second == stream => 0,
-            _ => {
-                return Err(format!(
-                    "residual {} does not add onto the block's stream",
-                    g.node(add).describe()
-                ));
-            }
-        };
-        let sub = ins[slot].expect("checked above");
+            (Some(first), Some(_)) if first == stream => Some((pos, 1)),
+            (Some(_), Some(second)) if second == stream => Some((pos, 0)),
+            _ => None,
+        }
+    }) {
+        let add = pending.remove(pos);
+        let sub = g.node(add).inputs[slot].expect("matched above");
         residuals.push((add, slot, sub));
-        stream = g.node(add).outputs[0].ok_or("residual add without output")?;
+        streams.push(g.node(add).outputs[0].ok_or("residual add without output")?);
+    }
+    if residuals.is_empty() {
+        return Err("no residual add onto the block's stream".into());
+    }
+    // Sublayer i reads the stream before residual i, so its norm normalises that stream.
+    let mut norm_out = [None; 3];
+    for (name, n) in &b.norms {
+        let Some(i) = ["norm1", "norm2", "norm3"].iter().position(|k| k == name) else {
+            continue;
+        };
+        let node = g.node(*n);
+        if node.inputs.first().copied().flatten() == streams.get(i).copied() {
+            norm_out[i] = node.outputs.first().copied().flatten();
+        }
     }
     Ok(Anatomy {
         x,
