@@ -466,3 +466,80 @@ fn a_diffusion_transformers_attention_is_found_and_fused() {
         assert!(c.rel_l2 <= 1e-5, "{mode:?}: {c:?}");
     }
 }
+
+#[test]
+fn sd3s_joint_attention_is_found_and_fused() {
+    // SD3's MM-DiT attends over the image and text tokens concatenated (each stream projected
+    // by its own weights); SD3.5 normalises every head of Q and K (RMS qk-norm) and adds an
+    // image-only self-attention. Both exporters.
+    use attention::Operand::{Heads, Joint, Tokens};
+    for name in ["sd3_legacy", "sd3_dynamo", "sd35_legacy", "sd35_dynamo"] {
+        let qk_norm = name.starts_with("sd35");
+        let a = analyze(name);
+        assert!(a.unrecognised.is_empty(), "{name}: {:?}", a.unrecognised);
+        let kinds: Vec<(&str, attention::Kind)> =
+            a.sites.iter().map(|s| (s.path.as_str(), s.kind)).collect();
+        let mut expected = vec![("transformer_blocks.0.attn", attention::Kind::Joint)];
+        if qk_norm {
+            expected.push(("transformer_blocks.0.attn2", attention::Kind::SelfAttention));
+        }
+        expected.push(("transformer_blocks.1.attn", attention::Kind::Joint));
+        assert_eq!(kinds, expected, "{name}");
+        for s in &a.sites {
+            assert_eq!((s.heads, s.head_dim), (2, 8), "{name} {}", s.path);
+            assert!(
+                (s.scale - 8f64.powf(-0.5)).abs() < 1e-6,
+                "{name}: {}",
+                s.scale
+            );
+            // What the fused op reads: the projections themselves where nothing happens per
+            // head, the normalised heads where qk-norm does.
+            let [q, k, v] = s.operands;
+            let context = s.context.as_ref();
+            assert_eq!(
+                context.is_some(),
+                s.kind == attention::Kind::Joint,
+                "{name}"
+            );
+            match (s.kind, qk_norm) {
+                (attention::Kind::Joint, false) => {
+                    let c = context.unwrap();
+                    assert_eq!(q, Joint(s.q.output, c.q.output), "{name}");
+                    assert_eq!(k, Joint(s.k.output, c.k.output), "{name}");
+                }
+                _ => assert!(matches!((q, k), (Heads(_), Heads(_))), "{name} {q:?} {k:?}"),
+            }
+            match context {
+                Some(c) => assert_eq!(v, Joint(s.v.output, c.v.output), "{name}"),
+                None => assert_eq!(v, Tokens(s.v.output), "{name}"),
+            }
+        }
+        for mode in [Mode::Flash, Mode::Onnx] {
+            let (m, report) = compile(name, mode, None);
+            assert_eq!(report.rewritten.len(), a.sites.len(), "{name}: {report:?}");
+            assert!(
+                m.graph.node_ids().all(|n| !m.graph.node(n).is("Softmax")),
+                "{name} {mode:?}"
+            );
+            let c = compare("out_sample", &reference(name), &run_cpu(name, &m)).unwrap();
+            assert!(c.rel_l2 <= 1e-5, "{name} {mode:?}: {c:?}");
+            // The streams' head splits and their Concats are gone (no Transpose is left in
+            // the attention modules); qk-norm's heads keep their split (the norm reads it) and
+            // are merged back for the fused op: Q and K of two streams, 3 each per joint site,
+            // 2 each for the image-only one.
+            let transposes = m
+                .graph
+                .node_ids()
+                .filter(|n| {
+                    let node = m.graph.node(*n);
+                    node.is("Transpose") && node.module.contains(".attn")
+                })
+                .count();
+            assert_eq!(transposes, if qk_norm { 2 * 6 + 4 } else { 0 }, "{name}");
+        }
+        // Linear attention changes the function; it runs and says by how much.
+        let (m, _) = compile(name, Mode::Linear(FeatureMap::Elu1), None);
+        let c = compare("out_sample", &reference(name), &run_cpu(name, &m)).unwrap();
+        assert!(c.rel_l2 > 1e-4 && c.rel_l2 < 0.2, "{name}: {c:?}");
+    }
+}

@@ -993,3 +993,94 @@ fn written_out_layer_norms_of_every_form_become_the_op_and_compute_the_same() {
         assert!(c.rel_l2 <= 1e-6, "{name}: {c:?}");
     }
 }
+
+#[test]
+fn diffusion_transformers_lower_for_cuda_and_fp16() {
+    // PixArt-α and SD3/SD3.5 (joint attention, qk-norm; both exporters): every attention
+    // fuses for CUDA, the CUDA ops in standard form compute the reference, and fp16 keeps
+    // its statistics (qk-norm's RMS included) in fp32.
+    for name in DITS {
+        let dir = tempfile::tempdir().unwrap();
+        let sites = {
+            let m = import::read(&fixture(name)).unwrap();
+            attune_compiler::analysis::attention::analyze(
+                &m,
+                &attune_compiler::analysis::Shapes::infer(&m),
+            )
+            .sites
+            .len()
+        };
+        for (precision, tol) in [("fp32", 1e-4), ("fp16", 5e-3)] {
+            let out = compile_for_cuda(dir.path(), name, precision, &[]);
+            let m = import::read(&out).unwrap();
+            let counts = op_counts(&m);
+            assert_eq!(
+                counts.get("com.microsoft.MultiHeadAttention"),
+                Some(&sites),
+                "{name} {precision}"
+            );
+            assert!(!counts.contains_key("Softmax"), "{name} {precision}");
+            let standard = dir.path().join(format!("standard_{precision}.onnx"));
+            with_cuda_ops_in_standard_ops(&out, &standard);
+            let c = against_reference(name, run_cpu(name, &standard));
+            assert!(c.rel_l2 <= tol, "{name} {precision}: rel L2 {}", c.rel_l2);
+        }
+        let (out, _) = compile_into(
+            dir.path(),
+            &fixture(name),
+            &["--precision", "fp16", "--attention", "flash"],
+        );
+        assert_no_low_precision_statistics(&out);
+        let c = against_reference(name, run_cpu(name, &out));
+        assert!(c.rel_l2 <= 5e-3, "{name} cpu fp16: rel L2 {}", c.rel_l2);
+    }
+}
+
+#[test]
+fn precision_refuses_a_branch_that_computes() {
+    // PixArt's `if out.shape[0] == 1: squeeze` passes a value through, so fp16 types its If
+    // (the test above runs it); a branch that computes on the value is refused, naming the If.
+    use attune_compiler::onnx::{ModelProto, NodeProto};
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("pixart_legacy");
+    let mut m = ModelProto::decode(fs::read(&src).unwrap().as_slice()).unwrap();
+    let node = m
+        .graph
+        .as_mut()
+        .unwrap()
+        .node
+        .iter_mut()
+        .find(|n| n.op_type == "If")
+        .unwrap();
+    let then = node
+        .attribute
+        .iter_mut()
+        .find(|a| a.name == "then_branch")
+        .unwrap();
+    let then = then.g.as_mut().unwrap();
+    then.node.push(NodeProto {
+        op_type: "Neg".into(),
+        name: "/negate".into(),
+        input: vec![then.output[0].name.clone()],
+        output: vec!["negated".into()],
+        ..Default::default()
+    });
+    then.output[0].name = "negated".into();
+    let model = dir.path().join("unet.onnx");
+    fs::write(&model, m.encode_to_vec()).unwrap();
+    fs::copy(
+        src.with_file_name("unet.onnx.data"),
+        model.with_file_name("unet.onnx.data"),
+    )
+    .unwrap();
+    let out = dir.path().join("out/unet.onnx");
+    let o = compile_to(&model, &out, &["--precision", "fp16"]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("'/model/If'") && err.contains("a branch computes (Neg)"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}

@@ -1,11 +1,18 @@
-"""Export the diffusion-transformer fixture attune's tests run on.
+"""Export the diffusion-transformer fixtures attune's tests run on.
 
-A tiny PixArt-α transformer (diffusers' PixArtTransformer2DModel: patchify, adaLN-single
-blocks with self- and cross-attention, unpatchify; random weights, fixed seed, no hub
-downloads), exported by the legacy TorchScript exporter at opset 17 with dynamic
-batch/height/width/sequence. PixArt computes its sin-cos position table and unpatchifies
-with Einsum. Writes `models/pixart_legacy/`: `unet.onnx` + `unet.onnx.data`, `spec.json`,
-`inputs/*.npy` and `ref/out_sample.npy` (onnxruntime's outputs, the tests' reference).
+Tiny diffusers transformers (random weights, fixed seed, no hub downloads), exported by the
+legacy TorchScript exporter at opset 17 (or the dynamo exporter at opset 18: `*_dynamo`) with
+dynamic batch/height/width/sequence:
+- `pixart_legacy`: PixArt-α (PixArtTransformer2DModel: patchify, adaLN-single blocks with
+  self- and cross-attention, unpatchify; its sin-cos position table and unpatchify are Einsums);
+- `sd3_legacy`: SD3 (SD3Transformer2DModel, MM-DiT: joint attention over the image and text
+  tokens concatenated, `JointAttnProcessor2_0`);
+- `sd35_legacy`: SD3.5-style, the same with RMS qk-norm on every head and a second,
+  image-only self-attention in the first block (`dual_attention_layers`);
+- `sd3_dynamo`, `sd35_dynamo`: the same two through the dynamo exporter (heads folded to 3-D
+  around K's transpose, qk-norm's `1/√` as Reciprocal).
+Each writes `models/<name>/`: `unet.onnx` + `unet.onnx.data`, `spec.json`, `inputs/*.npy` and
+`ref/out_sample.npy` (onnxruntime's outputs, the tests' reference).
 
     python models/export/dits.py
 """
@@ -16,12 +23,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from diffusers import PixArtTransformer2DModel
+from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = dict(sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+PIXART = dict(sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2,
               in_channels=4, out_channels=8, cross_attention_dim=16, caption_channels=16,
               patch_size=2, norm_type="ada_norm_single", use_additional_conditions=False)
+SD3 = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+           num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+           pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16)
+SD35 = dict(SD3, qk_norm="rms_norm", dual_attention_layers=(0,))
 
 
 class Wrapper(torch.nn.Module):
@@ -37,28 +48,52 @@ class Wrapper(torch.nn.Module):
                           return_dict=False)[0]
 
 
-def main():
+class Sd3Wrapper(torch.nn.Module):
+    """SD3's signature: the UNet-style inputs plus the pooled text embedding."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample, timestep, encoder_hidden_states, pooled_projections):
+        return self.model(sample, encoder_hidden_states=encoder_hidden_states,
+                          pooled_projections=pooled_projections, timestep=timestep,
+                          return_dict=False)[0]
+
+
+def export(name, cls, config, wrapper, inputs, dynamo=False):
     import onnxruntime as ort
     torch.manual_seed(0)
-    model = PixArtTransformer2DModel(**CONFIG).eval()
+    model = cls(**config).eval()
     with torch.no_grad():
         for p in model.parameters():  # zero-initialised layers must matter too
             p.add_(torch.randn_like(p) * 0.02)
-    gen = torch.Generator().manual_seed(1)
-    inputs = {"sample": torch.randn(2, 4, 16, 16, generator=gen),
-              "timestep": torch.tensor([999.0, 500.0]),
-              "encoder_hidden_states": torch.randn(2, 7, 16, generator=gen)}
-    out_dir = ROOT / "pixart_legacy"
+    out_dir = ROOT / name
     shutil.rmtree(out_dir, ignore_errors=True)
     (out_dir / "inputs").mkdir(parents=True)
     (out_dir / "ref").mkdir()
     raw = out_dir / "raw.onnx"
     axes = {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
             "encoder_hidden_states": {0: "batch", 1: "sequence"},
+            "pooled_projections": {0: "batch"},
             "out_sample": {0: "batch", 2: "height", 3: "width"}}
-    torch.onnx.export(Wrapper(model), tuple(inputs.values()), str(raw), dynamo=False,
-                      opset_version=17, input_names=list(inputs), output_names=["out_sample"],
-                      dynamic_axes=axes, do_constant_folding=True)
+    axes = {k: v for k, v in axes.items() if k in inputs or k == "out_sample"}
+    if dynamo:
+        batch = torch.export.Dim("batch", min=1, max=64)
+        # Patches of 2: the latent's sizes are even.
+        height = torch.export.Dim("height", min=1, max=config["pos_embed_max_size"])
+        width = torch.export.Dim("width", min=1, max=config["pos_embed_max_size"])
+        sequence = torch.export.Dim("sequence", min=1, max=512)
+        dims = {"batch": batch, "height": 2 * height, "width": 2 * width, "sequence": sequence}
+        shapes = {k: {i: dims[d] for i, d in v.items()} for k, v in axes.items() if k in inputs}
+        torch.onnx.export(wrapper(model), tuple(inputs.values()), str(raw), dynamo=True,
+                          opset_version=18, input_names=list(inputs),
+                          output_names=["out_sample"], dynamic_shapes=shapes)
+    else:
+        torch.onnx.export(wrapper(model), tuple(inputs.values()), str(raw), dynamo=False,
+                          opset_version=17, input_names=list(inputs),
+                          output_names=["out_sample"], dynamic_axes=axes,
+                          do_constant_folding=True)
     m = onnx.load(str(raw))
     raw.unlink()
     path = out_dir / "unet.onnx"
@@ -70,14 +105,31 @@ def main():
     (out,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
     np.save(out_dir / "ref" / "out_sample.npy", out)
     with torch.no_grad():
-        torch_out = Wrapper(model)(*inputs.values()).numpy()
+        torch_out = wrapper(model)(*inputs.values()).numpy()
     rel = float(np.linalg.norm(out - torch_out) / np.linalg.norm(torch_out))
-    spec = {"model": "unet.onnx", "exporter": "legacy", "opset": 17,
-            "class": "PixArtTransformer2DModel", "config": CONFIG,
+    spec = {"model": "unet.onnx", "exporter": "dynamo" if dynamo else "legacy",
+            "opset": 18 if dynamo else 17,
+            "class": cls.__name__, "config": config,
             "reference": {"onnxruntime": ort.__version__, "torch": torch.__version__,
                           "rel_l2_onnxruntime_vs_torch": rel}}
     (out_dir / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
-    print(f"pixart_legacy: onnxruntime vs torch rel L2 {rel:.2e}")
+    print(f"{name}: onnxruntime vs torch rel L2 {rel:.2e}")
+
+
+def main():
+    gen = torch.Generator().manual_seed(1)
+    sample = torch.randn(2, 4, 16, 16, generator=gen)
+    timestep = torch.tensor([999.0, 500.0])
+    text = torch.randn(2, 7, 16, generator=gen)
+    pooled = torch.randn(2, 8, generator=gen)
+    export("pixart_legacy", PixArtTransformer2DModel, PIXART, Wrapper,
+           {"sample": sample, "timestep": timestep, "encoder_hidden_states": text})
+    for name, config in [("sd3", SD3), ("sd35", SD35)]:
+        for dynamo in [False, True]:
+            export(f"{name}_{'dynamo' if dynamo else 'legacy'}", SD3Transformer2DModel, config,
+                   Sd3Wrapper, {"sample": sample, "timestep": timestep,
+                                "encoder_hidden_states": text, "pooled_projections": pooled},
+                   dynamo)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,18 @@ impl Pass for ControllerPass {
                 reason: format!("unrecognised attention: {}", u.reason),
             });
         }
+        // MM-DiT attention mixes image and text tokens in one softmax: neither P2P's
+        // cross-attention maps nor the self-attention controls are defined for it.
+        for site in found.sites.iter().filter(|s| s.kind == Kind::Joint) {
+            if selected(&site.path) {
+                report.skipped.push(Skipped {
+                    site: site.path.clone(),
+                    reason: "joint attention (image and text tokens in one softmax): the hooks \
+                             control UNet-style self- and cross-attention"
+                        .into(),
+                });
+            }
+        }
         let wants = |h: Hook| self.hooks.contains(&h);
         // P2P's word inputs are `words` long, so the text the cross sites read must be too.
         let mut text_symbols = BTreeMap::new();

@@ -25,6 +25,15 @@ pub const FIXTURES: [&str; 9] = [
     "noattn_legacy",
 ];
 
+/// The diffusion-transformer fixtures (`models/export/dits.py`).
+pub const DITS: [&str; 5] = [
+    "pixart_legacy",
+    "sd3_legacy",
+    "sd3_dynamo",
+    "sd35_legacy",
+    "sd35_dynamo",
+];
+
 /// `--dim` flags for the fixtures' test size (batch 2, 16x16 latents, 77 tokens).
 pub const DIMS: [&str; 8] = [
     "--dim",

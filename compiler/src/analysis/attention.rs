@@ -16,6 +16,8 @@ pub enum Kind {
     #[serde(rename = "self")]
     SelfAttention,
     Cross,
+    /// One attention over two streams' tokens concatenated (SD3's MM-DiT: image, then text).
+    Joint,
 }
 
 impl Kind {
@@ -23,6 +25,7 @@ impl Kind {
         match self {
             Kind::SelfAttention => "self",
             Kind::Cross => "cross",
+            Kind::Joint => "joint",
         }
     }
 }
@@ -42,6 +45,25 @@ pub struct Projection {
     pub output: ValueId,
 }
 
+/// What the attention reads as Q, K or V, as the fused op can take it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operand {
+    /// A projection's output, [batch, tokens, heads·head_dim].
+    Tokens(ValueId),
+    /// Two streams' projections, joined along the tokens (image first, then text).
+    Joint(ValueId, ValueId),
+    /// Heads computed after the split (a per-head qk-norm), [batch, heads, tokens, head_dim].
+    Heads(ValueId),
+}
+
+/// The second stream's projections of a joint attention (diffusers' `add_q_proj`, ...).
+#[derive(Clone, Debug, Serialize)]
+pub struct ContextProjections {
+    pub q: Projection,
+    pub k: Projection,
+    pub v: Projection,
+}
+
 /// One attention site.
 #[derive(Clone, Debug, Serialize)]
 pub struct AttentionSite {
@@ -53,11 +75,17 @@ pub struct AttentionSite {
     pub scale: f64,
     pub query_tokens: Option<Dim>,
     pub key_tokens: Option<Dim>,
-    /// Which exporter form matched (`sdpa-legacy`, `sdpa-dynamo`, `classic`).
+    /// Which exporter form matched (`sdpa-legacy`, `sdpa-dynamo`, `explicit-transpose`,
+    /// `classic`, `qk-norm`, `joint`).
     pub form: &'static str,
     pub q: Projection,
     pub k: Projection,
     pub v: Projection,
+    /// Joint attention's second stream.
+    pub context: Option<ContextProjections>,
+    /// Q, K and V as the attention reads them.
+    #[serde(skip)]
+    pub operands: [Operand; 3],
     /// Path of the enclosing transformer block.
     pub block: Option<String>,
     #[serde(skip)]
@@ -120,6 +148,66 @@ fn heads(proj: &'static str, split: &'static str, bind: &'static str) -> Pat {
     .bind(bind)
 }
 
+/// `x` normalised per head (qk-norm: SD3.5, Flux): RMSNorm as torch writes it out
+/// (`x · 1/√(mean(x²) + ε)`, then `· γ`), or LayerNormalization. The norm stays as exported;
+/// only its place is matched.
+fn head_norm(x: Pat) -> Pat {
+    let rsqrt = alt([
+        op("Div", [anything(), op("Sqrt", [anything()])]),
+        op("Reciprocal", [op("Sqrt", [anything()])]),
+    ]);
+    let rms = op("Mul", [through(CAST, x.clone()), rsqrt]).commutative();
+    let rms = alt([
+        op("Mul", [through(CAST, rms.clone()), anything()]).commutative(),
+        rms,
+    ]);
+    through(CAST, alt([rms, op("LayerNormalization", [x])]))
+}
+
+/// A head split, normalised per head or not.
+fn part(proj: &'static str, split: &'static str, bind: &'static str) -> Pat {
+    let h = heads(proj, split, bind);
+    alt([h.clone(), head_norm(h)])
+}
+
+/// Bind names of one role's joint operand: its two streams' parts and their Concat.
+struct JointNames {
+    parts: [(&'static str, &'static str, &'static str); 2],
+    cat: &'static str,
+}
+
+const JOINT: [JointNames; 3] = [
+    JointNames {
+        parts: [
+            ("q_proj", "q_split", "q_heads"),
+            ("cq_proj", "cq_split", "cq_heads"),
+        ],
+        cat: "q_cat",
+    },
+    JointNames {
+        parts: [
+            ("k_proj", "k_split", "k_heads"),
+            ("ck_proj", "ck_split", "ck_heads"),
+        ],
+        cat: "k_cat",
+    },
+    JointNames {
+        parts: [
+            ("v_proj", "v_split", "v_heads"),
+            ("cv_proj", "cv_split", "cv_heads"),
+        ],
+        cat: "v_cat",
+    },
+];
+
+/// Two streams' heads concatenated along the tokens (SD3's `torch.cat([.., ..], dim=2)`).
+fn joint(n: &JointNames) -> Pat {
+    let [(p0, s0, h0), (p1, s1, h1)] = n.parts;
+    op("Concat", [part(p0, s0, h0), part(p1, s1, h1)])
+        .int("axis", 2)
+        .bind(n.cat)
+}
+
 /// `x`, `x * s` or `x / s`.
 fn scaled(x: Pat, mul: &'static str, div: &'static str) -> Pat {
     alt([
@@ -169,32 +257,35 @@ fn forms() -> Vec<(&'static str, Pat)> {
             op("Softmax", [input]).int("axis", 2).bind("softmax"),
         ])
     };
-    let sdpa = |k: Pat| {
+    let sdpa_of = |q: Pat, k: Pat, v: Pat| {
         let scores = op(
             "MatMul",
-            [
-                scaled(q_heads.clone(), "q_mul", "q_div"),
-                scaled(k, "k_mul", "k_div"),
-            ],
+            [scaled(q, "q_mul", "q_div"), scaled(k, "k_mul", "k_div")],
         )
         .bind("scores");
-        merge4(op("MatMul", [through(CAST, softmax(scores)), v_heads.clone()]).bind("attn"))
+        merge4(op("MatMul", [through(CAST, softmax(scores)), v]).bind("attn"))
     };
+    let sdpa = |k: Pat| sdpa_of(q_heads.clone(), k, v_heads.clone());
+    let k_transposed = |k: Pat| op("Transpose", [k]).ints("perm", &[0, 1, 3, 2]);
     // Kᵀ laid out [batch, heads, head_dim, key tokens].
     let k_sdpa_legacy = op(
         "Transpose",
         [op("Reshape", [any("k_proj"), anything()]).bind("k_split")],
     )
     .ints("perm", &[0, 2, 3, 1]);
-    let k_sdpa_dynamo = op(
-        "Reshape",
-        [
-            op("Transpose", [op("Reshape", [k_heads.clone(), anything()])])
-                .ints("perm", &[0, 2, 1]),
-            anything(),
-        ],
-    );
-    let k_explicit = op("Transpose", [k_heads.clone()]).ints("perm", &[0, 1, 3, 2]);
+    // The dynamo exporter transposes K folded to 3-D: [b·h, t, d] -> [b·h, d, t], unfolded.
+    let k_dynamo = |k: Pat| {
+        op(
+            "Reshape",
+            [
+                op("Transpose", [op("Reshape", [k, anything()])]).ints("perm", &[0, 2, 1]),
+                anything(),
+            ],
+        )
+    };
+    let k_sdpa_dynamo = k_dynamo(k_heads.clone());
+    let k_explicit = k_transposed(k_heads.clone());
+    let k_either = |k: Pat| alt([k_transposed(k.clone()), k_dynamo(k)]);
     let classic = {
         let scores = op(
             "MatMul",
@@ -215,11 +306,23 @@ fn forms() -> Vec<(&'static str, Pat)> {
         .bind("attn");
         merge4(op("Reshape", [attn, anything()]))
     };
+    let qk_norm = sdpa_of(
+        head_norm(q_heads.clone()),
+        k_either(part("k_proj", "k_split", "k_heads")),
+        v_heads.clone(),
+    );
+    let joint = sdpa_of(
+        joint(&JOINT[0]),
+        k_either(joint(&JOINT[1])),
+        joint(&JOINT[2]),
+    );
     vec![
         ("sdpa-legacy", sdpa(k_sdpa_legacy)),
         ("sdpa-dynamo", sdpa(k_sdpa_dynamo)),
         ("explicit-transpose", sdpa(k_explicit)),
         ("classic", classic),
+        ("qk-norm", qk_norm),
+        ("joint", joint),
     ]
 }
 
@@ -348,6 +451,17 @@ fn site(
         proj("K", value("k_proj"))?,
         proj("V", value("v_proj"))?,
     );
+    let joint = form == "joint";
+    let context = if joint {
+        Some(ContextProjections {
+            q: proj("the second stream's Q", value("cq_proj"))?,
+            k: proj("the second stream's K", value("ck_proj"))?,
+            v: proj("the second stream's V", value("cv_proj"))?,
+        })
+    } else {
+        None
+    };
+    let (operands, k4) = operands(g, m, form)?;
     let q_heads = shapes
         .shape(value("q_heads"))
         .ok_or("head split shape unknown")?;
@@ -363,6 +477,24 @@ fn site(
         && vh.known() != Some(heads)
     {
         return Err(format!("value heads {vh} differ from query heads {heads}"));
+    }
+    // Heads computed after the split, and the second stream's, must be split alike.
+    let split_alike = |v: ValueId| match shapes.shape(v) {
+        Some([_, h, _, d]) => h.known() == Some(heads) && d.known() == Some(head_dim),
+        _ => false,
+    };
+    for (i, operand) in operands.iter().enumerate() {
+        let parts = match *operand {
+            Operand::Heads(x) => vec![x],
+            _ => vec![],
+        };
+        let second = joint.then(|| m.value(JOINT[i].parts[1].2)).flatten();
+        if let Some(bad) = parts.into_iter().chain(second).find(|v| !split_alike(*v)) {
+            return Err(format!(
+                "'{}' is not split into {heads} heads × {head_dim} like the query",
+                g.value(bad).name
+            ));
+        }
     }
     // The projection's output width: from its shape, else from its weight (x @ Wᵀ: last dim).
     let weight_width = || {
@@ -384,7 +516,7 @@ fn site(
         m.node("scores")
             .and_then(|s| g.node(s).inputs[1])
             .and_then(|v| shapes.shape(v)),
-        m.value("k_heads").and_then(|v| shapes.shape(v)),
+        k4.and_then(|v| shapes.shape(v)),
     ) {
         let n = kt.len();
         if n < 3 || kh.len() != 4 || kt[n - 2] != kh[3] || kt[n - 1] != kh[2] {
@@ -415,7 +547,9 @@ fn site(
     if !scale.is_finite() || scale <= 0.0 {
         return Err(format!("scale {scale} is not a positive number"));
     }
-    let kind = if k.input == q.input {
+    let kind = if joint {
+        Kind::Joint
+    } else if k.input == q.input {
         Kind::SelfAttention
     } else {
         Kind::Cross
@@ -426,15 +560,21 @@ fn site(
         &crate::module_path::common_prefix(&g.node(q.matmul).module, &g.node(k.matmul).module),
         &g.node(v.matmul).module,
     );
-    let tokens = |p: &Projection| shapes.shape(p.output).and_then(|s| s.get(1).cloned());
+    let tokens = |p: &Projection, cat: &str| {
+        match m.value(cat) {
+            Some(c) => shapes.shape(c).and_then(|s| s.get(2).cloned()),
+            None => shapes.shape(p.output).and_then(|s| s.get(1).cloned()),
+        }
+        .filter(|d| !d.is_unknown())
+    };
     Ok(AttentionSite {
         path,
         kind,
         heads,
         head_dim,
         scale,
-        query_tokens: tokens(&q),
-        key_tokens: tokens(&k),
+        query_tokens: tokens(&q, JOINT[0].cat),
+        key_tokens: tokens(&k, JOINT[1].cat),
         form,
         block: None,
         softmax,
@@ -448,7 +588,70 @@ fn site(
         q,
         k,
         v,
+        context,
+        operands,
     })
+}
+
+/// Q, K and V as the attention reads them (below the scales, K below its transpose), and
+/// K's [batch, heads, tokens, head_dim] value. The exporter forms without per-head work read
+/// the projections.
+fn operands(g: &Graph, m: &Match, form: &str) -> Result<([Operand; 3], Option<ValueId>), String> {
+    let bound = |name: &str| m.value(name).expect("bound by the form");
+    let projections = ["q_proj", "k_proj", "v_proj"].map(|p| Operand::Tokens(bound(p)));
+    if !matches!(form, "qk-norm" | "joint") {
+        return Ok((projections, m.value("k_heads")));
+    }
+    let input = |n: NodeId, i: usize| g.node(n).inputs.get(i).copied().flatten();
+    let below_scale = |v: ValueId, mul: &str, div: &str| {
+        let Some(s) = m.value(mul).or_else(|| m.value(div)) else {
+            return Some(v);
+        };
+        let (n, _) = g.value(v).producer?;
+        g.node(n).inputs.iter().flatten().copied().find(|x| *x != s)
+    };
+    let scores = m.node("scores").expect("bound");
+    let missing = || "attention operands not found".to_string();
+    let q = input(scores, 0)
+        .and_then(|v| below_scale(v, "q_mul", "q_div"))
+        .ok_or_else(missing)?;
+    // Kᵀ down to K: through the transpose (and the dynamo exporter's 3-D folding around it).
+    let mut k = input(scores, 1)
+        .and_then(|v| below_scale(v, "k_mul", "k_div"))
+        .ok_or_else(missing)?;
+    for _ in 0..3 {
+        let Some((n, _)) = g.value(k).producer else {
+            break;
+        };
+        let wrapper = g.node(n).is("Transpose") || g.node(n).is("Reshape");
+        if !wrapper || [m.value("k_heads"), m.value("k_cat")].contains(&Some(k)) {
+            break;
+        }
+        k = input(n, 0).ok_or_else(missing)?;
+    }
+    let v = input(m.node("attn").expect("bound"), 1).ok_or_else(missing)?;
+    let mut out = projections;
+    for (i, x) in [q, k, v].into_iter().enumerate() {
+        let names = &JOINT[i];
+        out[i] = if m.value(names.parts[0].2) == Some(x) {
+            projections[i]
+        } else if m.value(names.cat) == Some(x) {
+            let cat = g.value(x).producer.expect("matched").0;
+            let inputs = &g.node(cat).inputs;
+            let plain = names.parts.map(|(_, _, h)| m.value(h));
+            if inputs.len() != 2 {
+                return Err(format!("joint Concat of {} inputs, not 2", inputs.len()));
+            }
+            if inputs[0] == plain[0] && inputs[1] == plain[1] {
+                Operand::Joint(bound(names.parts[0].0), bound(names.parts[1].0))
+            } else {
+                Operand::Heads(x)
+            }
+        } else {
+            Operand::Heads(x)
+        };
+    }
+    Ok((out, Some(k)))
 }
 
 /// Groups sites into transformer blocks by module path (`….transformer_blocks.0.attn1`).

@@ -59,6 +59,9 @@ pub struct Shapes {
     unknowns: usize,
     /// Input dim symbols found to be one size (see [`Shapes::infer`]), by the one they became.
     aliases: BTreeMap<String, String>,
+    /// Unknown sizes that are a Concat's sum of two symbolic sizes (joint attention's image
+    /// and text tokens), so slicing the parts back out keeps their sizes.
+    sums: HashMap<String, [Dim; 2]>,
 }
 
 impl Shapes {
@@ -245,6 +248,16 @@ impl Shapes {
             )
         };
         self.unknowns = unknowns;
+        if node.is("Slice")
+            && outs.first().is_none_or(|f| f.shape.is_none())
+            && let Some(f) =
+                crop(g, &self.facts, id).or_else(|| part_of_sum(g, &self.facts, &self.sums, id))
+        {
+            outs = vec![f];
+        }
+        if node.is("Concat") {
+            self.remember_sum(g, id, outs.first());
+        }
         outs.resize(node.outputs.len(), Facts::default());
         for (slot, mut facts) in outs.into_iter().enumerate() {
             let Some(Some(v)) = node.outputs.get(slot) else {
@@ -343,6 +356,127 @@ fn attr_i(attrs: &[AttributeProto], name: &str) -> Option<i64> {
 }
 fn attr_ints(attrs: &[AttributeProto], name: &str) -> Option<Vec<i64>> {
     attr(attrs, name).map(|a| a.ints.clone())
+}
+
+impl Shapes {
+    fn remember_sum(&mut self, g: &Graph, concat: NodeId, out: Option<&Facts>) {
+        let node = g.node(concat);
+        let Some(shape) = out.and_then(|f| f.shape.as_ref()) else {
+            return;
+        };
+        let Some(a) = attr_i(&node.proto.attribute, "axis").and_then(|a| axis(a, shape.len()))
+        else {
+            return;
+        };
+        let Some(total) = shape[a].as_symbol().filter(|s| s.starts_with('?')) else {
+            return;
+        };
+        let parts: Option<Vec<Dim>> = node
+            .inputs
+            .iter()
+            .map(|v| Some(self.facts.get(&(*v)?)?.shape.as_ref()?.get(a)?.clone()))
+            .collect();
+        if let Some([p, q]) = parts.as_deref() {
+            self.sums.insert(total.to_string(), [p.clone(), q.clone()]);
+        }
+    }
+}
+
+/// `x[:, :a]` or `x[:, a:]` of an axis that is a remembered sum `a + b` (joint attention's
+/// output split back into its streams), or `x[:, :s]` to a symbolic size.
+fn part_of_sum(
+    g: &Graph,
+    facts: &HashMap<ValueId, Facts>,
+    sums: &HashMap<String, [Dim; 2]>,
+    slice: NodeId,
+) -> Option<Facts> {
+    let node = g.node(slice);
+    let input = |i: usize| facts.get(&node.inputs.get(i).copied().flatten()?);
+    let x = input(0)?;
+    let mut shape = x.shape.clone()?;
+    let steps_one = input(4).is_none_or(|f| known_ints(f).is_some_and(|v| v == [1]));
+    let axes = input(3).and_then(known_ints);
+    let (Some([Num::I(start)]), Some([Num::I(end)]), Some([a])) = (
+        input(1)?.value.as_deref(),
+        input(2)?.value.as_deref(),
+        axes.as_deref(),
+    ) else {
+        return None;
+    };
+    let a = axis(*a, shape.len())?;
+    let to_end = end.known().is_some_and(|e| e >= i64::MAX / 2);
+    let sum = shape[a].as_symbol().and_then(|s| sums.get(s));
+    shape[a] = match sum {
+        _ if !steps_one => return None,
+        Some([first, _]) if *start == Dim::Known(0) && end == first => first.clone(),
+        Some([first, second]) if start == first && to_end => second.clone(),
+        _ if *start == Dim::Known(0) && end.known().is_none() => end.clone(),
+        _ => return None,
+    };
+    Some(Facts {
+        shape: Some(shape),
+        value: None,
+        float: x.float,
+    })
+}
+
+/// A crop `x[top : top + h]` whose start is computed at run time (SD3 crops its position table
+/// around the latent's size): the slice is `h` long. Torch's trace dropped the range check
+/// that made it fit, so a valid run is assumed, as for broadcasting.
+fn crop(g: &Graph, facts: &HashMap<ValueId, Facts>, slice: NodeId) -> Option<Facts> {
+    let node = g.node(slice);
+    let input = |i: usize| node.inputs.get(i).copied().flatten();
+    let x = facts.get(&input(0)?)?;
+    let mut shape = x.shape.clone()?;
+    let ones = |f: Option<&Facts>| {
+        f.and_then(known_ints)
+            .is_some_and(|v| v.iter().all(|s| *s == 1))
+    };
+    if input(4).is_some() && !ones(input(4).and_then(|v| facts.get(&v))) {
+        return None;
+    }
+    let [a] = known_ints(facts.get(&input(3)?)?)?[..] else {
+        return None;
+    };
+    // Below the Unsqueezes and no-op Casts around the scalar start and end.
+    let scalar = |mut v: ValueId| {
+        while let Some((n, 0)) = g.value(v).producer
+            && matches!(g.node(n).op(), "Unsqueeze" | "Cast" | "Reshape")
+        {
+            v = g.node(n).inputs.first().copied().flatten()?;
+        }
+        Some(v)
+    };
+    let start = scalar(input(1)?)?;
+    let (end, _) = g.value(scalar(input(2)?)?).producer?;
+    let end = g.node(end);
+    if !end.is("Add") {
+        return None;
+    }
+    let terms: Vec<ValueId> = end
+        .inputs
+        .iter()
+        .flatten()
+        .filter_map(|v| scalar(*v))
+        .collect();
+    let [p, q] = terms[..] else { return None };
+    let length = if p == start {
+        q
+    } else if q == start {
+        p
+    } else {
+        return None;
+    };
+    let [Num::I(length)] = &facts.get(&length)?.value.as_ref()?[..] else {
+        return None;
+    };
+    let a = axis(a, shape.len())?;
+    shape[a] = length.clone();
+    Some(Facts {
+        shape: Some(shape),
+        value: None,
+        float: x.float,
+    })
 }
 
 fn known_ints(f: &Facts) -> Option<Vec<i64>> {

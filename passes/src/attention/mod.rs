@@ -8,8 +8,8 @@ pub(crate) use opset::upgrade_default as upgrade_default_opset;
 
 use attune_compiler::Result;
 use attune_compiler::analysis::Shapes;
-use attune_compiler::analysis::attention::{self, AttentionSite, Kind};
-use attune_compiler::ir::{Model, NodeId, ValueId};
+use attune_compiler::analysis::attention::{self, AttentionSite, Kind, Operand};
+use attune_compiler::ir::{Model, NodeId};
 use attune_compiler::onnx::{self, DataType};
 use attune_compiler::pass::{Pass, PassCx, PassReport, Skipped};
 use attune_compiler::patch::{In, Patch, attr};
@@ -195,22 +195,22 @@ impl AttentionPass {
         let after = Some(site.softmax);
         let module = site.path.as_str();
         let name = |op: &str| format!("{}/attune_{op}", site.path);
-        let (q, k, v) = (
-            In::Value(site.q.output),
-            In::Value(site.k.output),
-            In::Value(site.v.output),
-        );
+        let qkv = |p: &mut Patch| {
+            let mut e = Emitter::new(p, module, after);
+            [0, 1, 2].map(|i| tokens(&mut e, site, i)).to_vec()
+        };
         let out = match self.mode {
             Mode::Flash => {
                 let attrs = vec![
                     attr::int("num_heads", site.heads),
                     attr::float("scale", site.scale as f32),
                 ];
+                let inputs = qkv(p);
                 p.node(
                     "MultiHeadAttention",
                     MS_DOMAIN,
                     &name("MultiHeadAttention"),
-                    vec![q, k, v],
+                    inputs,
                     1,
                     attrs,
                     module,
@@ -224,11 +224,12 @@ impl AttentionPass {
                     attr::int("kv_num_heads", site.heads),
                     attr::float("scale", site.scale as f32),
                 ];
+                let inputs = qkv(p);
                 p.node(
                     "Attention",
                     "",
                     &name("Attention"),
-                    vec![q, k, v],
+                    inputs,
                     1,
                     attrs,
                     module,
@@ -240,6 +241,37 @@ impl AttentionPass {
             Mode::Keep => unreachable!("keep rewrites nothing"),
         };
         p.replace(site.output, In::New(out));
+    }
+}
+
+/// Q, K or V (`i`) as [batch, tokens, heads·head_dim], the form the fused ops read.
+fn tokens(e: &mut Emitter, site: &AttentionSite, i: usize) -> In {
+    let tag = ["q", "k", "v"][i];
+    match site.operands[i] {
+        Operand::Tokens(x) => In::Value(x),
+        Operand::Joint(image, text) => e.concat(
+            &format!("{tag}_joint"),
+            vec![In::Value(image), In::Value(text)],
+            1,
+        ),
+        Operand::Heads(x) => {
+            let t = e.op(
+                "Transpose",
+                &format!("{tag}_heads_Transpose"),
+                vec![In::Value(x)],
+                vec![attr::ints("perm", &[0, 2, 1, 3])],
+            );
+            let merge = e.i64s(
+                &format!("{tag}_heads_merge"),
+                &[0, 0, site.heads * site.head_dim],
+            );
+            e.op(
+                "Reshape",
+                &format!("{tag}_heads_Reshape"),
+                vec![t, merge],
+                vec![],
+            )
+        }
     }
 }
 
@@ -278,11 +310,15 @@ fn linear(
         .then(|| In::New(p.i64s("linear_attention_token_axis", &[2])));
     let mut s = Emitter::new(p, &site.path, after);
     let perm = |v: &[i64]| vec![attr::ints("perm", v)];
-    let heads = |s: &mut Emitter, x: ValueId, tag: &str| {
+    let heads = |s: &mut Emitter, i: usize, tag: &str| {
+        if let Operand::Heads(x) = site.operands[i] {
+            return In::Value(x);
+        }
+        let x = tokens(s, site, i);
         let r = s.op(
             "Reshape",
             &format!("{tag}_Reshape"),
-            vec![In::Value(x), split.clone()],
+            vec![x, split.clone()],
             vec![],
         );
         s.op(
@@ -293,9 +329,9 @@ fn linear(
         )
     };
     let (qh, kh, vh) = (
-        heads(&mut s, site.q.output, "q"),
-        heads(&mut s, site.k.output, "k"),
-        heads(&mut s, site.v.output, "v"),
+        heads(&mut s, 0, "q"),
+        heads(&mut s, 1, "k"),
+        heads(&mut s, 2, "v"),
     );
     let phi = |s: &mut Emitter, x: In, tag: &str| match map {
         FeatureMap::Relu => s.op("Relu", &format!("{tag}_Relu"), vec![x], vec![]),

@@ -6,6 +6,8 @@
 //!   the thousands, where fp16's spacing is 0.5 and sin/cos of it would be noise.
 //!
 //! Softmax stays low: ORT's fp16 CUDA softmax accumulates in fp32 inside the kernel.
+//! An `If` whose branches only pass a value through (torch's `if x.shape[0] == 1: squeeze`)
+//! takes that value's new type; a control-flow body that computes on floats is refused.
 //! Shape arithmetic (everything computed from `Shape`, not from the inputs' values) keeps its
 //! types. Graph inputs and outputs take the new precision unless `keep_io_types`.
 use std::collections::{HashMap, HashSet};
@@ -145,7 +147,8 @@ pub(super) fn data_values(g: &Graph, order: &[NodeId]) -> HashSet<ValueId> {
         if matches!(node.op(), "Shape" | "Size") {
             continue;
         }
-        if node.inputs.iter().flatten().any(|v| data.contains(v)) {
+        let reads = node.inputs.iter().flatten().chain(&node.implicit_inputs);
+        if reads.into_iter().any(|v| data.contains(v)) {
             data.extend(node.outputs.iter().flatten());
         }
     }
@@ -157,6 +160,9 @@ fn plan(g: &Graph, types: &ElemTypes, order: &[NodeId], low: i32) -> Plan {
     let mut compute = HashMap::new();
     for &n in order {
         let node = g.node(n);
+        if has_subgraph(node) {
+            continue; // typed by what its branches pass through (`passthrough_types`)
+        }
         let reads_data = node.inputs.iter().flatten().any(|v| data.contains(v));
         let floaty = node
             .inputs
@@ -176,6 +182,90 @@ fn plan(g: &Graph, types: &ElemTypes, order: &[NodeId], low: i32) -> Plan {
         }
     }
     Plan { compute }
+}
+
+fn has_subgraph(node: &attune_compiler::ir::Node) -> bool {
+    node.proto
+        .attribute
+        .iter()
+        .any(|a| a.subgraphs().next().is_some())
+}
+
+/// Ops that move data without computing on it: their output has their data input's type.
+const PASSTHROUGH: &[&str] = &[
+    "Identity",
+    "Squeeze",
+    "Unsqueeze",
+    "Reshape",
+    "Flatten",
+    "Transpose",
+    "Slice",
+    "Gather",
+    "Expand",
+];
+
+/// For each output of an `If`, the outer value both branches pass through unchanged (None
+/// for a non-float output); an error naming the node when a branch computes on floats, or
+/// for another control-flow op with float outputs.
+fn passthrough_sources(g: &Graph, types: &ElemTypes, n: NodeId) -> Result<Vec<Option<ValueId>>> {
+    let node = g.node(n);
+    let refuse = |why: String| {
+        Error::Graph(format!(
+            "{}: {why}; --precision converts no control-flow body that computes on floats \
+             (keep this model in fp32)",
+            node.describe()
+        ))
+    };
+    let outputs = node.outputs.len();
+    if !node.is("If") {
+        // The body's declared outputs say what it returns (the outer types may be unknown).
+        let declared_float = node
+            .proto
+            .attribute
+            .iter()
+            .flat_map(|a| a.subgraphs())
+            .flat_map(|b| &b.output)
+            .any(|o| {
+                let t = o
+                    .r#type
+                    .as_ref()
+                    .and_then(attune_compiler::onnx::tensor_type);
+                is_float(t.map(|t| t.elem_type))
+            });
+        if declared_float {
+            return Err(refuse(format!("its {} body returns floats", node.op())));
+        }
+        return Ok(vec![None; outputs]);
+    }
+    let mut sources = vec![None; outputs];
+    for (i, source) in sources.iter_mut().enumerate() {
+        let mut found = None;
+        for branch in node.proto.attribute.iter().flat_map(|a| a.subgraphs()) {
+            let producer: HashMap<&str, &attune_compiler::onnx::NodeProto> = branch
+                .node
+                .iter()
+                .flat_map(|p| p.output.iter().map(move |o| (o.as_str(), p)))
+                .collect();
+            let mut name = branch.output.get(i).map(|o| o.name.as_str()).unwrap_or("");
+            while let Some(p) = producer.get(name) {
+                if !PASSTHROUGH.contains(&p.op_type.as_str()) {
+                    return Err(refuse(format!("a branch computes ({})", p.op_type)));
+                }
+                name = p.input.first().map(String::as_str).unwrap_or("");
+            }
+            let outer = g
+                .value_id(name)
+                .ok_or_else(|| refuse(format!("a branch returns '{name}', not an outer value")))?;
+            if found.is_some_and(|f| f != outer) {
+                // Different values: fine when they end up with one type (checked by the caller
+                // through both); keep the first.
+                continue;
+            }
+            found = Some(outer);
+        }
+        *source = found.filter(|v| is_float(types.get(*v)));
+    }
+    Ok(sources)
 }
 
 /// Converts a float tensor's data to `to` (f32, f16 or bf16); returns it and how many
@@ -260,6 +350,25 @@ impl Pass for PrecisionPass {
             for v in g.node(n).outputs.iter().flatten() {
                 if is_float(types.get(*v)) {
                     new_type.insert(*v, t);
+                }
+            }
+        }
+        // Control flow: an If's outputs take the type of what its branches pass through.
+        let mut branch_types: Vec<(NodeId, usize, i32)> = Vec::new();
+        for &n in &order {
+            if !has_subgraph(g.node(n)) {
+                continue;
+            }
+            for (i, source) in passthrough_sources(g, &types, n)?.into_iter().enumerate() {
+                let (Some(source), Some(Some(out))) = (source, g.node(n).outputs.get(i)) else {
+                    continue;
+                };
+                let Some(t) = new_type.get(&source).copied().or(types.get(source)) else {
+                    continue;
+                };
+                if Some(t) != types.get(*out) {
+                    new_type.insert(*out, t);
+                    branch_types.push((n, i, t));
                 }
             }
         }
@@ -398,6 +507,15 @@ impl Pass for PrecisionPass {
                     .find(|a| a.name == "to")
                     .expect("to");
                 a.i = t as i64;
+            }
+        }
+        for (n, i, t) in branch_types {
+            for a in &mut g.node_proto_mut(n).attribute {
+                for branch in a.g.iter_mut().chain(a.graphs.iter_mut()) {
+                    if let Some(out) = branch.output.get_mut(i) {
+                        set_elem_type(out, t);
+                    }
+                }
             }
         }
         for io in g.inputs.iter_mut().chain(g.outputs.iter_mut()) {
