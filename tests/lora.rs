@@ -897,3 +897,48 @@ fn malformed_layers_are_errors_or_skips_naming_them() {
         report.skipped[0]
     );
 }
+
+#[test]
+fn an_sd3_lora_fuses_and_adapts_like_diffusers_and_peft() {
+    // diffusers' SD3 format (`transformer.<module>` keys) on both streams' attention
+    // projections, feed-forwards and adaLN projections (Gemm), on both exporters' graphs
+    // (same weights), with the joint attention fused too.
+    let inputs = root().join("models/sd3_legacy/inputs");
+    let file = lora("sd3_peft");
+    let file = file.to_str().unwrap();
+    for model in ["sd3_legacy", "sd3_dynamo"] {
+        let dir = tempfile::tempdir().unwrap();
+        let fused = dir.path().join("fused.onnx");
+        let flags = ["--lora", file, "--lora-strict", "--attention", "flash"];
+        let o = compile_to(&fixture(model), &fused, &flags);
+        assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+        assert!(
+            stdout(&o).contains("lora: 25 rewritten, 0 skipped"),
+            "{}",
+            stdout(&o)
+        );
+        let got = run_unet(&fused, &inputs, &[]);
+        assert_close(&got, &lora_ref("sd3_peft"), 1e-5, model);
+        // Switchable: the base model without the adapter, the LoRA with it.
+        let adapted = dir.path().join("adapted.onnx");
+        let o = compile_to(
+            &fixture(model),
+            &adapted,
+            &["--lora-mode", "adapter", "--lora", file],
+        );
+        assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+        assert_close(
+            &run_unet(&adapted, &inputs, &[]),
+            &reference(model),
+            1e-6,
+            model,
+        );
+        let adapter = dir.path().join("adapted.adapter.safetensors");
+        let with = run_unet(
+            &adapted,
+            &inputs,
+            &["--adapter".into(), adapter.display().to_string()],
+        );
+        assert_close(&with, &lora_ref("sd3_peft"), 1e-5, model);
+    }
+}

@@ -61,13 +61,19 @@ class Sd3Wrapper(torch.nn.Module):
                           return_dict=False)[0]
 
 
-def export(name, cls, config, wrapper, inputs, dynamo=False):
-    import onnxruntime as ort
+def build(cls, config):
+    """The fixture's model: random weights, fixed seed."""
     torch.manual_seed(0)
     model = cls(**config).eval()
     with torch.no_grad():
         for p in model.parameters():  # zero-initialised layers must matter too
             p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def export(name, cls, config, wrapper, inputs, dynamo=False):
+    import onnxruntime as ort
+    model = build(cls, config)
     out_dir = ROOT / name
     shutil.rmtree(out_dir, ignore_errors=True)
     (out_dir / "inputs").mkdir(parents=True)

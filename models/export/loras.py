@@ -1,12 +1,17 @@
-"""LoRA fixtures for the sd15_legacy UNet, with reference outputs from the reference
-implementations (diffusers + peft for LoRA, LyCORIS for LoCon/LoHa/LoKr).
+"""LoRA fixtures for the sd15_legacy UNet (and one for the sd3 transformer), with reference
+outputs from the reference implementations (diffusers + peft for LoRA, LyCORIS for
+LoCon/LoHa/LoKr).
 
 Each `models/loras/<name>.safetensors` holds random factors (fixed seeds); `ref/<name>.npy` is
 the UNet's output for models/sd15_legacy/inputs with that LoRA applied in torch at multiplier
 1.0 (and `ref/kohya+loha.npy` with kohya at 0.8 and LoHa at 0.5 together). Tests never run
-Python.
+Python. `sd3_peft.safetensors` is a PEFT LoRA in diffusers' SD3 format
+(`transformer.<module>.lora_A.weight`) on both streams' attention projections, feed-forwards
+and adaLN projections of the `sd3_legacy`/`sd3_dynamo` model; `ref/sd3_peft.npy` its output
+for models/sd3_legacy/inputs.
 
     python models/export/loras.py
+    python models/export/loras.py --sd3      # only the SD3 file
     python models/export/loras.py --sd15-rank 64 --out models/large/lora_r64.safetensors   # benchmark file, not committed
 """
 import json
@@ -196,6 +201,40 @@ def lycoris_file(algo, seed, std, **kw):
     return path, ref
 
 
+def sd3_peft(seed=50):
+    """PEFT LoRA on the SD3 fixture's transformer, as diffusers' SD3 pipelines save it."""
+    from diffusers import SD3Transformer2DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    import dits
+
+    model = dits.build(SD3Transformer2DModel, dits.SD3)
+    names = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+             "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+             "ff_context.net.2", "norm1.linear", "norm1_context.linear"]
+    cfg = LoraConfig(r=RANK, lora_alpha=6, target_modules=names, init_lora_weights=False)
+    model.add_adapter(cfg, adapter_name="peft")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    inputs = ROOT / "sd3_legacy" / "inputs"
+    feeds = [torch.from_numpy(np.load(inputs / f"{n}.npy"))
+             for n in ("sample", "timestep", "encoder_hidden_states", "pooled_projections")]
+    with torch.no_grad():
+        ref = dits.Sd3Wrapper(model)(*feeds).numpy()
+        model.disable_adapters()
+        base = dits.Sd3Wrapper(model)(*feeds).numpy()
+    sd = {f"transformer.{k}": v.contiguous()
+          for k, v in get_peft_model_state_dict(model, adapter_name="peft").items()}
+    meta = {"lora_adapter_metadata": json.dumps({"transformer.r": RANK, "transformer.lora_alpha": 6})}
+    save_file(sd, OUT / "sd3_peft.safetensors", metadata=meta)
+    np.save(OUT / "ref" / "sd3_peft.npy", ref)
+    change = np.linalg.norm(ref - base) / np.linalg.norm(base)
+    print(f"sd3_peft: {len(sd) // 2} layers, output changed by rel L2 {change:.3f}")
+
+
 def sd15_benchmark_lora(rank, out):
     """A kohya LoRA of the given rank for every attention, feed-forward and transformer
     in/out layer of the full-size SD1.5 UNet (random factors; for timing, not numerics)."""
@@ -224,11 +263,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sd15-rank", type=int, help="write a benchmark LoRA for the full SD1.5 UNet instead")
     ap.add_argument("--out", default=str(ROOT / "large" / "lora_r64.safetensors"))
+    ap.add_argument("--sd3", action="store_true", help="write only the SD3 LoRA")
     args = ap.parse_args()
     if args.sd15_rank:
         return sd15_benchmark_lora(args.sd15_rank, args.out)
     OUT.mkdir(exist_ok=True)
     (OUT / "ref").mkdir(exist_ok=True)
+    sd3_peft()
+    if args.sd3:
+        return
     refs = {}
 
     # kohya: the reference is kohya-ss's own definition (networks/lora.py: a missing alpha means

@@ -190,8 +190,8 @@ pub fn compile_into(dir: &Path, model: &Path, flags: &[&str]) -> (PathBuf, Strin
     (out, stdout(&o))
 }
 
-/// `attune run` on ORT CPU with the UNet inputs in `inputs` (sample, timestep,
-/// encoder_hidden_states .npy) and `extra` arguments; every output by name.
+/// `attune run` on ORT CPU with the inputs saved in `inputs` (every `<name>.npy`) and `extra`
+/// arguments; every output by name.
 pub fn run_outputs(
     model: &Path,
     inputs: &Path,
@@ -205,11 +205,16 @@ pub fn run_outputs(
         "--out".into(),
         out.display().to_string(),
     ];
-    for n in ["sample", "timestep", "encoder_hidden_states"] {
-        args.push(format!(
-            "--input={n}={}",
-            inputs.join(format!("{n}.npy")).display()
-        ));
+    // Every input the fixture saved (SD3's pooled text embedding too).
+    let mut files: Vec<PathBuf> = fs::read_dir(inputs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "npy"))
+        .collect();
+    files.sort();
+    for f in files {
+        let name = f.file_stem().unwrap().to_str().unwrap().to_string();
+        args.push(format!("--input={name}={}", f.display()));
     }
     args.extend(extra.iter().cloned());
     let o = attune(&args.iter().map(String::as_str).collect::<Vec<_>>());

@@ -2,7 +2,8 @@
 //! - kohya / LyCORIS: `lora_unet_<module_with_underscores>.{lora_down,lora_up,lora_mid}.weight`,
 //!   `.alpha`, `.hada_w{1,2}_{a,b}`, `.hada_t{1,2}`, `.lokr_w{1,2}[_{a,b}]`, `.lokr_t2`;
 //!   SGM/LDM block names (`input_blocks_4_1_...`) mapped to diffusers module paths;
-//! - diffusers/PEFT: `unet.<path>.lora_A.weight` / `lora_B.weight`, alphas from the file's
+//! - diffusers/PEFT: `unet.<path>.lora_A.weight` / `lora_B.weight` (`transformer.<path>` for
+//!   diffusion transformers: SD3, Flux), alphas from the file's
 //!   `lora_adapter_metadata` (rsLoRA when flagged) or `<path>.alpha` keys;
 //! - diffusers' legacy attention processors: `unet.<attn>.processor.to_q_lora.down.weight`.
 //!
@@ -236,7 +237,11 @@ impl PeftMeta {
         else {
             return Self::default();
         };
-        let get = |k: &str| v.get(&format!("unet.{k}")).or_else(|| v.get(k));
+        let get = |k: &str| {
+            v.get(&format!("unet.{k}"))
+                .or_else(|| v.get(&format!("transformer.{k}")))
+                .or_else(|| v.get(k))
+        };
         PeftMeta {
             alpha: get("lora_alpha").and_then(|a| a.as_f64()).map(|a| a as f32),
             alpha_pattern: get("alpha_pattern")
@@ -304,9 +309,9 @@ fn parse_key(key: &str, lpb: usize) -> Option<KeyKind> {
         });
     }
     // diffusers / PEFT: dotted module paths.
-    let path = key
-        .strip_prefix("unet.")
-        .or_else(|| key.strip_prefix("base_model.model."))
+    let path = ["unet.", "transformer.", "base_model.model."]
+        .iter()
+        .find_map(|p| key.strip_prefix(p))
         .unwrap_or(key);
     let (module, part) = if let Some(m) = path.strip_suffix(".lora_A.weight") {
         (m.to_string(), Part::Down)
