@@ -1020,6 +1020,14 @@ fn diffusion_transformers_lower_for_cuda_and_fp16() {
                 "{name} {precision}"
             );
             assert!(!counts.contains_key("Softmax"), "{name} {precision}");
+            // The residual LayerNorms (the dynamo exporter's without β too) fuse; the first
+            // block's sum with the broadcast position table does not.
+            let skip_norms = if name.starts_with("pixart") { 4 } else { 6 };
+            assert_eq!(
+                counts.get("com.microsoft.SkipLayerNormalization"),
+                Some(&skip_norms),
+                "{name} {precision}"
+            );
             let standard = dir.path().join(format!("standard_{precision}.onnx"));
             with_cuda_ops_in_standard_ops(&out, &standard);
             let c = against_reference(name, run_cpu(name, &standard));

@@ -72,8 +72,9 @@ fn biased_sum(g: &Graph, shapes: &Shapes, add: NodeId) -> Option<(ValueId, Value
     })
 }
 
-/// `LayerNormalization(a + b)` over the last axis with constant γ/β; the fused op writes
-/// the sum too when anything else reads it.
+/// `LayerNormalization(a + b)` over the last axis, with or without β (the dynamo exporter
+/// omits it for affine-less norms: SD3's adaLN); the fused op writes the sum too when
+/// anything else reads it.
 fn skip_layer_norm(
     p: &mut Patch,
     g: &Graph,
@@ -90,9 +91,8 @@ fn skip_layer_norm(
     if rank != 3 {
         return Err(format!("its input has rank {rank}, not 3"));
     }
-    let (Some(gamma), Some(beta)) = (input(g, ln, 1), input(g, ln, 2)) else {
-        return Err("no β".into());
-    };
+    let gamma = input(g, ln, 1).ok_or("no γ")?;
+    let beta = input(g, ln, 2).map_or(In::None, In::Value);
     let add = producer(g, x)
         .filter(|n| g.node(*n).is("Add"))
         .ok_or(NOT_A_SUM)?;
@@ -112,7 +112,7 @@ fn skip_layer_norm(
         p.current(inp),
         p.current(skip),
         In::Value(gamma),
-        In::Value(beta),
+        beta,
     ];
     inputs.extend(bias.map(In::Value));
     let outs = p.node(
