@@ -1,8 +1,8 @@
 //! Fixed input shapes: specialise a model to one set of input sizes and fold the shape
 //! arithmetic that then has a single value. Exporters compute sizes at run time (`Shape →
 //! Gather → Concat`), small nodes ONNX Runtime places on the CPU between the CUDA kernels;
-//! with every size fixed they become constants, and a graph left with no CPU node is what
-//! CUDA graph capture (`attune bench --cuda-graph`) needs.
+//! with every size fixed they become constants (and `If`s on sizes their branch taken), and a
+//! graph left with no CPU node is what CUDA graph capture (`attune bench --cuda-graph`) needs.
 use std::collections::{BTreeMap, HashSet};
 
 use attune_compiler::analysis::{Dim, ElemTypes, Num, Shapes, shapes};
@@ -82,6 +82,7 @@ impl Pass for FixShapes {
         check_sizes(&model.graph, &shapes)?;
         let before = model.graph.node_count();
         let folded = fold_known_values(model, &shapes)?;
+        let inlined = super::decided_if::inline(model)?;
         dce(model);
         let shapes = Shapes::infer(model);
         fix_outputs(&mut model.graph, &shapes);
@@ -89,6 +90,11 @@ impl Pass for FixShapes {
             "{folded} computed sizes made constants, {} nodes fewer",
             before - model.graph.node_count()
         ));
+        if inlined > 0 {
+            report.notes.push(format!(
+                "{inlined} If nodes decided by the sizes: the branch taken inlined"
+            ));
+        }
         Ok(report)
     }
 }
@@ -576,18 +582,26 @@ fn fold_name(g: &Graph, n: NodeId) -> String {
 
 type Encoded = (DataType, Vec<i64>, Vec<u8>);
 
-/// The value's bytes, when its type is an integer or bool and inference knows every element.
+/// The value's bytes, when inference knows every element: integers and bools, and floats
+/// that are sizes (whole numbers the type holds exactly: a `Range` limit cast from a size).
 fn known_bytes(shapes: &Shapes, elem_type: Option<i32>, v: ValueId) -> Option<Encoded> {
     let dims: Vec<i64> = shapes
         .shape(v)?
         .iter()
         .map(Dim::known)
         .collect::<Option<_>>()?;
+    let data_type = DataType::try_from(elem_type?).ok()?;
+    let exact = match data_type {
+        DataType::Float | DataType::Double => 1 << 24,
+        DataType::Float16 => 1 << 11,
+        _ => 0,
+    };
     let values: Vec<i64> = shapes
         .value(v)?
         .iter()
         .map(|n| match n {
             Num::I(d) => d.known(),
+            Num::F(f) if f.fract() == 0.0 && f.abs() <= exact as f64 => Some(*f as i64),
             Num::F(_) => None,
         })
         .collect::<Option<_>>()?;
@@ -595,7 +609,6 @@ fn known_bytes(shapes: &Shapes, elem_type: Option<i32>, v: ValueId) -> Option<En
     if count != Some(values.len() as i64) {
         return None;
     }
-    let data_type = DataType::try_from(elem_type?).ok()?;
     let data = match data_type {
         DataType::Int64 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
         DataType::Int32 => values
@@ -606,6 +619,18 @@ fn known_bytes(shapes: &Shapes, elem_type: Option<i32>, v: ValueId) -> Option<En
             .flat_map(|x| x.to_le_bytes())
             .collect(),
         DataType::Bool => values.iter().map(|&x| (x != 0) as u8).collect(),
+        DataType::Float => values
+            .iter()
+            .flat_map(|&x| (x as f32).to_le_bytes())
+            .collect(),
+        DataType::Double => values
+            .iter()
+            .flat_map(|&x| (x as f64).to_le_bytes())
+            .collect(),
+        DataType::Float16 => values
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x as f32).to_le_bytes())
+            .collect(),
         _ => return None,
     };
     Some((data_type, dims, data))

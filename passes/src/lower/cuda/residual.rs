@@ -108,12 +108,7 @@ fn skip_layer_norm(
     };
     let wants_sum = g.is_graph_output(x) || g.value(x).consumers.len() > 1;
     let module = node.module.clone();
-    let mut inputs = vec![
-        p.current(inp),
-        p.current(skip),
-        In::Value(gamma),
-        beta,
-    ];
+    let mut inputs = vec![p.current(inp), p.current(skip), In::Value(gamma), beta];
     inputs.extend(bias.map(In::Value));
     let outs = p.node(
         "SkipLayerNormalization",
