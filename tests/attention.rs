@@ -543,3 +543,74 @@ fn sd3s_joint_attention_is_found_and_fused() {
         assert!(c.rel_l2 > 1e-4 && c.rel_l2 < 0.2, "{name}: {c:?}");
     }
 }
+
+#[test]
+fn fluxs_attention_with_rotary_embeddings_is_traced_and_fused() {
+    // Flux splits heads without a transpose, normalises them (RMS), joins the streams (text
+    // first) and rotates Q and K (RoPE) before transposing for the scores: no exporter form
+    // matches, so the projections are found by tracing back from what the scores read.
+    const NAME: &str = "flux_dynamo";
+    let a = analyze(NAME);
+    assert!(a.unrecognised.is_empty(), "{:?}", a.unrecognised);
+    let sites: Vec<(&str, attention::Kind, &str)> = a
+        .sites
+        .iter()
+        .map(|s| (s.path.as_str(), s.kind, s.form))
+        .collect();
+    assert_eq!(
+        sites,
+        [
+            (
+                "transformer_blocks.0.attn",
+                attention::Kind::Joint,
+                "traced"
+            ),
+            (
+                "single_transformer_blocks.0.attn",
+                attention::Kind::SelfAttention,
+                "traced"
+            ),
+        ]
+    );
+    let g = &import::read(&fixture(NAME)).unwrap().graph;
+    let module = |p: &attention::Projection| g.node(p.matmul).module.clone();
+    let joint = &a.sites[0];
+    let context = joint.context.as_ref().unwrap();
+    assert_eq!(
+        [
+            &joint.q, &joint.k, &joint.v, &context.q, &context.k, &context.v
+        ]
+        .map(module),
+        [
+            "to_q",
+            "to_k",
+            "to_v",
+            "add_q_proj",
+            "add_k_proj",
+            "add_v_proj"
+        ]
+        .map(|p| format!("transformer_blocks.0.attn.{p}"))
+    );
+    for s in &a.sites {
+        assert_eq!((s.heads, s.head_dim), (2, 8), "{}", s.path);
+        // Rotated Q and K are read as they are.
+        assert!(
+            matches!(
+                s.operands[..2],
+                [attention::Operand::Heads(_), attention::Operand::Heads(_)]
+            ),
+            "{}: {:?}",
+            s.path,
+            s.operands
+        );
+    }
+    for mode in [Mode::Flash, Mode::Onnx] {
+        let (m, report) = compile(NAME, mode, None);
+        assert_eq!(report.rewritten.len(), 2, "{report:?}");
+        let c = compare("out_sample", &reference(NAME), &run_cpu(NAME, &m)).unwrap();
+        assert!(c.rel_l2 <= 1e-5, "{mode:?}: {c:?}");
+    }
+    let (m, _) = compile(NAME, Mode::Linear(FeatureMap::Elu1), None);
+    let c = compare("out_sample", &reference(NAME), &run_cpu(NAME, &m)).unwrap();
+    assert!(c.rel_l2 > 1e-4 && c.rel_l2 < 0.2, "{c:?}");
+}

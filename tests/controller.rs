@@ -777,3 +777,43 @@ fn two_steps(unet: &Path, out: &Path, extra: &[&str]) -> HostTensor {
     assert!(o.status.success(), "{}: {}", unet.display(), stderr(&o));
     npy::read(&out.join("latents.npy")).unwrap()
 }
+
+#[test]
+fn the_sampler_refuses_models_it_cannot_condition() {
+    // SD3 takes a pooled text embedding and Flux packed tokens with ids: DDIM on
+    // sample/timestep/encoder_hidden_states cannot drive them, which is said up front.
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("text.npy");
+    npy::write(
+        &text,
+        &HostTensor::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(&[1, 7, 16]))),
+    )
+    .unwrap();
+    let text = text.to_str().unwrap();
+    for (name, expected) in [
+        (
+            "sd3_legacy",
+            "input 'pooled_projections' is not one `attune sample` feeds",
+        ),
+        ("flux_dynamo", "has no 'sample' input"),
+    ] {
+        let unet = fixture(name);
+        let out = dir.path().join(name);
+        let o = attune(&[
+            "sample",
+            "--unet",
+            unet.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--cond",
+            text,
+            "--uncond",
+            text,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{name}");
+        assert!(stderr(&o).contains(expected), "{name}: {}", stderr(&o));
+        assert!(!out.exists(), "{name}");
+    }
+}

@@ -996,7 +996,8 @@ fn written_out_layer_norms_of_every_form_become_the_op_and_compute_the_same() {
 
 #[test]
 fn diffusion_transformers_lower_for_cuda_and_fp16() {
-    // PixArt-α and SD3/SD3.5 (joint attention, qk-norm; both exporters): every attention
+    // PixArt-α, SD3/SD3.5 (joint attention, qk-norm; both exporters) and Flux (rotary
+    // embeddings on Q and K, a single-stream block): every attention
     // fuses for CUDA, the CUDA ops in standard form compute the reference, and fp16 keeps
     // its statistics (qk-norm's RMS included) in fp32.
     for name in DITS {
@@ -1022,7 +1023,11 @@ fn diffusion_transformers_lower_for_cuda_and_fp16() {
             assert!(!counts.contains_key("Softmax"), "{name} {precision}");
             // The residual LayerNorms (the dynamo exporter's without β too) fuse; the first
             // block's sum with the broadcast position table does not.
-            let skip_norms = if name.starts_with("pixart") { 4 } else { 6 };
+            let skip_norms = match name {
+                "pixart_legacy" => 4,
+                "flux_dynamo" => 2,
+                _ => 6,
+            };
             assert_eq!(
                 counts.get("com.microsoft.SkipLayerNormalization"),
                 Some(&skip_norms),
@@ -1091,4 +1096,69 @@ fn precision_refuses_a_branch_that_computes() {
         "{err}"
     );
     assert!(!out.exists());
+}
+
+#[test]
+fn angles_of_sines_and_cosines_stay_fp32() {
+    // A rotary embedding computed in f32 (positions × frequencies, then cos/sin): at position
+    // 64 fp16's spacing is 1/16, so the angle and its sine stay an fp32 island; a product that
+    // only uses the cosine converts as usual.
+    use attune_compiler::onnx::tensor_shape_proto::dimension::Value as D;
+    use attune_compiler::pass::{PassCx, PassManager};
+    use attune_passes::lower::{Precision, PrecisionPass};
+    let node = |op: &str, ins: &[&str], out: &str| onnx::NodeProto {
+        op_type: op.into(),
+        name: format!("/rope/{out}"),
+        input: ins.iter().map(|s| s.to_string()).collect(),
+        output: vec![out.into()],
+        ..Default::default()
+    };
+    let graph = onnx::GraphProto {
+        name: "g".into(),
+        input: vec![onnx::tensor_info(
+            "pos",
+            DataType::Float,
+            Some(vec![D::DimValue(8)]),
+        )],
+        output: vec![onnx::tensor_info("y", DataType::Float, None)],
+        initializer: vec![onnx::TensorProto {
+            name: "freq".into(),
+            data_type: DataType::Float as i32,
+            dims: vec![8],
+            raw_data: (0..8)
+                .flat_map(|i| (1.0f32 / (i + 1) as f32).to_le_bytes())
+                .collect(),
+            ..Default::default()
+        }],
+        node: vec![
+            node("Mul", &["pos", "freq"], "angle"),
+            node("Cos", &["angle"], "cos"),
+            node("Sin", &["angle"], "sin"),
+            node("Mul", &["cos", "pos"], "scaled"),
+            node("Add", &["scaled", "sin"], "y"),
+        ],
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = import::from_proto(
+        model_of(graph),
+        &mut attune_compiler::weights::ExternalData::new(dir.path()),
+    )
+    .unwrap();
+    let mut pm = PassManager::new();
+    pm.add(PrecisionPass {
+        precision: Precision::F16,
+        keep_io_types: false,
+    });
+    pm.run(&mut m, &mut PassCx { verify: true }).unwrap();
+    let g = &m.graph;
+    let types = ElemTypes::infer(g).unwrap();
+    let computes = |name: &str| {
+        let n = g.node_ids().find(|n| g.node(*n).name() == name).unwrap();
+        types.get(g.node(n).outputs[0].unwrap())
+    };
+    for island in ["/rope/angle", "/rope/cos", "/rope/sin"] {
+        assert_eq!(computes(island), Some(DataType::Float as i32), "{island}");
+    }
+    assert_eq!(computes("/rope/scaled"), Some(DataType::Float16 as i32));
 }

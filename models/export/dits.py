@@ -10,7 +10,11 @@ dynamic batch/height/width/sequence:
 - `sd35_legacy`: SD3.5-style, the same with RMS qk-norm on every head and a second,
   image-only self-attention in the first block (`dual_attention_layers`);
 - `sd3_dynamo`, `sd35_dynamo`: the same two through the dynamo exporter (heads folded to 3-D
-  around K's transpose, qk-norm's `1/√` as Reciprocal).
+  around K's transpose, qk-norm's `1/√` as Reciprocal);
+- `flux_dynamo`: Flux (FluxTransformer2DModel: one double-stream block with joint attention,
+  one single-stream block, RMS qk-norm and rotary position embeddings on Q and K; packed
+  latent tokens with their ids). The dynamo exporter only: torch's `rms_norm` has no opset-17
+  export.
 Each writes `models/<name>/`: `unet.onnx` + `unet.onnx.data`, `spec.json`, `inputs/*.npy` and
 `ref/out_sample.npy` (onnxruntime's outputs, the tests' reference).
 
@@ -23,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel
+from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
 
 ROOT = Path(__file__).resolve().parents[1]
 PIXART = dict(sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2,
@@ -33,6 +37,9 @@ SD3 = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_h
            num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
            pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16)
 SD35 = dict(SD3, qk_norm="rms_norm", dual_attention_layers=(0,))
+FLUX = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+            pooled_projection_dim=8, guidance_embeds=False, axes_dims_rope=(2, 2, 4))
 
 
 class Wrapper(torch.nn.Module):
@@ -71,6 +78,21 @@ def build(cls, config):
     return model
 
 
+class FluxWrapper(torch.nn.Module):
+    """Flux's signature: packed latent tokens and the position ids of image and text."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections,
+                img_ids, txt_ids):
+        return self.model(hidden_states=hidden_states, timestep=timestep,
+                          encoder_hidden_states=encoder_hidden_states,
+                          pooled_projections=pooled_projections, img_ids=img_ids,
+                          txt_ids=txt_ids, return_dict=False)[0]
+
+
 def export(name, cls, config, wrapper, inputs, dynamo=False):
     import onnxruntime as ort
     model = build(cls, config)
@@ -82,16 +104,24 @@ def export(name, cls, config, wrapper, inputs, dynamo=False):
     axes = {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
             "encoder_hidden_states": {0: "batch", 1: "sequence"},
             "pooled_projections": {0: "batch"},
+            "hidden_states": {0: "batch", 1: "tokens"}, "img_ids": {0: "tokens"},
+            "txt_ids": {0: "sequence"},
             "out_sample": {0: "batch", 2: "height", 3: "width"}}
+    if "hidden_states" in inputs:
+        axes["out_sample"] = {0: "batch", 1: "tokens"}
     axes = {k: v for k, v in axes.items() if k in inputs or k == "out_sample"}
     if dynamo:
         batch = torch.export.Dim("batch", min=1, max=64)
         # Patches of 2: the latent's sizes are even.
-        height = torch.export.Dim("height", min=1, max=config["pos_embed_max_size"])
-        width = torch.export.Dim("width", min=1, max=config["pos_embed_max_size"])
+        largest = config.get("pos_embed_max_size", 64)
+        height = torch.export.Dim("height", min=1, max=largest)
+        width = torch.export.Dim("width", min=1, max=largest)
         sequence = torch.export.Dim("sequence", min=1, max=512)
-        dims = {"batch": batch, "height": 2 * height, "width": 2 * width, "sequence": sequence}
-        shapes = {k: {i: dims[d] for i, d in v.items()} for k, v in axes.items() if k in inputs}
+        tokens = torch.export.Dim("tokens", min=1, max=4096)
+        dims = {"batch": batch, "height": 2 * height, "width": 2 * width, "sequence": sequence,
+                "tokens": tokens}
+        # In the order of the inputs: the exporter pairs them by position.
+        shapes = {k: {i: dims[d] for i, d in axes[k].items()} for k in inputs}
         torch.onnx.export(wrapper(model), tuple(inputs.values()), str(raw), dynamo=True,
                           opset_version=18, input_names=list(inputs),
                           output_names=["out_sample"], dynamic_shapes=shapes)
@@ -136,6 +166,14 @@ def main():
                    Sd3Wrapper, {"sample": sample, "timestep": timestep,
                                 "encoder_hidden_states": text, "pooled_projections": pooled},
                    dynamo)
+    # Flux: the 16x16 latent packed into 8x8 tokens of 2x2 patches, ids (0, row, column).
+    packed = sample.reshape(2, 4, 8, 2, 8, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 64, 16)
+    rows, cols = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    img_ids = torch.stack([torch.zeros(64), rows.flatten(), cols.flatten()], dim=1)
+    export("flux_dynamo", FluxTransformer2DModel, FLUX, FluxWrapper,
+           {"hidden_states": packed.contiguous(), "timestep": timestep / 1000,
+            "encoder_hidden_states": text, "pooled_projections": pooled, "img_ids": img_ids,
+            "txt_ids": torch.zeros(7, 3)}, dynamo=True)
 
 
 if __name__ == "__main__":

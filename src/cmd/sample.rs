@@ -104,6 +104,21 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             );
         }
     }
+    // Inputs it cannot know (SDXL's added embeddings, SD3's pooled text, Flux's token ids):
+    // ONNX Runtime would fail deep in the graph.
+    let fed = ["sample", "timestep", "encoder_hidden_states"];
+    if let Some(s) = specs
+        .iter()
+        .find(|s| !s.optional && !fed.contains(&s.name.as_str()))
+    {
+        bail!(
+            "{}: input '{}' is not one `attune sample` feeds (it drives UNets taking \
+             sample/timestep/encoder_hidden_states with DDIM; added conditioning and \
+             flow-matching transformers are not supported)",
+            args.unet.display(),
+            s.name
+        );
+    }
     // Every input is fed as the type the UNet declares (fp16 UNets take fp16 latents too).
     let mut input_dtypes = BTreeMap::new();
     for s in &specs {

@@ -26,12 +26,13 @@ pub const FIXTURES: [&str; 9] = [
 ];
 
 /// The diffusion-transformer fixtures (`models/export/dits.py`).
-pub const DITS: [&str; 5] = [
+pub const DITS: [&str; 6] = [
     "pixart_legacy",
     "sd3_legacy",
     "sd3_dynamo",
     "sd35_legacy",
     "sd35_dynamo",
+    "flux_dynamo",
 ];
 
 /// `--dim` flags for the fixtures' test size (batch 2, 16x16 latents, 77 tokens).
@@ -190,8 +191,8 @@ pub fn compile_into(dir: &Path, model: &Path, flags: &[&str]) -> (PathBuf, Strin
     (out, stdout(&o))
 }
 
-/// `attune run` on ORT CPU with the inputs saved in `inputs` (every `<name>.npy`) and `extra`
-/// arguments; every output by name.
+/// `attune run` on ORT CPU with the model's inputs saved in `inputs` (`<name>.npy`) and
+/// `extra` arguments; every output by name.
 pub fn run_outputs(
     model: &Path,
     inputs: &Path,
@@ -205,11 +206,18 @@ pub fn run_outputs(
         "--out".into(),
         out.display().to_string(),
     ];
-    // Every input the fixture saved (SD3's pooled text embedding too).
-    let mut files: Vec<PathBuf> = fs::read_dir(inputs)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "npy"))
+    // Every input of the model saved there (SD3's pooled text embedding too).
+    let m = attune_compiler::import::read(model).unwrap();
+    let names: Vec<String> = m
+        .graph
+        .inputs
+        .iter()
+        .map(|io| io.info.name.clone())
+        .collect();
+    let mut files: Vec<PathBuf> = names
+        .iter()
+        .map(|n| inputs.join(format!("{n}.npy")))
+        .filter(|p| p.exists())
         .collect();
     files.sort();
     for f in files {

@@ -323,6 +323,13 @@ fn forms() -> Vec<(&'static str, Pat)> {
         ("classic", classic),
         ("qk-norm", qk_norm),
         ("joint", joint),
+        // Any other per-head work between the split and the scores (Flux's rotary embedding
+        // after its qk-norm, in one stream or two): the operands as they are, the projections
+        // found by tracing back from them.
+        (
+            "traced",
+            sdpa_of(any("q_any"), k_either(any("k_any")), any("v_any")),
+        ),
     ]
 }
 
@@ -341,9 +348,12 @@ pub fn analyze(model: &Model, shapes: &Shapes) -> AttentionAnalysis {
             continue;
         };
         for (form, pat) in &forms {
-            let Some(m) = match_value(g, root, pat) else {
+            let Some(mut m) = match_value(g, root, pat) else {
                 continue;
             };
+            if *form == "traced" {
+                bind_traced(g, &mut m);
+            }
             let softmax = m.node("softmax").expect("bound");
             match site(model, shapes, &m, form) {
                 Ok(s) => {
@@ -442,6 +452,11 @@ fn site(
     form: &'static str,
 ) -> Result<AttentionSite, String> {
     let g = &model.graph;
+    for role in ["q", "k", "v"] {
+        if m.value(&format!("{role}_proj")).is_none() {
+            return Err(format!("no head split of a projection found below {role}"));
+        }
+    }
     let value = |name: &str| m.value(name).expect("bound by every form");
     let proj = |role: &str, v: ValueId| {
         projection(g, v).ok_or_else(|| format!("{role} is not a linear projection"))
@@ -451,7 +466,7 @@ fn site(
         proj("K", value("k_proj"))?,
         proj("V", value("v_proj"))?,
     );
-    let joint = form == "joint";
+    let joint = m.value("cq_proj").is_some();
     let context = if joint {
         Some(ContextProjections {
             q: proj("the second stream's Q", value("cq_proj"))?,
@@ -462,8 +477,13 @@ fn site(
         None
     };
     let (operands, k4) = operands(g, m, form)?;
-    let q_heads = shapes
-        .shape(value("q_heads"))
+    // [batch, heads, tokens, head_dim]: the operand itself where it was traced.
+    let four = |role: &str| {
+        m.value(&format!("{role}_any"))
+            .or_else(|| m.value(&format!("{role}_heads")))
+    };
+    let q_heads = four("q")
+        .and_then(|v| shapes.shape(v))
         .ok_or("head split shape unknown")?;
     let (heads, head_dim) = match q_heads {
         [_, h, _, d] => (
@@ -473,7 +493,7 @@ fn site(
         _ => return Err("head split is not 4-D".into()),
     };
     // The value heads must agree (same count; head dim may differ only for exotic models).
-    if let Some([_, vh, _, _]) = shapes.shape(value("v_heads"))
+    if let Some([_, vh, _, _]) = four("v").and_then(|v| shapes.shape(v))
         && vh.known() != Some(heads)
     {
         return Err(format!("value heads {vh} differ from query heads {heads}"));
@@ -560,10 +580,20 @@ fn site(
         &crate::module_path::common_prefix(&g.node(q.matmul).module, &g.node(k.matmul).module),
         &g.node(v.matmul).module,
     );
-    let tokens = |p: &Projection, cat: &str| {
-        match m.value(cat) {
-            Some(c) => shapes.shape(c).and_then(|s| s.get(2).cloned()),
-            None => shapes.shape(p.output).and_then(|s| s.get(1).cloned()),
+    // Tokens: of the 4-D operand where the streams join or per-head work happens, else of
+    // the projection.
+    let tokens = |p: &Projection, i: usize| {
+        let four = [
+            m.value(JOINT[i].cat),
+            m.value(["q_any", "k_any"][i]),
+            k4.filter(|_| i == 1),
+        ];
+        match operands[i] {
+            Operand::Tokens(_) => shapes.shape(p.output).and_then(|s| s.get(1).cloned()),
+            _ => four
+                .into_iter()
+                .flatten()
+                .find_map(|v| shapes.shape(v)?.get(2).cloned()),
         }
         .filter(|d| !d.is_unknown())
     };
@@ -573,8 +603,8 @@ fn site(
         heads,
         head_dim,
         scale,
-        query_tokens: tokens(&q, JOINT[0].cat),
-        key_tokens: tokens(&k, JOINT[1].cat),
+        query_tokens: tokens(&q, 0),
+        key_tokens: tokens(&k, 1),
         form,
         block: None,
         softmax,
@@ -593,12 +623,90 @@ fn site(
     })
 }
 
+/// The most values one operand's trace back to its head splits looks at (a rotary
+/// embedding's cos/sin computation included).
+const TRACE_BUDGET: usize = 256;
+
+/// Binds, for the traced form, each operand's head splits of projections as the other forms
+/// do: one (`q_proj`, `q_split`, ...), or two streams joined (the second stream's, the
+/// `add_*` projection, as `cq_proj`, `cq_split`, ...). A split is `[.., heads, head_dim]`
+/// with or without its transpose (Flux transposes after its rotary embedding). The trace
+/// follows data only (not into `Shape`) and stops at other layers (MatMul, Gemm, Softmax).
+/// An operand with none or more than two splits stays unbound, and the site is reported
+/// unrecognised.
+fn bind_traced(g: &Graph, m: &mut Match) {
+    let split = alt([
+        heads("p", "s", "h"),
+        op("Reshape", [any("p"), anything()]).bind("s"),
+    ]);
+    for (i, any) in ["q_any", "k_any", "v_any"].into_iter().enumerate() {
+        let Some(x) = m.value(any) else { continue };
+        let mut found: Vec<Match> = Vec::new();
+        let mut seen = HashSet::new();
+        let mut stack = vec![x];
+        while let Some(v) = stack.pop() {
+            if seen.len() >= TRACE_BUDGET || !seen.insert(v) {
+                continue;
+            }
+            if let Some(hit) = match_value(g, v, &split)
+                && hit.value("p").is_some_and(|p| projection(g, p).is_some())
+            {
+                found.push(hit);
+                continue;
+            }
+            let Some((n, _)) = g.value(v).producer else {
+                continue;
+            };
+            let node = g.node(n);
+            let layer = [
+                "MatMul",
+                "Gemm",
+                "Softmax",
+                "Shape",
+                "Size",
+                "ConstantOfShape",
+            ];
+            if !layer.iter().any(|o| node.is(o)) {
+                // Inputs in reverse, so the first input is traced first (the Concat order).
+                stack.extend(node.inputs.iter().rev().flatten());
+            }
+        }
+        let second_stream = |h: &Match| {
+            let p = h.value("p").and_then(|p| g.value(p).producer);
+            p.is_some_and(|(n, _)| g.node(n).module.rsplit('.').any(|s| s.starts_with("add_")))
+        };
+        if found.len() == 2 && second_stream(&found[0]) && !second_stream(&found[1]) {
+            found.swap(0, 1);
+        }
+        if !(1..=2).contains(&found.len()) {
+            continue;
+        }
+        for (hit, (proj, split_name, heads_name)) in found.iter().zip(&JOINT[i].parts) {
+            for (from, to) in [("p", proj), ("s", split_name), ("h", heads_name)] {
+                if let Some(v) = hit.value(from) {
+                    m.values.insert(to, v);
+                }
+            }
+        }
+    }
+}
+
 /// Q, K and V as the attention reads them (below the scales, K below its transpose), and
 /// K's [batch, heads, tokens, head_dim] value. The exporter forms without per-head work read
 /// the projections.
 fn operands(g: &Graph, m: &Match, form: &str) -> Result<([Operand; 3], Option<ValueId>), String> {
     let bound = |name: &str| m.value(name).expect("bound by the form");
     let projections = ["q_proj", "k_proj", "v_proj"].map(|p| Operand::Tokens(bound(p)));
+    if form == "traced" {
+        let mut out = projections;
+        for (i, any) in ["q_any", "k_any", "v_any"].into_iter().enumerate() {
+            let x = bound(any);
+            if m.value(JOINT[i].parts[0].2) != Some(x) {
+                out[i] = Operand::Heads(x);
+            }
+        }
+        return Ok((out, Some(bound("k_any"))));
+    }
     if !matches!(form, "qk-norm" | "joint") {
         return Ok((projections, m.value("k_heads")));
     }

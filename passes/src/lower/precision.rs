@@ -3,7 +3,9 @@
 //! - normalisation (Instance/Group/Layer/BatchNormalization) and Reduce* statistics;
 //! - scatters that accumulate (ToMe's merge sums many tokens into one);
 //! - the sinusoidal timestep projection (`time_proj`, `add_time_proj`): `t·freq` reaches
-//!   the thousands, where fp16's spacing is 0.5 and sin/cos of it would be noise.
+//!   the thousands, where fp16's spacing is 0.5 and sin/cos of it would be noise;
+//! - every Sin/Cos and the product that makes its angle (Flux's rotary position embedding:
+//!   `position·freq` of 64 is already off by 0.03 in fp16).
 //!
 //! Softmax stays low: ORT's fp16 CUDA softmax accumulates in fp32 inside the kernel.
 //! An `If` whose branches only pass a value through (torch's `if x.shape[0] == 1: squeeze`)
@@ -108,6 +110,27 @@ pub fn keeps_fp32(g: &Graph, n: NodeId) -> bool {
         || node.op() == "LayerNormalization" && !stashes_fp32
         || reducing_scatter(node)
         || FP32_MODULES.contains(&node.module.rsplit('.').next().unwrap_or(""))
+        || is_trigonometric(node)
+        || makes_angles(g, n)
+}
+
+fn is_trigonometric(node: &attune_compiler::ir::Node) -> bool {
+    matches!(node.op(), "Sin" | "Cos")
+}
+
+/// A product read only by Sin/Cos: the angles.
+fn makes_angles(g: &Graph, n: NodeId) -> bool {
+    let node = g.node(n);
+    let readers = || {
+        node.outputs
+            .iter()
+            .flatten()
+            .flat_map(|v| &g.value(*v).consumers)
+    };
+    matches!(node.op(), "Mul" | "Div" | "MatMul" | "Einsum" | "Gemm")
+        && !node.outputs.iter().flatten().any(|v| g.is_graph_output(*v))
+        && readers().next().is_some()
+        && readers().all(|u| is_trigonometric(g.node(u.node())))
 }
 
 /// The type each node computes in after the pass (only for nodes that change).
