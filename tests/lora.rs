@@ -898,47 +898,91 @@ fn malformed_layers_are_errors_or_skips_naming_them() {
     );
 }
 
+/// `name`'s LoRA file fused into `model` (with its attention fused too) computes the file's
+/// reference, with `rewritten` layers adapted; as a run-time adapter, the base model without
+/// it and the reference with it.
+fn fuses_and_adapts(model: &str, name: &str, rewritten: usize) {
+    let inputs = root().join("models").join(model).join("inputs");
+    let file = lora(name);
+    let file = file.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let fused = dir.path().join("fused.onnx");
+    let flags = ["--lora", file, "--lora-strict", "--attention", "flash"];
+    let o = compile_to(&fixture(model), &fused, &flags);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let report = format!("lora: {rewritten} rewritten, 0 skipped");
+    assert!(stdout(&o).contains(&report), "{model}: {}", stdout(&o));
+    assert_close(
+        &run_unet(&fused, &inputs, &[]),
+        &lora_ref(name),
+        1e-5,
+        model,
+    );
+    let adapted = dir.path().join("adapted.onnx");
+    let o = compile_to(
+        &fixture(model),
+        &adapted,
+        &["--lora-mode", "adapter", "--lora", file],
+    );
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert_close(
+        &run_unet(&adapted, &inputs, &[]),
+        &reference(model),
+        1e-6,
+        model,
+    );
+    let adapter = dir.path().join("adapted.adapter.safetensors");
+    let with = run_unet(
+        &adapted,
+        &inputs,
+        &["--adapter".into(), adapter.display().to_string()],
+    );
+    assert_close(&with, &lora_ref(name), 1e-5, model);
+}
+
 #[test]
 fn an_sd3_lora_fuses_and_adapts_like_diffusers_and_peft() {
     // diffusers' SD3 format (`transformer.<module>` keys) on both streams' attention
     // projections, feed-forwards and adaLN projections (Gemm), on both exporters' graphs
     // (same weights), with the joint attention fused too.
-    let inputs = root().join("models/sd3_legacy/inputs");
-    let file = lora("sd3_peft");
-    let file = file.to_str().unwrap();
     for model in ["sd3_legacy", "sd3_dynamo"] {
-        let dir = tempfile::tempdir().unwrap();
-        let fused = dir.path().join("fused.onnx");
-        let flags = ["--lora", file, "--lora-strict", "--attention", "flash"];
-        let o = compile_to(&fixture(model), &fused, &flags);
-        assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
-        assert!(
-            stdout(&o).contains("lora: 25 rewritten, 0 skipped"),
-            "{}",
-            stdout(&o)
-        );
-        let got = run_unet(&fused, &inputs, &[]);
-        assert_close(&got, &lora_ref("sd3_peft"), 1e-5, model);
-        // Switchable: the base model without the adapter, the LoRA with it.
-        let adapted = dir.path().join("adapted.onnx");
-        let o = compile_to(
-            &fixture(model),
-            &adapted,
-            &["--lora-mode", "adapter", "--lora", file],
-        );
-        assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
-        assert_close(
-            &run_unet(&adapted, &inputs, &[]),
-            &reference(model),
-            1e-6,
-            model,
-        );
-        let adapter = dir.path().join("adapted.adapter.safetensors");
-        let with = run_unet(
-            &adapted,
-            &inputs,
-            &["--adapter".into(), adapter.display().to_string()],
-        );
-        assert_close(&with, &lora_ref("sd3_peft"), 1e-5, model);
+        fuses_and_adapts(model, "sd3_peft", 25);
     }
+}
+
+#[test]
+fn a_kohya_flux_lora_splits_its_fused_layers_like_kohya() {
+    // Black Forest Labs' names: each fused Q/K/V (and a single block's Q/K/V + MLP input)
+    // is one kohya layer whose up rows are diffusers' modules: 13 layers adapt 20.
+    fuses_and_adapts("flux_dynamo", "flux_kohya", 20);
+    let dir = tempfile::tempdir().unwrap();
+    let qkv = "lora_unet_double_blocks_0_img_attn_qkv";
+    let uneven = crafted_lora(
+        dir.path(),
+        "uneven.safetensors",
+        &[
+            (format!("{qkv}.lora_down.weight"), vec![4, 16]),
+            (format!("{qkv}.lora_up.weight"), vec![47, 4]),
+        ],
+    );
+    assert_refused(
+        &uneven,
+        &[],
+        &[
+            qkv,
+            "47 output rows do not split into transformer_blocks_0_attn_to_q",
+        ],
+    );
+    let linear1 = "lora_unet_single_blocks_0_linear1";
+    let loha = crafted_lora(
+        dir.path(),
+        "loha.safetensors",
+        &["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"]
+            .map(|p| (format!("{linear1}.{p}"), vec![4, 4])),
+    );
+    assert_refused(
+        &loha,
+        &[],
+        &[linear1, "only a plain LoRA (lora_down, lora_up)"],
+    );
 }

@@ -8,10 +8,14 @@ the UNet's output for models/sd15_legacy/inputs with that LoRA applied in torch 
 Python. `sd3_peft.safetensors` is a PEFT LoRA in diffusers' SD3 format
 (`transformer.<module>.lora_A.weight`) on both streams' attention projections, feed-forwards
 and adaLN projections of the `sd3_legacy`/`sd3_dynamo` model; `ref/sd3_peft.npy` its output
-for models/sd3_legacy/inputs.
+for models/sd3_legacy/inputs. `flux_kohya.safetensors` is a kohya (sd-scripts) LoRA for the
+`flux_dynamo` model in Black Forest Labs' module names, whose fused layers (`img_attn_qkv`,
+single blocks' `linear1` = Q, K, V and the MLP's input) are split across diffusers' modules;
+`ref/flux_kohya.npy` is kohya's merge rule applied to those rows (cross-checked against
+diffusers' own kohya-Flux conversion on the double blocks, whose splits it can size).
 
     python models/export/loras.py
-    python models/export/loras.py --sd3      # only the SD3 file
+    python models/export/loras.py --dit      # only the SD3 and Flux files
     python models/export/loras.py --sd15-rank 64 --out models/large/lora_r64.safetensors   # benchmark file, not committed
 """
 import json
@@ -235,6 +239,92 @@ def sd3_peft(seed=50):
     print(f"sd3_peft: {len(sd) // 2} layers, output changed by rel L2 {change:.3f}")
 
 
+# kohya's Flux layers (BFL names) and the diffusers modules their rows are, in order.
+def flux_layers(config):
+    names = {}
+    for i in range(config["num_layers"]):
+        b = f"transformer_blocks.{i}"
+        for stream, attn, ff, norm in (("img", ("to_q", "to_k", "to_v"), "ff", "norm1"),
+                                       ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"),
+                                        "ff_context", "norm1_context")):
+            k = f"double_blocks_{i}_{stream}"
+            names[f"{k}_attn_qkv"] = [f"{b}.attn.{a}" for a in attn]
+            names[f"{k}_attn_proj"] = [f"{b}.attn.{'to_out.0' if stream == 'img' else 'to_add_out'}"]
+            names[f"{k}_mlp_0"] = [f"{b}.{ff}.net.0.proj"]
+            names[f"{k}_mlp_2"] = [f"{b}.{ff}.net.2"]
+            names[f"{k}_mod_lin"] = [f"{b}.{norm}.linear"]
+    for i in range(config["num_single_layers"]):
+        b = f"single_transformer_blocks.{i}"
+        names[f"single_blocks_{i}_linear1"] = [f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v", f"{b}.proj_mlp"]
+        names[f"single_blocks_{i}_linear2"] = [f"{b}.proj_out"]
+        names[f"single_blocks_{i}_modulation_lin"] = [f"{b}.norm.linear"]
+    return names
+
+
+def flux_kohya(seed=60):
+    """kohya LoRA for the Flux fixture: factors for the fused BFL layers, merged by kohya's
+    rule (W += alpha/rank · up @ down) into the rows each diffusers module holds."""
+    from diffusers import FluxTransformer2DModel
+    import dits
+
+    modules = dict(dits.build(FluxTransformer2DModel, dits.FLUX).named_modules())
+    gen = torch.Generator().manual_seed(seed)
+    factors = {}
+    for i, (name, targets) in enumerate(flux_layers(dits.FLUX).items()):
+        rows = sum(modules[t].out_features for t in targets)
+        cols = modules[targets[0]].in_features
+        alpha = None if i % 4 == 0 else RANK / 2
+        factors[name] = (torch.randn(RANK, cols, generator=gen) * 0.1,
+                         torch.randn(rows, RANK, generator=gen) * 0.1, alpha)
+
+    def merged(factors):
+        model = dits.build(FluxTransformer2DModel, dits.FLUX)
+        modules = dict(model.named_modules())
+        layers = flux_layers(dits.FLUX)
+        with torch.no_grad():
+            for name, (down, up, alpha) in factors.items():
+                delta = (alpha if alpha is not None else RANK) / RANK * up @ down
+                start = 0
+                for t in layers[name]:
+                    w = modules[t].weight
+                    w += delta[start:start + w.shape[0]]
+                    start += w.shape[0]
+        return model
+
+    def run(model):
+        inputs = ROOT / "flux_dynamo" / "inputs"
+        names = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections",
+                 "img_ids", "txt_ids")
+        feeds = [torch.from_numpy(np.load(inputs / f"{n}.npy")) for n in names]
+        with torch.no_grad():
+            return dits.FluxWrapper(model)(*feeds).numpy()
+
+    def file_of(factors):
+        sd = {}
+        for name, (down, up, alpha) in factors.items():
+            sd[f"lora_unet_{name}.lora_down.weight"] = down.contiguous()
+            sd[f"lora_unet_{name}.lora_up.weight"] = up.contiguous()
+            if alpha is not None:
+                sd[f"lora_unet_{name}.alpha"] = torch.tensor(alpha)
+        return sd
+
+    # Cross-check on the double blocks: diffusers converts kohya's Flux keys itself (its
+    # single-block split is sized for the full model, so those are left out here).
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+    double = {k: v for k, v in factors.items() if k.startswith("double_blocks")}
+    model = dits.build(FluxTransformer2DModel, dits.FLUX)
+    model.load_lora_adapter(_convert_kohya_flux_lora_to_diffusers(file_of(double)), prefix="transformer")
+    check, definition = run(model), run(merged(double))
+    rel = np.linalg.norm(check - definition) / np.linalg.norm(definition)
+    assert rel < 1e-5, f"flux_kohya: diffusers' conversion disagrees with kohya's rule: {rel}"
+
+    ref, base = run(merged(factors)), run(dits.build(FluxTransformer2DModel, dits.FLUX))
+    save_file(file_of(factors), OUT / "flux_kohya.safetensors", metadata={"ss_network_module": "networks.lora_flux"})
+    np.save(OUT / "ref" / "flux_kohya.npy", ref)
+    change = np.linalg.norm(ref - base) / np.linalg.norm(base)
+    print(f"flux_kohya: {len(factors)} layers, output changed by rel L2 {change:.3f} (diffusers agrees: {rel:.1e})")
+
+
 def sd15_benchmark_lora(rank, out):
     """A kohya LoRA of the given rank for every attention, feed-forward and transformer
     in/out layer of the full-size SD1.5 UNet (random factors; for timing, not numerics)."""
@@ -263,14 +353,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sd15-rank", type=int, help="write a benchmark LoRA for the full SD1.5 UNet instead")
     ap.add_argument("--out", default=str(ROOT / "large" / "lora_r64.safetensors"))
-    ap.add_argument("--sd3", action="store_true", help="write only the SD3 LoRA")
+    ap.add_argument("--dit", action="store_true", help="write only the SD3 and Flux LoRAs")
     args = ap.parse_args()
     if args.sd15_rank:
         return sd15_benchmark_lora(args.sd15_rank, args.out)
     OUT.mkdir(exist_ok=True)
     (OUT / "ref").mkdir(exist_ok=True)
     sd3_peft()
-    if args.sd3:
+    flux_kohya()
+    if args.dit:
         return
     refs = {}
 

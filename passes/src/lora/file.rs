@@ -1,7 +1,9 @@
 //! Reading LoRA `.safetensors` files of every common key style into layers:
 //! - kohya / LyCORIS: `lora_unet_<module_with_underscores>.{lora_down,lora_up,lora_mid}.weight`,
 //!   `.alpha`, `.hada_w{1,2}_{a,b}`, `.hada_t{1,2}`, `.lokr_w{1,2}[_{a,b}]`, `.lokr_t2`;
-//!   SGM/LDM block names (`input_blocks_4_1_...`) mapped to diffusers module paths;
+//!   SGM/LDM block names (`input_blocks_4_1_...`) mapped to diffusers module paths; Flux's
+//!   Black Forest Labs names (`double_blocks_0_img_attn_qkv`, `single_blocks_0_linear1`), whose
+//!   fused layers' rows are split across diffusers' modules (Q, K, V and the MLP input);
 //! - diffusers/PEFT: `unet.<path>.lora_A.weight` / `lora_B.weight` (`transformer.<path>` for
 //!   diffusion transformers: SD3, Flux), alphas from the file's
 //!   `lora_adapter_metadata` (rsLoRA when flagged) or `<path>.alpha` keys;
@@ -174,7 +176,7 @@ pub fn read(path: &Path, layers_per_block: usize) -> Result<LoraFile> {
             )));
         }
     }
-    let mut layers: Vec<Layer> = layers.into_values().collect();
+    let mut layers = split_fused(layers.into_values().collect()).map_err(bad)?;
     for l in &mut layers {
         if l.alpha.is_none() {
             l.alpha = peft.alpha_for(&l.module);
@@ -185,6 +187,108 @@ pub fn read(path: &Path, layers_per_block: usize) -> Result<LoraFile> {
         layers,
         elsewhere,
     })
+}
+
+/// kohya's Flux layers in Black Forest Labs' names: the diffusers modules (underscore form)
+/// whose weights are their rows, in order.
+fn bfl_to_diffusers(name: &str) -> Option<Vec<String>> {
+    let t: Vec<&str> = name.split('_').collect();
+    let (block, leaves): (String, Vec<&str>) = match t.as_slice() {
+        ["double", "blocks", i, stream @ ("img" | "txt"), rest @ ..] => {
+            let img = *stream == "img";
+            let pick = |a: &'static str, b: &'static str| if img { a } else { b };
+            let leaves = match rest {
+                ["attn", "qkv"] => vec![
+                    pick("attn_to_q", "attn_add_q_proj"),
+                    pick("attn_to_k", "attn_add_k_proj"),
+                    pick("attn_to_v", "attn_add_v_proj"),
+                ],
+                ["attn", "proj"] => vec![pick("attn_to_out_0", "attn_to_add_out")],
+                ["mlp", "0"] => vec![pick("ff_net_0_proj", "ff_context_net_0_proj")],
+                ["mlp", "2"] => vec![pick("ff_net_2", "ff_context_net_2")],
+                ["mod", "lin"] => vec![pick("norm1_linear", "norm1_context_linear")],
+                _ => return None,
+            };
+            (
+                format!("transformer_blocks_{}", i.parse::<usize>().ok()?),
+                leaves,
+            )
+        }
+        ["single", "blocks", i, rest @ ..] => {
+            let leaves = match rest {
+                ["linear1"] => vec!["attn_to_q", "attn_to_k", "attn_to_v", "proj_mlp"],
+                ["linear2"] => vec!["proj_out"],
+                ["modulation", "lin"] => vec!["norm_linear"],
+                _ => return None,
+            };
+            (
+                format!("single_transformer_blocks_{}", i.parse::<usize>().ok()?),
+                leaves,
+            )
+        }
+        _ => return None,
+    };
+    Some(leaves.iter().map(|l| format!("{block}_{l}")).collect())
+}
+
+/// Flux layers under diffusers' names; a fused one (`attn_qkv`: Q, K, V in equal thirds;
+/// `linear1`: Q, K, V of the block's width, then the MLP input) becomes one layer per module,
+/// each with the down factor and its rows of the up factor (kohya's `alpha/rank` unchanged).
+fn split_fused(layers: Vec<Layer>) -> std::result::Result<Vec<Layer>, String> {
+    let mut out = Vec::new();
+    for layer in layers {
+        let Some(modules) = bfl_to_diffusers(&layer.module) else {
+            out.push(layer);
+            continue;
+        };
+        if let [module] = &modules[..] {
+            out.push(Layer {
+                module: module.clone(),
+                ..layer
+            });
+            continue;
+        }
+        let fused = |why: String| format!("layer {}: {why}", layer.name);
+        let (Some(down), Some(up), 2) = (
+            layer.parts.get(&Part::Down),
+            layer.parts.get(&Part::Up),
+            layer.parts.len(),
+        ) else {
+            return Err(fused(format!(
+                "only a plain LoRA (lora_down, lora_up) of a fused layer can be split across \
+                 {}",
+                modules.join(", ")
+            )));
+        };
+        let (rows, rank) = up.rows_cols();
+        let width = down.rows_cols().1;
+        let sizes: Vec<usize> = if modules.len() == 3 && rows % 3 == 0 {
+            vec![rows / 3; 3]
+        } else if modules.len() == 4 && rows > 3 * width {
+            vec![width, width, width, rows - 3 * width]
+        } else {
+            return Err(fused(format!(
+                "{rows} output rows do not split into {}",
+                modules.join(", ")
+            )));
+        };
+        let mut start = 0;
+        for (module, size) in modules.into_iter().zip(sizes) {
+            let mut part = up.clone();
+            part.shape[0] = size;
+            part.data = up.data[start * rank..(start + size) * rank].to_vec();
+            let mut parts = layer.parts.clone();
+            parts.insert(Part::Up, part);
+            out.push(Layer {
+                module,
+                name: format!("{} rows {start}..{}", layer.name, start + size),
+                parts,
+                ..layer.clone()
+            });
+            start += size;
+        }
+    }
+    Ok(out)
 }
 
 /// Every factor is a matrix (Tucker cores and conv factors have more dims), with no empty
