@@ -906,31 +906,23 @@ fn fuses_and_adapts(model: &str, name: &str, rewritten: usize) {
     let file = lora(name);
     let file = file.to_str().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let fused = dir.path().join("fused.onnx");
-    let flags = ["--lora", file, "--lora-strict", "--attention", "flash"];
-    let o = compile_to(&fixture(model), &fused, &flags);
-    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let compiled = |out: &str, flags: &[&str]| {
+        let out = dir.path().join(out);
+        let o = compile_to(&fixture(model), &out, flags);
+        assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+        (out, stdout(&o))
+    };
+    let (fused, text) = compiled(
+        "fused.onnx",
+        &["--lora", file, "--lora-strict", "--attention", "flash"],
+    );
     let report = format!("lora: {rewritten} rewritten, 0 skipped");
-    assert!(stdout(&o).contains(&report), "{model}: {}", stdout(&o));
-    assert_close(
-        &run_unet(&fused, &inputs, &[]),
-        &lora_ref(name),
-        1e-5,
-        model,
-    );
-    let adapted = dir.path().join("adapted.onnx");
-    let o = compile_to(
-        &fixture(model),
-        &adapted,
-        &["--lora-mode", "adapter", "--lora", file],
-    );
-    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
-    assert_close(
-        &run_unet(&adapted, &inputs, &[]),
-        &reference(model),
-        1e-6,
-        model,
-    );
+    assert!(text.contains(&report), "{model}: {text}");
+    let got = run_unet(&fused, &inputs, &[]);
+    assert_close(&got, &lora_ref(name), 1e-5, model);
+    let (adapted, _) = compiled("adapted.onnx", &["--lora-mode", "adapter", "--lora", file]);
+    let base = run_unet(&adapted, &inputs, &[]);
+    assert_close(&base, &reference(model), 1e-6, model);
     let adapter = dir.path().join("adapted.adapter.safetensors");
     let with = run_unet(
         &adapted,

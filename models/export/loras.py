@@ -143,20 +143,25 @@ def via_diffusers(sd):
     return run(unet)
 
 
+def with_peft(model, names, seed, **cfg):
+    """A PEFT LoRA (lora_alpha 6 != r) on `names`, with random factors (fixed seed)."""
+    from peft import LoraConfig
+    model.add_adapter(LoraConfig(r=RANK, lora_alpha=6, target_modules=names, init_lora_weights=False, **cfg),
+                      adapter_name="peft")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
 def peft_lora(seed, rslora):
     """PEFT LoRA (diffusers' format): lora_alpha != r, optionally rsLoRA."""
-    from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     unet = base_unet()
-    names = [n for n, _ in targets(unet)]
-    cfg = LoraConfig(r=RANK, lora_alpha=6, target_modules=names, use_rslora=rslora, init_lora_weights=False)
-    unet.add_adapter(cfg, adapter_name="peft")
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in unet.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    unet = with_peft(unet, [n for n, _ in targets(unet)], seed, use_rslora=rslora)
     ref = run(unet)  # adapter active, unmerged: the definition
     sd = {f"unet.{k}": v.contiguous() for k, v in get_peft_model_state_dict(unet, adapter_name="peft").items()}
     meta = {"lora_adapter_metadata": json.dumps({"unet.r": RANK, "unet.lora_alpha": 6, "unet.use_rslora": rslora})}
@@ -208,7 +213,6 @@ def lycoris_file(algo, seed, std, **kw):
 def sd3_peft(seed=50):
     """PEFT LoRA on the SD3 fixture's transformer, as diffusers' SD3 pipelines save it."""
     from diffusers import SD3Transformer2DModel
-    from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
     import dits
 
@@ -216,13 +220,7 @@ def sd3_peft(seed=50):
     names = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
              "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
              "ff_context.net.2", "norm1.linear", "norm1_context.linear"]
-    cfg = LoraConfig(r=RANK, lora_alpha=6, target_modules=names, init_lora_weights=False)
-    model.add_adapter(cfg, adapter_name="peft")
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    model = with_peft(model, names, seed)
     inputs = ROOT / "sd3_legacy" / "inputs"
     feeds = [torch.from_numpy(np.load(inputs / f"{n}.npy"))
              for n in ("sample", "timestep", "encoder_hidden_states", "pooled_projections")]
