@@ -817,3 +817,71 @@ fn the_sampler_refuses_models_it_cannot_condition() {
         assert!(!out.exists(), "{name}");
     }
 }
+
+#[test]
+fn every_control_matches_the_pytorch_processors_on_a_diffusion_transformer() {
+    // PixArt-α: adaLN-single blocks of patch tokens, self-attention (attn1) and
+    // cross-attention (attn2), against the same processors (models/controller/pixart).
+    // With `--attention flash` too: the self sites fuse under their controls.
+    for fused in [false, true] {
+        hooked_pixart_matches(fused);
+    }
+}
+
+fn hooked_pixart_matches(fused: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut flags = vec!["--hooks", "capture,p2p,masactrl"];
+    if fused {
+        flags.extend(["--attention", "flash"]);
+    }
+    let (hooked, report) = compile_into(dir.path(), &fixture("pixart_legacy"), &flags);
+    assert!(report.contains("hooks: 4 rewritten"), "{report}");
+    if fused {
+        assert!(
+            report.contains("attention: 2 rewritten, 2 skipped"),
+            "{report}"
+        );
+    }
+    let pixart = |f: &str| ctl(&format!("pixart/{f}"));
+    let run = |model: &Path, hooks: Option<&str>| {
+        let extra: Vec<String> = hooks
+            .map(|h| format!("--input={}", pixart(h).display()))
+            .into_iter()
+            .collect();
+        run_outputs(model, &pixart("inputs"), &extra)
+    };
+    // Random weights keep PixArt's self-attention maps close to uniform, so self-replace
+    // moves the output by 4e-5 only: the tolerance sits well below every control's effect.
+    const TOL: f64 = 2e-6;
+    let base = npy::read(&pixart("default.npy")).unwrap();
+    for case in CASES {
+        let outs = run(&hooked, Some(&format!("{case}.safetensors")));
+        let want = npy::read(&pixart(&format!("{case}.npy"))).unwrap();
+        let c = compare("out_sample", &want, output(&outs, "out_sample")).unwrap();
+        assert!(c.rel_l2 <= TOL, "{case}: {c:?}");
+        let effect = compare("out_sample", &base, &want).unwrap().rel_l2;
+        println!(
+            "fused {fused} {case}: rel L2 {:.1e} (the control moves the output {effect:.1e})",
+            c.rel_l2
+        );
+        assert!(
+            effect > 10.0 * TOL,
+            "{case}: the reference moves by {effect:.1e} only"
+        );
+    }
+    // Fed nothing: the original's output (exactly, unless attention is fused).
+    let defaults = run(&hooked, None);
+    let original = run(&fixture("pixart_legacy"), None);
+    let (got, want) = (
+        output(&defaults, "out_sample"),
+        output(&original, "out_sample"),
+    );
+    let c = compare("out_sample", want, got).unwrap();
+    assert!(c.rel_l2 <= if fused { 1e-6 } else { 0.0 }, "{c:?}");
+    let want = safetensors_io::read(&pixart("capture.safetensors")).unwrap();
+    assert_eq!(want.len(), 2);
+    for (name, t) in &want {
+        let c = compare(name, t, output(&defaults, name)).unwrap();
+        assert!(c.rel_l2 <= 1e-5, "{name}: {c:?}");
+    }
+}

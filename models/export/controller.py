@@ -9,7 +9,11 @@ graph takes as inputs (saved next to each reference, named like the graph inputs
 Writes models/controller/: inputs/*.npy (2 prompts: batch [uncond, uncond, cond0, cond1]),
 <case>.safetensors (hook inputs), <case>.npy (UNet output), capture.safetensors (head-averaged
 cross-attention maps), and sample/ (a 4-step DDIM run with a P2P controller: its TOML, text
-embeddings, initial latents and the final latents).
+embeddings, initial latents and the final latents); and models/controller/pixart/ the same
+cases (no sampling run) for the pixart_legacy diffusion transformer.
+
+    python models/export/controller.py            # both
+    python models/export/controller.py --pixart   # the PixArt cases only
 """
 import json
 from pathlib import Path
@@ -82,14 +86,97 @@ class ControlledAttention:
         return torch.cat([uncond, base, edit])
 
 
-def unet_with_hooks(hooks, store):
-    unet = unets.build_unet(unets.TINY_SD1, 0)
+def with_hooks(model, hooks, store):
     procs = {}
-    for name in unet.attn_processors:
+    for name in model.attn_processors:
         path = name.removesuffix(".processor")
         procs[name] = ControlledAttention(path, hooks, store)
-    unet.set_attn_processor(procs)
-    return unet
+    model.set_attn_processor(procs)
+    return model
+
+
+def unet_with_hooks(hooks, store):
+    return with_hooks(unets.build_unet(unets.TINY_SD1, 0), hooks, store)
+
+
+def control_cases(cross, selfs, masactrl_selfs):
+    """Every control, as hook values (what `attune sample` computes from a controller each
+    step), and the word swap mapper."""
+    swap = torch.eye(WORDS)
+    swap[[3, 4]] = swap[[4, 3]]  # word swap: token 3 <-> 4
+    swap[5] = 0.5 * swap[5] + 0.5 * torch.eye(WORDS)[6]  # one word mapped to two
+    refine_index = torch.arange(WORDS)
+    refine_index[4:] = torch.arange(3, WORDS - 1)  # an inserted word at 3
+    refine_alpha = torch.ones(WORDS)
+    refine_alpha[3] = 0
+    equalizer = torch.ones(1, WORDS)
+    equalizer[0, 2], equalizer[0, 5] = 2.5, 0.3
+    cases = {
+        "default": {},
+        "replace": {f"p2p.{s}.{k}": v for s in cross for k, v in (("alpha", torch.ones(1, WORDS)), ("mapper", swap[None]))},
+        "refine": {f"p2p.{s}.{k}": v for s in cross for k, v in (("alpha", refine_alpha[None]), ("mapper", torch.eye(WORDS)[refine_index].T[None].contiguous()))},
+        "reweight": {f"p2p.{s}.{k}": v for s in cross for k, v in (("alpha", torch.ones(1, WORDS)), ("equalizer", equalizer))},
+        "self_replace": {f"p2p.{s}.self_gate": torch.tensor(1.0) for s in selfs},
+        "masactrl": {f"masactrl.{s}.gate": torch.tensor(1.0) for s in masactrl_selfs},
+    }
+    return cases, swap
+
+
+def run_cases(out, model, hooks, store, cases, run, plain):
+    """Each case's output (and hook values), the default's captured maps; the processors
+    without control must compute what the plain model does."""
+    for case, values in cases.items():
+        hooks.values = values
+        y = run(model)
+        np.save(out / f"{case}.npy", y)
+        if values:
+            save_file({k: v.clone().contiguous().float() for k, v in values.items()}, out / f"{case}.safetensors")
+        if case == "default":
+            save_file({k: v.contiguous() for k, v in store.items()}, out / "capture.safetensors")
+    base = np.load(out / "default.npy")
+    plain = run(plain)
+    assert np.linalg.norm(base - plain) / np.linalg.norm(plain) < 1e-5, "processors without control must equal the plain model"
+    for case in cases:
+        y = np.load(out / f"{case}.npy")
+        print(f"{out.name}/{case}: output changed by rel L2 {np.linalg.norm(y - base) / np.linalg.norm(base):.4f}")
+
+
+def prompts(gen, width):
+    """One latent for every row, unconditional text repeated, then the P prompts."""
+    latent = torch.randn(1, 4, 16, 16, generator=gen)
+    uncond = torch.randn(1, WORDS, width, generator=gen)
+    cond = torch.randn(P, WORDS, width, generator=gen)
+    feeds = [latent.repeat(2 * P, 1, 1, 1), torch.full((2 * P,), 601.0), torch.cat([uncond.repeat(P, 1, 1), cond])]
+    return latent, uncond, cond, feeds
+
+
+def save_inputs(out, feeds):
+    (out / "inputs").mkdir(parents=True, exist_ok=True)
+    for name, t in zip(("sample", "timestep", "encoder_hidden_states"), feeds):
+        np.save(out / "inputs" / f"{name}.npy", t.numpy())
+
+
+def pixart():
+    """The controls on PixArt-α's blocks (attn1 self-, attn2 cross-attention)."""
+    from diffusers import PixArtTransformer2DModel
+    import dits
+
+    out = OUT / "pixart"
+    _, _, _, feeds = prompts(torch.Generator().manual_seed(12), dits.PIXART["caption_channels"])
+    save_inputs(out, feeds)
+    store, hooks = {}, Hooks()
+    build = lambda: dits.build(PixArtTransformer2DModel, dits.PIXART)
+    model = with_hooks(build(), hooks, store)
+    names = [n.removesuffix(".processor") for n in model.attn_processors]
+    cross = [s for s in names if s.endswith("attn2")]
+    selfs = [s for s in names if s.endswith("attn1")]
+    cases, _ = control_cases(cross, selfs, selfs[1:])
+
+    def run(m):
+        with torch.no_grad():
+            return dits.Wrapper(m)(*feeds).numpy()
+
+    run_cases(out, model, hooks, store, cases, run, build())
 
 
 def sites(unet):
@@ -106,15 +193,12 @@ def run(unet, feeds):
 
 
 def main():
+    import sys
+    if "--pixart" in sys.argv:
+        return pixart()
     OUT.mkdir(exist_ok=True)
-    (OUT / "inputs").mkdir(exist_ok=True)
-    gen = torch.Generator().manual_seed(11)
-    latent = torch.randn(1, 4, 16, 16, generator=gen)
-    uncond = torch.randn(1, WORDS, 32, generator=gen)
-    cond = torch.randn(P, WORDS, 32, generator=gen)
-    feeds = [latent.repeat(2 * P, 1, 1, 1), torch.full((2 * P,), 601.0), torch.cat([uncond.repeat(P, 1, 1), cond])]
-    for name, t in zip(("sample", "timestep", "encoder_hidden_states"), feeds):
-        np.save(OUT / "inputs" / f"{name}.npy", t.numpy())
+    latent, uncond, cond, feeds = prompts(torch.Generator().manual_seed(11), 32)
+    save_inputs(OUT, feeds)
 
     store = {}
     hooks = Hooks()
@@ -123,39 +207,10 @@ def main():
     cross = [s for s in names if s.endswith("attn2")]
     selfs = [s for s in names if s.endswith("attn1")]
 
-    # Controls, as hook values (what `attune sample` computes from a controller each step).
-    swap = torch.eye(WORDS)
-    swap[[3, 4]] = swap[[4, 3]]  # word swap: token 3 <-> 4
-    swap[5] = 0.5 * swap[5] + 0.5 * torch.eye(WORDS)[6]  # one word mapped to two
-    refine_index = torch.arange(WORDS)
-    refine_index[4:] = torch.arange(3, WORDS - 1)  # an inserted word at 3
-    refine_alpha = torch.ones(WORDS)
-    refine_alpha[3] = 0
-    equalizer = torch.ones(1, WORDS)
-    equalizer[0, 2], equalizer[0, 5] = 2.5, 0.3
-    cases = {
-        "default": {},
-        "replace": {f"p2p.{s}.{k}": v for s in cross for k, v in (("alpha", torch.ones(1, WORDS)), ("mapper", swap[None]))},
-        "refine": {f"p2p.{s}.{k}": v for s in cross for k, v in (("alpha", refine_alpha[None]), ("mapper", torch.eye(WORDS)[refine_index].T[None].contiguous()))},
-        "reweight": {f"p2p.{s}.{k}": v for s in cross for k, v in (("alpha", torch.ones(1, WORDS)), ("equalizer", equalizer))},
-        "self_replace": {f"p2p.{s}.self_gate": torch.tensor(1.0) for s in selfs},
-        "masactrl": {f"masactrl.{s}.gate": torch.tensor(1.0) for s in selfs[3:]},
-    }
-    for case, values in cases.items():
-        hooks.values = values
-        out = run(unet, feeds)
-        np.save(OUT / f"{case}.npy", out)
-        if values:
-            save_file({k: v.clone().contiguous().float() for k, v in values.items()}, OUT / f"{case}.safetensors")
-        if case == "default":
-            save_file({k: v.contiguous() for k, v in store.items()}, OUT / "capture.safetensors")
-    base = np.load(OUT / "default.npy")
-    plain = run(unets.build_unet(unets.TINY_SD1, 0), feeds)
-    assert np.linalg.norm(base - plain) / np.linalg.norm(plain) < 1e-5, "processors without control must equal the plain UNet"
-    for case in cases:
-        y = np.load(OUT / f"{case}.npy")
-        print(f"{case}: output changed by rel L2 {np.linalg.norm(y - base) / np.linalg.norm(base):.4f}")
+    cases, swap = control_cases(cross, selfs, selfs[3:])
+    run_cases(OUT, unet, hooks, store, cases, lambda m: run(m, feeds), unets.build_unet(unets.TINY_SD1, 0))
     sample(unet, hooks, store, latent, uncond, cond, cross, selfs, swap)
+    pixart()
 
 
 def sample(unet, hooks, store, latent, uncond, cond, cross, selfs, mapper):
