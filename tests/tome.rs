@@ -67,6 +67,27 @@ fn merging_matches_tomesd_and_todo_matches_its_definition() {
             &["--tome-mode", "todo", "--todo-pool", "nearest"],
             3,
         ),
+        // A diffusion transformer: PixArt's attn1 reads norm1's output modulated by adaLN,
+        // and its patch grid is the latent halved.
+        (
+            "pixart_todo_avg",
+            "pixart_legacy",
+            &["--tome-mode", "todo", "--tome-max-downsample", "2"],
+            2,
+        ),
+        (
+            "pixart_todo_nearest",
+            "pixart_legacy",
+            &[
+                "--tome-mode",
+                "todo",
+                "--todo-pool",
+                "nearest",
+                "--tome-max-downsample",
+                "2",
+            ],
+            2,
+        ),
     ];
     for (case, model, flags, blocks) in cases {
         let (out, report) = compile(dir.path(), &fixture(model), flags);
@@ -173,24 +194,7 @@ fn other_architectures_compile_and_run() {
     {
         let (out, report) = compile(dir.path(), &fixture(model), flags);
         assert!(!report.contains("tome: 0 rewritten"), "{model}: {report}");
-        let inputs = root().join("models").join(model).join("inputs");
-        let mut args = vec![
-            "run".to_string(),
-            out.display().to_string(),
-            "--out".into(),
-            dir.path().join("o").display().to_string(),
-        ];
-        for f in fs::read_dir(&inputs).unwrap() {
-            let p = f.unwrap().path();
-            args.push(format!(
-                "--input={}={}",
-                p.file_stem().unwrap().to_string_lossy(),
-                p.display()
-            ));
-        }
-        let o = attune(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        assert!(o.status.success(), "{model}: {}", stderr(&o));
-        let got = npy::read(&dir.path().join("o/out_sample.npy")).unwrap();
+        let got = run(&out, &root().join("models").join(model).join("inputs"));
         let base =
             npy::read(&root().join("models").join(model).join("ref/out_sample.npy")).unwrap();
         let c = compare("out_sample", &base, &got).unwrap();

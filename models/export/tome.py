@@ -2,9 +2,13 @@
 direct torch implementation of ToDo's key/value downsampling.
 
 Writes models/tome/<case>.npy (outputs for models/sd15_legacy/inputs) and a second input
-size, models/tome/inputs_24x16/*.npy, with its own references, for the dynamic-shape tests.
+size, models/tome/inputs_24x16/*.npy, with its own references, for the dynamic-shape tests;
+and models/tome/pixart_<case>.npy, ToDo on the pixart_legacy diffusion transformer (its
+attn1 reads norm1's output modulated by adaLN; its patch grid is the latent halved, so
+max_downsample 2).
 
     python models/export/tome.py
+    python models/export/tome.py --pixart   # the PixArt references only
 """
 import json
 from pathlib import Path
@@ -105,7 +109,26 @@ def random_slots_reference(feeds):
     np.save(OUT / "tome_r05_rand.npy", out)
 
 
+def pixart_todo():
+    from diffusers import PixArtTransformer2DModel
+    import dits
+
+    feeds = load_inputs(ROOT / "pixart_legacy" / "inputs")
+    build = lambda: dits.build(PixArtTransformer2DModel, dits.PIXART)
+    with torch.no_grad():
+        base = dits.Wrapper(build())(*feeds).numpy()
+    for case, args in TODO.items():
+        model = with_todo(build(), latent_hw=feeds[0].shape[2:], max_downsample=2, **args)
+        with torch.no_grad():
+            y = dits.Wrapper(model)(*feeds).numpy()
+        np.save(OUT / f"pixart_{case}.npy", y)
+        print(f"pixart_{case}: output changed by rel L2 {np.linalg.norm(y - base) / np.linalg.norm(base):.4f}")
+
+
 def main():
+    import sys
+    if "--pixart" in sys.argv:
+        return pixart_todo()
     OUT.mkdir(exist_ok=True)
     feeds = load_inputs(INPUTS)
     random_slots_reference(feeds)
@@ -126,6 +149,7 @@ def main():
     for case in ("base", "tome_r05", "todo_avg"):
         np.save(other / f"ref_{case}.npy", refs2[case])
     (OUT / "cases.json").write_text(json.dumps({"tomesd": CASES, "todo": TODO, "tomesd_version": tomesd.__version__ if hasattr(tomesd, "__version__") else "0.1.3"}, indent=2) + "\n")
+    pixart_todo()
 
 
 if __name__ == "__main__":

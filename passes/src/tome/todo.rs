@@ -1,8 +1,9 @@
-//! ToDo (token downsampling): self-attention's keys and values read the block's tokens
+//! ToDo (token downsampling): self-attention's keys and values read the tokens they
+//! project (norm1's output; in an adaLN block such as PixArt's, that output modulated)
 //! pooled over factor×factor windows of the token grid; queries, and so the output, keep
 //! every token.
 use attune_compiler::analysis::attention::TransformerBlock;
-use attune_compiler::ir::{Model, NodeId, Use, ValueId};
+use attune_compiler::ir::{Model, ValueId};
 use attune_compiler::patch::{In, Patch, attr};
 
 use super::{Pool, TomeOptions, anatomy, grid};
@@ -20,29 +21,20 @@ pub(super) fn downsample_block(
     o: &TomeOptions,
 ) -> std::result::Result<String, String> {
     let g = &model.graph;
-    let a = anatomy(model, b)?;
-    let y = a.norm_out[0].ok_or("the block has no norm1")?;
-    // The self-attention's key and value projections reading norm1's output.
-    let kv: Vec<(NodeId, usize)> = g
-        .value(y)
-        .consumers
-        .iter()
-        .filter_map(|u| match u {
-            Use::Input(n, slot) => Some((*n, *slot)),
-            _ => None,
-        })
-        .filter(|(n, _)| {
-            let m = &g.node(*n).module;
-            m == &format!("{}.attn1.to_k", b.path) || m == &format!("{}.attn1.to_v", b.path)
-        })
-        .collect();
-    if kv.len() != 2 {
-        return Err(format!(
-            "expected attn1's to_k and to_v to read norm1's output, found {} readers there",
-            kv.len()
-        ));
-    }
-    let after = b.norms.first().map(|(_, n)| *n);
+    anatomy(model, b)?;
+    // The tokens the self-attention's key and value projections read (one value for both).
+    let projection = |leaf: &str| {
+        let module = format!("{}.attn1.{leaf}", b.path);
+        g.node_ids()
+            .find(|n| g.node(*n).module == module && g.node(*n).is("MatMul"))
+            .ok_or(format!("attn1 has no {leaf} MatMul"))
+    };
+    let kv = [projection("to_k")?, projection("to_v")?].map(|n| (n, 0));
+    let [y, y_v] = kv.map(|(n, slot)| g.node(n).inputs[slot]);
+    let y = y
+        .filter(|y| Some(*y) == y_v)
+        .ok_or("attn1's to_k and to_v read different tokens: no one set of tokens to pool")?;
+    let after = g.value(y).producer.map(|(n, _)| n);
     let mut e = Emitter::new(p, &b.path, after);
     let (h, w) = grid(&mut e, sample, ds, o);
     let shape_y = e.op("Shape", "y_shape", vec![In::Value(y)], vec![]);
@@ -95,7 +87,7 @@ pub(super) fn downsample_block(
     let In::New(name) = kv_in else {
         unreachable!("ops make new values")
     };
-    e.p.rewire_inputs(kv, name);
+    e.p.rewire_inputs(kv.to_vec(), name);
     let how = match pool {
         Pool::Average => "average",
         Pool::Nearest => "nearest",
