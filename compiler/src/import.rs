@@ -44,6 +44,15 @@ pub fn read(path: &Path) -> Result<Model> {
         },
         other => other,
     })?;
+    if let Some(problem) = crate::verify::malformed_constants(&model)
+        .into_iter()
+        .next()
+    {
+        return Err(Error::Model {
+            path: path.into(),
+            msg: problem,
+        });
+    }
     model.path = Some(path.to_path_buf());
     Ok(model)
 }

@@ -45,6 +45,39 @@ const REQUIRED_INPUTS: &[(&str, usize)] = &[
     ("ReduceMean", 1),
 ];
 
+/// The attributes a Constant holds its value in (exactly one of them).
+const CONSTANT_VALUES: &[&str] = &[
+    "value",
+    "value_float",
+    "value_floats",
+    "value_int",
+    "value_ints",
+    "value_string",
+    "value_strings",
+    "sparse_value",
+];
+
+/// Constants without exactly one value attribute (ONNX Runtime crashes on them rather than
+/// refusing them, so import checks every model for these).
+pub fn malformed_constants(model: &Model) -> Vec<String> {
+    let g = &model.graph;
+    g.node_ids()
+        .map(|id| g.node(id))
+        .filter(|node| node.domain().is_empty() && node.is("Constant"))
+        .filter_map(|node| {
+            let names: Vec<&str> = node.proto.attribute.iter().map(|a| a.name.as_str()).collect();
+            let values = names.iter().filter(|n| CONSTANT_VALUES.contains(n)).count();
+            (values != 1 || names.len() != 1).then(|| {
+                format!(
+                    "{}: a Constant holds its value in exactly one attribute of {}, this one has {names:?}",
+                    node.describe(),
+                    CONSTANT_VALUES.join("/"),
+                )
+            })
+        })
+        .collect()
+}
+
 /// Checks the model; the error lists what is wrong.
 pub fn verify(model: &Model) -> Result<()> {
     let problems = problems(model);
@@ -74,6 +107,7 @@ pub fn problems(model: &Model) -> Vec<String> {
     if let Err(e) = g.topo_order() {
         out.push(e.to_string());
     }
+    out.extend(malformed_constants(model));
     let mut node_names: HashMap<&str, String> = HashMap::new();
     for id in g.node_ids() {
         let node = g.node(id);

@@ -19,6 +19,7 @@ Each writes `models/<name>/`: `unet.onnx` + `unet.onnx.data`, `spec.json`, `inpu
 `ref/out_sample.npy` (onnxruntime's outputs, the tests' reference).
 
     python models/export/dits.py
+    python models/export/dits.py --full pixart --out models/large/pixart   # PixArt-α XL size, 2.4 GB, never committed
 """
 import json
 import shutil
@@ -37,6 +38,10 @@ SD3 = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_h
            num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
            pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16)
 SD35 = dict(SD3, qk_norm="rms_norm", dual_attention_layers=(0,))
+# PixArt-α XL-2 at 512 px (PixArt-alpha/PixArt-XL-2-512x512's configuration), for benchmarks.
+FULL_PIXART = dict(sample_size=64, num_layers=28, attention_head_dim=72, num_attention_heads=16,
+                   in_channels=4, out_channels=8, cross_attention_dim=1152, caption_channels=4096,
+                   patch_size=2, norm_type="ada_norm_single", use_additional_conditions=False)
 FLUX = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
             pooled_projection_dim=8, guidance_embeds=False, axes_dims_rope=(2, 2, 4))
@@ -152,7 +157,38 @@ def export(name, cls, config, wrapper, inputs, dynamo=False):
     print(f"{name}: onnxruntime vs torch rel L2 {rel:.2e}")
 
 
+def export_full(out_dir):
+    """The full-size PixArt-α transformer (random weights), dynamic batch/height/width/sequence,
+    for benchmarks: only the model, no references."""
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(**FULL_PIXART).eval()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inputs = (torch.randn(2, 4, 32, 32), torch.tensor([999.0, 500.0]), torch.randn(2, 120, 4096))
+    axes = {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
+            "encoder_hidden_states": {0: "batch", 1: "sequence"},
+            "out_sample": {0: "batch", 2: "height", 3: "width"}}
+    raw = out_dir / "raw.onnx"
+    with torch.no_grad():
+        torch.onnx.export(Wrapper(model), inputs, str(raw), dynamo=False, opset_version=17,
+                          input_names=list(axes)[:3], output_names=["out_sample"],
+                          dynamic_axes=axes, do_constant_folding=True)
+    m = onnx.load(str(raw))
+    raw.unlink()
+    for f in out_dir.glob("*"):
+        f.unlink()
+    onnx.save(m, str(out_dir / "unet.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="unet.onnx.data", size_threshold=1024)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{out_dir}: PixArt-α XL-2, {params / 1e6:.0f} M parameters")
+
+
 def main():
+    import sys
+    if "--full" in sys.argv:
+        args = sys.argv[sys.argv.index("--full") + 1:]
+        assert args[:1] == ["pixart"] and "--out" in args, "usage: --full pixart --out DIR"
+        return export_full(args[args.index("--out") + 1])
     gen = torch.Generator().manual_seed(1)
     sample = torch.randn(2, 4, 16, 16, generator=gen)
     timestep = torch.tensor([999.0, 500.0])

@@ -930,11 +930,14 @@ fn infer_op(
                         .collect();
                     return one(Some(shaped(dims, x.float)));
                 }
+                // A target of unknown values but known length: that many unknown sizes (no
+                // tensor has more than MAX_VALUE_LEN dims; a corrupt model may claim 2^40).
                 let rank = t
                     .shape
                     .as_ref()
                     .and_then(|s| s.first())
-                    .and_then(Dim::known);
+                    .and_then(Dim::known)
+                    .filter(|r| (0..=MAX_VALUE_LEN as i64).contains(r));
                 return one(rank.map(|r| shaped((0..r).map(|_| fresh()).collect(), x.float)));
             };
             let allowzero = attr_i(attrs, "allowzero") == Some(1);

@@ -268,21 +268,30 @@ fn site(
             return Err(format!("no head split of a projection found below {role}"));
         }
     }
-    let value = |name: &str| m.value(name).expect("bound by every form");
+    // Every form binds these; the traced form binds what it found (a corrupt graph may
+    // leave a role half found).
+    let value = |name: &str| {
+        m.value(name)
+            .ok_or_else(|| format!("'{name}' of the attention pattern not found"))
+    };
     let proj = |role: &str, v: ValueId| {
         projection(g, v).ok_or_else(|| format!("{role} is not a linear projection"))
     };
     let (q, k, v) = (
-        proj("Q", value("q_proj"))?,
-        proj("K", value("k_proj"))?,
-        proj("V", value("v_proj"))?,
+        proj("Q", value("q_proj")?)?,
+        proj("K", value("k_proj")?)?,
+        proj("V", value("v_proj")?)?,
     );
-    let joint = m.value("cq_proj").is_some();
+    let streams = ["cq_proj", "ck_proj", "cv_proj"].map(|c| m.value(c).is_some());
+    if streams.iter().any(|s| *s != streams[0]) {
+        return Err("Q, K and V do not read the same streams".into());
+    }
+    let joint = streams[0];
     let context = if joint {
         Some(ContextProjections {
-            q: proj("the second stream's Q", value("cq_proj"))?,
-            k: proj("the second stream's K", value("ck_proj"))?,
-            v: proj("the second stream's V", value("cv_proj"))?,
+            q: proj("the second stream's Q", value("cq_proj")?)?,
+            k: proj("the second stream's K", value("ck_proj")?)?,
+            v: proj("the second stream's V", value("cv_proj")?)?,
         })
     } else {
         None
@@ -333,7 +342,7 @@ fn site(
         g.initializer(w).and_then(|t| t.dims().last().copied())
     };
     let hidden = shapes
-        .shape(value("q_proj"))
+        .shape(value("q_proj")?)
         .and_then(|s| s.last())
         .and_then(Dim::known)
         .or_else(weight_width);
@@ -424,7 +433,7 @@ fn site(
             .and_then(|n| g.node(n).inputs[0])
             .expect("the value product reads the probabilities"),
         probs_matmul: m.node("attn").expect("bound"),
-        output: value("merged"),
+        output: value("merged")?,
         nodes: m.matched.clone(),
         q,
         k,
