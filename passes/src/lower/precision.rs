@@ -207,6 +207,41 @@ fn plan(g: &Graph, types: &ElemTypes, order: &[NodeId], low: i32) -> Plan {
     Plan { compute }
 }
 
+/// Float `Constant` nodes (exports write some γ/β and scalars that way) become initializers
+/// of the same name, so converting them rewrites their data instead of adding a Cast node.
+fn hoist_float_constants(model: &mut Model) -> usize {
+    let g = &model.graph;
+    let found: Vec<(NodeId, Tensor)> = g
+        .node_ids()
+        .filter_map(|n| {
+            let node = g.node(n);
+            if !node.domain().is_empty() || !node.is("Constant") {
+                return None;
+            }
+            let out = node.outputs.first().copied().flatten()?;
+            let value = node.proto.attribute.first().filter(|a| a.name == "value")?;
+            let mut proto = value.t.clone()?;
+            if g.is_graph_output(out) || !is_float(Some(proto.data_type)) {
+                return None;
+            }
+            proto.name = g.value(out).name.clone();
+            Some((
+                n,
+                Tensor {
+                    proto,
+                    data: attune_compiler::weights::TensorData::Inline,
+                },
+            ))
+        })
+        .collect();
+    let count = found.len();
+    for (n, tensor) in found {
+        model.graph.remove_node(n);
+        model.graph.set_initializer(tensor);
+    }
+    count
+}
+
 fn has_subgraph(node: &attune_compiler::ir::Node) -> bool {
     node.proto
         .attribute
@@ -356,6 +391,12 @@ impl Pass for PrecisionPass {
         }
         let low = self.precision.data_type() as i32;
         let f32t = DataType::Float as i32;
+        let hoisted = hoist_float_constants(model);
+        if hoisted > 0 {
+            report.notes.push(format!(
+                "{hoisted} float Constant nodes made initializers (converted as data, not Cast)"
+            ));
+        }
         let g = &model.graph;
         let types = ElemTypes::infer(g)?;
         let order = g.topo_order()?;
