@@ -19,12 +19,7 @@ ATTUNE=target/release/attune
 [ -f "$MODEL" ] || "$PYTHON" models/export/dits.py --full pixart --out models/large/pixart
 mkdir -p "$OUT"
 
-measure() { # label, command...: prints "label: wall s, peak RSS MiB"
-  local label=$1; shift
-  /usr/bin/time -f "%e %M" -o "$OUT/time.txt" "$@" > "$OUT/$label.log" 2>&1 || { tail -3 "$OUT/$label.log"; return 0; }
-  read -r wall kb < "$OUT/time.txt"
-  printf '%-48s %8.1f s %8.0f MiB\n' "$label" "$wall" "$((kb / 1024))"
-}
+. benches/measure.sh
 
 echo "== compile (wall time, peak RSS)"
 for mode in flash onnx; do

@@ -19,12 +19,7 @@ ATTUNE=target/release/attune
 [ -f "$MODEL" ] || "$PYTHON" models/export/unets.py --full sd15 --out models/large/sd15
 mkdir -p "$OUT"
 
-measure() { # label, command...: prints "label: wall s, peak RSS MiB"
-  local label=$1; shift
-  /usr/bin/time -f "%e %M" -o "$OUT/time.txt" "$@" > "$OUT/$label.log" 2>&1
-  read -r wall kb < "$OUT/time.txt"
-  printf '%-44s %8.1f s %8.0f MiB\n' "$label" "$wall" "$((kb / 1024))"
-}
+. benches/measure.sh
 
 if [ -z "${SKIP_COMPILE:-}" ]; then
 echo "== compile (wall time, peak RSS)"

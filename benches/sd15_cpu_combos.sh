@@ -19,12 +19,7 @@ LORA=models/large/lora_r64.safetensors
 OUT=models/large/bench/combos
 ATTUNE=target/release/attune
 mkdir -p "$OUT"
-measure() { # label, command...: prints "label: wall s, peak RSS MiB"
-  local label=$1; shift
-  /usr/bin/time -f "%e %M" -o "$OUT/time.txt" "$@" > "$OUT/$label.log" 2>&1
-  read -r wall kb < <(tail -1 "$OUT/time.txt")
-  printf '%-56s %6.1f s %6d MiB\n' "$label" "$wall" "$((kb / 1024))"
-}
+. benches/measure.sh
 echo "== compile (--weights link: unchanged weights are hard-linked)"
 measure "flash+tome0.5" $ATTUNE compile "$MODEL" -o "$OUT/flash_tome/unet.onnx" --weights link \
   --attention flash --tome 0.5
