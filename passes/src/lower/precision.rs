@@ -8,8 +8,8 @@
 //!   `position·freq` of 64 is already off by 0.03 in fp16).
 //!
 //! Softmax stays low: ORT's fp16 CUDA softmax accumulates in fp32 inside the kernel.
-//! An `If` whose branches only pass a value through (torch's `if x.shape[0] == 1: squeeze`)
-//! takes that value's new type; a control-flow body that computes on floats is refused.
+//! An `If` whose branches only pass a value through (torch's trace of `x.squeeze(1)`) takes
+//! that value's new type; a control-flow body that computes on floats is refused.
 //! Shape arithmetic (everything computed from `Shape`, not from the inputs' values) keeps its
 //! types. Graph inputs and outputs take the new precision unless `keep_io_types`.
 use std::collections::{HashMap, HashSet};
@@ -184,7 +184,7 @@ fn plan(g: &Graph, types: &ElemTypes, order: &[NodeId], low: i32) -> Plan {
     for &n in order {
         let node = g.node(n);
         if has_subgraph(node) {
-            continue; // typed by what its branches pass through (`passthrough_types`)
+            continue; // typed by what its branches pass through (`passthrough_sources`)
         }
         let reads_data = node.inputs.iter().flatten().any(|v| data.contains(v));
         let floaty = node
@@ -262,10 +262,10 @@ const PASSTHROUGH: &[&str] = &[
     "Expand",
 ];
 
-/// For each output of an `If`, the outer value both branches pass through unchanged (None
-/// for a non-float output); an error naming the node when a branch computes on floats, or
+/// For each float output of an `If`, the outer values its branches pass through unchanged
+/// (empty for another output); an error naming the node when a branch computes on floats, or
 /// for another control-flow op with float outputs.
-fn passthrough_sources(g: &Graph, types: &ElemTypes, n: NodeId) -> Result<Vec<Option<ValueId>>> {
+fn passthrough_sources(g: &Graph, types: &ElemTypes, n: NodeId) -> Result<Vec<Vec<ValueId>>> {
     let node = g.node(n);
     let refuse = |why: String| {
         Error::Graph(format!(
@@ -293,11 +293,11 @@ fn passthrough_sources(g: &Graph, types: &ElemTypes, n: NodeId) -> Result<Vec<Op
         if declared_float {
             return Err(refuse(format!("its {} body returns floats", node.op())));
         }
-        return Ok(vec![None; outputs]);
+        return Ok(vec![Vec::new(); outputs]);
     }
-    let mut sources = vec![None; outputs];
+    let mut sources = vec![Vec::new(); outputs];
     for (i, source) in sources.iter_mut().enumerate() {
-        let mut found = None;
+        let mut found = Vec::new();
         for branch in node.proto.attribute.iter().flat_map(|a| a.subgraphs()) {
             let producer: HashMap<&str, &attune_compiler::onnx::NodeProto> = branch
                 .node
@@ -314,14 +314,11 @@ fn passthrough_sources(g: &Graph, types: &ElemTypes, n: NodeId) -> Result<Vec<Op
             let outer = g
                 .value_id(name)
                 .ok_or_else(|| refuse(format!("a branch returns '{name}', not an outer value")))?;
-            if found.is_some_and(|f| f != outer) {
-                // Different values: fine when they end up with one type (checked by the caller
-                // through both); keep the first.
-                continue;
-            }
-            found = Some(outer);
+            found.push(outer);
         }
-        *source = found.filter(|v| is_float(types.get(*v)));
+        if found.iter().all(|v| is_float(types.get(*v))) {
+            *source = found;
+        }
     }
     Ok(sources)
 }
@@ -423,12 +420,23 @@ impl Pass for PrecisionPass {
             if !has_subgraph(g.node(n)) {
                 continue;
             }
-            for (i, source) in passthrough_sources(g, &types, n)?.into_iter().enumerate() {
-                let (Some(source), Some(Some(out))) = (source, g.node(n).outputs.get(i)) else {
+            for (i, sources) in passthrough_sources(g, &types, n)?.into_iter().enumerate() {
+                let Some(Some(out)) = g.node(n).outputs.get(i) else {
                     continue;
                 };
-                let Some(t) = new_type.get(&source).copied().or(types.get(source)) else {
-                    continue;
+                let of = |v: &ValueId| new_type.get(v).copied().or(types.get(*v));
+                let mut kinds: Vec<i32> = sources.iter().filter_map(of).collect();
+                kinds.sort_unstable();
+                kinds.dedup();
+                let t = match kinds[..] {
+                    [t] => t,
+                    [] => continue,
+                    _ => {
+                        return Err(Error::Graph(format!(
+                            "{}: its branches return values that convert to different types",
+                            g.node(n).describe()
+                        )));
+                    }
                 };
                 if Some(t) != types.get(*out) {
                     new_type.insert(*out, t);
