@@ -44,6 +44,7 @@ fn attention_pass(m: &mut Model, mode: Mode, target: Target, layers: Option<&str
         target,
         layers: layers.map(Globs::parse),
         keep_unfused: None,
+        keep_joint_unfused: false,
     });
     pm.run(m, &mut PassCx { verify: true }).unwrap().remove(0)
 }

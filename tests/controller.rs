@@ -885,3 +885,49 @@ fn hooked_pixart_matches(fused: bool) {
         assert!(c.rel_l2 <= 1e-5, "{name}: {c:?}");
     }
 }
+
+#[test]
+fn joint_attention_capture_matches_the_pytorch_maps() {
+    // MM-DiT: one softmax over both streams. Capture takes the image queries' probabilities
+    // over the text keys (SD3 joins image first, Flux text first), fused elsewhere or not;
+    // P2P and MasaCtrl say why they leave the site alone.
+    for (name, sites) in [("sd3_legacy", 2), ("flux_dynamo", 1)] {
+        let want = safetensors_io::read(&ctl(&format!("joint/{name}.safetensors"))).unwrap();
+        assert_eq!(want.len(), sites);
+        for flash in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut flags = vec!["--hooks", "capture"];
+            if flash {
+                flags.extend(["--attention", "flash"]);
+            }
+            let (hooked, report) = compile_into(dir.path(), &fixture(name), &flags);
+            assert!(
+                report.contains(&format!("hooks: {sites} rewritten")),
+                "{report}"
+            );
+            let outs = run_outputs(
+                &hooked,
+                &root().join("models").join(name).join("inputs"),
+                &[],
+            );
+            for (map, t) in &want {
+                let c = compare(map, t, output(&outs, map)).unwrap();
+                assert!(c.rel_l2 <= 1e-5, "{name} flash {flash} {map}: {c:?}");
+            }
+            let reference = npy::read(&root().join("models").join(name).join("ref/out_sample.npy"));
+            let c = compare(
+                "out_sample",
+                &reference.unwrap(),
+                output(&outs, "out_sample"),
+            )
+            .unwrap();
+            assert!(c.rel_l2 <= 1e-5, "{name} flash {flash}: {c:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (_, report) = compile_into(dir.path(), &fixture(name), &["--hooks", "p2p,masactrl"]);
+        assert!(
+            report.contains("p2p and masactrl control UNet-style self- and cross-attention"),
+            "{report}"
+        );
+    }
+}

@@ -9,11 +9,14 @@ graph takes as inputs (saved next to each reference, named like the graph inputs
 Writes models/controller/: inputs/*.npy (2 prompts: batch [uncond, uncond, cond0, cond1]),
 <case>.safetensors (hook inputs), <case>.npy (UNet output), capture.safetensors (head-averaged
 cross-attention maps), and sample/ (a 4-step DDIM run with a P2P controller: its TOML, text
-embeddings, initial latents and the final latents); and models/controller/pixart/ the same
-cases (no sampling run) for the pixart_legacy diffusion transformer.
+embeddings, initial latents and the final latents); models/controller/pixart/ the same
+cases (no sampling run) for the pixart_legacy diffusion transformer; and
+models/controller/joint/<fixture>.safetensors, the image-to-text maps of the joint attentions
+of sd3_legacy and flux_dynamo (head-averaged probabilities of the image queries over the text
+keys), for their own inputs.
 
-    python models/export/controller.py            # both
-    python models/export/controller.py --pixart   # the PixArt cases only
+    python models/export/controller.py            # all
+    python models/export/controller.py --dit      # the PixArt cases and joint maps only
 """
 import json
 from pathlib import Path
@@ -156,6 +159,51 @@ def save_inputs(out, feeds):
         np.save(out / "inputs" / f"{name}.npy", t.numpy())
 
 
+def joint_maps():
+    """The joint attentions' image-to-text maps, from every scaled_dot_product_attention
+    call's probabilities (diffusers' SD3 and Flux processors both go through it)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    import dits
+
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def probabilities(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        assert attn_mask is None and not is_causal and not kw.get("enable_gqa", False)
+        s = scale if scale is not None else query.shape[-1] ** -0.5
+        probs = torch.softmax(query @ key.transpose(-2, -1) * s, dim=-1)
+        calls.append(probs)
+        return probs @ value
+
+    out = OUT / "joint"
+    out.mkdir(parents=True, exist_ok=True)
+    # fixture, model, its joint sites in call order, text tokens first?
+    cases = [("sd3_legacy", SD3Transformer2DModel, dits.SD3, dits.Sd3Wrapper,
+              ["transformer_blocks.0.attn", "transformer_blocks.1.attn"], False),
+             ("flux_dynamo", FluxTransformer2DModel, dits.FLUX, dits.FluxWrapper,
+              ["transformer_blocks.0.attn"], True)]
+    torch.nn.functional.scaled_dot_product_attention = probabilities
+    try:
+        for name, cls, config, wrapper, sites, text_first in cases:
+            folder = ROOT / name / "inputs"
+            feeds = [torch.from_numpy(np.load(folder / f"{n}.npy"))
+                     for n in wrapper.forward.__code__.co_varnames[1:wrapper.forward.__code__.co_argcount]]
+            text = feeds[2].shape[1]
+            calls.clear()
+            with torch.no_grad():
+                y = wrapper(dits.build(cls, config))(*feeds).numpy()
+            ref = np.load(ROOT / name / "ref" / "out_sample.npy")
+            assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-5, "the probabilities must compute the model"
+            maps = {}
+            for site, probs in zip(sites, calls):
+                image_to_text = probs[:, :, text:, :text] if text_first else probs[:, :, :-text, -text:]
+                maps[f"attn.{site}"] = image_to_text.mean(1).contiguous()
+            save_file(maps, out / f"{name}.safetensors")
+            print(f"joint/{name}: {', '.join(f'{k} {tuple(v.shape)}' for k, v in maps.items())}")
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real
+
+
 def pixart():
     """The controls on PixArt-α's blocks (attn1 self-, attn2 cross-attention)."""
     from diffusers import PixArtTransformer2DModel
@@ -194,8 +242,9 @@ def run(unet, feeds):
 
 def main():
     import sys
-    if "--pixart" in sys.argv:
-        return pixart()
+    if "--dit" in sys.argv:
+        pixart()
+        return joint_maps()
     OUT.mkdir(exist_ok=True)
     latent, uncond, cond, feeds = prompts(torch.Generator().manual_seed(11), 32)
     save_inputs(OUT, feeds)
@@ -211,6 +260,7 @@ def main():
     run_cases(OUT, unet, hooks, store, cases, lambda m: run(m, feeds), unets.build_unet(unets.TINY_SD1, 0))
     sample(unet, hooks, store, latent, uncond, cond, cross, selfs, swap)
     pixart()
+    joint_maps()
 
 
 def sample(unet, hooks, store, latent, uncond, cond, cross, selfs, mapper):

@@ -80,19 +80,22 @@ impl Pass for ControllerPass {
                 reason: format!("unrecognised attention: {}", u.reason),
             });
         }
-        // MM-DiT attention mixes image and text tokens in one softmax: neither P2P's
-        // cross-attention maps nor the self-attention controls are defined for it.
-        for site in found.sites.iter().filter(|s| s.kind == Kind::Joint) {
-            if selected(&site.path) {
-                report.skipped.push(Skipped {
-                    site: site.path.clone(),
-                    reason: "joint attention (image and text tokens in one softmax): the hooks \
-                             control UNet-style self- and cross-attention"
-                        .into(),
-                });
+        let wants = |h: Hook| self.hooks.contains(&h);
+        // MM-DiT attention mixes image and text tokens in one softmax: capture takes its
+        // image-to-text maps, but neither P2P's edits nor the self-attention controls are
+        // defined for it.
+        if wants(Hook::P2p) || wants(Hook::MasaCtrl) {
+            for site in found.sites.iter().filter(|s| s.kind == Kind::Joint) {
+                if selected(&site.path) {
+                    report.skipped.push(Skipped {
+                        site: site.path.clone(),
+                        reason: "joint attention (image and text tokens in one softmax): p2p and \
+                                 masactrl control UNet-style self- and cross-attention"
+                            .into(),
+                    });
+                }
             }
         }
-        let wants = |h: Hook| self.hooks.contains(&h);
         // P2P's word inputs are `words` long, so the text the cross sites read must be too.
         let mut text_symbols = BTreeMap::new();
         if wants(Hook::Capture) || wants(Hook::P2p) {
@@ -259,6 +262,55 @@ fn float_type(types: &ElemTypes, values: &[ValueId]) -> DataType {
         .unwrap_or(DataType::Float)
 }
 
+/// `attn.<path>` of a joint attention: its image queries' probabilities over the text keys,
+/// averaged over heads, [batch, image tokens, text tokens] (the probabilities are
+/// [batch, heads, tokens, tokens] over both streams joined, in the export's order).
+fn joint_capture(p: &mut Patch, model: &Model, site: &AttentionSite, dtype: DataType) {
+    let context = site
+        .context
+        .as_ref()
+        .expect("joint sites have a second stream");
+    let after = Some(site.softmax);
+    let mut e = Emitter::new(p, &site.path, after);
+    let tokens = |e: &mut Emitter, x: ValueId, tag: &str| {
+        let shape = e.op("Shape", &format!("{tag}_shape"), vec![In::Value(x)], vec![]);
+        let (one, two) = (e.i64s("joint_one", &[1]), e.i64s("joint_two", &[2]));
+        e.op(
+            "Slice",
+            &format!("{tag}_tokens"),
+            vec![shape, one, two],
+            vec![],
+        )
+    };
+    let (zero, end) = (e.i64s("joint_zero", &[0]), e.i64s("joint_end", &[i64::MAX]));
+    // Rows: the image tokens; columns: the text tokens, wherever each stream sits.
+    let (starts, ends) = if context.first {
+        let text = tokens(&mut e, context.q.output, "text");
+        (vec![text.clone(), zero], vec![end, text])
+    } else {
+        let image = tokens(&mut e, site.q.output, "image");
+        (vec![zero, image.clone()], vec![image, end])
+    };
+    let starts = e.concat("image_to_text_starts", starts, 0);
+    let ends = e.concat("image_to_text_ends", ends, 0);
+    let axes = e.i64s("joint_axes", &[2, 3]);
+    let maps = e.op(
+        "Slice",
+        "image_to_text",
+        vec![In::Value(site.probs), starts, ends, axes],
+        vec![],
+    );
+    let opset = model.opset("").unwrap_or(13);
+    let mean = e.reduce("ReduceMean", "heads_mean", maps, &[1], false, opset);
+    e.p.graph_output(
+        mean,
+        &format!("attn.{}", site.path),
+        dtype,
+        &site.path,
+        after,
+    );
+}
+
 fn probability_hooks(
     p: &mut Patch,
     model: &Model,
@@ -270,6 +322,10 @@ fn probability_hooks(
 ) -> std::result::Result<Vec<&'static str>, String> {
     let g = &model.graph;
     let dtype = float_type(types, &[site.probs, site.q.output]);
+    if site.kind == Kind::Joint && capture {
+        joint_capture(p, model, site, dtype);
+        return Ok(vec!["capture (image queries over text keys)"]);
+    }
     if site.kind != Kind::Cross {
         return Ok(Vec::new()); // self sites are controlled through their projections
     }

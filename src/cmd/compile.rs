@@ -326,6 +326,7 @@ impl CompileOptions {
                     .iter()
                     .any(|h| matches!(h, HookArg::Capture | HookArg::P2p))
                     .then(|| self.hook_layers()),
+                keep_joint_unfused: self.hooks.contains(&HookArg::Capture),
             });
         }
         if !self.hooks.is_empty() {

@@ -52,6 +52,8 @@ pub struct AttentionPass {
     /// Cross-attention sites that must stay unfused (hooks read their probabilities; self
     /// sites are controlled through their projections and fuse).
     pub keep_unfused: Option<Globs>,
+    /// Joint sites among those stay unfused too (capture reads their probabilities).
+    pub keep_joint_unfused: bool,
 }
 
 const MS_DOMAIN: &str = "com.microsoft";
@@ -156,15 +158,20 @@ impl AttentionPass {
         {
             return Err(format!("not selected by --attention-layers {globs}"));
         }
-        if self
+        let hooked = self
             .keep_unfused
             .as_ref()
             .is_some_and(|g| g.matches(&site.path))
-            && site.kind == Kind::Cross
-            && matches!(self.mode, Mode::Flash | Mode::Onnx)
-        {
+            && matches!(self.mode, Mode::Flash | Mode::Onnx);
+        if hooked && site.kind == Kind::Cross {
             return Err(
                 "hooked by --hooks (capture/p2p read the cross-attention probabilities): kept unfused"
+                    .into(),
+            );
+        }
+        if hooked && site.kind == Kind::Joint && self.keep_joint_unfused {
+            return Err(
+                "hooked by --hooks capture (it reads the joint attention's probabilities): kept unfused"
                     .into(),
             );
         }

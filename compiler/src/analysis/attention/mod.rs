@@ -69,6 +69,8 @@ pub struct ContextProjections {
     pub q: Projection,
     pub k: Projection,
     pub v: Projection,
+    /// The joined tokens start with this stream's (Flux: text first; SD3: image first).
+    pub first: bool,
 }
 
 /// One attention site.
@@ -292,6 +294,7 @@ fn site(
             q: proj("the second stream's Q", value("cq_proj")?)?,
             k: proj("the second stream's K", value("ck_proj")?)?,
             v: proj("the second stream's V", value("cv_proj")?)?,
+            first: m.value(operands::CONTEXT_FIRST).is_some(),
         })
     } else {
         None

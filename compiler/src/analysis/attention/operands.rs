@@ -6,6 +6,10 @@ use super::{Operand, projection};
 use crate::ir::{Graph, NodeId, ValueId};
 use crate::pattern::{Match, alt, any, anything, match_value, op};
 
+/// Bound (to the second stream's Q projection) when the joined tokens start with the second
+/// stream's (Flux: text, then image).
+pub(super) const CONTEXT_FIRST: &str = "context_first";
+
 /// The most values one operand's trace back to its head splits looks at (a rotary
 /// embedding's cos/sin computation included).
 const TRACE_BUDGET: usize = 256;
@@ -60,6 +64,9 @@ pub(super) fn bind_traced(g: &Graph, m: &mut Match) {
         };
         if found.len() == 2 && second_stream(&found[0]) && !second_stream(&found[1]) {
             found.swap(0, 1);
+            if let (0, Some(p)) = (i, found[1].value("p")) {
+                m.values.insert(CONTEXT_FIRST, p); // bound at all: the text tokens come first
+            }
         }
         if !(1..=2).contains(&found.len()) {
             continue;
