@@ -300,15 +300,21 @@ fn joint_capture(p: &mut Patch, model: &Model, site: &AttentionSite, dtype: Data
         vec![In::Value(site.probs), starts, ends, axes],
         vec![],
     );
+    capture_output(&mut e, model, site, maps, dtype);
+}
+
+/// `attn.<path>`: the probabilities [batch, heads, q, k] averaged over heads.
+fn capture_output(
+    e: &mut Emitter,
+    model: &Model,
+    site: &AttentionSite,
+    probs: In,
+    dtype: DataType,
+) {
     let opset = model.opset("").unwrap_or(13);
-    let mean = e.reduce("ReduceMean", "heads_mean", maps, &[1], false, opset);
-    e.p.graph_output(
-        mean,
-        &format!("attn.{}", site.path),
-        dtype,
-        &site.path,
-        after,
-    );
+    let mean = e.reduce("ReduceMean", "heads_mean", probs, &[1], false, opset);
+    let name = format!("attn.{}", site.path);
+    e.p.graph_output(mean, &name, dtype, &site.path, Some(site.softmax));
 }
 
 fn probability_hooks(
@@ -346,22 +352,7 @@ fn probability_hooks(
     };
     let mut what = Vec::new();
     if capture {
-        let opset = model.opset("").unwrap_or(13);
-        let mean = e.reduce(
-            "ReduceMean",
-            "heads_mean",
-            probs4.clone(),
-            &[1],
-            false,
-            opset,
-        );
-        e.p.graph_output(
-            mean,
-            &format!("attn.{}", site.path),
-            dtype,
-            &site.path,
-            after,
-        );
+        capture_output(&mut e, model, site, probs4.clone(), dtype);
         what.push("capture");
     }
     if !p2p {
