@@ -90,10 +90,15 @@ fn every_control_matches_the_pytorch_processors_and_defaults_change_nothing() {
         output(&original, "out_sample")
     );
     // Captured maps: head-averaged cross-attention probabilities of every layer.
-    let want = safetensors_io::read(&ctl("capture.safetensors")).unwrap();
-    assert_eq!(want.len(), 7);
+    assert_captured(&defaults, &ctl("capture.safetensors"), 7);
+}
+
+/// Every map of the reference file `want` (`count` of them) is among `outs`, within 1e-5.
+fn assert_captured(outs: &[(String, HostTensor)], want: &Path, count: usize) {
+    let want = safetensors_io::read(want).unwrap();
+    assert_eq!(want.len(), count);
     for (name, t) in &want {
-        let c = compare(name, t, output(&defaults, name)).unwrap();
+        let c = compare(name, t, output(outs, name)).unwrap();
         assert!(c.rel_l2 <= 1e-5, "{name}: {c:?}");
     }
 }
@@ -878,12 +883,7 @@ fn hooked_pixart_matches(fused: bool) {
     );
     let c = compare("out_sample", want, got).unwrap();
     assert!(c.rel_l2 <= if fused { 1e-6 } else { 0.0 }, "{c:?}");
-    let want = safetensors_io::read(&pixart("capture.safetensors")).unwrap();
-    assert_eq!(want.len(), 2);
-    for (name, t) in &want {
-        let c = compare(name, t, output(&defaults, name)).unwrap();
-        assert!(c.rel_l2 <= 1e-5, "{name}: {c:?}");
-    }
+    assert_captured(&defaults, &pixart("capture.safetensors"), 2);
 }
 
 #[test]
@@ -892,8 +892,7 @@ fn joint_attention_capture_matches_the_pytorch_maps() {
     // over the text keys (SD3 joins image first, Flux text first), fused elsewhere or not;
     // P2P and MasaCtrl say why they leave the site alone.
     for (name, sites) in [("sd3_legacy", 2), ("flux_dynamo", 1)] {
-        let want = safetensors_io::read(&ctl(&format!("joint/{name}.safetensors"))).unwrap();
-        assert_eq!(want.len(), sites);
+        let want = ctl(&format!("joint/{name}.safetensors"));
         for flash in [false, true] {
             let dir = tempfile::tempdir().unwrap();
             let mut flags = vec!["--hooks", "capture"];
@@ -910,10 +909,7 @@ fn joint_attention_capture_matches_the_pytorch_maps() {
                 &root().join("models").join(name).join("inputs"),
                 &[],
             );
-            for (map, t) in &want {
-                let c = compare(map, t, output(&outs, map)).unwrap();
-                assert!(c.rel_l2 <= 1e-5, "{name} flash {flash} {map}: {c:?}");
-            }
+            assert_captured(&outs, &want, sites);
             let reference = npy::read(&root().join("models").join(name).join("ref/out_sample.npy"));
             let c = compare(
                 "out_sample",
