@@ -783,44 +783,357 @@ fn two_steps(unet: &Path, out: &Path, extra: &[&str]) -> HostTensor {
     npy::read(&out.join("latents.npy")).unwrap()
 }
 
+/// `attune sample` of `unet` with a models/sample case's prompts and latents (and pooled
+/// text where the case has it), 4 steps at the guidance models/export/sampling.py ran it with.
+fn sample_case(unet: &Path, case: &str, out: &Path, extra: &[&str]) -> std::process::Output {
+    let dir = root().join("models/sample").join(case);
+    let file = |f: &str| dir.join(f).display().to_string();
+    let mut args: Vec<String> = vec!["sample".into(), "--unet".into(), unet.display().to_string()];
+    for (flag, f) in [
+        ("--cond", "cond.npy"),
+        ("--uncond", "uncond.npy"),
+        ("--latents", "latents.npy"),
+    ] {
+        args.extend([flag.to_string(), file(f)]);
+    }
+    for (flag, f) in [
+        ("--pooled-cond", "pooled_cond.npy"),
+        ("--pooled-uncond", "pooled_uncond.npy"),
+    ] {
+        if dir.join(f).exists() {
+            args.extend([flag.to_string(), file(f)]);
+        }
+    }
+    let guidance = if case == "flux" { "1" } else { "5" };
+    args.extend(["--steps", "4", "--guidance", guidance, "--out"].map(String::from));
+    args.push(out.display().to_string());
+    args.extend(extra.iter().map(|a| a.to_string()));
+    attune(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 #[test]
-fn the_sampler_refuses_models_it_cannot_condition() {
-    // SD3 takes a pooled text embedding and Flux packed tokens with ids: DDIM on
-    // sample/timestep/encoder_hidden_states cannot drive them, which is said up front.
+fn schedulers_from_diffusers_configs_sample_like_diffusers() {
+    // diffusers' scheduler objects built from the same scheduler_config.json files, stepping
+    // the torch models (models/export/sampling.py): DDIM with v-prediction, trailing spacing
+    // and zero terminal SNR (SD2); PixArt-α's DPMSolver config read as DDIM (linear betas,
+    // linspace spacing, DDIM's clip_sample default) with its predicted variance dropped; SD3's
+    // flow-matching Euler with shift 3 and pooled text (and shifted by its patch tokens, read
+    // off its patch-embedding convolution); Flux-dev's token-count shift as
+    // FluxPipeline drives it (packed latents), without guidance (its default) and with true CFG.
     let dir = tempfile::tempdir().unwrap();
-    let text = dir.path().join("text.npy");
-    npy::write(
-        &text,
-        &HostTensor::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(&[1, 7, 16]))),
+    for (case, model) in [
+        ("sd2_vpred", "sd2_legacy"),
+        ("pixart", "pixart_legacy"),
+        ("sd3", "sd3_legacy"),
+        ("sd3_dynamic", "sd3_legacy"),
+        ("flux", "flux_dynamo"),
+        ("flux_cfg", "flux_dynamo"),
+    ] {
+        let config = root()
+            .join("models/sample")
+            .join(case)
+            .join("scheduler_config.json");
+        let want = npy::read(
+            &root()
+                .join("models/sample")
+                .join(case)
+                .join("final_latents.npy"),
+        )
+        .unwrap();
+        let out = dir.path().join(case);
+        let o = sample_case(
+            &fixture(model),
+            case,
+            &out,
+            &["--scheduler-config", config.to_str().unwrap()],
+        );
+        assert!(o.status.success(), "{case}: {}", stderr(&o));
+        let c = compare(
+            "latents",
+            &want,
+            &npy::read(&out.join("latents.npy")).unwrap(),
+        )
+        .unwrap();
+        assert!(c.rel_l2 <= 2e-5, "{case}: {c:?}");
+        // Stable Diffusion's built-in DDIM schedule lands elsewhere: the config matters.
+        let default = dir.path().join(format!("{case}-default"));
+        let o = sample_case(&fixture(model), case, &default, &[]);
+        assert!(o.status.success(), "{case}: {}", stderr(&o));
+        let c = compare(
+            "latents",
+            &want,
+            &npy::read(&default.join("latents.npy")).unwrap(),
+        )
+        .unwrap();
+        assert!(c.rel_l2 > 0.05, "{case} without its config: {c:?}");
+    }
+    // Capture on Flux's joint site while sampling without guidance: the maps are the prompts'
+    // own rows, and the latents stay the reference's.
+    let (hooked, _) = compile_into(dir.path(), &fixture("flux_dynamo"), &["--hooks", "capture"]);
+    let config = root().join("models/sample/flux/scheduler_config.json");
+    let out = dir.path().join("captured");
+    let args = [
+        "--scheduler-config",
+        config.to_str().unwrap(),
+        "--save-maps",
+        "0,3",
+    ];
+    let o = sample_case(&hooked, "flux", &out, &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = npy::read(&root().join("models/sample/flux/final_latents.npy")).unwrap();
+    let c = compare(
+        "latents",
+        &want,
+        &npy::read(&out.join("latents.npy")).unwrap(),
     )
     .unwrap();
-    let text = text.to_str().unwrap();
-    for (name, expected) in [
+    assert!(c.rel_l2 <= 2e-5, "{c:?}");
+    assert_eq!(fs::read_dir(out.join("maps")).unwrap().count(), 4);
+}
+
+#[test]
+fn stable_diffusions_pndm_config_samples_as_the_built_in_schedule() {
+    // SD1.5's pipeline folder ships a PNDMScheduler config; DDIM reads its betas, offset and
+    // final alpha, which are the built-in schedule's, and names the keys it does not use.
+    let dir = tempfile::tempdir().unwrap();
+    let config = root().join("models/sample/sd15_pndm/scheduler_config.json");
+    let built_in = two_steps(&fixture("sd15_legacy"), &dir.path().join("a"), &[]);
+    let args = ["--scheduler-config", config.to_str().unwrap()];
+    let from_config = two_steps(&fixture("sd15_legacy"), &dir.path().join("b"), &args);
+    assert_eq!(built_in, from_config);
+    let s = ctl("sample").display().to_string();
+    let o = attune(&[
+        "sample",
+        "--unet",
+        fixture("sd15_legacy").to_str().unwrap(),
+        "--steps",
+        "1",
+        "--cond",
+        &format!("{s}/cond.npy"),
+        "--uncond",
+        &format!("{s}/uncond.npy"),
+        "--latents",
+        &format!("{s}/latents.npy"),
+        "--out",
+        dir.path().join("c").to_str().unwrap(),
+        "--scheduler-config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not used by attune's scheduler: skip_prk_steps"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn bad_scheduler_configs_and_conditioning_are_errors_naming_the_key_or_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let flow = r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}"#;
+    let cases: Vec<(String, Vec<String>, &str)> = vec![
         (
-            "sd3_legacy",
-            "input 'pooled_projections' is not one `attune sample` feeds",
+            write("a.json", r#"{"beta_schedule": "exponential"}"#),
+            vec![],
+            "key 'beta_schedule' = \"exponential\": attune's schedulers take linear, scaled_linear, squaredcos_cap_v2",
         ),
-        ("flux_dynamo", "has no 'sample' input"),
-    ] {
-        let unet = fixture(name);
-        let out = dir.path().join(name);
-        let o = attune(&[
+        (
+            write("b.json", r#"{"thresholding": true}"#),
+            vec![],
+            "key 'thresholding' = true: dynamic thresholding is not implemented",
+        ),
+        (
+            write("c.json", r#"{"trained_betas": [0.1, 0.2]}"#),
+            vec![],
+            "key 'trained_betas'",
+        ),
+        (
+            write("d.json", r#"{"beta_start": 0.5, "beta_end": 0.1}"#),
+            vec![],
+            "must satisfy 0 < start <= end < 1",
+        ),
+        (
+            write("e.json", "{beta_start: 1"),
+            vec![],
+            "not a JSON scheduler config",
+        ),
+        (
+            write(
+                "f.json",
+                r#"{"rescale_betas_zero_snr": true, "timestep_spacing": "trailing", "clip_sample": false}"#,
+            ),
+            vec![],
+            "such schedules need prediction_type v_prediction",
+        ),
+        (
+            write("g.json", flow),
+            vec!["--scheduler".into(), "ddim".into()],
+            "is a flow-matching schedule",
+        ),
+        (
+            write("h.json", r#"{"_class_name": "DDIMScheduler"}"#),
+            vec!["--scheduler".into(), "flow-euler".into()],
+            "is not a flow-matching schedule",
+        ),
+        (
+            write(
+                "i.json",
+                r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": true}"#,
+            ),
+            vec![],
+            "use_dynamic_shifting shifts by the image's token count, which this model's input does not tell",
+        ),
+        (
+            write(
+                "k.json",
+                r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": true, "time_shift_type": "cubic"}"#,
+            ),
+            vec![],
+            "key 'time_shift_type' = \"cubic\"",
+        ),
+        (
+            write(
+                "j.json",
+                r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": -1}"#,
+            ),
+            vec![],
+            "key 'shift' = -1",
+        ),
+    ];
+    let s = ctl("sample").display().to_string();
+    let unet = fixture("sd15_legacy").display().to_string();
+    let out = dir.path().join("out");
+    for (config, extra, expected) in &cases {
+        let mut args = vec![
             "sample",
             "--unet",
-            unet.to_str().unwrap(),
+            &unet,
             "--steps",
             "2",
             "--cond",
-            text,
+            &format!("{s}/cond.npy"),
             "--uncond",
-            text,
+            &format!("{s}/uncond.npy"),
             "--out",
             out.to_str().unwrap(),
-        ]);
-        assert_eq!(o.status.code(), Some(2), "{name}");
-        assert!(stderr(&o).contains(expected), "{name}: {}", stderr(&o));
-        assert!(!out.exists(), "{name}");
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        args.extend(["--scheduler-config".to_string(), config.clone()]);
+        args.extend(extra.iter().cloned());
+        let o = attune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_clean_error(&o, &[expected]);
+        assert!(
+            stderr(&o).contains(config.as_str()),
+            "the error names the file: {}",
+            stderr(&o)
+        );
+        assert!(!out.exists());
     }
+    // Conditioning: SD3 needs its pooled text; other models have none; shapes must fit;
+    // an integer timestep cannot take flow matching's fractional ones.
+    let sd3 = root().join("models/sample/sd3").display().to_string();
+    let pooled = [
+        format!("--pooled-cond={sd3}/pooled_cond.npy"),
+        format!("--pooled-uncond={sd3}/pooled_uncond.npy"),
+    ];
+    let rank3 = [
+        format!("--pooled-cond={sd3}/uncond.npy"),
+        format!("--pooled-uncond={sd3}/pooled_uncond.npy"),
+    ];
+    let one_row = [
+        format!("--pooled-cond={sd3}/pooled_uncond.npy"),
+        format!("--pooled-uncond={sd3}/pooled_uncond.npy"),
+    ];
+    let flow_config = format!("--scheduler-config={}", write("flow.json", flow));
+    let conditioning: Vec<(&str, &str, Vec<String>, &str)> = vec![
+        (
+            "sd3_legacy",
+            "sd3",
+            vec![],
+            "takes pooled text embeddings ('pooled_projections', SD3's): give --pooled-cond and --pooled-uncond",
+        ),
+        (
+            "sd3_legacy",
+            "sd3",
+            vec![pooled[0].clone()],
+            "--pooled-cond and --pooled-uncond go together",
+        ),
+        (
+            "sd3_legacy",
+            "sd3",
+            rank3.to_vec(),
+            "uncond.npy: expected a 2-D f32 array, got f32 [1, 8, 16]",
+        ),
+        (
+            "sd3_legacy",
+            "sd3",
+            one_row.to_vec(),
+            "do not fit 2 prompts (expected [2, dim] and [1 or 2, dim])",
+        ),
+        (
+            "sd15_legacy",
+            "",
+            pooled.to_vec(),
+            "has no 'pooled_projections' input",
+        ),
+        ("flux_dynamo", "sd3", vec![], "takes pooled text embeddings"),
+        (
+            "sd15_legacy",
+            "",
+            vec![
+                "--guidance=1".into(),
+                format!("--controller={}", ctl("sample/controller.toml").display()),
+            ],
+            "act on the classifier-free-guidance batch's halves",
+        ),
+        (
+            "sd15_olive_legacy",
+            "",
+            vec![flow_config],
+            "declares it i64, and flow-matching Euler feeds fractional timesteps",
+        ),
+    ];
+    for (model, case, extra, expected) in conditioning {
+        let prompts = if case.is_empty() {
+            s.clone()
+        } else {
+            sd3.clone()
+        };
+        let mut args = vec![
+            "sample".to_string(),
+            format!("--unet={}", fixture(model).display()),
+            "--steps=2".into(),
+            format!("--cond={prompts}/cond.npy"),
+            format!("--uncond={prompts}/uncond.npy"),
+            format!("--out={}", out.display()),
+            "--height=16".into(),
+            "--width=16".into(),
+        ];
+        args.extend(extra);
+        let o = attune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_clean_error(&o, &[expected]);
+        assert!(!out.exists(), "{model}");
+    }
+    // Guidance needs the unconditional embeddings; without guidance they are not read.
+    let o = attune(&[
+        "sample",
+        "--unet",
+        fixture("sd15_legacy").to_str().unwrap(),
+        "--steps=2",
+        &format!("--cond={s}/cond.npy"),
+        "--guidance=3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_clean_error(&o, &["--guidance 3 needs --uncond"]);
+    assert!(!out.exists());
 }
 
 #[test]

@@ -15,6 +15,7 @@ pub mod profile;
 pub mod provision;
 pub mod safetensors_io;
 pub mod sample;
+pub mod scheduler;
 pub mod tensor;
 pub mod tract_backend;
 

@@ -9,7 +9,8 @@ use attune_compiler::ir::{Use, ValueId};
 use attune_compiler::onnx::DataType;
 use attune_runtime::controller::Controller;
 use attune_runtime::ort_backend::OrtOptions;
-use attune_runtime::sample::{self, Ddim, Maps, SampleRun, TimestepForm};
+use attune_runtime::sample::{self, Layout, Maps, SampleRun, TimestepForm};
+use attune_runtime::scheduler::{self, DdimConfig, FlowConfig, Kind, Schedule, Scheduler, Spread};
 use attune_runtime::{Backend, HostTensor, inputs, npy};
 use ndarray::{ArrayD, IxDyn};
 
@@ -23,15 +24,26 @@ pub struct Args {
     /// Denoising steps
     #[arg(long, default_value_t = 50)]
     steps: usize,
-    /// The scheduler (DDIM, diffusers' formulae)
-    #[arg(long, value_enum, default_value_t = SchedulerArg::Ddim)]
-    scheduler: SchedulerArg,
+    /// The scheduler, as diffusers computes it [default: the one --scheduler-config names,
+    /// else ddim]
+    #[arg(long, value_enum)]
+    scheduler: Option<SchedulerArg>,
+    /// A diffusers scheduler_config.json (a pipeline folder's scheduler/): its betas, spacing,
+    /// prediction type or flow shift [default: Stable Diffusion's DDIM schedule]
+    #[arg(long, value_name = "JSON")]
+    scheduler_config: Option<PathBuf>,
     /// Text embeddings of the prompts, [P, tokens, dim] .npy (prompt 0 is the source)
     #[arg(long)]
     cond: PathBuf,
-    /// Unconditional embeddings, [1 or P, tokens, dim] .npy
+    /// Unconditional embeddings, [1 or P, tokens, dim] .npy (needed with guidance > 1)
     #[arg(long)]
-    uncond: PathBuf,
+    uncond: Option<PathBuf>,
+    /// Pooled text embeddings of the prompts, [P, dim] .npy (SD3's pooled_projections)
+    #[arg(long)]
+    pooled_cond: Option<PathBuf>,
+    /// Unconditional pooled embeddings, [1 or P, dim] .npy
+    #[arg(long)]
+    pooled_uncond: Option<PathBuf>,
     /// Initial latents [1 or P, 4, h, w] .npy (else seeded noise of --height x --width)
     #[arg(long)]
     latents: Option<PathBuf>,
@@ -43,9 +55,10 @@ pub struct Args {
     width: Option<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Classifier-free guidance scale
-    #[arg(long, default_value_t = 7.5)]
-    guidance: f32,
+    /// Classifier-free guidance scale; 1 or less runs the prompts alone [default: 7.5; 1 for
+    /// Flux, which is guidance-distilled]
+    #[arg(long)]
+    guidance: Option<f32>,
     /// Attention control (TOML: [p2p], [local_blend], [masactrl]; see README)
     #[arg(long)]
     controller: Option<PathBuf>,
@@ -65,7 +78,10 @@ pub struct Args {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum SchedulerArg {
+    /// DDIM, eta 0 (noise, v or sample prediction)
     Ddim,
+    /// Flow matching's Euler steps (SD3)
+    FlowEuler,
 }
 
 fn read_f32(path: &Path, what: &str, rank: usize) -> anyhow::Result<ArrayD<f32>> {
@@ -90,31 +106,68 @@ fn read_f32(path: &Path, what: &str, rank: usize) -> anyhow::Result<ArrayD<f32>>
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
-    let SchedulerArg::Ddim = args.scheduler;
-    if !args.guidance.is_finite() {
-        bail!("--guidance {}: must be a finite number", args.guidance);
-    }
     let model = super::load(&args.unet)?;
     let specs = inputs::input_specs(&model);
-    for name in ["sample", "timestep", "encoder_hidden_states"] {
-        if !specs.iter().any(|s| s.name == name) {
+    let has = |name: &str| specs.iter().any(|s| s.name == name);
+    let layout = if has("hidden_states") && has("img_ids") && has("txt_ids") {
+        Layout::Packed
+    } else {
+        Layout::Image
+    };
+    let latents_input = match layout {
+        Layout::Image => "sample",
+        Layout::Packed => "hidden_states",
+    };
+    for name in [latents_input, "timestep", "encoder_hidden_states"] {
+        if !has(name) {
             bail!(
-                "{} has no '{name}' input; `attune sample` runs UNets exported with sample/timestep/encoder_hidden_states",
+                "{} has no '{name}' input; `attune sample` runs models exported with sample/timestep/encoder_hidden_states (UNets, PixArt, SD3) or Flux's hidden_states/img_ids/txt_ids",
                 args.unet.display()
             );
         }
     }
-    // Inputs it cannot know (SDXL's added embeddings, SD3's pooled text, Flux's token ids):
-    // ONNX Runtime would fail deep in the graph.
-    let fed = ["sample", "timestep", "encoder_hidden_states"];
+    let guidance = args.guidance.unwrap_or(match layout {
+        Layout::Packed => 1.0,
+        Layout::Image => 7.5,
+    });
+    if !guidance.is_finite() {
+        bail!("--guidance {guidance}: must be a finite number");
+    }
+    let cfg = guidance > 1.0;
+    let has_pooled = specs.iter().any(|s| s.name == "pooled_projections");
+    let pooled_files = match (&args.pooled_cond, &args.pooled_uncond) {
+        (Some(_), None) | (None, Some(_)) => {
+            bail!("--pooled-cond and --pooled-uncond go together")
+        }
+        (Some(c), Some(u)) if has_pooled => Some((c, u)),
+        (None, None) if !has_pooled => None,
+        (Some(_), Some(_)) => bail!(
+            "--pooled-cond/--pooled-uncond: {} has no 'pooled_projections' input",
+            args.unet.display()
+        ),
+        _ => bail!(
+            "{} takes pooled text embeddings ('pooled_projections', SD3's): give --pooled-cond and --pooled-uncond",
+            args.unet.display()
+        ),
+    };
+    // Inputs it cannot know (SDXL's added embeddings, Flux's token ids): ONNX Runtime would
+    // fail deep in the graph.
+    let fed = [
+        latents_input,
+        "timestep",
+        "encoder_hidden_states",
+        "pooled_projections",
+        "img_ids",
+        "txt_ids",
+    ];
     if let Some(s) = specs
         .iter()
         .find(|s| !s.optional && !fed.contains(&s.name.as_str()))
     {
         bail!(
-            "{}: input '{}' is not one `attune sample` feeds (it drives UNets taking \
-             sample/timestep/encoder_hidden_states with DDIM; added conditioning and \
-             flow-matching transformers are not supported)",
+            "{}: input '{}' is not one `attune sample` feeds (it feeds sample, timestep, \
+             encoder_hidden_states, SD3's pooled_projections and Flux's hidden_states, img_ids \
+             and txt_ids; added conditioning and Flux-dev's guidance embedding are not supported)",
             args.unet.display(),
             s.name
         );
@@ -169,9 +222,33 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     drop(order);
 
     // Checked first: the controller's schedules are sized by the step count.
-    let ddim = Ddim::new(args.steps)?;
+    let kind = args.scheduler.map(|s| match s {
+        SchedulerArg::Ddim => Kind::Ddim,
+        SchedulerArg::FlowEuler => Kind::FlowEuler,
+    });
+    let schedule = match &args.scheduler_config {
+        Some(path) => {
+            let (schedule, ignored) = scheduler::read(path, kind)?;
+            if !ignored.is_empty() {
+                eprintln!(
+                    "note: --scheduler-config {}: not used by attune's scheduler: {}",
+                    path.display(),
+                    ignored.join(", ")
+                );
+            }
+            schedule
+        }
+        None if kind == Some(Kind::FlowEuler) => Schedule::Flow(FlowConfig::default()),
+        None => Schedule::Ddim(DdimConfig::stable_diffusion()),
+    };
     let cond = read_f32(&args.cond, "cond", 3)?;
-    let uncond = read_f32(&args.uncond, "uncond", 3)?;
+    let uncond = match &args.uncond {
+        Some(p) => read_f32(p, "uncond", 3)?,
+        None if cfg => bail!(
+            "--guidance {guidance} needs --uncond (the unconditional embeddings of classifier-free guidance); --guidance 1 runs the prompts alone"
+        ),
+        None => cond.clone(),
+    };
     if cond.is_empty() {
         bail!(
             "--cond {}: shape {:?} is empty (expected [prompts >= 1, tokens >= 1, dim >= 1])",
@@ -185,7 +262,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     {
         bail!(
             "--uncond {} {:?} does not fit --cond {} {:?} (expected [1 or {prompts}, {words}, {}])",
-            args.uncond.display(),
+            args.uncond.as_deref().unwrap_or(Path::new("")).display(),
             uncond.shape(),
             args.cond.display(),
             cond.shape(),
@@ -198,7 +275,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             // Seeded noise [prompts, channels, height, width] in latent pixels, whatever the
             // export calls its sizes (`batch_size`, dynamo's `8*height`); a model with fixed
             // sizes gives its own unless --height/--width say otherwise.
-            let sample = g.value_id("sample").expect("checked");
+            let sample = g.value_id(latents_input).expect("checked");
             let declared = Shapes::infer(&model)
                 .shape(sample)
                 .map(<[Dim]>::to_vec)
@@ -208,10 +285,26 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                     .or_else(|| usize::try_from(declared.get(axis)?.known()?).ok())
                     .unwrap_or(64)
             };
-            let (height, width) = (side(2, args.height), side(3, args.width));
-            let Some(channels) = latent_channels(&model, sample, &declared) else {
+            let (height, width, channels) = match layout {
+                Layout::Image => (
+                    side(2, args.height),
+                    side(3, args.width),
+                    latent_channels(&model, sample, &declared),
+                ),
+                // Tokens of 2x2 patches: 4 features per latent channel.
+                Layout::Packed => (
+                    args.height.unwrap_or(64),
+                    args.width.unwrap_or(64),
+                    declared
+                        .get(2)
+                        .and_then(Dim::known)
+                        .filter(|f| f % 4 == 0)
+                        .and_then(|f| usize::try_from(f / 4).ok()),
+                ),
+            };
+            let Some(channels) = channels else {
                 bail!(
-                    "{}: the sample input's channel count is neither declared nor read by a convolution; give --latents",
+                    "{}: the {latents_input} input's channel count is neither declared nor read by a convolution; give --latents",
                     args.unet.display()
                 );
             };
@@ -241,16 +334,61 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             latents.shape()[0]
         );
     }
+    let (h, w) = (latents.shape()[2], latents.shape()[3]);
+    let tokens = match layout {
+        Layout::Packed => Some((h / 2) * (w / 2)),
+        Layout::Image => patch_size(&model).map(|p| (h / p) * (w / p)),
+    };
+    let spread = match layout {
+        Layout::Packed => Spread::Flux,
+        Layout::Image => Spread::Scheduler,
+    };
+    let scheduler =
+        Scheduler::new(&schedule, args.steps, spread, tokens).map_err(|e| {
+            match &args.scheduler_config {
+                Some(p) => anyhow::anyhow!("--scheduler-config {}: {e}", p.display()),
+                None => anyhow::Error::msg(e),
+            }
+        })?;
     let self_layers = hooks.iter().filter(|h| h.starts_with("masactrl.")).count();
     // Every file read, so that no output replaces one.
     let mut read: Vec<(String, PathBuf)> = vec![
         ("--unet".into(), args.unet.clone()),
         ("--cond".into(), args.cond.clone()),
-        ("--uncond".into(), args.uncond.clone()),
     ];
+    if let Some(p) = &args.uncond {
+        read.push(("--uncond".into(), p.clone()));
+    }
     if let Some(p) = &args.latents {
         read.push(("--latents".into(), p.clone()));
     }
+    if let Some(p) = &args.scheduler_config {
+        read.push(("--scheduler-config".into(), p.clone()));
+    }
+    let pooled = match pooled_files {
+        Some((c, u)) => {
+            read.push(("--pooled-cond".into(), c.clone()));
+            read.push(("--pooled-uncond".into(), u.clone()));
+            let (pc, pu) = (
+                read_f32(c, "pooled-cond", 2)?,
+                read_f32(u, "pooled-uncond", 2)?,
+            );
+            if pc.shape()[0] != prompts
+                || pu.shape()[1] != pc.shape()[1]
+                || (pu.shape()[0] != 1 && pu.shape()[0] != prompts)
+            {
+                bail!(
+                    "--pooled-cond {} {:?} and --pooled-uncond {} {:?} do not fit {prompts} prompts (expected [{prompts}, dim] and [1 or {prompts}, dim])",
+                    c.display(),
+                    pc.shape(),
+                    u.display(),
+                    pu.shape()
+                );
+            }
+            Some((pc, pu))
+        }
+        None => None,
+    };
     let plan = match &args.controller {
         Some(path) => {
             let c = Controller::read(path)?;
@@ -262,6 +400,12 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                         read.push((format!("[p2p] {key} of --controller"), f.clone()));
                     }
                 }
+            }
+            if !cfg && (c.p2p.is_some() || c.masactrl.is_some()) {
+                bail!(
+                    "controller {}: [p2p] and [masactrl] act on the classifier-free-guidance batch's halves: give --guidance above 1 and --uncond",
+                    path.display()
+                );
             }
             let needs = [
                 (c.p2p.is_some(), "p2p.", "p2p"),
@@ -354,22 +498,31 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         cond: &cond,
         uncond: &uncond,
         latents,
-        guidance: args.guidance,
-        ddim,
+        guidance,
+        scheduler,
+        pooled: pooled.as_ref().map(|(c, u)| (c, u)),
         plan,
         hooks,
         input_dtypes,
         timestep: timestep_form(&model),
+        cfg,
+        layout,
+        timestep_scale: match layout {
+            Layout::Packed => 1e-3,
+            Layout::Image => 1.0,
+        },
     };
+    let schedule_name = run.scheduler.name();
     let (x, maps) = sample::sample(&mut unet, run)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     let path = latents_out;
     npy::write(&path, &HostTensor::F32(x.clone()))?;
     println!(
-        "{} DDIM steps, {prompts} prompts, guidance {}: wrote {} {:?}",
+        "{} {} steps, {prompts} prompts, guidance {}: wrote {} {:?}",
         args.steps,
-        args.guidance,
+        schedule_name,
+        guidance,
         path.display(),
         x.shape()
     );
@@ -500,6 +653,27 @@ fn latent_channels(model: &Model, sample: ValueId, declared: &[Dim]) -> Option<u
         (node.is("Conv") && dims.len() == 4)
             .then(|| usize::try_from(dims[1]).ok())
             .flatten()
+    })
+}
+
+/// The side of the patches a transformer cuts the sample into: the strides of a convolution
+/// reading the sample whose kernel is its stride (PixArt's and SD3's patch embedding).
+fn patch_size(model: &Model) -> Option<usize> {
+    let g = &model.graph;
+    let sample = g.value_id("sample")?;
+    g.value(sample).consumers.iter().find_map(|u| {
+        let Use::Input(n, 0) = u else { return None };
+        let node = g.node(*n);
+        let weight = node.inputs.get(1).copied().flatten()?;
+        let dims = &g.initializer(weight)?.proto.dims;
+        let strides = node.attr("strides")?.ints.clone();
+        let patch = *strides.first()?;
+        (node.is("Conv")
+            && patch > 1
+            && strides.iter().all(|&s| s == patch)
+            && dims[2..].iter().all(|&k| k == patch))
+        .then(|| usize::try_from(patch).ok())
+        .flatten()
     })
 }
 

@@ -1,0 +1,363 @@
+//! The sampling loop for compiled UNets and diffusion transformers: classifier-free guidance
+//! with a scheduler (DDIM or flow matching's Euler, see `scheduler`), feeding attention-control
+//! hooks every step from a controller and applying LocalBlend between steps.
+use std::collections::BTreeMap;
+
+use ndarray::{ArrayD, Axis, IxDyn, concatenate};
+
+mod local_blend;
+mod packed;
+
+use crate::backend::Backend;
+use crate::controller::Plan;
+use crate::error::{Error, Result};
+use crate::scheduler::Scheduler;
+use crate::tensor::{DType, HostTensor};
+
+/// What a run takes besides the UNet.
+pub struct SampleRun<'a> {
+    pub cond: &'a ArrayD<f32>,
+    pub uncond: &'a ArrayD<f32>,
+    pub latents: ArrayD<f32>,
+    pub guidance: f32,
+    pub scheduler: Scheduler,
+    /// SD3's pooled text embeddings: cond [P, dim], uncond [1 or P, dim].
+    pub pooled: Option<(&'a ArrayD<f32>, &'a ArrayD<f32>)>,
+    pub plan: Option<Plan>,
+    /// The UNet's hook inputs in call order: (input name, kind).
+    pub hooks: Vec<String>,
+    /// Declared element type of every UNet input (an fp16 UNet takes fp16 latents, text
+    /// embeddings and hook values); inputs not listed are fed as f32.
+    pub input_dtypes: BTreeMap<String, DType>,
+    pub timestep: TimestepForm,
+    /// Classifier-free guidance: the batch holds the unconditional rows too.
+    pub cfg: bool,
+    pub layout: Layout,
+    /// The model is fed the scheduler's timestep times this (Flux: 1/1000).
+    pub timestep_scale: f64,
+}
+
+/// How the model takes the latents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// `sample` [batch, channels, height, width].
+    Image,
+    /// Flux: `hidden_states` [batch, tokens, 4·channels] of 2x2 patches, with `img_ids` and
+    /// `txt_ids`.
+    Packed,
+}
+
+/// How the UNet takes the timestep: one per batch row (the usual `[batch]`), one for the
+/// whole batch (`[1]`), or a scalar (`[]`, as some exports declare it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TimestepForm {
+    #[default]
+    PerRow,
+    One,
+    Scalar,
+}
+
+/// `t` as the element type the UNet declares for input `name` (f32 <-> f16).
+fn as_declared(name: &str, t: HostTensor, dtypes: &BTreeMap<String, DType>) -> Result<HostTensor> {
+    match dtypes.get(name) {
+        Some(&d) if d != t.dtype() => t.float_as(d).ok_or_else(|| Error::Input {
+            input: name.to_string(),
+            msg: format!(
+                "the UNet declares it {}, `attune sample` feeds {}",
+                d.name(),
+                t.dtype().name()
+            ),
+        }),
+        _ => Ok(t),
+    }
+}
+
+/// A UNet output as f32 (an fp16 UNet's noise and maps), or `None` if it is not a float.
+fn output_f32(t: &HostTensor) -> Option<std::borrow::Cow<'_, ArrayD<f32>>> {
+    match t {
+        HostTensor::F32(a) => Some(std::borrow::Cow::Borrowed(a)),
+        HostTensor::F16(a) => Some(std::borrow::Cow::Owned(a.mapv(half::f16::to_f32))),
+        _ => None,
+    }
+}
+
+/// Cross-attention maps summed over steps (the cond half, per captured layer).
+#[derive(Default)]
+pub struct Maps {
+    pub sum: BTreeMap<String, ArrayD<f32>>,
+}
+
+/// Runs the loop; returns the final latents and the accumulated attention maps.
+pub fn sample(unet: &mut Backend, run: SampleRun) -> Result<(ArrayD<f32>, Maps)> {
+    let prompts = prompt_count(&run)?;
+    let mut x = run.latents;
+    if x.shape()[0] == 1 && prompts > 1 {
+        x = concatenate(Axis(0), &vec![x.view(); prompts])
+            .map_err(|e| Error::Inputs(format!("latents: {e}")))?;
+    }
+    if run.layout == Layout::Packed && x.shape()[2..].iter().any(|s| s % 2 != 0) {
+        return Err(Error::Inputs(format!(
+            "latents {:?}: Flux packs 2x2 patches, so height and width must be even",
+            x.shape()
+        )));
+    }
+    // The batch: [uncond x P, cond x P] with guidance, else the P conds.
+    let rows = if run.cfg { 2 * prompts } else { prompts };
+    let batch = |cond: &ArrayD<f32>, uncond: &ArrayD<f32>, what: &str| {
+        if run.cfg {
+            cfg_batch(cond, uncond, prompts, what)
+        } else {
+            Ok(cond.clone())
+        }
+    };
+    let context = batch(run.cond, run.uncond, "text embeddings")?;
+    let pooled = match run.pooled {
+        Some((cond, uncond)) => Some(batch(cond, uncond, "pooled text embeddings")?),
+        None => None,
+    };
+    let mut fixed = vec![(
+        "encoder_hidden_states".to_string(),
+        HostTensor::F32(context),
+    )];
+    if let Some(p) = pooled {
+        fixed.push(("pooled_projections".to_string(), HostTensor::F32(p)));
+    }
+    if run.layout == Layout::Packed {
+        let words = run.cond.shape()[1];
+        fixed.push((
+            "img_ids".to_string(),
+            HostTensor::F32(packed::image_ids(x.shape()[2], x.shape()[3])),
+        ));
+        fixed.push((
+            "txt_ids".to_string(),
+            HostTensor::F32(ArrayD::zeros(IxDyn(&[words, 3]))),
+        ));
+    }
+    let fixed = fixed
+        .into_iter()
+        .map(|(n, t)| Ok((n.clone(), as_declared(&n, t, &run.input_dtypes)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut maps = Maps::default();
+    let self_gates: Vec<&String> = run
+        .hooks
+        .iter()
+        .filter(|h| h.starts_with("masactrl."))
+        .collect();
+    for (i, t) in run.scheduler.timesteps().into_iter().enumerate() {
+        let copies = vec![x.view(); rows / prompts];
+        let sample = concatenate(Axis(0), &copies).expect("same shapes");
+        let shape: &[usize] = match run.timestep {
+            TimestepForm::PerRow => &[rows],
+            TimestepForm::One => &[1],
+            TimestepForm::Scalar => &[],
+        };
+        let fed = t * run.timestep_scale;
+        let steps = ArrayD::from_elem(IxDyn(shape), fed as f32);
+        let timestep = match run.input_dtypes.get("timestep") {
+            Some(d @ (DType::I64 | DType::I32)) if fed.fract() != 0.0 => {
+                return Err(Error::Input {
+                    input: "timestep".into(),
+                    msg: format!(
+                        "the UNet declares it {}, and {} feeds fractional timesteps ({fed} at step {i})",
+                        d.name(),
+                        run.scheduler.name()
+                    ),
+                });
+            }
+            Some(DType::I64) => HostTensor::I64(steps.mapv(|v| v as i64)),
+            Some(DType::I32) => HostTensor::I32(steps.mapv(|v| v as i32)),
+            _ => HostTensor::F32(steps),
+        };
+        let mut inputs = vec![("timestep".to_string(), timestep)];
+        inputs.push(match run.layout {
+            Layout::Image => ("sample".to_string(), HostTensor::F32(sample)),
+            Layout::Packed => (
+                "hidden_states".to_string(),
+                HostTensor::F32(packed::pack(&sample)),
+            ),
+        });
+        if let Some(plan) = &run.plan {
+            inputs.extend(hook_values(plan, i, &run.hooks, &self_gates));
+        }
+        let mut inputs = inputs
+            .into_iter()
+            .map(|(n, t)| {
+                let t = as_declared(&n, t, &run.input_dtypes)?;
+                Ok((n, t))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        inputs.extend(fixed.iter().cloned());
+        let outputs = unet.run(&inputs)?;
+        let Some(out) = outputs
+            .iter()
+            .find(|(n, _)| n == "out_sample")
+            .or_else(|| outputs.first())
+            .and_then(|(_, t)| output_f32(t))
+        else {
+            return Err(Error::Inputs(
+                "the UNet's first output is not float noise".into(),
+            ));
+        };
+        let noise_shape: Vec<usize> = [rows]
+            .into_iter()
+            .chain(x.shape()[1..].iter().copied())
+            .collect();
+        let out = match run.layout {
+            Layout::Packed if out.shape() == packed::token_shape(&noise_shape) => {
+                std::borrow::Cow::Owned(packed::unpack(&out, &noise_shape))
+            }
+            _ => out,
+        };
+        // A model that also predicts its variance (PixArt, DeepFloyd) outputs twice the
+        // channels; diffusers' pipelines keep the first half.
+        let learned_sigma = out.ndim() == 4
+            && out.shape()[1] == 2 * noise_shape[1]
+            && out.shape()[0] == noise_shape[0]
+            && out.shape()[2..] == noise_shape[2..];
+        let out = if learned_sigma {
+            std::borrow::Cow::Owned(
+                out.slice_axis(Axis(1), (0..noise_shape[1]).into())
+                    .to_owned(),
+            )
+        } else {
+            out
+        };
+        if out.shape() != noise_shape {
+            return Err(Error::Inputs(format!(
+                "the UNet's output is {:?}, expected {noise_shape:?} (the batched sample's shape; or twice its channels, with a predicted variance)",
+                out.shape()
+            )));
+        }
+        let guided = if run.cfg {
+            let (u, c) = (
+                out.slice_axis(Axis(0), (0..prompts).into()),
+                out.slice_axis(Axis(0), (prompts..2 * prompts).into()),
+            );
+            (&u + &((&c - &u) * run.guidance)).into_dyn()
+        } else {
+            out.into_owned()
+        };
+        x = run.scheduler.step(i, &guided, &x);
+        for (name, t) in &outputs {
+            if let (Some(path), Some(m)) = (name.strip_prefix("attn."), output_f32(t)) {
+                let cond = cond_map(name, &m, prompts, rows)?;
+                match maps.sum.get_mut(path) {
+                    Some(acc) if acc.shape() == cond.shape() => *acc += &cond,
+                    Some(acc) => {
+                        return Err(Error::Inputs(format!(
+                            "the UNet's output '{name}' is {:?} at step {i}, {:?} before",
+                            m.shape(),
+                            acc.shape()
+                        )));
+                    }
+                    None => {
+                        maps.sum.insert(path.to_string(), cond);
+                    }
+                }
+            }
+        }
+        if let Some(lb) = run.plan.as_ref().and_then(|p| p.local_blend.as_ref()) {
+            x = local_blend::local_blend(&x, &maps, lb, prompts)?;
+        }
+    }
+    Ok((x, maps))
+}
+
+/// `[uncond x P, cond]`: uncond [1 or P, ...] repeated to P rows before the P conds.
+fn cfg_batch(
+    cond: &ArrayD<f32>,
+    uncond: &ArrayD<f32>,
+    prompts: usize,
+    what: &str,
+) -> Result<ArrayD<f32>> {
+    let uncond = if uncond.shape()[0] == 1 {
+        concatenate(Axis(0), &vec![uncond.view(); prompts])
+    } else {
+        Ok(uncond.clone())
+    };
+    uncond
+        .and_then(|u| concatenate(Axis(0), &[u.view(), cond.view()]))
+        .map_err(|e| Error::Inputs(format!("{what}: {e}")))
+}
+
+/// The prompt count P, after checking that the embeddings and latents fit together.
+fn prompt_count(run: &SampleRun) -> Result<usize> {
+    let (cond, uncond, x) = (run.cond.shape(), run.uncond.shape(), run.latents.shape());
+    let prompts = cond.first().copied().unwrap_or(0);
+    let fits = cond.len() == 3
+        && prompts >= 1
+        && uncond.len() == 3
+        && uncond[1..] == cond[1..]
+        && (uncond[0] == 1 || uncond[0] == prompts)
+        && x.len() == 4
+        && (x[0] == 1 || x[0] == prompts);
+    if !fits {
+        return Err(Error::Inputs(format!(
+            "text embeddings {cond:?} (unconditional {uncond:?}) and latents {x:?} do not fit: expected [P >= 1, tokens, dim], [1 or P, tokens, dim] and [1 or P, channels, height, width]"
+        )));
+    }
+    if let Some((c, u)) = run.pooled {
+        let (c, u) = (c.shape(), u.shape());
+        let fits = c.len() == 2
+            && c[0] == prompts
+            && u.len() == 2
+            && u[1] == c[1]
+            && (u[0] == 1 || u[0] == prompts);
+        if !fits {
+            return Err(Error::Inputs(format!(
+                "pooled text embeddings {c:?} (unconditional {u:?}) do not fit {prompts} prompts: expected [{prompts}, dim] and [1 or {prompts}, dim]"
+            )));
+        }
+    }
+    Ok(prompts)
+}
+
+/// The conds' rows (the last P) of a captured attention output, checked to be
+/// [rows, queries, keys].
+fn cond_map(name: &str, m: &ArrayD<f32>, prompts: usize, rows: usize) -> Result<ArrayD<f32>> {
+    let shape = m.shape();
+    if shape.len() != 3 || shape[0] != rows || shape.contains(&0) {
+        return Err(Error::Inputs(format!(
+            "the UNet's output '{name}' is {shape:?}, expected attention maps [{rows}, query tokens, text tokens]"
+        )));
+    }
+    let cond_half = m.slice_axis(Axis(0), (rows - prompts..rows).into());
+    Ok(cond_half.to_owned())
+}
+
+/// Every hook input's value for step `i` (inputs not named here keep their defaults).
+fn hook_values(
+    plan: &Plan,
+    i: usize,
+    hooks: &[String],
+    self_gates: &[&String],
+) -> Vec<(String, HostTensor)> {
+    let scalar = |v: f32| HostTensor::F32(ArrayD::from_elem(IxDyn(&[]), v));
+    let mut out = Vec::new();
+    for name in hooks {
+        let value = if name.ends_with(".alpha") {
+            Some(plan.alpha(i))
+        } else if name.ends_with(".mapper") {
+            plan.mapper.clone()
+        } else if name.ends_with(".equalizer") {
+            plan.equalizer.clone()
+        } else if name.ends_with(".self_gate") {
+            Some(scalar(plan.self_gate(i)))
+        } else if name.starts_with("masactrl.") {
+            let layer = self_gates.iter().position(|g| *g == name).expect("listed");
+            Some(scalar(plan.masactrl_gate(i, layer)))
+        } else {
+            None
+        };
+        if let Some(v) = value {
+            out.push((name.clone(), v));
+        }
+    }
+    out
+}
+
+/// The side of a square grid of `tokens` query tokens.
+pub fn square_side(tokens: usize) -> Option<usize> {
+    let r = (tokens as f64).sqrt().round() as usize;
+    (r.checked_mul(r) == Some(tokens)).then_some(r)
+}

@@ -1,0 +1,334 @@
+//! A diffusers `scheduler_config.json` read as the DDIM or flow-matching schedule it gives,
+//! the way `DDIMScheduler.from_config` / `FlowMatchEulerDiscreteScheduler.from_config` read
+//! it: absent keys take the scheduler's defaults, other schedulers' keys are ignored (and
+//! reported), and a setting attune does not implement is an error naming the key.
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use super::ddim::{BetaSchedule, Betas, DdimConfig, Prediction, Spacing};
+use super::flow::{DynamicShift, FlowConfig};
+use crate::error::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Ddim,
+    FlowEuler,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Schedule {
+    Ddim(DdimConfig),
+    Flow(FlowConfig),
+}
+
+/// The schedule in `path` for `kind` (else the one its `_class_name` names), and the keys
+/// that schedule does not use.
+pub fn read(path: &Path, kind: Option<Kind>) -> Result<(Schedule, Vec<String>)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let value: Value = serde_json::from_str(&without_non_finite(&text))
+        .map_err(|e| Error::file(path, format!("not a JSON scheduler config: {e}")))?;
+    let Value::Object(map) = value else {
+        return Err(Error::file(path, "not a JSON object"));
+    };
+    let mut keys = Keys {
+        map: &map,
+        path,
+        used: BTreeSet::new(),
+    };
+    let class = keys.string("_class_name")?.unwrap_or_default();
+    let flow_class = class.starts_with("FlowMatch");
+    let schedule = match (kind, flow_class) {
+        (Some(Kind::FlowEuler), _) | (None, true) if flow_class || class.is_empty() => {
+            Schedule::Flow(keys.flow()?)
+        }
+        (Some(Kind::FlowEuler), _) => {
+            return Err(Error::file(
+                path,
+                format!(
+                    "_class_name {class} is not a flow-matching schedule (FlowMatchEulerDiscreteScheduler's)"
+                ),
+            ));
+        }
+        (_, true) => {
+            return Err(Error::file(
+                path,
+                format!(
+                    "_class_name {class} is a flow-matching schedule: it has no betas for DDIM (use --scheduler flow-euler)"
+                ),
+            ));
+        }
+        _ => Schedule::Ddim(keys.ddim()?),
+    };
+    let ignored = map
+        .keys()
+        .filter(|k| !k.starts_with('_') && !keys.used.contains(*k))
+        .cloned()
+        .collect();
+    Ok((schedule, ignored))
+}
+
+/// Python's json writes ±Infinity and NaN (a DPMSolver config's `lambda_min_clipped`), which
+/// JSON has not: as null, outside strings.
+fn without_non_finite(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if !in_string {
+            let word = ["-Infinity", "Infinity", "NaN"]
+                .into_iter()
+                .find(|w| rest.starts_with(w));
+            if let Some(w) = word {
+                out.push_str("null");
+                rest = &rest[w.len()..];
+                continue;
+            }
+        }
+        if in_string && !escaped && c == '\\' {
+            escaped = true;
+        } else {
+            if c == '"' && !escaped {
+                in_string = !in_string;
+            }
+            escaped = false;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+/// Typed reads of a config's keys, remembering which were read; null is absent.
+struct Keys<'a> {
+    map: &'a Map<String, Value>,
+    path: &'a Path,
+    used: BTreeSet<String>,
+}
+
+impl Keys<'_> {
+    fn get(&mut self, key: &str) -> Option<&Value> {
+        self.used.insert(key.to_string());
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    fn bad(&self, key: &str, msg: impl std::fmt::Display) -> Error {
+        let value = self.map.get(key).map_or("absent".into(), Value::to_string);
+        Error::file(self.path, format!("key '{key}' = {value}: {msg}"))
+    }
+
+    fn float(&mut self, key: &str, default: f64) -> Result<f64> {
+        match self.get(key).cloned() {
+            None => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite())
+                .ok_or_else(|| self.bad(key, "expected a number")),
+        }
+    }
+
+    fn count(&mut self, key: &str, default: usize) -> Result<usize> {
+        match self.get(key).cloned() {
+            None => Ok(default),
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| self.bad(key, "expected a whole number")),
+        }
+    }
+
+    fn flag(&mut self, key: &str, default: bool) -> Result<bool> {
+        match self.get(key).cloned() {
+            None => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.bad(key, "expected true or false")),
+        }
+    }
+
+    fn string(&mut self, key: &str) -> Result<Option<String>> {
+        match self.get(key).cloned() {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(self.bad(key, "expected a string")),
+        }
+    }
+
+    /// One of `choices` (config spelling, value), else an error listing them.
+    fn choice<T: Copy>(&mut self, key: &str, choices: &[(&str, T)], default: T) -> Result<T> {
+        let Some(s) = self.string(key)? else {
+            return Ok(default);
+        };
+        choices
+            .iter()
+            .find(|(name, _)| *name == s)
+            .map(|c| c.1)
+            .ok_or_else(|| {
+                let names: Vec<&str> = choices.iter().map(|c| c.0).collect();
+                self.bad(
+                    key,
+                    format!("attune's schedulers take {}", names.join(", ")),
+                )
+            })
+    }
+
+    /// A setting attune does not implement, refused unless it is off.
+    fn unsupported(&mut self, key: &str, off: bool, what: &str) -> Result<()> {
+        match self.get(key).cloned() {
+            None => Ok(()),
+            Some(v) if v == Value::Bool(off) => Ok(()),
+            Some(_) => Err(self.bad(key, format!("{what} is not implemented"))),
+        }
+    }
+
+    fn ddim(&mut self) -> Result<DdimConfig> {
+        let d = DdimConfig::diffusers_defaults();
+        let train_steps = self.count("num_train_timesteps", d.train_steps)?;
+        if train_steps < 2 {
+            return Err(self.bad("num_train_timesteps", "must be at least 2"));
+        }
+        let Betas::Schedule { start, end, kind } = d.betas else {
+            unreachable!("the defaults are a schedule")
+        };
+        let kinds = [
+            ("linear", BetaSchedule::Linear),
+            ("scaled_linear", BetaSchedule::ScaledLinear),
+            ("squaredcos_cap_v2", BetaSchedule::SquaredCos),
+        ];
+        let schedule = Betas::Schedule {
+            kind: self.choice("beta_schedule", &kinds, kind)?,
+            start: self.float("beta_start", start)?,
+            end: self.float("beta_end", end)?,
+        };
+        let betas = match self.get("trained_betas").cloned() {
+            None => schedule,
+            Some(v) => {
+                let betas: Option<Vec<f64>> = v
+                    .as_array()
+                    .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<_>>());
+                match betas {
+                    Some(b)
+                        if b.len() == train_steps && b.iter().all(|b| (0.0..1.0).contains(b)) =>
+                    {
+                        Betas::Given(b)
+                    }
+                    _ => {
+                        return Err(self.bad(
+                            "trained_betas",
+                            format!(
+                                "expected {train_steps} numbers in [0, 1) (num_train_timesteps)"
+                            ),
+                        ));
+                    }
+                }
+            }
+        };
+        if let Betas::Schedule { start, end, .. } = &betas
+            && !(0.0 < *start && start <= end && *end < 1.0)
+        {
+            return Err(self.bad(
+                "beta_end",
+                format!("betas {start}..{end} must satisfy 0 < start <= end < 1"),
+            ));
+        }
+        let predictions = [
+            ("epsilon", Prediction::Epsilon),
+            ("v_prediction", Prediction::V),
+            ("sample", Prediction::Sample),
+        ];
+        let spacings = [
+            ("leading", Spacing::Leading),
+            ("trailing", Spacing::Trailing),
+            ("linspace", Spacing::Linspace),
+        ];
+        let clip = self.flag("clip_sample", true)?;
+        let range = self.float("clip_sample_range", 1.0)?;
+        self.unsupported("thresholding", false, "dynamic thresholding")?;
+        for key in ["dynamic_thresholding_ratio", "sample_max_value"] {
+            self.get(key); // thresholding's, which is off
+        }
+        Ok(DdimConfig {
+            train_steps,
+            betas,
+            prediction: self.choice("prediction_type", &predictions, d.prediction)?,
+            spacing: self.choice("timestep_spacing", &spacings, d.spacing)?,
+            steps_offset: self.count("steps_offset", d.steps_offset)?,
+            set_alpha_to_one: self.flag("set_alpha_to_one", d.set_alpha_to_one)?,
+            clip_sample: clip.then_some(range),
+            zero_terminal_snr: self.flag("rescale_betas_zero_snr", false)?,
+        })
+    }
+
+    fn flow(&mut self) -> Result<FlowConfig> {
+        let d = FlowConfig::default();
+        let train_steps = self.count("num_train_timesteps", d.train_steps)?;
+        if train_steps < 1 {
+            return Err(self.bad("num_train_timesteps", "must be at least 1"));
+        }
+        let shift = self.float("shift", d.shift)?;
+        if shift <= 0.0 {
+            return Err(self.bad("shift", "must be positive"));
+        }
+        let dynamic = if self.flag("use_dynamic_shifting", false)? {
+            let kinds = [("exponential", false), ("linear", true)];
+            let dynamic = DynamicShift {
+                base_shift: self.float("base_shift", 0.5)?,
+                max_shift: self.float("max_shift", 1.15)?,
+                base_tokens: self.count("base_image_seq_len", 256)? as f64,
+                max_tokens: self.count("max_image_seq_len", 4096)? as f64,
+                linear: self.choice("time_shift_type", &kinds, false)?,
+            };
+            if dynamic.max_tokens == dynamic.base_tokens {
+                return Err(self.bad("max_image_seq_len", "must differ from base_image_seq_len"));
+            }
+            Some(dynamic)
+        } else {
+            for key in [
+                "base_shift",
+                "max_shift",
+                "base_image_seq_len",
+                "max_image_seq_len",
+                "time_shift_type",
+            ] {
+                self.get(key); // dynamic shifting's, which is off
+            }
+            None
+        };
+        let off = [
+            ("invert_sigmas", "inverted sigmas"),
+            ("use_karras_sigmas", "Karras sigmas"),
+            ("use_exponential_sigmas", "exponential sigmas"),
+            ("use_beta_sigmas", "beta sigmas"),
+            ("stochastic_sampling", "stochastic sampling"),
+        ];
+        for (key, what) in off {
+            self.unsupported(key, false, what)?;
+        }
+        if self.get("shift_terminal").is_some() {
+            return Err(self.bad(
+                "shift_terminal",
+                "a stretched terminal shift is not implemented",
+            ));
+        }
+        Ok(FlowConfig {
+            train_steps,
+            shift,
+            dynamic,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_non_finite_numbers_read_as_null_outside_strings() {
+        let text = r#"{"a": -Infinity, "b": "NaN \" Infinity", "c": [NaN, Infinity]}"#;
+        assert_eq!(
+            without_non_finite(text),
+            r#"{"a": null, "b": "NaN \" Infinity", "c": [null, null]}"#
+        );
+    }
+}

@@ -1,0 +1,291 @@
+//! DDIM with eta 0, as diffusers' `DDIMScheduler` computes it: its betas, timestep spacings,
+//! predictions, `clip_sample` and zero-terminal-SNR rescaling.
+use ndarray::ArrayD;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BetaSchedule {
+    Linear,
+    /// Linear in √β (Stable Diffusion's).
+    ScaledLinear,
+    /// The cosine ᾱ of improved DDPM, β capped at 0.999.
+    SquaredCos,
+}
+
+/// What the model's output is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prediction {
+    Epsilon,
+    /// v = √ᾱ·ε − √(1−ᾱ)·x₀ (SD 2.x 768 px).
+    V,
+    Sample,
+}
+
+/// How the inference timesteps are spread over the training ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Spacing {
+    Leading,
+    Trailing,
+    Linspace,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct DdimConfig {
+    pub train_steps: usize,
+    pub betas: Betas,
+    pub prediction: Prediction,
+    pub spacing: Spacing,
+    pub steps_offset: usize,
+    /// ᾱ after the last step: 1, else ᾱ₀.
+    pub set_alpha_to_one: bool,
+    /// Clamp the predicted x₀ to ±this.
+    pub clip_sample: Option<f64>,
+    pub zero_terminal_snr: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Betas {
+    Schedule {
+        kind: BetaSchedule,
+        start: f64,
+        end: f64,
+    },
+    /// `trained_betas`: one per training step.
+    Given(Vec<f64>),
+}
+
+impl DdimConfig {
+    /// Stable Diffusion's schedule (scaled-linear betas 0.00085-0.012 over 1000 steps,
+    /// `leading` spacing with offset 1, ᾱ after the last step = ᾱ₀, no clipping): what
+    /// `attune sample` runs without a scheduler config.
+    pub fn stable_diffusion() -> DdimConfig {
+        DdimConfig {
+            train_steps: 1000,
+            betas: Betas::Schedule {
+                kind: BetaSchedule::ScaledLinear,
+                start: 0.00085,
+                end: 0.012,
+            },
+            prediction: Prediction::Epsilon,
+            spacing: Spacing::Leading,
+            steps_offset: 1,
+            set_alpha_to_one: false,
+            clip_sample: None,
+            zero_terminal_snr: false,
+        }
+    }
+
+    /// `DDIMScheduler`'s own defaults: what a config's absent keys mean.
+    pub fn diffusers_defaults() -> DdimConfig {
+        DdimConfig {
+            betas: Betas::Schedule {
+                kind: BetaSchedule::Linear,
+                start: 0.0001,
+                end: 0.02,
+            },
+            spacing: Spacing::Leading,
+            steps_offset: 0,
+            set_alpha_to_one: true,
+            clip_sample: Some(1.0),
+            ..DdimConfig::stable_diffusion()
+        }
+    }
+
+    /// ᾱ per training step, in f32 as diffusers keeps them.
+    fn alphas_cumprod(&self) -> Vec<f64> {
+        let n = self.train_steps;
+        let betas: Vec<f32> = match &self.betas {
+            Betas::Given(b) => b.iter().map(|&b| b as f32).collect(),
+            Betas::Schedule { kind, start, end } => match kind {
+                BetaSchedule::Linear => linspace(*start, *end, n),
+                BetaSchedule::ScaledLinear => linspace(start.sqrt(), end.sqrt(), n)
+                    .into_iter()
+                    .map(|b| b * b)
+                    .collect(),
+                BetaSchedule::SquaredCos => {
+                    let abar = |t: f64| {
+                        ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
+                            .cos()
+                            .powi(2)
+                    };
+                    (0..n)
+                        .map(|i| {
+                            let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
+                            (1.0 - abar(t2) / abar(t1)).min(0.999) as f32
+                        })
+                        .collect()
+                }
+            },
+        };
+        let mut acc = 1f32;
+        let mut cumprod: Vec<f32> = betas
+            .iter()
+            .map(|b| {
+                acc *= 1.0 - b;
+                acc
+            })
+            .collect();
+        if self.zero_terminal_snr {
+            // √ᾱ shifted so that the last is 0 and scaled so that the first stays.
+            let sqrt: Vec<f32> = cumprod.iter().map(|a| a.sqrt()).collect();
+            let (first, last) = (sqrt[0], sqrt[n - 1]);
+            cumprod = sqrt
+                .iter()
+                .map(|s| {
+                    let r = (s - last) * (first / (first - last));
+                    r * r
+                })
+                .collect();
+        }
+        cumprod.into_iter().map(f64::from).collect()
+    }
+}
+
+/// torch.linspace in f32.
+fn linspace(start: f64, end: f64, n: usize) -> Vec<f32> {
+    let step = if n > 1 {
+        (end - start) / (n - 1) as f64
+    } else {
+        0.0
+    };
+    (0..n).map(|i| (start + step * i as f64) as f32).collect()
+}
+
+pub struct Ddim {
+    config: DdimConfig,
+    alphas_cumprod: Vec<f64>,
+    timesteps: Vec<usize>,
+    /// The distance to the previous timestep (`train_steps / steps`, whatever the spacing).
+    step_ratio: usize,
+}
+
+impl Ddim {
+    pub fn new(config: DdimConfig, steps: usize) -> Result<Ddim, String> {
+        let train = config.train_steps;
+        if steps == 0 || steps > train {
+            return Err(format!(
+                "--steps {steps}: must be within 1..={train} (the schedule's training steps)"
+            ));
+        }
+        let timesteps: Vec<usize> = match config.spacing {
+            Spacing::Linspace => {
+                let step = (train - 1) as f64 / (steps - 1).max(1) as f64;
+                (0..steps)
+                    .rev()
+                    .map(|i| (i as f64 * step).round_ties_even() as usize)
+                    .collect()
+            }
+            Spacing::Leading => (0..steps)
+                .rev()
+                .map(|i| i * (train / steps) + config.steps_offset)
+                .collect(),
+            Spacing::Trailing => {
+                let ratio = train as f64 / steps as f64;
+                (0..steps)
+                    .map(|i| (train as f64 - i as f64 * ratio).round_ties_even() as usize - 1)
+                    .collect()
+            }
+        };
+        if let Some(&t) = timesteps.iter().find(|&&t| t >= train) {
+            return Err(format!(
+                "--steps {steps} with steps_offset {} reaches timestep {t}, beyond the {train} training steps",
+                config.steps_offset
+            ));
+        }
+        let alphas_cumprod = config.alphas_cumprod();
+        if config.prediction == Prediction::Epsilon && alphas_cumprod[timesteps[0]] <= 0.0 {
+            return Err(format!(
+                "timestep {} has ᾱ = 0 (zero terminal SNR): a noise prediction cannot give x₀ there; such schedules need prediction_type v_prediction",
+                timesteps[0]
+            ));
+        }
+        Ok(Ddim {
+            step_ratio: train / steps,
+            config,
+            alphas_cumprod,
+            timesteps,
+        })
+    }
+
+    pub fn timesteps(&self) -> &[usize] {
+        &self.timesteps
+    }
+
+    /// x at the previous timestep from x at step `i`'s and the model's (guided) output.
+    pub fn step(&self, i: usize, out: &ArrayD<f32>, x: &ArrayD<f32>) -> ArrayD<f32> {
+        let t = self.timesteps[i];
+        let a_t = self.alphas_cumprod[t];
+        let a_prev = match t.checked_sub(self.step_ratio) {
+            Some(p) => self.alphas_cumprod[p],
+            None if self.config.set_alpha_to_one => 1.0,
+            None => self.alphas_cumprod[0],
+        };
+        let (sa, s1a) = (a_t.sqrt(), (1.0 - a_t).sqrt());
+        let (sp, s1p) = (a_prev.sqrt(), (1.0 - a_prev).sqrt());
+        let (prediction, clip) = (self.config.prediction, self.config.clip_sample);
+        ndarray::Zip::from(x).and(out).map_collect(|&x, &o| {
+            let (x, o) = (x as f64, o as f64);
+            let (x0, eps) = match prediction {
+                Prediction::Epsilon => ((x - s1a * o) / sa, o),
+                Prediction::V => (sa * x - s1a * o, sa * o + s1a * x),
+                Prediction::Sample => (o, (x - sa * o) / s1a),
+            };
+            let x0 = clip.map_or(x0, |r| x0.clamp(-r, r));
+            (sp * x0 + s1p * eps) as f32
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn steps(config: DdimConfig, n: usize) -> Vec<usize> {
+        Ddim::new(config, n).unwrap().timesteps
+    }
+
+    #[test]
+    fn spacings_give_diffusers_timesteps() {
+        // DDIMScheduler.set_timesteps(4 / 3) with each spacing (values printed by diffusers 0.42).
+        let sd = DdimConfig::stable_diffusion();
+        assert_eq!(steps(sd.clone(), 4), [751, 501, 251, 1]);
+        let trailing = DdimConfig {
+            spacing: Spacing::Trailing,
+            ..sd.clone()
+        };
+        assert_eq!(steps(trailing, 3), [999, 666, 332]);
+        let linspace = DdimConfig {
+            spacing: Spacing::Linspace,
+            ..sd.clone()
+        };
+        assert_eq!(steps(linspace, 3), [999, 500, 0]);
+    }
+
+    #[test]
+    fn steps_beyond_the_schedule_are_errors() {
+        let sd = DdimConfig::stable_diffusion();
+        assert!(Ddim::new(sd.clone(), 0).is_err());
+        assert!(Ddim::new(sd.clone(), 1001).is_err());
+        // leading spacing at 1000 steps with offset 1 would reach timestep 1000
+        let e = Ddim::new(sd, 1000).err().unwrap();
+        assert!(e.contains("timestep 1000"), "{e}");
+    }
+
+    #[test]
+    fn zero_terminal_snr_ends_at_zero_and_refuses_noise_prediction() {
+        let config = DdimConfig {
+            zero_terminal_snr: true,
+            spacing: Spacing::Trailing,
+            ..DdimConfig::stable_diffusion()
+        };
+        let a = config.alphas_cumprod();
+        assert_eq!(a[999], 0.0);
+        assert!((a[0] - DdimConfig::stable_diffusion().alphas_cumprod()[0]).abs() < 1e-6);
+        let e = Ddim::new(config.clone(), 4).err().unwrap();
+        assert!(e.contains("v_prediction"), "{e}");
+        let v = DdimConfig {
+            prediction: Prediction::V,
+            ..config
+        };
+        assert!(Ddim::new(v, 4).is_ok());
+    }
+}
