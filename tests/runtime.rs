@@ -56,9 +56,12 @@ fn every_fixture_matches_onnxruntime_python_and_tract() {
         let inputs = fixture_inputs(name);
         let ort = run(&fixture(name), Ep::Cpu, &inputs);
         assert_eq!(ort[0].0, "out_sample");
+        // The references were computed on another CPU: ONNX Runtime's kernels differ by
+        // instruction set (8e-7 in f32, one f16 rounding: 5e-4, measured on an AMD EPYC).
+        let tol = if name.contains("fp16") { 2e-3 } else { 2e-6 };
         let vs_python = compare("out_sample", &reference(name), &ort[0].1).unwrap();
         assert!(
-            vs_python.rel_l2 <= 1e-6,
+            vs_python.rel_l2 <= tol,
             "{name}: ORT CPU vs onnxruntime Python: {vs_python:?}"
         );
         let tract = Backend::open(&fixture(name), Ep::Tract, &OrtOptions::default())
@@ -84,6 +87,7 @@ fn every_fixture_matches_onnxruntime_python_and_tract() {
 fn re_exported_models_run_with_identical_outputs() {
     for name in FIXTURES {
         let inputs = fixture_inputs(name);
+        let original = run(&fixture(name), Ep::Cpu, &inputs);
         let model = import::read(&fixture(name)).unwrap();
         for (mode, opts) in [
             ("copy", ExportOptions::default()),
@@ -107,8 +111,7 @@ fn re_exported_models_run_with_identical_outputs() {
             export::write(&model, &out, &opts).unwrap();
             let got = run(&out, Ep::Cpu, &inputs);
             assert_eq!(
-                got[0].1,
-                reference(name),
+                got[0].1, original[0].1,
                 "{name} ({mode}): outputs differ after re-export"
             );
         }

@@ -47,6 +47,16 @@ pub enum Layout {
     Packed,
 }
 
+impl Layout {
+    /// The input the latents go in.
+    pub fn latents_input(self) -> &'static str {
+        match self {
+            Layout::Image => "sample",
+            Layout::Packed => "hidden_states",
+        }
+    }
+}
+
 /// How the UNet takes the timestep: one per batch row (the usual `[batch]`), one for the
 /// whole batch (`[1]`), or a scalar (`[]`, as some exports declare it).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -169,13 +179,14 @@ pub fn sample(unet: &mut Backend, run: SampleRun) -> Result<(ArrayD<f32>, Maps)>
             _ => HostTensor::F32(steps),
         };
         let mut inputs = vec![("timestep".to_string(), timestep)];
-        inputs.push(match run.layout {
-            Layout::Image => ("sample".to_string(), HostTensor::F32(sample)),
-            Layout::Packed => (
-                "hidden_states".to_string(),
-                HostTensor::F32(packed::pack(&sample)),
-            ),
-        });
+        let sample = match run.layout {
+            Layout::Image => sample,
+            Layout::Packed => packed::pack(&sample),
+        };
+        inputs.push((
+            run.layout.latents_input().to_string(),
+            HostTensor::F32(sample),
+        ));
         if let Some(plan) = &run.plan {
             inputs.extend(hook_values(plan, i, &run.hooks, &self_gates));
         }

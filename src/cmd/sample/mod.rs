@@ -3,18 +3,22 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use attune_compiler::Model;
-use attune_compiler::analysis::shapes::declared_dims;
 use attune_compiler::analysis::{Dim, Shapes};
-use attune_compiler::ir::{Use, ValueId};
 use attune_compiler::onnx::DataType;
 use attune_runtime::controller::Controller;
 use attune_runtime::ort_backend::OrtOptions;
-use attune_runtime::sample::{self, Layout, Maps, SampleRun, TimestepForm};
+use attune_runtime::sample::{self, Layout, SampleRun};
 use attune_runtime::scheduler::{self, DdimConfig, FlowConfig, Kind, Schedule, Scheduler, Spread};
 use attune_runtime::{Backend, HostTensor, inputs, npy};
-use ndarray::{ArrayD, IxDyn};
+use ndarray::ArrayD;
 
 use super::exec::EpArg;
+
+mod heatmaps;
+mod model;
+
+use heatmaps::write_heatmaps;
+use model::{latent_channels, map_resolutions, patch_size, timestep_form};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -114,10 +118,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     } else {
         Layout::Image
     };
-    let latents_input = match layout {
-        Layout::Image => "sample",
-        Layout::Packed => "hidden_states",
-    };
+    let latents_input = layout.latents_input();
     for name in [latents_input, "timestep", "encoder_hidden_states"] {
         if !has(name) {
             bail!(
@@ -134,7 +135,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         bail!("--guidance {guidance}: must be a finite number");
     }
     let cfg = guidance > 1.0;
-    let has_pooled = specs.iter().any(|s| s.name == "pooled_projections");
+    let has_pooled = has("pooled_projections");
     let pooled_files = match (&args.pooled_cond, &args.pooled_uncond) {
         (Some(_), None) | (None, Some(_)) => {
             bail!("--pooled-cond and --pooled-uncond go together")
@@ -150,8 +151,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             args.unet.display()
         ),
     };
-    // Inputs it cannot know (SDXL's added embeddings, Flux's token ids): ONNX Runtime would
-    // fail deep in the graph.
+    // Inputs it cannot know (SDXL's added embeddings, Flux-dev's guidance): ONNX Runtime
+    // would fail deep in the graph.
     let fed = [
         latents_input,
         "timestep",
@@ -222,25 +223,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     drop(order);
 
     // Checked first: the controller's schedules are sized by the step count.
-    let kind = args.scheduler.map(|s| match s {
-        SchedulerArg::Ddim => Kind::Ddim,
-        SchedulerArg::FlowEuler => Kind::FlowEuler,
-    });
-    let schedule = match &args.scheduler_config {
-        Some(path) => {
-            let (schedule, ignored) = scheduler::read(path, kind)?;
-            if !ignored.is_empty() {
-                eprintln!(
-                    "note: --scheduler-config {}: not used by attune's scheduler: {}",
-                    path.display(),
-                    ignored.join(", ")
-                );
-            }
-            schedule
-        }
-        None if kind == Some(Kind::FlowEuler) => Schedule::Flow(FlowConfig::default()),
-        None => Schedule::Ddim(DdimConfig::stable_diffusion()),
-    };
+    let schedule = schedule(&args)?;
     let cond = read_f32(&args.cond, "cond", 3)?;
     let uncond = match &args.uncond {
         Some(p) => read_f32(p, "uncond", 3)?,
@@ -271,58 +254,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     }
     let latents = match &args.latents {
         Some(p) => read_f32(p, "latents", 4)?,
-        None => {
-            // Seeded noise [prompts, channels, height, width] in latent pixels, whatever the
-            // export calls its sizes (`batch_size`, dynamo's `8*height`); a model with fixed
-            // sizes gives its own unless --height/--width say otherwise.
-            let sample = g.value_id(latents_input).expect("checked");
-            let declared = Shapes::infer(&model)
-                .shape(sample)
-                .map(<[Dim]>::to_vec)
-                .unwrap_or_default();
-            let side = |axis: usize, given: Option<usize>| {
-                given
-                    .or_else(|| usize::try_from(declared.get(axis)?.known()?).ok())
-                    .unwrap_or(64)
-            };
-            let (height, width, channels) = match layout {
-                Layout::Image => (
-                    side(2, args.height),
-                    side(3, args.width),
-                    latent_channels(&model, sample, &declared),
-                ),
-                // Tokens of 2x2 patches: 4 features per latent channel.
-                Layout::Packed => (
-                    args.height.unwrap_or(64),
-                    args.width.unwrap_or(64),
-                    declared
-                        .get(2)
-                        .and_then(Dim::known)
-                        .filter(|f| f % 4 == 0)
-                        .and_then(|f| usize::try_from(f / 4).ok()),
-                ),
-            };
-            let Some(channels) = channels else {
-                bail!(
-                    "{}: the {latents_input} input's channel count is neither declared nor read by a convolution; give --latents",
-                    args.unet.display()
-                );
-            };
-            let spec = inputs::InputSpec {
-                name: "sample".into(),
-                optional: false,
-                elem_type: DataType::Float as i32,
-                dims: [prompts, channels, height, width]
-                    .map(inputs::Dim::Fixed)
-                    .to_vec(),
-            };
-            let mut random = inputs::prepare(&[spec], vec![], &inputs::Dims::default(), args.seed)
-                .with_context(|| format!("seeded latents of --height {height} --width {width}"))?;
-            match random.remove(0).1 {
-                HostTensor::F32(a) => a,
-                other => unreachable!("f32 noise was asked for, not {}", other.dtype().name()),
-            }
-        }
+        None => seeded_latents(&model, &args, layout, prompts)?,
     };
     if latents.shape()[0] != 1 && latents.shape()[0] != prompts {
         let from = args.latents.as_ref().map_or_else(
@@ -533,171 +465,85 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// Per prompt and word: the maps of the highest-resolution captured layers (mean over layers
-/// and steps) as an 8-bit grayscale PNG, scaled to its max and enlarged to about 256 px.
-fn write_heatmaps(
-    dir: &Path,
-    maps: &Maps,
+/// The schedule --scheduler-config gives (else Stable Diffusion's DDIM, or flow matching's
+/// defaults for --scheduler flow-euler).
+fn schedule(args: &Args) -> anyhow::Result<Schedule> {
+    let kind = args.scheduler.map(|s| match s {
+        SchedulerArg::Ddim => Kind::Ddim,
+        SchedulerArg::FlowEuler => Kind::FlowEuler,
+    });
+    Ok(match &args.scheduler_config {
+        Some(path) => {
+            let (schedule, ignored) = scheduler::read(path, kind)?;
+            if !ignored.is_empty() {
+                eprintln!(
+                    "note: --scheduler-config {}: not used by attune's scheduler: {}",
+                    path.display(),
+                    ignored.join(", ")
+                );
+            }
+            schedule
+        }
+        None if kind == Some(Kind::FlowEuler) => Schedule::Flow(FlowConfig::default()),
+        None => Schedule::Ddim(DdimConfig::stable_diffusion()),
+    })
+}
+
+/// Seeded noise [prompts, channels, height, width] in latent pixels, whatever the export calls
+/// its sizes (`batch_size`, dynamo's `8*height`); a model with fixed sizes gives its own unless
+/// --height/--width say otherwise.
+fn seeded_latents(
+    model: &Model,
+    args: &Args,
+    layout: Layout,
     prompts: usize,
-    words: &[usize],
-) -> anyhow::Result<usize> {
-    for (path, m) in &maps.sum {
-        if m.ndim() != 3 || m.shape()[0] < prompts || m.shape().contains(&0) {
-            bail!(
-                "--save-maps: output 'attn.{path}' is {:?}, expected [{prompts}, query tokens, text tokens]",
-                m.shape()
-            );
-        }
-    }
-    let Some(tokens) = maps.sum.values().map(|m| m.shape()[1]).max() else {
-        bail!("--save-maps: the UNet outputs no attention maps (compile it with --hooks capture)");
+) -> anyhow::Result<ArrayD<f32>> {
+    let latents_input = layout.latents_input();
+    let sample = model.graph.value_id(latents_input).expect("checked");
+    let declared = Shapes::infer(model)
+        .shape(sample)
+        .map(<[Dim]>::to_vec)
+        .unwrap_or_default();
+    let side = |axis: usize, given: Option<usize>| {
+        given
+            .or_else(|| usize::try_from(declared.get(axis)?.known()?).ok())
+            .unwrap_or(64)
     };
-    let side = (tokens as f64).sqrt() as usize;
-    if side * side != tokens {
-        bail!("--save-maps: {tokens} query tokens are not a square grid");
+    let (height, width, channels) = match layout {
+        Layout::Image => (
+            side(2, args.height),
+            side(3, args.width),
+            latent_channels(model, sample, &declared),
+        ),
+        // Tokens of 2x2 patches: 4 features per latent channel.
+        Layout::Packed => (
+            args.height.unwrap_or(64),
+            args.width.unwrap_or(64),
+            declared
+                .get(2)
+                .and_then(Dim::known)
+                .filter(|f| f % 4 == 0)
+                .and_then(|f| usize::try_from(f / 4).ok()),
+        ),
+    };
+    let Some(channels) = channels else {
+        bail!(
+            "{}: the {latents_input} input's channel count is neither declared nor read by a convolution; give --latents",
+            args.unet.display()
+        );
+    };
+    let spec = inputs::InputSpec {
+        name: "sample".into(),
+        optional: false,
+        elem_type: DataType::Float as i32,
+        dims: [prompts, channels, height, width]
+            .map(inputs::Dim::Fixed)
+            .to_vec(),
+    };
+    let mut random = inputs::prepare(&[spec], vec![], &inputs::Dims::default(), args.seed)
+        .with_context(|| format!("seeded latents of --height {height} --width {width}"))?;
+    match random.remove(0).1 {
+        HostTensor::F32(a) => Ok(a),
+        other => unreachable!("f32 noise was asked for, not {}", other.dtype().name()),
     }
-    let layers: Vec<&ArrayD<f32>> = maps
-        .sum
-        .values()
-        .filter(|m| m.shape()[1] == tokens)
-        .collect();
-    std::fs::create_dir_all(dir)?;
-    let scale = (256 / side).max(1);
-    let mut written = 0;
-    for p in 0..prompts {
-        for &w in words {
-            let total = layers.iter().map(|l| l.shape()[2]).min().unwrap_or(0);
-            if w >= total {
-                bail!("--save-maps: word {w} is beyond the {total} text tokens");
-            }
-            let m: Vec<f32> = (0..tokens)
-                .map(|q| layers.iter().map(|l| l[[p, q, w]]).sum::<f32>())
-                .collect();
-            let max = m.iter().cloned().fold(f32::MIN_POSITIVE, f32::max);
-            let img = ArrayD::from_shape_fn(IxDyn(&[side * scale, side * scale]), |ix| {
-                let (r, c) = (ix[0] / scale, ix[1] / scale);
-                (m[r * side + c] / max * 255.0).round().clamp(0.0, 255.0) as u8
-            });
-            let path = dir.join(format!("prompt{p}_word{w}.png"));
-            let file = std::fs::File::create(&path)?;
-            let mut enc = png::Encoder::new(
-                std::io::BufWriter::new(file),
-                (side * scale) as u32,
-                (side * scale) as u32,
-            );
-            enc.set_color(png::ColorType::Grayscale);
-            enc.set_depth(png::BitDepth::Eight);
-            enc.write_header()?
-                .write_image_data(img.as_slice().expect("standard layout"))?;
-            written += 1;
-        }
-    }
-    Ok(written)
-}
-
-/// The resolutions (sides of square query-token grids) of the UNet's captured cross-attention
-/// maps for latents of `shape` [batch, channels, height, width], from symbolic shape
-/// inference; `None` where a size is not known statically.
-fn map_resolutions(model: &Model, shape: &[usize]) -> Option<Vec<usize>> {
-    let g = &model.graph;
-    let shapes = Shapes::infer(model);
-    let sample = g.value_id("sample")?;
-    let declared = shapes.shape(sample)?;
-    if declared.len() != 4 || shape.len() != 4 {
-        return None;
-    }
-    let sides: Vec<i64> = shape[2..].iter().map(|&s| s as i64).collect();
-    let values = solve_symbols(&declared[2..], &sides)?;
-    let mut out = std::collections::BTreeSet::new();
-    for io in &g.outputs {
-        if !g.value(io.value).name.starts_with("attn.") {
-            continue;
-        }
-        let tokens = shapes
-            .shape(io.value)?
-            .get(1)?
-            .substitute(&values)?
-            .known()?;
-        out.insert(sample::square_side(usize::try_from(tokens).ok()?)?);
-    }
-    (!out.is_empty()).then(|| out.into_iter().collect())
-}
-
-/// The timestep's declared form: a scalar, one for the batch (`[1]`), else one per row.
-fn timestep_form(model: &Model) -> TimestepForm {
-    let declared = model
-        .graph
-        .inputs
-        .iter()
-        .find(|io| io.info.name == "timestep")
-        .and_then(|io| declared_dims(&io.info));
-    match declared.as_deref() {
-        Some([]) => TimestepForm::Scalar,
-        Some([Dim::Known(1)]) => TimestepForm::One,
-        _ => TimestepForm::PerRow,
-    }
-}
-
-/// The latents' channel count: declared, or (diffusers' conversion script declares it a
-/// `channels` symbol) the input channels of the convolution reading the sample.
-fn latent_channels(model: &Model, sample: ValueId, declared: &[Dim]) -> Option<usize> {
-    if let Some(c) = declared.get(1).and_then(Dim::known) {
-        return usize::try_from(c).ok();
-    }
-    let g = &model.graph;
-    g.value(sample).consumers.iter().find_map(|u| {
-        let Use::Input(n, 0) = u else { return None };
-        let node = g.node(*n);
-        let weight = node.inputs.get(1).copied().flatten()?;
-        let dims = &g.initializer(weight)?.proto.dims;
-        (node.is("Conv") && dims.len() == 4)
-            .then(|| usize::try_from(dims[1]).ok())
-            .flatten()
-    })
-}
-
-/// The side of the patches a transformer cuts the sample into: the strides of a convolution
-/// reading the sample whose kernel is its stride (PixArt's and SD3's patch embedding).
-fn patch_size(model: &Model) -> Option<usize> {
-    let g = &model.graph;
-    let sample = g.value_id("sample")?;
-    g.value(sample).consumers.iter().find_map(|u| {
-        let Use::Input(n, 0) = u else { return None };
-        let node = g.node(*n);
-        let weight = node.inputs.get(1).copied().flatten()?;
-        let dims = &g.initializer(weight)?.proto.dims;
-        let strides = node.attr("strides")?.ints.clone();
-        let patch = *strides.first()?;
-        (node.is("Conv")
-            && patch > 1
-            && strides.iter().all(|&s| s == patch)
-            && dims[2..].iter().all(|&k| k == patch))
-        .then(|| usize::try_from(patch).ok())
-        .flatten()
-    })
-}
-
-/// Sizes of the symbols of `declared` dims (`height`, `8*height`) that make them `sizes`;
-/// `None` when a dim is a product of symbols, a size does not divide, or sizes contradict.
-fn solve_symbols(declared: &[Dim], sizes: &[i64]) -> Option<BTreeMap<String, i64>> {
-    let mut values = BTreeMap::new();
-    for (d, &size) in declared.iter().zip(sizes) {
-        match d {
-            Dim::Known(k) if *k == size => {}
-            Dim::Known(_) => return None,
-            Dim::Sym { num, den, symbols } => {
-                let [(name, 1)] = symbols.iter().collect::<Vec<_>>()[..] else {
-                    return None;
-                };
-                let scaled = size.checked_mul(*den)?;
-                if *num == 0 || scaled % num != 0 {
-                    return None;
-                }
-                if *values.entry(name.clone()).or_insert(scaled / num) != scaled / num {
-                    return None;
-                }
-            }
-        }
-    }
-    Some(values)
 }
