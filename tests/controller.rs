@@ -804,7 +804,11 @@ fn sample_case(unet: &Path, case: &str, out: &Path, extra: &[&str]) -> std::proc
             args.extend([flag.to_string(), file(f)]);
         }
     }
-    let guidance = if case == "flux" { "1" } else { "5" };
+    let guidance = if ["flux", "flux_dev"].contains(&case) {
+        "1"
+    } else {
+        "5"
+    };
     args.extend(["--steps", "4", "--guidance", guidance, "--out"].map(String::from));
     args.push(out.display().to_string());
     args.extend(extra.iter().map(|a| a.to_string()));
@@ -819,7 +823,8 @@ fn schedulers_from_diffusers_configs_sample_like_diffusers() {
     // linspace spacing, DDIM's clip_sample default) with its predicted variance dropped; SD3's
     // flow-matching Euler with shift 3 and pooled text (and shifted by its patch tokens, read
     // off its patch-embedding convolution); Flux-dev's token-count shift as
-    // FluxPipeline drives it (packed latents), without guidance (its default) and with true CFG.
+    // FluxPipeline drives it (packed latents), without guidance (its default), with true CFG,
+    // and Flux-dev's embedded guidance (3.5 by default, as FluxPipeline's).
     let dir = tempfile::tempdir().unwrap();
     for (case, model) in [
         ("sd2_vpred", "sd2_legacy"),
@@ -828,6 +833,7 @@ fn schedulers_from_diffusers_configs_sample_like_diffusers() {
         ("sd3_dynamic", "sd3_legacy"),
         ("flux", "flux_dynamo"),
         ("flux_cfg", "flux_dynamo"),
+        ("flux_dev", "flux_dev_dynamo"),
     ] {
         let config = root()
             .join("models/sample")
@@ -1084,6 +1090,12 @@ fn bad_scheduler_configs_and_conditioning_are_errors_naming_the_key_or_input() {
             "has no 'pooled_projections' input",
         ),
         ("flux_dynamo", "sd3", vec![], "takes pooled text embeddings"),
+        (
+            "sd15_legacy",
+            "",
+            vec!["--embedded-guidance=2".into()],
+            "has no 'guidance' input (Flux-dev's embedded guidance)",
+        ),
         (
             "sd15_legacy",
             "",

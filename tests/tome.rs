@@ -176,7 +176,7 @@ fn ratio_zero_is_the_original_graph() {
     assert!(diff::diff(&a, &b).is_empty());
     assert_eq!(
         run(&out, &fixture_inputs()),
-        npy::read(&root().join("models/sd15_legacy/ref/out_sample.npy")).unwrap()
+        run(&fixture("sd15_legacy"), &fixture_inputs())
     );
 }
 

@@ -15,10 +15,12 @@ dynamic batch/height/width/sequence:
   one single-stream block, RMS qk-norm and rotary position embeddings on Q and K; packed
   latent tokens with their ids). The dynamo exporter only: torch's `rms_norm` has no opset-17
   export.
+- `flux_dev_dynamo`: the same with Flux-dev's embedded guidance (a `guidance` input per row),
+  for the sampler's tests.
 Each writes `models/<name>/`: `unet.onnx` + `unet.onnx.data`, `spec.json`, `inputs/*.npy` and
 `ref/out_sample.npy` (onnxruntime's outputs, the tests' reference).
 
-    python models/export/dits.py
+    python models/export/dits.py [--only NAME ...]
     python models/export/dits.py --full pixart --out models/large/pixart   # PixArt-α XL size, 2.4 GB, never committed
 """
 import json
@@ -45,6 +47,8 @@ FULL_PIXART = dict(sample_size=64, num_layers=28, attention_head_dim=72, num_att
 FLUX = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
             pooled_projection_dim=8, guidance_embeds=False, axes_dims_rope=(2, 2, 4))
+# Flux-dev's: an embedded guidance scale.
+FLUX_DEV = dict(FLUX, guidance_embeds=True)
 
 
 class Wrapper(torch.nn.Module):
@@ -98,6 +102,17 @@ class FluxWrapper(torch.nn.Module):
                           txt_ids=txt_ids, return_dict=False)[0]
 
 
+class FluxDevWrapper(FluxWrapper):
+    """Flux-dev's signature: Flux's and the embedded guidance scale per row."""
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections,
+                img_ids, txt_ids, guidance):
+        return self.model(hidden_states=hidden_states, timestep=timestep,
+                          encoder_hidden_states=encoder_hidden_states,
+                          pooled_projections=pooled_projections, img_ids=img_ids,
+                          txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+
+
 def export(name, cls, config, wrapper, inputs, dynamo=False):
     import onnxruntime as ort
     model = build(cls, config)
@@ -110,7 +125,7 @@ def export(name, cls, config, wrapper, inputs, dynamo=False):
             "encoder_hidden_states": {0: "batch", 1: "sequence"},
             "pooled_projections": {0: "batch"},
             "hidden_states": {0: "batch", 1: "tokens"}, "img_ids": {0: "tokens"},
-            "txt_ids": {0: "sequence"},
+            "txt_ids": {0: "sequence"}, "guidance": {0: "batch"},
             "out_sample": {0: "batch", 2: "height", 3: "width"}}
     if "hidden_states" in inputs:
         axes["out_sample"] = {0: "batch", 1: "tokens"}
@@ -136,7 +151,8 @@ def export(name, cls, config, wrapper, inputs, dynamo=False):
                           output_names=["out_sample"], dynamic_axes=axes,
                           do_constant_folding=True)
     m = onnx.load(str(raw))
-    raw.unlink()
+    for f in out_dir.glob("raw.onnx*"):  # the dynamo exporter's external data too
+        f.unlink()
     path = out_dir / "unet.onnx"
     onnx.save(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
               location="unet.onnx.data", size_threshold=1024)
@@ -194,23 +210,29 @@ def main():
     timestep = torch.tensor([999.0, 500.0])
     text = torch.randn(2, 7, 16, generator=gen)
     pooled = torch.randn(2, 8, generator=gen)
-    export("pixart_legacy", PixArtTransformer2DModel, PIXART, Wrapper,
-           {"sample": sample, "timestep": timestep, "encoder_hidden_states": text})
-    for name, config in [("sd3", SD3), ("sd35", SD35)]:
-        for dynamo in [False, True]:
-            export(f"{name}_{'dynamo' if dynamo else 'legacy'}", SD3Transformer2DModel, config,
-                   Sd3Wrapper, {"sample": sample, "timestep": timestep,
-                                "encoder_hidden_states": text, "pooled_projections": pooled},
-                   dynamo)
     # Flux: the 16x16 latent packed into 8x8 tokens of 2x2 patches, ids (0, row, column).
     packed = sample.reshape(2, 4, 8, 2, 8, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 64, 16)
     rows, cols = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
     img_ids = torch.stack([torch.zeros(64), rows.flatten(), cols.flatten()], dim=1)
-    export("flux_dynamo", FluxTransformer2DModel, FLUX, FluxWrapper,
-           {"hidden_states": packed.contiguous(), "timestep": timestep / 1000,
-            "encoder_hidden_states": text, "pooled_projections": pooled, "img_ids": img_ids,
-            "txt_ids": torch.zeros(7, 3)}, dynamo=True)
-
+    flux_inputs = {"hidden_states": packed.contiguous(), "timestep": timestep / 1000,
+                   "encoder_hidden_states": text, "pooled_projections": pooled, "img_ids": img_ids,
+                   "txt_ids": torch.zeros(7, 3)}
+    sd3_inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": text,
+                  "pooled_projections": pooled}
+    fixtures = {
+        "pixart_legacy": (PixArtTransformer2DModel, PIXART, Wrapper,
+                          {"sample": sample, "timestep": timestep, "encoder_hidden_states": text}, False),
+        "flux_dynamo": (FluxTransformer2DModel, FLUX, FluxWrapper, flux_inputs, True),
+        "flux_dev_dynamo": (FluxTransformer2DModel, FLUX_DEV, FluxDevWrapper,
+                            dict(flux_inputs, guidance=torch.tensor([3.5, 3.5])), True),
+    }
+    for name, config in [("sd3", SD3), ("sd35", SD35)]:
+        for dynamo in [False, True]:
+            fixtures[f"{name}_{'dynamo' if dynamo else 'legacy'}"] = (
+                SD3Transformer2DModel, config, Sd3Wrapper, sd3_inputs, dynamo)
+    only = sys.argv[sys.argv.index("--only") + 1:] if "--only" in sys.argv else list(fixtures)
+    for name in only:
+        export(name, *fixtures[name])
 
 if __name__ == "__main__":
     main()

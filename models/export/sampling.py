@@ -17,7 +17,8 @@ timesteps.npy (what the model was fed) and final_latents.npy.
 - `flux`, `flux_cfg`: flux_dynamo, Flux-dev's dynamically shifted FlowMatchEulerDiscreteScheduler
   as FluxPipeline drives it (packed latents and their ids, its own σs, timestep/1000), guidance 1
   (its default: no CFG; the model is guidance-distilled) and true CFG at 5; latents are saved
-  unpacked [2, 4, 16, 16];
+  unpacked [2, 4, 16, 16]; `flux_dev`: flux_dev_dynamo with its embedded guidance at 3.5
+  (FluxPipeline's default), no CFG;
 - `sd15_pndm`: only a config, SD1.5's (a PNDMScheduler's, as its pipeline folder ships it),
   which DDIM reads as attune's built-in Stable Diffusion schedule.
 
@@ -64,7 +65,7 @@ def loop(model, sched, latents, cond, uncond, pooled=None):
     return x, sched.timesteps
 
 
-def flux_loop(model, sched, latents, cond, uncond, pooled, guidance):
+def flux_loop(model, sched, latents, cond, uncond, pooled, guidance, embedded=None):
     """FluxPipeline's loop: latents packed into 2x2-patch tokens with their ids, its own σs
     (1 to 1/steps) shifted by the token count, timestep/1000, true CFG above 1."""
     from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift, retrieve_timesteps
@@ -75,10 +76,11 @@ def flux_loop(model, sched, latents, cond, uncond, pooled, guidance):
     cfg = sched.config
     mu = calculate_shift(x.shape[1], cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
     timesteps, _ = retrieve_timesteps(sched, STEPS, "cpu", sigmas=np.linspace(1.0, 1 / STEPS, STEPS), mu=mu)
+    extra = () if embedded is None else (torch.full([PROMPTS], embedded),)
     for t in timesteps:
         def velocity(text, pool):
             with torch.no_grad():
-                return model(x, t.expand(PROMPTS) / 1000, text, pool, img_ids, txt_ids)
+                return model(x, t.expand(PROMPTS) / 1000, text, pool, img_ids, txt_ids, *extra)
         v = velocity(cond, pooled[0])
         if guidance > 1:
             neg = velocity(uncond.repeat(PROMPTS, 1, 1), pooled[1].repeat(PROMPTS, 1))
@@ -87,7 +89,7 @@ def flux_loop(model, sched, latents, cond, uncond, pooled, guidance):
     return FluxPipeline._unpack_latents(x, h * 8, w * 8, 8), timesteps
 
 
-def case(name, model, sched, width, pooled_width=None, guidance=GUIDANCE, flux=False):
+def case(name, model, sched, width, pooled_width=None, guidance=GUIDANCE, flux=False, embedded=None):
     folder = OUT / name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -102,7 +104,7 @@ def case(name, model, sched, width, pooled_width=None, guidance=GUIDANCE, flux=F
         pooled = (torch.randn(PROMPTS, pooled_width, generator=gen), torch.randn(1, pooled_width, generator=gen))
         feeds.update(pooled_cond=pooled[0], pooled_uncond=pooled[1])
     if flux:
-        final, timesteps = flux_loop(model, sched, latents, cond, uncond, pooled, guidance)
+        final, timesteps = flux_loop(model, sched, latents, cond, uncond, pooled, guidance, embedded)
     else:
         final, timesteps = loop(model, sched, latents, cond, uncond, pooled)
     for k, v in feeds.items():
@@ -140,6 +142,10 @@ def main():
     for name, guidance in [("flux", 1.0), ("flux_cfg", GUIDANCE)]:
         case(name, flux, flux_sched(), dits.FLUX["joint_attention_dim"], dits.FLUX["pooled_projection_dim"],
              guidance, flux=True)
+    # Flux-dev's embedded guidance (FluxPipeline's guidance_scale, default 3.5), no CFG.
+    flux_dev = dits.FluxDevWrapper(dits.build(FluxTransformer2DModel, dits.FLUX_DEV))
+    case("flux_dev", flux_dev, flux_sched(), dits.FLUX["joint_attention_dim"], dits.FLUX["pooled_projection_dim"],
+         1.0, flux=True, embedded=3.5)
     # The file SD1.5's pipeline folder ships (runwayml/stable-diffusion-v1-5, scheduler/): a
     # PNDMScheduler config, with the `clip_sample: false` that DDIM reads (PNDM has no such key,
     # so saving PNDMScheduler's own config would drop it and DDIM's default would clip).

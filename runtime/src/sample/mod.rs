@@ -32,6 +32,8 @@ pub struct SampleRun<'a> {
     pub timestep: TimestepForm,
     /// Classifier-free guidance: the batch holds the unconditional rows too.
     pub cfg: bool,
+    /// Flux-dev's `guidance` input, per row.
+    pub embedded_guidance: Option<f32>,
     pub layout: Layout,
     /// The model is fed the scheduler's timestep times this (Flux: 1/1000).
     pub timestep_scale: f64,
@@ -141,6 +143,12 @@ pub fn sample(unet: &mut Backend, run: SampleRun) -> Result<(ArrayD<f32>, Maps)>
         fixed.push((
             "txt_ids".to_string(),
             HostTensor::F32(ArrayD::zeros(IxDyn(&[words, 3]))),
+        ));
+    }
+    if let Some(g) = run.embedded_guidance {
+        fixed.push((
+            "guidance".to_string(),
+            HostTensor::F32(ArrayD::from_elem(IxDyn(&[rows]), g)),
         ));
     }
     let fixed = fixed

@@ -48,6 +48,10 @@ pub struct Args {
     /// Unconditional pooled embeddings, [1 or P, dim] .npy
     #[arg(long)]
     pooled_uncond: Option<PathBuf>,
+    /// Flux-dev's embedded guidance scale, fed to its `guidance` input [default: 3.5, as
+    /// FluxPipeline's]
+    #[arg(long, value_name = "G")]
+    embedded_guidance: Option<f32>,
     /// Initial latents [1 or P, 4, h, w] .npy (else seeded noise of --height x --width)
     #[arg(long)]
     latents: Option<PathBuf>,
@@ -135,6 +139,17 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         bail!("--guidance {guidance}: must be a finite number");
     }
     let cfg = guidance > 1.0;
+    let embedded_guidance = match (has("guidance"), args.embedded_guidance) {
+        (true, g) => Some(g.unwrap_or(3.5)),
+        (false, None) => None,
+        (false, Some(_)) => bail!(
+            "--embedded-guidance: {} has no 'guidance' input (Flux-dev's embedded guidance)",
+            args.unet.display()
+        ),
+    };
+    if let Some(g) = embedded_guidance.filter(|g| !g.is_finite()) {
+        bail!("--embedded-guidance {g}: must be a finite number");
+    }
     let has_pooled = has("pooled_projections");
     let pooled_files = match (&args.pooled_cond, &args.pooled_uncond) {
         (Some(_), None) | (None, Some(_)) => {
@@ -151,8 +166,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             args.unet.display()
         ),
     };
-    // Inputs it cannot know (SDXL's added embeddings, Flux-dev's guidance): ONNX Runtime
-    // would fail deep in the graph.
+    // Inputs it cannot know (SDXL's added embeddings): ONNX Runtime would fail deep in the
+    // graph.
     let fed = [
         latents_input,
         "timestep",
@@ -160,6 +175,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         "pooled_projections",
         "img_ids",
         "txt_ids",
+        "guidance",
     ];
     if let Some(s) = specs
         .iter()
@@ -167,8 +183,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     {
         bail!(
             "{}: input '{}' is not one `attune sample` feeds (it feeds sample, timestep, \
-             encoder_hidden_states, SD3's pooled_projections and Flux's hidden_states, img_ids \
-             and txt_ids; added conditioning and Flux-dev's guidance embedding are not supported)",
+             encoder_hidden_states, SD3's pooled_projections and Flux's hidden_states, img_ids, \
+             txt_ids and guidance; added conditioning is not supported)",
             args.unet.display(),
             s.name
         );
@@ -438,6 +454,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         input_dtypes,
         timestep: timestep_form(&model),
         cfg,
+        embedded_guidance,
         layout,
         timestep_scale: match layout {
             Layout::Packed => 1e-3,
