@@ -907,24 +907,9 @@ fn stable_diffusions_pndm_config_samples_as_the_built_in_schedule() {
     let args = ["--scheduler-config", config.to_str().unwrap()];
     let from_config = two_steps(&fixture("sd15_legacy"), &dir.path().join("b"), &args);
     assert_eq!(built_in, from_config);
-    let s = ctl("sample").display().to_string();
-    let o = attune(&[
-        "sample",
-        "--unet",
-        fixture("sd15_legacy").to_str().unwrap(),
-        "--steps",
-        "1",
-        "--cond",
-        &format!("{s}/cond.npy"),
-        "--uncond",
-        &format!("{s}/uncond.npy"),
-        "--latents",
-        &format!("{s}/latents.npy"),
-        "--out",
-        dir.path().join("c").to_str().unwrap(),
-        "--scheduler-config",
-        config.to_str().unwrap(),
-    ]);
+    let out = dir.path().join("c");
+    let args = [&args[..], &["--out", out.to_str().unwrap()]].concat();
+    let o = sample_with(&fixture("sd15_legacy"), "1", &args);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("not used by attune's scheduler: skip_prk_steps"),

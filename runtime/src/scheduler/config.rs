@@ -118,41 +118,40 @@ impl Keys<'_> {
         Error::file(self.path, format!("key '{key}' = {value}: {msg}"))
     }
 
-    fn float(&mut self, key: &str, default: f64) -> Result<f64> {
+    /// The key's value read by `read`, `default` when absent, else an error saying `expected`.
+    fn typed<T>(
+        &mut self,
+        key: &str,
+        default: T,
+        expected: &str,
+        read: impl Fn(&Value) -> Option<T>,
+    ) -> Result<T> {
         match self.get(key).cloned() {
             None => Ok(default),
-            Some(v) => v
-                .as_f64()
-                .filter(|x| x.is_finite())
-                .ok_or_else(|| self.bad(key, "expected a number")),
+            Some(v) => read(&v).ok_or_else(|| self.bad(key, expected)),
         }
+    }
+
+    fn float(&mut self, key: &str, default: f64) -> Result<f64> {
+        self.typed(key, default, "expected a number", |v| {
+            v.as_f64().filter(|x| x.is_finite())
+        })
     }
 
     fn count(&mut self, key: &str, default: usize) -> Result<usize> {
-        match self.get(key).cloned() {
-            None => Ok(default),
-            Some(v) => v
-                .as_u64()
-                .and_then(|n| usize::try_from(n).ok())
-                .ok_or_else(|| self.bad(key, "expected a whole number")),
-        }
+        self.typed(key, default, "expected a whole number", |v| {
+            v.as_u64().and_then(|n| usize::try_from(n).ok())
+        })
     }
 
     fn flag(&mut self, key: &str, default: bool) -> Result<bool> {
-        match self.get(key).cloned() {
-            None => Ok(default),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| self.bad(key, "expected true or false")),
-        }
+        self.typed(key, default, "expected true or false", Value::as_bool)
     }
 
     fn string(&mut self, key: &str) -> Result<Option<String>> {
-        match self.get(key).cloned() {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(_) => Err(self.bad(key, "expected a string")),
-        }
+        self.typed(key, None, "expected a string", |v| {
+            v.as_str().map(|s| Some(s.to_string()))
+        })
     }
 
     /// One of `choices` (config spelling, value), else an error listing them.
