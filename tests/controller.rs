@@ -995,6 +995,19 @@ fn bad_scheduler_configs_and_conditioning_are_errors_naming_the_key_or_input() {
             vec![],
             "key 'shift' = -1",
         ),
+        (
+            write("l.json", r#"{"num_train_timesteps": 1000000000000}"#),
+            vec![],
+            "key 'num_train_timesteps' = 1000000000000: must be within 2..=100000",
+        ),
+        (
+            write(
+                "m.json",
+                r#"{"steps_offset": 18446744073709551615, "clip_sample": false}"#,
+            ),
+            vec![],
+            "reaches timestep 18446744073709551615, beyond the 1000 training steps",
+        ),
     ];
     let s = ctl("sample").display().to_string();
     let unet = fixture("sd15_legacy").display().to_string();

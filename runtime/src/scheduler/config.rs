@@ -11,6 +11,9 @@ use super::ddim::{BetaSchedule, Betas, DdimConfig, Prediction, Spacing};
 use super::flow::{DynamicShift, FlowConfig};
 use crate::error::{Error, Result};
 
+/// Far above any real schedule's 1000; DDIM keeps one ᾱ per training step.
+const MAX_TRAIN_STEPS: usize = 100_000;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Ddim,
@@ -184,8 +187,11 @@ impl Keys<'_> {
     fn ddim(&mut self) -> Result<DdimConfig> {
         let d = DdimConfig::diffusers_defaults();
         let train_steps = self.count("num_train_timesteps", d.train_steps)?;
-        if train_steps < 2 {
-            return Err(self.bad("num_train_timesteps", "must be at least 2"));
+        if !(2..=MAX_TRAIN_STEPS).contains(&train_steps) {
+            return Err(self.bad(
+                "num_train_timesteps",
+                format!("must be within 2..={MAX_TRAIN_STEPS}"),
+            ));
         }
         let Betas::Schedule { start, end, kind } = d.betas else {
             unreachable!("the defaults are a schedule")
@@ -262,8 +268,11 @@ impl Keys<'_> {
     fn flow(&mut self) -> Result<FlowConfig> {
         let d = FlowConfig::default();
         let train_steps = self.count("num_train_timesteps", d.train_steps)?;
-        if train_steps < 1 {
-            return Err(self.bad("num_train_timesteps", "must be at least 1"));
+        if !(1..=MAX_TRAIN_STEPS).contains(&train_steps) {
+            return Err(self.bad(
+                "num_train_timesteps",
+                format!("must be within 1..={MAX_TRAIN_STEPS}"),
+            ));
         }
         let shift = self.float("shift", d.shift)?;
         if shift <= 0.0 {

@@ -176,7 +176,7 @@ impl Ddim {
             }
             Spacing::Leading => (0..steps)
                 .rev()
-                .map(|i| i * (train / steps) + config.steps_offset)
+                .map(|i| (i * (train / steps)).saturating_add(config.steps_offset))
                 .collect(),
             Spacing::Trailing => {
                 let ratio = train as f64 / steps as f64;
