@@ -819,7 +819,8 @@ fn sample_case(unet: &Path, case: &str, out: &Path, extra: &[&str]) -> std::proc
 fn schedulers_from_diffusers_configs_sample_like_diffusers() {
     // diffusers' scheduler objects built from the same scheduler_config.json files, stepping
     // the torch models (models/export/sampling.py): DDIM with v-prediction, trailing spacing
-    // and zero terminal SNR (SD2); PixArt-α's DPMSolver config read as DDIM (linear betas,
+    // and zero terminal SNR (SD2); SDXL's Euler config read as DDIM, with its pooled text and
+    // default time ids; PixArt-α's DPMSolver config read as DDIM (linear betas,
     // linspace spacing, DDIM's clip_sample default) with its predicted variance dropped; SD3's
     // flow-matching Euler with shift 3 and pooled text (and shifted by its patch tokens, read
     // off its patch-embedding convolution); Flux-dev's token-count shift as
@@ -828,6 +829,7 @@ fn schedulers_from_diffusers_configs_sample_like_diffusers() {
     let dir = tempfile::tempdir().unwrap();
     for (case, model) in [
         ("sd2_vpred", "sd2_legacy"),
+        ("sdxl", "sdxl_legacy"),
         ("pixart", "pixart_legacy"),
         ("sd3", "sd3_legacy"),
         ("sd3_dynamic", "sd3_legacy"),
@@ -862,6 +864,7 @@ fn schedulers_from_diffusers_configs_sample_like_diffusers() {
         .unwrap();
         assert!(c.rel_l2 <= 2e-5, "{case}: {c:?}");
         // Stable Diffusion's built-in DDIM schedule lands elsewhere: the config matters.
+        // SDXL's config is that schedule.
         let default = dir.path().join(format!("{case}-default"));
         let o = sample_case(&fixture(model), case, &default, &[]);
         assert!(o.status.success(), "{case}: {}", stderr(&o));
@@ -871,7 +874,12 @@ fn schedulers_from_diffusers_configs_sample_like_diffusers() {
             &npy::read(&default.join("latents.npy")).unwrap(),
         )
         .unwrap();
-        assert!(c.rel_l2 > 0.05, "{case} without its config: {c:?}");
+        let expected_apart = case != "sdxl";
+        assert_eq!(
+            c.rel_l2 > 0.05,
+            expected_apart,
+            "{case} without its config: {c:?}"
+        );
     }
     // Capture on Flux's joint site while sampling without guidance: the maps are the prompts'
     // own rows, and the latents stay the reference's.
@@ -1061,7 +1069,7 @@ fn bad_scheduler_configs_and_conditioning_are_errors_naming_the_key_or_input() {
             "sd3_legacy",
             "sd3",
             vec![],
-            "takes pooled text embeddings ('pooled_projections', SD3's): give --pooled-cond and --pooled-uncond",
+            "takes pooled text embeddings ('pooled_projections'): give --pooled-cond and --pooled-uncond",
         ),
         (
             "sd3_legacy",
@@ -1085,7 +1093,7 @@ fn bad_scheduler_configs_and_conditioning_are_errors_naming_the_key_or_input() {
             "sd15_legacy",
             "",
             pooled.to_vec(),
-            "has no 'pooled_projections' input",
+            "has no pooled text input (SD3's 'pooled_projections', SDXL's 'text_embeds')",
         ),
         ("flux_dynamo", "sd3", vec![], "takes pooled text embeddings"),
         (

@@ -12,6 +12,9 @@ timesteps.npy (what the model was fed) and final_latents.npy.
   the rest: clip_sample, set_alpha_to_one); the model predicts variance too (8 channels), the
   pipeline keeps the first 4;
 - `sd3`: sd3_legacy, FlowMatchEulerDiscreteScheduler with shift 3 (SD3's), pooled text;
+- `sdxl`: sdxl_legacy, its pooled text as `text_embeds` and the pipeline's default time ids
+  (original and target size the image's, no crop), SDXL's EulerDiscreteScheduler config read as
+  DDIM;
 - `sd3_dynamic`: the same with the shift set by the image's patch tokens
   (`use_dynamic_shifting`, linear `time_shift_type`);
 - `flux`, `flux_cfg`: flux_dynamo, Flux-dev's dynamically shifted FlowMatchEulerDiscreteScheduler
@@ -54,6 +57,11 @@ def loop(model, sched, latents, cond, uncond, pooled=None):
     x = latents.clone()
     context = torch.cat([uncond.repeat(PROMPTS, 1, 1), cond])
     extra = () if pooled is None else (torch.cat([pooled[1].repeat(PROMPTS, 1), pooled[0]]),)
+    if getattr(model, "sdxl", False):
+        # SDXL's micro-conditioning, as StableDiffusionXLPipeline._get_add_time_ids makes it
+        # by default: original size and target size the image's (latent x 8), no crop.
+        h, w = latents.shape[2] * 8, latents.shape[3] * 8
+        extra += (torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).repeat(2 * PROMPTS, 1),)
     for t in sched.timesteps:
         with torch.no_grad():
             out = model(torch.cat([x, x]), t.expand(2 * PROMPTS).float(), context, *extra)
@@ -146,6 +154,17 @@ def main():
     flux_dev = dits.FluxDevWrapper(dits.build(FluxTransformer2DModel, dits.FLUX_DEV))
     case("flux_dev", flux_dev, flux_sched(), dits.FLUX["joint_attention_dim"], dits.FLUX["pooled_projection_dim"],
          1.0, flux=True, embedded=3.5)
+    # SDXL: pooled text as `text_embeds`, time ids; its pipeline folder's scheduler config
+    # (stabilityai/stable-diffusion-xl-base-1.0: an EulerDiscreteScheduler's) read as DDIM.
+    sdxl_config = {"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                   "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
+                   "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0,
+                   "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+                   "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
+    sdxl = unets.Wrapper(unets.build_unet(unets.TINY_SDXL, 0), True)
+    text_dim = unets.TINY_SDXL["projection_class_embeddings_input_dim"] - 6 * unets.TINY_SDXL["addition_time_embed_dim"]
+    case("sdxl", sdxl, DDIMScheduler.from_config(sdxl_config), unets.TINY_SDXL["cross_attention_dim"], text_dim)
+    (OUT / "sdxl" / "scheduler_config.json").write_text(json.dumps(sdxl_config, indent=2, sort_keys=True) + "\n")
     # The file SD1.5's pipeline folder ships (runwayml/stable-diffusion-v1-5, scheduler/): a
     # PNDMScheduler config, with the `clip_sample: false` that DDIM reads (PNDM has no such key,
     # so saving PNDMScheduler's own config would drop it and DDIM's default would clip).

@@ -21,8 +21,9 @@ pub struct SampleRun<'a> {
     pub latents: ArrayD<f32>,
     pub guidance: f32,
     pub scheduler: Scheduler,
-    /// SD3's pooled text embeddings: cond [P, dim], uncond [1 or P, dim].
-    pub pooled: Option<(&'a ArrayD<f32>, &'a ArrayD<f32>)>,
+    pub pooled: Option<Pooled<'a>>,
+    /// SDXL's micro-conditioning (original size, crop top-left, target size), every row.
+    pub time_ids: Option<[f32; 6]>,
     pub plan: Option<Plan>,
     /// The UNet's hook inputs in call order: (input name, kind).
     pub hooks: Vec<String>,
@@ -57,6 +58,14 @@ impl Layout {
             Layout::Packed => "hidden_states",
         }
     }
+}
+
+/// Pooled text embeddings (SD3's `pooled_projections`, SDXL's `text_embeds`): cond [P, dim],
+/// uncond [1 or P, dim].
+pub struct Pooled<'a> {
+    pub input: &'static str,
+    pub cond: &'a ArrayD<f32>,
+    pub uncond: &'a ArrayD<f32>,
 }
 
 /// How the UNet takes the timestep: one per batch row (the usual `[batch]`), one for the
@@ -123,16 +132,20 @@ pub fn sample(unet: &mut Backend, run: SampleRun) -> Result<(ArrayD<f32>, Maps)>
         }
     };
     let context = batch(run.cond, run.uncond, "text embeddings")?;
-    let pooled = match run.pooled {
-        Some((cond, uncond)) => Some(batch(cond, uncond, "pooled text embeddings")?),
+    let pooled = match &run.pooled {
+        Some(p) => Some((p.input, batch(p.cond, p.uncond, "pooled text embeddings")?)),
         None => None,
     };
     let mut fixed = vec![(
         "encoder_hidden_states".to_string(),
         HostTensor::F32(context),
     )];
-    if let Some(p) = pooled {
-        fixed.push(("pooled_projections".to_string(), HostTensor::F32(p)));
+    if let Some((input, p)) = pooled {
+        fixed.push((input.to_string(), HostTensor::F32(p)));
+    }
+    if let Some(ids) = run.time_ids {
+        let rows_of_ids = ArrayD::from_shape_fn(IxDyn(&[rows, 6]), |ix| ids[ix[1]]);
+        fixed.push(("time_ids".to_string(), HostTensor::F32(rows_of_ids)));
     }
     if run.layout == Layout::Packed {
         let words = run.cond.shape()[1];
@@ -315,8 +328,8 @@ fn prompt_count(run: &SampleRun) -> Result<usize> {
             "text embeddings {cond:?} (unconditional {uncond:?}) and latents {x:?} do not fit: expected [P >= 1, tokens, dim], [1 or P, tokens, dim] and [1 or P, channels, height, width]"
         )));
     }
-    if let Some((c, u)) = run.pooled {
-        let (c, u) = (c.shape(), u.shape());
+    if let Some(p) = &run.pooled {
+        let (c, u) = (p.cond.shape(), p.uncond.shape());
         let fits = c.len() == 2
             && c[0] == prompts
             && u.len() == 2

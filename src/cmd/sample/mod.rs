@@ -7,7 +7,7 @@ use attune_compiler::analysis::{Dim, Shapes};
 use attune_compiler::onnx::DataType;
 use attune_runtime::controller::Controller;
 use attune_runtime::ort_backend::OrtOptions;
-use attune_runtime::sample::{self, Layout, SampleRun};
+use attune_runtime::sample::{self, Layout, Pooled, SampleRun};
 use attune_runtime::scheduler::{self, DdimConfig, FlowConfig, Kind, Schedule, Scheduler, Spread};
 use attune_runtime::{Backend, HostTensor, inputs, npy};
 use ndarray::ArrayD;
@@ -42,7 +42,8 @@ pub struct Args {
     /// Unconditional embeddings, [1 or P, tokens, dim] .npy (needed with guidance > 1)
     #[arg(long)]
     uncond: Option<PathBuf>,
-    /// Pooled text embeddings of the prompts, [P, dim] .npy (SD3's pooled_projections)
+    /// Pooled text embeddings of the prompts, [P, dim] .npy (SD3's pooled_projections,
+    /// SDXL's text_embeds)
     #[arg(long)]
     pooled_cond: Option<PathBuf>,
     /// Unconditional pooled embeddings, [1 or P, dim] .npy
@@ -150,29 +151,33 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     if let Some(g) = embedded_guidance.filter(|g| !g.is_finite()) {
         bail!("--embedded-guidance {g}: must be a finite number");
     }
-    let has_pooled = has("pooled_projections");
-    let pooled_files = match (&args.pooled_cond, &args.pooled_uncond) {
-        (Some(_), None) | (None, Some(_)) => {
+    let pooled_input = ["pooled_projections", "text_embeds"]
+        .into_iter()
+        .find(|n| has(n));
+    let pooled_files = match (&args.pooled_cond, &args.pooled_uncond, pooled_input) {
+        (Some(_), None, _) | (None, Some(_), _) => {
             bail!("--pooled-cond and --pooled-uncond go together")
         }
-        (Some(c), Some(u)) if has_pooled => Some((c, u)),
-        (None, None) if !has_pooled => None,
-        (Some(_), Some(_)) => bail!(
-            "--pooled-cond/--pooled-uncond: {} has no 'pooled_projections' input",
+        (Some(c), Some(u), Some(input)) => Some((c, u, input)),
+        (None, None, None) => None,
+        (Some(_), Some(_), None) => bail!(
+            "--pooled-cond/--pooled-uncond: {} has no pooled text input (SD3's 'pooled_projections', SDXL's 'text_embeds')",
             args.unet.display()
         ),
-        _ => bail!(
-            "{} takes pooled text embeddings ('pooled_projections', SD3's): give --pooled-cond and --pooled-uncond",
+        (None, None, Some(input)) => bail!(
+            "{} takes pooled text embeddings ('{input}'): give --pooled-cond and --pooled-uncond",
             args.unet.display()
         ),
     };
-    // Inputs it cannot know (SDXL's added embeddings): ONNX Runtime would fail deep in the
-    // graph.
+    // Inputs it cannot know (a ControlNet's residuals, an IP-Adapter's image embeddings): ONNX
+    // Runtime would fail deep in the graph.
     let fed = [
         latents_input,
         "timestep",
         "encoder_hidden_states",
         "pooled_projections",
+        "text_embeds",
+        "time_ids",
         "img_ids",
         "txt_ids",
         "guidance",
@@ -183,8 +188,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     {
         bail!(
             "{}: input '{}' is not one `attune sample` feeds (it feeds sample, timestep, \
-             encoder_hidden_states, SD3's pooled_projections and Flux's hidden_states, img_ids, \
-             txt_ids and guidance; added conditioning is not supported)",
+             encoder_hidden_states, SD3's pooled_projections, SDXL's text_embeds and time_ids, \
+             and Flux's hidden_states, img_ids, txt_ids and guidance)",
             args.unet.display(),
             s.name
         );
@@ -314,7 +319,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         read.push(("--scheduler-config".into(), p.clone()));
     }
     let pooled = match pooled_files {
-        Some((c, u)) => {
+        Some((c, u, input)) => {
             read.push(("--pooled-cond".into(), c.clone()));
             read.push(("--pooled-uncond".into(), u.clone()));
             let (pc, pu) = (
@@ -333,7 +338,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                     pu.shape()
                 );
             }
-            Some((pc, pu))
+            Some((input, pc, pu))
         }
         None => None,
     };
@@ -448,7 +453,16 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         latents,
         guidance,
         scheduler,
-        pooled: pooled.as_ref().map(|(c, u)| (c, u)),
+        pooled: pooled.as_ref().map(|(input, cond, uncond)| Pooled {
+            input,
+            cond,
+            uncond,
+        }),
+        // SDXL pipelines' default micro-conditioning: the image's own size (latents x 8), no crop.
+        time_ids: has("time_ids").then(|| {
+            let (h, w) = ((8 * h) as f32, (8 * w) as f32);
+            [h, w, 0.0, 0.0, h, w]
+        }),
         plan,
         hooks,
         input_dtypes,
