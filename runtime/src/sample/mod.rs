@@ -109,9 +109,9 @@ pub struct Maps {
 }
 
 /// Runs the loop; returns the final latents and the accumulated attention maps.
-pub fn sample(unet: &mut Backend, run: SampleRun) -> Result<(ArrayD<f32>, Maps)> {
+pub fn sample(unet: &mut Backend, mut run: SampleRun) -> Result<(ArrayD<f32>, Maps)> {
     let prompts = prompt_count(&run)?;
-    let mut x = run.latents;
+    let mut x = std::mem::take(&mut run.latents);
     if x.shape()[0] == 1 && prompts > 1 {
         x = concatenate(Axis(0), &vec![x.view(); prompts])
             .map_err(|e| Error::Inputs(format!("latents: {e}")))?;
@@ -124,50 +124,7 @@ pub fn sample(unet: &mut Backend, run: SampleRun) -> Result<(ArrayD<f32>, Maps)>
     }
     // The batch: [uncond x P, cond x P] with guidance, else the P conds.
     let rows = if run.cfg { 2 * prompts } else { prompts };
-    let batch = |cond: &ArrayD<f32>, uncond: &ArrayD<f32>, what: &str| {
-        if run.cfg {
-            cfg_batch(cond, uncond, prompts, what)
-        } else {
-            Ok(cond.clone())
-        }
-    };
-    let context = batch(run.cond, run.uncond, "text embeddings")?;
-    let pooled = match &run.pooled {
-        Some(p) => Some((p.input, batch(p.cond, p.uncond, "pooled text embeddings")?)),
-        None => None,
-    };
-    let mut fixed = vec![(
-        "encoder_hidden_states".to_string(),
-        HostTensor::F32(context),
-    )];
-    if let Some((input, p)) = pooled {
-        fixed.push((input.to_string(), HostTensor::F32(p)));
-    }
-    if let Some(ids) = run.time_ids {
-        let rows_of_ids = ArrayD::from_shape_fn(IxDyn(&[rows, 6]), |ix| ids[ix[1]]);
-        fixed.push(("time_ids".to_string(), HostTensor::F32(rows_of_ids)));
-    }
-    if run.layout == Layout::Packed {
-        let words = run.cond.shape()[1];
-        fixed.push((
-            "img_ids".to_string(),
-            HostTensor::F32(packed::image_ids(x.shape()[2], x.shape()[3])),
-        ));
-        fixed.push((
-            "txt_ids".to_string(),
-            HostTensor::F32(ArrayD::zeros(IxDyn(&[words, 3]))),
-        ));
-    }
-    if let Some(g) = run.embedded_guidance {
-        fixed.push((
-            "guidance".to_string(),
-            HostTensor::F32(ArrayD::from_elem(IxDyn(&[rows]), g)),
-        ));
-    }
-    let fixed = fixed
-        .into_iter()
-        .map(|(n, t)| Ok((n.clone(), as_declared(&n, t, &run.input_dtypes)?)))
-        .collect::<Result<Vec<_>>>()?;
+    let fixed = fixed_inputs(&run, rows, &x)?;
     let mut maps = Maps::default();
     let self_gates: Vec<&String> = run
         .hooks
@@ -177,28 +134,7 @@ pub fn sample(unet: &mut Backend, run: SampleRun) -> Result<(ArrayD<f32>, Maps)>
     for (i, t) in run.scheduler.timesteps().into_iter().enumerate() {
         let copies = vec![x.view(); rows / prompts];
         let sample = concatenate(Axis(0), &copies).expect("same shapes");
-        let shape: &[usize] = match run.timestep {
-            TimestepForm::PerRow => &[rows],
-            TimestepForm::One => &[1],
-            TimestepForm::Scalar => &[],
-        };
-        let fed = t * run.timestep_scale;
-        let steps = ArrayD::from_elem(IxDyn(shape), fed as f32);
-        let timestep = match run.input_dtypes.get("timestep") {
-            Some(d @ (DType::I64 | DType::I32)) if fed.fract() != 0.0 => {
-                return Err(Error::Input {
-                    input: "timestep".into(),
-                    msg: format!(
-                        "the UNet declares it {}, and {} feeds fractional timesteps ({fed} at step {i})",
-                        d.name(),
-                        run.scheduler.name()
-                    ),
-                });
-            }
-            Some(DType::I64) => HostTensor::I64(steps.mapv(|v| v as i64)),
-            Some(DType::I32) => HostTensor::I32(steps.mapv(|v| v as i32)),
-            _ => HostTensor::F32(steps),
-        };
+        let timestep = timestep_input(&run, t, rows, i)?;
         let mut inputs = vec![("timestep".to_string(), timestep)];
         let sample = match run.layout {
             Layout::Image => sample,
@@ -293,6 +229,89 @@ pub fn sample(unet: &mut Backend, run: SampleRun) -> Result<(ArrayD<f32>, Maps)>
         }
     }
     Ok((x, maps))
+}
+
+/// The inputs that stay the same every step: text (and pooled text) embeddings in the batch's
+/// rows, SDXL's time ids, Flux's position ids and embedded guidance, as the model declares them.
+fn fixed_inputs(
+    run: &SampleRun,
+    rows: usize,
+    x: &ArrayD<f32>,
+) -> Result<Vec<(String, HostTensor)>> {
+    let prompts = x.shape()[0];
+    // [uncond x P, cond x P] with guidance, else the P conds.
+    let batch = |cond: &ArrayD<f32>, uncond: &ArrayD<f32>, what: &str| {
+        if run.cfg {
+            cfg_batch(cond, uncond, prompts, what)
+        } else {
+            Ok(cond.clone())
+        }
+    };
+    let context = batch(run.cond, run.uncond, "text embeddings")?;
+    let pooled = match &run.pooled {
+        Some(p) => Some((p.input, batch(p.cond, p.uncond, "pooled text embeddings")?)),
+        None => None,
+    };
+    let mut fixed = vec![(
+        "encoder_hidden_states".to_string(),
+        HostTensor::F32(context),
+    )];
+    if let Some((input, p)) = pooled {
+        fixed.push((input.to_string(), HostTensor::F32(p)));
+    }
+    if let Some(ids) = run.time_ids {
+        let rows_of_ids = ArrayD::from_shape_fn(IxDyn(&[rows, 6]), |ix| ids[ix[1]]);
+        fixed.push(("time_ids".to_string(), HostTensor::F32(rows_of_ids)));
+    }
+    if run.layout == Layout::Packed {
+        let words = run.cond.shape()[1];
+        fixed.push((
+            "img_ids".to_string(),
+            HostTensor::F32(packed::image_ids(x.shape()[2], x.shape()[3])),
+        ));
+        fixed.push((
+            "txt_ids".to_string(),
+            HostTensor::F32(ArrayD::zeros(IxDyn(&[words, 3]))),
+        ));
+    }
+    if let Some(g) = run.embedded_guidance {
+        fixed.push((
+            "guidance".to_string(),
+            HostTensor::F32(ArrayD::from_elem(IxDyn(&[rows]), g)),
+        ));
+    }
+    fixed
+        .into_iter()
+        .map(|(n, t)| Ok((n.clone(), as_declared(&n, t, &run.input_dtypes)?)))
+        .collect()
+}
+
+/// The timestep input at step `i` (the scheduler's `t`, scaled for Flux), in the form and type
+/// the model declares.
+fn timestep_input(run: &SampleRun, t: f64, rows: usize, i: usize) -> Result<HostTensor> {
+    let shape: &[usize] = match run.timestep {
+        TimestepForm::PerRow => &[rows],
+        TimestepForm::One => &[1],
+        TimestepForm::Scalar => &[],
+    };
+    let fed = t * run.timestep_scale;
+    let steps = ArrayD::from_elem(IxDyn(shape), fed as f32);
+    let timestep = match run.input_dtypes.get("timestep") {
+        Some(d @ (DType::I64 | DType::I32)) if fed.fract() != 0.0 => {
+            return Err(Error::Input {
+                input: "timestep".into(),
+                msg: format!(
+                    "the UNet declares it {}, and {} feeds fractional timesteps ({fed} at step {i})",
+                    d.name(),
+                    run.scheduler.name()
+                ),
+            });
+        }
+        Some(DType::I64) => HostTensor::I64(steps.mapv(|v| v as i64)),
+        Some(DType::I32) => HostTensor::I32(steps.mapv(|v| v as i32)),
+        _ => HostTensor::F32(steps),
+    };
+    Ok(timestep)
 }
 
 /// `[uncond x P, cond]`: uncond [1 or P, ...] repeated to P rows before the P conds.
