@@ -14,7 +14,8 @@ timesteps.npy (what the model was fed) and final_latents.npy.
 - `sd3`: sd3_legacy, FlowMatchEulerDiscreteScheduler with shift 3 (SD3's), pooled text;
 - `sdxl`: sdxl_legacy, its pooled text as `text_embeds` and the pipeline's default time ids
   (original and target size the image's, no crop), SDXL's EulerDiscreteScheduler config read as
-  DDIM;
+  DDIM; `sdxl_euler`: the same config as the Euler scheduler it is (noise scaled by its
+  init_noise_sigma, inputs by scale_model_input);
 - `sd3_dynamic`: the same with the shift set by the image's patch tokens
   (`use_dynamic_shifting`, linear `time_shift_type`);
 - `flux`, `flux_cfg`: flux_dynamo, Flux-dev's dynamically shifted FlowMatchEulerDiscreteScheduler
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
                        FluxTransformer2DModel, PixArtTransformer2DModel, PNDMScheduler, SD3Transformer2DModel)
 
 import dits
@@ -54,7 +55,7 @@ def loop(model, sched, latents, cond, uncond, pooled=None):
         c = sched.config
         kwargs["mu"] = calculate_shift(tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
     sched.set_timesteps(STEPS, **kwargs)
-    x = latents.clone()
+    x = latents * getattr(sched, "init_noise_sigma", 1.0)
     context = torch.cat([uncond.repeat(PROMPTS, 1, 1), cond])
     extra = () if pooled is None else (torch.cat([pooled[1].repeat(PROMPTS, 1), pooled[0]]),)
     if getattr(model, "sdxl", False):
@@ -64,7 +65,10 @@ def loop(model, sched, latents, cond, uncond, pooled=None):
         extra += (torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).repeat(2 * PROMPTS, 1),)
     for t in sched.timesteps:
         with torch.no_grad():
-            out = model(torch.cat([x, x]), t.expand(2 * PROMPTS).float(), context, *extra)
+            batch = torch.cat([x, x])
+            if hasattr(sched, "scale_model_input"):
+                batch = sched.scale_model_input(batch, t)
+            out = model(batch, t.expand(2 * PROMPTS).float(), context, *extra)
         u, c = out.chunk(2)
         guided = u + GUIDANCE * (c - u)
         if guided.shape[1] == 2 * x.shape[1]:
@@ -163,8 +167,9 @@ def main():
                    "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
     sdxl = unets.Wrapper(unets.build_unet(unets.TINY_SDXL, 0), True)
     text_dim = unets.TINY_SDXL["projection_class_embeddings_input_dim"] - 6 * unets.TINY_SDXL["addition_time_embed_dim"]
-    case("sdxl", sdxl, DDIMScheduler.from_config(sdxl_config), unets.TINY_SDXL["cross_attention_dim"], text_dim)
-    (OUT / "sdxl" / "scheduler_config.json").write_text(json.dumps(sdxl_config, indent=2, sort_keys=True) + "\n")
+    for name, sched in [("sdxl", DDIMScheduler), ("sdxl_euler", EulerDiscreteScheduler)]:
+        case(name, sdxl, sched.from_config(sdxl_config), unets.TINY_SDXL["cross_attention_dim"], text_dim)
+        (OUT / name / "scheduler_config.json").write_text(json.dumps(sdxl_config, indent=2, sort_keys=True) + "\n")
     # The file SD1.5's pipeline folder ships (runwayml/stable-diffusion-v1-5, scheduler/): a
     # PNDMScheduler config, with the `clip_sample: false` that DDIM reads (PNDM has no such key,
     # so saving PNDMScheduler's own config would drop it and DDIM's default would clip).

@@ -116,6 +116,10 @@ pub fn sample(unet: &mut Backend, mut run: SampleRun) -> Result<(ArrayD<f32>, Ma
         x = concatenate(Axis(0), &vec![x.view(); prompts])
             .map_err(|e| Error::Inputs(format!("latents: {e}")))?;
     }
+    let noise_sigma = run.scheduler.init_noise_sigma();
+    if noise_sigma != 1.0 {
+        x.mapv_inplace(|v| v * noise_sigma);
+    }
     if run.layout == Layout::Packed && x.shape()[2..].iter().any(|s| s % 2 != 0) {
         return Err(Error::Inputs(format!(
             "latents {:?}: Flux packs 2x2 patches, so height and width must be even",
@@ -136,8 +140,9 @@ pub fn sample(unet: &mut Backend, mut run: SampleRun) -> Result<(ArrayD<f32>, Ma
         let sample = concatenate(Axis(0), &copies).expect("same shapes");
         let timestep = timestep_input(&run, t, rows, i)?;
         let mut inputs = vec![("timestep".to_string(), timestep)];
+        let sample = run.scheduler.scale_input(i, &sample);
         let sample = match run.layout {
-            Layout::Image => sample,
+            Layout::Image => sample.into_owned(),
             Layout::Packed => packed::pack(&sample),
         };
         inputs.push((

@@ -17,12 +17,14 @@ const MAX_TRAIN_STEPS: usize = 100_000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Ddim,
+    Euler,
     FlowEuler,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Schedule {
     Ddim(DdimConfig),
+    Euler(DdimConfig),
     Flow(FlowConfig),
 }
 
@@ -42,11 +44,16 @@ pub fn read(path: &Path, kind: Option<Kind>) -> Result<(Schedule, Vec<String>)> 
     };
     let class = keys.string("_class_name")?.unwrap_or_default();
     let flow_class = class.starts_with("FlowMatch");
-    let schedule = match (kind, flow_class) {
-        (Some(Kind::FlowEuler), _) | (None, true) if flow_class || class.is_empty() => {
-            Schedule::Flow(keys.flow()?)
-        }
-        (Some(Kind::FlowEuler), _) => {
+    let kind = kind.unwrap_or(if flow_class {
+        Kind::FlowEuler
+    } else if class == "EulerDiscreteScheduler" {
+        Kind::Euler
+    } else {
+        Kind::Ddim
+    });
+    let schedule = match kind {
+        Kind::FlowEuler if flow_class || class.is_empty() => Schedule::Flow(keys.flow()?),
+        Kind::FlowEuler => {
             return Err(Error::file(
                 path,
                 format!(
@@ -54,15 +61,16 @@ pub fn read(path: &Path, kind: Option<Kind>) -> Result<(Schedule, Vec<String>)> 
                 ),
             ));
         }
-        (_, true) => {
+        _ if flow_class => {
             return Err(Error::file(
                 path,
                 format!(
-                    "_class_name {class} is a flow-matching schedule: it has no betas for DDIM (use --scheduler flow-euler)"
+                    "_class_name {class} is a flow-matching schedule: it has no betas for DDIM or Euler (use --scheduler flow-euler)"
                 ),
             ));
         }
-        _ => Schedule::Ddim(keys.ddim()?),
+        Kind::Ddim => Schedule::Ddim(keys.ddim()?),
+        Kind::Euler => Schedule::Euler(keys.euler()?),
     };
     let ignored = map
         .keys()
@@ -184,8 +192,9 @@ impl Keys<'_> {
         }
     }
 
-    fn ddim(&mut self) -> Result<DdimConfig> {
-        let d = DdimConfig::diffusers_defaults();
+    /// The keys DDIM and Euler share: training steps, betas, prediction, spacing, offset and
+    /// zero-SNR rescaling; absent ones take `d`'s.
+    fn training(&mut self, d: DdimConfig) -> Result<DdimConfig> {
         let train_steps = self.count("num_train_timesteps", d.train_steps)?;
         if !(2..=MAX_TRAIN_STEPS).contains(&train_steps) {
             return Err(self.bad(
@@ -247,6 +256,19 @@ impl Keys<'_> {
             ("trailing", Spacing::Trailing),
             ("linspace", Spacing::Linspace),
         ];
+        Ok(DdimConfig {
+            train_steps,
+            betas,
+            prediction: self.choice("prediction_type", &predictions, d.prediction)?,
+            spacing: self.choice("timestep_spacing", &spacings, d.spacing)?,
+            steps_offset: self.count("steps_offset", d.steps_offset)?,
+            zero_terminal_snr: self.flag("rescale_betas_zero_snr", false)?,
+            ..d
+        })
+    }
+
+    fn ddim(&mut self) -> Result<DdimConfig> {
+        let d = self.training(DdimConfig::diffusers_defaults())?;
         let clip = self.flag("clip_sample", true)?;
         let range = self.float("clip_sample_range", 1.0)?;
         self.unsupported("thresholding", false, "dynamic thresholding")?;
@@ -254,15 +276,35 @@ impl Keys<'_> {
             self.get(key); // thresholding's, which is off
         }
         Ok(DdimConfig {
-            train_steps,
-            betas,
-            prediction: self.choice("prediction_type", &predictions, d.prediction)?,
-            spacing: self.choice("timestep_spacing", &spacings, d.spacing)?,
-            steps_offset: self.count("steps_offset", d.steps_offset)?,
             set_alpha_to_one: self.flag("set_alpha_to_one", d.set_alpha_to_one)?,
             clip_sample: clip.then_some(range),
-            zero_terminal_snr: self.flag("rescale_betas_zero_snr", false)?,
+            ..d
         })
+    }
+
+    /// `EulerDiscreteScheduler`'s keys, its defaults (`linspace` spacing) for absent ones.
+    fn euler(&mut self) -> Result<DdimConfig> {
+        let d = self.training(DdimConfig {
+            spacing: Spacing::Linspace,
+            ..DdimConfig::diffusers_defaults()
+        })?;
+        self.choice("interpolation_type", &[("linear", ())], ())?;
+        self.choice("timestep_type", &[("discrete", ())], ())?;
+        self.choice("final_sigmas_type", &[("zero", ())], ())?;
+        let off = [
+            ("use_karras_sigmas", "Karras sigmas"),
+            ("use_exponential_sigmas", "exponential sigmas"),
+            ("use_beta_sigmas", "beta sigmas"),
+        ];
+        for (key, what) in off {
+            self.unsupported(key, false, what)?;
+        }
+        for key in ["sigma_min", "sigma_max"] {
+            if self.get(key).is_some() {
+                return Err(self.bad(key, "custom Karras sigma bounds are not implemented"));
+            }
+        }
+        Ok(d)
     }
 
     fn flow(&mut self) -> Result<FlowConfig> {

@@ -28,6 +28,8 @@ pub enum Spacing {
     Linspace,
 }
 
+/// A DDPM-trained model's schedule (betas, prediction, spacing), which Euler reads too, and
+/// DDIM's own settings (final ᾱ, clipping).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DdimConfig {
     pub train_steps: usize,
@@ -91,7 +93,7 @@ impl DdimConfig {
     }
 
     /// ᾱ per training step, in f32 as diffusers keeps them.
-    fn alphas_cumprod(&self) -> Vec<f64> {
+    pub(super) fn alphas_cumprod(&self) -> Vec<f64> {
         let n = self.train_steps;
         let betas: Vec<f32> = match &self.betas {
             Betas::Given(b) => b.iter().map(|&b| b as f32).collect(),

@@ -89,6 +89,8 @@ pub struct Args {
 enum SchedulerArg {
     /// DDIM, eta 0 (noise, v or sample prediction)
     Ddim,
+    /// Euler steps over the noise levels (diffusers' EulerDiscreteScheduler, no churn)
+    Euler,
     /// Flow matching's Euler steps (SD3)
     FlowEuler,
 }
@@ -501,6 +503,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
 fn schedule(args: &Args) -> anyhow::Result<Schedule> {
     let kind = args.scheduler.map(|s| match s {
         SchedulerArg::Ddim => Kind::Ddim,
+        SchedulerArg::Euler => Kind::Euler,
         SchedulerArg::FlowEuler => Kind::FlowEuler,
     });
     Ok(match &args.scheduler_config {
