@@ -1029,7 +1029,7 @@ fn bad_scheduler_configs_and_conditioning_are_errors_naming_the_key_or_input() {
                 r#"{"steps_offset": 18446744073709551615, "clip_sample": false}"#,
             ),
             vec![],
-            "reaches timestep 18446744073709551615, beyond the 1000 training steps",
+            "reaches timestep 18446744073709552000, beyond the 1000 training steps",
         ),
     ];
     let s = ctl("sample").display().to_string();

@@ -152,6 +152,40 @@ fn linspace(start: f64, end: f64, n: usize) -> Vec<f32> {
     (0..n).map(|i| (start + step * i as f64) as f32).collect()
 }
 
+/// The inference timesteps `steps` spread over the training steps as the spacing says (not
+/// rounded for `linspace`), checked to lie within them.
+pub(super) fn spaced_timesteps(config: &DdimConfig, steps: usize) -> Result<Vec<f64>, String> {
+    let train = config.train_steps;
+    if steps == 0 || steps > train {
+        return Err(format!(
+            "--steps {steps}: must be within 1..={train} (the schedule's training steps)"
+        ));
+    }
+    let timesteps: Vec<f64> = match config.spacing {
+        Spacing::Linspace => {
+            let step = (train - 1) as f64 / (steps - 1).max(1) as f64;
+            (0..steps).rev().map(|i| i as f64 * step).collect()
+        }
+        Spacing::Leading => (0..steps)
+            .rev()
+            .map(|i| (i * (train / steps)) as f64 + config.steps_offset as f64)
+            .collect(),
+        Spacing::Trailing => {
+            let ratio = train as f64 / steps as f64;
+            (0..steps)
+                .map(|i| (train as f64 - i as f64 * ratio).round_ties_even() - 1.0)
+                .collect()
+        }
+    };
+    if let Some(t) = timesteps.iter().find(|&&t| t > (train - 1) as f64) {
+        return Err(format!(
+            "--steps {steps} with steps_offset {} reaches timestep {t}, beyond the {train} training steps",
+            config.steps_offset
+        ));
+    }
+    Ok(timesteps)
+}
+
 pub struct Ddim {
     config: DdimConfig,
     alphas_cumprod: Vec<f64>,
@@ -163,36 +197,10 @@ pub struct Ddim {
 impl Ddim {
     pub fn new(config: DdimConfig, steps: usize) -> Result<Ddim, String> {
         let train = config.train_steps;
-        if steps == 0 || steps > train {
-            return Err(format!(
-                "--steps {steps}: must be within 1..={train} (the schedule's training steps)"
-            ));
-        }
-        let timesteps: Vec<usize> = match config.spacing {
-            Spacing::Linspace => {
-                let step = (train - 1) as f64 / (steps - 1).max(1) as f64;
-                (0..steps)
-                    .rev()
-                    .map(|i| (i as f64 * step).round_ties_even() as usize)
-                    .collect()
-            }
-            Spacing::Leading => (0..steps)
-                .rev()
-                .map(|i| (i * (train / steps)).saturating_add(config.steps_offset))
-                .collect(),
-            Spacing::Trailing => {
-                let ratio = train as f64 / steps as f64;
-                (0..steps)
-                    .map(|i| (train as f64 - i as f64 * ratio).round_ties_even() as usize - 1)
-                    .collect()
-            }
-        };
-        if let Some(&t) = timesteps.iter().find(|&&t| t >= train) {
-            return Err(format!(
-                "--steps {steps} with steps_offset {} reaches timestep {t}, beyond the {train} training steps",
-                config.steps_offset
-            ));
-        }
+        let timesteps: Vec<usize> = spaced_timesteps(&config, steps)?
+            .into_iter()
+            .map(|t| t.round_ties_even() as usize)
+            .collect();
         let alphas_cumprod = config.alphas_cumprod();
         if config.prediction == Prediction::Epsilon && alphas_cumprod[timesteps[0]] <= 0.0 {
             return Err(format!(

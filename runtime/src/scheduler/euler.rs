@@ -3,7 +3,7 @@
 //! x moves by (σ_next − σ)·(x − x̂₀)/σ.
 use ndarray::ArrayD;
 
-use super::ddim::{DdimConfig, Prediction, Spacing};
+use super::ddim::{DdimConfig, Prediction, Spacing, spaced_timesteps};
 
 pub struct Euler {
     /// The model's timestep per step (not rounded for `linspace` spacing).
@@ -18,36 +18,11 @@ impl Euler {
     /// The schedule's betas, spacing and prediction (DDIM's own keys do not apply).
     pub fn new(config: &DdimConfig, steps: usize) -> Result<Euler, String> {
         let train = config.train_steps;
-        if steps == 0 || steps > train {
-            return Err(format!(
-                "--steps {steps}: must be within 1..={train} (the schedule's training steps)"
-            ));
-        }
-        let timesteps: Vec<f64> = match config.spacing {
-            Spacing::Linspace => {
-                let step = (train - 1) as f64 / (steps - 1).max(1) as f64;
-                (0..steps)
-                    .rev()
-                    .map(|i| (i as f64 * step) as f32 as f64)
-                    .collect()
-            }
-            Spacing::Leading => (0..steps)
-                .rev()
-                .map(|i| (i * (train / steps)) as f64 + config.steps_offset as f64)
-                .collect(),
-            Spacing::Trailing => {
-                let ratio = train as f64 / steps as f64;
-                (0..steps)
-                    .map(|i| (train as f64 - i as f64 * ratio).round_ties_even() - 1.0)
-                    .collect()
-            }
-        };
-        if let Some(t) = timesteps.iter().find(|&&t| t > (train - 1) as f64) {
-            return Err(format!(
-                "--steps {steps} with steps_offset {} reaches timestep {t}, beyond the {train} training steps",
-                config.steps_offset
-            ));
-        }
+        // np.linspace in f32, unrounded.
+        let timesteps: Vec<f64> = spaced_timesteps(config, steps)?
+            .into_iter()
+            .map(|t| t as f32 as f64)
+            .collect();
         let mut alphas = config.alphas_cumprod();
         if config.zero_terminal_snr {
             // As diffusers: ᾱ = 0 would make σ infinite.
