@@ -819,11 +819,12 @@ fn sample_case(unet: &Path, case: &str, out: &Path, extra: &[&str]) -> std::proc
 fn schedulers_from_diffusers_configs_sample_like_diffusers() {
     // diffusers' scheduler objects built from the same scheduler_config.json files, stepping
     // the torch models (models/export/sampling.py): DDIM with v-prediction, trailing spacing
-    // and zero terminal SNR (SD2); SDXL's Euler config read as DDIM and as the Euler scheduler
-    // it names, with its pooled text and default time ids; PixArt-α's DPMSolver config read as DDIM (linear betas,
-    // linspace spacing, DDIM's clip_sample default) with its predicted variance dropped; SD3's
-    // flow-matching Euler with shift 3 and pooled text (and shifted by its patch tokens, read
-    // off its patch-embedding convolution); Flux-dev's token-count shift as
+    // and zero terminal SNR, and DPM-Solver++ 2M with v-prediction and Heun's correction (SD2);
+    // SDXL's Euler config read as DDIM and as the Euler scheduler it names, with its pooled text
+    // and default time ids; PixArt-α's DPMSolver config read as DDIM (linear betas, linspace
+    // spacing, DDIM's clip_sample default) and as DPM-Solver++ 2M, its predicted variance
+    // dropped; SD3's flow-matching Euler with shift 3 and pooled text (and shifted by its patch
+    // tokens, read off its patch-embedding convolution); Flux-dev's token-count shift as
     // FluxPipeline drives it (packed latents), without guidance (its default), with true CFG,
     // and Flux-dev's embedded guidance (3.5 by default, as FluxPipeline's).
     let dir = tempfile::tempdir().unwrap();
@@ -832,7 +833,9 @@ fn schedulers_from_diffusers_configs_sample_like_diffusers() {
         ("sd2_vpred", "sd2_legacy", None),
         ("sdxl", "sdxl_legacy", Some("ddim")),
         ("sdxl_euler", "sdxl_legacy", None),
-        ("pixart", "pixart_legacy", None),
+        ("sd2_dpm", "sd2_legacy", None),
+        ("pixart", "pixart_legacy", Some("ddim")),
+        ("pixart_dpm", "pixart_legacy", None),
         ("sd3", "sd3_legacy", None),
         ("sd3_dynamic", "sd3_legacy", None),
         ("flux", "flux_dynamo", None),
@@ -1017,6 +1020,22 @@ fn bad_scheduler_configs_and_conditioning_are_errors_naming_the_key_or_input() {
             ),
             vec![],
             "key 'use_karras_sigmas' = true: Karras sigmas is not implemented",
+        ),
+        (
+            write(
+                "p.json",
+                r#"{"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}"#,
+            ),
+            vec![],
+            "key 'solver_order' = 3: orders 1 and 2 are implemented",
+        ),
+        (
+            write(
+                "q.json",
+                r#"{"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"}"#,
+            ),
+            vec![],
+            "key 'algorithm_type' = \"sde-dpmsolver++\"",
         ),
         (
             write("l.json", r#"{"num_train_timesteps": 1000000000000}"#),

@@ -11,6 +11,8 @@ timesteps.npy (what the model was fed) and final_latents.npy.
   0.0001-0.02, `linspace` spacing) run as `DDIMScheduler.from_config` (so DDIM's defaults fill
   the rest: clip_sample, set_alpha_to_one); the model predicts variance too (8 channels), the
   pipeline keeps the first 4;
+- `pixart_dpm`: the same config as DPMSolverMultistepScheduler (DPM-Solver++ 2M, midpoint);
+  `sd2_dpm`: sd2_legacy with DPM-Solver++ 2M, v-prediction, Heun's correction, leading spacing;
 - `sd3`: sd3_legacy, FlowMatchEulerDiscreteScheduler with shift 3 (SD3's), pooled text;
 - `sdxl`: sdxl_legacy, its pooled text as `text_embeds` and the pipeline's default time ids
   (original and target size the image's, no crop), SDXL's EulerDiscreteScheduler config read as
@@ -140,6 +142,13 @@ def main():
     case("pixart", pixart, DDIMScheduler.from_config(pixart_config), dits.PIXART["caption_channels"])
     # The case's config file is the DPMSolver one a PixArt folder ships, not DDIM's.
     DPMSolverMultistepScheduler.from_config(pixart_config).save_config(OUT / "pixart")
+    # The same config as the DPM-Solver++ (2M, midpoint) it is.
+    case("pixart_dpm", pixart, DPMSolverMultistepScheduler.from_config(pixart_config), dits.PIXART["caption_channels"])
+    # DPM-Solver++ with v-prediction, Heun's correction and leading spacing (SD2).
+    case("sd2_dpm", sd2, DPMSolverMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        prediction_type="v_prediction", solver_type="heun", timestep_spacing="leading"),
+        unets.TINY_SD2["cross_attention_dim"])
     sd3 = dits.Sd3Wrapper(dits.build(SD3Transformer2DModel, dits.SD3))
     case("sd3", sd3, FlowMatchEulerDiscreteScheduler(shift=3.0), dits.SD3["joint_attention_dim"],
          dits.SD3["pooled_projection_dim"])

@@ -8,6 +8,7 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use super::ddim::{BetaSchedule, Betas, DdimConfig, Prediction, Spacing};
+use super::dpm::DpmConfig;
 use super::flow::{DynamicShift, FlowConfig};
 use crate::error::{Error, Result};
 
@@ -17,6 +18,7 @@ const MAX_TRAIN_STEPS: usize = 100_000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Ddim,
+    Dpm,
     Euler,
     FlowEuler,
 }
@@ -24,6 +26,7 @@ pub enum Kind {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Schedule {
     Ddim(DdimConfig),
+    Dpm(DpmConfig),
     Euler(DdimConfig),
     Flow(FlowConfig),
 }
@@ -48,6 +51,8 @@ pub fn read(path: &Path, kind: Option<Kind>) -> Result<(Schedule, Vec<String>)> 
         Kind::FlowEuler
     } else if class == "EulerDiscreteScheduler" {
         Kind::Euler
+    } else if class == "DPMSolverMultistepScheduler" {
+        Kind::Dpm
     } else {
         Kind::Ddim
     });
@@ -71,6 +76,7 @@ pub fn read(path: &Path, kind: Option<Kind>) -> Result<(Schedule, Vec<String>)> 
         }
         Kind::Ddim => Schedule::Ddim(keys.ddim()?),
         Kind::Euler => Schedule::Euler(keys.euler()?),
+        Kind::Dpm => Schedule::Dpm(keys.dpm()?),
     };
     let ignored = map
         .keys()
@@ -305,6 +311,62 @@ impl Keys<'_> {
             }
         }
         Ok(d)
+    }
+
+    /// `DPMSolverMultistepScheduler`'s keys (its defaults: `linspace` spacing, order 2,
+    /// DPM-Solver++ with the midpoint correction).
+    fn dpm(&mut self) -> Result<DpmConfig> {
+        let schedule = self.training(DdimConfig {
+            spacing: Spacing::Linspace,
+            ..DdimConfig::diffusers_defaults()
+        })?;
+        let order = self.count("solver_order", 2)?;
+        if !(1..=2).contains(&order) {
+            return Err(self.bad("solver_order", "orders 1 and 2 are implemented"));
+        }
+        self.choice("algorithm_type", &[("dpmsolver++", ())], ())?;
+        let heun = self.choice("solver_type", &[("midpoint", false), ("heun", true)], false)?;
+        let final_sigma_min = self.choice(
+            "final_sigmas_type",
+            &[("zero", false), ("sigma_min", true)],
+            false,
+        )?;
+        let lambda_min_clipped = match self.get("lambda_min_clipped").cloned() {
+            // null: Python's -inf, written by json as -Infinity
+            None => f64::NEG_INFINITY,
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| self.bad("lambda_min_clipped", "expected a number"))?,
+        };
+        if self.get("variance_type").is_some() {
+            return Err(self.bad(
+                "variance_type",
+                "a learned variance in the output is not implemented",
+            ));
+        }
+        self.unsupported("thresholding", false, "dynamic thresholding")?;
+        for key in ["dynamic_thresholding_ratio", "sample_max_value"] {
+            self.get(key); // thresholding's, which is off
+        }
+        let off = [
+            ("use_karras_sigmas", "Karras sigmas"),
+            ("use_exponential_sigmas", "exponential sigmas"),
+            ("use_beta_sigmas", "beta sigmas"),
+            ("use_lu_lambdas", "Lu's lambdas"),
+            ("use_flow_sigmas", "flow sigmas"),
+        ];
+        for (key, what) in off {
+            self.unsupported(key, false, what)?;
+        }
+        Ok(DpmConfig {
+            schedule,
+            order,
+            heun,
+            lower_order_final: self.flag("lower_order_final", true)?,
+            euler_at_final: self.flag("euler_at_final", false)?,
+            final_sigma_min,
+            lambda_min_clipped,
+        })
     }
 
     fn flow(&mut self) -> Result<FlowConfig> {

@@ -91,6 +91,8 @@ enum SchedulerArg {
     Ddim,
     /// Euler steps over the noise levels (diffusers' EulerDiscreteScheduler, no churn)
     Euler,
+    /// DPM-Solver++ multistep, order 1 or 2 (diffusers' DPMSolverMultistepScheduler)
+    Dpm,
     /// Flow matching's Euler steps (SD3)
     FlowEuler,
 }
@@ -504,6 +506,7 @@ fn schedule(args: &Args) -> anyhow::Result<Schedule> {
     let kind = args.scheduler.map(|s| match s {
         SchedulerArg::Ddim => Kind::Ddim,
         SchedulerArg::Euler => Kind::Euler,
+        SchedulerArg::Dpm => Kind::Dpm,
         SchedulerArg::FlowEuler => Kind::FlowEuler,
     });
     Ok(match &args.scheduler_config {
