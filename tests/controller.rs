@@ -954,6 +954,14 @@ fn bad_scheduler_configs_and_conditioning_are_errors_naming_the_key_or_input() {
             "key 'trained_betas'",
         ),
         (
+            write(
+                "c0.json",
+                &format!(r#"{{"trained_betas": [{}]}}"#, ["0.0"; 1000].join(", ")),
+            ),
+            vec![],
+            "a zero beta leaves a step without noise",
+        ),
+        (
             write("d.json", r#"{"beta_start": 0.5, "beta_end": 0.1}"#),
             vec![],
             "must satisfy 0 < start <= end < 1",

@@ -228,16 +228,14 @@ impl Keys<'_> {
                     .as_array()
                     .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<_>>());
                 match betas {
-                    Some(b)
-                        if b.len() == train_steps && b.iter().all(|b| (0.0..1.0).contains(b)) =>
-                    {
+                    Some(b) if b.len() == train_steps && b.iter().all(|b| *b > 0.0 && *b < 1.0) => {
                         Betas::Given(b)
                     }
                     _ => {
                         return Err(self.bad(
                             "trained_betas",
                             format!(
-                                "expected {train_steps} numbers in [0, 1) (num_train_timesteps)"
+                                "expected {train_steps} numbers in (0, 1) (num_train_timesteps); a zero beta leaves a step without noise"
                             ),
                         ));
                     }
