@@ -12,6 +12,13 @@ use super::dpm::DpmConfig;
 use super::flow::{DynamicShift, FlowConfig};
 use crate::error::{Error, Result};
 
+/// Noise-level spacings diffusers' Euler, DPM-Solver and flow schedulers offer.
+const SIGMA_SPACINGS: [(&str, &str); 3] = [
+    ("use_karras_sigmas", "Karras sigmas"),
+    ("use_exponential_sigmas", "exponential sigmas"),
+    ("use_beta_sigmas", "beta sigmas"),
+];
+
 /// Far above any real schedule's 1000; DDIM keeps one ᾱ per training step.
 const MAX_TRAIN_STEPS: usize = 100_000;
 
@@ -189,6 +196,23 @@ impl Keys<'_> {
             })
     }
 
+    /// Settings attune does not implement, (key, what), refused unless off.
+    fn refuse_on(&mut self, settings: &[(&str, &str)]) -> Result<()> {
+        for (key, what) in settings {
+            self.unsupported(key, false, what)?;
+        }
+        Ok(())
+    }
+
+    /// Dynamic thresholding off, and its parameters read as unused by design.
+    fn no_thresholding(&mut self) -> Result<()> {
+        self.unsupported("thresholding", false, "dynamic thresholding")?;
+        for key in ["dynamic_thresholding_ratio", "sample_max_value"] {
+            self.get(key);
+        }
+        Ok(())
+    }
+
     /// A setting attune does not implement, refused unless it is off.
     fn unsupported(&mut self, key: &str, off: bool, what: &str) -> Result<()> {
         match self.get(key).cloned() {
@@ -275,10 +299,7 @@ impl Keys<'_> {
         let d = self.training(DdimConfig::diffusers_defaults())?;
         let clip = self.flag("clip_sample", true)?;
         let range = self.float("clip_sample_range", 1.0)?;
-        self.unsupported("thresholding", false, "dynamic thresholding")?;
-        for key in ["dynamic_thresholding_ratio", "sample_max_value"] {
-            self.get(key); // thresholding's, which is off
-        }
+        self.no_thresholding()?;
         Ok(DdimConfig {
             set_alpha_to_one: self.flag("set_alpha_to_one", d.set_alpha_to_one)?,
             clip_sample: clip.then_some(range),
@@ -295,14 +316,7 @@ impl Keys<'_> {
         self.choice("interpolation_type", &[("linear", ())], ())?;
         self.choice("timestep_type", &[("discrete", ())], ())?;
         self.choice("final_sigmas_type", &[("zero", ())], ())?;
-        let off = [
-            ("use_karras_sigmas", "Karras sigmas"),
-            ("use_exponential_sigmas", "exponential sigmas"),
-            ("use_beta_sigmas", "beta sigmas"),
-        ];
-        for (key, what) in off {
-            self.unsupported(key, false, what)?;
-        }
+        self.refuse_on(&SIGMA_SPACINGS)?;
         for key in ["sigma_min", "sigma_max"] {
             if self.get(key).is_some() {
                 return Err(self.bad(key, "custom Karras sigma bounds are not implemented"));
@@ -342,20 +356,12 @@ impl Keys<'_> {
                 "a learned variance in the output is not implemented",
             ));
         }
-        self.unsupported("thresholding", false, "dynamic thresholding")?;
-        for key in ["dynamic_thresholding_ratio", "sample_max_value"] {
-            self.get(key); // thresholding's, which is off
-        }
-        let off = [
-            ("use_karras_sigmas", "Karras sigmas"),
-            ("use_exponential_sigmas", "exponential sigmas"),
-            ("use_beta_sigmas", "beta sigmas"),
+        self.no_thresholding()?;
+        self.refuse_on(&SIGMA_SPACINGS)?;
+        self.refuse_on(&[
             ("use_lu_lambdas", "Lu's lambdas"),
             ("use_flow_sigmas", "flow sigmas"),
-        ];
-        for (key, what) in off {
-            self.unsupported(key, false, what)?;
-        }
+        ])?;
         Ok(DpmConfig {
             schedule,
             order,
@@ -405,16 +411,11 @@ impl Keys<'_> {
             }
             None
         };
-        let off = [
+        self.refuse_on(&SIGMA_SPACINGS)?;
+        self.refuse_on(&[
             ("invert_sigmas", "inverted sigmas"),
-            ("use_karras_sigmas", "Karras sigmas"),
-            ("use_exponential_sigmas", "exponential sigmas"),
-            ("use_beta_sigmas", "beta sigmas"),
             ("stochastic_sampling", "stochastic sampling"),
-        ];
-        for (key, what) in off {
-            self.unsupported(key, false, what)?;
-        }
+        ])?;
         if self.get("shift_terminal").is_some() {
             return Err(self.bad(
                 "shift_terminal",
