@@ -75,7 +75,7 @@ fn inline_round_trip_has_no_external_data() {
 }
 
 #[test]
-fn link_mode_hard_links_original_data_and_writes_only_changes() {
+fn link_mode_clones_or_copies_original_data_and_writes_only_changes() {
     let src = tempfile::tempdir().unwrap();
     let path = copy_fixture("sd15_legacy", src.path());
     let mut model = import::read(&path).unwrap();
@@ -110,14 +110,22 @@ fn link_mode_hard_links_original_data_and_writes_only_changes() {
         },
     )
     .unwrap();
+    // Another folder: a reflink clone or a copy, a file of its own (onnx refuses hard links).
     let linked = out_dir.path().join("unet.onnx.data");
-    assert_eq!(report.linked, vec![(linked.clone(), true)]);
-    assert_eq!(
+    let original = src.path().join("unet.onnx.data");
+    assert_eq!(report.linked.len(), 1);
+    assert_eq!(report.linked[0].0, linked);
+    assert!(matches!(
+        report.linked[0].1,
+        export::Placed::Reflinked | export::Placed::Copied
+    ));
+    assert_ne!(
         fs::metadata(&linked).unwrap().ino(),
-        fs::metadata(src.path().join("unet.onnx.data"))
-            .unwrap()
-            .ino()
+        fs::metadata(&original).unwrap().ino()
     );
+    assert_eq!(fs::metadata(&linked).unwrap().nlink(), 1);
+    assert_eq!(fs::metadata(&original).unwrap().nlink(), 1);
+    assert_eq!(fs::read(&linked).unwrap(), fs::read(&original).unwrap());
     // The second data file holds exactly the changed tensor.
     let (changed_file, size) = report.data_file.unwrap();
     assert_ne!(changed_file, linked);
@@ -977,8 +985,8 @@ fn link_mode_never_replaces_another_models_weights() {
         for file in &theirs {
             assert!(now.contains(file), "run {run}: {} was replaced", file.0);
         }
-        // The link is named after the output (once, however often it is compiled) and is the
-        // original's data file itself.
+        // The clone (or copy) is named after the output (once, however often it is compiled)
+        // and holds the original's data, in a file of its own.
         let names: Vec<_> = now.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
@@ -990,13 +998,12 @@ fn link_mode_never_replaces_another_models_weights() {
             ],
             "run {run}"
         );
+        let placed = y.path().join("other.onnx.link1.data");
+        assert_eq!(fs::metadata(&placed).unwrap().nlink(), 1, "run {run}");
         assert_eq!(
-            fs::metadata(y.path().join("other.onnx.link1.data"))
-                .unwrap()
-                .ino(),
-            fs::metadata(src.path().join("unet.onnx.data"))
-                .unwrap()
-                .ino()
+            fs::read(&placed).unwrap(),
+            fs::read(src.path().join("unet.onnx.data")).unwrap(),
+            "run {run}"
         );
         assert!(
             normalized(&out) == normalized(&model),

@@ -160,8 +160,8 @@ fn adapters_switch_at_run_time() {
     );
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     let adapter = dir.path().join("adapted.adapter.safetensors");
-    // Without an adapter: the base model, exactly.
-    assert_eq!(run_cli(&out, &[]), run_cli(&fixture("sd15_legacy"), &[]));
+    // Without an adapter: the base model.
+    assert_same_function(&run_cli(&fixture("sd15_legacy"), &[]), &run_cli(&out, &[]));
     // With it: what fusing the same two files gives.
     let (fused, _) = fuse("sd15_legacy", &[("kohya", 0.8), ("locon_tucker", 0.5)]);
     assert_close(

@@ -24,9 +24,34 @@ pub enum WeightsMode {
     /// One self-contained data file next to the model.
     #[default]
     Copy,
-    /// Hard-link the unchanged original data files into the output folder; only new or
-    /// changed tensors are written, to a second data file. Copies across filesystems.
+    /// Keep the unchanged original data files as they are; only new or changed tensors are
+    /// written, to a second data file. An original data file in the output's folder is
+    /// referred to where it is; elsewhere it is cloned (a reflink: a separate file sharing the
+    /// blocks) into the output folder, or copied where the filesystem cannot clone. Never a
+    /// hard or symbolic link: onnx (>= 1.18) refuses external data that is either, and with a
+    /// hard link it would refuse the original model too.
     Link,
+}
+
+/// How link mode put an original data file in the output folder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placed {
+    /// The output is in its folder and refers to it where it is: nothing was written.
+    InPlace,
+    /// A reflink clone: a file of its own sharing the original's blocks (nothing copied).
+    Reflinked,
+    /// A copy (the filesystem cannot clone, or the output is on another filesystem).
+    Copied,
+}
+
+impl std::fmt::Display for Placed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Placed::InPlace => "referenced",
+            Placed::Reflinked => "reflinked",
+            Placed::Copied => "copied",
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -42,8 +67,8 @@ pub struct ExportReport {
     pub model: PathBuf,
     /// New data file written, with its size.
     pub data_file: Option<(PathBuf, u64)>,
-    /// Original data files placed in the output folder: (path, hard-linked (else copied)).
-    pub linked: Vec<(PathBuf, bool)>,
+    /// Original data files the output refers to (link mode): (path, how it got there).
+    pub linked: Vec<(PathBuf, Placed)>,
 }
 
 /// Tensors below this size stay inside the `.onnx` (as onnx's own writer does).
@@ -118,7 +143,7 @@ pub fn write_guarded(
     check_output(&data_target, &inputs)?;
     claim(&mut targets, &data_target)?;
 
-    let created = create_dir_all_tracked(&out_dir)?;
+    let mut created = create_dir_all_tracked(&out_dir)?;
     let result = write_checked(
         model,
         out,
@@ -126,6 +151,7 @@ pub fn write_guarded(
         guard,
         progress,
         (&out_dir, data_location, &link_locations),
+        &mut created,
     );
     if result.is_err() {
         // Folders this call made, if it left them empty.
@@ -138,6 +164,30 @@ pub fn write_guarded(
 
 type Plan<'p> = (&'p Path, String, &'p [(Arc<DataFile>, String)]);
 
+/// Where a tensor's bytes come from, to write bytes two tensors share once.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+enum Source {
+    /// (data file, offset, length): the file by its `Arc`'s address.
+    File(usize, usize, usize),
+    /// (address, length) of owned bytes (clones of one `Bytes` share them).
+    Owned(usize, usize),
+}
+
+impl Source {
+    fn of(tensor: &Tensor) -> Option<Source> {
+        match &tensor.data {
+            TensorData::External { file, offset, len } => {
+                Some(Source::File(Arc::as_ptr(file) as usize, *offset, *len))
+            }
+            TensorData::Owned(b) if !b.is_empty() => {
+                Some(Source::Owned(b.as_ptr() as usize, b.len()))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// `created` gets the folders this call makes (to remove them again on failure).
 fn write_checked(
     model: &Model,
     out: &Path,
@@ -145,48 +195,103 @@ fn write_checked(
     guard: &Guard,
     progress: &mut dyn FnMut(u64, u64),
     (out_dir, data_location, link_locations): Plan,
+    created: &mut Vec<PathBuf>,
 ) -> Result<ExportReport> {
     let mut data = DataWriter::new(out_dir, data_location);
-    let mut links: Vec<(Arc<DataFile>, String)> = Vec::new();
     let kept = |t: &Tensor| match &t.data {
         TensorData::Inline => !opts.inline,
         TensorData::External { .. } => opts.weights == WeightsMode::Link && !opts.inline,
         TensorData::Owned(_) => false,
     };
+    let location_of = |file: &Arc<DataFile>| {
+        link_locations
+            .iter()
+            .find(|(f, _)| Arc::ptr_eq(f, file))
+            .map_or_else(|| file.location.clone(), |(_, l)| l.clone())
+    };
+    // The original data files the output refers to, in first use.
+    let mut links: Vec<(Arc<DataFile>, String)> = Vec::new();
+    for (_, t) in model.graph.initializers() {
+        if let TensorData::External { file, .. } = &t.data
+            && kept(t)
+            && !links.iter().any(|(l, _)| Arc::ptr_eq(l, file))
+        {
+            links.push((file.clone(), location_of(file)));
+        }
+    }
+
+    // Each goes in the output folder under a temp name: referred to where it is, cloned, or
+    // (where cloning fails) copied below, with the weights.
+    let mut report = ExportReport {
+        model: out.to_path_buf(),
+        ..Default::default()
+    };
+    let mut staged: Vec<(PathBuf, tempfile::TempPath)> = Vec::new();
+    let mut to_copy: Vec<(Arc<DataFile>, PathBuf, NamedTempFile)> = Vec::new();
+    for (file, location) in &links {
+        let target = out_dir.join(location);
+        if same_file(&target, &file.path) {
+            // The output is in its folder (link_locations checked onnx would accept it).
+            report.linked.push((target, Placed::InPlace));
+            continue;
+        }
+        let dir = folder_of(&target);
+        created.extend(create_dir_all_tracked(dir)?);
+        let tmp = temp_in(dir)?;
+        if clone_file(&file.path, &tmp)? {
+            report.linked.push((target.clone(), Placed::Reflinked));
+            staged.push((target, tmp.into_temp_path()));
+        } else {
+            report.linked.push((target.clone(), Placed::Copied));
+            to_copy.push((file.clone(), target, tmp));
+        }
+    }
+
     let total: u64 = model
         .graph
         .initializers()
         .filter(|(_, t)| !kept(t))
         .map(|(_, t)| t.stored_len())
-        .sum();
+        .sum::<u64>()
+        + to_copy
+            .iter()
+            .map(|(f, _, _)| f.bytes().len() as u64)
+            .sum::<u64>();
     let mut done = 0;
+    // Bytes already in the new data file: a slice two tensors share is written once.
+    let mut written: std::collections::HashMap<Source, (u64, u64)> = Default::default();
     let proto = to_proto(model, |tensor| {
         let mut proto = tensor.proto.clone();
         match &tensor.data {
             TensorData::Inline if kept(tensor) => return Ok(proto),
             TensorData::External { file, offset, len } if kept(tensor) => {
-                let location = link_locations
-                    .iter()
-                    .find(|(f, _)| Arc::ptr_eq(f, file))
-                    .map_or_else(|| file.location.clone(), |(_, l)| l.clone());
-                if !links.iter().any(|(l, _)| Arc::ptr_eq(l, file)) {
-                    links.push((file.clone(), location.clone()));
-                }
                 proto.data_location = DataLocation::External as i32;
                 proto.external_data =
-                    weights::external_entries(&location, *offset as u64, *len as u64);
+                    weights::external_entries(&location_of(file), *offset as u64, *len as u64);
                 return Ok(proto);
             }
             _ => {}
         }
-        let bytes = tensor.bytes()?;
+        let source = Source::of(tensor);
         let stays_inline = opts.inline
-            || (matches!(tensor.data, TensorData::Owned(_)) && bytes.len() < INLINE_BELOW);
+            || (matches!(tensor.data, TensorData::Owned(_))
+                && tensor.stored_len() < INLINE_BELOW as u64);
         if stays_inline {
+            let bytes = tensor.bytes()?;
             weights::clear_data_fields(&mut proto);
             proto.raw_data = bytes.into_owned().into();
         } else {
-            let (offset, len) = data.append(tensor)?;
+            let (offset, len) = match source.and_then(|s| written.get(&s)) {
+                Some(&at) => at,
+                None => {
+                    let at = data.append(tensor)?;
+                    if let Some(s) = source {
+                        written.insert(s, at);
+                    }
+                    at
+                }
+            };
+            weights::clear_data_fields(&mut proto);
             proto.data_location = DataLocation::External as i32;
             proto.external_data = weights::external_entries(&data.location, offset, len);
         }
@@ -207,20 +312,13 @@ fn write_checked(
     let mut model_tmp = temp_in(out_dir)?;
     model_tmp.write_all(&encoded).at(model_tmp.path())?;
 
-    // Every file is complete in a temp file; prepare the links the same way.
-    let mut staged: Vec<(PathBuf, tempfile::TempPath)> = Vec::new();
-    let mut report = ExportReport {
-        model: out.to_path_buf(),
-        ..Default::default()
-    };
-    for (file, location) in &links {
-        let target = out_dir.join(location);
-        if same_file(&target, &file.path) {
-            continue; // exporting into the model's own folder: the data file is already there
-        }
-        let (tmp, hard) = stage_link(&file.path, &target)?;
-        report.linked.push((target.clone(), hard));
-        staged.push((target, tmp));
+    // Every file is complete in a temp file; the copies of original data files too.
+    for (file, target, mut tmp) in to_copy {
+        copy_file(&file, &target, &mut tmp, &mut |n| {
+            done += n;
+            progress(done, total);
+        })?;
+        staged.push((target, tmp.into_temp_path()));
     }
     if let Some((tmp, size)) = data.finish()? {
         let target = out_dir.join(&data.location);
@@ -229,7 +327,7 @@ fn write_checked(
     }
     for (path, bytes) in guard.companions {
         let dir = folder_of(path);
-        fs::create_dir_all(dir).at(dir)?;
+        created.extend(create_dir_all_tracked(dir)?);
         let mut tmp = temp_in(dir)?;
         tmp.write_all(bytes).at(tmp.path())?;
         staged.push((path.clone(), tmp.into_temp_path()));
@@ -297,9 +395,10 @@ fn path_key(p: &Path) -> (PathBuf, Option<std::ffi::OsString>) {
     (dir, p.file_name().map(|n| n.to_os_string()))
 }
 
-/// Where link mode puts each original data file in the output folder: under its own name,
-/// unless a file of that name is there that is not this data file and not named after this
-/// output (another model's weights, an input): then `<output>.link<K>.data`. Nothing of
+/// Where the output of link mode refers to each original data file: where it is, if the
+/// output is in its folder (see [`in_place_location`]); else a clone or copy in the output
+/// folder under its own name, unless a file of that name is there that is not named after
+/// this output (another model's weights, an input): then `<output>.link<K>.data`. Nothing of
 /// another model is ever replaced.
 fn link_locations(
     model: &Model,
@@ -323,32 +422,61 @@ fn link_locations(
                 .iter()
                 .any(|(_, l)| path_key(&out_dir.join(l)) == key)
     };
-    // Free for `file`: already it, or no other output's and either absent or a regular file
-    // named after this output that no input is.
-    let usable = |file: &DataFile, location: &str, chosen: &[(Arc<DataFile>, String)]| {
+    // Free for a copy of `file`: no other output's and either absent or a regular file named
+    // after this output that no input is.
+    let usable = |location: &str, chosen: &[(Arc<DataFile>, String)]| {
         let target = out_dir.join(location);
-        same_file(&target, &file.path)
-            || (!taken_by_output(&target, chosen)
-                && match fs::symlink_metadata(&target) {
-                    Err(_) => true,
-                    Ok(m) => {
-                        ours(location)
-                            && m.is_file()
-                            && !inputs.iter().any(|i| same_file(&target, i))
-                    }
-                })
+        !taken_by_output(&target, chosen)
+            && match fs::symlink_metadata(&target) {
+                Err(_) => true,
+                Ok(m) => {
+                    ours(location) && m.is_file() && !inputs.iter().any(|i| same_file(&target, i))
+                }
+            }
     };
     let mut chosen: Vec<(Arc<DataFile>, String)> = Vec::new();
     let mut k = 0;
     for file in &model.data_files {
+        if let Some(location) = in_place_location(file, out_dir) {
+            chosen.push((file.clone(), location));
+            continue;
+        }
         let mut location = file.location.clone();
-        while !usable(file, &location, &chosen) {
+        while !usable(&location, &chosen) {
             k += 1;
             location = format!("{file_name}.link{k}.data");
         }
         chosen.push((file.clone(), location));
     }
     chosen
+}
+
+/// Where the output can refer to `file` as it is, relative to `out_dir` (the output is in
+/// its folder, or a folder above): its own location, or its path below `out_dir`. Only a
+/// regular file with one link (onnx refuses symbolic and hard links) and a plain relative
+/// path; `None` otherwise (it is then cloned or copied).
+fn in_place_location(file: &DataFile, out_dir: &Path) -> Option<String> {
+    let acceptable = |location: &str| {
+        let target = out_dir.join(location);
+        weights::safe_join(out_dir, location).is_ok()
+            && same_file(&target, &file.path)
+            && fs::symlink_metadata(&target).is_ok_and(|m| m.is_file() && m.nlink() == 1)
+    };
+    if acceptable(&file.location) {
+        return Some(file.location.clone());
+    }
+    let dir = fs::canonicalize(out_dir).ok()?;
+    let real = fs::canonicalize(&file.path).ok()?;
+    let below = real.strip_prefix(&dir).ok()?;
+    let location = below
+        .components()
+        .map(|c| match c {
+            std::path::Component::Normal(n) => n.to_str(),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()?
+        .join("/");
+    acceptable(&location).then_some(location)
 }
 
 /// The model as a proto, each initializer written by `place`.
@@ -488,22 +616,70 @@ fn temp_in(dir: &Path) -> Result<NamedTempFile> {
         .at(dir)
 }
 
-/// `src` as a hard link (or a copy where links cannot cross filesystems) under a temp name in
-/// `target`'s folder. Returns it and whether it is a hard link.
-fn stage_link(src: &Path, target: &Path) -> Result<(tempfile::TempPath, bool)> {
-    let dir = folder_of(target);
-    fs::create_dir_all(dir).at(dir)?;
-    let tmp = temp_in(dir)?.into_temp_path();
-    let tmp_path = tmp.to_path_buf();
-    fs::remove_file(&tmp_path).at(&tmp_path)?;
-    let linked = match fs::hard_link(src, &tmp_path) {
-        Ok(()) => true,
-        Err(_) => {
-            fs::copy(src, &tmp_path).at(&tmp_path)?;
-            false
-        }
+/// Makes `dest` (a new, empty temp file) a reflink clone of `src`: a file of its own (one
+/// link, as onnx requires) sharing the original's blocks, so nothing is copied. `false` where
+/// the filesystem cannot clone (or `dest` is on another filesystem): copy it then.
+fn clone_file(src: &Path, dest: &NamedTempFile) -> Result<bool> {
+    let reader = File::open(src).at(src)?;
+    Ok(reflink(&reader, dest.as_file()).is_ok())
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn reflink(src: &File, dest: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: FICLONE takes the source descriptor as its argument; both files are open.
+    let r = unsafe { libc::ioctl(dest.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn reflink(_src: &File, _dest: &File) -> io::Result<()> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
+/// Copies the data file `src` into `dest` (a temp file that will become `target`), kernel
+/// side (copy_file_range), calling `progress(bytes)` as it goes.
+fn copy_file(
+    src: &DataFile,
+    target: &Path,
+    dest: &mut NamedTempFile,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    const CHUNK: u64 = 64 << 20;
+    let cannot = |what: String| Error::Output {
+        path: target.into(),
+        msg: format!(
+            "cannot copy the data file '{}' here: {what}",
+            src.path.display()
+        ),
     };
-    Ok((tmp, linked))
+    let reader = File::open(&src.path).at(&src.path)?;
+    let expected = src.bytes().len() as u64;
+    let dest_path = dest.path().to_path_buf();
+    let file = dest.as_file_mut();
+    // Whatever a failed clone may have left.
+    file.set_len(0).at(&dest_path)?;
+    file.seek(SeekFrom::Start(0)).at(&dest_path)?;
+    let mut copied = 0;
+    loop {
+        let n = io::copy(&mut (&reader).take(CHUNK), file).map_err(|e| cannot(e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        copied += n;
+        progress(n);
+    }
+    if copied != expected {
+        return Err(cannot(format!(
+            "read {copied} bytes of {expected} (changed while reading?)"
+        )));
+    }
+    file.sync_all().at(&dest_path)?;
+    Ok(())
 }
 
 /// Files renamed into place, each with a hard link to what it replaced, so that a failure

@@ -45,7 +45,14 @@ pub trait Pass {
 #[derive(Default)]
 pub struct PassManager {
     passes: Vec<Box<dyn Pass>>,
+    /// Stop after the pass of this name (bisecting a pipeline).
+    pub stop_after: Option<String>,
+    /// Hand the graph to this function after each pass named in `dump_after`.
+    pub dump_after: Vec<String>,
 }
+
+/// Called with a pass name and the graph after it (see [`PassManager::dump_after`]).
+pub type Dump<'a> = dyn FnMut(&str, &Model) -> Result<()> + 'a;
 
 impl PassManager {
     pub fn new() -> Self {
@@ -61,17 +68,39 @@ impl PassManager {
         self.passes.is_empty()
     }
 
-    pub fn run(&self, model: &mut Model, cx: &mut PassCx) -> Result<Vec<PassReport>> {
-        self.run_observed(model, cx, &mut |_| {})
+    /// The passes' names, in order.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.passes.iter().map(|p| p.name()).collect()
     }
 
-    /// [`PassManager::run`], telling `starting` each pass's name before it runs (progress).
+    /// Refuses `stop_after`/`dump_after` names of passes this pipeline does not run.
+    pub fn check_names(&self) -> Result<()> {
+        let names = self.names();
+        for want in self.stop_after.iter().chain(&self.dump_after) {
+            if !names.contains(&want.as_str()) {
+                return Err(Error::Graph(format!(
+                    "no pass '{want}' in this pipeline; it runs: {}",
+                    names.join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn run(&self, model: &mut Model, cx: &mut PassCx) -> Result<Vec<PassReport>> {
+        self.run_observed(model, cx, &mut |_| {}, &mut |_, _| Ok(()))
+    }
+
+    /// [`PassManager::run`], telling `starting` each pass's name before it runs (progress),
+    /// and giving `dump` the graph after each pass of `dump_after`.
     pub fn run_observed(
         &self,
         model: &mut Model,
         cx: &mut PassCx,
         starting: &mut dyn FnMut(&str),
+        dump: &mut Dump,
     ) -> Result<Vec<PassReport>> {
+        self.check_names()?;
         let mut reports = Vec::new();
         for pass in &self.passes {
             starting(pass.name());
@@ -84,6 +113,12 @@ impl PassManager {
                     .map_err(|e| Error::Graph(format!("after pass '{}': {e}", pass.name())))?;
             }
             reports.push(report);
+            if self.dump_after.iter().any(|d| d == pass.name()) {
+                dump(pass.name(), model)?;
+            }
+            if self.stop_after.as_deref() == Some(pass.name()) {
+                break;
+            }
         }
         Ok(reports)
     }

@@ -55,6 +55,7 @@ pub struct Patch<'g> {
     inputs: Vec<ValueInfoProto>,
     rewires: Vec<(NodeId, usize, String)>,
     outputs: Vec<(String, DataType)>,
+    folded: Vec<(NodeId, Vec<(ValueId, Tensor)>)>,
 }
 
 impl<'g> Patch<'g> {
@@ -75,6 +76,7 @@ impl<'g> Patch<'g> {
             inputs: Vec::new(),
             rewires: Vec::new(),
             outputs: Vec::new(),
+            folded: Vec::new(),
         }
     }
 
@@ -266,11 +268,18 @@ impl<'g> Patch<'g> {
         self.drop.push(n);
     }
 
+    /// Replaces node `n` by constants: each (output, tensor) becomes an initializer of the
+    /// output's own name (its readers keep reading it), and the node goes.
+    pub fn fold(&mut self, n: NodeId, outputs: Vec<(ValueId, Tensor)>) {
+        self.folded.push((n, outputs));
+    }
+
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
             && self.replace.is_empty()
             && self.drop.is_empty()
             && self.tensors.is_empty()
+            && self.folded.is_empty()
     }
 
     /// Detaches the patch from the graph it was built against, so it can be applied.
@@ -283,6 +292,7 @@ impl<'g> Patch<'g> {
             inputs: self.inputs,
             rewires: self.rewires,
             outputs: self.outputs,
+            folded: self.folded,
         }
     }
 }
@@ -297,6 +307,7 @@ pub struct AppliedPatch {
     inputs: Vec<ValueInfoProto>,
     rewires: Vec<(NodeId, usize, String)>,
     outputs: Vec<(String, DataType)>,
+    folded: Vec<(NodeId, Vec<(ValueId, Tensor)>)>,
 }
 
 impl AppliedPatch {
@@ -338,6 +349,15 @@ impl AppliedPatch {
         for n in self.drop {
             if g.contains_node(n) {
                 g.remove_node(n);
+            }
+        }
+        for (n, outputs) in self.folded {
+            if g.contains_node(n) {
+                g.remove_node(n);
+            }
+            for (v, mut t) in outputs {
+                t.proto.name = g.value(v).name.clone();
+                g.set_initializer(t);
             }
         }
         Ok(added)

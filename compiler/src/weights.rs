@@ -212,7 +212,7 @@ pub fn clear_data_fields(p: &mut TensorProto) {
 }
 
 /// Converts the typed repeated fields (`float_data`, `int32_data`, ...) to raw little-endian bytes.
-fn typed_field_bytes(t: &TensorProto) -> Result<Vec<u8>> {
+pub fn typed_field_bytes(t: &TensorProto) -> Result<Vec<u8>> {
     use DataType::*;
     let dt = DataType::try_from(t.data_type)
         .map_err(|_| Error::tensor(&t.name, format!("unknown data type {}", t.data_type)))?;

@@ -77,14 +77,13 @@ class Sd3Wrapper(torch.nn.Module):
                           return_dict=False)[0]
 
 
-def build(cls, config):
-    """The fixture's model: random weights, fixed seed."""
+def build(cls, config, init="perturb"):
+    """The fixture's model: random weights, fixed seed. `init` as unets.perturb's: the
+    fixtures perturb every parameter (zero-initialised layers must matter too)."""
+    from unets import perturb
     torch.manual_seed(0)
     model = cls(**config).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # zero-initialised layers must matter too
-            p.add_(torch.randn_like(p) * 0.02)
-    return model
+    return perturb(model, init)
 
 
 class FluxWrapper(torch.nn.Module):
@@ -113,14 +112,9 @@ class FluxDevWrapper(FluxWrapper):
                           txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
 
 
-def export(name, cls, config, wrapper, inputs, dynamo=False):
-    import onnxruntime as ort
-    model = build(cls, config)
-    out_dir = ROOT / name
-    shutil.rmtree(out_dir, ignore_errors=True)
-    (out_dir / "inputs").mkdir(parents=True)
-    (out_dir / "ref").mkdir()
-    raw = out_dir / "raw.onnx"
+def torch_export(model, config, wrapper, inputs, raw, dynamo=False, opset=None, fold=True):
+    """torch.onnx.export of `wrapper(model)` to `raw` with the fixtures' dynamic axes: the legacy
+    exporter (opset 17 unless given) or the dynamo exporter (opset 18 unless given)."""
     axes = {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
             "encoder_hidden_states": {0: "batch", 1: "sequence"},
             "pooled_projections": {0: "batch"},
@@ -143,13 +137,24 @@ def export(name, cls, config, wrapper, inputs, dynamo=False):
         # In the order of the inputs: the exporter pairs them by position.
         shapes = {k: {i: dims[d] for i, d in axes[k].items()} for k in inputs}
         torch.onnx.export(wrapper(model), tuple(inputs.values()), str(raw), dynamo=True,
-                          opset_version=18, input_names=list(inputs),
+                          opset_version=opset or 18, input_names=list(inputs),
                           output_names=["out_sample"], dynamic_shapes=shapes)
     else:
         torch.onnx.export(wrapper(model), tuple(inputs.values()), str(raw), dynamo=False,
-                          opset_version=17, input_names=list(inputs),
+                          opset_version=opset or 17, input_names=list(inputs),
                           output_names=["out_sample"], dynamic_axes=axes,
-                          do_constant_folding=True)
+                          do_constant_folding=fold)
+
+
+def export(name, cls, config, wrapper, inputs, dynamo=False):
+    import onnxruntime as ort
+    model = build(cls, config)
+    out_dir = ROOT / name
+    shutil.rmtree(out_dir, ignore_errors=True)
+    (out_dir / "inputs").mkdir(parents=True)
+    (out_dir / "ref").mkdir()
+    raw = out_dir / "raw.onnx"
+    torch_export(model, config, wrapper, inputs, raw, dynamo)
     m = onnx.load(str(raw))
     for f in out_dir.glob("raw.onnx*"):  # the dynamo exporter's external data too
         f.unlink()
@@ -199,12 +204,8 @@ def export_full(out_dir):
     print(f"{out_dir}: PixArt-α XL-2, {params / 1e6:.0f} M parameters")
 
 
-def main():
-    import sys
-    if "--full" in sys.argv:
-        args = sys.argv[sys.argv.index("--full") + 1:]
-        assert args[:1] == ["pixart"] and "--out" in args, "usage: --full pixart --out DIR"
-        return export_full(args[args.index("--out") + 1])
+def fixtures():
+    """name: (class, config, wrapper, test inputs, dynamo) for every tiny fixture."""
     gen = torch.Generator().manual_seed(1)
     sample = torch.randn(2, 4, 16, 16, generator=gen)
     timestep = torch.tensor([999.0, 500.0])
@@ -230,9 +231,19 @@ def main():
         for dynamo in [False, True]:
             fixtures[f"{name}_{'dynamo' if dynamo else 'legacy'}"] = (
                 SD3Transformer2DModel, config, Sd3Wrapper, sd3_inputs, dynamo)
-    only = sys.argv[sys.argv.index("--only") + 1:] if "--only" in sys.argv else list(fixtures)
+    return fixtures
+
+
+def main():
+    import sys
+    if "--full" in sys.argv:
+        args = sys.argv[sys.argv.index("--full") + 1:]
+        assert args[:1] == ["pixart"] and "--out" in args, "usage: --full pixart --out DIR"
+        return export_full(args[args.index("--out") + 1])
+    all_fixtures = fixtures()
+    only = sys.argv[sys.argv.index("--only") + 1:] if "--only" in sys.argv else list(all_fixtures)
     for name in only:
-        export(name, *fixtures[name])
+        export(name, *all_fixtures[name])
 
 if __name__ == "__main__":
     main()

@@ -137,15 +137,35 @@ def example_inputs(specs, dims, seed):
     return out
 
 
-def build_unet(config, seed):
+def norm_parameters(model):
+    """The parameters of the model's normalisation layers (GroupNorm, LayerNorm, RMSNorm)."""
+    import diffusers.models.normalization as dn
+    kinds = tuple(k for k in (torch.nn.GroupNorm, torch.nn.LayerNorm, getattr(torch.nn, "RMSNorm", None),
+                              getattr(dn, "RMSNorm", None), getattr(dn, "LayerNorm", None)) if k)
+    return {id(p) for m in model.modules() if isinstance(m, kinds) for p in m.parameters(recurse=False)}
+
+
+def perturb(model, init="perturb"):
+    """diffusers' init leaves some parameters zero or identical (norm biases 0, norm weights 1);
+    perturb everything so that every weight matters in the outputs tests compare. `init="norms_default"` leaves the
+    normalisation layers at diffusers' default (weight 1, bias 0) and perturbs the rest with
+    the same noise as "perturb"; `init="pure"` leaves diffusers' initialisation untouched."""
+    assert init in ("perturb", "norms_default", "pure"), init
+    if init == "pure":
+        return model
+    skip = norm_parameters(model) if init == "norms_default" else set()
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn_like(p) * 0.02  # drawn for every parameter: the same noise stream
+            if id(p) not in skip:
+                p.add_(noise)
+    return model
+
+
+def build_unet(config, seed, init="perturb"):
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**config).eval()
-    # Random init leaves some layers zero (conv_out, proj_out); perturb everything so that
-    # every weight matters in the outputs tests compare.
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return unet
+    return perturb(unet, init)
 
 
 def export(unet, config, exporter, path, dims, dtype=torch.float32, options=None):
@@ -165,7 +185,7 @@ def export(unet, config, exporter, path, dims, dtype=torch.float32, options=None
             axes["out_sample"] = {i: d for i, d in axes["sample"].items() if i != 1}
             torch.onnx.export(model, args, str(raw), dynamo=False, opset_version=options.get("opset", 17),
                               input_names=names, output_names=["out_sample"],
-                              dynamic_axes=axes, do_constant_folding=True)
+                              dynamic_axes=axes, do_constant_folding=options.get("fold", True))
         else:
             batch = torch.export.Dim("batch", min=1, max=64)
             height = torch.export.Dim("height", min=2, max=512)
@@ -174,6 +194,8 @@ def export(unet, config, exporter, path, dims, dtype=torch.float32, options=None
             dyn = {"sample": {0: batch, 2: 8 * height, 3: 8 * width},
                    "timestep": {0: batch},
                    "encoder_hidden_states": {0: batch, 1: sequence}}
+            if "text_embeds" in names:  # SDXL's added conditions
+                dyn.update(text_embeds={0: batch}, time_ids={0: batch})
             torch.onnx.export(model, args, str(raw), dynamo=True, opset_version=18,
                               input_names=names, output_names=["out_sample"],
                               dynamic_shapes=dyn)

@@ -6,6 +6,7 @@ use attune_compiler::export::{self, ExportOptions, WeightsMode};
 use attune_compiler::pass::{PassCx, PassManager, PassReport};
 use attune_compiler::verify;
 use attune_passes::attention::{AttentionPass, FeatureMap, Mode, Target};
+use attune_passes::canonical::Canonicalize;
 use attune_passes::controller::{ControllerPass, Hook};
 use attune_passes::glob::Globs;
 use attune_passes::layer_norm::LayerNormPass;
@@ -28,13 +29,13 @@ pub struct Args {
     output: PathBuf,
     #[command(flatten)]
     options: CompileOptions,
-    /// copy: one self-contained data file; link: hard-link the original data, write only changed tensors
+    /// copy: one self-contained data file; link: keep the original data (referenced in place, else reflinked or copied), write only changed tensors
     #[arg(long, value_enum, default_value_t = Weights::Copy)]
     weights: Weights,
     /// Write all tensors inside the .onnx (models under 2 GB)
     #[arg(long)]
     inline: bool,
-    /// Verify the graph after every pass (always on in debug builds)
+    /// Verify the graph after every pass (always on in debug builds and with ATTUNE_VERIFY set)
     #[arg(long)]
     verify: bool,
     /// Inputs on which passes that change the model's function (linear attention) are measured
@@ -46,11 +47,22 @@ pub struct Args {
     /// No progress bars and no pass reports (errors still go to stderr)
     #[arg(short, long)]
     quiet: bool,
+    /// Also write the graph after these passes, as OUT's name + `.after-PASS.onnx`
+    /// (comma-separated pass names, as the reports print them)
+    #[arg(long, value_delimiter = ',', value_name = "PASS")]
+    dump_after: Vec<String>,
+    /// Run the pipeline up to this pass and write what it made (bisecting a pipeline)
+    #[arg(long, value_name = "PASS")]
+    stop_after: Option<String>,
 }
 
 /// What to do to the model.
 #[derive(clap::Args, Clone)]
 pub struct CompileOptions {
+    /// Bring the export to the canonical form only (constants folded, Identity nodes and
+    /// no-ops gone, CSE); it runs first whenever any other pass is asked
+    #[arg(long)]
+    pub canonical: bool,
     /// Execution provider the output is for (decides which fused ops may be emitted)
     #[arg(long, value_enum, default_value_t = TargetArg::Cpu)]
     pub target: TargetArg,
@@ -277,6 +289,14 @@ impl CompileOptions {
     /// The passes these options ask for, in order.
     pub fn pipeline(&self) -> anyhow::Result<PassManager> {
         let mut pm = PassManager::new();
+        if !self.any_pass() {
+            // Nothing asked: a faithful round trip (checked for the CPU EP).
+            pm.add(SupportCheck {
+                target: Target::Cpu,
+            });
+            return Ok(pm);
+        }
+        pm.add(Canonicalize);
         let tome = self.tome.pass()?;
         // Passes that read transformer blocks' norms, or fuse or convert them: exports below
         // opset 17 write LayerNorms out, so first they become LayerNormalization.
@@ -406,6 +426,23 @@ impl CompileOptions {
             .collect()
     }
 
+    /// Does any option ask for a rewrite? (Without one, compile is a faithful round trip.)
+    fn any_pass(&self) -> bool {
+        let none = CompileOptions::default();
+        self.canonical
+            || self.target != none.target
+            || self.precision != none.precision
+            || self.attention != none.attention
+            || !self.loras.is_empty()
+            || self.lora_layers.is_some()
+            || self.tome.tome.is_some()
+            || self.tome.tome_mode != none.tome.tome_mode
+            || !self.hooks.is_empty()
+            || self.fix_shapes.is_some()
+            || !self.disable_fusions.is_empty()
+            || !self.enable_fusions.is_empty()
+    }
+
     /// Does the compiled model compute something else than the original?
     pub fn changes_function(&self) -> bool {
         self.attention == AttentionArg::Linear
@@ -432,6 +469,11 @@ pub fn print_reports(reports: &[PassReport]) {
             println!("  note: {n}");
         }
     }
+}
+
+/// `OUT.onnx` → `OUT.after-PASS.onnx`
+fn dump_path(output: &std::path::Path, pass: &str) -> PathBuf {
+    output.with_extension(format!("after-{pass}.onnx"))
 }
 
 /// `OUT.onnx` → `OUT.adapter.safetensors`
@@ -478,12 +520,46 @@ pub fn run(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
     };
     let loaded = start.elapsed();
     let mut cx = PassCx {
-        verify: args.verify || cfg!(debug_assertions),
+        verify: args.verify
+            || cfg!(debug_assertions)
+            || std::env::var_os("ATTUNE_VERIFY").is_some(),
     };
-    let reports = args
-        .options
-        .pipeline()?
-        .run_observed(&mut model, &mut cx, &mut |pass| progress.step(pass))?;
+    let mut pipeline = args.options.pipeline()?;
+    pipeline.stop_after = args.stop_after.clone();
+    pipeline.dump_after = args.dump_after.clone();
+    let export_options = ExportOptions {
+        weights: match args.weights {
+            Weights::Copy => WeightsMode::Copy,
+            Weights::Link => WeightsMode::Link,
+        },
+        inline: args.inline,
+    };
+    let mut dumped = Vec::new();
+    let reports = pipeline.run_observed(
+        &mut model,
+        &mut cx,
+        &mut |pass| progress.step(pass),
+        &mut |pass, m| {
+            let path = dump_path(&args.output, pass);
+            export::write_guarded(
+                m,
+                &path,
+                &export_options,
+                &export::Guard {
+                    inputs: &inputs,
+                    companions: &[],
+                },
+                &mut |_, _| {},
+            )?;
+            dumped.push(path);
+            Ok(())
+        },
+    )?;
+    if !args.quiet {
+        for path in &dumped {
+            progress.suspend(|| println!("dumped {}", path.display()));
+        }
+    }
     let say = !args.quiet;
     if say {
         progress.suspend(|| print_reports(&reports));
@@ -500,10 +576,6 @@ pub fn run(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
         None => None,
     };
     progress.step(&format!("writing {}", args.output.display()));
-    let weights = match args.weights {
-        Weights::Copy => WeightsMode::Copy,
-        Weights::Link => WeightsMode::Link,
-    };
     let companions: Vec<(PathBuf, Vec<u8>)> = adapter
         .iter()
         .map(|(path, _, _, bytes)| (path.clone(), bytes.clone()))
@@ -511,10 +583,7 @@ pub fn run(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
     let written = export::write_guarded(
         &model,
         &args.output,
-        &ExportOptions {
-            weights,
-            inline: args.inline,
-        },
+        &export_options,
         &export::Guard {
             inputs: &inputs,
             companions: &companions,
@@ -528,12 +597,8 @@ pub fn run(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
         if let Some((path, size)) = &written.data_file {
             println!("  data   {} ({})", path.display(), super::bytes(*size));
         }
-        for (path, hard) in &written.linked {
-            println!(
-                "  {}   {}",
-                if *hard { "linked" } else { "copied" },
-                path.display()
-            );
+        for (path, how) in &written.linked {
+            println!("  {how}   {}", path.display());
         }
         if let Some((path, count, skipped, _)) = adapter {
             println!(

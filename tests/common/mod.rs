@@ -97,12 +97,66 @@ pub fn spec(name: &str) -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// Runs the attune binary.
+/// Two runs of one function through different graphs: compiled graphs are canonicalised
+/// (constants folded, CSE), so ONNX Runtime's own fusions find more and round differently
+/// (bit-identical with its optimizer at the basic level, which `canonical` tests check).
+pub const SAME_FUNCTION: f64 = 1e-6;
+
+/// `got` computes what `want` does, within [`SAME_FUNCTION`] (rel L2).
+pub fn assert_same_function(want: &attune_runtime::HostTensor, got: &attune_runtime::HostTensor) {
+    let c = attune_runtime::compare::compare("out", want, got).unwrap();
+    assert!(c.rel_l2 <= SAME_FUNCTION, "{c:?}");
+}
+
+/// The most memory one run of the binary may take in the tests (the suite stays under 2 GB).
+pub const MAX_RSS_BYTES: u64 = 2 << 30;
+
+/// Runs the attune binary (verifying the graph after every pass), and fails the test if the
+/// run peaked over [`MAX_RSS_BYTES`] of resident memory.
 pub fn attune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_attune"))
-        .args(args)
-        .output()
-        .expect("run attune")
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_attune"));
+    cmd.args(args);
+    run_measured(&mut cmd)
+}
+
+/// Runs `cmd` to completion with its output captured; asserts its peak RSS is under
+/// [`MAX_RSS_BYTES`] (read from the kernel's accounting of the child, `wait4`).
+pub fn run_measured(cmd: &mut Command) -> Output {
+    use std::io::Read as _;
+    let mut child = cmd
+        .env("ATTUNE_VERIFY", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run attune");
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let reader = std::thread::spawn(move || {
+        let mut e = Vec::new();
+        err.read_to_end(&mut e).map(|_| e)
+    });
+    let mut stdout = Vec::new();
+    out.read_to_end(&mut stdout).unwrap();
+    let stderr = reader.join().unwrap().unwrap();
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child, writing into locals.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32, "wait4");
+    let peak = usage.ru_maxrss as u64 * 1024;
+    assert!(
+        peak < MAX_RSS_BYTES,
+        "{:?} peaked at {} MiB of resident memory (limit {} MiB)",
+        cmd,
+        peak >> 20,
+        MAX_RSS_BYTES >> 20
+    );
+    use std::os::unix::process::ExitStatusExt as _;
+    Output {
+        status: std::process::ExitStatus::from_raw(status),
+        stdout,
+        stderr,
+    }
 }
 
 pub fn stdout(o: &Output) -> String {

@@ -16,6 +16,13 @@ pub type NodeId = NodeIndex<u32>;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ValueId(u32);
 
+impl ValueId {
+    /// Its position in the value table (stable while the value lives).
+    pub fn index(self) -> u32 {
+        self.0
+    }
+}
+
 /// Where a value is read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Use {
@@ -302,6 +309,58 @@ impl Graph {
         self.sparse_order.retain(|v| *v != id);
         self.value_info_order.retain(|v| *v != id);
         Ok(())
+    }
+
+    // ---- traversal ----------------------------------------------------------------------
+
+    /// The node computing `v` (None for graph inputs and initializers).
+    pub fn producer(&self, v: ValueId) -> Option<NodeId> {
+        self.value(v).producer.map(|(n, _)| n)
+    }
+
+    /// The one node that reads `v`, in one input slot (None if several read it, a subgraph
+    /// does, or it is a graph output: rewriting that reader would lose the others).
+    pub fn sole_reader(&self, v: ValueId) -> Option<NodeId> {
+        if self.is_graph_output(v) {
+            return None;
+        }
+        match self.value(v).consumers.as_slice() {
+            [Use::Input(n, _)] => Some(*n),
+            _ => None,
+        }
+    }
+
+    /// Nodes reading `v` (each once, in no particular order).
+    pub fn readers(&self, v: ValueId) -> Vec<NodeId> {
+        let mut nodes: Vec<NodeId> = self.value(v).consumers.iter().map(|u| u.node()).collect();
+        nodes.sort();
+        nodes.dedup();
+        nodes
+    }
+
+    /// Input `slot` of node `n`, if present.
+    pub fn input(&self, n: NodeId, slot: usize) -> Option<ValueId> {
+        self.nodes[n].inputs.get(slot).copied().flatten()
+    }
+
+    /// Output 0 of node `n`.
+    pub fn output(&self, n: NodeId) -> Option<ValueId> {
+        self.nodes[n].outputs.first().copied().flatten()
+    }
+
+    /// For a binary node reading `from`: its other input.
+    pub fn other_input(&self, n: NodeId, from: ValueId) -> Option<ValueId> {
+        match (self.input(n, 0), self.input(n, 1)) {
+            (Some(a), Some(b)) if a == from => Some(b),
+            (Some(a), Some(b)) if b == from => Some(a),
+            _ => None,
+        }
+    }
+
+    /// Is `v` a fixed constant: an initializer that callers cannot override (not also a
+    /// graph input)?
+    pub fn is_constant(&self, v: ValueId) -> bool {
+        self.value(v).initializer.is_some() && !self.inputs.iter().any(|io| io.value == v)
     }
 
     // ---- nodes --------------------------------------------------------------------------

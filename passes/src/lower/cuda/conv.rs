@@ -7,7 +7,7 @@ use attune_compiler::patch::{In, Patch};
 use attune_compiler::weights::Tensor;
 
 use super::super::precision::convert_tensor;
-use super::{Site, channels_last, input, output};
+use super::{Site, channels_last};
 
 /// How NhwcConv weights are stored: in `low` (the precision pass's type) for the convolutions
 /// of the data path, which that pass will run in `low` anyway; this halves what the compile
@@ -27,8 +27,8 @@ pub fn nhwc_conv(
     store: &mut WeightStore,
 ) -> std::result::Result<(), String> {
     let node = g.node(conv);
-    let x = input(g, conv, 0).ok_or("no input")?;
-    let w = input(g, conv, 1).ok_or("no weight")?;
+    let x = g.input(conv, 0).ok_or("no input")?;
+    let w = g.input(conv, 1).ok_or("no weight")?;
     // A 4-D weight makes it a 2-D convolution of a 4-D (NCHW) input.
     let weight = g
         .initializer(w)
@@ -37,7 +37,7 @@ pub fn nhwc_conv(
     if node.attr("group").is_some_and(|a| a.i != 1) {
         return Err("grouped convolution".into());
     }
-    let y = output(g, conv).ok_or("no output")?;
+    let y = g.output(conv).ok_or("no output")?;
     let dims = weight.dims().to_vec();
     let data = weight.bytes().map_err(|e| e.to_string())?;
     let dtype = DataType::try_from(weight.data_type()).map_err(|_| "unknown weight type")?;
@@ -66,7 +66,7 @@ pub fn nhwc_conv(
     let w_nhwc = p.constant(stored.name(), stored_type, stored.dims().to_vec(), bytes);
     let x = p.current(x);
     let mut rest = vec![In::New(w_nhwc)];
-    rest.extend(input(g, conv, 2).map(In::Value));
+    rest.extend(g.input(conv, 2).map(In::Value));
     let attrs = node.proto.attribute.clone();
     let at = Site {
         module: &module,

@@ -10,7 +10,7 @@ use attune_compiler::analysis::Shapes;
 use attune_compiler::ir::{Graph, NodeId, ValueId};
 use attune_compiler::patch::{In, Patch};
 
-use super::{MS_DOMAIN, input, other_input, output, producer, sole_reader, split_bias};
+use super::{MS_DOMAIN, split_bias};
 
 /// The last-axis sizes (2·D) ORT's CUDA BiasSplitGelu kernel takes.
 pub const BIAS_SPLIT_GELU_WIDTHS: &[i64] = &[2560, 5120, 10240];
@@ -32,42 +32,45 @@ fn near(shapes: &Shapes, v: ValueId, want: f64) -> bool {
 
 /// For an Erf: the `g` of `gelu(g) = g · ½ · (1 + erf(g/√2))` and the value of gelu(g).
 fn gelu_around(g: &Graph, shapes: &Shapes, erf: NodeId) -> Option<(ValueId, ValueId)> {
-    let scaled = input(g, erf, 0)?;
-    let div = producer(g, scaled)?;
+    let scaled = g.input(erf, 0)?;
+    let div = g.producer(scaled)?;
     let x = match g.node(div).op() {
-        "Div" if input(g, div, 1).is_some_and(|c| near(shapes, c, std::f64::consts::SQRT_2)) => {
-            input(g, div, 0)?
+        "Div"
+            if g.input(div, 1)
+                .is_some_and(|c| near(shapes, c, std::f64::consts::SQRT_2)) =>
+        {
+            g.input(div, 0)?
         }
         "Mul" => [0, 1].into_iter().find_map(|slot| {
-            let c = input(g, div, 1 - slot)?;
-            near(shapes, c, std::f64::consts::FRAC_1_SQRT_2).then(|| input(g, div, slot))?
+            let c = g.input(div, 1 - slot)?;
+            near(shapes, c, std::f64::consts::FRAC_1_SQRT_2).then(|| g.input(div, slot))?
         })?,
         _ => return None,
     };
-    let e = output(g, erf)?;
-    let plus_one = sole_reader(g, e).filter(|n| g.node(*n).is("Add"))?;
-    if !near(shapes, other_input(g, plus_one, e)?, 1.0) {
+    let e = g.output(erf)?;
+    let plus_one = g.sole_reader(e).filter(|n| g.node(*n).is("Add"))?;
+    if !near(shapes, g.other_input(plus_one, e)?, 1.0) {
         return None;
     }
     // The two remaining factors, g and ½, joined in either order (or as one Mul(g, ½)).
-    let mut v = output(g, plus_one)?;
+    let mut v = g.output(plus_one)?;
     let (mut has_x, mut has_half) = (false, false);
     for _ in 0..2 {
-        let mul = sole_reader(g, v).filter(|n| g.node(*n).is("Mul"))?;
-        let factor = other_input(g, mul, v)?;
+        let mul = g.sole_reader(v).filter(|n| g.node(*n).is("Mul"))?;
+        let factor = g.other_input(mul, v)?;
         if factor == x {
             has_x = true;
         } else if near(shapes, factor, 0.5) {
             has_half = true;
         } else {
-            let inner = producer(g, factor).filter(|n| g.node(*n).is("Mul"))?;
-            let half = other_input(g, inner, x)?;
-            if !near(shapes, half, 0.5) || sole_reader(g, factor) != Some(mul) {
+            let inner = g.producer(factor).filter(|n| g.node(*n).is("Mul"))?;
+            let half = g.other_input(inner, x)?;
+            if !near(shapes, half, 0.5) || g.sole_reader(factor) != Some(mul) {
                 return None;
             }
             (has_x, has_half) = (true, true);
         }
-        v = output(g, mul)?;
+        v = g.output(mul)?;
         if has_x && has_half {
             return Some((x, v));
         }
@@ -79,7 +82,7 @@ fn gelu_around(g: &Graph, shapes: &Shapes, erf: NodeId) -> Option<(ValueId, Valu
 fn half_of(g: &Graph, shapes: &Shapes, v: ValueId) -> Option<(ValueId, usize)> {
     let (node, slot) = g.value(v).producer?;
     let n = g.node(node);
-    let x = input(g, node, 0)?;
+    let x = g.input(node, 0)?;
     let xs = shapes.shape(x)?;
     let last = xs.len().checked_sub(1)?;
     let width = xs[last].known()?;
@@ -91,7 +94,7 @@ fn half_of(g: &Graph, shapes: &Shapes, v: ValueId) -> Option<(ValueId, usize)> {
     let is_last = |a: i64| a == -1 || a == last as i64;
     let ints = |slot: usize| -> Option<Vec<i64>> {
         shapes
-            .value(input(g, node, slot)?)?
+            .value(g.input(node, slot)?)?
             .iter()
             .map(|n| n.as_i64())
             .collect()
@@ -123,10 +126,11 @@ fn half_of(g: &Graph, shapes: &Shapes, v: ValueId) -> Option<(ValueId, usize)> {
 /// The GEGLU around `erf`, or why it is not one that BiasSplitGelu computes.
 fn match_geglu(g: &Graph, shapes: &Shapes, erf: NodeId) -> Result<Geglu, String> {
     let (gate, gelu) = gelu_around(g, shapes, erf).ok_or("not an exact (erf) GELU")?;
-    let mul = sole_reader(g, gelu)
+    let mul = g
+        .sole_reader(gelu)
         .filter(|n| g.node(*n).is("Mul"))
         .ok_or("the GELU is not multiplied by a value")?;
-    let hidden = other_input(g, mul, gelu).ok_or("the GELU is squared")?;
+    let hidden = g.other_input(mul, gelu).ok_or("the GELU is squared")?;
     let (Some((x, 1)), Some((x2, 0))) = (half_of(g, shapes, gate), half_of(g, shapes, hidden))
     else {
         return Err("not the second half of a tensor gating its first half".into());
@@ -134,7 +138,8 @@ fn match_geglu(g: &Graph, shapes: &Shapes, erf: NodeId) -> Result<Geglu, String>
     if x != x2 {
         return Err("the halves come from different tensors".into());
     }
-    let add = producer(g, x)
+    let add = g
+        .producer(x)
         .filter(|n| g.node(*n).is("Add"))
         .ok_or("the split tensor is not a projection plus bias")?;
     let xs = shapes.shape(x).ok_or("unknown shape")?;
@@ -153,7 +158,7 @@ fn match_geglu(g: &Graph, shapes: &Shapes, erf: NodeId) -> Result<Geglu, String>
     Ok(Geglu {
         projected,
         bias,
-        out: output(g, mul).ok_or("no output")?,
+        out: g.output(mul).ok_or("no output")?,
         erf,
     })
 }

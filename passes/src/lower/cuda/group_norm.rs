@@ -11,15 +11,17 @@ use attune_compiler::ir::{Graph, NodeId, Use, ValueId};
 use attune_compiler::onnx::DataType;
 use attune_compiler::patch::{In, Patch, attr};
 
-use super::{Site, channels_last, input, other_input, output, producer, sole_reader};
+use super::{Site, channels_last};
 
 /// One matched GroupNorm(+SiLU).
 struct GroupNormSite {
     /// The (NCHW) input.
     x: ValueId,
-    /// γ and β as the export has them ([C, 1, 1] or [1, C, 1, 1]).
-    gamma: ValueId,
-    beta: ValueId,
+    /// γ and β as the export has them ([C, 1, 1] or [1, C, 1, 1]); `None` where the export
+    /// has none (a unit affine, canonicalised away): 1 and 0.
+    gamma: Option<ValueId>,
+    beta: Option<ValueId>,
+    channels: i64,
     groups: i64,
     epsilon: f32,
     silu: bool,
@@ -43,8 +45,8 @@ struct Skip {
 fn unsqueezed_from(g: &Graph, shapes: &Shapes, v: ValueId) -> Option<ValueId> {
     let want = shapes.shape(v)?.get(..2)?;
     let mut at = v;
-    while let Some(n) = producer(g, at).filter(|n| g.node(*n).is("Unsqueeze")) {
-        at = input(g, n, 0)?;
+    while let Some(n) = g.producer(at).filter(|n| g.node(*n).is("Unsqueeze")) {
+        at = g.input(n, 0)?;
         if shapes.shape(at) == Some(want) {
             return Some(at);
         }
@@ -54,7 +56,7 @@ fn unsqueezed_from(g: &Graph, shapes: &Shapes, v: ValueId) -> Option<ValueId> {
 
 /// `x = a + b` with `b` of `x`'s shape or [N, C, 1, 1]: `a` and the skip.
 fn skip_of(g: &Graph, shapes: &Shapes, x: ValueId) -> Option<(ValueId, Skip)> {
-    let add = producer(g, x).filter(|n| g.node(*n).is("Add"))?;
+    let add = g.producer(x).filter(|n| g.node(*n).is("Add"))?;
     let xs = shapes.shape(x)?;
     let per_channel = |v: ValueId| {
         shapes.shape(v).is_some_and(|s| {
@@ -65,7 +67,7 @@ fn skip_of(g: &Graph, shapes: &Shapes, x: ValueId) -> Option<(ValueId, Skip)> {
         })
     };
     let full = |v: ValueId| shapes.shape(v) == Some(xs);
-    let (a, b) = (input(g, add, 0)?, input(g, add, 1)?);
+    let (a, b) = (g.input(add, 0)?, g.input(add, 1)?);
     let (main, skip, broadcast) = if full(a) && (full(b) || per_channel(b)) {
         (a, b, !full(b))
     } else if full(b) && per_channel(a) {
@@ -102,14 +104,15 @@ fn match_group_norm(
     with_skip: bool,
 ) -> std::result::Result<GroupNormSite, String> {
     let node = g.node(norm);
-    let grouped = input(g, norm, 0).ok_or("no input")?;
-    let reshape_in = producer(g, grouped)
+    let grouped = g.input(norm, 0).ok_or("no input")?;
+    let reshape_in = g
+        .producer(grouped)
         .filter(|n| g.node(*n).is("Reshape"))
         .ok_or("its input is not a Reshape")?;
-    let x = input(g, reshape_in, 0).ok_or("no Reshape input")?;
+    let x = g.input(reshape_in, 0).ok_or("no Reshape input")?;
     let (scale, bias) = (
-        input(g, norm, 1).ok_or("no scale")?,
-        input(g, norm, 2).ok_or("no bias")?,
+        g.input(norm, 1).ok_or("no scale")?,
+        g.input(norm, 2).ok_or("no bias")?,
     );
     if shapes.scalar(scale) != Some(1.0) || shapes.scalar(bias) != Some(0.0) {
         return Err("its scale/bias are not the constant 1/0 a GroupNorm export has".into());
@@ -136,33 +139,30 @@ fn match_group_norm(
     if groups <= 0 || c % groups != 0 {
         return Err(format!("{c} channels do not split into {groups} groups"));
     }
-    let normed = output(g, norm).ok_or("no output")?;
-    let reshape_out = sole_reader(g, normed)
+    let normed = g.output(norm).ok_or("no output")?;
+    let reshape_out = g
+        .sole_reader(normed)
         .filter(|n| g.node(*n).is("Reshape"))
         .ok_or("its output is not only reshaped back")?;
-    let back = output(g, reshape_out).ok_or("no output")?;
+    let back = g.output(reshape_out).ok_or("no output")?;
     if shapes.shape(back) != Some(x_shape) {
         return Err("the second Reshape does not restore the input's shape".into());
     }
-    let mul = sole_reader(g, back)
-        .filter(|n| g.node(*n).is("Mul"))
-        .ok_or("no γ Mul")?;
-    let gamma = other_input(g, mul, back)
-        .filter(|v| per_channel(shapes, *v, c))
-        .ok_or("γ is not per channel")?;
-    let scaled = output(g, mul).ok_or("no output")?;
-    let add = sole_reader(g, scaled)
-        .filter(|n| g.node(*n).is("Add"))
-        .ok_or("no β Add")?;
-    let beta = other_input(g, add, scaled)
-        .filter(|v| per_channel(shapes, *v, c))
-        .ok_or("β is not per channel")?;
-    for v in [gamma, beta] {
-        if g.initializer(v).is_none() && producer(g, v).is_none_or(|n| !g.node(n).is("Constant")) {
-            return Err("γ/β are not constants".into());
-        }
-    }
-    let y = output(g, add).ok_or("no output")?;
+    // γ Mul and β Add, each optional: canonicalisation drops `·1` and `+0`.
+    let affine = |v: ValueId, op: &str| {
+        let n = g.sole_reader(v).filter(|n| g.node(*n).is(op))?;
+        let p = g.other_input(n, v).filter(|p| per_channel(shapes, *p, c))?;
+        let constant = g.is_constant(p) || g.producer(p).is_some_and(|k| g.node(k).is("Constant"));
+        constant.then_some((p, g.output(n)?))
+    };
+    let (gamma, scaled) = match affine(back, "Mul") {
+        Some((p, out)) => (Some(p), out),
+        None => (None, back),
+    };
+    let (beta, y) = match affine(scaled, "Add") {
+        Some((p, out)) => (Some(p), out),
+        None => (None, scaled),
+    };
     let epsilon = node.attr("epsilon").map_or(1e-5, |a| a.f);
     let (silu, out) = match silu_after(g, y) {
         Some(out) => (true, out),
@@ -177,6 +177,7 @@ fn match_group_norm(
         skip,
         gamma,
         beta,
+        channels: c,
         groups,
         epsilon,
         silu,
@@ -207,12 +208,12 @@ fn silu_after(g: &Graph, y: ValueId) -> Option<ValueId> {
     } else {
         (*b, *a)
     };
-    let s = output(g, sig)?;
+    let s = g.output(sig)?;
     (g.node(sig).is("Sigmoid")
         && g.node(mul).is("Mul")
-        && sole_reader(g, s) == Some(mul)
-        && other_input(g, mul, s) == Some(y))
-    .then(|| output(g, mul))
+        && g.sole_reader(s) == Some(mul)
+        && g.other_input(mul, s) == Some(y))
+    .then(|| g.output(mul))
     .flatten()
 }
 
@@ -244,8 +245,23 @@ fn fuse_group_norm(p: &mut Patch, g: &Graph, site: &GroupNormSite) {
     let module = g.node(site.norm).module.clone();
     let after = Some(site.norm);
     let name = |tag: &str| format!("{module}/attune_{tag}");
-    // γ/β: the kernel wants fp32 vectors; ORT folds these constant ops at load time.
-    let mut vector = |v: ValueId, tag: &str| {
+    // γ/β: the kernel wants fp32 vectors.
+    let mut vector = |v: Option<ValueId>, unit: f32, tag: &str| {
+        // A constant γ/β (or the unit one the export left out): an fp32 [C] initializer.
+        let mut vector_of = |values: Vec<f32>| {
+            let bytes = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+            In::New(p.constant(&name(tag), DataType::Float, vec![site.channels], bytes))
+        };
+        let Some(v) = v else {
+            return vector_of(vec![unit; site.channels as usize]);
+        };
+        let constant = g.initializer(v).filter(|_| g.is_constant(v)).and_then(|t| {
+            let dtype = DataType::try_from(t.data_type()).ok()?;
+            crate::lora::decode(&t.bytes().ok()?, dtype)
+        });
+        if let Some(values) = constant.filter(|x| x.len() == site.channels as usize) {
+            return vector_of(values);
+        }
         let flat = p.i64s(&name("flat"), &[-1]);
         let r = p.op(
             "Reshape",
@@ -272,8 +288,8 @@ fn fuse_group_norm(p: &mut Patch, g: &Graph, site: &GroupNormSite) {
             In::New(r)
         }
     };
-    let gamma = vector(site.gamma, "gamma");
-    let beta = vector(site.beta, "beta");
+    let gamma = vector(site.gamma, 1.0, "gamma");
+    let beta = vector(site.beta, 0.0, "beta");
     let mut rest = vec![gamma, beta];
     let op = if let Some(skip) = &site.skip {
         rest.push(if let Some(Some(nc)) = skip.per_channel {

@@ -11,8 +11,6 @@ use attune_compiler::ir::{Graph, Model, NodeId, Use, ValueId};
 use attune_compiler::onnx::DataType;
 use attune_compiler::patch::{In, Patch, attr};
 
-use super::{input, output, producer};
-
 const TO_NCHW: [i64; 4] = [0, 3, 1, 2];
 const TO_NHWC: [i64; 4] = [0, 2, 3, 1];
 
@@ -44,9 +42,9 @@ fn on_nhwc(g: &Graph, shapes: &Shapes, n: NodeId) -> Option<Nhwc> {
         }
         "Resize" => {
             let mode = node.attr("mode").map_or(&b"nearest"[..], |a| &a.s[..]);
-            let computed = input(g, n, 1).is_some() || input(g, n, 3).is_some();
+            let computed = g.input(n, 1).is_some() || g.input(n, 3).is_some();
             let values: Vec<f64> = shapes
-                .value(input(g, n, 2)?)?
+                .value(g.input(n, 2)?)?
                 .iter()
                 .map(|v| v.as_f64())
                 .collect::<Option<_>>()?;
@@ -85,12 +83,12 @@ pub(super) fn sink_transposes(model: &mut Model) -> Result<usize> {
     for n in g.topo_order()? {
         let node = g.node(n);
         if perm_of(g, n).as_deref() == Some(&TO_NCHW[..]) {
-            if let (Some(x), Some(y)) = (input(g, n, 0), output(g, n)) {
+            if let (Some(x), Some(y)) = (g.input(n, 0), g.output(n)) {
                 nhwc.insert(y, In::Value(x));
             }
             continue;
         }
-        let (Some(y), 1) = (output(g, n), node.outputs.len()) else {
+        let (Some(y), 1) = (g.output(n), node.outputs.len()) else {
             continue;
         };
         if g.is_graph_output(y) {
@@ -102,7 +100,7 @@ pub(super) fn sink_transposes(model: &mut Model) -> Result<usize> {
         let data: Option<Vec<In>> = form
             .data
             .iter()
-            .map(|&slot| nhwc.get(&input(g, n, slot)?).cloned())
+            .map(|&slot| nhwc.get(&g.input(n, slot)?).cloned())
             .collect();
         let Some(data) = data else { continue };
         let mut inputs: Vec<In> = node
@@ -158,14 +156,13 @@ pub(super) fn cancel_transposes(model: &mut Model) -> Result<usize> {
         if !g.contains_node(n) || !g.node(n).is("Transpose") {
             continue;
         }
-        let (Some(x), Some(y)) = (input(g, n, 0), output(g, n)) else {
+        let (Some(x), Some(y)) = (g.input(n, 0), g.output(n)) else {
             continue;
         };
-        let Some(first) = producer(g, x).filter(|f| g.node(*f).is("Transpose")) else {
+        let Some(first) = g.producer(x).filter(|f| g.node(*f).is("Transpose")) else {
             continue;
         };
-        let (Some(p1), Some(p2), Some(src)) =
-            (perm_of(g, first), perm_of(g, n), input(g, first, 0))
+        let (Some(p1), Some(p2), Some(src)) = (perm_of(g, first), perm_of(g, n), g.input(first, 0))
         else {
             continue;
         };
@@ -191,8 +188,7 @@ pub(super) fn shapes_without_transposes(model: &mut Model) -> Result<usize> {
     let mut changed = 0;
     for t in g.topo_order()? {
         let node = g.node(t);
-        let (Some(x), Some(y), Some(perm)) = (input(g, t, 0), output(g, t), node.attr("perm"))
-        else {
+        let (Some(x), Some(y), Some(perm)) = (g.input(t, 0), g.output(t), node.attr("perm")) else {
             continue;
         };
         let readers: Option<Vec<NodeId>> = g
@@ -226,10 +222,7 @@ pub(super) fn shapes_without_transposes(model: &mut Model) -> Result<usize> {
                 &module,
                 Some(s),
             );
-            p.replace(
-                output(g, s).expect("Shape has an output"),
-                In::New(permuted),
-            );
+            p.replace(g.output(s).expect("Shape has an output"), In::New(permuted));
             changed += 1;
         }
     }

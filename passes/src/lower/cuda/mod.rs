@@ -6,7 +6,7 @@
 //! stream and the transformers' own NCHW⇄NHWC permutes run without layout changes.
 use attune_compiler::analysis::Shapes;
 use attune_compiler::error::Result;
-use attune_compiler::ir::{Graph, Model, NodeId, Use, ValueId};
+use attune_compiler::ir::{Graph, Model, NodeId, ValueId};
 use attune_compiler::onnx::{AttributeProto, DataType};
 use attune_compiler::pass::{Pass, PassCx, PassReport, Skipped};
 use attune_compiler::patch::{In, Patch, attr};
@@ -36,29 +36,6 @@ pub struct CudaFusions {
     pub fusions: Vec<CudaFusion>,
 }
 
-/// The single node reading `v` (None if several, or a graph output).
-fn sole_reader(g: &Graph, v: ValueId) -> Option<NodeId> {
-    if g.is_graph_output(v) {
-        return None;
-    }
-    match g.value(v).consumers.as_slice() {
-        [Use::Input(n, _)] => Some(*n),
-        _ => None,
-    }
-}
-
-fn producer(g: &Graph, v: ValueId) -> Option<NodeId> {
-    g.value(v).producer.map(|(n, _)| n)
-}
-
-fn input(g: &Graph, n: NodeId, slot: usize) -> Option<ValueId> {
-    g.node(n).inputs.get(slot).copied().flatten()
-}
-
-fn output(g: &Graph, n: NodeId) -> Option<ValueId> {
-    g.node(n).outputs.first().copied().flatten()
-}
-
 /// `p + bias` for an Add with a constant vector `bias` of `width` elements: (p, bias).
 fn split_bias(
     g: &Graph,
@@ -67,20 +44,11 @@ fn split_bias(
     width: Option<i64>,
 ) -> Option<(ValueId, ValueId)> {
     [0, 1].into_iter().find_map(|slot| {
-        let bias = input(g, add, 1 - slot)?;
+        let bias = g.input(add, 1 - slot)?;
         let b = shapes.shape(bias)?;
         (b.len() == 1 && b[0].known() == width && g.initializer(bias).is_some())
-            .then(|| Some((input(g, add, slot)?, bias)))?
+            .then(|| Some((g.input(add, slot)?, bias)))?
     })
-}
-
-/// For a binary node reading `from`: its other input.
-fn other_input(g: &Graph, n: NodeId, from: ValueId) -> Option<ValueId> {
-    match (input(g, n, 0), input(g, n, 1)) {
-        (Some(a), Some(b)) if a == from => Some(b),
-        (Some(a), Some(b)) if b == from => Some(a),
-        _ => None,
-    }
 }
 
 /// Where emitted nodes go: their module path, and the node they follow in the exported order.

@@ -10,8 +10,6 @@ use attune_compiler::onnx::DataType;
 use attune_compiler::patch::{In, Patch};
 use attune_compiler::weights::Tensor;
 
-use super::{input, output, producer, sole_reader};
-
 /// A projection `x · W` (W a 2-D initializer [C, D]) read only by the attention.
 struct Projection {
     x: ValueId,
@@ -20,15 +18,15 @@ struct Projection {
 }
 
 fn projection(g: &Graph, v: ValueId, mha: NodeId) -> Option<Projection> {
-    let mm = producer(g, v).filter(|n| g.node(*n).is("MatMul"))?;
-    if sole_reader(g, v) != Some(mha) {
+    let mm = g.producer(v).filter(|n| g.node(*n).is("MatMul"))?;
+    if g.sole_reader(v) != Some(mha) {
         return None;
     }
-    let w = input(g, mm, 1)?;
+    let w = g.input(mm, 1)?;
     let t = g.initializer(w)?;
     let dims: [i64; 2] = t.dims().try_into().ok()?;
     Some(Projection {
-        x: input(g, mm, 0)?,
+        x: g.input(mm, 0)?,
         w,
         dims,
     })
@@ -84,7 +82,7 @@ pub fn pack_attention(p: &mut Patch, g: &Graph, mha: NodeId) -> Result<&'static 
         return Err("not plain query/key/value inputs".into());
     }
     let heads = node.attr("num_heads").ok_or("no num_heads")?.i;
-    let [q, k, v] = [0, 1, 2].map(|i| input(g, mha, i).expect("checked above"));
+    let [q, k, v] = [0, 1, 2].map(|i| g.input(mha, i).expect("checked above"));
     let (Some(pk), Some(pv)) = (projection(g, k, mha), projection(g, v, mha)) else {
         return Err("key/value are not bias-free projections of constants".into());
     };
@@ -138,6 +136,6 @@ pub fn pack_attention(p: &mut Patch, g: &Graph, mha: NodeId) -> Result<&'static 
             after,
         )
         .remove(0);
-    p.replace(output(g, mha).ok_or("no output")?, In::New(out));
+    p.replace(g.output(mha).ok_or("no output")?, In::New(out));
     Ok(kind)
 }

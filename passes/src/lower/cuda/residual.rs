@@ -16,7 +16,7 @@ use attune_compiler::error::Result;
 use attune_compiler::ir::{Graph, Model, NodeId, ValueId};
 use attune_compiler::patch::{In, Patch, attr};
 
-use super::{MS_DOMAIN, input, output, producer, sole_reader, split_bias};
+use super::{MS_DOMAIN, split_bias};
 use crate::cleanup::dce;
 
 const NOT_A_SUM: &str = "its input is not a sum";
@@ -31,7 +31,7 @@ pub fn drop_unit_scaling(model: &mut Model) -> Result<usize> {
     let mut pairs = Vec::new();
     for n in g.topo_order()? {
         let node = g.node(n);
-        let (Some(a), Some(b), Some(y)) = (input(g, n, 0), input(g, n, 1), output(g, n)) else {
+        let (Some(a), Some(b), Some(y)) = (g.input(n, 0), g.input(n, 1), g.output(n)) else {
             continue;
         };
         let x = match node.op() {
@@ -57,13 +57,13 @@ pub fn drop_unit_scaling(model: &mut Model) -> Result<usize> {
 /// `a + b` where one side is `p + bias` (`bias` a constant vector over the last axis): the
 /// projection, the bias and the other side (the skip).
 fn biased_sum(g: &Graph, shapes: &Shapes, add: NodeId) -> Option<(ValueId, ValueId, ValueId)> {
-    let sum = output(g, add)?;
+    let sum = g.output(add)?;
     let width = shapes.shape(sum)?.last()?.known()?;
     [0, 1].into_iter().find_map(|slot| {
-        let biased = input(g, add, slot)?;
-        let skip = input(g, add, 1 - slot)?;
-        let inner = producer(g, biased).filter(|n| g.node(*n).is("Add"))?;
-        if sole_reader(g, biased) != Some(add) {
+        let biased = g.input(add, slot)?;
+        let skip = g.input(add, 1 - slot)?;
+        let inner = g.producer(biased).filter(|n| g.node(*n).is("Add"))?;
+        if g.sole_reader(biased) != Some(add) {
             return None;
         }
         let (proj, bias) = split_bias(g, shapes, inner, Some(width))?;
@@ -82,7 +82,7 @@ fn skip_layer_norm(
     ln: NodeId,
 ) -> std::result::Result<NodeId, String> {
     let node = g.node(ln);
-    let x = input(g, ln, 0).ok_or("no input")?;
+    let x = g.input(ln, 0).ok_or("no input")?;
     let rank = shapes.shape(x).map_or(0, <[_]>::len);
     let axis = node.attr("axis").map_or(-1, |a| a.i);
     if axis != -1 && axis != rank as i64 - 1 {
@@ -91,15 +91,16 @@ fn skip_layer_norm(
     if rank != 3 {
         return Err(format!("its input has rank {rank}, not 3"));
     }
-    let gamma = input(g, ln, 1).ok_or("no γ")?;
-    let beta = input(g, ln, 2).map_or(In::None, In::Value);
-    let add = producer(g, x)
+    let gamma = g.input(ln, 1).ok_or("no γ")?;
+    let beta = g.input(ln, 2).map_or(In::None, In::Value);
+    let add = g
+        .producer(x)
         .filter(|n| g.node(*n).is("Add"))
         .ok_or(NOT_A_SUM)?;
     let (inp, skip, bias) = match biased_sum(g, shapes, add) {
         Some((proj, bias, skip)) => (proj, skip, Some(bias)),
         None => {
-            let (a, b) = (input(g, add, 0).ok_or("")?, input(g, add, 1).ok_or("")?);
+            let (a, b) = (g.input(add, 0).ok_or("")?, g.input(add, 1).ok_or("")?);
             if shapes.shape(a) != shapes.shape(x) || shapes.shape(b) != shapes.shape(x) {
                 return Err("the sum broadcasts".into());
             }
@@ -123,7 +124,7 @@ fn skip_layer_norm(
         &module,
         Some(ln),
     );
-    p.replace(output(g, ln).ok_or("no output")?, In::New(outs[0].clone()));
+    p.replace(g.output(ln).ok_or("no output")?, In::New(outs[0].clone()));
     if wants_sum {
         p.replace(x, In::New(outs[3].clone()));
     }
@@ -132,7 +133,7 @@ fn skip_layer_norm(
 
 /// A residual `x + (y·W + b)` not normalised next, with a width BiasAdd's kernel takes.
 fn bias_add(p: &mut Patch, g: &Graph, shapes: &Shapes, add: NodeId) -> Option<()> {
-    let sum = output(g, add)?;
+    let sum = g.output(add)?;
     let s = shapes.shape(sum)?;
     let width = s.last()?.known()?;
     if s.len() != 3 || !BIAS_ADD_WIDTHS.contains(&width) {

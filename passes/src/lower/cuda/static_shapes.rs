@@ -11,13 +11,12 @@ use attune_compiler::error::Result;
 use attune_compiler::ir::{Model, NodeId, ValueId};
 use attune_compiler::patch::{In, Patch};
 
-use super::input;
 use crate::cleanup::dce;
 
 /// The value of a Reshape's target when it is computed at run time and inferred exactly.
 fn target_dims(model: &Model, shapes: &Shapes, reshape: NodeId) -> Option<Vec<Dim>> {
     let g = &model.graph;
-    let target = input(g, reshape, 1)?;
+    let target = g.input(reshape, 1)?;
     let computed = g.initializer(target).is_none()
         && g.value(target)
             .producer
@@ -39,7 +38,7 @@ fn target_dims(model: &Model, shapes: &Shapes, reshape: NodeId) -> Option<Vec<Di
 fn constant_target(model: &Model, shapes: &Shapes, reshape: NodeId) -> Option<Vec<i64>> {
     let g = &model.graph;
     let dims = target_dims(model, shapes, reshape)?;
-    let from = shapes.shape(input(g, reshape, 0)?)?;
+    let from = shapes.shape(g.input(reshape, 0)?)?;
     let mut out = Vec::with_capacity(dims.len());
     let mut inferred = false;
     for (i, d) in dims.iter().enumerate() {
