@@ -485,3 +485,26 @@ fn cuda_graph_replays_compute_the_reference() {
         }
     }
 }
+
+#[test]
+fn fixed_sizes_decide_pixarts_if_whichever_attention_op() {
+    // The If deciding PixArt's `squeeze(1)` reads the token count through the attention's
+    // output shape: decided (and inlined) after opset 23's Attention as after MHA.
+    let dir = tempfile::tempdir().unwrap();
+    for mode in ["flash", "onnx"] {
+        let flags = [
+            "--attention",
+            mode,
+            "--fix-shapes",
+            "sample=2x4x16x16,sequence=7",
+        ];
+        let (out, report) = compile_into(dir.path(), &fixture("pixart_legacy"), &flags);
+        let m = import::read(&out).unwrap();
+        assert!(
+            !op_counts(&m).contains_key("If"),
+            "{mode}: If left\n{report}"
+        );
+        let c = against_reference("pixart_legacy", run_cpu("pixart_legacy", &out));
+        assert!(c.rel_l2 <= 1e-4, "{mode}: rel L2 {:.3e}", c.rel_l2);
+    }
+}

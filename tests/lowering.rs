@@ -450,11 +450,11 @@ fn recipe_errors_name_the_key() {
         ),
         (
             "target = \"tpu\"\n",
-            "recipe key `target`: 'tpu' is not one of cpu, cuda",
+            "target = \"tpu\"\n  |          ^^^^^\n'tpu' is not one of cpu, cuda",
         ),
         (
             "precision = \"fp8\"\n",
-            "recipe key `precision`: 'fp8' is not one of fp32, fp16, bf16",
+            "'fp8' is not one of fp32, fp16, bf16",
         ),
         ("[tome]\nratio = \"half\"\n", "invalid type"),
         ("[[lora]]\nscale = 0.5\n", "missing field `file`"),

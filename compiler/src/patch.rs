@@ -121,6 +121,14 @@ impl<'g> Patch<'g> {
         name
     }
 
+    /// A new initializer holding `tensor`'s data (not copied), under a fresh name from its own.
+    pub fn tensor(&mut self, mut tensor: Tensor) -> String {
+        let name = self.fresh(tensor.name());
+        tensor.proto.name = name.clone();
+        self.tensors.push(tensor);
+        name
+    }
+
     pub fn i64s(&mut self, base: &str, values: &[i64]) -> String {
         self.constant(
             base,

@@ -8,4 +8,5 @@ pub mod glob;
 pub mod layer_norm;
 pub mod lora;
 pub mod lower;
+pub mod pipeline;
 pub mod tome;

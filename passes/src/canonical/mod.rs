@@ -9,6 +9,7 @@
 //!   `x+0`, `x-0` (so an affine norm with γ = 1, β = 0 looks like one without, and the passes
 //!   that fuse norms synthesise the unit affine);
 //! - equal nodes on equal inputs compute once (CSE);
+//! - an `If` whose condition is a constant is the branch it takes;
 //! - opset 20's `Gelu` is written out as exports below opset 20 write it.
 //!
 //! Repeated to a fixed point (each step exposes work for the others).
@@ -41,12 +42,19 @@ struct Counts {
     noops: usize,
     merged: usize,
     gelus: usize,
+    inlined: usize,
     removed: usize,
 }
 
 impl Counts {
     fn total(&self) -> usize {
-        self.constants + self.identities + self.folded + self.noops + self.merged + self.gelus
+        self.constants
+            + self.identities
+            + self.folded
+            + self.noops
+            + self.merged
+            + self.gelus
+            + self.inlined
     }
 }
 
@@ -76,6 +84,7 @@ impl Pass for Canonicalize {
             c.folded += fold::fold_constant_nodes(model)?;
             let shapes = Shapes::infer(model);
             c.folded += fold_known_values(model, &shapes)?;
+            c.inlined += crate::lower::decided_if::inline(model)?;
             c.removed += dce(model).nodes;
             let shapes = Shapes::infer(model);
             c.noops += simplify::drop_noops(model, &shapes)?;

@@ -1,7 +1,7 @@
 //! Lowering for a deployment target: precision conversion and the check that the target
 //! execution provider runs every op of the result.
 pub mod cuda;
-mod decided_if;
+pub(crate) mod decided_if;
 pub mod fix_shapes;
 pub mod precision;
 pub mod support;

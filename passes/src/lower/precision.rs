@@ -327,41 +327,60 @@ fn passthrough_sources(g: &Graph, types: &ElemTypes, n: NodeId) -> Result<Vec<Ve
 /// finite values fell outside the new type's range (clamped to its largest finite value).
 pub(super) fn convert_tensor(t: &Tensor, to: i32) -> Result<(Tensor, usize)> {
     let bytes = t.bytes()?;
-    let values: Vec<f32> = match DataType::try_from(t.data_type()) {
-        Ok(DataType::Float) => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect(),
-        Ok(DataType::Float16) => bytes
-            .chunks_exact(2)
-            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Ok(DataType::Bfloat16) => bytes
-            .chunks_exact(2)
-            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        _ => return Err(Error::tensor(t.name(), "is not a float tensor")),
-    };
+    let from = DataType::try_from(t.data_type());
+    let to_type = DataType::try_from(to);
+    if !matches!(
+        from,
+        Ok(DataType::Float | DataType::Float16 | DataType::Bfloat16)
+    ) {
+        return Err(Error::tensor(t.name(), "is not a float tensor"));
+    }
+    if !matches!(
+        to_type,
+        Ok(DataType::Float | DataType::Float16 | DataType::Bfloat16)
+    ) {
+        return Err(Error::tensor(t.name(), "cannot be converted to that type"));
+    }
+    let width = if from == Ok(DataType::Float) { 4 } else { 2 };
+    let out_width = if to_type == Ok(DataType::Float) { 4 } else { 2 };
+    let mut out: Vec<u8> = Vec::with_capacity(bytes.len() / width * out_width);
     let mut clamped = 0;
-    let out: Vec<u8> = match DataType::try_from(to) {
-        Ok(DataType::Float) => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        Ok(DataType::Float16) => values
-            .iter()
-            .flat_map(|&v| {
+    // In blocks: one output buffer, no full-size intermediates (weights are gigabytes).
+    const BLOCK: usize = 4096;
+    let mut values = [0f32; BLOCK];
+    let mut halves = [f16::ZERO; BLOCK];
+    for chunk in bytes.chunks(BLOCK * width) {
+        let n = chunk.len() / width;
+        let values = &mut values[..n];
+        for (v, b) in values.iter_mut().zip(chunk.chunks_exact(width)) {
+            *v = match from {
+                Ok(DataType::Float) => f32::from_le_bytes(b.try_into().unwrap()),
+                Ok(DataType::Float16) => f16::from_le_bytes([b[0], b[1]]).to_f32(),
+                _ => bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            };
+        }
+        match to_type {
+            Ok(DataType::Float) => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            Ok(DataType::Float16) => {
                 let max = f16::MAX.to_f32();
-                if v.is_finite() && v.abs() > max {
+                for v in values.iter_mut().filter(|v| v.is_finite() && v.abs() > max) {
                     clamped += 1;
+                    *v = v.clamp(-max, max);
                 }
-                let v = if v.is_finite() { v.clamp(-max, max) } else { v };
-                f16::from_f32(v).to_le_bytes()
-            })
-            .collect(),
-        Ok(DataType::Bfloat16) => values
-            .iter()
-            .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
-            .collect(),
-        _ => return Err(Error::tensor(t.name(), "cannot be converted to that type")),
-    };
+                // The slice conversion uses the CPU's F16C instructions where it has them.
+                let halves = &mut halves[..n];
+                half::slice::HalfFloatSliceExt::convert_from_f32_slice(halves, values);
+                halves
+                    .iter()
+                    .for_each(|h| out.extend_from_slice(&h.to_le_bytes()));
+            }
+            _ => values
+                .iter()
+                .for_each(|&v| out.extend_from_slice(&bf16::from_f32(v).to_le_bytes())),
+        }
+    }
     let mut converted = t.with_data(out.into());
     converted.proto.data_type = to;
     t.release();

@@ -141,6 +141,28 @@ pub(super) fn infer_op(
                 float: a.float,
             }))
         }
+        // Opset 23's Attention: [B, Sq, Hq·Dv] from 3-D Q/K/V (heads in the attributes),
+        // [B, Hq, Sq, Dv] from 4-D ones.
+        "Attention" => {
+            let v = input(2);
+            let shape = match (&x.shape, &v.shape) {
+                (Some(q), Some(v)) if q.len() == 4 && v.len() == 4 => {
+                    Some(vec![q[0].clone(), q[1].clone(), q[2].clone(), v[3].clone()])
+                }
+                (Some(q), Some(v)) if q.len() == 3 && v.len() == 3 => {
+                    let heads = |name| attr_i(attrs, name).map(Dim::Known);
+                    let width = match (heads("q_num_heads"), heads("kv_num_heads")) {
+                        (Some(hq), Some(hkv)) if hq != hkv => {
+                            v[2].div(&hkv).and_then(|d| d.mul(&hq))
+                        }
+                        _ => Some(v[2].clone()),
+                    };
+                    width.map(|w| vec![q[0].clone(), q[1].clone(), w])
+                }
+                _ => None,
+            };
+            vec![shape.map(|s| shaped(s, x.float)).unwrap_or_default()]
+        }
         "MatMul" => {
             let y = input(1);
             let (Some(a), Some(b)) = (&x.shape, &y.shape) else {

@@ -39,31 +39,33 @@ pub fn nhwc_conv(
     }
     let y = g.output(conv).ok_or("no output")?;
     let dims = weight.dims().to_vec();
-    let data = weight.bytes().map_err(|e| e.to_string())?;
     let dtype = DataType::try_from(weight.data_type()).map_err(|_| "unknown weight type")?;
     let module = node.module.clone();
     let after = Some(conv);
     let nhwc_dims = vec![dims[0], dims[2], dims[3], dims[1]];
-    let mut stored = Tensor::new(
-        format!("{}_nhwc", weight.name()),
-        dtype,
-        nhwc_dims,
-        to_channels_last(&data, &dims).into(),
-    );
-    drop(data);
-    weight.release();
-    if let Some(low) = store
+    // Converted first (when stored low), then permuted: half the bytes to move.
+    let source = match store
         .low
         .filter(|_| dtype == DataType::Float && store.data.contains(&x))
     {
-        let (converted, clamped) =
-            convert_tensor(&stored, low as i32).map_err(|e| e.to_string())?;
-        store.clamped += clamped;
-        stored = converted;
-    }
-    let bytes = stored.bytes().map_err(|e| e.to_string())?.into_owned();
-    let stored_type = DataType::try_from(stored.data_type()).map_err(|_| "unknown weight type")?;
-    let w_nhwc = p.constant(stored.name(), stored_type, stored.dims().to_vec(), bytes);
+        Some(low) => {
+            let (converted, clamped) =
+                convert_tensor(weight, low as i32).map_err(|e| e.to_string())?;
+            store.clamped += clamped;
+            converted
+        }
+        None => weight.clone(),
+    };
+    let stored_type = DataType::try_from(source.data_type()).map_err(|_| "unknown weight type")?;
+    let permuted = to_channels_last(&source.bytes().map_err(|e| e.to_string())?, &dims);
+    weight.release();
+    let stored = Tensor::new(
+        format!("{}_nhwc", weight.name()),
+        stored_type,
+        nhwc_dims,
+        permuted.into(),
+    );
+    let w_nhwc = p.tensor(stored);
     let x = p.current(x);
     let mut rest = vec![In::New(w_nhwc)];
     rest.extend(g.input(conv, 2).map(In::Value));
@@ -77,20 +79,38 @@ pub fn nhwc_conv(
     Ok(())
 }
 
-/// OIHW weight bytes as OHWI.
+/// OIHW weight bytes as OHWI (elements moved whole: 2, 4 or 8 bytes).
 fn to_channels_last(data: &[u8], dims: &[i64]) -> Vec<u8> {
     let [m, c, kh, kw] = [dims[0], dims[1], dims[2], dims[3]].map(|d| d as usize);
-    let size = data.len() / (m * c * kh * kw).max(1);
+    let count = m * c * kh * kw;
+    match data.len() / count.max(1) {
+        2 => permute::<2>(data, c, kh * kw),
+        4 => permute::<4>(data, c, kh * kw),
+        8 => permute::<8>(data, c, kh * kw),
+        size => {
+            let mut out = vec![0u8; data.len()];
+            for from in 0..count {
+                let (o, rest) = (from / (c * kh * kw), from % (c * kh * kw));
+                let (i, yx) = (rest / (kh * kw), rest % (kh * kw));
+                let to = (o * kh * kw + yx) * c + i;
+                out[to * size..(to + 1) * size]
+                    .copy_from_slice(&data[from * size..(from + 1) * size]);
+            }
+            out
+        }
+    }
+}
+
+/// [M, C, K] → [M, K, C] of `N`-byte elements.
+fn permute<const N: usize>(data: &[u8], c: usize, k: usize) -> Vec<u8> {
     let mut out = vec![0u8; data.len()];
-    for o in 0..m {
+    let block = c * k * N;
+    for (src, dst) in data.chunks_exact(block).zip(out.chunks_exact_mut(block)) {
         for i in 0..c {
-            for y in 0..kh {
-                for x in 0..kw {
-                    let from = ((o * c + i) * kh + y) * kw + x;
-                    let to = ((o * kh + y) * kw + x) * c + i;
-                    out[to * size..(to + 1) * size]
-                        .copy_from_slice(&data[from * size..(from + 1) * size]);
-                }
+            for yx in 0..k {
+                let from = (i * k + yx) * N;
+                let to = (yx * c + i) * N;
+                dst[to..to + N].copy_from_slice(&src[from..from + N]);
             }
         }
     }

@@ -132,7 +132,8 @@ fn fuse_each<T>(
 }
 
 /// The fusions, each of which can be switched (`--disable-fusions`, `--enable-fusions`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum CudaFusion {
     GroupNorm,
     SkipGroupNorm,
@@ -189,6 +190,19 @@ impl CudaFusion {
         CudaFusion::StaticReshapes,
         CudaFusion::SinkTransposes,
     ];
+}
+
+impl TryFrom<String> for CudaFusion {
+    type Error = String;
+    fn try_from(name: String) -> std::result::Result<Self, String> {
+        CudaFusion::parse(&name)
+    }
+}
+
+impl From<CudaFusion> for String {
+    fn from(f: CudaFusion) -> String {
+        f.name().to_string()
+    }
 }
 
 fn count_line(report: &mut PassReport, n: usize, what: &str) {
