@@ -30,7 +30,11 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Fetch and cache the ONNX Runtime library ahead of time
     Setup(cmd::setup::Args),
-    /// Denoise with DDIM and classifier-free guidance, driving attention-control hooks
+    /// Denoise latents with DDIM, Euler, DPM-Solver++ or flow-matching Euler steps and
+    /// classifier-free guidance, configured from a diffusers scheduler_config.json
+    ///
+    /// Drives the attention-control hooks of a model compiled with --hooks each step, and with
+    /// --reference compares the final latents with a reference's.
     Sample(cmd::sample::Args),
     /// Convert LoRA files into an adapter for a model compiled with --lora-mode adapter
     LoraAdapter(cmd::lora_adapter::Args),

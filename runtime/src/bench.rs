@@ -9,10 +9,11 @@ pub struct Stats {
     pub median_ms: f64,
     pub p90_ms: f64,
     pub min_ms: f64,
+    pub max_ms: f64,
     pub mean_ms: f64,
 }
 
-/// Median, p90 (nearest rank), min and mean of the samples.
+/// Median, p90 (nearest rank), min, max and mean of the samples.
 pub fn stats(samples: &[Duration]) -> Stats {
     let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
     ms.sort_by(f64::total_cmp);
@@ -23,6 +24,7 @@ pub fn stats(samples: &[Duration]) -> Stats {
             median_ms: f64::NAN,
             p90_ms: f64::NAN,
             min_ms: f64::NAN,
+            max_ms: f64::NAN,
             mean_ms: f64::NAN,
         };
     }
@@ -37,6 +39,7 @@ pub fn stats(samples: &[Duration]) -> Stats {
         median_ms: median,
         p90_ms: p90,
         min_ms: ms[0],
+        max_ms: ms[n - 1],
         mean_ms: ms.iter().sum::<f64>() / n as f64,
     }
 }
@@ -80,6 +83,7 @@ mod tests {
         assert_eq!(st.median_ms, 5.5);
         assert_eq!(st.p90_ms, 9.0);
         assert_eq!(st.min_ms, 1.0);
+        assert_eq!(st.max_ms, 10.0);
         assert!(rss().current_kb > 0);
     }
 }

@@ -219,6 +219,22 @@ pub fn prepare(
     for (sym, (size, _)) in &seen {
         dims.0.entry(sym.clone()).or_insert(*size);
     }
+    // A given `8*height` of 64 says `height` is 8, for the other inputs that use `height`.
+    for (sym, (size, _)) in &seen {
+        if let Some((name, k)) = linear_symbol(sym)
+            && k > 0
+            && size % k == 0
+        {
+            dims.0.entry(name).or_insert(size / k);
+        }
+    }
+    let to_make: Vec<&InputSpec> = specs
+        .iter()
+        .filter(|s| !s.optional && !given.iter().any(|(n, _)| *n == s.name))
+        .collect();
+    if let Some(msg) = missing_dims(&to_make, &dims) {
+        return Err(Error::Inputs(msg));
+    }
     let mut rng = Rng::new(seed);
     let mut given: BTreeMap<String, HostTensor> = given.into_iter().collect();
     let mut out = Vec::new();
@@ -331,6 +347,92 @@ fn concrete_shape(spec: &InputSpec, dims: &Dims) -> Result<Vec<usize>> {
         });
     }
     Ok(shape)
+}
+
+/// Every symbol the inputs to be made use without a size, in one message: each with the
+/// inputs (and dims) that use it, and what an expression such as dynamo's `8*height` means.
+/// `None` when every symbol has a size.
+fn missing_dims(specs: &[&InputSpec], dims: &Dims) -> Option<String> {
+    // Symbol -> the uses (input, axis, declared expression), in the order the inputs use them.
+    let mut missing: Vec<(String, Vec<(String, usize, String)>)> = Vec::new();
+    for spec in specs {
+        for (axis, d) in spec.dims.iter().enumerate() {
+            let Dim::Symbol(expr) = d else { continue };
+            if !matches!(dims.resolve(expr), Ok(None)) {
+                continue;
+            }
+            for sym in symbols(expr) {
+                if dims.0.contains_key(&sym) {
+                    continue;
+                }
+                let use_ = (spec.name.clone(), axis, expr.clone());
+                match missing.iter_mut().find(|(s, _)| *s == sym) {
+                    Some((_, uses)) => uses.push(use_),
+                    None => missing.push((sym, vec![use_])),
+                }
+            }
+        }
+    }
+    if missing.is_empty() {
+        return None;
+    }
+    let width = missing.iter().map(|(s, _)| s.len()).max().unwrap_or(0);
+    let flags: Vec<String> = missing
+        .iter()
+        .map(|(s, _)| format!("--dim {s}=N"))
+        .collect();
+    let mut msg = format!(
+        "symbolic dims need sizes: give {} (or those inputs with --input)",
+        flags.join(" ")
+    );
+    for (sym, uses) in &missing {
+        let described: Vec<String> = uses
+            .iter()
+            .map(|(input, axis, expr)| describe_use(sym, input, *axis, expr, specs))
+            .collect();
+        msg.push_str(&format!("\n  {sym:<width$}  {}", described.join(", ")));
+    }
+    Some(msg)
+}
+
+/// `input 'sample' dim 2`, or with an expression `input 'sample' dim 2 = 8*height: height is
+/// the latent's height divided by 8 ...`.
+fn describe_use(sym: &str, input: &str, axis: usize, expr: &str, specs: &[&InputSpec]) -> String {
+    if expr == sym {
+        return format!("input '{input}' dim {axis}");
+    }
+    let what = match linear_symbol(expr) {
+        Some((_, k)) if k > 1 => {
+            let rank = specs
+                .iter()
+                .find(|s| s.name == input)
+                .map_or(0, |s| s.dims.len());
+            let side = match (input, rank, axis) {
+                ("sample", 4, 2) => "the latent's height".to_string(),
+                ("sample", 4, 3) => "the latent's width".to_string(),
+                _ => format!("{input}'s dim {axis}"),
+            };
+            let example = if 64 % k == 0 {
+                format!(" (e.g. --dim {sym}={} when it is 64)", 64 / k)
+            } else {
+                String::new()
+            };
+            format!(": {sym} is {side} divided by {k}{example}")
+        }
+        _ => String::new(),
+    };
+    format!("input '{input}' dim {axis} = {}{what}", abbreviated(expr))
+}
+
+/// A dim that is a symbol times a constant: `height` (1), `8*height` or `height*8` (8).
+pub fn linear_symbol(expr: &str) -> Option<(String, i64)> {
+    match tokenize(expr)?.as_slice() {
+        [Tok::Ident(s)] => Some((s.clone(), 1)),
+        [Tok::Num(k), Tok::Op('*'), Tok::Ident(s)] | [Tok::Ident(s), Tok::Op('*'), Tok::Num(k)] => {
+            Some((s.clone(), *k))
+        }
+        _ => None,
+    }
 }
 
 /// Random data: normal(0, 1) for floats; timesteps uniform in [0, 1000); integers in [0, 100).
@@ -545,6 +647,68 @@ mod tests {
         assert_eq!(d.resolve(&nested), Ok(Some(2)));
         assert_eq!(symbols("8*height + w_1"), ["height", "w_1"]);
         assert!(Dims::parse(&["x".into()]).is_err());
+    }
+
+    #[test]
+    fn missing_dims_are_listed_at_once() {
+        let spec = |name: &str, dims: &[&str]| InputSpec {
+            name: name.into(),
+            optional: false,
+            elem_type: 1,
+            dims: dims
+                .iter()
+                .map(|d| match d.parse() {
+                    Ok(v) => Dim::Fixed(v),
+                    Err(_) => Dim::Symbol(d.to_string()),
+                })
+                .collect(),
+        };
+        let specs = [
+            spec("sample", &["batch", "4", "8*height", "8*width"]),
+            spec("timestep", &["batch"]),
+            spec("encoder_hidden_states", &["batch", "sequence", "32"]),
+        ];
+        let err = prepare(&specs, vec![], &Dims::default(), 0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "symbolic dims need sizes: give --dim batch=N --dim height=N --dim width=N --dim sequence=N"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.contains(
+                "input 'sample' dim 0, input 'timestep' dim 0, input 'encoder_hidden_states' dim 0"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.contains(
+                "input 'sample' dim 2 = 8*height: height is the latent's height divided by 8"
+            ),
+            "{err}"
+        );
+        assert!(err.contains("input 'encoder_hidden_states' dim 1"), "{err}");
+        // A given latent of 64 says height = 8 for the rest; only `sequence` is then missing.
+        let sample = HostTensor::F32(ArrayD::zeros(IxDyn(&[2, 4, 64, 48])));
+        let err = prepare(
+            &specs,
+            vec![("sample".into(), sample.clone())],
+            &Dims::default(),
+            0,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("symbolic dims need sizes: give --dim sequence=N"),
+            "{err}"
+        );
+        let dims = Dims::parse(&["sequence=7".into()]).unwrap();
+        let out = prepare(&specs, vec![("sample".into(), sample)], &dims, 0).unwrap();
+        assert_eq!(out[2].1.shape(), &[2, 7, 32]);
+        assert_eq!(linear_symbol("height*8"), Some(("height".into(), 8)));
+        assert_eq!(linear_symbol("height+1"), None);
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub struct Args {
 }
 
 /// A count of runs: 1 or more (no timed run has no statistics).
-fn at_least_one(s: &str) -> Result<usize, String> {
+pub fn at_least_one(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
         Ok(n) if n >= 1 => Ok(n),
         _ => Err(format!("'{s}' is not a whole number >= 1")),
@@ -99,23 +99,23 @@ fn graph_models(spec: Option<&str>, count: usize) -> anyhow::Result<Vec<bool>> {
 #[derive(Serialize)]
 pub struct Report {
     ep: &'static str,
-    models: Vec<ModelReport>,
+    pub models: Vec<ModelReport>,
     /// Median latency of each --vs model over the first model's, in --vs order.
-    ratios: Vec<f64>,
-    peak_rss_kb: u64,
+    pub ratios: Vec<f64>,
+    pub peak_rss_kb: u64,
     /// Time per op type of each model (with --profile), in model order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     profiles: Vec<Vec<OpTime>>,
 }
 
 #[derive(Serialize)]
-struct ModelReport {
+pub struct ModelReport {
     model: String,
     cuda_graph: bool,
-    session_ms: f64,
+    pub session_ms: f64,
     /// Resident memory the session added (kB), measured after warm-up.
-    session_rss_kb: u64,
-    latency: Stats,
+    pub session_rss_kb: u64,
+    pub latency: Stats,
     /// Relative L2 distance of its first output (last timed run) from model A's; `None` for A
     /// and where the outputs do not compare (other shapes).
     rel_l2_vs_a: Option<f64>,

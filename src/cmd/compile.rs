@@ -249,13 +249,8 @@ impl Args {
     fn read_files(&self) -> anyhow::Result<Vec<PathBuf>> {
         let mut files: Vec<PathBuf> = self.options.lora.iter().map(|l| l.file.clone()).collect();
         files.extend(self.recipe.iter().cloned());
-        files.extend(self.measure.adapter.iter().cloned());
-        files.extend(
-            self.measure
-                .inputs
-                .iter()
-                .map(|i| PathBuf::from(i.split_once('=').map_or(i.as_str(), |(_, file)| file))),
-        );
+        // --input files (a folder's .npy files each) and the --adapter file.
+        files.extend(self.measure.read_files()?.into_iter().map(|(_, file)| file));
         Ok(files)
     }
 }

@@ -9,8 +9,9 @@ use attune_runtime::{Backend, Ep, HostTensor, npy, safetensors_io};
 /// Which inputs to run a model on.
 #[derive(clap::Args, Clone, Default)]
 pub struct InputArgs {
-    /// An input from a file: NAME=FILE.npy, or FILE.safetensors for every tensor in it
-    #[arg(long = "input", value_name = "NAME=FILE")]
+    /// An input from a file: NAME=FILE.npy; FILE.safetensors for every tensor in it; or a
+    /// folder, every NAME.npy in it as input NAME (as the fixtures' inputs/ folders ship them)
+    #[arg(long = "input", value_name = "NAME=FILE|DIR")]
     pub inputs: Vec<String>,
     /// A LoRA adapter (.safetensors from `compile --lora-mode adapter` or `attune lora-adapter`)
     #[arg(long, value_name = "FILE")]
@@ -28,7 +29,36 @@ impl InputArgs {
     pub fn prepare(&self, model: &Path) -> anyhow::Result<Vec<(String, HostTensor)>> {
         let m = super::load(model)?;
         let specs = inputs::input_specs(&m);
-        let mut given = read_inputs(&self.inputs)?;
+        let given = read_inputs(&self.inputs)?;
+        // Files a folder gave that name no input: said with the files, all at once.
+        let strays: Vec<&Given> = given
+            .iter()
+            .filter(|g| g.folder.is_some() && !specs.iter().any(|s| s.name == g.name))
+            .collect();
+        if let Some(first) = strays.first() {
+            let folder = first.folder.as_deref().unwrap_or(Path::new(""));
+            let files: Vec<String> = strays
+                .iter()
+                .map(|g| g.file.display().to_string())
+                .collect();
+            let expected: Vec<&str> = specs
+                .iter()
+                .filter(|s| !s.optional)
+                .map(|s| s.name.as_str())
+                .collect();
+            bail!(
+                "--input {}: {} {} no input of {} (its inputs: {}); move {} out of the folder or rename {}",
+                folder.display(),
+                files.join(", "),
+                if files.len() == 1 { "names" } else { "name" },
+                model.display(),
+                expected.join(", "),
+                if files.len() == 1 { "it" } else { "them" },
+                if files.len() == 1 { "it" } else { "them" },
+            );
+        }
+        let mut given: Vec<(String, HostTensor)> =
+            given.into_iter().map(|g| (g.name, g.tensor)).collect();
         if let Some(a) = &self.adapter {
             given.extend(safetensors_io::read(a)?);
         }
@@ -101,28 +131,102 @@ impl ExecArgs {
     }
 }
 
-/// Reads `NAME=FILE.npy` and `FILE.safetensors` items.
-pub fn read_inputs(items: &[String]) -> anyhow::Result<Vec<(String, HostTensor)>> {
-    let mut out: Vec<(String, HostTensor)> = Vec::new();
-    for item in items {
-        let mut push = |name: String, t: HostTensor| {
-            if out.iter().any(|(n, _)| *n == name) {
-                bail!("input '{name}' is given twice");
+impl InputArgs {
+    /// Every file the inputs are read from, with the flag that names it (a folder's `.npy`
+    /// files one by one), so that no output replaces one.
+    pub fn read_files(&self) -> anyhow::Result<Vec<(String, PathBuf)>> {
+        let mut out = Vec::new();
+        for item in &self.inputs {
+            if Path::new(item).is_dir() {
+                for file in npy_files(Path::new(item))? {
+                    out.push((format!("--input {item}"), file));
+                }
+            } else {
+                let file = item.split_once('=').map_or(item.as_str(), |(_, f)| f);
+                out.push((format!("--input {item}"), PathBuf::from(file)));
             }
-            out.push((name, t));
+        }
+        if let Some(a) = &self.adapter {
+            out.push(("--adapter".into(), a.clone()));
+        }
+        Ok(out)
+    }
+}
+
+/// An input read from a file.
+pub struct Given {
+    pub name: String,
+    pub tensor: HostTensor,
+    pub file: PathBuf,
+    /// The `--input DIR` it came from.
+    pub folder: Option<PathBuf>,
+}
+
+/// The `.npy` files of a folder, sorted; an error when there are none.
+fn npy_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir).with_context(|| format!("--input {}", dir.display()))?;
+    let mut files: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "npy"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!(
+            "--input {}: the folder holds no .npy files (expected NAME.npy for each input NAME)",
+            dir.display()
+        );
+    }
+    Ok(files)
+}
+
+/// Reads `NAME=FILE.npy`, `FILE.safetensors` and `DIR` (every `NAME.npy` in it) items.
+pub fn read_inputs(items: &[String]) -> anyhow::Result<Vec<Given>> {
+    let mut out: Vec<Given> = Vec::new();
+    for item in items {
+        let mut push = |name: String, tensor: HostTensor, file: &Path, folder: Option<&Path>| {
+            if let Some(g) = out.iter().find(|g| g.name == name) {
+                bail!(
+                    "input '{name}' is given twice ({} and {})",
+                    g.file.display(),
+                    file.display()
+                );
+            }
+            out.push(Given {
+                name,
+                tensor,
+                file: file.to_path_buf(),
+                folder: folder.map(Path::to_path_buf),
+            });
             Ok(())
         };
+        let path = Path::new(item);
+        if path.is_dir() {
+            for file in npy_files(path)? {
+                let Some(name) = file.file_stem().and_then(|s| s.to_str()) else {
+                    bail!("--input {item}: {} is not a UTF-8 name", file.display());
+                };
+                let t = npy::read(&file)?;
+                push(name.to_string(), t, &file, Some(path))?;
+            }
+            continue;
+        }
         match item.split_once('=') {
             Some((name, file)) => {
                 let t = npy::read(Path::new(file))?;
-                push(name.to_string(), t)?;
+                push(name.to_string(), t, Path::new(file), None)?;
             }
             None if item.ends_with(".safetensors") => {
-                for (name, t) in safetensors_io::read(Path::new(item))? {
-                    push(name, t)?;
+                for (name, t) in safetensors_io::read(path)? {
+                    push(name, t, path, None)?;
                 }
             }
-            None => bail!("--input '{item}': expected NAME=FILE.npy or FILE.safetensors"),
+            None if item.ends_with(".npy") => bail!(
+                "--input '{item}': give the input's name, NAME={item} (or a folder of NAME.npy files)"
+            ),
+            None => bail!(
+                "--input '{item}': expected NAME=FILE.npy, FILE.safetensors or a folder of NAME.npy files"
+            ),
         }
     }
     Ok(out)

@@ -13,12 +13,19 @@ pub mod setup;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use attune_compiler::{Model, import};
 
-/// Reads a model, with the path in the error.
+/// Reads a model, with the path in the error (once: the importer's errors about the model file
+/// itself start with it).
 pub fn load(path: &Path) -> anyhow::Result<Model> {
-    import::read(path).with_context(|| format!("cannot read model {}", path.display()))
+    import::read(path).map_err(|e| {
+        let msg = e.to_string();
+        let prefix = format!("{}: ", path.display());
+        match msg.strip_prefix(&prefix) {
+            Some(rest) => anyhow::anyhow!("cannot read model {}: {rest}", path.display()),
+            None => anyhow::Error::new(e).context(format!("cannot read model {}", path.display())),
+        }
+    })
 }
 
 /// Human-readable count: 1.2 K, 3.4 M, 5.6 G.

@@ -8,6 +8,21 @@ use attune_runtime::inputs::{self, Dims};
 
 use super::exec::ExecArgs;
 
+/// Largest relative L2 error that passes a numeric check unless `--tol` says otherwise
+/// (`diff --numeric`, `sample --reference`, the demo's check).
+pub const DEFAULT_TOL: f64 = 1e-4;
+
+/// What a failed check says on the next line: some compiles change the outputs on purpose.
+pub const BY_DESIGN_HINT: &str = "note: a compile with token merging (--tome, --tome-mode todo) or --attention linear changes the outputs by design; --tol sets what is accepted";
+
+/// `--tol`: a finite number, zero or more (NaN would pass nothing, a negative one never).
+pub fn tolerance(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        _ => Err(format!("'{s}' is not a finite number >= 0")),
+    }
+}
+
 /// Runs `a` and `b` on the same inputs (made for `a`); one comparison per output of `a`.
 pub fn compare_models(a: &Path, b: &Path, exec: &ExecArgs) -> anyhow::Result<Vec<Comparison>> {
     let inputs = exec.prepare_inputs(a)?;

@@ -40,13 +40,7 @@ fn output_paths(args: &Args) -> anyhow::Result<Vec<(String, PathBuf)>> {
         paths.push((name, path));
     }
     let mut read: Vec<(String, PathBuf)> = vec![("the model".into(), args.model.clone())];
-    for item in &args.exec.input.inputs {
-        let file = item.split_once('=').map_or(item.as_str(), |(_, f)| f);
-        read.push((format!("--input {item}"), PathBuf::from(file)));
-    }
-    if let Some(a) = &args.exec.input.adapter {
-        read.push(("--adapter".into(), a.clone()));
-    }
+    read.extend(args.exec.input.read_files()?);
     let outputs: Vec<(String, PathBuf)> = paths
         .iter()
         .map(|(name, path)| (format!("output '{name}' file"), path.clone()))

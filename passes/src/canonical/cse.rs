@@ -14,17 +14,6 @@ use attune_compiler::patch::{In, Patch};
 /// Integer constants up to this many elements are merged when equal.
 const SMALL: u64 = 64;
 
-/// Ops that must not be merged (their results differ run to run).
-const RANDOM: &[&str] = &[
-    "RandomNormal",
-    "RandomUniform",
-    "RandomNormalLike",
-    "RandomUniformLike",
-    "Multinomial",
-    "Bernoulli",
-    "Dropout",
-];
-
 /// Merges equal small integer constants and equal nodes; returns how many went.
 pub fn merge(model: &mut Model) -> Result<usize> {
     let g = &model.graph;
@@ -62,7 +51,7 @@ pub fn merge(model: &mut Model) -> Result<usize> {
     let mut seen: HashMap<Vec<u8>, Vec<ValueId>> = HashMap::new();
     for n in g.topo_order()? {
         let node = g.node(n);
-        if RANDOM.contains(&node.op())
+        if super::RANDOM.contains(&node.op())
             || node.inputs.iter().flatten().next().is_none()
             || node
                 .proto

@@ -140,6 +140,17 @@ fn strides(dims: &[usize]) -> Vec<usize> {
     s
 }
 
+/// The next row-major index into `dims` (an odometer).
+fn advance(idx: &mut [usize], dims: &[usize]) {
+    for k in (0..idx.len()).rev() {
+        idx[k] += 1;
+        if idx[k] < dims[k] {
+            return;
+        }
+        idx[k] = 0;
+    }
+}
+
 /// `axis` (negative from the end) as an index into `rank` dims (`rank + 1` for insertions).
 fn axis(a: i64, rank: usize) -> Option<usize> {
     let a = if a < 0 { a + rank as i64 } else { a };
@@ -432,13 +443,7 @@ fn transpose(x: &Const, perm: &[i64]) -> Option<Const> {
     for _ in 0..x.count() {
         let off: usize = idx.iter().zip(&moved).map(|(i, s)| i * s).sum();
         out.extend_from_slice(&x.data[off * w..(off + 1) * w]);
-        for k in (0..rank).rev() {
-            idx[k] += 1;
-            if idx[k] < dims[k] {
-                break;
-            }
-            idx[k] = 0;
-        }
+        advance(&mut idx, &dims);
     }
     Some(Const {
         dtype: x.dtype,
@@ -546,13 +551,7 @@ fn slice(x: &Const, starts: &[i64], ends: &[i64], axes: &[i64], steps: &[i64]) -
     for _ in 0..count {
         let off: usize = (0..rank).map(|k| picks[k][idx[k]] * src[k]).sum();
         out.extend_from_slice(&x.data[off * w..(off + 1) * w]);
-        for k in (0..rank).rev() {
-            idx[k] += 1;
-            if idx[k] < dims[k] {
-                break;
-            }
-            idx[k] = 0;
-        }
+        advance(&mut idx, &dims);
     }
     Some(Const {
         dtype: x.dtype,
@@ -602,13 +601,7 @@ fn broadcast_index(x: &[usize], dims: &[usize]) -> Vec<usize> {
     let mut idx = vec![0usize; rank];
     for _ in 0..count {
         out.push(idx.iter().zip(&eff).map(|(i, s)| i * s).sum());
-        for k in (0..rank).rev() {
-            idx[k] += 1;
-            if idx[k] < dims[k] {
-                break;
-            }
-            idx[k] = 0;
-        }
+        advance(&mut idx, &dims);
     }
     out
 }

@@ -14,17 +14,6 @@ use attune_compiler::weights::{Tensor, TensorData};
 
 use super::eval::{self, Const};
 
-/// Ops whose result differs run to run (never folded).
-const RANDOM: &[&str] = &[
-    "RandomNormal",
-    "RandomUniform",
-    "RandomNormalLike",
-    "RandomUniformLike",
-    "Multinomial",
-    "Bernoulli",
-    "Dropout",
-];
-
 /// Data-movement ops whose folded result is the input's bytes under new dims: the tensor is
 /// renamed, not copied (a mapped weight stays mapped).
 const VIEWS: &[&str] = &["Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze"];
@@ -118,7 +107,7 @@ pub fn fold_constant_nodes(model: &mut Model) -> Result<usize> {
     for n in g.topo_order()? {
         let node = g.node(n);
         if !node.is(node.op())
-            || RANDOM.contains(&node.op())
+            || super::RANDOM.contains(&node.op())
             || node
                 .proto
                 .attribute

@@ -29,6 +29,17 @@ pub use known::fold_known_values;
 
 use crate::cleanup::dce;
 
+/// Ops whose results differ run to run: never folded, never merged.
+const RANDOM: &[&str] = &[
+    "RandomNormal",
+    "RandomUniform",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+    "Dropout",
+];
+
 /// Rounds before giving up on a fixed point (each round is linear in the graph).
 const MAX_ROUNDS: usize = 8;
 

@@ -13,6 +13,7 @@ use attune_runtime::{Backend, HostTensor, inputs, npy};
 use ndarray::ArrayD;
 
 use super::exec::EpArg;
+use super::numeric::{DEFAULT_TOL, tolerance};
 
 mod heatmaps;
 mod model;
@@ -83,6 +84,13 @@ pub struct Args {
     /// for these latents and prompts)
     #[arg(long)]
     cuda_graph: bool,
+    /// Compare the final latents with these (.npy, e.g. a shipped models/sample/*/final_latents.npy):
+    /// prints max abs, relative L2 and cosine, and exits 1 when the relative L2 is above --tol
+    #[arg(long, value_name = "FILE.npy")]
+    reference: Option<PathBuf>,
+    /// Largest relative L2 error of the final latents against --reference that passes
+    #[arg(long, value_name = "T", default_value_t = DEFAULT_TOL, value_parser = tolerance, requires = "reference")]
+    tol: f64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -322,6 +330,28 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     if let Some(p) = &args.scheduler_config {
         read.push(("--scheduler-config".into(), p.clone()));
     }
+    // Read and checked before the (long) run.
+    let reference = match &args.reference {
+        Some(p) => {
+            read.push(("--reference".into(), p.clone()));
+            let r = npy::read(p)?;
+            if r.shape() != latents.shape() {
+                let seeded = if args.latents.is_none() {
+                    ": give the --latents the reference started from"
+                } else {
+                    ""
+                };
+                bail!(
+                    "--reference {}: shape {:?}, but the final latents will be {:?} (the initial latents' shape){seeded}",
+                    p.display(),
+                    r.shape(),
+                    latents.shape()
+                );
+            }
+            Some(r)
+        }
+        None => None,
+    };
     let pooled = match pooled_files {
         Some((c, u, input)) => {
             read.push(("--pooled-cond".into(), c.clone()));
@@ -496,6 +526,22 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     if !args.save_maps.is_empty() {
         let n = write_heatmaps(&maps_dir, &maps, prompts, &args.save_maps)?;
         println!("wrote {n} attention heatmaps to {}", maps_dir.display());
+    }
+    if let (Some(want), Some(path)) = (&reference, &args.reference) {
+        let c = attune_runtime::compare::compare("latents", want, &HostTensor::F32(x))
+            .map_err(anyhow::Error::msg)?;
+        println!("against --reference {}:", path.display());
+        let (table, ok) = super::numeric::render(&[c], Some(args.tol));
+        print!("{table}");
+        if !ok {
+            println!(
+                "note: the final latents depend on --steps, --guidance, --scheduler(-config), the \
+                 initial --latents and the prompts: sample with those the reference was made with \
+                 (models/sample/*: --steps 4 --guidance 5, Flux --guidance 1; \
+                 models/export/sampling.py); --tol sets what is accepted"
+            );
+        }
+        return Ok(if ok { 0 } else { 1 });
     }
     Ok(0)
 }
