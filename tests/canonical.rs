@@ -69,8 +69,8 @@ fn f32_tensor(name: &str, dims: &[i64], v: &[f32]) -> TensorProto {
 #[test]
 fn partly_foldable_graphs_keep_what_depends_on_inputs_and_fixed_names() {
     // y = x · Transpose(W) · 1 (W constant: folded), passed through Identity to output `y`;
-    // `x_copy` = Identity(x) is a graph output passing the input through: both names fixed,
-    // it stays (reported).
+    // `x_copy` = Identity(x) is a graph output passing the input through, `w_copy` one passing
+    // an initializer: both names fixed, they stay (reported).
     let w: Vec<f32> = (0..6).map(|i| i as f32 * 0.5 - 1.0).collect();
     let mut transpose = node("Transpose", "t", &["W"], &["Wt"]);
     transpose
@@ -84,10 +84,11 @@ fn partly_foldable_graphs_keep_what_depends_on_inputs_and_fixed_names() {
             node("Mul", "unit", &["p", "one"], &["q"]),
             node("Identity", "id", &["q"], &["y"]),
             node("Identity", "pass", &["x"], &["x_copy"]),
+            node("Identity", "weight", &["W"], &["w_copy"]),
         ],
         initializer: vec![f32_tensor("W", &[3, 2], &w), f32_tensor("one", &[], &[1.0])],
         input: vec![value("x", &[4, 2])],
-        output: vec![value("y", &[4, 3]), value("x_copy", &[4, 2])],
+        output: vec![value("y", &[4, 3]), value("x_copy", &[4, 2]), value("w_copy", &[3, 2])],
         ..Default::default()
     };
     let dir = tempfile::tempdir().unwrap();
@@ -102,14 +103,14 @@ fn partly_foldable_graphs_keep_what_depends_on_inputs_and_fixed_names() {
     let counts = op_counts(&m);
     assert_eq!(counts.get("Transpose"), None, "{counts:?}");
     assert_eq!(counts.get("Mul"), None, "{counts:?}");
-    assert_eq!(counts.get("Identity"), Some(&1), "{counts:?}");
+    assert_eq!(counts.get("Identity"), Some(&2), "{counts:?}");
     let names: Vec<&str> = m
         .graph
         .outputs
         .iter()
         .map(|io| io.info.name.as_str())
         .collect();
-    assert_eq!(names, ["y", "x_copy"]);
+    assert_eq!(names, ["y", "x_copy", "w_copy"]);
     // Same outputs on ORT CPU (the folded transpose moved the right elements).
     let x = attune_runtime::HostTensor::F32(
         ndarray::ArrayD::from_shape_vec(vec![4, 2], (0..8).map(|i| i as f32).collect()).unwrap(),

@@ -88,7 +88,7 @@ impl Pass for Canonicalize {
                 if !report.skipped.iter().any(|k| k.site == kept) {
                     report.skipped.push(attune_compiler::pass::Skipped {
                         site: kept,
-                        reason: "Identity kept: it passes a graph input or output to a graph output, both names fixed".into(),
+                        reason: "Identity kept: it passes a graph input, output or initializer to a graph output, both names fixed".into(),
                     });
                 }
             }

@@ -20,9 +20,13 @@ pub struct Simplified {
 }
 
 /// Can `y`'s readers read `x` instead? Not when `y` is a graph output whose name would have
-/// to move onto a value that already has a fixed name (a graph input or another output).
+/// to move onto a value whose name is fixed: a graph input, another output, or an
+/// initializer (its tensor carries its name).
 fn replaceable(g: &Graph, y: ValueId, x: ValueId) -> bool {
-    !g.is_graph_output(y) || !(g.is_graph_output(x) || g.inputs.iter().any(|io| io.value == x))
+    !g.is_graph_output(y)
+        || !(g.is_graph_output(x)
+            || g.inputs.iter().any(|io| io.value == x)
+            || g.initializer(x).is_some())
 }
 
 pub fn drop_identities(model: &mut Model) -> Result<Simplified> {
