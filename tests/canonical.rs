@@ -88,7 +88,11 @@ fn partly_foldable_graphs_keep_what_depends_on_inputs_and_fixed_names() {
         ],
         initializer: vec![f32_tensor("W", &[3, 2], &w), f32_tensor("one", &[], &[1.0])],
         input: vec![value("x", &[4, 2])],
-        output: vec![value("y", &[4, 3]), value("x_copy", &[4, 2]), value("w_copy", &[3, 2])],
+        output: vec![
+            value("y", &[4, 3]),
+            value("x_copy", &[4, 2]),
+            value("w_copy", &[3, 2]),
+        ],
         ..Default::default()
     };
     let dir = tempfile::tempdir().unwrap();
