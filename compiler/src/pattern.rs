@@ -17,6 +17,8 @@ pub enum Pat {
     Through(&'static [&'static str], Box<Pat>),
     /// The first alternative that matches.
     Alt(Vec<Pat>),
+    /// A constant: an initializer callers cannot override (not a graph input).
+    Const(Option<&'static str>),
 }
 
 #[derive(Clone, Debug)]
@@ -29,6 +31,9 @@ pub struct OpPat {
     pub commutative: bool,
     /// Binds the output value (and the node, under the same name).
     pub bind: Option<&'static str>,
+    /// Its output has no reader but the node the pattern came from (and is no graph
+    /// output): rewriting the match loses nothing another reader needs.
+    pub sole: bool,
 }
 
 /// `Any` with a bind name.
@@ -48,7 +53,13 @@ pub fn op<const N: usize>(op: &'static str, inputs: [Pat; N]) -> Pat {
         ints: Vec::new(),
         commutative: false,
         bind: None,
+        sole: false,
     }))
+}
+
+/// A constant (initializer, not a graph input), bound under `bind`.
+pub fn constant(bind: &'static str) -> Pat {
+    Pat::Const(Some(bind))
 }
 
 pub fn through(ops: &'static [&'static str], inner: Pat) -> Pat {
@@ -83,6 +94,11 @@ impl Pat {
         self.op_mut().bind = Some(name);
         self
     }
+    /// Requires the op's output to be read only by the node matched above it.
+    pub fn sole(mut self) -> Pat {
+        self.op_mut().sole = true;
+        self
+    }
 }
 
 /// What a match bound.
@@ -112,9 +128,20 @@ pub fn match_value(g: &Graph, v: ValueId, pat: &Pat) -> Option<Match> {
     go(g, v, pat, &mut m).then_some(m)
 }
 
+/// Matches `pat` against the outputs of the nodes reading `v` (reader-side matching: from a
+/// value to what consumes it, e.g. from an InstanceNormalization's output down to its γ Mul).
+/// Each reader's output is tried in turn; the first that matches.
+pub fn match_reader(g: &Graph, v: ValueId, pat: &Pat) -> Option<Match> {
+    g.readers(v)
+        .into_iter()
+        .filter_map(|n| g.output(n))
+        .find_map(|out| match_value(g, out, pat))
+}
+
 fn go(g: &Graph, v: ValueId, pat: &Pat, m: &mut Match) -> bool {
     match pat {
         Pat::Any(bind) => bind_value(m, *bind, v),
+        Pat::Const(bind) => g.is_constant(v) && bind_value(m, *bind, v),
         Pat::Alt(alts) => alts.iter().any(|p| {
             let mut trial = m.clone();
             let ok = go(g, v, p, &mut trial);
@@ -156,6 +183,10 @@ fn go(g: &Graph, v: ValueId, pat: &Pat, m: &mut Match) -> bool {
             };
             let node = g.node(n);
             if !node.is(p.op) {
+                return false;
+            }
+            // The value reaches the pattern's root (or one reader) only.
+            if p.sole && (g.is_graph_output(v) || g.value(v).consumers.len() > 1) {
                 return false;
             }
             for (name, want) in &p.ints {
@@ -210,5 +241,71 @@ fn bind_value(m: &mut Match, bind: Option<&'static str>, v: ValueId) -> bool {
             m.values.insert(name, v);
             true
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::builder::Builder;
+
+    /// x → InstanceNorm-like chain: y = (x · γ) + β with γ, β constants; `other` also reads
+    /// the product when `shared`.
+    fn affine(shared: bool) -> (crate::ir::Model, &'static str) {
+        let mut b = Builder::new();
+        let x = b.input("x", &[2, 4]);
+        let g = b.constant("gamma", &[4], &[1.0, 2.0, 3.0, 4.0]);
+        let beta = b.constant("beta", &[4], &[0.5; 4]);
+        let scaled = b.op("Mul", &[&x, &g]);
+        let y = b.op("Add", &[&scaled, &beta]);
+        let mut outs = vec![y];
+        if shared {
+            outs.push(b.op("Relu", &[&scaled]));
+        }
+        let refs: Vec<&str> = outs.iter().map(String::as_str).collect();
+        (b.finish(&refs).unwrap(), "Add_1")
+    }
+
+    fn pattern(sole: bool) -> Pat {
+        let mul = op("Mul", [any("x"), constant("gamma")]).commutative();
+        let mul = if sole { mul.sole() } else { mul };
+        op("Add", [mul, constant("beta")]).commutative().bind("add")
+    }
+
+    #[test]
+    fn binds_constants_and_commutes() {
+        let (m, out) = affine(false);
+        let g = &m.graph;
+        let found = match_value(g, g.value_id(out).unwrap(), &pattern(true)).unwrap();
+        assert_eq!(g.value(found.value("x").unwrap()).name, "x");
+        assert_eq!(g.value(found.value("gamma").unwrap()).name, "gamma");
+        assert_eq!(found.matched.len(), 2);
+        // A graph input is no constant.
+        let swapped = op("Add", [op("Mul", [constant("x"), any("g")]), any("b")]);
+        assert!(match_value(g, g.value_id(out).unwrap(), &swapped).is_none());
+    }
+
+    #[test]
+    fn sole_refuses_a_value_other_nodes_read() {
+        let (m, out) = affine(true);
+        let g = &m.graph;
+        let v = g.value_id(out).unwrap();
+        assert!(
+            match_value(g, v, &pattern(true)).is_none(),
+            "the Relu reads the product"
+        );
+        assert!(match_value(g, v, &pattern(false)).is_some());
+    }
+
+    #[test]
+    fn reader_side_matching_finds_the_consumer() {
+        let (m, _) = affine(false);
+        let g = &m.graph;
+        let x = g.value_id("x").unwrap();
+        // From x down to the Mul reading it.
+        let mul = op("Mul", [any("x"), constant("gamma")]).bind("mul");
+        let found = match_reader(g, x, &mul).unwrap();
+        assert_eq!(g.node(found.node("mul").unwrap()).op(), "Mul");
+        assert!(match_reader(g, x, &op("Sub", [anything(), anything()])).is_none());
     }
 }

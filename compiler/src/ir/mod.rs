@@ -3,6 +3,7 @@
 //!
 //! Every proto field the IR does not model itself rides along in the `proto` templates of
 //! `Model`, `Graph` and `Node`, so an unchanged model exports field for field as it came in.
+pub mod builder;
 mod graph;
 mod model;
 
