@@ -465,7 +465,7 @@ fn hard_linked_input_data_is_not_referred_to_in_place() {
         line.starts_with("copied") || line.starts_with("reflinked"),
         "{text}"
     );
-    assert_eq!(data_files(&out), [placed.clone()]);
+    assert_eq!(data_files(&out), std::slice::from_ref(&placed));
     assert_eq!(nlink(&placed), 1);
     assert_eq!(nlink(&data), 2, "the input is left as it was");
     onnx_accepts(&[&out]);

@@ -354,7 +354,8 @@ fn concrete_shape(spec: &InputSpec, dims: &Dims) -> Result<Vec<usize>> {
 /// `None` when every symbol has a size.
 fn missing_dims(specs: &[&InputSpec], dims: &Dims) -> Option<String> {
     // Symbol -> the uses (input, axis, declared expression), in the order the inputs use them.
-    let mut missing: Vec<(String, Vec<(String, usize, String)>)> = Vec::new();
+    type Uses = Vec<(String, usize, String)>;
+    let mut missing: Vec<(String, Uses)> = Vec::new();
     for spec in specs {
         for (axis, d) in spec.dims.iter().enumerate() {
             let Dim::Symbol(expr) = d else { continue };

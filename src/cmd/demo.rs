@@ -143,7 +143,7 @@ fn timing_inputs(
             if let Dim::Symbol(expr) = d
                 && let Some((sym, k)) = inputs::linear_symbol(expr)
                 && k > 0
-                && side % k as usize == 0
+                && side.is_multiple_of(k as usize)
             {
                 dims.push(format!("{sym}={}", side / k as usize));
             }

@@ -121,6 +121,7 @@ pub fn attune(args: &[&str]) -> Output {
 
 /// Runs `cmd` to completion with its output captured; asserts its peak RSS is under
 /// [`MAX_RSS_BYTES`] (read from the kernel's accounting of the child, `wait4`).
+#[allow(clippy::zombie_processes)] // reaped by wait4, which std does not see
 pub fn run_measured(cmd: &mut Command) -> Output {
     use std::io::Read as _;
     let mut child = cmd

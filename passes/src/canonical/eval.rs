@@ -418,7 +418,7 @@ fn reshape(x: &Const, shape: &[i64], allow_zero: bool) -> Option<Const> {
     }
     let known: usize = dims.iter().product();
     if let Some(i) = infer {
-        if known == 0 || x.count() % known != 0 {
+        if known == 0 || !x.count().is_multiple_of(known) {
             return None;
         }
         dims[i] = x.count() / known;
@@ -601,7 +601,7 @@ fn broadcast_index(x: &[usize], dims: &[usize]) -> Vec<usize> {
     let mut idx = vec![0usize; rank];
     for _ in 0..count {
         out.push(idx.iter().zip(&eff).map(|(i, s)| i * s).sum());
-        advance(&mut idx, &dims);
+        advance(&mut idx, dims);
     }
     out
 }
@@ -670,23 +670,22 @@ fn binary(op: &str, a: &Const, b: &Const) -> Option<Const> {
 }
 
 fn unary(op: &str, x: &Const) -> Option<Const> {
-    if op == "Neg" || op == "Abs" {
-        if let Some(v) = x
+    if (op == "Neg" || op == "Abs")
+        && let Some(v) = x
             .ints()
             .filter(|_| x.dtype == DataType::Int64 || x.dtype == DataType::Int32)
-        {
-            let v: Vec<i64> = v
-                .iter()
-                .map(|&i| {
-                    if op == "Neg" {
-                        i.wrapping_neg()
-                    } else {
-                        i.wrapping_abs()
-                    }
-                })
-                .collect();
-            return Const::of_ints(x.dtype, x.dims.clone(), &v);
-        }
+    {
+        let v: Vec<i64> = v
+            .iter()
+            .map(|&i| {
+                if op == "Neg" {
+                    i.wrapping_neg()
+                } else {
+                    i.wrapping_abs()
+                }
+            })
+            .collect();
+        return Const::of_ints(x.dtype, x.dims.clone(), &v);
     }
     let v: Vec<f64> = x
         .floats()?

@@ -106,13 +106,13 @@ fn noop_input(g: &Graph, shapes: &Shapes, types: &ElemTypes, n: NodeId) -> Optio
         }
         "Reshape" => a.filter(|&x| same_shape(x))?,
         "Mul" => match (uniform(g, b?), uniform(g, a?)) {
-            (Some(v), _) if v == 1.0 => a?,
-            (_, Some(v)) if v == 1.0 => b?,
+            (Some(1.0), _) => a?,
+            (_, Some(1.0)) => b?,
             _ => return None,
         },
         "Add" => match (uniform(g, b?), uniform(g, a?)) {
-            (Some(v), _) if v == 0.0 => a?,
-            (_, Some(v)) if v == 0.0 => b?,
+            (Some(0.0), _) => a?,
+            (_, Some(0.0)) => b?,
             _ => return None,
         },
         "Div" | "Sub" => {
