@@ -249,25 +249,20 @@ fn named_changes(a: BTreeMap<String, String>, b: BTreeMap<String, String>) -> Ch
     c
 }
 
+/// Nodes added, removed and changed.
+pub type Counts = (usize, usize, usize);
+
 impl Diff {
-    /// Stable text rendering: summary counts, per-op and per-module tables, then the lists.
-    pub fn render(&self) -> String {
-        let mut s = String::new();
-        if self.is_empty() {
-            s.push_str("no structural differences\n");
-            return s;
-        }
-        let _ = writeln!(
-            s,
-            "nodes: {} -> {} (+{} -{} ~{})",
-            self.nodes_before,
-            self.nodes_after,
-            self.added.len(),
-            self.removed.len(),
-            self.changed.len()
-        );
-        let mut by_op: BTreeMap<&str, (usize, usize, usize)> = BTreeMap::new();
-        let mut by_module: BTreeMap<&str, BTreeMap<&str, (usize, usize, usize)>> = BTreeMap::new();
+    /// Added/removed/changed nodes by op, and by module path (`<root>` for none) and op.
+    #[allow(clippy::type_complexity)]
+    pub fn tally(
+        &self,
+    ) -> (
+        BTreeMap<&str, Counts>,
+        BTreeMap<&str, BTreeMap<&str, Counts>>,
+    ) {
+        let mut by_op: BTreeMap<&str, Counts> = BTreeMap::new();
+        let mut by_module: BTreeMap<&str, BTreeMap<&str, Counts>> = BTreeMap::new();
         let entries = self
             .added
             .iter()
@@ -275,7 +270,7 @@ impl Diff {
             .chain(self.removed.iter().map(|e| (e, 1)))
             .chain(self.changed.iter().map(|c| (&c.node, 2)));
         for (e, which) in entries {
-            let bump = |t: &mut (usize, usize, usize)| match which {
+            let bump = |t: &mut Counts| match which {
                 0 => t.0 += 1,
                 1 => t.1 += 1,
                 _ => t.2 += 1,
@@ -294,6 +289,26 @@ impl Diff {
                     .or_default(),
             );
         }
+        (by_op, by_module)
+    }
+
+    /// Stable text rendering: summary counts, per-op and per-module tables, then the lists.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        if self.is_empty() {
+            s.push_str("no structural differences\n");
+            return s;
+        }
+        let _ = writeln!(
+            s,
+            "nodes: {} -> {} (+{} -{} ~{})",
+            self.nodes_before,
+            self.nodes_after,
+            self.added.len(),
+            self.removed.len(),
+            self.changed.len()
+        );
+        let (by_op, by_module) = self.tally();
         if !by_op.is_empty() {
             s.push_str("by op:\n");
             for (op, t) in &by_op {
@@ -337,7 +352,8 @@ impl Diff {
     }
 }
 
-fn counts((added, removed, changed): (usize, usize, usize)) -> String {
+/// `+1 -66 ~2`
+pub fn counts((added, removed, changed): Counts) -> String {
     let mut parts = Vec::new();
     if added > 0 {
         parts.push(format!("+{added}"));

@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use attune_compiler::diff;
+use attune_compiler::diff::{self, counts};
 
 use super::exec::ExecArgs;
 use super::numeric::{BY_DESIGN_HINT, DEFAULT_TOL, tolerance};
@@ -55,9 +55,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
 /// glob of their paths and how many), and at most `list_max` names per initializer, input,
 /// output and opset list (`attune diff` prints everything).
 pub fn render_folded(d: &diff::Diff, list_max: usize) -> String {
-    use std::collections::BTreeMap;
     use std::fmt::Write;
-    type Counts = (usize, usize, usize);
     let mut s = String::new();
     if d.is_empty() {
         s.push_str("no structural differences\n");
@@ -72,34 +70,7 @@ pub fn render_folded(d: &diff::Diff, list_max: usize) -> String {
         d.removed.len(),
         d.changed.len()
     );
-    let mut by_op: BTreeMap<&str, Counts> = BTreeMap::new();
-    let mut by_module: BTreeMap<&str, BTreeMap<&str, Counts>> = BTreeMap::new();
-    let entries = d
-        .added
-        .iter()
-        .map(|e| (e, 0))
-        .chain(d.removed.iter().map(|e| (e, 1)))
-        .chain(d.changed.iter().map(|c| (&c.node, 2)));
-    for (e, which) in entries {
-        let bump = |t: &mut Counts| match which {
-            0 => t.0 += 1,
-            1 => t.1 += 1,
-            _ => t.2 += 1,
-        };
-        bump(by_op.entry(&e.op).or_default());
-        let module = if e.module.is_empty() {
-            "<root>"
-        } else {
-            &e.module
-        };
-        bump(
-            by_module
-                .entry(module)
-                .or_default()
-                .entry(&e.op)
-                .or_default(),
-        );
-    }
+    let (by_op, by_module) = d.tally();
     if !by_op.is_empty() {
         s.push_str("by op:\n");
         for (op, t) in &by_op {
@@ -175,21 +146,6 @@ pub fn render_folded(d: &diff::Diff, list_max: usize) -> String {
         }
     }
     s
-}
-
-/// `+1 -66 ~2`
-fn counts((added, removed, changed): (usize, usize, usize)) -> String {
-    let mut parts = Vec::new();
-    if added > 0 {
-        parts.push(format!("+{added}"));
-    }
-    if removed > 0 {
-        parts.push(format!("-{removed}"));
-    }
-    if changed > 0 {
-        parts.push(format!("~{changed}"));
-    }
-    parts.join(" ")
 }
 
 /// Names for several module paths: one glob per last component (`*.norm1, *.norm2`), a
