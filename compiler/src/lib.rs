@@ -1,6 +1,7 @@
 //! attune-compiler: the ONNX IR (zero-copy import, atomic export), module paths,
 //! verification, structural diff, model summaries and the pass manager.
 pub mod analysis;
+pub mod dce;
 pub mod diff;
 pub mod error;
 pub mod export;
@@ -11,6 +12,7 @@ pub mod onnx;
 pub mod pass;
 pub mod patch;
 pub mod pattern;
+pub mod rule;
 pub mod summary;
 pub mod verify;
 pub mod weights;

@@ -64,6 +64,11 @@ impl PassManager {
         self
     }
 
+    pub fn add_boxed(&mut self, pass: Box<dyn Pass>) -> &mut Self {
+        self.passes.push(pass);
+        self
+    }
+
     pub fn is_empty(&self) -> bool {
         self.passes.is_empty()
     }

@@ -3,8 +3,9 @@
 //! A pattern names ops, their positional inputs, required attributes, commutative operands,
 //! pass-through wrappers (`Cast`) and alternatives; binds name the values and nodes a pass
 //! needs. Exporter variants are more alternatives, not more code.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
+use crate::analysis::{ElemTypes, Shapes};
 use crate::ir::{Graph, NodeId, ValueId};
 
 #[derive(Clone, Debug)]
@@ -19,11 +20,47 @@ pub enum Pat {
     Alt(Vec<Pat>),
     /// A constant: an initializer callers cannot override (not a graph input).
     Const(Option<&'static str>),
+    /// A constant scalar (or one value repeated) equal to this number (relative 1e-4).
+    Scalar(f64),
+    /// `inner`, then `guard` on what the match bound so far: a condition the structure
+    /// cannot say (shapes, sizes). Failing, the enclosing alternative is tried next.
+    Check(Box<Pat>, Guard),
+    /// `inner`, its value bound under a name (any pattern: an alternative, a wrapper).
+    Bind(&'static str, Box<Pat>),
+}
+
+/// A condition on a match in progress.
+pub type Guard = fn(&Cx, &Match) -> bool;
+
+/// What a match reads: the graph, the pass's analyses, and the nodes earlier matches took.
+pub struct Cx<'a> {
+    pub g: &'a Graph,
+    pub shapes: &'a Shapes,
+    pub types: &'a ElemTypes,
+    /// Nodes no pattern may match (another rewrite of the same patch took them).
+    pub claimed: Option<&'a HashSet<NodeId>>,
+}
+
+impl<'a> Cx<'a> {
+    pub fn new(g: &'a Graph, shapes: &'a Shapes, types: &'a ElemTypes) -> Self {
+        Cx {
+            g,
+            shapes,
+            types,
+            claimed: None,
+        }
+    }
+
+    fn free(&self, n: NodeId) -> bool {
+        self.claimed.is_none_or(|c| !c.contains(&n))
+    }
 }
 
 #[derive(Clone, Debug)]
 pub struct OpPat {
     pub op: &'static str,
+    /// Which of the node's outputs the value is (0 unless `.output(k)`).
+    pub output: usize,
     /// Patterns of the first inputs (more inputs are not looked at).
     pub inputs: Vec<Pat>,
     pub ints: Vec<(&'static str, Vec<i64>)>,
@@ -49,6 +86,7 @@ pub fn anything() -> Pat {
 pub fn op<const N: usize>(op: &'static str, inputs: [Pat; N]) -> Pat {
     Pat::Op(Box::new(OpPat {
         op,
+        output: 0,
         inputs: inputs.into(),
         ints: Vec::new(),
         commutative: false,
@@ -60,6 +98,11 @@ pub fn op<const N: usize>(op: &'static str, inputs: [Pat; N]) -> Pat {
 /// A constant (initializer, not a graph input), bound under `bind`.
 pub fn constant(bind: &'static str) -> Pat {
     Pat::Const(Some(bind))
+}
+
+/// A constant equal to `value` (a scalar, or one value everywhere).
+pub fn scalar(value: f64) -> Pat {
+    Pat::Scalar(value)
 }
 
 pub fn through(ops: &'static [&'static str], inner: Pat) -> Pat {
@@ -90,9 +133,24 @@ impl Pat {
         self.op_mut().commutative = true;
         self
     }
+    /// Binds the value this pattern matches (and, for an op, its node) under `name`.
     pub fn bind(mut self, name: &'static str) -> Pat {
-        self.op_mut().bind = Some(name);
+        match &mut self {
+            Pat::Op(o) => {
+                o.bind = Some(name);
+                self
+            }
+            _ => Pat::Bind(name, Box::new(self)),
+        }
+    }
+    /// The value is output `k` of the op (Split's halves).
+    pub fn output(mut self, k: usize) -> Pat {
+        self.op_mut().output = k;
         self
+    }
+    /// Requires `guard` of the match once this pattern matched.
+    pub fn check(self, guard: Guard) -> Pat {
+        Pat::Check(Box::new(self), guard)
     }
     /// Requires the op's output to be read only by the node matched above it.
     pub fn sole(mut self) -> Pat {
@@ -104,6 +162,8 @@ impl Pat {
 /// What a match bound.
 #[derive(Clone, Debug, Default)]
 pub struct Match {
+    /// The value the pattern was matched at.
+    pub root: Option<ValueId>,
     pub values: HashMap<&'static str, ValueId>,
     pub nodes: HashMap<&'static str, NodeId>,
     /// Every node the pattern matched (wrappers included), in no particular order.
@@ -122,10 +182,19 @@ impl Match {
 /// The most wrapper nodes (casts, scales) one `through` pattern looks past.
 const MAX_WRAPPERS: usize = 32;
 
-/// Matches `pat` against the value `v`.
+/// Matches `pat` against the value `v` (no shapes known to guards, every node free).
 pub fn match_value(g: &Graph, v: ValueId, pat: &Pat) -> Option<Match> {
-    let mut m = Match::default();
-    go(g, v, pat, &mut m).then_some(m)
+    let (shapes, types) = (Shapes::default(), ElemTypes::default());
+    match_in(&Cx::new(g, &shapes, &types), v, pat)
+}
+
+/// Matches `pat` against the value `v` in `cx`.
+pub fn match_in(cx: &Cx, v: ValueId, pat: &Pat) -> Option<Match> {
+    let mut m = Match {
+        root: Some(v),
+        ..Match::default()
+    };
+    go(cx, v, pat, &mut m).then_some(m)
 }
 
 /// Matches `pat` against the outputs of the nodes reading `v` (reader-side matching: from a
@@ -138,13 +207,37 @@ pub fn match_reader(g: &Graph, v: ValueId, pat: &Pat) -> Option<Match> {
         .find_map(|out| match_value(g, out, pat))
 }
 
-fn go(g: &Graph, v: ValueId, pat: &Pat, m: &mut Match) -> bool {
+fn go(cx: &Cx, v: ValueId, pat: &Pat, m: &mut Match) -> bool {
+    let g = cx.g;
     match pat {
         Pat::Any(bind) => bind_value(m, *bind, v),
         Pat::Const(bind) => g.is_constant(v) && bind_value(m, *bind, v),
+        Pat::Scalar(want) => {
+            g.is_constant(v)
+                && cx
+                    .shapes
+                    .scalar(v)
+                    .is_some_and(|x| (x - want).abs() <= 1e-4 * want.abs().max(1.0))
+        }
+        Pat::Check(inner, guard) => {
+            let mut trial = m.clone();
+            let ok = go(cx, v, inner, &mut trial) && guard(cx, &trial);
+            if ok {
+                *m = trial;
+            }
+            ok
+        }
+        Pat::Bind(name, inner) => {
+            let mut trial = m.clone();
+            let ok = go(cx, v, inner, &mut trial) && bind_value(&mut trial, Some(name), v);
+            if ok {
+                *m = trial;
+            }
+            ok
+        }
         Pat::Alt(alts) => alts.iter().any(|p| {
             let mut trial = m.clone();
-            let ok = go(g, v, p, &mut trial);
+            let ok = go(cx, v, p, &mut trial);
             if ok {
                 *m = trial;
             }
@@ -157,7 +250,7 @@ fn go(g: &Graph, v: ValueId, pat: &Pat, m: &mut Match) -> bool {
             let mut wrappers = Vec::new();
             for _ in 0..MAX_WRAPPERS {
                 let mut trial = m.clone();
-                if go(g, v, inner, &mut trial) {
+                if go(cx, v, inner, &mut trial) {
                     trial.matched.extend(wrappers);
                     *m = trial;
                     return true;
@@ -166,7 +259,7 @@ fn go(g: &Graph, v: ValueId, pat: &Pat, m: &mut Match) -> bool {
                     return false;
                 };
                 let node = g.node(n);
-                if !ops.iter().any(|o| node.is(o)) {
+                if !ops.iter().any(|o| node.is(o)) || !cx.free(n) {
                     return false;
                 }
                 let Some(Some(input)) = node.inputs.first() else {
@@ -178,11 +271,11 @@ fn go(g: &Graph, v: ValueId, pat: &Pat, m: &mut Match) -> bool {
             false
         }
         Pat::Op(p) => {
-            let Some((n, 0)) = g.value(v).producer else {
+            let Some((n, k)) = g.value(v).producer else {
                 return false;
             };
             let node = g.node(n);
-            if !node.is(p.op) {
+            if k != p.output || !node.is(p.op) || !cx.free(n) {
                 return false;
             }
             // The value reaches the pattern's root (or one reader) only.
@@ -215,7 +308,7 @@ fn go(g: &Graph, v: ValueId, pat: &Pat, m: &mut Match) -> bool {
                 let ok = p.inputs.iter().enumerate().all(|(i, ip)| {
                     let slot = if i < 2 { order[i] } else { i };
                     match node.inputs[slot] {
-                        Some(input) => go(g, input, ip, &mut trial),
+                        Some(input) => go(cx, input, ip, &mut trial),
                         None => false,
                     }
                 });
@@ -307,5 +400,32 @@ mod tests {
         let found = match_reader(g, x, &mul).unwrap();
         assert_eq!(g.node(found.node("mul").unwrap()).op(), "Mul");
         assert!(match_reader(g, x, &op("Sub", [anything(), anything()])).is_none());
+    }
+
+    #[test]
+    fn a_failed_guard_falls_back_to_the_next_alternative() {
+        let (m, out) = affine(false);
+        let g = &m.graph;
+        let v = g.value_id(out).unwrap();
+        let never = op("Add", [anything(), any("beta")]).check(|_, _| false);
+        let found = match_value(g, v, &alt([never, any("whole")])).unwrap();
+        assert!(found.value("beta").is_none(), "the failed trial binds nothing");
+        assert_eq!(found.value("whole"), Some(v));
+    }
+
+    #[test]
+    fn scalars_are_read_from_the_analysis() {
+        let (m, out) = affine(false);
+        let g = &m.graph;
+        let (shapes, types) = (Shapes::infer(&m), ElemTypes::default());
+        let cx = Cx::new(g, &shapes, &types);
+        let v = g.value_id(out).unwrap();
+        let half = op("Add", [anything(), scalar(0.5)]).commutative();
+        assert!(match_in(&cx, v, &half).is_some());
+        let one = op("Add", [anything(), scalar(1.0)]).commutative();
+        assert!(match_in(&cx, v, &one).is_none());
+        // γ = [1, 2, 3, 4] is no scalar.
+        let mul = op("Mul", [anything(), scalar(1.0)]).commutative();
+        assert!(match_in(&cx, g.value_id("Mul_0").unwrap(), &mul).is_none());
     }
 }

@@ -7,17 +7,14 @@
 //! beyond ±256. This pass writes each one as the op (statistics in fp32: `stash_type` 1),
 //! raising the model to opset 17, so token merging, the hooks, the CUDA fusions and the
 //! precision pass see the graph an opset-17 export would have given.
-use std::collections::HashSet;
-
-use attune_compiler::analysis::{ElemTypes, Shapes};
+use attune_compiler::analysis::Shapes;
 use attune_compiler::ir::{Graph, Model, NodeId, ValueId};
 use attune_compiler::onnx::DataType;
-use attune_compiler::pass::{Pass, PassCx, PassReport, Skipped};
+use attune_compiler::pass::{Pass, PassCx, PassReport};
 use attune_compiler::patch::{In, Patch, attr};
-use attune_compiler::pattern::{Match, Pat, alt, any, match_value, op, through};
+use attune_compiler::pattern::{Cx, Match, Pat, alt, any, op, through};
+use attune_compiler::rule::{self, Rule};
 use attune_compiler::{Error, Result};
-
-use crate::cleanup;
 
 /// LayerNormalization's first opset.
 const LAYER_NORM_OPSET: i64 = 17;
@@ -66,6 +63,37 @@ fn layer_norm() -> [Pat; 3] {
     ]
 }
 
+/// One exported LayerNorm → LayerNormalization.
+struct LayerNormRule;
+
+impl Rule for LayerNormRule {
+    fn name(&self) -> &'static str {
+        "exported LayerNorms -> LayerNormalization"
+    }
+
+    /// The means: a refused match is reported at its first (both name the same module).
+    fn anchor(&self) -> Option<&'static str> {
+        Some("ReduceMean")
+    }
+
+    fn pattern(&self) -> Pat {
+        alt(layer_norm())
+    }
+
+    fn check(&self, cx: &Cx, m: &Match) -> std::result::Result<(), String> {
+        site(cx, m).map(|_| ())
+    }
+
+    fn rewrite(&self, cx: &Cx, m: &Match, p: &mut Patch) -> Vec<&'static str> {
+        rewrite(p, cx.g, &site(cx, m).expect("checked"));
+        Vec::new()
+    }
+}
+
+fn rules() -> Vec<Box<dyn Rule>> {
+    vec![Box::new(LayerNormRule)]
+}
+
 impl Pass for LayerNormPass {
     fn name(&self) -> &'static str {
         "layer-norm"
@@ -73,13 +101,8 @@ impl Pass for LayerNormPass {
 
     fn run(&self, model: &mut Model, _cx: &mut PassCx) -> Result<PassReport> {
         let mut report = PassReport::default();
-        let shapes = Shapes::infer(model);
-        let types = ElemTypes::infer(&model.graph)?;
-        let sites = find(&model.graph, &shapes, &types, &mut report);
-        if sites.is_empty() {
-            return Ok(report);
-        }
-        if model.opset("").unwrap_or(0) < LAYER_NORM_OPSET {
+        let from = model.opset("").unwrap_or(0);
+        if rule::count(model, &rules())? > 0 && from < LAYER_NORM_OPSET {
             let notes = crate::attention::upgrade_default_opset(model, LAYER_NORM_OPSET)
                 .map_err(|why| {
                     Error::Graph(format!(
@@ -88,28 +111,14 @@ impl Pass for LayerNormPass {
                 })?;
             report.notes.extend(notes);
         }
-        let mut patch = Patch::new(model);
-        for site in &sites {
-            rewrite(&mut patch, &model.graph, site);
-        }
-        patch.into_parts().apply(model)?;
-        let removed = cleanup::dce(model);
-        report.rewritten.push(format!(
-            "{} exported LayerNorms -> LayerNormalization ({} nodes fewer)",
-            sites.len(),
-            removed.nodes.saturating_sub(sites.len())
-        ));
+        rule::apply(model, &rules(), &mut report)?;
         Ok(report)
     }
 }
 
 /// How many LayerNorms the model has written out (what the pass would rewrite).
 pub fn written_out(model: &Model) -> usize {
-    let shapes = Shapes::infer(model);
-    let Ok(types) = ElemTypes::infer(&model.graph) else {
-        return 0;
-    };
-    find(&model.graph, &shapes, &types, &mut PassReport::default()).len()
+    rule::count(model, &rules()).unwrap_or(0)
 }
 
 /// One exported LayerNorm.
@@ -127,48 +136,12 @@ struct Site {
     mean: NodeId,
 }
 
-fn find(g: &Graph, shapes: &Shapes, types: &ElemTypes, report: &mut PassReport) -> Vec<Site> {
-    let order = g.topo_order().unwrap_or_else(|_| g.node_ids().collect());
-    let mut taken: HashSet<NodeId> = HashSet::new();
-    let mut sites = Vec::new();
-    // Outermost first: an Add β is tried before the Mul γ and the Div (or Cast) inside it.
-    for &n in order.iter().rev() {
-        if taken.contains(&n) || !matches!(g.node(n).op(), "Add" | "Mul" | "Div" | "Cast") {
-            continue;
-        }
-        let Some(out) = g.node(n).outputs.first().copied().flatten() else {
-            continue;
-        };
-        let Some(m) = layer_norm()
-            .iter()
-            .find_map(|p| match_value(g, out, p))
-            .filter(|m| !m.matched.iter().any(|x| taken.contains(x)))
-        else {
-            continue;
-        };
-        taken.extend(&m.matched);
-        match site(g, shapes, types, &m, out, n) {
-            Ok(s) => sites.push(s),
-            Err(why) => report.skipped.push(Skipped {
-                site: g.node(n).describe(),
-                reason: why,
-            }),
-        }
-    }
-    sites.reverse();
-    sites
-}
-
 /// Checks what the pattern cannot: both means over the last axis only, kept; the exponent 2;
 /// ε, γ and β constants that LayerNormalization can take.
-fn site(
-    g: &Graph,
-    shapes: &Shapes,
-    types: &ElemTypes,
-    m: &Match,
-    out: ValueId,
-    end: NodeId,
-) -> std::result::Result<Site, String> {
+fn site(cx: &Cx, m: &Match) -> std::result::Result<Site, String> {
+    let (g, shapes, types) = (cx.g, cx.shapes, cx.types);
+    let out = m.root.ok_or("no root")?;
+    let end = g.producer(out).ok_or("no producer")?;
     let bound = |name: &str| m.value(name).ok_or_else(|| format!("no {name}"));
     let x = bound("x")?;
     let rank = shapes

@@ -18,7 +18,7 @@ use crate::layer_norm::LayerNormPass;
 use crate::lora::adapter::AdapterPass;
 use crate::lora::{LoraPass, LoraSource};
 use crate::lower::{
-    CudaFusion, CudaFusions, FixShapes, Precision, PrecisionPass, ShapeSpec, SupportCheck,
+    CudaFusion, FixShapes, Precision, PrecisionPass, ShapeSpec, SupportCheck,
 };
 use crate::tome::{Mode as TomeMode, Pool, TomeOptions, TomePass};
 
@@ -536,10 +536,9 @@ pub fn build(o: &Options) -> Result<PassManager, String> {
         PrecisionArg::Bf16 => Precision::Bf16,
     };
     if target == AttentionTarget::Cuda {
-        pm.add(CudaFusions {
-            precision,
-            fusions: o.cuda_fusions()?,
-        });
+        for pass in crate::lower::cuda::passes(&o.cuda_fusions()?, precision) {
+            pm.add_boxed(pass);
+        }
     } else if !o.disable_fusions.is_empty() || !o.enable_fusions.is_empty() {
         return Err(
             "--disable-fusions/--enable-fusions apply to --target cuda (the CPU target fuses none of these)".into(),

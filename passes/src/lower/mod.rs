@@ -6,7 +6,7 @@ pub mod fix_shapes;
 pub mod precision;
 pub mod support;
 
-pub use cuda::{CudaFusion, CudaFusions};
+pub use cuda::CudaFusion;
 pub use fix_shapes::{FixShapes, ShapeSpec};
 pub use precision::{Precision, PrecisionPass};
 pub use support::SupportCheck;

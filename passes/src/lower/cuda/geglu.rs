@@ -9,73 +9,86 @@
 use attune_compiler::analysis::Shapes;
 use attune_compiler::ir::{Graph, NodeId, ValueId};
 use attune_compiler::patch::{In, Patch};
+use attune_compiler::pattern::{Cx, Match, Pat, alt, any, op, scalar};
+use attune_compiler::rule::Rule;
 
 use super::{MS_DOMAIN, split_bias};
 
 /// The last-axis sizes (2·D) ORT's CUDA BiasSplitGelu kernel takes.
 pub const BIAS_SPLIT_GELU_WIDTHS: &[i64] = &[2560, 5120, 10240];
 
+/// `h * gelu(g)` with `gelu(g) = g · ½ · (1 + erf(g/√2))`, the factors in any order.
+fn geglu() -> Pat {
+    let gate = || any("gate");
+    let scaled = alt([
+        op("Div", [gate(), scalar(std::f64::consts::SQRT_2)]),
+        op("Mul", [gate(), scalar(std::f64::consts::FRAC_1_SQRT_2)]).commutative(),
+    ]);
+    let erf = op("Erf", [scaled]).bind("erf");
+    let plus_one = || op("Add", [erf.clone(), scalar(1.0)]).commutative();
+    let mul = |a: Pat, b: Pat| op("Mul", [a, b]).commutative();
+    let gelu = alt([
+        mul(mul(plus_one(), gate()), scalar(0.5)),
+        mul(mul(plus_one(), scalar(0.5)), gate()),
+        mul(plus_one(), mul(gate(), scalar(0.5))),
+    ]);
+    op("Mul", [any("hidden"), gelu]).commutative()
+}
+
 /// One matched GEGLU.
 struct Geglu {
     /// The projection's output before its bias ([B, S, 2D]) and the bias ([2D]).
     projected: ValueId,
     bias: ValueId,
-    /// `h * gelu(g)`, which the fused op replaces.
-    out: ValueId,
-    /// The Erf (its module names the site).
-    erf: NodeId,
 }
 
-fn near(shapes: &Shapes, v: ValueId, want: f64) -> bool {
-    shapes.scalar(v).is_some_and(|x| (x - want).abs() < 1e-4)
-}
+/// A GEGLU → `com.microsoft.BiasSplitGelu`.
+pub struct GegluRule;
 
-/// For an Erf: the `g` of `gelu(g) = g · ½ · (1 + erf(g/√2))` and the value of gelu(g).
-fn gelu_around(g: &Graph, shapes: &Shapes, erf: NodeId) -> Option<(ValueId, ValueId)> {
-    let scaled = g.input(erf, 0)?;
-    let div = g.producer(scaled)?;
-    let x = match g.node(div).op() {
-        "Div"
-            if g.input(div, 1)
-                .is_some_and(|c| near(shapes, c, std::f64::consts::SQRT_2)) =>
-        {
-            g.input(div, 0)?
-        }
-        "Mul" => [0, 1].into_iter().find_map(|slot| {
-            let c = g.input(div, 1 - slot)?;
-            near(shapes, c, std::f64::consts::FRAC_1_SQRT_2).then(|| g.input(div, slot))?
-        })?,
-        _ => return None,
-    };
-    let e = g.output(erf)?;
-    let plus_one = g.sole_reader(e).filter(|n| g.node(*n).is("Add"))?;
-    if !near(shapes, g.other_input(plus_one, e)?, 1.0) {
-        return None;
+impl Rule for GegluRule {
+    fn name(&self) -> &'static str {
+        "GEGLU -> com.microsoft.BiasSplitGelu"
     }
-    // The two remaining factors, g and ½, joined in either order (or as one Mul(g, ½)).
-    let mut v = g.output(plus_one)?;
-    let (mut has_x, mut has_half) = (false, false);
-    for _ in 0..2 {
-        let mul = g.sole_reader(v).filter(|n| g.node(*n).is("Mul"))?;
-        let factor = g.other_input(mul, v)?;
-        if factor == x {
-            has_x = true;
-        } else if near(shapes, factor, 0.5) {
-            has_half = true;
-        } else {
-            let inner = g.producer(factor).filter(|n| g.node(*n).is("Mul"))?;
-            let half = g.other_input(inner, x)?;
-            if !near(shapes, half, 0.5) || g.sole_reader(factor) != Some(mul) {
-                return None;
-            }
-            (has_x, has_half) = (true, true);
-        }
-        v = g.output(mul)?;
-        if has_x && has_half {
-            return Some((x, v));
-        }
+
+    fn anchor(&self) -> Option<&'static str> {
+        Some("Erf")
     }
-    None
+
+    fn pattern(&self) -> Pat {
+        geglu()
+    }
+
+    fn check(&self, cx: &Cx, m: &Match) -> Result<(), String> {
+        site(cx.g, cx.shapes, m).map(|_| ())
+    }
+
+    fn rewrite(&self, cx: &Cx, m: &Match, p: &mut Patch) -> Vec<&'static str> {
+        let site = site(cx.g, cx.shapes, m).expect("checked");
+        let erf = m.node("erf").expect("bound");
+        let module = cx.g.node(erf).module.clone();
+        let out = p
+            .node(
+                "BiasSplitGelu",
+                MS_DOMAIN,
+                &format!("{module}/attune_BiasSplitGelu"),
+                vec![In::Value(site.projected), In::Value(site.bias)],
+                1,
+                vec![],
+                &module,
+                Some(erf),
+            )
+            .remove(0);
+        p.replace(m.root.expect("matched"), In::New(out));
+        vec![]
+    }
+
+    fn unmatched(&self, _cx: &Cx, _anchor: NodeId) -> Option<String> {
+        Some("not h · g·½·(1 + erf(g/√2)) with nothing else reading inside it".into())
+    }
+
+    fn opset(&self) -> Option<(&'static str, i64)> {
+        Some((MS_DOMAIN, 1))
+    }
 }
 
 /// Which half of its input's last axis `v` is (0: first, 1: second), and that input.
@@ -123,14 +136,9 @@ fn half_of(g: &Graph, shapes: &Shapes, v: ValueId) -> Option<(ValueId, usize)> {
     }
 }
 
-/// The GEGLU around `erf`, or why it is not one that BiasSplitGelu computes.
-fn match_geglu(g: &Graph, shapes: &Shapes, erf: NodeId) -> Result<Geglu, String> {
-    let (gate, gelu) = gelu_around(g, shapes, erf).ok_or("not an exact (erf) GELU")?;
-    let mul = g
-        .sole_reader(gelu)
-        .filter(|n| g.node(*n).is("Mul"))
-        .ok_or("the GELU is not multiplied by a value")?;
-    let hidden = g.other_input(mul, gelu).ok_or("the GELU is squared")?;
+/// The projection and bias a matched GEGLU gates, or why BiasSplitGelu does not compute it.
+fn site(g: &Graph, shapes: &Shapes, m: &Match) -> Result<Geglu, String> {
+    let (gate, hidden) = (m.value("gate").ok_or("no gate")?, m.value("hidden").ok_or("no h")?);
     let (Some((x, 1)), Some((x2, 0))) = (half_of(g, shapes, gate), half_of(g, shapes, hidden))
     else {
         return Err("not the second half of a tensor gating its first half".into());
@@ -155,34 +163,5 @@ fn match_geglu(g: &Graph, shapes: &Shapes, erf: NodeId) -> Result<Geglu, String>
             "width {width}: ONNX Runtime's CUDA BiasSplitGelu takes 2560, 5120 or 10240"
         ));
     }
-    Ok(Geglu {
-        projected,
-        bias,
-        out: g.output(mul).ok_or("no output")?,
-        erf,
-    })
-}
-
-/// The GEGLU around `erf` → BiasSplitGelu, or why it stays.
-pub fn fuse(p: &mut Patch, g: &Graph, shapes: &Shapes, erf: NodeId) -> Result<(), String> {
-    let site = match_geglu(g, shapes, erf)?;
-    fuse_geglu(p, g, &site);
-    Ok(())
-}
-
-fn fuse_geglu(p: &mut Patch, g: &Graph, site: &Geglu) {
-    let module = g.node(site.erf).module.clone();
-    let out = p
-        .node(
-            "BiasSplitGelu",
-            MS_DOMAIN,
-            &format!("{module}/attune_BiasSplitGelu"),
-            vec![In::Value(site.projected), In::Value(site.bias)],
-            1,
-            vec![],
-            &module,
-            Some(site.erf),
-        )
-        .remove(0);
-    p.replace(site.out, In::New(out));
+    Ok(Geglu { projected, bias })
 }

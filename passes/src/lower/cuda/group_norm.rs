@@ -7,11 +7,13 @@
 //! Transposes. When the input is a sum (a residual, or the resnets' time embedding added per
 //! channel) the Add folds in too: SkipGroupNorm, which also writes the sum when it is read.
 use attune_compiler::analysis::{Dim, Shapes};
-use attune_compiler::ir::{Graph, NodeId, Use, ValueId};
+use attune_compiler::ir::{Graph, NodeId, ValueId};
 use attune_compiler::onnx::DataType;
 use attune_compiler::patch::{In, Patch, attr};
+use attune_compiler::pattern::{Cx, Match, Pat, alt, any, anything, constant, op};
+use attune_compiler::rule::Rule;
 
-use super::{Site, channels_last};
+use super::{MS_DOMAIN, Site, channels_last};
 
 /// One matched GroupNorm(+SiLU).
 struct GroupNormSite {
@@ -41,6 +43,165 @@ struct Skip {
     sum: Option<ValueId>,
 }
 
+/// GroupNorm(+SiLU) → `com.microsoft.GroupNorm`, or `SkipGroupNorm` with the Add before it
+/// (`with_skip`).
+pub struct GroupNormRule {
+    pub with_skip: bool,
+}
+
+impl Rule for GroupNormRule {
+    fn name(&self) -> &'static str {
+        "GroupNorm -> com.microsoft.GroupNorm (channels-last)"
+    }
+
+    fn anchor(&self) -> Option<&'static str> {
+        Some("InstanceNormalization")
+    }
+
+    /// `[SiLU] ∘ [+β] ∘ [·γ] ∘ Reshape back ∘ InstanceNormalization ∘ Reshape [N, G, -1]` of
+    /// `x` or of `x + skip`; γ and β per-channel constants.
+    fn pattern(&self) -> Pat {
+        let input = if self.with_skip {
+            alt([
+                op("Add", [any("x"), any("skip").check(skip_fits)])
+                    .commutative()
+                    .bind("sum"),
+                any("x"),
+            ])
+        } else {
+            any("x")
+        };
+        let norm = op(
+            "InstanceNormalization",
+            [
+                op("Reshape", [input, anything()]).bind("grouped"),
+                any("scale"),
+                any("bias"),
+            ],
+        )
+        .bind("norm");
+        let back = op("Reshape", [norm, anything()]).bind("back");
+        let scaled = alt([
+            op("Mul", [back.clone(), constant("gamma").check(gamma_fits)]).commutative(),
+            back,
+        ]);
+        let y = alt([
+            op("Add", [scaled.clone(), constant("beta").check(beta_fits)]).commutative(),
+            scaled,
+        ])
+        .bind("y");
+        alt([
+            op("Mul", [y.clone(), op("Sigmoid", [any("y")]).bind("sigmoid")]).commutative(),
+            y,
+        ])
+    }
+
+    fn shared(&self) -> &'static [&'static str] {
+        &["sum"]
+    }
+
+    fn check(&self, cx: &Cx, m: &Match) -> Result<(), String> {
+        shape_of(cx, m).map(|_| ())
+    }
+
+    fn rewrite(&self, cx: &Cx, m: &Match, p: &mut Patch) -> Vec<&'static str> {
+        let site = site(cx, m).expect("checked");
+        fuse_group_norm(p, cx.g, &site);
+        let mut tags = vec![if site.skip.is_some() {
+            "as SkipGroupNorm with the Add before"
+        } else {
+            "as GroupNorm"
+        }];
+        if site.silu {
+            tags.push("with SiLU");
+        }
+        tags
+    }
+
+    fn unmatched(&self, _cx: &Cx, _anchor: NodeId) -> Option<String> {
+        Some("not Reshape [N, G, -1] → InstanceNormalization → Reshape back (→ ·γ → +β → SiLU) with nothing else reading inside it".into())
+    }
+
+    fn opset(&self) -> Option<(&'static str, i64)> {
+        Some((MS_DOMAIN, 1))
+    }
+}
+
+/// The skip of `x + skip`: `x`'s shape, or [N, C, 1, 1] (the resnets' time embedding).
+fn skip_fits(cx: &Cx, m: &Match) -> bool {
+    let (Some(x), Some(skip)) = (m.value("x"), m.value("skip")) else {
+        return false;
+    };
+    let (Some(xs), Some(s)) = (cx.shapes.shape(x), cx.shapes.shape(skip)) else {
+        return false;
+    };
+    xs.len() == 4 && (s == xs || is_per_channel_of(s, xs))
+}
+
+fn is_per_channel_of(s: &[Dim], xs: &[Dim]) -> bool {
+    s.len() == 4 && s[0] == xs[0] && s[1] == xs[1] && s[2..].iter().all(|d| d.known() == Some(1))
+}
+
+fn gamma_fits(cx: &Cx, m: &Match) -> bool {
+    per_channel(cx, m, "gamma")
+}
+
+fn beta_fits(cx: &Cx, m: &Match) -> bool {
+    per_channel(cx, m, "beta")
+}
+
+/// The parameter bound as `param`: [C, 1, 1] or [1, C, 1, 1] for `x`'s C channels.
+fn per_channel(cx: &Cx, m: &Match, param: &str) -> bool {
+    let c = m
+        .value("x")
+        .and_then(|x| cx.shapes.shape(x)?.get(1)?.known());
+    let (Some(v), Some(c)) = (m.value(param), c) else {
+        return false;
+    };
+    let Some(s) = cx.shapes.shape(v) else {
+        return false;
+    };
+    let dims: Vec<Option<i64>> = s.iter().map(Dim::known).collect();
+    matches!(dims.as_slice(), [Some(a), Some(1), Some(1)] | [Some(1), Some(a), Some(1), Some(1)] if *a == c)
+}
+
+/// The input's shape and the group count, or why the match is no GroupNorm the op computes.
+fn shape_of<'a>(cx: &'a Cx, m: &Match) -> Result<(&'a [Dim], i64), String> {
+    let shapes = cx.shapes;
+    let bound = |name: &str| m.value(name).ok_or_else(|| format!("no {name}"));
+    let (scale, bias) = (bound("scale")?, bound("bias")?);
+    if shapes.scalar(scale) != Some(1.0) || shapes.scalar(bias) != Some(0.0) {
+        return Err("its scale/bias are not the constant 1/0 a GroupNorm export has".into());
+    }
+    let groups = shapes
+        .shape(scale)
+        .and_then(|s| s.first()?.known())
+        .ok_or("the group count is unknown")?;
+    let x = m.value("sum").map_or_else(|| bound("x"), Ok)?;
+    let x_shape = shapes.shape(x).ok_or("the input's shape is unknown")?;
+    if x_shape.len() != 4 {
+        return Err(format!(
+            "the input has rank {}, not 4 (NCHW)",
+            x_shape.len()
+        ));
+    }
+    // Normalised per (sample, group): the Reshape must be [N, G, -1].
+    let grouped_by_sample = shapes
+        .shape(bound("grouped")?)
+        .is_some_and(|s| s.len() == 3 && s[0] == x_shape[0]);
+    if !grouped_by_sample {
+        return Err("its Reshape is not [N, groups, -1]".into());
+    }
+    let c = x_shape[1].known().ok_or("the channel count is unknown")?;
+    if groups <= 0 || c % groups != 0 {
+        return Err(format!("{c} channels do not split into {groups} groups"));
+    }
+    if shapes.shape(bound("back")?) != Some(x_shape) {
+        return Err("the second Reshape does not restore the input's shape".into());
+    }
+    Ok((x_shape, groups))
+}
+
 /// The [N, C] value a [N, C, 1, 1] `v` is made from by Unsqueezes (the time embedding).
 fn unsqueezed_from(g: &Graph, shapes: &Shapes, v: ValueId) -> Option<ValueId> {
     let want = shapes.shape(v)?.get(..2)?;
@@ -54,189 +215,33 @@ fn unsqueezed_from(g: &Graph, shapes: &Shapes, v: ValueId) -> Option<ValueId> {
     None
 }
 
-/// `x = a + b` with `b` of `x`'s shape or [N, C, 1, 1]: `a` and the skip.
-fn skip_of(g: &Graph, shapes: &Shapes, x: ValueId) -> Option<(ValueId, Skip)> {
-    let add = g.producer(x).filter(|n| g.node(*n).is("Add"))?;
-    let xs = shapes.shape(x)?;
-    let per_channel = |v: ValueId| {
-        shapes.shape(v).is_some_and(|s| {
-            s.len() == 4
-                && s[0] == xs[0]
-                && s[1] == xs[1]
-                && s[2..].iter().all(|d| d.known() == Some(1))
-        })
-    };
-    let full = |v: ValueId| shapes.shape(v) == Some(xs);
-    let (a, b) = (g.input(add, 0)?, g.input(add, 1)?);
-    let (main, skip, broadcast) = if full(a) && (full(b) || per_channel(b)) {
-        (a, b, !full(b))
-    } else if full(b) && per_channel(a) {
-        (b, a, true)
-    } else {
-        return None;
-    };
-    // Only the GroupNorm's own Reshape reads the sum, or the sum is written out too.
-    let sum = (g.is_graph_output(x) || g.value(x).consumers.len() > 1).then_some(x);
-    Some((
-        main,
-        Skip {
+/// The site a checked match describes.
+fn site(cx: &Cx, m: &Match) -> Result<GroupNormSite, String> {
+    let (g, shapes) = (cx.g, cx.shapes);
+    let (x_shape, groups) = shape_of(cx, m)?;
+    let norm = m.node("norm").ok_or("no norm")?;
+    let skip = match (m.value("sum"), m.value("skip")) {
+        (Some(sum), Some(skip)) => Some(Skip {
             value: skip,
-            per_channel: broadcast.then(|| unsqueezed_from(g, shapes, skip)),
-            sum,
-        },
-    ))
-}
-
-/// A per-channel parameter of an NCHW tensor with `c` channels: shape [C,1,1] or [1,C,1,1].
-fn per_channel(shapes: &Shapes, v: ValueId, c: i64) -> bool {
-    let Some(s) = shapes.shape(v) else {
-        return false;
+            per_channel: (shapes.shape(skip) != Some(x_shape))
+                .then(|| unsqueezed_from(g, shapes, skip)),
+            // Written out too when anything but the GroupNorm reads the sum.
+            sum: (g.is_graph_output(sum) || g.value(sum).consumers.len() > 1).then_some(sum),
+        }),
+        _ => None,
     };
-    let dims: Vec<Option<i64>> = s.iter().map(Dim::known).collect();
-    matches!(dims.as_slice(), [Some(a), Some(1), Some(1)] | [Some(1), Some(a), Some(1), Some(1)] if *a == c)
-}
-
-/// The GroupNorm whose InstanceNormalization is `norm`, or why it is not one.
-fn match_group_norm(
-    g: &Graph,
-    shapes: &Shapes,
-    norm: NodeId,
-    with_skip: bool,
-) -> std::result::Result<GroupNormSite, String> {
-    let node = g.node(norm);
-    let grouped = g.input(norm, 0).ok_or("no input")?;
-    let reshape_in = g
-        .producer(grouped)
-        .filter(|n| g.node(*n).is("Reshape"))
-        .ok_or("its input is not a Reshape")?;
-    let x = g.input(reshape_in, 0).ok_or("no Reshape input")?;
-    let (scale, bias) = (
-        g.input(norm, 1).ok_or("no scale")?,
-        g.input(norm, 2).ok_or("no bias")?,
-    );
-    if shapes.scalar(scale) != Some(1.0) || shapes.scalar(bias) != Some(0.0) {
-        return Err("its scale/bias are not the constant 1/0 a GroupNorm export has".into());
-    }
-    let groups = shapes
-        .shape(scale)
-        .and_then(|s| s.first()?.known())
-        .ok_or("the group count is unknown")?;
-    let x_shape = shapes.shape(x).ok_or("the input's shape is unknown")?;
-    if x_shape.len() != 4 {
-        return Err(format!(
-            "the input has rank {}, not 4 (NCHW)",
-            x_shape.len()
-        ));
-    }
-    // Normalised per (sample, group): the Reshape must be [N, G, -1].
-    let grouped_by_sample = shapes
-        .shape(grouped)
-        .is_some_and(|s| s.len() == 3 && s[0] == x_shape[0]);
-    if !grouped_by_sample {
-        return Err("its Reshape is not [N, groups, -1]".into());
-    }
-    let c = x_shape[1].known().ok_or("the channel count is unknown")?;
-    if groups <= 0 || c % groups != 0 {
-        return Err(format!("{c} channels do not split into {groups} groups"));
-    }
-    let normed = g.output(norm).ok_or("no output")?;
-    let reshape_out = g
-        .sole_reader(normed)
-        .filter(|n| g.node(*n).is("Reshape"))
-        .ok_or("its output is not only reshaped back")?;
-    let back = g.output(reshape_out).ok_or("no output")?;
-    if shapes.shape(back) != Some(x_shape) {
-        return Err("the second Reshape does not restore the input's shape".into());
-    }
-    // γ Mul and β Add, each optional: canonicalisation drops `·1` and `+0`.
-    let affine = |v: ValueId, op: &str| {
-        let n = g.sole_reader(v).filter(|n| g.node(*n).is(op))?;
-        let p = g.other_input(n, v).filter(|p| per_channel(shapes, *p, c))?;
-        let constant = g.is_constant(p) || g.producer(p).is_some_and(|k| g.node(k).is("Constant"));
-        constant.then_some((p, g.output(n)?))
-    };
-    let (gamma, scaled) = match affine(back, "Mul") {
-        Some((p, out)) => (Some(p), out),
-        None => (None, back),
-    };
-    let (beta, y) = match affine(scaled, "Add") {
-        Some((p, out)) => (Some(p), out),
-        None => (None, scaled),
-    };
-    let epsilon = node.attr("epsilon").map_or(1e-5, |a| a.f);
-    let (silu, out) = match silu_after(g, y) {
-        Some(out) => (true, out),
-        None => (false, y),
-    };
-    let (x, skip) = match skip_of(g, shapes, x).filter(|_| with_skip) {
-        Some((main, skip)) => (main, Some(skip)),
-        None => (x, None),
-    };
+    let silu = m.node("sigmoid").is_some();
     Ok(GroupNormSite {
-        x,
+        x: m.value("x").ok_or("no x")?,
         skip,
-        gamma,
-        beta,
-        channels: c,
+        gamma: m.value("gamma"),
+        beta: m.value("beta"),
+        channels: x_shape[1].known().ok_or("unknown channels")?,
         groups,
-        epsilon,
+        epsilon: g.node(norm).attr("epsilon").map_or(1e-5, |a| a.f),
         silu,
-        out,
+        out: m.root.ok_or("no root")?,
         norm,
-    })
-}
-
-/// `y * Sigmoid(y)` when that is all that reads `y`: the SiLU's output.
-fn silu_after(g: &Graph, y: ValueId) -> Option<ValueId> {
-    if g.is_graph_output(y) {
-        return None;
-    }
-    let readers: Vec<NodeId> = g
-        .value(y)
-        .consumers
-        .iter()
-        .map(|u| match u {
-            Use::Input(n, _) => Some(*n),
-            Use::Subgraph(_) => None,
-        })
-        .collect::<Option<_>>()?;
-    let [a, b] = readers.as_slice() else {
-        return None;
-    };
-    let (sig, mul) = if g.node(*a).is("Sigmoid") {
-        (*a, *b)
-    } else {
-        (*b, *a)
-    };
-    let s = g.output(sig)?;
-    (g.node(sig).is("Sigmoid")
-        && g.node(mul).is("Mul")
-        && g.sole_reader(s) == Some(mul)
-        && g.other_input(mul, s) == Some(y))
-    .then(|| g.output(mul))
-    .flatten()
-}
-
-/// What one fused GroupNorm folded in.
-pub struct Fused {
-    pub silu: bool,
-    pub skip: bool,
-}
-
-/// The GroupNorm(+SiLU) whose InstanceNormalization is `norm` → GroupNorm (SkipGroupNorm
-/// when `with_skip` and its input is a sum), or why it stays.
-pub fn fuse(
-    p: &mut Patch,
-    g: &Graph,
-    shapes: &Shapes,
-    norm: NodeId,
-    with_skip: bool,
-) -> Result<Fused, String> {
-    let site = match_group_norm(g, shapes, norm, with_skip)?;
-    fuse_group_norm(p, g, &site);
-    Ok(Fused {
-        silu: site.silu,
-        skip: site.skip.is_some(),
     })
 }
 

@@ -11,6 +11,11 @@ use attune_compiler::ir::{Graph, Model, NodeId, Use, ValueId};
 use attune_compiler::onnx::DataType;
 use attune_compiler::patch::{In, Patch, attr};
 
+use attune_compiler::pass::{Pass, PassCx, PassReport};
+
+use super::{MS_DOMAIN, count_line};
+use crate::cleanup::dce;
+
 const TO_NCHW: [i64; 4] = [0, 3, 1, 2];
 const TO_NHWC: [i64; 4] = [0, 2, 3, 1];
 
@@ -228,4 +233,47 @@ pub(super) fn shapes_without_transposes(model: &mut Model) -> Result<usize> {
     }
     p.into_parts().apply(model)?;
     Ok(changed)
+}
+
+/// The layout clean-up as a pass: it runs where channels-last fusions left Transposes.
+pub(super) struct Transposes {
+    /// Sink Transposes past the ops between fused ones first (`sink-transposes`).
+    pub sink: bool,
+}
+
+impl Pass for Transposes {
+    fn name(&self) -> &'static str {
+        "transposes"
+    }
+
+    fn run(&self, model: &mut Model, _cx: &mut PassCx) -> Result<PassReport> {
+        let mut report = PassReport::default();
+        let g = &model.graph;
+        let channels_last = g.node_ids().any(|n| {
+            let node = g.node(n);
+            node.domain() == MS_DOMAIN
+                && matches!(node.op(), "GroupNorm" | "SkipGroupNorm" | "NhwcConv")
+        });
+        if !channels_last {
+            return Ok(report);
+        }
+        let sunk = if self.sink {
+            sink_transposes(model)?
+        } else {
+            0
+        };
+        let cancelled = cancel_transposes(model)?;
+        let mut removed = dce(model).nodes; // the cancelled ones no longer read the first
+        let untransposed = shapes_without_transposes(model)?;
+        removed += dce(model).nodes;
+        count_line(
+            &mut report,
+            sunk,
+            "residual Adds, skip Concats and upsampling Resizes -> channels-last",
+        );
+        report.notes.push(format!(
+            "{cancelled} Transpose pairs cancelled, {untransposed} Shapes read before the Transpose; removed {removed} nodes"
+        ));
+        Ok(report)
+    }
 }

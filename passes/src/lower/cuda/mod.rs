@@ -10,6 +10,7 @@ use attune_compiler::ir::{Graph, Model, NodeId, ValueId};
 use attune_compiler::onnx::{AttributeProto, DataType};
 use attune_compiler::pass::{Pass, PassCx, PassReport, Skipped};
 use attune_compiler::patch::{In, Patch, attr};
+use attune_compiler::rule::{Rule, RulePass};
 
 mod conv;
 mod geglu;
@@ -27,14 +28,6 @@ use super::precision::data_values;
 use crate::cleanup::dce;
 
 const MS_DOMAIN: &str = "com.microsoft";
-
-/// Fuses what ONNX Runtime's CUDA EP runs faster fused (run before the precision pass, told
-/// the precision it converts to: the fused kernels exist for fp32 and fp16 only).
-pub struct CudaFusions {
-    pub precision: Precision,
-    /// The fusions to apply ([`CudaFusion::DEFAULT`] unless the user chose).
-    pub fusions: Vec<CudaFusion>,
-}
 
 /// `p + bias` for an Add with a constant vector `bias` of `width` elements: (p, bias).
 fn split_bias(
@@ -211,88 +204,75 @@ fn count_line(report: &mut PassReport, n: usize, what: &str) {
     }
 }
 
-impl Pass for CudaFusions {
+/// The CUDA fusions `fusions` as passes, in order, for a model the precision pass then
+/// converts to `precision` (the fused kernels exist for fp32 and fp16 only: none for bf16).
+/// Each is a pass of its own (reported, dumped, bisected by its name); the rule-driven ones
+/// run on the one rule engine.
+pub fn passes(fusions: &[CudaFusion], precision: Precision) -> Vec<Box<dyn Pass>> {
+    if precision == Precision::Bf16 {
+        return vec![Box::new(NoBf16Kernels)];
+    }
+    let on = |f: CudaFusion| fusions.contains(&f);
+    let mut passes: Vec<Box<dyn Pass>> = Vec::new();
+    let mut rules = |name: &'static str, rule: Box<dyn Rule>| {
+        passes.push(Box::new(RulePass {
+            name,
+            rules: vec![rule],
+        }))
+    };
+    if on(CudaFusion::SkipLayerNorm) {
+        rules("skip-layer-norm", Box::new(residual::SkipLayerNormRule));
+    }
+    if on(CudaFusion::BiasAdd) {
+        rules("bias-add", Box::new(residual::BiasAddRule));
+    }
+    if on(CudaFusion::BiasSplitGelu) {
+        rules("bias-split-gelu", Box::new(geglu::GegluRule));
+    }
+    if on(CudaFusion::GroupNorm) {
+        rules(
+            "group-norm",
+            Box::new(group_norm::GroupNormRule {
+                with_skip: on(CudaFusion::SkipGroupNorm),
+            }),
+        );
+    }
+    if on(CudaFusion::PackedQkv) {
+        passes.push(Box::new(PackedProjections));
+    }
+    if on(CudaFusion::NhwcConv) {
+        passes.push(Box::new(NhwcConvs {
+            low: (precision == Precision::F16).then_some(DataType::Float16),
+        }));
+    }
+    if on(CudaFusion::GroupNorm) || on(CudaFusion::NhwcConv) {
+        passes.push(Box::new(layout::Transposes {
+            sink: on(CudaFusion::SinkTransposes),
+        }));
+    }
+    if on(CudaFusion::StaticReshapes) {
+        passes.push(Box::new(static_shapes::StaticReshapes));
+    }
+    passes
+}
+
+/// Packed projections for MultiHeadAttention (opt-in).
+struct PackedProjections;
+
+impl Pass for PackedProjections {
     fn name(&self) -> &'static str {
-        "cuda-fusions"
+        "packed-qkv"
     }
 
     fn run(&self, model: &mut Model, _cx: &mut PassCx) -> Result<PassReport> {
         let mut report = PassReport::default();
-        if self.precision == Precision::Bf16 {
-            report.notes.push(
-                "bf16: ONNX Runtime's CUDA fused kernels (GroupNorm, NhwcConv, BiasAdd, ...) have no bf16 kernels; nothing fused".into(),
-            );
-            return Ok(report);
-        }
-        let on = |f: CudaFusion| self.fusions.contains(&f);
-        let r = residual::fuse_residuals(
+        let packed = fuse_each(
             model,
-            on(CudaFusion::SkipLayerNorm),
-            on(CudaFusion::BiasAdd),
+            &mut report,
+            "com.microsoft.MultiHeadAttention",
+            "packed projections",
+            |p, g, _, n| packed::pack_attention(p, g, n),
         )?;
-        for (site, why) in r.skipped {
-            report.skipped.push(Skipped {
-                site,
-                reason: format!("SkipLayerNormalization: {why}"),
-            });
-        }
-        let geglus = if on(CudaFusion::BiasSplitGelu) {
-            fuse_each(model, &mut report, "Erf", "BiasSplitGelu", geglu::fuse)?.len()
-        } else {
-            0
-        };
-        let packed = if on(CudaFusion::PackedQkv) {
-            fuse_each(
-                model,
-                &mut report,
-                "com.microsoft.MultiHeadAttention",
-                "packed projections",
-                |p, g, _, n| packed::pack_attention(p, g, n),
-            )?
-        } else {
-            Vec::new()
-        };
-        let with_skip = on(CudaFusion::SkipGroupNorm);
-        let norms = if on(CudaFusion::GroupNorm) {
-            fuse_each(
-                model,
-                &mut report,
-                "InstanceNormalization",
-                "GroupNorm",
-                |p, g, s, n| group_norm::fuse(p, g, s, n, with_skip),
-            )?
-        } else {
-            Vec::new()
-        };
-        let mut store = conv::WeightStore {
-            low: (self.precision == Precision::F16).then_some(DataType::Float16),
-            data: data_values(&model.graph, &model.graph.topo_order()?),
-            clamped: 0,
-        };
-        let convs = if on(CudaFusion::NhwcConv) {
-            fuse_each(model, &mut report, "Conv", "NhwcConv", |p, g, _, n| {
-                conv::nhwc_conv(p, g, n, &mut store)
-            })?
-            .len()
-        } else {
-            0
-        };
-        let channels_last = norms.len() + convs;
-        let fused = channels_last + r.skip_layer_norms + r.bias_adds + geglus + packed.len();
-        if fused > 0 {
-            model.require_opset(MS_DOMAIN, 1);
-        }
-        count_line(
-            &mut report,
-            r.skip_layer_norms,
-            "residual Add + LayerNormalization -> com.microsoft.SkipLayerNormalization",
-        );
-        count_line(
-            &mut report,
-            r.bias_adds,
-            "bias + residual Add -> com.microsoft.BiasAdd",
-        );
-        count_line(&mut report, geglus, "GEGLU -> com.microsoft.BiasSplitGelu");
         let qkv = packed.iter().filter(|k| **k == "QKV").count();
         count_line(
             &mut report,
@@ -304,54 +284,35 @@ impl Pass for CudaFusions {
             packed.len() - qkv,
             "cross-attention K/V projections -> one packed-KV MatMul",
         );
-        let silu = norms.iter().filter(|f| f.silu).count();
-        let skip = norms.iter().filter(|f| f.skip).count();
-        count_line(
-            &mut report,
-            norms.len(),
-            &format!(
-                "GroupNorm -> com.microsoft.GroupNorm (channels-last, {silu} with SiLU; {skip} as SkipGroupNorm with the Add before)"
-            ),
-        );
+        Ok(report)
+    }
+}
+
+/// Conv → NhwcConv, weights stored in `low` for the data path.
+struct NhwcConvs {
+    low: Option<DataType>,
+}
+
+impl Pass for NhwcConvs {
+    fn name(&self) -> &'static str {
+        "nhwc-conv"
+    }
+
+    fn run(&self, model: &mut Model, _cx: &mut PassCx) -> Result<PassReport> {
+        let mut report = PassReport::default();
+        let mut store = conv::WeightStore {
+            low: self.low,
+            data: data_values(&model.graph, &model.graph.topo_order()?),
+            clamped: 0,
+        };
+        let convs = fuse_each(model, &mut report, "Conv", "NhwcConv", |p, g, _, n| {
+            conv::nhwc_conv(p, g, n, &mut store)
+        })?
+        .len();
+        if convs > 0 {
+            model.require_opset(MS_DOMAIN, 1);
+        }
         count_line(&mut report, convs, "Conv -> com.microsoft.NhwcConv");
-        if r.unit_scaling > 0 {
-            report.notes.push(format!(
-                "{} multiplications/divisions by 1 dropped",
-                r.unit_scaling
-            ));
-        }
-        if channels_last > 0 {
-            let sunk = if on(CudaFusion::SinkTransposes) {
-                layout::sink_transposes(model)?
-            } else {
-                0
-            };
-            let cancelled = layout::cancel_transposes(model)?;
-            let mut removed = dce(model).nodes; // the cancelled ones no longer read the first
-            let untransposed = layout::shapes_without_transposes(model)?;
-            removed += dce(model).nodes;
-            count_line(
-                &mut report,
-                sunk,
-                "residual Adds, skip Concats and upsampling Resizes -> channels-last",
-            );
-            report.notes.push(format!(
-                "{cancelled} Transpose pairs cancelled, {untransposed} Shapes read before the Transpose; removed {removed} nodes"
-            ));
-        }
-        if on(CudaFusion::StaticReshapes) {
-            let t = static_shapes::static_reshape_targets(model)?;
-            count_line(
-                &mut report,
-                t.constant,
-                "Reshape targets computed at run time -> constants",
-            );
-            count_line(
-                &mut report,
-                t.shape_of,
-                "Reshape targets computed at run time -> the Shape of an equal-shaped tensor",
-            );
-        }
         if store.clamped > 0 {
             report.notes.push(format!(
                 "{} convolution weight values beyond the fp16 range were clamped to ±65504",
@@ -359,5 +320,21 @@ impl Pass for CudaFusions {
             ));
         }
         Ok(report)
+    }
+}
+
+/// Stands where the fusions would run, to say why none does in bf16.
+struct NoBf16Kernels;
+
+impl Pass for NoBf16Kernels {
+    fn name(&self) -> &'static str {
+        "cuda-fusions"
+    }
+
+    fn run(&self, _model: &mut Model, _cx: &mut PassCx) -> Result<PassReport> {
+        Ok(PassReport {
+            notes: vec!["bf16: ONNX Runtime's CUDA fused kernels (GroupNorm, NhwcConv, BiasAdd, ...) have no bf16 kernels; nothing fused".into()],
+            ..Default::default()
+        })
     }
 }

@@ -6,11 +6,13 @@
 //! NHWC block input a transformer reshapes its tokens back to), it is that tensor's `Shape`.
 use std::collections::HashMap;
 
+use attune_compiler::pass::{Pass, PassCx, PassReport};
 use attune_compiler::analysis::{Dim, Num, Shapes};
 use attune_compiler::error::Result;
 use attune_compiler::ir::{Model, NodeId, ValueId};
 use attune_compiler::patch::{In, Patch};
 
+use super::count_line;
 use crate::cleanup::dce;
 
 /// The value of a Reshape's target when it is computed at run time and inferred exactly.
@@ -102,4 +104,29 @@ pub fn static_reshape_targets(model: &mut Model) -> Result<Targets> {
     p.into_parts().apply(model)?;
     dce(model);
     Ok(done)
+}
+
+/// Run-time Reshape targets in their simplest form, as a pass.
+pub(super) struct StaticReshapes;
+
+impl Pass for StaticReshapes {
+    fn name(&self) -> &'static str {
+        "static-reshapes"
+    }
+
+    fn run(&self, model: &mut Model, _cx: &mut PassCx) -> Result<PassReport> {
+        let mut report = PassReport::default();
+        let t = static_reshape_targets(model)?;
+        count_line(
+            &mut report,
+            t.constant,
+            "Reshape targets computed at run time -> constants",
+        );
+        count_line(
+            &mut report,
+            t.shape_of,
+            "Reshape targets computed at run time -> the Shape of an equal-shaped tensor",
+        );
+        Ok(report)
+    }
 }
