@@ -16,7 +16,7 @@ use crate::onnx::{
 use crate::weights::Tensor;
 use contrib::infer_contrib;
 use ops::infer_op;
-use slices::{crop, part_of_sum};
+use slices::{ceil_div, crop, part_of_sum};
 
 /// An element of a small tensor whose value is known: an integer size or a float.
 #[derive(Clone, Debug, PartialEq)]
@@ -259,6 +259,12 @@ impl Shapes {
             && outs.first().is_none_or(|f| f.shape.is_none())
             && let Some(f) =
                 crop(g, &self.facts, id).or_else(|| part_of_sum(g, &self.facts, &self.sums, id))
+        {
+            outs = vec![f];
+        }
+        if node.is("Add")
+            && outs.first().is_none_or(|f| f.value.is_none())
+            && let Some(f) = ceil_div(g, &self.facts, id)
         {
             outs = vec![f];
         }

@@ -126,3 +126,45 @@ pub(super) fn crop(g: &Graph, facts: &HashMap<ValueId, Facts>, slice: NodeId) ->
         float: x.float,
     })
 }
+
+/// `(s - 1) // k + 1`, torch's ceil division of a size by a stride (the dynamo exporter writes
+/// it for the sizes after strided downsampling), taken as `s / k`: exact for the sizes a
+/// well-formed model runs at, as the strided convolutions' own output sizes assume.
+pub(super) fn ceil_div(g: &Graph, facts: &HashMap<ValueId, Facts>, add: NodeId) -> Option<Facts> {
+    let value = |v: ValueId| facts.get(&v)?.value.as_deref();
+    let is_int = |v: ValueId, want: i64| {
+        value(v).is_some_and(|x| !x.is_empty() && x.iter().all(|n| *n == Num::I(Dim::Known(want))))
+    };
+    let producer = |v: ValueId, op: &str| g.producer(v).filter(|n| g.node(*n).is(op));
+    let (a, b) = (g.input(add, 0)?, g.input(add, 1)?);
+    let quotient = if is_int(a, 1) { b } else if is_int(b, 1) { a } else { return None };
+    let div = producer(quotient, "Div")?;
+    let (k, stride) = (g.input(div, 0)?, g.input(div, 1)?);
+    let [Num::I(Dim::Known(stride))] = value(stride)? else {
+        return None;
+    };
+    let (stride, less) = (*stride, g.producer(k)?);
+    let (l0, l1) = (g.input(less, 0)?, g.input(less, 1)?);
+    let op = |name: &str| g.node(less).is(name);
+    let size = match () {
+        _ if op("Sub") && is_int(l1, 1) => l0,
+        _ if op("Add") && is_int(l1, -1) => l0,
+        _ if op("Add") && is_int(l0, -1) => l1,
+        _ => return None,
+    };
+    if stride <= 0 || facts.get(&size)?.float {
+        return None;
+    }
+    let sizes = value(size)?
+        .iter()
+        .map(|n| match n {
+            Num::I(d) => d.div(&Dim::Known(stride)).map(Num::I),
+            Num::F(_) => None,
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(Facts {
+        shape: facts.get(&size)?.shape.clone(),
+        value: Some(sizes),
+        float: false,
+    })
+}
