@@ -8,6 +8,7 @@ pub mod compare;
 pub mod controller;
 pub mod cuda;
 pub mod error;
+pub mod image;
 pub mod inputs;
 pub mod npy;
 pub mod ort_backend;

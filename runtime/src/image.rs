@@ -1,0 +1,199 @@
+//! Images in and out of a pipeline, with diffusers' `VaeImageProcessor` conventions: a VAE
+//! decoder's output in [-1, 1] becomes 8-bit RGB as `(x / 2 + 0.5).clamp(0, 1) · 255`, rounded;
+//! an input image becomes `[1, 3, H, W]` in [-1, 1] (`x / 255 · 2 − 1`); a mask becomes
+//! `[1, 1, H, W]` of 0 and 1 (grayscale, binarised at ½).
+use std::io::BufReader;
+use std::path::Path;
+
+use ndarray::{ArrayD, IxDyn};
+
+use crate::error::{Error, Result};
+use crate::tensor::HostTensor;
+
+/// An 8-bit RGB image, row-major, 3 bytes a pixel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rgb {
+    pub width: usize,
+    pub height: usize,
+    pub pixels: Vec<u8>,
+}
+
+/// The images of a decoder output `[N, 3, H, W]` (f32 or f16, in [-1, 1]).
+pub fn from_decoded(t: &HostTensor) -> Result<Vec<Rgb>> {
+    let shape = t.shape().to_vec();
+    let [n, 3, h, w] = shape[..] else {
+        return Err(Error::Inputs(format!(
+            "the VAE decoder's output has shape {shape:?}, not [N, 3, H, W]"
+        )));
+    };
+    let a = match t {
+        HostTensor::F32(a) => a.as_standard_layout().into_owned(),
+        HostTensor::F16(a) => a.mapv(half::f16::to_f32).as_standard_layout().into_owned(),
+        _ => {
+            return Err(Error::Inputs(
+                "the VAE decoder's output is not a float tensor".into(),
+            ));
+        }
+    };
+    let data = a.as_slice().expect("standard layout");
+    let plane = h * w;
+    Ok((0..n)
+        .map(|i| {
+            let image = &data[i * 3 * plane..(i + 1) * 3 * plane];
+            let mut pixels = Vec::with_capacity(3 * plane);
+            for p in 0..plane {
+                for c in 0..3 {
+                    pixels.push(to_byte(image[c * plane + p]));
+                }
+            }
+            Rgb {
+                width: w,
+                height: h,
+                pixels,
+            }
+        })
+        .collect())
+}
+
+/// A value in [-1, 1] as a byte (NaN becomes 0, as numpy's cast of a clipped NaN does not
+/// define: say black).
+fn to_byte(x: f32) -> u8 {
+    let unit = (x / 2.0 + 0.5).clamp(0.0, 1.0);
+    if unit.is_nan() {
+        0
+    } else {
+        (unit * 255.0).round_ties_even() as u8
+    }
+}
+
+/// Writes `image` as an 8-bit RGB PNG, atomically.
+pub fn write_png(path: &Path, image: &Rgb) -> Result<()> {
+    let mut bytes = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut bytes, image.width as u32, image.height as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut writer = enc
+            .write_header()
+            .map_err(|e| Error::file(path, e.to_string()))?;
+        writer
+            .write_image_data(&image.pixels)
+            .map_err(|e| Error::file(path, e.to_string()))?;
+    }
+    crate::npy::write_atomic(path, &bytes)
+}
+
+/// Reads a PNG as 8-bit RGB (gray and alpha converted as PIL's `convert("RGB")` does:
+/// gray repeated, alpha dropped).
+pub fn read_png(path: &Path) -> Result<Rgb> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut decoder = png::Decoder::new(BufReader::new(file));
+    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = decoder
+        .read_info()
+        .map_err(|e| Error::file(path, format!("not a readable PNG: {e}")))?;
+    let mut buf = vec![0; reader.output_buffer_size().unwrap_or(0)];
+    let info = reader
+        .next_frame(&mut buf)
+        .map_err(|e| Error::file(path, format!("not a readable PNG: {e}")))?;
+    let (width, height) = (info.width as usize, info.height as usize);
+    let channels = match info.color_type {
+        png::ColorType::Grayscale => 1,
+        png::ColorType::GrayscaleAlpha => 2,
+        png::ColorType::Rgb => 3,
+        png::ColorType::Rgba => 4,
+        png::ColorType::Indexed => {
+            return Err(Error::file(path, "an indexed PNG the decoder did not expand"));
+        }
+    };
+    let data = &buf[..info.buffer_size()];
+    let mut pixels = Vec::with_capacity(width * height * 3);
+    for px in data.chunks_exact(channels) {
+        match channels {
+            1 | 2 => pixels.extend([px[0]; 3]),
+            _ => pixels.extend(&px[..3]),
+        }
+    }
+    Ok(Rgb {
+        width,
+        height,
+        pixels,
+    })
+}
+
+/// `image` as the `[1, 3, H, W]` f32 tensor in [-1, 1] a VAE encoder reads.
+pub fn to_tensor(image: &Rgb) -> HostTensor {
+    let (h, w) = (image.height, image.width);
+    let mut data = vec![0f32; 3 * h * w];
+    for (p, px) in image.pixels.chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            data[c * h * w + p] = f32::from(px[c]) / 255.0 * 2.0 - 1.0;
+        }
+    }
+    HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[1, 3, h, w]), data).expect("sized"))
+}
+
+/// `mask` (white: repaint) as `[1, 1, H, W]` of 0 and 1: its luminance (PIL's `convert("L")`,
+/// ITU-R 601-2) over 255, binarised at ½.
+pub fn to_mask(mask: &Rgb) -> HostTensor {
+    let data = mask
+        .pixels
+        .chunks_exact(3)
+        .map(|px| {
+            let [r, g, b] = [px[0], px[1], px[2]].map(u32::from);
+            // PIL's fixed-point form of L = R·0.299 + G·0.587 + B·0.114.
+            let l = (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16;
+            if l as f32 / 255.0 < 0.5 { 0.0 } else { 1.0 }
+        })
+        .collect();
+    HostTensor::F32(
+        ArrayD::from_shape_vec(IxDyn(&[1, 1, mask.height, mask.width]), data).expect("sized"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decoded_values_round_like_diffusers() {
+        // −1 → 0, 1 → 255, 0 → 127.5 → 128 (numpy rounds half to even: 128), beyond clamps.
+        let t = HostTensor::F32(
+            ArrayD::from_shape_vec(
+                IxDyn(&[1, 3, 1, 2]),
+                vec![-1.0, 1.0, 0.0, 3.0, -7.0, f32::NAN],
+            )
+            .unwrap(),
+        );
+        let images = from_decoded(&t).unwrap();
+        assert_eq!(images[0].pixels, [0, 128, 0, 255, 255, 0]);
+    }
+
+    #[test]
+    fn a_png_round_trips_and_converts_to_the_encoders_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.png");
+        let image = Rgb {
+            width: 2,
+            height: 1,
+            pixels: vec![0, 255, 51, 255, 0, 204],
+        };
+        write_png(&path, &image).unwrap();
+        assert_eq!(read_png(&path).unwrap(), image);
+        let HostTensor::F32(t) = to_tensor(&image) else {
+            panic!()
+        };
+        assert_eq!(t.shape(), [1, 3, 1, 2]);
+        let want = [-1.0, 1.0, 1.0, -1.0, -0.6, 0.6];
+        for (got, want) in t.iter().zip(want) {
+            assert!((got - want).abs() < 1e-6, "{t:?}");
+        }
+        let HostTensor::F32(m) = to_mask(&image) else {
+            panic!()
+        };
+        assert_eq!(m.as_slice().unwrap(), [1.0, 0.0]);
+        std::fs::write(&path, b"not a png").unwrap();
+        let err = read_png(&path).unwrap_err().to_string();
+        assert!(err.contains("x.png") && err.contains("not a readable PNG"), "{err}");
+    }
+}
