@@ -18,6 +18,7 @@ pub mod safetensors_io;
 pub mod sample;
 pub mod scheduler;
 pub mod tensor;
+pub mod tokenizer;
 pub mod tract_backend;
 
 pub use backend::{Backend, Ep};

@@ -1,0 +1,77 @@
+//! Whole pipelines (`models/pipelines/`, made by `models/export/pipelines.py`): what a folder's
+//! components are given, compared with the diffusers pipeline's own references.
+use std::path::{Path, PathBuf};
+
+use attune_runtime::HostTensor;
+use attune_runtime::tokenizer::TextTokenizer;
+
+fn pipeline(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models/pipelines")
+        .join(name)
+}
+
+fn manifest(name: &str) -> serde_json::Value {
+    let path = pipeline(name).join("reference/manifest.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn clip_token_ids_equal_transformers_on_every_prompt() {
+    let dir = pipeline("sd15_tiny");
+    let m = manifest("sd15_tiny");
+    let prompts = m["cases"]["tokens"]["prompts"].as_object().unwrap();
+    let HostTensor::I64(want) =
+        attune_runtime::npy::read(&dir.join("reference/tokens/token_ids.npy")).unwrap()
+    else {
+        panic!("token ids are int64")
+    };
+    assert_eq!(want.shape(), [prompts.len(), 77]);
+    let t = TextTokenizer::from_dir(&dir.join("tokenizer")).unwrap();
+    assert_eq!(t.max_len, 77);
+    // The reference's rows, in the order the script wrote them.
+    let rows = [
+        "plain",
+        "unicode",
+        "decomposed",
+        "punctuation",
+        "whitespace",
+        "case",
+        "long",
+        "empty",
+    ];
+    for (row, case) in rows.into_iter().enumerate() {
+        let prompt = prompts[case].as_str().unwrap();
+        let got = t.encode(prompt).unwrap();
+        let want: Vec<i64> = want.index_axis(ndarray::Axis(0), row).iter().copied().collect();
+        assert_eq!(got.ids, want, "{case}: {prompt}");
+        assert_eq!(got.truncated, case == "long", "{case}");
+    }
+    // Unicode, control characters and a literal marker, against transformers' CLIPTokenizer
+    // (ids printed by `CLIPTokenizer.from_pretrained(dir)(p).input_ids`).
+    let cases: [(&str, &[i64]); 3] = [
+        ("東京の夜景", &[48338, 21078, 105, 21575, 23170, 250, 48132, 363]),
+        ("tab\tand\0control\x07chars", &[14724, 537, 444, 3366, 451, 540, 864]),
+        ("<|startoftext|> literal", &[49406, 24269]),
+    ];
+    for (prompt, ids) in cases {
+        let got = t.encode(prompt).unwrap().ids;
+        assert_eq!(&got[1..=ids.len()], ids, "{prompt:?}");
+        assert_eq!(got[0], 49406);
+        assert!(got[ids.len() + 1..].iter().all(|&i| i == 49407), "{prompt:?}");
+    }
+}
+
+#[test]
+fn a_folder_without_a_tokenizer_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = TextTokenizer::from_dir(dir.path()).err().unwrap().to_string();
+    assert!(err.contains("vocab.json") && err.contains(&*dir.path().to_string_lossy()), "{err}");
+    let src = pipeline("sd15_tiny").join("tokenizer");
+    for f in ["vocab.json", "tokenizer_config.json", "special_tokens_map.json"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::write(dir.path().join("merges.txt"), "#version: 0.2\nnot a merge line at all\n").unwrap();
+    let err = TextTokenizer::from_dir(dir.path()).err().unwrap().to_string();
+    assert!(err.contains("do not parse"), "{err}");
+}
