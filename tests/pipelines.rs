@@ -75,3 +75,65 @@ fn a_folder_without_a_tokenizer_is_refused_naming_it() {
     let err = TextTokenizer::from_dir(dir.path()).err().unwrap().to_string();
     assert!(err.contains("do not parse"), "{err}");
 }
+
+fn read_f32(path: &Path) -> ndarray::ArrayD<f32> {
+    match attune_runtime::npy::read(path).unwrap() {
+        HostTensor::F32(a) => a,
+        other => panic!("{}: {:?}", path.display(), other.dtype()),
+    }
+}
+
+fn max_abs(a: &ndarray::ArrayD<f32>, b: &ndarray::ArrayD<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn the_text_encoder_and_the_vae_give_what_the_diffusers_pipeline_gave() {
+    use attune_runtime::Ep;
+    use attune_runtime::pipeline::{TextEncoder, VaeDecoder};
+    let dir = pipeline("sd15_tiny");
+    let cases = manifest("sd15_tiny")["cases"].clone();
+    let mut encoder = TextEncoder::open(&dir, "text_encoder", "tokenizer", Ep::Cpu).unwrap();
+    let mut vae = VaeDecoder::open(&dir, Ep::Cpu).unwrap();
+    assert_eq!(vae.scaling_factor, 0.18215);
+    for case in ["txt2img_a", "txt2img_b"] {
+        let refs = dir.join("reference").join(case);
+        let prompt = cases[case]["prompt"].as_str().unwrap();
+        let negative = cases[case]["negative_prompt"].as_str().unwrap();
+        let got = encoder.encode(&[prompt, negative]).unwrap();
+        let want = [
+            read_f32(&refs.join("prompt_embeds.npy")),
+            read_f32(&refs.join("negative_prompt_embeds.npy")),
+        ];
+        for (row, want) in want.iter().enumerate() {
+            let got = got.hidden.index_axis(ndarray::Axis(0), row).insert_axis(ndarray::Axis(0));
+            let d = max_abs(&got.to_owned(), want);
+            assert!(d < 1e-5, "{case} row {row}: text embeddings {d} off");
+        }
+        // Decoding diffusers' final latents gives its image, within 2/255 a pixel.
+        let images = vae.decode(&read_f32(&refs.join("final_latents.npy"))).unwrap();
+        let want = read_f32(&refs.join("image.npy"));
+        let [1, h, w, 3] = want.shape()[..] else {
+            panic!("{:?}", want.shape())
+        };
+        assert_eq!((images[0].height, images[0].width), (h, w));
+        let worst = images[0]
+            .pixels
+            .iter()
+            .zip(want.iter())
+            .map(|(&got, &want)| (f32::from(got) - want * 255.0).abs())
+            .fold(0.0, f32::max);
+        assert!(worst <= 2.0, "{case}: a pixel {worst}/255 off");
+    }
+}
+
+#[test]
+fn a_missing_component_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = attune_runtime::pipeline::VaeDecoder::open(dir.path(), attune_runtime::Ep::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("no vae_decoder"), "{err}");
+}

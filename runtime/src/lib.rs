@@ -12,6 +12,7 @@ pub mod image;
 pub mod inputs;
 pub mod npy;
 pub mod ort_backend;
+pub mod pipeline;
 pub mod profile;
 pub mod provision;
 pub mod safetensors_io;
