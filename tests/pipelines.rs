@@ -43,36 +43,66 @@ fn clip_token_ids_equal_transformers_on_every_prompt() {
     for (row, case) in rows.into_iter().enumerate() {
         let prompt = prompts[case].as_str().unwrap();
         let got = t.encode(prompt).unwrap();
-        let want: Vec<i64> = want.index_axis(ndarray::Axis(0), row).iter().copied().collect();
+        let want: Vec<i64> = want
+            .index_axis(ndarray::Axis(0), row)
+            .iter()
+            .copied()
+            .collect();
         assert_eq!(got.ids, want, "{case}: {prompt}");
         assert_eq!(got.truncated, case == "long", "{case}");
     }
     // Unicode, control characters and a literal marker, against transformers' CLIPTokenizer
     // (ids printed by `CLIPTokenizer.from_pretrained(dir)(p).input_ids`).
     let cases: [(&str, &[i64]); 3] = [
-        ("東京の夜景", &[48338, 21078, 105, 21575, 23170, 250, 48132, 363]),
-        ("tab\tand\0control\x07chars", &[14724, 537, 444, 3366, 451, 540, 864]),
+        (
+            "東京の夜景",
+            &[48338, 21078, 105, 21575, 23170, 250, 48132, 363],
+        ),
+        (
+            "tab\tand\0control\x07chars",
+            &[14724, 537, 444, 3366, 451, 540, 864],
+        ),
         ("<|startoftext|> literal", &[49406, 24269]),
     ];
     for (prompt, ids) in cases {
         let got = t.encode(prompt).unwrap().ids;
         assert_eq!(&got[1..=ids.len()], ids, "{prompt:?}");
         assert_eq!(got[0], 49406);
-        assert!(got[ids.len() + 1..].iter().all(|&i| i == 49407), "{prompt:?}");
+        assert!(
+            got[ids.len() + 1..].iter().all(|&i| i == 49407),
+            "{prompt:?}"
+        );
     }
 }
 
 #[test]
 fn a_folder_without_a_tokenizer_is_refused_naming_it() {
     let dir = tempfile::tempdir().unwrap();
-    let err = TextTokenizer::from_dir(dir.path()).err().unwrap().to_string();
-    assert!(err.contains("vocab.json") && err.contains(&*dir.path().to_string_lossy()), "{err}");
+    let err = TextTokenizer::from_dir(dir.path())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("vocab.json") && err.contains(&*dir.path().to_string_lossy()),
+        "{err}"
+    );
     let src = pipeline("sd15_tiny").join("tokenizer");
-    for f in ["vocab.json", "tokenizer_config.json", "special_tokens_map.json"] {
+    for f in [
+        "vocab.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
         std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
     }
-    std::fs::write(dir.path().join("merges.txt"), "#version: 0.2\nnot a merge line at all\n").unwrap();
-    let err = TextTokenizer::from_dir(dir.path()).err().unwrap().to_string();
+    std::fs::write(
+        dir.path().join("merges.txt"),
+        "#version: 0.2\nnot a merge line at all\n",
+    )
+    .unwrap();
+    let err = TextTokenizer::from_dir(dir.path())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("do not parse"), "{err}");
 }
 
@@ -85,7 +115,10 @@ fn read_f32(path: &Path) -> ndarray::ArrayD<f32> {
 
 fn max_abs(a: &ndarray::ArrayD<f32>, b: &ndarray::ArrayD<f32>) -> f32 {
     assert_eq!(a.shape(), b.shape());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -107,12 +140,17 @@ fn the_text_encoder_and_the_vae_give_what_the_diffusers_pipeline_gave() {
             read_f32(&refs.join("negative_prompt_embeds.npy")),
         ];
         for (row, want) in want.iter().enumerate() {
-            let got = got.hidden.index_axis(ndarray::Axis(0), row).insert_axis(ndarray::Axis(0));
+            let got = got
+                .hidden
+                .index_axis(ndarray::Axis(0), row)
+                .insert_axis(ndarray::Axis(0));
             let d = max_abs(&got.to_owned(), want);
             assert!(d < 1e-5, "{case} row {row}: text embeddings {d} off");
         }
         // Decoding diffusers' final latents gives its image, within 2/255 a pixel.
-        let images = vae.decode(&read_f32(&refs.join("final_latents.npy"))).unwrap();
+        let images = vae
+            .decode(&read_f32(&refs.join("final_latents.npy")))
+            .unwrap();
         let want = read_f32(&refs.join("image.npy"));
         let [1, h, w, 3] = want.shape()[..] else {
             panic!("{:?}", want.shape())

@@ -409,7 +409,10 @@ mod tests {
         let v = g.value_id(out).unwrap();
         let never = op("Add", [anything(), any("beta")]).check(|_, _| false);
         let found = match_value(g, v, &alt([never, any("whole")])).unwrap();
-        assert!(found.value("beta").is_none(), "the failed trial binds nothing");
+        assert!(
+            found.value("beta").is_none(),
+            "the failed trial binds nothing"
+        );
         assert_eq!(found.value("whole"), Some(v));
     }
 

@@ -100,13 +100,21 @@ fn find(cx: &Cx, rules: &[Box<dyn Rule>]) -> Result<Found> {
             });
             let Some(m) = found else { continue };
             if let Err(why) = rule.check(&cx, &m) {
-                for &a in m.matched.iter().filter(|a| is_anchor(rule.as_ref(), g, **a)) {
+                for &a in m
+                    .matched
+                    .iter()
+                    .filter(|a| is_anchor(rule.as_ref(), g, **a))
+                {
                     refused.entry(a).or_insert_with(|| why.clone());
                 }
                 continue;
             }
             claimed.extend(m.matched.iter().copied());
-            sites.push(Site { rule: k, m, root: n });
+            sites.push(Site {
+                rule: k,
+                m,
+                root: n,
+            });
             break;
         }
     }
@@ -191,10 +199,11 @@ pub fn apply(model: &mut Model, rules: &[Box<dyn Rule>], report: &mut PassReport
 
 fn is_anchor(rule: &dyn Rule, g: &crate::ir::Graph, n: NodeId) -> bool {
     let node = g.node(n);
-    rule.anchor().is_some_and(|op| match op.strip_prefix("com.microsoft.") {
-        Some(contrib) => node.domain() == "com.microsoft" && node.op() == contrib,
-        None => node.is(op),
-    })
+    rule.anchor()
+        .is_some_and(|op| match op.strip_prefix("com.microsoft.") {
+            Some(contrib) => node.domain() == "com.microsoft" && node.op() == contrib,
+            None => node.is(op),
+        })
 }
 
 /// Nothing outside the match reads what the match computes inside, but for the values the
@@ -238,7 +247,9 @@ mod tests {
         }
         fn check(&self, cx: &Cx, m: &Match) -> std::result::Result<(), String> {
             let rank = cx.shapes.shape(m.value("x").unwrap()).map_or(0, <[_]>::len);
-            (rank > 1).then_some(()).ok_or_else(|| format!("rank {rank}"))
+            (rank > 1)
+                .then_some(())
+                .ok_or_else(|| format!("rank {rank}"))
         }
         fn rewrite(&self, _cx: &Cx, m: &Match, p: &mut Patch) -> Vec<&'static str> {
             let inputs = ["x", "g", "b"].map(|k| In::Value(m.value(k).unwrap()));

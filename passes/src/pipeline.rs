@@ -17,9 +17,7 @@ use crate::glob::Globs;
 use crate::layer_norm::LayerNormPass;
 use crate::lora::adapter::AdapterPass;
 use crate::lora::{LoraPass, LoraSource};
-use crate::lower::{
-    CudaFusion, FixShapes, Precision, PrecisionPass, ShapeSpec, SupportCheck,
-};
+use crate::lower::{CudaFusion, FixShapes, Precision, PrecisionPass, ShapeSpec, SupportCheck};
 use crate::tome::{Mode as TomeMode, Pool, TomeOptions, TomePass};
 
 /// A closed set of names (`target = "cuda"`): one enum for the flag and the recipe key, and

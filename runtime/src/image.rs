@@ -103,7 +103,10 @@ pub fn read_png(path: &Path) -> Result<Rgb> {
         png::ColorType::Rgb => 3,
         png::ColorType::Rgba => 4,
         png::ColorType::Indexed => {
-            return Err(Error::file(path, "an indexed PNG the decoder did not expand"));
+            return Err(Error::file(
+                path,
+                "an indexed PNG the decoder did not expand",
+            ));
         }
     };
     let data = &buf[..info.buffer_size()];
@@ -194,6 +197,9 @@ mod tests {
         assert_eq!(m.as_slice().unwrap(), [1.0, 0.0]);
         std::fs::write(&path, b"not a png").unwrap();
         let err = read_png(&path).unwrap_err().to_string();
-        assert!(err.contains("x.png") && err.contains("not a readable PNG"), "{err}");
+        assert!(
+            err.contains("x.png") && err.contains("not a readable PNG"),
+            "{err}"
+        );
     }
 }

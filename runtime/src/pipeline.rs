@@ -58,10 +58,7 @@ impl TextEncoder {
     pub fn open(dir: &Path, encoder: &str, tokenizer: &str, ep: Ep) -> Result<TextEncoder> {
         let path = component(dir, encoder)?;
         let tokenizer = TextTokenizer::from_dir(&dir.join(tokenizer))?;
-        let ids_type = match declared(&path)?
-            .into_iter()
-            .find(|(n, _)| n == "input_ids")
-        {
+        let ids_type = match declared(&path)?.into_iter().find(|(n, _)| n == "input_ids") {
             Some((_, Some(t @ (DType::I64 | DType::I32)))) => t,
             Some(_) => {
                 return Err(Error::file(&path, "its input_ids are not int32 or int64"));
@@ -142,9 +139,10 @@ impl VaeDecoder {
         let number = |key: &str, default: f64| -> Result<f32> {
             match config.get(key) {
                 None | Some(Value::Null) => Ok(default as f32),
-                Some(v) => v.as_f64().map(|x| x as f32).ok_or_else(|| {
-                    Error::file(&config_path, format!("{key} is not a number"))
-                }),
+                Some(v) => v
+                    .as_f64()
+                    .map(|x| x as f32)
+                    .ok_or_else(|| Error::file(&config_path, format!("{key} is not a number"))),
             }
         };
         let input_type = match declared(&path)?

@@ -23,7 +23,8 @@ use tokenizers::{
 use crate::error::{Error, Result};
 
 /// CLIP's word pattern (its tokenizer lower-cases first, so no case-insensitive flag).
-const CLIP_PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_PATTERN: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 /// A pipeline's tokenizer with its length and special tokens.
 pub struct TextTokenizer {
@@ -64,7 +65,10 @@ impl TextTokenizer {
         };
         let id = |name: &str, what: &str| -> Result<u32> {
             inner.token_to_id(name).ok_or_else(|| {
-                Error::file(dir, format!("its {what} token '{name}' is not in the vocabulary"))
+                Error::file(
+                    dir,
+                    format!("its {what} token '{name}' is not in the vocabulary"),
+                )
             })
         };
         let max_len = config
@@ -95,9 +99,10 @@ impl TextTokenizer {
     /// `text` as `max_len` ids: start token, the text's tokens (cut to fit), end token, pads.
     pub fn encode(&self, text: &str) -> Result<Encoded> {
         let specials = self.bos.is_none();
-        let enc = self.inner.encode(text, specials).map_err(|e| {
-            Error::file(&self.dir, format!("cannot tokenize {text:?}: {e}"))
-        })?;
+        let enc = self
+            .inner
+            .encode(text, specials)
+            .map_err(|e| Error::file(&self.dir, format!("cannot tokenize {text:?}: {e}")))?;
         let mut ids: Vec<i64> = enc.get_ids().iter().map(|&i| i64::from(i)).collect();
         let room = self.max_len - usize::from(self.bos.is_some()) - usize::from(self.eos.is_some());
         let mut truncated = false;
@@ -152,8 +157,11 @@ fn clip(dir: &Path) -> Result<Tokenizer> {
         .map_err(|e| Error::file(dir, format!("vocab.json/merges.txt do not parse: {e}")))?;
     let mut t = Tokenizer::new(bpe);
     // NFC, whitespace runs as one space, lower case: transformers' CLIPTokenizer.
-    let spaces = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
-        .map_err(|e| Error::file(dir, format!("whitespace pattern: {e}")))?;
+    let spaces = Replace::new(
+        tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+        " ",
+    )
+    .map_err(|e| Error::file(dir, format!("whitespace pattern: {e}")))?;
     t.with_normalizer(Some(NormalizerWrapper::Sequence(Sequence::new(vec![
         NormalizerWrapper::NFC(NFC),
         NormalizerWrapper::Replace(spaces),

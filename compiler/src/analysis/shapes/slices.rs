@@ -137,7 +137,13 @@ pub(super) fn ceil_div(g: &Graph, facts: &HashMap<ValueId, Facts>, add: NodeId) 
     };
     let producer = |v: ValueId, op: &str| g.producer(v).filter(|n| g.node(*n).is(op));
     let (a, b) = (g.input(add, 0)?, g.input(add, 1)?);
-    let quotient = if is_int(a, 1) { b } else if is_int(b, 1) { a } else { return None };
+    let quotient = if is_int(a, 1) {
+        b
+    } else if is_int(b, 1) {
+        a
+    } else {
+        return None;
+    };
     let div = producer(quotient, "Div")?;
     let (k, stride) = (g.input(div, 0)?, g.input(div, 1)?);
     let [Num::I(Dim::Known(stride))] = value(stride)? else {

@@ -138,7 +138,10 @@ fn half_of(g: &Graph, shapes: &Shapes, v: ValueId) -> Option<(ValueId, usize)> {
 
 /// The projection and bias a matched GEGLU gates, or why BiasSplitGelu does not compute it.
 fn site(g: &Graph, shapes: &Shapes, m: &Match) -> Result<Geglu, String> {
-    let (gate, hidden) = (m.value("gate").ok_or("no gate")?, m.value("hidden").ok_or("no h")?);
+    let (gate, hidden) = (
+        m.value("gate").ok_or("no gate")?,
+        m.value("hidden").ok_or("no h")?,
+    );
     let (Some((x, 1)), Some((x2, 0))) = (half_of(g, shapes, gate), half_of(g, shapes, hidden))
     else {
         return Err("not the second half of a tensor gating its first half".into());

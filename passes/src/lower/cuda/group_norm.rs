@@ -91,7 +91,11 @@ impl Rule for GroupNormRule {
         ])
         .bind("y");
         alt([
-            op("Mul", [y.clone(), op("Sigmoid", [any("y")]).bind("sigmoid")]).commutative(),
+            op(
+                "Mul",
+                [y.clone(), op("Sigmoid", [any("y")]).bind("sigmoid")],
+            )
+            .commutative(),
             y,
         ])
     }

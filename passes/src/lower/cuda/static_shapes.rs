@@ -6,10 +6,10 @@
 //! NHWC block input a transformer reshapes its tokens back to), it is that tensor's `Shape`.
 use std::collections::HashMap;
 
-use attune_compiler::pass::{Pass, PassCx, PassReport};
 use attune_compiler::analysis::{Dim, Num, Shapes};
 use attune_compiler::error::Result;
 use attune_compiler::ir::{Model, NodeId, ValueId};
+use attune_compiler::pass::{Pass, PassCx, PassReport};
 use attune_compiler::patch::{In, Patch};
 
 use super::count_line;
