@@ -687,6 +687,46 @@ fn nhwc_conv_weights_are_the_original_weights_channels_last() {
     assert!(checked > 10);
 }
 
+/// Weights beyond fp16's range are clamped to ±65504 as the export converts them (the passes
+/// only decide the conversion), and the compile says how many; the NhwcConv weight is
+/// converted, then permuted.
+#[test]
+fn fp16_clamps_are_counted_as_the_weights_are_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = import::read(&fixture("sd15_legacy")).unwrap();
+    let name = "unet.conv_in.weight";
+    let id = m.graph.value_id(name).unwrap();
+    let w = m.graph.initializer(id).unwrap();
+    let channels = w.dims()[1] as usize;
+    let mut values = floats(w);
+    values[0] = 1e5;
+    values[1] = -7e4;
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let w = w.with_data(bytes.into());
+    m.graph.set_initializer(w);
+    let model = dir.path().join("large_weights.onnx");
+    attune_compiler::export::write(&m, &model, &Default::default()).unwrap();
+    // In the compiled weights: element [0,0,0,1] is at 1 (OIHW) or at `channels` (OHWI).
+    for (flags, stored, second) in [
+        (&["--precision", "fp16"][..], name.to_string(), 1),
+        (&CUDA_FP16_FLASH[..], format!("{name}_nhwc"), channels),
+    ] {
+        let (out, stdout) = compile_into(dir.path(), &model, flags);
+        assert!(
+            stdout.contains("2 weight values beyond the fp16 range were clamped to ±65504"),
+            "{flags:?}: {stdout}"
+        );
+        let c = import::read(&out).unwrap();
+        let t = c
+            .graph
+            .initializer(c.graph.value_id(&stored).unwrap())
+            .unwrap();
+        assert_eq!(t.data_type(), DataType::Float16 as i32);
+        let got = floats(t);
+        assert_eq!((got[0], got[second]), (65504.0, -65504.0), "{flags:?}");
+    }
+}
+
 /// The fused graph's outputs on ONNX Runtime's CUDA EP against the fixture references. Needs
 /// an NVIDIA GPU and `attune setup --cuda`: `cargo test --test lowering -- --ignored`.
 #[test]

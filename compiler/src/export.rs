@@ -4,11 +4,12 @@
 //! when all of it succeeded, and a failure while renaming puts back what was there: no
 //! half-written output, and no input file is ever written to (a model is never exported
 //! over one of its own input files, nor over any other file the command reads).
+use std::borrow::Cow;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, mpsc};
 
 use prost::Message;
 use tempfile::NamedTempFile;
@@ -69,6 +70,9 @@ pub struct ExportReport {
     pub data_file: Option<(PathBuf, u64)>,
     /// Original data files the output refers to (link mode): (path, how it got there).
     pub linked: Vec<(PathBuf, Placed)>,
+    /// Weight values beyond fp16's range clamped to ±65504 as converted weights were
+    /// written (a conversion a pass decided is computed only here).
+    pub clamped: u64,
 }
 
 /// Tensors below this size stay inside the `.onnx` (as onnx's own writer does).
@@ -171,6 +175,8 @@ enum Source {
     File(usize, usize, usize),
     /// (address, length) of owned bytes (clones of one `Bytes` share them).
     Owned(usize, usize),
+    /// The address of derived data (clones of one derived tensor share it).
+    Derived(usize),
 }
 
 impl Source {
@@ -182,6 +188,7 @@ impl Source {
             TensorData::Owned(b) if !b.is_empty() => {
                 Some(Source::Owned(b.as_ptr() as usize, b.len()))
             }
+            TensorData::Derived(d) => Some(Source::Derived(Arc::as_ptr(d) as usize)),
             _ => None,
         }
     }
@@ -201,7 +208,7 @@ fn write_checked(
     let kept = |t: &Tensor| match &t.data {
         TensorData::Inline => !opts.inline,
         TensorData::External { .. } => opts.weights == WeightsMode::Link && !opts.inline,
-        TensorData::Owned(_) => false,
+        TensorData::Owned(_) | TensorData::Derived(_) => false,
     };
     let location_of = |file: &Arc<DataFile>| {
         link_locations
@@ -260,6 +267,8 @@ fn write_checked(
     let mut done = 0;
     // Bytes already in the new data file: a slice two tensors share is written once.
     let mut written: std::collections::HashMap<Source, (u64, u64)> = Default::default();
+    // Where each tensor goes is decided first (the proto is complete before any weight is
+    // written); the data file is then written in one stream.
     let proto = to_proto(model, |tensor| {
         let mut proto = tensor.proto.clone();
         match &tensor.data {
@@ -274,26 +283,32 @@ fn write_checked(
         }
         let source = Source::of(tensor);
         let stays_inline = opts.inline
-            || (matches!(tensor.data, TensorData::Owned(_))
+            || (matches!(tensor.data, TensorData::Owned(_) | TensorData::Derived(_))
                 && tensor.stored_len() < INLINE_BELOW as u64);
         if stays_inline {
-            let bytes = tensor.bytes()?;
+            let bytes = match &tensor.data {
+                TensorData::Derived(d) => {
+                    let (bytes, clamped) = d.compute()?;
+                    report.clamped += clamped;
+                    bytes
+                }
+                _ => tensor.bytes()?.into_owned(),
+            };
             weights::clear_data_fields(&mut proto);
-            proto.raw_data = bytes.into_owned().into();
+            proto.raw_data = bytes.into();
         } else {
             let (offset, len) = match source.and_then(|s| written.get(&s)) {
                 Some(&at) => at,
                 None => {
-                    let at = data.append(tensor)?;
+                    let at = data.reserve(tensor);
                     if let Some(s) = source {
                         written.insert(s, at);
                     }
-                    at
+                    // Counted as written below.
+                    return Ok(external(proto, &data.location, at));
                 }
             };
-            weights::clear_data_fields(&mut proto);
-            proto.data_location = DataLocation::External as i32;
-            proto.external_data = weights::external_entries(&data.location, offset, len);
+            proto = external(proto, &data.location, (offset, len));
         }
         done += tensor.stored_len();
         progress(done, total);
@@ -311,6 +326,10 @@ fn write_checked(
     }
     let mut model_tmp = temp_in(out_dir)?;
     model_tmp.write_all(&encoded).at(model_tmp.path())?;
+    report.clamped += data.write(&mut |n| {
+        done += n;
+        progress(done, total);
+    })?;
 
     // Every file is complete in a temp file; the copies of original data files too.
     for (file, target, mut tmp) in to_copy {
@@ -480,18 +499,18 @@ fn in_place_location(file: &DataFile, out_dir: &Path) -> Option<String> {
 }
 
 /// The model as a proto, each initializer written by `place`.
-pub fn to_proto(
-    model: &Model,
-    mut place: impl FnMut(&Tensor) -> Result<TensorProto>,
+pub fn to_proto<'m>(
+    model: &'m Model,
+    mut place: impl FnMut(&'m Tensor) -> Result<TensorProto>,
 ) -> Result<ModelProto> {
     let mut proto = model.proto.clone();
     proto.graph = Some(graph_to_proto(&model.graph, &mut place)?);
     Ok(proto)
 }
 
-fn graph_to_proto(
-    g: &Graph,
-    place: &mut impl FnMut(&Tensor) -> Result<TensorProto>,
+fn graph_to_proto<'m>(
+    g: &'m Graph,
+    place: &mut impl FnMut(&'m Tensor) -> Result<TensorProto>,
 ) -> Result<GraphProto> {
     let mut proto = g.proto.clone();
     proto.node = g
@@ -531,64 +550,105 @@ fn new_data_location(file_name: &str, links: &[(Arc<DataFile>, String)]) -> Stri
     location
 }
 
-/// The new data file, created on first use.
-struct DataWriter {
+/// `proto` (data fields cleared) referring to `(offset, length)` of `location`.
+fn external(mut proto: TensorProto, location: &str, (offset, len): (u64, u64)) -> TensorProto {
+    weights::clear_data_fields(&mut proto);
+    proto.data_location = DataLocation::External as i32;
+    proto.external_data = weights::external_entries(location, offset, len);
+    proto
+}
+
+/// The new data file: each tensor's place is reserved first, then all are written in one
+/// stream ([`DataWriter::write`]).
+struct DataWriter<'m> {
     dir: PathBuf,
     location: String,
+    /// (offset, tensor), in increasing offsets.
+    jobs: Vec<(u64, &'m Tensor)>,
     file: Option<NamedTempFile>,
     len: u64,
 }
 
-impl DataWriter {
+/// Output bytes computed at a time from derived data (cached while computed, then written).
+const BLOCK: usize = 1 << 20;
+/// The page size [`DataFile::release`] rounds to.
+const PAGE: usize = 4096;
+/// Blocks computed ahead of the writer.
+const AHEAD: usize = 4;
+/// Written bytes after which their writeback is started, so that the disk works while the
+/// rest is computed and the final sync has little left.
+const WRITEBACK_EVERY: u64 = 32 << 20;
+
+/// What the writer writes next, in file order.
+enum Piece<'m> {
+    /// `len` bytes of a buffer computed from derived data (the buffer goes back to the pool).
+    Block { at: u64, buf: Vec<u8>, len: usize },
+    /// Bytes in memory (owned data, inline data).
+    Bytes { at: u64, bytes: Cow<'m, [u8]> },
+    /// A slice of an original data file, copied kernel side (copy_file_range): its bytes
+    /// never pass through this process's memory.
+    Copy {
+        at: u64,
+        tensor: &'m Tensor,
+        file: &'m DataFile,
+        offset: usize,
+        len: usize,
+    },
+}
+
+impl<'m> DataWriter<'m> {
     fn new(dir: &Path, location: String) -> Self {
         DataWriter {
             dir: dir.to_path_buf(),
             location,
+            jobs: Vec::new(),
             file: None,
             len: 0,
         }
     }
 
-    /// Appends a tensor's bytes, aligned so runtimes can map large tensors; returns (offset, length).
-    fn append(&mut self, tensor: &Tensor) -> Result<(u64, u64)> {
-        if self.file.is_none() {
-            self.file = Some(temp_in(&self.dir)?);
-        }
-        let tmp = self.file.as_mut().expect("created above");
-        let path = tmp.path().to_path_buf();
-        let file = tmp.as_file_mut();
+    /// Reserves a tensor's place, aligned so runtimes can map large tensors; returns
+    /// (offset, length).
+    fn reserve(&mut self, tensor: &'m Tensor) -> (u64, u64) {
         let size = tensor.stored_len();
         let align = if size >= 1 << 20 { 4096 } else { 64 };
         let offset = self.len.next_multiple_of(align);
-        file.write_all(&vec![0u8; (offset - self.len) as usize])
-            .at(&path)?;
-        match &tensor.data {
-            // Kernel-side copy (copy_file_range): weights never pass through this process's memory.
-            TensorData::External {
-                file: src,
-                offset: at,
-                len,
-            } => {
-                let mut reader = File::open(&src.path).at(&src.path)?;
-                reader.seek(SeekFrom::Start(*at as u64)).at(&src.path)?;
-                let copied = io::copy(&mut (&reader).take(*len as u64), file).at(&path)?;
-                if copied != *len as u64 {
-                    return Err(Error::tensor(
-                        tensor.name(),
-                        format!(
-                            "'{}' ended early (changed while reading?)",
-                            src.path.display()
-                        ),
-                    ));
-                }
-            }
-            _ => file.write_all(&tensor.bytes()?).at(&path)?,
-        }
+        self.jobs.push((offset, tensor));
         self.len = offset + size;
-        Ok((offset, size))
+        (offset, size)
     }
 
-    /// The complete data file, still under its temp name, with its size.
+    /// Writes every reserved tensor to a new temp file, calling `progress(bytes)` as it goes;
+    /// returns how many values were clamped to fp16's range. Derived data is computed on a
+    /// second thread, a few blocks ahead of this one writing them, and the source's mapped
+    /// pages are let go as it is read.
+    fn write(&mut self, progress: &mut dyn FnMut(u64)) -> Result<u64> {
+        if self.jobs.is_empty() {
+            return Ok(0);
+        }
+        let mut tmp = temp_in(&self.dir)?;
+        let path = tmp.path().to_path_buf();
+        let file = tmp.as_file_mut();
+        let jobs = &self.jobs;
+        let clamped = std::thread::scope(|scope| -> Result<u64> {
+            let (pieces, received) = mpsc::sync_channel::<Result<Piece>>(AHEAD);
+            let (give_back, pool) = mpsc::channel::<Vec<u8>>();
+            for _ in 0..AHEAD + 2 {
+                give_back.send(vec![0; BLOCK]).expect("pool open");
+            }
+            let producer = scope.spawn(move || produce(jobs, &pieces, &pool));
+            let written = write_pieces(file, &path, received, give_back, progress);
+            // The producer stops once the channel is closed (a failed write drops it).
+            let clamped = producer
+                .join()
+                .expect("the weight conversion thread panicked");
+            written.map(|()| clamped)
+        })?;
+        self.file = Some(tmp);
+        Ok(clamped)
+    }
+
+    /// The complete data file, still under its temp name, with its size (synced).
     fn finish(&mut self) -> Result<Option<(tempfile::TempPath, u64)>> {
         let Some(tmp) = self.file.take() else {
             return Ok(None);
@@ -597,6 +657,172 @@ impl DataWriter {
         Ok(Some((tmp.into_temp_path(), self.len)))
     }
 }
+
+/// Sends each job's pieces, in order, computing derived data into buffers from `pool`;
+/// returns the fp16 clamps. Stops at an error (sent on) or when the writer has gone (it failed).
+fn produce<'m>(
+    jobs: &[(u64, &'m Tensor)],
+    pieces: &mpsc::SyncSender<Result<Piece<'m>>>,
+    pool: &mpsc::Receiver<Vec<u8>>,
+) -> u64 {
+    let mut clamped = 0;
+    let mut scratch = weights::Scratch::default();
+    for &(at, tensor) in jobs {
+        match produce_one(at, tensor, pieces, pool, &mut scratch, &mut clamped) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                let _ = pieces.send(Err(e));
+                break;
+            }
+        }
+    }
+    clamped
+}
+
+/// The pieces of one tensor (see [`produce`]); `false` when the writer has gone.
+fn produce_one<'m>(
+    at: u64,
+    tensor: &'m Tensor,
+    pieces: &mpsc::SyncSender<Result<Piece<'m>>>,
+    pool: &mpsc::Receiver<Vec<u8>>,
+    scratch: &mut weights::Scratch,
+    clamped: &mut u64,
+) -> Result<bool> {
+    let piece = match &tensor.data {
+        TensorData::External { file, offset, len } => Piece::Copy {
+            at,
+            tensor,
+            file,
+            offset: *offset,
+            len: *len,
+        },
+        TensorData::Derived(d) => {
+            let source = d.source_bytes()?;
+            // The source's mapped pages, let go block by block (those a block shares with
+            // the next one with it).
+            let mapped = match &d.source().data {
+                TensorData::External { file, offset, .. } => Some((file, *offset)),
+                _ => None,
+            };
+            let mut released = mapped.map_or(0, |(_, o)| o);
+            let mut pos = at;
+            for range in d.blocks(BLOCK) {
+                let Ok(mut buf) = pool.recv() else {
+                    return Ok(false);
+                };
+                let len = d.block_len(&range);
+                if buf.len() < len {
+                    buf.resize(len, 0);
+                }
+                let read_to = d.source_offset(range.end);
+                *clamped += d.compute_block(&source, range, &mut buf[..len], scratch);
+                if let Some((file, offset)) = mapped {
+                    let end = offset + read_to;
+                    file.release(released, end - released);
+                    released = released.max(end / PAGE * PAGE);
+                }
+                if pieces.send(Ok(Piece::Block { at: pos, buf, len })).is_err() {
+                    return Ok(false);
+                }
+                pos += len as u64;
+            }
+            return Ok(true);
+        }
+        _ => {
+            let bytes = tensor.bytes()?;
+            let expected = tensor.stored_len();
+            if bytes.len() as u64 != expected {
+                let msg = format!(
+                    "holds {} bytes, not the {expected} its dims and type call for",
+                    bytes.len()
+                );
+                return Err(Error::tensor(tensor.name(), msg));
+            }
+            Piece::Bytes { at, bytes }
+        }
+    };
+    Ok(pieces.send(Ok(piece)).is_ok())
+}
+
+/// Writes the pieces to `file` in order (zeros between them for alignment), returning each
+/// block's buffer to the pool, and starts the writeback of what is written as it goes.
+fn write_pieces(
+    file: &mut File,
+    path: &Path,
+    pieces: mpsc::Receiver<Result<Piece>>,
+    pool: mpsc::Sender<Vec<u8>>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    const ZEROS: [u8; 4096] = [0; 4096];
+    let mut pos = 0u64;
+    let mut flushed = 0u64;
+    for piece in pieces {
+        let piece = piece?;
+        let (Piece::Block { at, .. } | Piece::Bytes { at, .. } | Piece::Copy { at, .. }) = piece;
+        debug_assert!(at >= pos && at - pos < 4096, "pieces come in file order");
+        file.write_all(&ZEROS[..(at - pos) as usize]).at(path)?;
+        let len = match piece {
+            Piece::Block { buf, len, .. } => {
+                file.write_all(&buf[..len]).at(path)?;
+                let _ = pool.send(buf);
+                len as u64
+            }
+            Piece::Bytes { bytes, .. } => {
+                file.write_all(&bytes).at(path)?;
+                bytes.len() as u64
+            }
+            Piece::Copy {
+                tensor,
+                file: src,
+                offset,
+                len,
+                ..
+            } => {
+                let mut reader = File::open(&src.path).at(&src.path)?;
+                reader.seek(SeekFrom::Start(offset as u64)).at(&src.path)?;
+                let copied = io::copy(&mut (&reader).take(len as u64), file).at(path)?;
+                if copied != len as u64 {
+                    return Err(Error::tensor(
+                        tensor.name(),
+                        format!(
+                            "'{}' ended early (changed while reading?)",
+                            src.path.display()
+                        ),
+                    ));
+                }
+                copied
+            }
+        };
+        pos = at + len;
+        progress(len);
+        if pos - flushed >= WRITEBACK_EVERY {
+            start_writeback(file, flushed, pos - flushed);
+            flushed = pos;
+        }
+    }
+    Ok(())
+}
+
+/// Starts writing `offset..offset+len` of `file` to disk without waiting for it (the final
+/// fsync waits), so the disk is busy while the rest is computed. Only a hint: failures are
+/// left to that fsync.
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on an open descriptor; it touches no memory of this process.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
 
 /// Writes one file atomically: a temp file in the same folder, renamed into place.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -1,6 +1,11 @@
 //! Initializer data, never copied on import: bytes inside the model proto (themselves a slice
-//! of the memory-mapped model file), a slice of a memory-mapped external-data file, or new
-//! data a pass produced.
+//! of the memory-mapped model file), a slice of a memory-mapped external-data file, new data a
+//! pass produced, or data derived from another tensor's (converted, permuted) that is computed
+//! only when it is written.
+mod derived;
+
+pub use derived::{Derived, Scratch, Transform};
+
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
@@ -78,6 +83,9 @@ pub enum TensorData {
     },
     /// Produced by a pass (or otherwise not backed by the input files).
     Owned(Bytes),
+    /// Computed from another tensor's data when it is written (or read): see
+    /// [`Tensor::transformed`].
+    Derived(Arc<Derived>),
 }
 
 /// An initializer (or any tensor constant): its proto header and where its bytes are.
@@ -145,13 +153,59 @@ impl Tensor {
                 Ok(Cow::Borrowed(&self.proto.raw_data))
             }
             TensorData::Inline => typed_field_bytes(&self.proto).map(Cow::Owned),
+            TensorData::Derived(d) => d.compute().map(|(b, _)| Cow::Owned(b)),
         }
+    }
+
+    /// This tensor's data after `step`, same name and metadata, with the dims and type the
+    /// step gives it. Where the data is memory-mapped or inline (or derived from such), the
+    /// result is [`TensorData::Derived`]: nothing is computed now, the export computes it in
+    /// blocks as it writes (and counts the fp16 clamps then), so the count returned is 0.
+    /// Where it is owned (made by a pass, already in memory) it is computed now, since holding
+    /// fp32 bytes until the export would take more memory than the result; the count is then
+    /// how many values were clamped to the fp16 range.
+    pub fn transformed(&self, step: Transform) -> Result<(Tensor, u64)> {
+        if let Transform::Convert(to) = step
+            && to as i32 == self.data_type()
+            && derived::float_type(self.data_type()).is_some()
+        {
+            return Ok((self.clone(), 0)); // already of that type
+        }
+        let mut proto = self.proto.clone();
+        clear_data_fields(&mut proto);
+        if step == Transform::ChannelsLast
+            && let [o, i, h, w] = self.dims()[..]
+        {
+            proto.dims = vec![o, h, w, i];
+        }
+        let lazy = match &self.data {
+            TensorData::Owned(_) => None,
+            _ => Derived::new(self, step)?,
+        };
+        if let Some(d) = lazy {
+            proto.data_type = d.data_type() as i32;
+            let data = TensorData::Derived(Arc::new(d));
+            return Ok((Tensor { proto, data }, 0));
+        }
+        // Computed now: owned data, or a step that cannot follow the others lazily.
+        let owned = match &self.data {
+            TensorData::Owned(_) => self.clone(),
+            _ => self.with_data(Bytes::from(self.bytes()?.into_owned())),
+        };
+        let d = Derived::new(&owned, step)?
+            .ok_or_else(|| Error::tensor(self.name(), "cannot take that step"))?;
+        let (bytes, clamped) = d.compute()?;
+        proto.data_type = d.data_type() as i32;
+        let data = TensorData::Owned(bytes.into());
+        Ok((Tensor { proto, data }, clamped))
     }
 
     /// Lets go of the resident pages of a memory-mapped tensor (see [`DataFile::release`]).
     pub fn release(&self) {
-        if let TensorData::External { file, offset, len } = &self.data {
-            file.release(*offset, *len);
+        match &self.data {
+            TensorData::External { file, offset, len } => file.release(*offset, *len),
+            TensorData::Derived(d) => d.source().release(),
+            _ => {}
         }
     }
 
@@ -160,6 +214,7 @@ impl Tensor {
         match &self.data {
             TensorData::External { len, .. } => *len as u64,
             TensorData::Owned(b) => b.len() as u64,
+            TensorData::Derived(d) => d.len() as u64,
             TensorData::Inline => self.expected_len().unwrap_or(0),
         }
     }

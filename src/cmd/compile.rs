@@ -189,6 +189,12 @@ pub fn run(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
         for (path, how) in &written.linked {
             println!("  {how}   {}", path.display());
         }
+        if written.clamped > 0 {
+            println!(
+                "  {} weight values beyond the fp16 range were clamped to ±65504",
+                written.clamped
+            );
+        }
         if let Some((path, count, skipped, _)) = adapter {
             println!(
                 "  adapter {} ({count} tensors; run with --adapter)",

@@ -20,8 +20,7 @@ use attune_compiler::ir::{Graph, Model, NodeId, ValueId};
 use attune_compiler::onnx::DataType;
 use attune_compiler::pass::{Pass, PassCx, PassReport};
 use attune_compiler::patch::{In, Patch, attr};
-use attune_compiler::weights::Tensor;
-use half::{bf16, f16};
+use attune_compiler::weights::{Tensor, Transform};
 
 use crate::cleanup::dce;
 
@@ -323,68 +322,26 @@ fn passthrough_sources(g: &Graph, types: &ElemTypes, n: NodeId) -> Result<Vec<Ve
     Ok(sources)
 }
 
-/// Converts a float tensor's data to `to` (f32, f16 or bf16); returns it and how many
-/// finite values fell outside the new type's range (clamped to its largest finite value).
+/// A float tensor's data converted to `to` (f32, f16 or bf16), values beyond the new type's
+/// range clamped to its largest finite value. Computed when the export writes it (weights of
+/// the input files: see `Tensor::transformed`) or now (data a pass made); the count is of
+/// values clamped now (the export reports the others).
 pub(super) fn convert_tensor(t: &Tensor, to: i32) -> Result<(Tensor, usize)> {
-    let bytes = t.bytes()?;
-    let from = DataType::try_from(t.data_type());
-    let to_type = DataType::try_from(to);
-    if !matches!(
-        from,
-        Ok(DataType::Float | DataType::Float16 | DataType::Bfloat16)
-    ) {
+    let is_float = |t: i32| {
+        matches!(
+            DataType::try_from(t),
+            Ok(DataType::Float | DataType::Float16 | DataType::Bfloat16)
+        )
+    };
+    if !is_float(t.data_type()) {
         return Err(Error::tensor(t.name(), "is not a float tensor"));
     }
-    if !matches!(
-        to_type,
-        Ok(DataType::Float | DataType::Float16 | DataType::Bfloat16)
-    ) {
-        return Err(Error::tensor(t.name(), "cannot be converted to that type"));
-    }
-    let width = if from == Ok(DataType::Float) { 4 } else { 2 };
-    let out_width = if to_type == Ok(DataType::Float) { 4 } else { 2 };
-    let mut out: Vec<u8> = Vec::with_capacity(bytes.len() / width * out_width);
-    let mut clamped = 0;
-    // In blocks: one output buffer, no full-size intermediates (weights are gigabytes).
-    const BLOCK: usize = 4096;
-    let mut values = [0f32; BLOCK];
-    let mut halves = [f16::ZERO; BLOCK];
-    for chunk in bytes.chunks(BLOCK * width) {
-        let n = chunk.len() / width;
-        let values = &mut values[..n];
-        for (v, b) in values.iter_mut().zip(chunk.chunks_exact(width)) {
-            *v = match from {
-                Ok(DataType::Float) => f32::from_le_bytes(b.try_into().unwrap()),
-                Ok(DataType::Float16) => f16::from_le_bytes([b[0], b[1]]).to_f32(),
-                _ => bf16::from_le_bytes([b[0], b[1]]).to_f32(),
-            };
-        }
-        match to_type {
-            Ok(DataType::Float) => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            Ok(DataType::Float16) => {
-                let max = f16::MAX.to_f32();
-                for v in values.iter_mut().filter(|v| v.is_finite() && v.abs() > max) {
-                    clamped += 1;
-                    *v = v.clamp(-max, max);
-                }
-                // The slice conversion uses the CPU's F16C instructions where it has them.
-                let halves = &mut halves[..n];
-                half::slice::HalfFloatSliceExt::convert_from_f32_slice(halves, values);
-                halves
-                    .iter()
-                    .for_each(|h| out.extend_from_slice(&h.to_le_bytes()));
-            }
-            _ => values
-                .iter()
-                .for_each(|&v| out.extend_from_slice(&bf16::from_f32(v).to_le_bytes())),
-        }
-    }
-    let mut converted = t.with_data(out.into());
-    converted.proto.data_type = to;
-    t.release();
-    Ok((converted, clamped))
+    let to = DataType::try_from(to)
+        .ok()
+        .filter(|to| is_float(*to as i32))
+        .ok_or_else(|| Error::tensor(t.name(), "cannot be converted to that type"))?;
+    let (converted, clamped) = t.transformed(Transform::Convert(to))?;
+    Ok((converted, clamped as usize))
 }
 
 fn set_elem_type(info: &mut attune_compiler::onnx::ValueInfoProto, t: i32) {
