@@ -10,7 +10,7 @@ use attune_compiler::ir::{Graph, Model, NodeId, ValueId};
 use attune_compiler::onnx::{AttributeProto, DataType};
 use attune_compiler::pass::{Pass, PassCx, PassReport, Skipped};
 use attune_compiler::patch::{In, Patch, attr};
-use attune_compiler::rule::{Rule, RulePass};
+use attune_compiler::rule::{self, Rule, RulePass};
 
 mod conv;
 mod geglu;
@@ -300,23 +300,17 @@ impl Pass for NhwcConvs {
 
     fn run(&self, model: &mut Model, _cx: &mut PassCx) -> Result<PassReport> {
         let mut report = PassReport::default();
-        let mut store = conv::WeightStore {
+        let clamped = std::rc::Rc::new(std::cell::Cell::new(0));
+        let rule = conv::NhwcConvRule {
             low: self.low,
             data: data_values(&model.graph, &model.graph.topo_order()?),
-            clamped: 0,
+            clamped: clamped.clone(),
         };
-        let convs = fuse_each(model, &mut report, "Conv", "NhwcConv", |p, g, _, n| {
-            conv::nhwc_conv(p, g, n, &mut store)
-        })?
-        .len();
-        if convs > 0 {
-            model.require_opset(MS_DOMAIN, 1);
-        }
-        count_line(&mut report, convs, "Conv -> com.microsoft.NhwcConv");
-        if store.clamped > 0 {
+        rule::apply(model, &[Box::new(rule)], &mut report)?;
+        if clamped.get() > 0 {
             report.notes.push(format!(
                 "{} convolution weight values beyond the fp16 range were clamped to ±65504",
-                store.clamped
+                clamped.get()
             ));
         }
         Ok(report)
