@@ -36,6 +36,9 @@ enum Command {
     /// Drives the attention-control hooks of a model compiled with --hooks each step, and with
     /// --reference compares the final latents with a reference's.
     Sample(cmd::sample::Args),
+    /// Generate images from prompts with a pipeline folder (tokenizer, text encoder, denoiser,
+    /// VAE decoder): SD 1.x/2.x pipelines
+    Generate(cmd::sample::generate::Args),
     /// Convert LoRA files into an adapter for a model compiled with --lora-mode adapter
     LoraAdapter(cmd::lora_adapter::Args),
     /// Compile a shipped fixture, diff it structurally and numerically, and time it
@@ -64,6 +67,7 @@ fn main() {
         Command::Demo(a) => cmd::demo::run(a),
         Command::LoraAdapter(a) => cmd::lora_adapter::run(a),
         Command::Sample(a) => cmd::sample::run(a),
+        Command::Generate(a) => cmd::sample::generate::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -2,6 +2,8 @@
 //! components are given, compared with the diffusers pipeline's own references.
 use std::path::{Path, PathBuf};
 
+mod common;
+
 use attune_runtime::HostTensor;
 use attune_runtime::tokenizer::TextTokenizer;
 
@@ -174,4 +176,95 @@ fn a_missing_component_is_named() {
         .unwrap()
         .to_string();
     assert!(err.contains("no vae_decoder"), "{err}");
+}
+
+/// `attune generate` from prompts and the reference's initial noise: diffusers' image within
+/// 2/255 a pixel (single prompts, a wide image, a batch of two).
+#[test]
+fn generate_from_a_prompt_gives_the_diffusers_pipelines_image() {
+    let dir = pipeline("sd15_tiny");
+    let cases = manifest("sd15_tiny")["cases"].clone();
+    let out = tempfile::tempdir().unwrap();
+    for case in ["txt2img_a", "txt2img_wide", "txt2img_batch"] {
+        let refs = dir.join("reference").join(case);
+        let prompts: Vec<String> = match &cases[case]["prompt"] {
+            serde_json::Value::Array(a) => a.iter().map(|p| p.as_str().unwrap().into()).collect(),
+            p => vec![p.as_str().unwrap().into()],
+        };
+        let png = out.path().join(format!("{case}.png"));
+        let latents = refs.join("latents.npy");
+        let mut args = vec![
+            "generate",
+            dir.to_str().unwrap(),
+            "--steps",
+            "4",
+            "--guidance",
+            "7.5",
+            "--latents",
+            latents.to_str().unwrap(),
+            "-o",
+            png.to_str().unwrap(),
+        ];
+        for p in &prompts {
+            args.extend(["--prompt", p.as_str()]);
+        }
+        let o = common::attune(&args);
+        assert!(
+            o.status.success(),
+            "{case}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let want = read_f32(&refs.join("image.npy"));
+        for (k, want) in want.outer_iter().enumerate() {
+            let path = if prompts.len() == 1 {
+                png.clone()
+            } else {
+                out.path().join(format!("{case}-{k}.png"))
+            };
+            let got = attune_runtime::image::read_png(&path).unwrap();
+            assert_eq!([got.height, got.width, 3], want.shape(), "{case}");
+            let worst = got
+                .pixels
+                .iter()
+                .zip(want.iter())
+                .map(|(&g, &w)| (f32::from(g) - w * 255.0).abs())
+                .fold(0.0, f32::max);
+            assert!(worst <= 2.0, "{case} image {k}: a pixel {worst}/255 off");
+        }
+    }
+}
+
+#[test]
+fn generate_refuses_what_it_cannot_run_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("x.png");
+    let run = |folder: &Path| {
+        let o = common::attune(&[
+            "generate",
+            folder.to_str().unwrap(),
+            "--prompt",
+            "a cat",
+            "-o",
+            png.to_str().unwrap(),
+        ]);
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let err = run(dir.path());
+    assert!(err.contains("not a pipeline folder"), "{err}");
+    std::fs::write(
+        dir.path().join("model_index.json"),
+        r#"{"_class_name": "KandinskyPipeline"}"#,
+    )
+    .unwrap();
+    let err = run(dir.path());
+    assert!(err.contains("KandinskyPipeline"), "{err}");
+    std::fs::write(
+        dir.path().join("model_index.json"),
+        r#"{"_class_name": "StableDiffusionPipeline"}"#,
+    )
+    .unwrap();
+    let err = run(dir.path());
+    assert!(err.contains("no unet"), "{err}");
+    assert!(!png.exists(), "nothing written");
 }

@@ -15,6 +15,7 @@ use ndarray::ArrayD;
 use super::exec::EpArg;
 use super::numeric::{DEFAULT_TOL, tolerance};
 
+pub mod generate;
 mod heatmaps;
 mod model;
 
@@ -127,6 +128,19 @@ fn read_f32(path: &Path, what: &str, rank: usize) -> anyhow::Result<ArrayD<f32>>
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
+    Ok(denoise(args, None)?.0)
+}
+
+/// Text embeddings computed by the caller (`attune generate`) instead of read from --cond and
+/// --uncond: [P, tokens, dim] and [1 or P, tokens, dim].
+pub(super) struct Given {
+    pub cond: ArrayD<f32>,
+    pub uncond: ArrayD<f32>,
+}
+
+/// The sampling run `args` describes, with `given` embeddings (then nothing is written and
+/// the final latents are returned) or those of --cond/--uncond (written to --out).
+fn denoise(args: Args, given: Option<Given>) -> anyhow::Result<(i32, Option<ArrayD<f32>>)> {
     let model = super::load(&args.unet)?;
     let specs = inputs::input_specs(&model);
     let has = |name: &str| specs.iter().any(|s| s.name == name);
@@ -257,13 +271,20 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
 
     // Checked first: the controller's schedules are sized by the step count.
     let schedule = schedule(&args)?;
-    let cond = read_f32(&args.cond, "cond", 3)?;
-    let uncond = match &args.uncond {
-        Some(p) => read_f32(p, "uncond", 3)?,
-        None if cfg => bail!(
-            "--guidance {guidance} needs --uncond (the unconditional embeddings of classifier-free guidance); --guidance 1 runs the prompts alone"
-        ),
-        None => cond.clone(),
+    let returned = given.is_some();
+    let (cond, uncond) = match given {
+        Some(g) => (g.cond, g.uncond),
+        None => {
+            let cond = read_f32(&args.cond, "cond", 3)?;
+            let uncond = match &args.uncond {
+                Some(p) => read_f32(p, "uncond", 3)?,
+                None if cfg => bail!(
+                    "--guidance {guidance} needs --uncond (the unconditional embeddings of classifier-free guidance); --guidance 1 runs the prompts alone"
+                ),
+                None => cond.clone(),
+            };
+            (cond, uncond)
+        }
     };
     if cond.is_empty() {
         bail!(
@@ -511,6 +532,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     };
     let schedule_name = run.scheduler.name();
     let (x, maps) = sample::sample(&mut unet, run)?;
+    if returned {
+        return Ok((0, Some(x)));
+    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     let path = latents_out;
@@ -541,9 +565,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                  models/export/sampling.py); --tol sets what is accepted"
             );
         }
-        return Ok(if ok { 0 } else { 1 });
+        return Ok((if ok { 0 } else { 1 }, None));
     }
-    Ok(0)
+    Ok((0, None))
 }
 
 /// The schedule --scheduler-config gives (else Stable Diffusion's DDIM, or flow matching's
