@@ -294,6 +294,13 @@ impl Diff {
 
     /// Stable text rendering: summary counts, per-op and per-module tables, then the lists.
     pub fn render(&self) -> String {
+        self.render_with(false, None)
+    }
+
+    /// [`Diff::render`], with modules of the same change list on one line (a glob of their
+    /// paths and how many) when `fold`, and at most `list_max` names per initializer, input,
+    /// output and opset list (one screen, as the demo shows it).
+    pub fn render_with(&self, fold: bool, list_max: Option<usize>) -> String {
         let mut s = String::new();
         if self.is_empty() {
             s.push_str("no structural differences\n");
@@ -314,7 +321,8 @@ impl Diff {
             for (op, t) in &by_op {
                 let _ = writeln!(s, "  {op:<28} {}", counts(*t));
             }
-            s.push_str("by module:\n");
+            // Modules grouped by their change list, in the order of each group's first module.
+            let mut groups: Vec<(String, Vec<&str>)> = Vec::new();
             for (module, ops) in &by_module {
                 let total = ops
                     .values()
@@ -323,16 +331,44 @@ impl Diff {
                     .iter()
                     .map(|(op, t)| format!("{op} {}", counts(*t)))
                     .collect();
-                let _ = writeln!(s, "  {module}: {} [{}]", counts(total), detail.join(", "));
+                let change = format!("{} [{}]", counts(total), detail.join(", "));
+                match groups.iter_mut().find(|(c, _)| fold && *c == change) {
+                    Some((_, modules)) => modules.push(module),
+                    None => groups.push((change, vec![module])),
+                }
+            }
+            if fold {
+                let folded = groups.iter().filter(|(_, m)| m.len() > 1).count();
+                let note = if folded > 0 {
+                    "; those with the same changes on one line"
+                } else {
+                    ""
+                };
+                let _ = writeln!(s, "by module ({} modules{note}):", by_module.len());
+            } else {
+                s.push_str("by module:\n");
+            }
+            for (change, modules) in &groups {
+                match modules.as_slice() {
+                    [one] => {
+                        let _ = writeln!(s, "  {one}: {change}");
+                    }
+                    many => {
+                        let _ =
+                            writeln!(s, "  {} (x{} modules): {change}", globs(many), many.len());
+                    }
+                }
             }
         }
+        let list_max = list_max.unwrap_or(usize::MAX);
         for (title, c) in [
             ("initializers", &self.initializers),
             ("inputs", &self.inputs),
             ("outputs", &self.outputs),
             ("opsets", &self.opsets),
         ] {
-            if c.is_empty() {
+            let total = c.added.len() + c.removed.len() + c.changed.len();
+            if total == 0 {
                 continue;
             }
             let _ = writeln!(
@@ -342,10 +378,18 @@ impl Diff {
                 c.removed.len(),
                 c.changed.len()
             );
-            for (mark, list) in [("+", &c.added), ("-", &c.removed), ("~", &c.changed)] {
-                for item in list {
-                    let _ = writeln!(s, "  {mark} {item}");
-                }
+            let items = [("+", &c.added), ("-", &c.removed), ("~", &c.changed)]
+                .into_iter()
+                .flat_map(|(mark, list)| list.iter().map(move |item| (mark, item)));
+            for (mark, item) in items.take(list_max) {
+                let _ = writeln!(s, "  {mark} {item}");
+            }
+            if total > list_max {
+                let _ = writeln!(
+                    s,
+                    "  ... and {} more (`attune diff` lists them all)",
+                    total - list_max
+                );
             }
         }
         s
@@ -365,4 +409,54 @@ pub fn counts((added, removed, changed): Counts) -> String {
         parts.push(format!("~{changed}"));
     }
     parts.join(" ")
+}
+
+/// Names for several module paths: one glob per last component (`*.norm1, *.norm2`), a
+/// module alone by its path.
+fn globs(modules: &[&str]) -> String {
+    let mut by_last: Vec<(&str, Vec<&str>)> = Vec::new();
+    for m in modules {
+        let last = m.rsplit('.').next().unwrap_or(m);
+        match by_last.iter_mut().find(|(l, _)| *l == last) {
+            Some((_, ms)) => ms.push(m),
+            None => by_last.push((last, vec![m])),
+        }
+    }
+    let names: Vec<String> = by_last
+        .iter()
+        .map(|(_, ms)| match ms.as_slice() {
+            [one] => one.to_string(),
+            many => glob(many),
+        })
+        .collect();
+    names.join(", ")
+}
+
+/// One name for several module paths: their common leading and trailing components around a
+/// `*` (`*.transformer_blocks.0.attn1`, `up_blocks.1.*.norm1`).
+fn glob(modules: &[&str]) -> String {
+    let split: Vec<Vec<&str>> = modules.iter().map(|m| m.split('.').collect()).collect();
+    let shortest = split.iter().map(Vec::len).min().unwrap_or(0);
+    let at_head = |i: usize| split.iter().all(|p| p[i] == split[0][i]);
+    let at_tail = |i: usize| {
+        split
+            .iter()
+            .all(|p| p[p.len() - 1 - i] == split[0][split[0].len() - 1 - i])
+    };
+    let mut head = 0;
+    while head < shortest && at_head(head) {
+        head += 1;
+    }
+    let mut tail = 0;
+    while head + tail < shortest && at_tail(tail) {
+        tail += 1;
+    }
+    let first = &split[0];
+    let mut parts: Vec<&str> = first[..head].to_vec();
+    parts.push("*");
+    parts.extend(&first[first.len() - tail..]);
+    if head == 0 && tail == 0 {
+        return format!("{} and others", modules[0]);
+    }
+    parts.join(".")
 }

@@ -70,7 +70,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     println!("\n== structural diff");
     print!(
         "{}",
-        super::diff::render_folded(&diff::diff(&original, &model), DIFF_LIST_MAX)
+        diff::diff(&original, &model).render_with(true, Some(DIFF_LIST_MAX))
     );
     drop((original, model));
 
