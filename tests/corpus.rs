@@ -82,14 +82,7 @@ fn compiled(
     (m.graph.node_count(), telling)
 }
 
-const CUDA: &[&str] = &[
-    "--target",
-    "cuda",
-    "--precision",
-    "fp16",
-    "--attention",
-    "flash",
-];
+const CUDA: &[&str] = &common::CUDA_FP16_FLASH;
 
 #[test]
 fn every_export_form_compiles_for_cuda_like_its_canonical_fixture() {

@@ -16,15 +16,7 @@ const LORA: &str = "models/loras/kohya.safetensors";
 
 /// Pass combinations users run (`--target cpu` is the default); the LoRA ones where the
 /// LoRA file fits the fixture (made for the SD1.5 fixture's layers).
-/// The usual CUDA deployment's flags.
-const CUDA_FP16_FLASH: [&str; 6] = [
-    "--target",
-    "cuda",
-    "--precision",
-    "fp16",
-    "--attention",
-    "flash",
-];
+use common::CUDA_FP16_FLASH;
 
 fn combinations(name: &str) -> Vec<Vec<String>> {
     let lora = root().join(LORA).display().to_string();

@@ -100,6 +100,17 @@ pub fn spec(name: &str) -> serde_json::Value {
 /// Two runs of one function through different graphs: compiled graphs are canonicalised
 /// (constants folded, CSE), so ONNX Runtime's own fusions find more and round differently
 /// (bit-identical with its optimizer at the basic level, which `canonical` tests check).
+/// The usual CUDA deployment's flags.
+#[allow(dead_code)] // not every test binary compiles for CUDA
+pub const CUDA_FP16_FLASH: [&str; 6] = [
+    "--target",
+    "cuda",
+    "--precision",
+    "fp16",
+    "--attention",
+    "flash",
+];
+
 pub const SAME_FUNCTION: f64 = 1e-6;
 
 /// `got` computes what `want` does, within [`SAME_FUNCTION`] (rel L2).

@@ -437,19 +437,27 @@ fn transpose(x: &Const, perm: &[i64]) -> Option<Const> {
     let dims: Vec<usize> = perm.iter().map(|&p| x.dims[p]).collect();
     let src_strides = strides(&x.dims);
     let moved: Vec<usize> = perm.iter().map(|&p| src_strides[p]).collect();
+    Some(pick_elements(x, dims, |idx| {
+        idx.iter().zip(&moved).map(|(i, s)| i * s).sum()
+    }))
+}
+
+/// A tensor of `dims` whose element at each index is `x`'s element at `offset(index)`.
+fn pick_elements(x: &Const, dims: Vec<usize>, offset: impl Fn(&[usize]) -> usize) -> Const {
     let w = x.width();
-    let mut out = Vec::with_capacity(x.data.len());
-    let mut idx = vec![0usize; rank];
-    for _ in 0..x.count() {
-        let off: usize = idx.iter().zip(&moved).map(|(i, s)| i * s).sum();
+    let count: usize = dims.iter().product();
+    let mut out = Vec::with_capacity(count * w);
+    let mut idx = vec![0usize; dims.len()];
+    for _ in 0..count {
+        let off = offset(&idx);
         out.extend_from_slice(&x.data[off * w..(off + 1) * w]);
         advance(&mut idx, &dims);
     }
-    Some(Const {
+    Const {
         dtype: x.dtype,
         dims,
         data: out.into(),
-    })
+    }
 }
 
 fn concat(parts: &[&Const], a: i64) -> Option<Const> {
@@ -544,20 +552,9 @@ fn slice(x: &Const, starts: &[i64], ends: &[i64], axes: &[i64], steps: &[i64]) -
     }
     let dims: Vec<usize> = picks.iter().map(Vec::len).collect();
     let src = strides(&x.dims);
-    let w = x.width();
-    let count: usize = dims.iter().product();
-    let mut out = Vec::with_capacity(count * w);
-    let mut idx = vec![0usize; rank];
-    for _ in 0..count {
-        let off: usize = (0..rank).map(|k| picks[k][idx[k]] * src[k]).sum();
-        out.extend_from_slice(&x.data[off * w..(off + 1) * w]);
-        advance(&mut idx, &dims);
-    }
-    Some(Const {
-        dtype: x.dtype,
-        dims,
-        data: out.into(),
-    })
+    Some(pick_elements(x, dims, |idx| {
+        (0..rank).map(|k| picks[k][idx[k]] * src[k]).sum()
+    }))
 }
 
 /// numpy's broadcast of several shapes.
