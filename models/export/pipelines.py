@@ -21,20 +21,23 @@ Pipelines:
   same weights: their ONNX files are byte-identical, git stores them once) and a 9-channel
   UNet (latents 4 + mask 1 + masked-image latents 4), as SD1.5-inpainting is built.
 - `sdxl_tiny`: StableDiffusionXLPipeline. text_encoder sd15_tiny's CLIPTextModel (its weights),
-  text_encoder_2 a CLIPTextModelWithProjection (hidden 16, projection_dim 16, gelu),
-  tokenizer_2 padding with "!" (id 0) as SDXL's does; UNet with text_time added conditions
-  (addition_time_embed_dim 8, projection_class_embeddings_input_dim 16 + 6 * 8), linear
-  projections, transformer_layers_per_block (1, 2), cross_attention_dim 32 (16 + 16, both
-  encoders' penultimate hidden states concatenated); sd15_tiny's VAE weights with SDXL's VAE
-  config (scaling_factor 0.13025, force_upcast); SDXL's EulerDiscreteScheduler config;
-  force_zeros_for_empty_prompt (model_index.json), as SDXL base ships.
+  text_encoder_2 a CLIPTextModelWithProjection (hidden 8, intermediate 32, projection_dim 16,
+  gelu), tokenizer_2 padding with "!" (id 0) as SDXL's does; UNet with text_time added
+  conditions (addition_time_embed_dim 8, projection_class_embeddings_input_dim 16 + 6 * 8: the
+  pooled projection and six time ids), linear projections, transformer_layers_per_block (1, 2),
+  cross_attention_dim 24 (16 + 8, both encoders' penultimate hidden states concatenated);
+  sd15_tiny's VAE weights with SDXL's VAE config (scaling_factor 0.13025, force_upcast); SDXL's
+  EulerDiscreteScheduler config; force_zeros_for_empty_prompt (model_index.json), as SDXL base
+  ships.
 
 Sizes: the CLIP vocabulary is real, so every text encoder carries a 49408 x hidden embedding;
-hidden 16 makes it 3.2 MB in fp32 (hidden 32 would be 6.3 MB), and UNet/VAE use (32, 32)
-channels rather than (32, 64) (1.7 MB / 1.0 MB of ONNX rather than about 3.2 / 2.6 MB). Each
-tokenizer folder is 1.6 MB (vocab.json + merges.txt). On disk: sd15_tiny 7.7 MB,
-sd15_inpaint_tiny 7.6 MB, sdxl_tiny 13.1 MB (28.3 MB); 18.3 MB of distinct files; 11.4 MiB
-as one git pack (identical files stored once, sdxl_tiny's first text encoder a delta).
+hidden 16 makes it 3.2 MB in fp32 (hidden 32 would be 6.3 MB; sdxl_tiny's second encoder,
+hidden 8, 1.6 MB), and UNet/VAE use (32, 32) channels rather than (32, 64) (1.7 MB / 1.0 MB
+of ONNX rather than about 3.2 / 2.6 MB; sdxl_tiny's UNet 2.3 MB). Each tokenizer folder is
+1.6 MB (vocab.json + merges.txt). On disk: sd15_tiny 7.7 MB, sd15_inpaint_tiny 7.6 MB,
+sdxl_tiny 11.5 MB (26.7 MB); 16.6 MB of distinct files. sdxl_tiny adds 3.1 MiB to a git pack
+(its tokenizers and VAE are sd15_tiny's files, stored once; its first text encoder, sd15_tiny's
+weights with hidden-state outputs, a delta; new: the second encoder, the UNet, the references).
 
 The vocabulary: open-clip-torch ships OpenAI CLIP's BPE merges (`bpe_simple_vocab_16e6.txt.gz`);
 vocab.json and merges.txt are built from it exactly as CLIP's tokenizer builds its encoder
@@ -158,7 +161,7 @@ SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "b
 TEXT = dict(vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=2, max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu",
             bos_token_id=0, eos_token_id=2, pad_token_id=1)
-TEXT_2 = dict(TEXT, hidden_act="gelu", projection_dim=16)
+TEXT_2 = dict(TEXT, hidden_size=8, intermediate_size=32, hidden_act="gelu", projection_dim=16)
 UNET_SD15 = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -167,7 +170,7 @@ UNET_INPAINT = dict(UNET_SD15, in_channels=9)
 UNET_SDXL = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                 transformer_layers_per_block=(1, 2), cross_attention_dim=32, attention_head_dim=(2, 2),
+                 transformer_layers_per_block=(1, 2), cross_attention_dim=16 + 8, attention_head_dim=(2, 2),
                  norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
                  addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8)
 VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
