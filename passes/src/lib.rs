@@ -4,6 +4,7 @@ pub mod canonical;
 pub mod cleanup;
 pub mod controller;
 pub mod emit;
+pub mod folder;
 pub mod glob;
 pub mod layer_norm;
 pub mod lora;

@@ -5,6 +5,7 @@ use anyhow::{Context, anyhow};
 use attune_compiler::export::{self, ExportOptions, WeightsMode};
 use attune_compiler::pass::{PassCx, PassManager, PassReport};
 use attune_compiler::verify;
+use attune_passes::folder;
 use attune_passes::lora::adapter;
 use attune_passes::pipeline::{self, LoraModeArg, Options, TargetArg, Weights};
 
@@ -13,9 +14,11 @@ use crate::progress::Progress;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The .onnx model to compile
+    /// The .onnx model to compile, or a pipeline folder (diffusers/optimum ONNX layout, with
+    /// model_index.json): each component gets the passes that apply to it
     model: PathBuf,
-    /// Output .onnx path (its data file is written next to it)
+    /// Output .onnx path (its data file is written next to it); for a pipeline folder, a new
+    /// folder
     #[arg(short, long)]
     output: PathBuf,
     #[command(flatten)]
@@ -85,6 +88,9 @@ pub fn run(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
     if let Some(path) = &args.recipe {
         let recipe = Options::from_recipe(path).map_err(anyhow::Error::msg)?;
         args.options = super::recipe::merge(recipe, &args.options, matches)?;
+    }
+    if args.model.is_dir() {
+        return run_folder(&args);
     }
     // Every file this command reads; no output may replace one. Checked before any work.
     let inputs = args.read_files()?;
@@ -276,4 +282,184 @@ fn cpu_twin(args: &Args, dir: &std::path::Path) -> anyhow::Result<PathBuf> {
     };
     export::write(&model, &out, &opts)?;
     Ok(out)
+}
+
+/// `attune compile DIR -o OUT_DIR`: a pipeline folder, component by component.
+fn run_folder(args: &Args) -> anyhow::Result<i32> {
+    if !args.dump_after.is_empty() || args.stop_after.is_some() {
+        anyhow::bail!(
+            "--dump-after and --stop-after work on one graph: give the component's model, e.g. attune compile {}/unet/model.onnx",
+            args.model.display()
+        );
+    }
+    if args.inline && args.options.weights == Weights::Link {
+        anyhow::bail!("--inline and --weights link: choose one");
+    }
+    let start = Instant::now();
+    let pipeline = folder::Pipeline::read(&args.model)?;
+    let denoiser = pipeline.denoiser().model.clone();
+    // A function-changing rewrite (linear attention, the denoiser's) is measured, as for one
+    // graph: its inputs are settled before anything is written.
+    let measure_inputs = if args.options.changes_function() {
+        Some(args.measure.prepare(&denoiser).context(
+            "linear attention changes the denoiser's outputs and attune measures by how much: give --dim NAME=V (or --input) for its inputs",
+        )?)
+    } else {
+        None
+    };
+    let progress = Progress::start(&format!("reading {}", args.model.display()), args.quiet);
+    let mut current = String::new();
+    let job = folder::Job {
+        input: &args.model,
+        output: &args.output,
+        options: &args.options,
+        export: ExportOptions {
+            weights: match args.options.weights {
+                Weights::Copy => WeightsMode::Copy,
+                Weights::Link => WeightsMode::Link,
+            },
+            inline: args.inline,
+        },
+        verify: args.verify
+            || cfg!(debug_assertions)
+            || std::env::var_os("ATTUNE_VERIFY").is_some(),
+    };
+    let report = folder::compile(&job, &mut |event| match event {
+        folder::Event::Component(name) => current = name.to_string(),
+        folder::Event::Pass(pass) => progress.step(&format!("{current}: {pass}")),
+        folder::Event::Bytes(done, total) => progress.bytes(done, total),
+        folder::Event::Copying => progress.step("copying the other files"),
+    })?;
+    progress.finish();
+    if args.quiet {
+        return Ok(0);
+    }
+    print_folder_report(&report);
+    println!("  total {:.0} ms", start.elapsed().as_secs_f64() * 1e3);
+    if let Some(inputs) = measure_inputs {
+        let compiled = args.output.join(denoiser.strip_prefix(&args.model)?);
+        let exec = ExecArgs {
+            ep: EpArg::Cpu,
+            input: InputArgs::default(),
+            threads: None,
+            opt_level: OptArg::All,
+        };
+        match args.options.target {
+            TargetArg::Cuda => println!(
+                "change of the denoiser's outputs not measured (a CUDA-target graph; measure its CPU-target twin with attune compile {} --target cpu)",
+                denoiser.display()
+            ),
+            TargetArg::Cpu => {
+                match super::numeric::compare_on(&denoiser, &compiled, &exec, &inputs) {
+                    Ok(results) => {
+                        println!(
+                            "measured change of the denoiser's outputs (ONNX Runtime CPU, these inputs):"
+                        );
+                        print!("{}", super::numeric::render(&results, None).0);
+                    }
+                    Err(e) => println!("change of the outputs not measured on the CPU: {e:#}"),
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// Each component's passes (what they changed and skipped), the options it did not get and
+/// why, its files; then what was copied.
+fn print_folder_report(r: &folder::FolderReport) {
+    println!("{} -> {}", r.class, r.output.display());
+    for c in &r.components {
+        println!(
+            "{} ({}): {} -> {} nodes, {} -> {}",
+            c.name,
+            c.role.name(),
+            c.nodes.0,
+            c.nodes.1,
+            super::bytes(c.bytes.0),
+            super::bytes(c.bytes.1)
+        );
+        for p in &c.passes {
+            println!(
+                "  {}: {} rewritten, {} skipped ({:.1} ms)",
+                p.pass,
+                p.rewritten.len(),
+                p.skipped.len(),
+                p.time.as_secs_f64() * 1e3
+            );
+            for s in &p.rewritten {
+                println!("    + {s}");
+            }
+            for s in &p.skipped {
+                println!("    - {}: {}", s.site, s.reason);
+            }
+            for n in &p.notes {
+                println!("    note: {n}");
+            }
+        }
+        for n in &c.not_applied {
+            println!("  not applied: {}: {}", n.option, n.reason);
+        }
+        for n in &c.notes {
+            println!("  note: {n}");
+        }
+        for (path, size) in &c.files {
+            println!("  wrote {} ({})", path.display(), super::bytes(*size));
+        }
+        for (path, how) in &c.linked {
+            println!("  {how} {}", path.display());
+        }
+        if c.clamped > 0 {
+            println!(
+                "  {} weight values beyond the fp16 range were clamped to ±65504",
+                c.clamped
+            );
+        }
+        if let Some((path, count, skipped)) = &c.adapter {
+            println!(
+                "  adapter {} ({count} tensors; run with --adapter)",
+                path.display()
+            );
+            for s in skipped {
+                println!("    - {}: {}", s.site, s.reason);
+            }
+        }
+    }
+    let total: u64 = r.copied.iter().map(|(_, n)| n).sum();
+    println!(
+        "copied {} files as they are ({})",
+        r.copied.len(),
+        super::bytes(total)
+    );
+    // By top-level entry: `tokenizer/ (4 files, 1.5 MiB)`.
+    let mut groups: Vec<(String, usize, u64)> = Vec::new();
+    for (path, size) in &r.copied {
+        let mut parts = path.components();
+        let first = parts
+            .next()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned());
+        let key = match (first, parts.next()) {
+            (Some(dir), Some(_)) => format!("{dir}/"),
+            (Some(file), None) => file,
+            _ => continue,
+        };
+        match groups.iter_mut().find(|(k, _, _)| *k == key) {
+            Some((_, n, b)) => {
+                *n += 1;
+                *b += size;
+            }
+            None => groups.push((key, 1, *size)),
+        }
+    }
+    for (key, n, b) in groups {
+        let files = if n == 1 {
+            String::new()
+        } else {
+            format!("{n} files, ")
+        };
+        println!("  {key} ({files}{})", super::bytes(b));
+    }
+    for n in &r.notes {
+        println!("note: {n}");
+    }
 }
