@@ -37,6 +37,7 @@ fn fuse(model: &str, loras: &[(&str, f32)]) -> (Model, PassReport) {
     pm.add(LoraPass {
         sources,
         strict: false,
+        component: None,
     });
     let report = pm
         .run(&mut m, &mut PassCx { verify: true })
@@ -88,14 +89,14 @@ fn every_format_fuses_like_its_reference() {
 }
 
 #[test]
-fn text_encoder_keys_are_reported_not_fused() {
+fn text_encoder_keys_are_noted_as_the_text_encoders() {
     let (_, report) = fuse("sd15_legacy", &[("kohya", 1.0)]);
-    assert_eq!(report.skipped.len(), 1);
+    assert!(report.skipped.is_empty(), "{:?}", report.skipped);
     assert_eq!(
-        report.skipped[0].site,
-        "kohya.safetensors:lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+        report.notes,
+        ["kohya.safetensors: 1 layer for text_encoder (fused when text_encoder is compiled, \
+          --lora-component text_encoder): lora_te_text_model_encoder_layers_0_self_attn_q_proj"]
     );
-    assert_eq!(report.skipped[0].reason, "text encoder: not in this graph");
 }
 
 #[test]
@@ -137,7 +138,7 @@ fn cli_fuses_with_linked_weights() {
     );
     let text = stdout(&o);
     assert!(o.status.success(), "{text}{}", stderr(&o));
-    assert!(text.contains("lora: 230 rewritten, 1 skipped"), "{text}");
+    assert!(text.contains("lora: 230 rewritten, 0 skipped"), "{text}");
     // Changed tensors went to the second data file; the original data is hard-linked.
     assert!(
         dir.path().join("unet.onnx.data").exists() && dir.path().join("fused.onnx.data").exists()
@@ -246,6 +247,7 @@ fn fp16_weights_are_fused_in_f32_and_rounded_once() {
             multiplier: 1.0,
         }],
         strict: false,
+        component: None,
     });
     pm.run(&mut m, &mut PassCx::default()).unwrap();
     // The same fusion in f32 on the upcast weights, rounded to f16 once at the end.
@@ -307,6 +309,7 @@ fn unmatched_layers_are_reported_or_refused_when_strict() {
             multiplier: 1.0,
         }],
         strict: false,
+        component: None,
     });
     let report = pm.run(&mut m, &mut PassCx::default()).unwrap().remove(0);
     assert!(report.rewritten.is_empty());
@@ -449,6 +452,7 @@ fn a_fused_weight_that_overflows_its_dtype_is_an_error_naming_the_layer() {
             multiplier: 1e7,
         }],
         strict: false,
+        component: None,
     });
     let err = pm
         .run(&mut m, &mut PassCx::default())
@@ -689,6 +693,7 @@ fn factors_that_do_not_fit_the_layers_kernel_are_errors_naming_the_layer() {
             multiplier: 1.0,
         }],
         strict: true,
+        component: None,
     });
     let report = pm.run(&mut m, &mut PassCx { verify: true }).unwrap();
     assert_eq!(report[0].rewritten.len(), 1, "{:?}", report[0]);
@@ -780,6 +785,7 @@ fn fuse_into(m: &mut Model, file: &Path) -> attune_compiler::Result<Vec<PassRepo
             multiplier: 1.0,
         }],
         strict: true,
+        component: None,
     });
     pm.run(m, &mut PassCx { verify: false })
 }

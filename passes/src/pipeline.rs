@@ -16,7 +16,7 @@ use crate::controller::{ControllerPass, Hook};
 use crate::glob::Globs;
 use crate::layer_norm::LayerNormPass;
 use crate::lora::adapter::AdapterPass;
-use crate::lora::{LoraPass, LoraSource};
+use crate::lora::{Component, LoraPass, LoraSource};
 use crate::lower::{CudaFusion, FixShapes, Precision, PrecisionPass, ShapeSpec, SupportCheck};
 use crate::tome::{Mode as TomeMode, Pool, TomeOptions, TomePass};
 
@@ -66,6 +66,46 @@ choice!(PrecisionArg { Fp32 = "fp32", Fp16 = "fp16", Bf16 = "bf16" } default Fp3
 choice!(AttentionArg { Keep = "keep", Flash = "flash", Onnx = "onnx", Linear = "linear" } default Keep);
 choice!(FeatureMapArg { Relu = "relu", Elu1 = "elu1" } default Elu1);
 choice!(LoraModeArg { Fuse = "fuse", Adapter = "adapter" } default Fuse);
+choice!(
+    /// Which model of a pipeline a graph is, for the LoRA keys it takes (auto: a graph with
+    /// an `input_ids` input is `text_encoder`, any other the denoiser).
+    LoraComponentArg {
+        Auto = "auto",
+        Unet = "unet",
+        Transformer = "transformer",
+        #[cfg_attr(feature = "cli", value(name = "text_encoder"))]
+        TextEncoder = "text_encoder",
+        #[cfg_attr(feature = "cli", value(name = "text_encoder_2"))]
+        TextEncoder2 = "text_encoder_2",
+        #[cfg_attr(feature = "cli", value(name = "text_encoder_3"))]
+        TextEncoder3 = "text_encoder_3",
+    } default Auto
+);
+
+impl LoraComponentArg {
+    /// The component, `None` for auto.
+    pub fn component(self) -> Option<Component> {
+        Some(match self {
+            LoraComponentArg::Auto => return None,
+            LoraComponentArg::Unet | LoraComponentArg::Transformer => Component::Denoiser,
+            LoraComponentArg::TextEncoder => Component::TextEncoder,
+            LoraComponentArg::TextEncoder2 => Component::TextEncoder2,
+            LoraComponentArg::TextEncoder3 => Component::TextEncoder3,
+        })
+    }
+}
+
+impl From<Component> for LoraComponentArg {
+    fn from(c: Component) -> Self {
+        match c {
+            Component::Denoiser => LoraComponentArg::Unet,
+            Component::TextEncoder => LoraComponentArg::TextEncoder,
+            Component::TextEncoder2 => LoraComponentArg::TextEncoder2,
+            Component::TextEncoder3 => LoraComponentArg::TextEncoder3,
+        }
+    }
+}
+
 choice!(TomeModeArg { Merge = "merge", Todo = "todo" } default Merge);
 choice!(PoolArg { Avg = "avg", Nearest = "nearest" } default Avg);
 choice!(HookArg { Capture = "capture", P2p = "p2p", Masactrl = "masactrl" } default Capture);
@@ -203,6 +243,19 @@ pub struct LoraOptions {
     /// Make LoRA layers that match no layer of the graph an error
     #[cfg_attr(feature = "cli", arg(long = "lora-strict", id = "lora_options.strict"))]
     pub strict: bool,
+    /// Which model of a pipeline the graph is: the LoRA files' keys for it are fused, the
+    /// others noted as theirs (auto: a graph with an `input_ids` input is text_encoder, any
+    /// other the unet/transformer)
+    #[cfg_attr(
+        feature = "cli",
+        arg(
+            long = "lora-component",
+            id = "lora_options.component",
+            value_enum,
+            default_value_t
+        )
+    )]
+    pub component: LoraComponentArg,
     /// In adapter mode, also give branches to every layer whose module path matches
     #[cfg_attr(
         feature = "cli",
@@ -479,6 +532,7 @@ pub fn build(o: &Options) -> Result<PassManager, String> {
             pm.add(LoraPass {
                 sources,
                 strict: o.lora_options.strict,
+                component: o.lora_options.component.component(),
             });
         }
         LoraModeArg::Adapter if !sources.is_empty() || o.lora_options.layers.is_some() => {

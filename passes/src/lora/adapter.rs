@@ -14,7 +14,7 @@ use attune_compiler::weights::Tensor;
 use attune_compiler::{Error, Result};
 
 use super::file::{self, Layer, Part};
-use super::{Layout, LoraSource, Target, layers_per_block, targets};
+use super::{Layout, LoraSource, Target, detect_component, find_target, layers_per_block, targets};
 use crate::glob::Globs;
 
 /// The global strength input every branch is multiplied by (default 1).
@@ -43,8 +43,8 @@ impl Pass for AdapterPass {
         let mut report = PassReport::default();
         let mut chosen: BTreeMap<String, Target> = BTreeMap::new();
         for s in &self.sources {
-            for layer in file::read(&s.path, lpb)?.layers {
-                match all.get(&layer.module) {
+            for layer in file::read(&s.path, lpb, detect_component(model))?.layers {
+                match find_target(&all, model, &layer.module) {
                     Some(Ok(t)) => {
                         chosen.insert(layer.module.clone(), t.clone());
                     }
@@ -288,14 +288,14 @@ pub fn adapter_tensors(
     let mut acc: BTreeMap<String, (AdapterTensor, AdapterTensor)> = BTreeMap::new();
     let mut skipped = Vec::new();
     for s in sources {
-        let f = file::read(&s.path, lpb)?;
+        let f = file::read(&s.path, lpb, detect_component(model))?;
         let fname = s
             .path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         for layer in &f.layers {
-            let Some(Ok(target)) = all.get(&layer.module) else {
+            let Some(Ok(target)) = find_target(&all, model, &layer.module) else {
                 skipped.push(Skipped {
                     site: format!("{fname}:{}", layer.name),
                     reason: format!("no layer '{}' in this graph", layer.module),

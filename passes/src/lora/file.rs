@@ -9,12 +9,70 @@
 //!   `lora_adapter_metadata` (rsLoRA when flagged) or `<path>.alpha` keys;
 //! - diffusers' legacy attention processors: `unet.<attn>.processor.to_q_lora.down.weight`.
 //!
-//! Text-encoder keys are kept aside as "not in this graph".
+//! - text encoders: kohya `lora_te_`/`lora_te1_` (text_encoder), `lora_te2_` (text_encoder_2),
+//!   `lora_te3_` (text_encoder_3, SD3's T5) followed by the module in underscore form
+//!   (`text_model_encoder_layers_0_self_attn_q_proj`); diffusers/PEFT `text_encoder.<path>`,
+//!   `text_encoder_2.<path>` (also diffusers' older `.lora_linear_layer.down/up` and
+//!   `self_attn.to_q_lora.down` forms), and a bare PEFT `base_model.model.text_model.<path>`.
+//!
+//! Every key belongs to one [`Component`] of a pipeline; a read keeps the layers of the
+//! component asked for and counts the others (reported as theirs, not as failures).
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use attune_compiler::{Error, Result};
 use safetensors::{Dtype, SafeTensors};
+
+/// The model of a pipeline a LoRA key adapts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Component {
+    /// The UNet or diffusion transformer (`lora_unet_`, `unet.`, `transformer.`).
+    Denoiser,
+    /// `text_encoder` (`lora_te_`, `lora_te1_`, `text_encoder.`).
+    TextEncoder,
+    /// `text_encoder_2` (`lora_te2_`, `text_encoder_2.`).
+    TextEncoder2,
+    /// `text_encoder_3` (`lora_te3_`, `text_encoder_3.`).
+    TextEncoder3,
+}
+
+impl Component {
+    pub const ALL: [Component; 4] = [
+        Component::Denoiser,
+        Component::TextEncoder,
+        Component::TextEncoder2,
+        Component::TextEncoder3,
+    ];
+
+    /// The name users and pipeline folders give it (`unet` for the denoiser, whose folder may
+    /// also be `transformer`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Component::Denoiser => "unet",
+            Component::TextEncoder => "text_encoder",
+            Component::TextEncoder2 => "text_encoder_2",
+            Component::TextEncoder3 => "text_encoder_3",
+        }
+    }
+
+    /// A pipeline folder's component directory (`unet`, `transformer`, `text_encoder_2`); `None`
+    /// for those LoRA files never adapt (VAE, tokenizers).
+    pub fn from_folder(name: &str) -> Option<Component> {
+        Some(match name {
+            "unet" | "transformer" | "denoiser" | "prior" | "decoder" => Component::Denoiser,
+            "text_encoder" => Component::TextEncoder,
+            "text_encoder_2" => Component::TextEncoder2,
+            "text_encoder_3" => Component::TextEncoder3,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for Component {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// A factor, upcast to f32 (row-major).
 #[derive(Clone, Debug, PartialEq)]
@@ -73,23 +131,72 @@ pub struct Layer {
 #[derive(Debug)]
 pub struct LoraFile {
     pub path: PathBuf,
+    /// The component these layers were read for.
+    pub component: Component,
+    /// Its layers.
     pub layers: Vec<Layer>,
-    /// Keys for other models of a pipeline (text encoders), with why they are not used.
-    pub elsewhere: Vec<(String, String)>,
+    /// The layers (names as the file spells them) of the file's other components.
+    pub elsewhere: BTreeMap<Component, Vec<String>>,
 }
 
-/// What a key says: the layer's name, where it belongs, which part.
-enum KeyKind {
-    Unet {
-        name: String,
-        module: String,
-        part: Part,
-    },
-    TextEncoder,
+/// What a key says: the component, the layer's name, its module, which part.
+struct Key {
+    component: Component,
+    name: String,
+    module: String,
+    part: Part,
 }
 
-/// Reads a LoRA file. `layers_per_block` maps SGM/LDM block names.
-pub fn read(path: &Path, layers_per_block: usize) -> Result<LoraFile> {
+/// Which components a LoRA file has layers for, and how many each, from its keys alone (no
+/// factor decoded): a folder compile asks which of its components get a LoRA pass.
+pub fn components(path: &Path) -> Result<BTreeMap<Component, usize>> {
+    let bad = |msg: String| Error::Model {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("not a valid .safetensors file: {e}")))?;
+    let mut layers: BTreeMap<Component, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for key in st.names() {
+        let (component, name) = match parse_key(key, 2) {
+            Some(k) => (k.component, k.name),
+            None => match prefix_component(key) {
+                Some(c) if c != Component::Denoiser => (c, layer_name(key)),
+                _ => {
+                    return Err(bad(format!(
+                        "key '{key}' is not a LoRA key attune knows (kohya, LyCORIS, diffusers/PEFT)"
+                    )));
+                }
+            },
+        };
+        layers.entry(component).or_default().insert(name);
+    }
+    Ok(layers.into_iter().map(|(c, n)| (c, n.len())).collect())
+}
+
+/// The component a key's prefix names, whatever follows it.
+fn prefix_component(key: &str) -> Option<Component> {
+    KOHYA_PREFIXES
+        .iter()
+        .chain(DOTTED_PREFIXES)
+        .find(|(p, _)| key.starts_with(p))
+        .map(|(_, c)| *c)
+}
+
+/// A key without its factor suffix, for naming a layer whose key attune cannot read.
+fn layer_name(key: &str) -> String {
+    for suffix in [".lora_A.", ".lora_B.", ".lora_down.", ".lora_up.", ".alpha"] {
+        if let Some(i) = key.find(suffix) {
+            return key[..i].to_string();
+        }
+    }
+    key.to_string()
+}
+
+/// Reads a LoRA file's layers for `component`; the other components' layers are named in
+/// `elsewhere`. `layers_per_block` maps SGM/LDM block names.
+pub fn read(path: &Path, layers_per_block: usize, component: Component) -> Result<LoraFile> {
     let bad = |msg: String| Error::Model {
         path: path.to_path_buf(),
         msg,
@@ -99,31 +206,41 @@ pub fn read(path: &Path, layers_per_block: usize) -> Result<LoraFile> {
         .map_err(|e| bad(format!("not a valid .safetensors file: {e}")))?;
     let (_, meta) = SafeTensors::read_metadata(&bytes)
         .map_err(|e| bad(format!("not a valid .safetensors file: {e}")))?;
-    let peft = PeftMeta::from(meta.metadata().as_ref());
+    let peft = PeftMeta::from(meta.metadata().as_ref(), component);
     let mut layers: BTreeMap<String, Layer> = BTreeMap::new();
-    let mut elsewhere = Vec::new();
+    let mut elsewhere: BTreeMap<Component, Vec<String>> = BTreeMap::new();
     let mut names: Vec<&str> = st.names();
     names.sort();
     for key in names {
-        let kind = parse_key(key, layers_per_block).ok_or_else(|| {
+        let parsed = parse_key(key, layers_per_block).or_else(|| {
+            // Another component's key in a form attune cannot read is that component's
+            // business: named there, not an error here.
+            let of =
+                prefix_component(key).filter(|c| *c != component && *c != Component::Denoiser)?;
+            Some(Key {
+                component: of,
+                name: layer_name(key),
+                module: String::new(),
+                part: Part::Alpha,
+            })
+        });
+        let Key {
+            component: of,
+            name,
+            module,
+            part,
+        } = parsed.ok_or_else(|| {
             bad(format!(
                 "key '{key}' is not a LoRA key attune knows (kohya, LyCORIS, diffusers/PEFT)"
             ))
         })?;
-        let (name, module, part) = match kind {
-            KeyKind::TextEncoder => {
-                let layer = key
-                    .split_once('.')
-                    .map(|(l, _)| l)
-                    .unwrap_or(key)
-                    .to_string();
-                if !elsewhere.iter().any(|(l, _)| *l == layer) {
-                    elsewhere.push((layer, "text encoder: not in this graph".to_string()));
-                }
-                continue;
+        if of != component {
+            let names = elsewhere.entry(of).or_default();
+            if !names.contains(&name) {
+                names.push(name);
             }
-            KeyKind::Unet { name, module, part } => (name, module, part),
-        };
+            continue;
+        }
         let view = st
             .tensor(key)
             .map_err(|e| bad(format!("key '{key}': {e}")))?;
@@ -184,6 +301,7 @@ pub fn read(path: &Path, layers_per_block: usize) -> Result<LoraFile> {
     }
     Ok(LoraFile {
         path: path.to_path_buf(),
+        component,
         layers,
         elsewhere,
     })
@@ -333,7 +451,12 @@ struct PeftMeta {
 }
 
 impl PeftMeta {
-    fn from(meta: Option<&std::collections::HashMap<String, String>>) -> Self {
+    /// The config of `component`'s adapter (diffusers packs each under its prefix:
+    /// `unet.lora_alpha`, `text_encoder.lora_alpha`).
+    fn from(
+        meta: Option<&std::collections::HashMap<String, String>>,
+        component: Component,
+    ) -> Self {
         let Some(text) = meta.and_then(|m| m.get("lora_adapter_metadata")) else {
             return Self::default();
         };
@@ -341,9 +464,14 @@ impl PeftMeta {
         else {
             return Self::default();
         };
+        let prefixes: &[&str] = match component {
+            Component::Denoiser => &["unet", "transformer"],
+            c => &[c.name()],
+        };
         let get = |k: &str| {
-            v.get(&format!("unet.{k}"))
-                .or_else(|| v.get(&format!("transformer.{k}")))
+            prefixes
+                .iter()
+                .find_map(|p| v.get(&format!("{p}.{k}")))
                 .or_else(|| v.get(k))
         };
         PeftMeta {
@@ -390,56 +518,101 @@ const KOHYA_PARTS: &[(&str, Part)] = &[
     ("dora_scale", Part::DoraScale),
 ];
 
-const TEXT_ENCODER_PREFIXES: &[&str] = &[
-    "lora_te_",
-    "lora_te1_",
-    "lora_te2_",
-    "text_encoder.",
-    "text_encoder_2.",
-    "te_",
+/// kohya prefixes: the component and whether SGM/LDM block names may follow.
+const KOHYA_PREFIXES: &[(&str, Component)] = &[
+    ("lora_unet_", Component::Denoiser),
+    ("lora_te_", Component::TextEncoder),
+    ("lora_te1_", Component::TextEncoder),
+    ("lora_te2_", Component::TextEncoder2),
+    ("lora_te3_", Component::TextEncoder3),
+    ("te_", Component::TextEncoder),
 ];
 
-fn parse_key(key: &str, lpb: usize) -> Option<KeyKind> {
-    if TEXT_ENCODER_PREFIXES.iter().any(|p| key.starts_with(p)) {
-        return Some(KeyKind::TextEncoder);
-    }
-    if let Some(rest) = key.strip_prefix("lora_unet_") {
+/// diffusers/PEFT prefixes of dotted paths.
+const DOTTED_PREFIXES: &[(&str, Component)] = &[
+    ("unet.", Component::Denoiser),
+    ("transformer.", Component::Denoiser),
+    ("text_encoder.", Component::TextEncoder),
+    ("text_encoder_2.", Component::TextEncoder2),
+    ("text_encoder_3.", Component::TextEncoder3),
+    ("base_model.model.", Component::Denoiser),
+];
+
+fn parse_key(key: &str, lpb: usize) -> Option<Key> {
+    if let Some((prefix, component)) = KOHYA_PREFIXES.iter().find(|(p, _)| key.starts_with(p)) {
+        let rest = &key[prefix.len()..];
         let (name, suffix) = rest.split_once('.')?;
         let part = KOHYA_PARTS.iter().find(|(s, _)| *s == suffix)?.1;
-        return Some(KeyKind::Unet {
-            name: format!("lora_unet_{name}"),
-            module: sgm_to_diffusers(name, lpb),
+        let module = match component {
+            Component::Denoiser => sgm_to_diffusers(name, lpb),
+            _ => name.to_string(),
+        };
+        return Some(Key {
+            component: *component,
+            name: format!("{prefix}{name}"),
+            module,
             part,
         });
     }
     // diffusers / PEFT: dotted module paths.
-    let path = ["unet.", "transformer.", "base_model.model."]
+    let (path, mut component) = DOTTED_PREFIXES
         .iter()
-        .find_map(|p| key.strip_prefix(p))
-        .unwrap_or(key);
+        .find_map(|(p, c)| Some((key.strip_prefix(p)?, *c)))
+        .unwrap_or((key, Component::Denoiser));
+    // A text encoder's own PEFT state dict (no pipeline prefix).
+    if component == Component::Denoiser && path.starts_with("text_model.") {
+        component = Component::TextEncoder;
+    }
     let (module, part) = if let Some(m) = path.strip_suffix(".lora_A.weight") {
         (m.to_string(), Part::Down)
     } else if let Some(m) = path.strip_suffix(".lora_B.weight") {
         (m.to_string(), Part::Up)
     } else if let Some(m) = path.strip_suffix(".alpha") {
         (m.to_string(), Part::Alpha)
+    } else if let Some(m) = path
+        .strip_suffix(".lora_linear_layer.down.weight")
+        .or_else(|| path.strip_suffix(".lora.down.weight"))
+    {
+        // diffusers' own names (`convert_state_dict_to_diffusers`, as its training scripts
+        // save): `lora_linear_layer` in text encoders' attention, `lora` in the UNet's.
+        (m.to_string(), Part::Down)
+    } else if let Some(m) = path
+        .strip_suffix(".lora_linear_layer.up.weight")
+        .or_else(|| path.strip_suffix(".lora.up.weight"))
+    {
+        (m.to_string(), Part::Up)
     } else if let Some((attn, tail)) = path.split_once(".processor.") {
         let (proj, part) = tail.split_once("_lora.")?;
-        let part = match part {
-            "down.weight" => Part::Down,
-            "up.weight" => Part::Up,
-            _ => return None,
-        };
+        let part = legacy_part(part)?;
         let proj = if proj == "to_out" { "to_out.0" } else { proj };
         (format!("{attn}.{proj}"), part)
+    } else if component != Component::Denoiser && path.contains(".self_attn.to_") {
+        // diffusers' oldest text-encoder form: `self_attn.to_q_lora.down.weight`.
+        let (attn, tail) = path.split_once(".to_")?;
+        let (proj, part) = tail.split_once("_lora.")?;
+        let proj = match proj {
+            "q" | "k" | "v" => format!("{proj}_proj"),
+            "out" => "out_proj".to_string(),
+            _ => return None,
+        };
+        (format!("{attn}.{proj}"), legacy_part(part)?)
     } else {
         return None;
     };
-    Some(KeyKind::Unet {
+    Some(Key {
+        component,
         name: module.clone(),
         module: module.replace('.', "_"),
         part,
     })
+}
+
+fn legacy_part(text: &str) -> Option<Part> {
+    match text {
+        "down.weight" => Some(Part::Down),
+        "up.weight" => Some(Part::Up),
+        _ => None,
+    }
 }
 
 /// SGM/LDM block names (kohya's SDXL naming) to diffusers module paths, in underscore form;
@@ -575,7 +748,12 @@ mod tests {
     #[test]
     fn key_styles() {
         let unet = |k: &str| match parse_key(k, 1) {
-            Some(KeyKind::Unet { module, part, .. }) => (module, part),
+            Some(Key {
+                component: Component::Denoiser,
+                module,
+                part,
+                ..
+            }) => (module, part),
             _ => panic!("{k}"),
         };
         assert_eq!(
@@ -595,10 +773,77 @@ mod tests {
                 Part::Up
             )
         );
-        assert!(matches!(
-            parse_key("lora_te_text_model_encoder_layers_0_mlp_fc1.alpha", 1),
-            Some(KeyKind::TextEncoder)
-        ));
+        let te = |k: &str| {
+            let Key {
+                component,
+                module,
+                part,
+                ..
+            } = parse_key(k, 1).expect(k);
+            (component, module, part)
+        };
+        let fc1 = "text_model_encoder_layers_0_mlp_fc1".to_string();
+        let q = "text_model_encoder_layers_1_self_attn_q_proj".to_string();
+        let out = "text_model_encoder_layers_1_self_attn_out_proj".to_string();
+        use Component::*;
+        assert_eq!(
+            te("lora_te_text_model_encoder_layers_0_mlp_fc1.alpha"),
+            (TextEncoder, fc1.clone(), Part::Alpha)
+        );
+        assert_eq!(
+            te("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"),
+            (TextEncoder, fc1.clone(), Part::Down)
+        );
+        assert_eq!(
+            te("lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"),
+            (TextEncoder2, fc1.clone(), Part::Up)
+        );
+        assert_eq!(
+            te("lora_te3_text_model_encoder_layers_0_mlp_fc1.lora_up.weight").0,
+            TextEncoder3
+        );
+        assert_eq!(
+            te("text_encoder.text_model.encoder.layers.1.self_attn.q_proj.lora_A.weight"),
+            (TextEncoder, q.clone(), Part::Down)
+        );
+        assert_eq!(
+            te("text_encoder_2.text_model.encoder.layers.1.self_attn.q_proj.lora_B.weight"),
+            (TextEncoder2, q.clone(), Part::Up)
+        );
+        assert_eq!(
+            te("base_model.model.text_model.encoder.layers.1.self_attn.q_proj.lora_B.weight"),
+            (TextEncoder, q.clone(), Part::Up)
+        );
+        assert_eq!(
+            te(
+                "text_encoder.text_model.encoder.layers.1.self_attn.q_proj.lora_linear_layer.down.weight"
+            ),
+            (TextEncoder, q.clone(), Part::Down)
+        );
+        assert_eq!(
+            unet(
+                "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora.up.weight"
+            ),
+            (
+                "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0".into(),
+                Part::Up
+            )
+        );
+        assert_eq!(
+            te("text_encoder.text_model.encoder.layers.1.self_attn.to_out_lora.up.weight"),
+            (TextEncoder, out, Part::Up)
+        );
+        assert_eq!(
+            te("text_encoder.text_model.encoder.layers.1.self_attn.to_q_lora.down.weight"),
+            (TextEncoder, q, Part::Down)
+        );
+        assert!(
+            parse_key(
+                "text_encoder.text_model.encoder.layers.1.self_attn.to_x_lora.down.weight",
+                1
+            )
+            .is_none()
+        );
         assert!(parse_key("something_else", 1).is_none());
     }
 }

@@ -3,6 +3,12 @@
 //! through module paths in underscore space; linear layers exported as `MatMul` store Wᵀ,
 //! `Gemm` may (transB), `Conv` stores [out, in, kh, kw]. Changed weights become new data;
 //! the others stay memory-mapped.
+//!
+//! A LoRA file may adapt several models of a pipeline (the UNet and the text encoders); a
+//! pass fuses the layers of the component its graph is ([`Component`], said or detected) and
+//! notes the others as theirs. Text encoders' keys name modules under the encoder's wrapper
+//! (`text_model_encoder_layers_0_self_attn_q_proj`), which the import strips from module paths
+//! (`encoder.layers.0.self_attn.q_proj`, prefix `text_model`): both spellings match.
 pub mod adapter;
 pub mod file;
 pub mod math;
@@ -15,6 +21,7 @@ use attune_compiler::onnx::{self, DataType};
 use attune_compiler::pass::{Pass, PassCx, PassReport, Skipped};
 use attune_compiler::{Error, Result};
 
+pub use file::Component;
 use file::{Layer, LoraFile};
 
 /// A LoRA file and its multiplier (`--lora FILE:0.8`).
@@ -60,8 +67,75 @@ impl LoraSource {
 
 pub struct LoraPass {
     pub sources: Vec<LoraSource>,
-    /// Unmatched UNet layers are errors instead of report entries.
+    /// Unmatched layers (of this graph's component) are errors instead of report entries.
     pub strict: bool,
+    /// Which model of a pipeline the graph is; `None`: [`detect_component`].
+    pub component: Option<Component>,
+}
+
+impl LoraPass {
+    /// The pass fusing `sources`' layers for `component` (a folder compile makes one per
+    /// component; the files' other components are noted, not errors).
+    pub fn for_component(sources: Vec<LoraSource>, component: Component, strict: bool) -> Self {
+        LoraPass {
+            sources,
+            strict,
+            component: Some(component),
+        }
+    }
+}
+
+/// The component a graph is when nobody says: one with an `input_ids` input is a text encoder
+/// (`text_encoder`; SDXL's second says so), anything else the denoiser.
+pub fn detect_component(model: &Model) -> Component {
+    let g = &model.graph;
+    if g.inputs
+        .iter()
+        .any(|io| g.value(io.value).name == "input_ids")
+    {
+        Component::TextEncoder
+    } else {
+        Component::Denoiser
+    }
+}
+
+/// A file layer's graph target: its module as is, or without the graph's stripped wrapper
+/// (`text_model_`), as LoRA files of text encoders spell it.
+pub fn find_target<'a>(
+    targets: &'a BTreeMap<String, std::result::Result<Target, String>>,
+    model: &Model,
+    module: &str,
+) -> Option<&'a std::result::Result<Target, String>> {
+    targets.get(module).or_else(|| {
+        let prefix = model.module_prefix.replace('.', "_");
+        let rest = module.strip_prefix(prefix.as_str())?.strip_prefix('_')?;
+        (!prefix.is_empty()).then(|| targets.get(rest)).flatten()
+    })
+}
+
+/// Report notes for a file's layers of other components, and for a file with none for this one.
+fn component_notes(f: &LoraFile, fname: &str) -> Vec<String> {
+    let mut notes: Vec<String> = f
+        .elsewhere
+        .iter()
+        .map(|(c, names)| {
+            let shown: Vec<&str> = names.iter().take(3).map(String::as_str).collect();
+            format!(
+                "{fname}: {} layer{} for {c} (fused when {c} is compiled, --lora-component {c}): {}{}",
+                names.len(),
+                if names.len() == 1 { "" } else { "s" },
+                shown.join(", "),
+                if names.len() > shown.len() { ", ..." } else { "" }
+            )
+        })
+        .collect();
+    if f.layers.is_empty() {
+        notes.push(format!(
+            "{fname} has no layer for {}, the component this graph is",
+            f.component
+        ));
+    }
+    notes
 }
 
 /// How a graph stores a layer's weight.
@@ -187,10 +261,11 @@ impl Pass for LoraPass {
 
     fn run(&self, model: &mut Model, _cx: &mut PassCx) -> Result<PassReport> {
         let lpb = layers_per_block(model);
+        let component = self.component.unwrap_or_else(|| detect_component(model));
         let files: Vec<(LoraFile, f32)> = self
             .sources
             .iter()
-            .map(|s| Ok((file::read(&s.path, lpb)?, s.multiplier)))
+            .map(|s| Ok((file::read(&s.path, lpb, component)?, s.multiplier)))
             .collect::<Result<_>>()?;
         let targets = targets(model);
         let mut report = PassReport::default();
@@ -200,14 +275,9 @@ impl Pass for LoraPass {
         let mut unmatched = Vec::new();
         for (fi, (f, _)) in files.iter().enumerate() {
             let fname = file_name(&f.path);
-            for (key, why) in &f.elsewhere {
-                report.skipped.push(Skipped {
-                    site: format!("{fname}:{key}"),
-                    reason: why.clone(),
-                });
-            }
+            report.notes.extend(component_notes(f, &fname));
             for (li, layer) in f.layers.iter().enumerate() {
-                match targets.get(&layer.module) {
+                match find_target(&targets, model, &layer.module) {
                     Some(Ok(t)) => plan
                         .entry(layer.module.clone())
                         .or_insert_with(|| (t.clone(), Vec::new()))
@@ -221,7 +291,10 @@ impl Pass for LoraPass {
                         unmatched.push(format!("{fname}:{}", layer.name));
                         report.skipped.push(Skipped {
                             site: format!("{fname}:{}", layer.name),
-                            reason: format!("no layer '{}' in this graph", layer.module),
+                            reason: format!(
+                                "no layer '{}' in this graph ({component})",
+                                layer.module
+                            ),
                         });
                     }
                 }
