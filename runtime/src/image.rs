@@ -86,6 +86,32 @@ pub fn write_png(path: &Path, image: &Rgb) -> Result<()> {
 /// Reads a PNG as 8-bit RGB (gray and alpha converted as PIL's `convert("RGB")` does:
 /// gray repeated, alpha dropped).
 pub fn read_png(path: &Path) -> Result<Rgb> {
+    Ok(read_png_mode(path)?.0)
+}
+
+/// A PNG's colour type, as PIL names its mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    L,
+    La,
+    Rgb,
+    Rgba,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::L => "L",
+            Mode::La => "LA",
+            Mode::Rgb => "RGB",
+            Mode::Rgba => "RGBA",
+        }
+    }
+}
+
+/// Reads a PNG as 8-bit RGB, with the mode it had (diffusers' image processor takes RGB images
+/// as they are; a caller may refuse the others).
+pub fn read_png_mode(path: &Path) -> Result<(Rgb, Mode)> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut decoder = png::Decoder::new(BufReader::new(file));
     decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
@@ -97,11 +123,11 @@ pub fn read_png(path: &Path) -> Result<Rgb> {
         .next_frame(&mut buf)
         .map_err(|e| Error::file(path, format!("not a readable PNG: {e}")))?;
     let (width, height) = (info.width as usize, info.height as usize);
-    let channels = match info.color_type {
-        png::ColorType::Grayscale => 1,
-        png::ColorType::GrayscaleAlpha => 2,
-        png::ColorType::Rgb => 3,
-        png::ColorType::Rgba => 4,
+    let (channels, mode) = match info.color_type {
+        png::ColorType::Grayscale => (1, Mode::L),
+        png::ColorType::GrayscaleAlpha => (2, Mode::La),
+        png::ColorType::Rgb => (3, Mode::Rgb),
+        png::ColorType::Rgba => (4, Mode::Rgba),
         png::ColorType::Indexed => {
             return Err(Error::file(
                 path,
@@ -117,11 +143,14 @@ pub fn read_png(path: &Path) -> Result<Rgb> {
             _ => pixels.extend(&px[..3]),
         }
     }
-    Ok(Rgb {
-        width,
-        height,
-        pixels,
-    })
+    Ok((
+        Rgb {
+            width,
+            height,
+            pixels,
+        },
+        mode,
+    ))
 }
 
 /// `image` as the `[1, 3, H, W]` f32 tensor in [-1, 1] a VAE encoder reads.
@@ -152,6 +181,19 @@ pub fn to_mask(mask: &Rgb) -> HostTensor {
     HostTensor::F32(
         ArrayD::from_shape_vec(IxDyn(&[1, 1, mask.height, mask.width]), data).expect("sized"),
     )
+}
+
+/// A `[1, 1, H, W]` mask at `[h, w]` as torch's `interpolate(mode="nearest")` resizes it
+/// (the source pixel ⌊i·H/h⌋), as diffusers' inpainting brings its mask to the latents.
+pub fn resize_nearest(mask: &ArrayD<f32>, h: usize, w: usize) -> ArrayD<f32> {
+    let (sh, sw) = (mask.shape()[2], mask.shape()[3]);
+    let src = |i: usize, from: usize, to: usize| -> usize {
+        let scale = from as f32 / to as f32;
+        ((i as f32 * scale).floor() as usize).min(from - 1)
+    };
+    ArrayD::from_shape_fn(IxDyn(&[1, 1, h, w]), |ix| {
+        mask[[0, 0, src(ix[2], sh, h), src(ix[3], sw, w)]]
+    })
 }
 
 #[cfg(test)]

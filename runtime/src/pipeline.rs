@@ -180,3 +180,85 @@ impl VaeDecoder {
         from_decoded(image)
     }
 }
+
+/// The VAE encoder (`vae_encoder/`, config in `vae_encoder/config.json`): images to the
+/// latents img2img and inpainting start from.
+pub struct VaeEncoder {
+    session: Backend,
+    pub scaling_factor: f32,
+    pub shift_factor: f32,
+    input_type: DType,
+    path: PathBuf,
+}
+
+impl VaeEncoder {
+    pub fn open(dir: &Path, ep: Ep) -> Result<VaeEncoder> {
+        let path = component(dir, "vae_encoder")?;
+        let config_path = dir.join("vae_encoder/config.json");
+        let config: Value = match std::fs::read_to_string(&config_path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map_err(|e| Error::file(&config_path, format!("not JSON: {e}")))?,
+            Err(_) => Value::Null,
+        };
+        let number = |key: &str, default: f64| -> Result<f32> {
+            match config.get(key) {
+                None | Some(Value::Null) => Ok(default as f32),
+                Some(v) => v
+                    .as_f64()
+                    .map(|x| x as f32)
+                    .ok_or_else(|| Error::file(&config_path, format!("{key} is not a number"))),
+            }
+        };
+        let input_type = match declared(&path)?.into_iter().find(|(n, _)| n == "sample") {
+            Some((_, Some(t @ (DType::F32 | DType::F16)))) => t,
+            _ => {
+                return Err(Error::file(
+                    &path,
+                    "no float sample input: not a VAE encoder",
+                ));
+            }
+        };
+        Ok(VaeEncoder {
+            scaling_factor: number("scaling_factor", 0.18215)?,
+            shift_factor: number("shift_factor", 0.0)?,
+            session: Backend::open(&path, ep, &OrtOptions::default())?,
+            input_type,
+            path,
+        })
+    }
+
+    /// Images [N, 3, H, W] in [-1, 1] → latents (z − shift)·scale, z the posterior's mean where
+    /// the export outputs it (optimum's `latent_parameters`: mean and log-variance on the
+    /// channels), else what it outputs (older exports' `latent_sample`, a draw from it).
+    pub fn encode(&mut self, images: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let x = HostTensor::F32(images.clone());
+        let x = match self.input_type {
+            DType::F16 => x.float_as(DType::F16).expect("f32 to f16"),
+            _ => x,
+        };
+        let outs = self.session.run(&[("sample".into(), x)])?;
+        let found = |name: &str| {
+            outs.iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| float(t))
+        };
+        let z = match (found("latent_parameters"), found("latent_sample")) {
+            (Some(Some(p)), _) if p.ndim() == 4 && p.shape()[1] % 2 == 0 => {
+                let c = p.shape()[1] / 2;
+                p.slice_axis(ndarray::Axis(1), (0..c).into()).to_owned()
+            }
+            (None, Some(Some(z))) if z.ndim() == 4 => z,
+            _ => {
+                let names: Vec<&str> = outs.iter().map(|(n, _)| n.as_str()).collect();
+                return Err(Error::file(
+                    &self.path,
+                    format!(
+                        "outputs {names:?}: expected latent_parameters [N, 2C, h, w] (mean and log-variance) or latent_sample [N, C, h, w], float"
+                    ),
+                ));
+            }
+        };
+        let (scale, shift) = (self.scaling_factor, self.shift_factor);
+        Ok(z.mapv(|v| (v - shift) * scale))
+    }
+}

@@ -5,8 +5,12 @@ use std::collections::BTreeMap;
 
 use ndarray::{ArrayD, Axis, IxDyn, concatenate};
 
+mod init;
 mod local_blend;
 mod packed;
+pub mod progress;
+
+pub use init::{Init, Inpaint, first_step};
 
 use crate::backend::Backend;
 use crate::controller::Plan;
@@ -38,6 +42,11 @@ pub struct SampleRun<'a> {
     pub layout: Layout,
     /// The model is fed the scheduler's timestep times this (Flux: 1/1000).
     pub timestep_scale: f64,
+    /// img2img / inpainting: `latents` are then the unscaled noise, and the loop starts at the
+    /// step the strength picks.
+    pub init: Option<Init>,
+    /// Called after every step.
+    pub progress: Option<&'a mut dyn FnMut(progress::Step)>,
 }
 
 /// How the model takes the latents.
@@ -116,9 +125,27 @@ pub fn sample(unet: &mut Backend, mut run: SampleRun) -> Result<(ArrayD<f32>, Ma
         x = concatenate(Axis(0), &vec![x.view(); prompts])
             .map_err(|e| Error::Inputs(format!("latents: {e}")))?;
     }
-    let noise_sigma = run.scheduler.init_noise_sigma();
-    if noise_sigma != 1.0 {
-        x.mapv_inplace(|v| v * noise_sigma);
+    // The batch: [uncond x P, cond x P] with guidance, else the P conds.
+    let rows = if run.cfg { 2 * prompts } else { prompts };
+    let prepared = match &run.init {
+        Some(init) => {
+            let (start, prepared) = init.prepare(&run.scheduler, x, rows)?;
+            x = start;
+            Some(prepared)
+        }
+        None => {
+            let noise_sigma = run.scheduler.init_noise_sigma();
+            if noise_sigma != 1.0 {
+                x.mapv_inplace(|v| v * noise_sigma);
+            }
+            None
+        }
+    };
+    if prepared.is_some() && run.layout == Layout::Packed {
+        return Err(Error::Inputs(
+            "img2img and inpainting run image-layout models (UNets, SD3), not Flux's packed one"
+                .into(),
+        ));
     }
     if run.layout == Layout::Packed && x.shape()[2..].iter().any(|s| s % 2 != 0) {
         return Err(Error::Inputs(format!(
@@ -126,8 +153,6 @@ pub fn sample(unet: &mut Backend, mut run: SampleRun) -> Result<(ArrayD<f32>, Ma
             x.shape()
         )));
     }
-    // The batch: [uncond x P, cond x P] with guidance, else the P conds.
-    let rows = if run.cfg { 2 * prompts } else { prompts };
     let fixed = fixed_inputs(&run, rows, &x)?;
     let mut maps = Maps::default();
     let self_gates: Vec<&String> = run
@@ -135,14 +160,20 @@ pub fn sample(unet: &mut Backend, mut run: SampleRun) -> Result<(ArrayD<f32>, Ma
         .iter()
         .filter(|h| h.starts_with("masactrl."))
         .collect();
-    for (i, t) in run.scheduler.timesteps().into_iter().enumerate() {
+    let timesteps = run.scheduler.timesteps();
+    let (first, n) = (prepared.as_ref().map_or(0, |p| p.start), timesteps.len());
+    for (i, &t) in timesteps.iter().enumerate().skip(first) {
+        let began = std::time::Instant::now();
         let copies = vec![x.view(); rows / prompts];
         let sample = concatenate(Axis(0), &copies).expect("same shapes");
         let timestep = timestep_input(&run, t, rows, i)?;
         let mut inputs = vec![("timestep".to_string(), timestep)];
         let sample = run.scheduler.scale_input(i, &sample);
         let sample = match run.layout {
-            Layout::Image => sample.into_owned(),
+            Layout::Image => match &prepared {
+                Some(p) => p.unet_input(sample.into_owned()),
+                None => sample.into_owned(),
+            },
             Layout::Packed => packed::pack(&sample),
         };
         inputs.push((
@@ -211,6 +242,9 @@ pub fn sample(unet: &mut Backend, mut run: SampleRun) -> Result<(ArrayD<f32>, Ma
             out.into_owned()
         };
         x = run.scheduler.step(i, &guided, &x);
+        if let Some(p) = &prepared {
+            x = p.blend(&run.scheduler, i, n, x);
+        }
         for (name, t) in &outputs {
             if let (Some(path), Some(m)) = (name.strip_prefix("attn."), output_f32(t)) {
                 let cond = cond_map(name, &m, prompts, rows)?;
@@ -231,6 +265,14 @@ pub fn sample(unet: &mut Backend, mut run: SampleRun) -> Result<(ArrayD<f32>, Ma
         }
         if let Some(lb) = run.plan.as_ref().and_then(|p| p.local_blend.as_ref()) {
             x = local_blend::local_blend(&x, &maps, lb, prompts)?;
+        }
+        if let Some(report) = run.progress.as_mut() {
+            report(progress::Step {
+                done: i + 1 - first,
+                of: n - first,
+                timestep: t,
+                seconds: began.elapsed().as_secs_f64(),
+            });
         }
     }
     Ok((x, maps))

@@ -220,6 +220,15 @@ impl Ddim {
         &self.timesteps
     }
 
+    /// x₀ noised to step `i`'s timestep t: √ᾱ_t·x₀ + √(1−ᾱ_t)·ε (`DDIMScheduler.add_noise`).
+    pub fn add_noise(&self, i: usize, x0: &ArrayD<f32>, noise: &ArrayD<f32>) -> ArrayD<f32> {
+        let a = self.alphas_cumprod[self.timesteps[i]];
+        let (sa, s1a) = (a.sqrt(), (1.0 - a).sqrt());
+        ndarray::Zip::from(x0)
+            .and(noise)
+            .map_collect(|&x, &e| (sa * x as f64 + s1a * e as f64) as f32)
+    }
+
     /// x at the previous timestep from x at step `i`'s and the model's (guided) output.
     pub fn step(&self, i: usize, out: &ArrayD<f32>, x: &ArrayD<f32>) -> ArrayD<f32> {
         let t = self.timesteps[i];

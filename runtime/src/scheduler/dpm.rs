@@ -118,6 +118,15 @@ impl Dpm {
         &self.timesteps
     }
 
+    /// x₀ noised to step `i`'s level: α_i·x₀ + σ_i·ε with α = 1/√(σ²+1)
+    /// (`DPMSolverMultistepScheduler.add_noise` at that step index).
+    pub fn add_noise(&self, i: usize, x0: &ArrayD<f32>, noise: &ArrayD<f32>) -> ArrayD<f32> {
+        let (a, s) = alpha_sigma(self.sigmas[i]);
+        Zip::from(x0)
+            .and(noise)
+            .map_collect(|&x, &e| (a * x as f64 + s * e as f64) as f32)
+    }
+
     /// x after step `i`. Steps must come in order: the second order uses the previous x̂₀.
     pub fn step(&mut self, i: usize, out: &ArrayD<f32>, x: &ArrayD<f32>) -> ArrayD<f32> {
         let (s0, t) = (self.sigmas[i], self.sigmas[i + 1]);
@@ -133,8 +142,10 @@ impl Dpm {
         });
         let n = self.timesteps.len();
         let last = i == n - 1;
+        // The first step run is first order, also when img2img starts past step 0
+        // (diffusers counts `lower_order_nums` from the first call).
         let first_order = self.config.order == 1
-            || i == 0
+            || self.previous.is_none()
             || (last
                 && (self.config.euler_at_final
                     || (self.config.lower_order_final && n < 15)

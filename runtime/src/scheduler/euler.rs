@@ -65,6 +65,15 @@ impl Euler {
         self.init_noise_sigma
     }
 
+    /// x₀ noised to step `i`'s level: x₀ + σ_i·ε (`EulerDiscreteScheduler.add_noise` at that
+    /// step index).
+    pub fn add_noise(&self, i: usize, x0: &ArrayD<f32>, noise: &ArrayD<f32>) -> ArrayD<f32> {
+        let s = self.sigmas[i] as f32;
+        ndarray::Zip::from(x0)
+            .and(noise)
+            .map_collect(|&x, &e| x + e * s)
+    }
+
     /// What the model is fed at step `i`: x/√(σ²+1).
     pub fn scale_input(&self, i: usize, x: &ArrayD<f32>) -> ArrayD<f32> {
         let s = self.sigmas[i] as f32;

@@ -111,6 +111,15 @@ impl FlowEuler {
             .collect()
     }
 
+    /// x₀ noised to step `i`'s level: (1−σ)·x₀ + σ·ε (`FlowMatchEulerDiscreteScheduler.scale_noise`
+    /// at that step index).
+    pub fn add_noise(&self, i: usize, x0: &ArrayD<f32>, noise: &ArrayD<f32>) -> ArrayD<f32> {
+        let s = self.sigmas[i] as f32;
+        ndarray::Zip::from(x0)
+            .and(noise)
+            .map_collect(|&x, &e| s * e + (1.0 - s) * x)
+    }
+
     pub fn step(&self, i: usize, velocity: &ArrayD<f32>, x: &ArrayD<f32>) -> ArrayD<f32> {
         let dt = (self.sigmas[i + 1] as f32) - (self.sigmas[i] as f32);
         ndarray::Zip::from(x)

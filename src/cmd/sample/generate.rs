@@ -4,8 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use attune_runtime::image::write_png;
-use attune_runtime::pipeline::{TextEncoder, VaeDecoder, component};
+use attune_runtime::HostTensor;
+use attune_runtime::image::{Mode, read_png_mode, resize_nearest, to_mask, to_tensor, write_png};
+use attune_runtime::pipeline::{TextEncoder, VaeDecoder, VaeEncoder, component};
+use attune_runtime::sample::{Init, Inpaint};
 use serde_json::Value;
 
 use super::super::exec::EpArg;
@@ -53,10 +55,40 @@ pub struct Args {
     /// The image (PNG); with several prompts, `-o out.png` writes out-0.png, out-1.png, ...
     #[arg(short, long)]
     out: PathBuf,
+    #[command(flatten)]
+    init: InitArgs,
+}
+
+/// img2img and inpainting (diffusers' StableDiffusionImg2ImgPipeline and
+/// StableDiffusionInpaintPipeline).
+#[derive(clap::Args)]
+struct InitArgs {
+    /// Start from this image (an RGB PNG whose sides are multiples of the VAE's factor; it is
+    /// not resized: its size is the output's)
+    #[arg(long, value_name = "IN.png")]
+    image: Option<PathBuf>,
+    /// The share of the schedule run from the image, in [0, 1]: int(steps * strength) steps
+    /// [default: 0.8; 1 with --mask, as diffusers]
+    #[arg(long, requires = "image", value_name = "S")]
+    strength: Option<f64>,
+    /// Inpainting: what to repaint (white), a PNG of the image's size (any mode: its gray
+    /// level, binarised at 1/2)
+    #[arg(long, requires = "image", value_name = "M.png")]
+    mask: Option<PathBuf>,
+    /// Also write the final latents (before the VAE decoder) as .npy [prompts, C, h, w]
+    #[arg(long, value_name = "FILE.npy")]
+    save_latents: Option<PathBuf>,
 }
 
 /// The pipeline classes whose components `generate` runs.
-const SUPPORTED: &[&str] = &["StableDiffusionPipeline", "OnnxStableDiffusionPipeline"];
+const SUPPORTED: &[&str] = &[
+    "StableDiffusionPipeline",
+    "OnnxStableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "OnnxStableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "OnnxStableDiffusionInpaintPipeline",
+];
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
     let dir = &args.dir;
@@ -72,6 +104,12 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             "{}: pipeline class {class} is not one `attune generate` runs yet (it runs {})",
             index_path.display(),
             SUPPORTED.join(", ")
+        );
+    }
+    if class.contains("Inpaint") && args.init.mask.is_none() {
+        bail!(
+            "{}: an inpainting pipeline ({class}): give --image and --mask",
+            index_path.display()
         );
     }
     let unet = component(dir, "unet")?;
@@ -91,6 +129,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     };
     let (height, width) = (latent(args.height, "height")?, latent(args.width, "width")?);
     let outputs = png_paths(&args.out, args.prompt.len());
+    check_init_args(&args, &outputs)?;
     let mut encoder = TextEncoder::open(dir, "text_encoder", "tokenizer", ep)?;
     let mut vae = VaeDecoder::open(dir, ep)?;
     let mut prompts: Vec<&str> = args.prompt.iter().map(String::as_str).collect();
@@ -110,6 +149,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let uncond = hidden
         .slice_axis(ndarray::Axis(0), (p..p + 1).into())
         .to_owned();
+    let init = init_image(&args, factor, ep)?;
     let scheduler_config = args
         .scheduler_config
         .clone()
@@ -137,12 +177,16 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         reference: None,
         tol: super::DEFAULT_TOL,
     };
-    let (_, latents) = denoise(sample_args, Some(Given { cond, uncond }))?;
+    let (_, latents) = denoise(sample_args, Some(Given { cond, uncond, init }))?;
     let latents = latents.expect("given embeddings return the latents");
     let images = vae.decode(&latents)?;
     let folder = folder_of(&args.out);
     std::fs::create_dir_all(folder)
         .with_context(|| format!("cannot create {}", folder.display()))?;
+    if let Some(path) = &args.init.save_latents {
+        attune_runtime::npy::write(path, &attune_runtime::HostTensor::F32(latents.clone()))?;
+        println!("wrote {} {:?}", path.display(), latents.shape());
+    }
     for (image, path) in images.iter().zip(&outputs) {
         write_png(path, image)?;
         println!(
@@ -153,6 +197,154 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         );
     }
     Ok(0)
+}
+
+/// Flags checked before any component loads: the strength, and outputs that would replace
+/// inputs.
+fn check_init_args(args: &Args, outputs: &[PathBuf]) -> anyhow::Result<()> {
+    if let Some(s) = args.init.strength {
+        attune_runtime::sample::first_step(args.steps, s)?;
+    }
+    let mut read = Vec::new();
+    let inputs = [
+        ("--image", &args.init.image),
+        ("--mask", &args.init.mask),
+        ("--latents", &args.latents),
+    ];
+    for (flag, path) in inputs {
+        if let Some(p) = path {
+            read.push((flag.to_string(), p.clone()));
+        }
+    }
+    let mut written: Vec<(String, PathBuf)> = outputs
+        .iter()
+        .map(|p| ("the output".to_string(), p.clone()))
+        .collect();
+    if let Some(p) = &args.init.save_latents {
+        written.push(("--save-latents".to_string(), p.clone()));
+    }
+    super::super::refuse_outputs_over_inputs(&written, &read)
+}
+
+/// The image to start from (VAE-encoded), the mask at the latents' size with the masked
+/// image's latents, and the noise: --latents, else seeded noise of the image latents' shape.
+fn init_image(
+    args: &Args,
+    factor: usize,
+    ep: attune_runtime::Ep,
+) -> anyhow::Result<Option<(Init, ndarray::ArrayD<f32>)>> {
+    let Some(image_path) = &args.init.image else {
+        return Ok(None);
+    };
+    let (image, mode) = read_png_mode(image_path)?;
+    if mode != Mode::Rgb {
+        bail!(
+            "--image {}: a PNG of mode {}; give an RGB one (diffusers' image processor takes RGB images as they are)",
+            image_path.display(),
+            mode.name()
+        );
+    }
+    let (h, w) = (image.height, image.width);
+    if h % factor != 0 || w % factor != 0 {
+        bail!(
+            "--image {}: {w}x{h} pixels, not multiples of the VAE's factor {factor} (attune does not resize: give an image of such a size)",
+            image_path.display()
+        );
+    }
+    for (flag, given, have) in [("height", args.height, h), ("width", args.width, w)] {
+        if let Some(g) = given.filter(|&g| g != have) {
+            bail!(
+                "--{flag} {g}: the --image {} is {w}x{h} (the output takes the image's size)",
+                image_path.display()
+            );
+        }
+    }
+    let mask = match &args.init.mask {
+        Some(mask_path) => {
+            let (mask, _) = read_png_mode(mask_path)?;
+            if (mask.height, mask.width) != (h, w) {
+                bail!(
+                    "--mask {} is {}x{} pixels, the --image {} {w}x{h}: they must be the same size",
+                    mask_path.display(),
+                    mask.width,
+                    mask.height,
+                    image_path.display()
+                );
+            }
+            let HostTensor::F32(m) = to_mask(&mask) else {
+                unreachable!("masks are f32")
+            };
+            Some(m)
+        }
+        None => None,
+    };
+    let mut encoder = VaeEncoder::open(&args.dir, ep)?;
+    let HostTensor::F32(pixels) = to_tensor(&image) else {
+        unreachable!("images are f32")
+    };
+    let image_latents = encoder.encode(&pixels)?;
+    let mask = match mask {
+        Some(m) => {
+            // diffusers: image * (mask < 0.5), the mask binarised.
+            let kept = m.mapv(|v| if v < 0.5 { 1.0 } else { 0.0 });
+            let masked = &pixels * &kept;
+            let shape = image_latents.shape();
+            Some(Inpaint {
+                mask: resize_nearest(&m, shape[2], shape[3]),
+                masked_image_latents: Some(encoder.encode(&masked)?),
+            })
+        }
+        None => None,
+    };
+    let strength = args
+        .init
+        .strength
+        .unwrap_or(if mask.is_some() { 1.0 } else { 0.8 });
+    let mut shape = image_latents.shape().to_vec();
+    let p = args.prompt.len();
+    let noise = match &args.latents {
+        Some(path) => {
+            let noise = super::read_f32(path, "latents", 4)?;
+            if noise.shape()[1..] != shape[1..] || (noise.shape()[0] != 1 && noise.shape()[0] != p)
+            {
+                shape[0] = p;
+                bail!(
+                    "--latents {}: shape {:?}, but the --image {} gives latents {shape:?} (or batch 1)",
+                    path.display(),
+                    noise.shape(),
+                    image_path.display()
+                );
+            }
+            noise
+        }
+        None => {
+            shape[0] = p;
+            seeded_noise(&shape, args.seed)?
+        }
+    };
+    let init = Init {
+        strength,
+        image_latents,
+        mask,
+    };
+    Ok(Some((init, noise)))
+}
+
+/// attune's seeded noise of `shape` (as `attune sample` draws it for a 4-channel UNet).
+fn seeded_noise(shape: &[usize], seed: u64) -> anyhow::Result<ndarray::ArrayD<f32>> {
+    use attune_compiler::onnx::DataType;
+    use attune_runtime::inputs;
+    let spec = inputs::InputSpec {
+        name: "sample".into(),
+        optional: false,
+        elem_type: DataType::Float as i32,
+        dims: shape.iter().map(|&d| inputs::Dim::Fixed(d)).collect(),
+    };
+    let mut random = inputs::prepare(&[spec], vec![], &inputs::Dims::default(), seed)?;
+    match random.remove(0).1 {
+        HostTensor::F32(a) => Ok(a),
+        other => unreachable!("f32 noise was asked for, not {}", other.dtype().name()),
+    }
 }
 
 /// f = 2^(stages − 1) of the VAE's `block_out_channels` (8 for Stable Diffusion's).

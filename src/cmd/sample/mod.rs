@@ -136,11 +136,14 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
 pub(super) struct Given {
     pub cond: ArrayD<f32>,
     pub uncond: ArrayD<f32>,
+    /// img2img/inpainting: the image to start from, and the noise (unscaled) for it.
+    pub init: Option<(sample::Init, ArrayD<f32>)>,
 }
 
 /// The sampling run `args` describes, with `given` embeddings (then nothing is written and
 /// the final latents are returned) or those of --cond/--uncond (written to --out).
-fn denoise(args: Args, given: Option<Given>) -> anyhow::Result<(i32, Option<ArrayD<f32>>)> {
+fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<ArrayD<f32>>)> {
+    let init = given.as_mut().and_then(|g| g.init.take());
     let model = super::load(&args.unet)?;
     let specs = inputs::input_specs(&model);
     let has = |name: &str| specs.iter().any(|s| s.name == name);
@@ -306,9 +309,14 @@ fn denoise(args: Args, given: Option<Given>) -> anyhow::Result<(i32, Option<Arra
             cond.shape()[2]
         );
     }
-    let latents = match &args.latents {
-        Some(p) => read_f32(p, "latents", 4)?,
-        None => seeded_latents(&model, &args, layout, prompts)?,
+    let latents = match (&init, &args.latents) {
+        (Some((_, noise)), _) => noise.clone(),
+        (None, Some(p)) => read_f32(p, "latents", 4)?,
+        (None, None) => seeded_latents(&model, &args, layout, prompts)?,
+    };
+    let init = match init {
+        Some((init, _)) => Some(init_for_unet(init, &model, layout, &latents, &args.unet)?),
+        None => None,
     };
     if latents.shape()[0] != 1 && latents.shape()[0] != prompts {
         let from = args.latents.as_ref().map_or_else(
@@ -529,6 +537,15 @@ fn denoise(args: Args, given: Option<Given>) -> anyhow::Result<(i32, Option<Arra
             Layout::Packed => 1e-3,
             Layout::Image => 1.0,
         },
+        init: None,
+        progress: None,
+    };
+    let mut bar = sample::progress::Bar::stderr();
+    let mut report = |s: sample::progress::Step| bar.report(s);
+    let run = SampleRun {
+        init,
+        progress: Some(&mut report),
+        ..run
     };
     let schedule_name = run.scheduler.name();
     let (x, maps) = sample::sample(&mut unet, run)?;
@@ -568,6 +585,42 @@ fn denoise(args: Args, given: Option<Given>) -> anyhow::Result<(i32, Option<Arra
         return Ok((if ok { 0 } else { 1 }, None));
     }
     Ok((0, None))
+}
+
+/// `init` for this UNet: a mask with a plain UNet (as many channels as the latents) blends,
+/// an inpainting UNet (latents, mask and masked image: 2C + 1) takes the masked image.
+fn init_for_unet(
+    mut init: sample::Init,
+    model: &Model,
+    layout: Layout,
+    latents: &ArrayD<f32>,
+    unet: &Path,
+) -> anyhow::Result<sample::Init> {
+    let sample = model
+        .graph
+        .value_id(layout.latents_input())
+        .expect("checked");
+    let declared = Shapes::infer(model)
+        .shape(sample)
+        .map(<[Dim]>::to_vec)
+        .unwrap_or_default();
+    let c = latents.shape()[1];
+    let takes = latent_channels(model, sample, &declared);
+    match (&mut init.mask, takes) {
+        (Some(m), Some(t)) if t == c => m.masked_image_latents = None,
+        (Some(m), Some(t)) if t == 2 * c + 1 && m.masked_image_latents.is_some() => {}
+        (None, Some(t)) if t == c => {}
+        (Some(_), None) | (None, None) => {}
+        (_, Some(t)) if t == 2 * c + 1 => bail!(
+            "{}: an inpainting UNet ({t} input channels: latents, mask, masked image): give --image and --mask",
+            unet.display()
+        ),
+        (_, Some(t)) => bail!(
+            "{}: takes {t} input channels, and the image's latents have {c}",
+            unet.display()
+        ),
+    }
+    Ok(init)
 }
 
 /// The schedule --scheduler-config gives (else Stable Diffusion's DDIM, or flow matching's
