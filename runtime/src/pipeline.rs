@@ -3,7 +3,7 @@
 //! the element types its graph declares.
 use std::path::{Path, PathBuf};
 
-use ndarray::{ArrayD, IxDyn};
+use ndarray::{ArrayD, Axis, IxDyn};
 use serde_json::Value;
 
 use crate::backend::{Backend, Ep};
@@ -74,8 +74,78 @@ impl TextEncoder {
         })
     }
 
-    /// The prompts' embeddings, one row each.
+    /// The prompts' embeddings, one row each: the last hidden states and the pooled output.
     pub fn encode(&mut self, prompts: &[&str]) -> Result<TextEmbeddings> {
+        let (outs, truncated) = self.run(prompts)?;
+        let output = |names: &[&str]| {
+            outs.iter()
+                .find(|(n, _)| names.contains(&n.as_str()))
+                .map(|(_, t)| float(t))
+        };
+        let hidden = output(&["last_hidden_state"])
+            .or_else(|| outs.first().map(|(_, t)| float(t)))
+            .flatten()
+            .ok_or_else(|| Error::file(&self.path, "no float last_hidden_state output"))?;
+        let pooled = output(&["pooler_output", "text_embeds"]).flatten();
+        Ok(TextEmbeddings {
+            hidden,
+            pooled,
+            truncated,
+        })
+    }
+
+    /// SDXL's use of an encoder: the penultimate layer's hidden states (`hidden_states[-2]`,
+    /// before the final LayerNorm; optimum exports them as `hidden_states.0` ..
+    /// `hidden_states.N`) and, where `projected`, the projection `text_embeds`
+    /// (CLIPTextModelWithProjection) as the pooled output.
+    pub fn encode_penultimate(
+        &mut self,
+        prompts: &[&str],
+        projected: bool,
+    ) -> Result<TextEmbeddings> {
+        let (outs, truncated) = self.run(prompts)?;
+        let layers: Vec<usize> = outs
+            .iter()
+            .filter_map(|(n, _)| n.strip_prefix("hidden_states.")?.parse().ok())
+            .collect();
+        let by_name = |name: &str| outs.iter().find(|(n, _)| n == name).map(|(_, t)| t);
+        let penultimate = layers
+            .iter()
+            .max()
+            .filter(|&&n| n >= 1)
+            .map(|n| format!("hidden_states.{}", n - 1));
+        let hidden = penultimate
+            .as_deref()
+            .and_then(by_name)
+            .and_then(float)
+            .ok_or_else(|| {
+                Error::file(
+                    &self.path,
+                    "no float hidden_states.N outputs: SDXL takes the penultimate layer's hidden \
+                     states (export the encoder with its hidden states, as optimum does for SDXL)",
+                )
+            })?;
+        let pooled = if projected {
+            let p = by_name("text_embeds").and_then(float).ok_or_else(|| {
+                Error::file(
+                    &self.path,
+                    "no float text_embeds output: SDXL's pooled embeddings are the second \
+                     encoder's projection (CLIPTextModelWithProjection)",
+                )
+            })?;
+            Some(p)
+        } else {
+            None
+        };
+        Ok(TextEmbeddings {
+            hidden,
+            pooled,
+            truncated,
+        })
+    }
+
+    /// The prompts' token ids through the encoder: its named outputs, and the prompts cut to fit.
+    fn run(&mut self, prompts: &[&str]) -> Result<(Vec<(String, HostTensor)>, Vec<usize>)> {
         let len = self.tokenizer.max_len;
         let mut ids = Vec::with_capacity(prompts.len() * len);
         let mut truncated = Vec::new();
@@ -93,21 +163,7 @@ impl TextEncoder {
             _ => HostTensor::I64(ids),
         };
         let outs = self.session.run(&[("input_ids".into(), ids)])?;
-        let output = |names: &[&str]| {
-            outs.iter()
-                .find(|(n, _)| names.contains(&n.as_str()))
-                .map(|(_, t)| float(t))
-        };
-        let hidden = output(&["last_hidden_state"])
-            .or_else(|| outs.first().map(|(_, t)| float(t)))
-            .flatten()
-            .ok_or_else(|| Error::file(&self.path, "no float last_hidden_state output"))?;
-        let pooled = output(&["pooler_output", "text_embeds"]).flatten();
-        Ok(TextEmbeddings {
-            hidden,
-            pooled,
-            truncated,
-        })
+        Ok((outs, truncated))
     }
 }
 
@@ -116,6 +172,170 @@ fn float(t: &HostTensor) -> Option<ArrayD<f32>> {
         HostTensor::F32(a) => Some(a.clone()),
         HostTensor::F16(a) => Some(a.mapv(half::f16::to_f32)),
         _ => None,
+    }
+}
+
+/// How a pipeline class turns prompts into what its denoiser takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PromptEncoding {
+    /// SD 1.x/2.x: `text_encoder`'s last hidden states.
+    StableDiffusion,
+    /// SDXL: both encoders' penultimate hidden states concatenated (text_encoder's features
+    /// first), `text_encoder_2`'s projection as the pooled `text_embeds`, and time ids.
+    StableDiffusionXl,
+}
+
+impl PromptEncoding {
+    /// The encoding of a `model_index.json` class (diffusers', or optimum's/diffusers' ONNX
+    /// names: `ORT…`, `Onnx…`); `None` for a class this runtime does not encode for.
+    pub fn of_class(class: &str) -> Option<PromptEncoding> {
+        let base = class
+            .strip_prefix("ORT")
+            .or_else(|| class.strip_prefix("Onnx"))
+            .unwrap_or(class);
+        match base {
+            "StableDiffusionPipeline"
+            | "StableDiffusionImg2ImgPipeline"
+            | "StableDiffusionInpaintPipeline" => Some(PromptEncoding::StableDiffusion),
+            "StableDiffusionXLPipeline"
+            | "StableDiffusionXLImg2ImgPipeline"
+            | "StableDiffusionXLInpaintPipeline" => Some(PromptEncoding::StableDiffusionXl),
+            _ => None,
+        }
+    }
+}
+
+/// What the text encoders give the denoiser for a batch of prompts and one negative prompt.
+pub struct Conditioning {
+    /// [prompts, tokens, dim]
+    pub cond: ArrayD<f32>,
+    /// [1, tokens, dim]: the negative prompt, for every prompt.
+    pub uncond: ArrayD<f32>,
+    /// Pooled embeddings (SDXL's `text_embeds`): [prompts, dim] and [1, dim].
+    pub pooled: Option<(ArrayD<f32>, ArrayD<f32>)>,
+    /// Whether the denoiser takes SDXL's micro-conditioning ([`time_ids`]).
+    pub time_ids: bool,
+    /// Indices of the prompts (the negative one last) cut to an encoder's length.
+    pub truncated: Vec<usize>,
+    /// The shortest encoder length (tokens), for the warning.
+    pub max_len: usize,
+}
+
+/// SDXL's micro-conditioning for an image of `height` x `width` pixels, as its pipeline
+/// builds it by default: original size, crop top-left (0, 0), target size.
+pub fn time_ids(height: usize, width: usize) -> [f32; 6] {
+    let (h, w) = (height as f32, width as f32);
+    [h, w, 0.0, 0.0, h, w]
+}
+
+/// A pipeline folder's text encoders, as its class uses them.
+pub struct PromptEncoder {
+    pub encoding: PromptEncoding,
+    encoders: Vec<TextEncoder>,
+    /// SDXL's `force_zeros_for_empty_prompt` (model_index.json; diffusers' default true): no
+    /// negative prompt gives zero negative embeddings.
+    force_zeros: bool,
+}
+
+impl PromptEncoder {
+    /// The encoders of `dir` for a pipeline of `class` (its model_index.json's `_class_name`).
+    pub fn open(dir: &Path, class: &str, ep: Ep) -> Result<PromptEncoder> {
+        let index_path = dir.join("model_index.json");
+        let encoding = PromptEncoding::of_class(class).ok_or_else(|| {
+            Error::file(
+                &index_path,
+                format!("pipeline class {class}: no prompt encoding for it"),
+            )
+        })?;
+        let mut encoders = vec![TextEncoder::open(dir, "text_encoder", "tokenizer", ep)?];
+        let mut force_zeros = false;
+        if encoding == PromptEncoding::StableDiffusionXl {
+            encoders.push(TextEncoder::open(dir, "text_encoder_2", "tokenizer_2", ep)?);
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let index: Value = serde_json::from_str(&text)
+                .map_err(|e| Error::file(&index_path, format!("not JSON: {e}")))?;
+            force_zeros = match index.get("force_zeros_for_empty_prompt") {
+                None | Some(Value::Null) => true,
+                Some(v) => v.as_bool().ok_or_else(|| {
+                    Error::file(
+                        &index_path,
+                        "force_zeros_for_empty_prompt is not true or false",
+                    )
+                })?,
+            };
+        }
+        Ok(PromptEncoder {
+            encoding,
+            encoders,
+            force_zeros,
+        })
+    }
+
+    /// `prompts` and the negative prompt, as diffusers' pipeline of this class encodes them:
+    /// `None` is no negative prompt (SDXL with force_zeros_for_empty_prompt: zeros; otherwise
+    /// as ""), `Some("")` an empty one, encoded.
+    pub fn encode(&mut self, prompts: &[&str], negative: Option<&str>) -> Result<Conditioning> {
+        let p = prompts.len();
+        let zeros = negative.is_none() && self.force_zeros;
+        let mut all: Vec<&str> = prompts.to_vec();
+        if !zeros {
+            all.push(negative.unwrap_or(""));
+        }
+        let max_len = self
+            .encoders
+            .iter()
+            .map(|e| e.tokenizer.max_len)
+            .min()
+            .unwrap_or(77);
+        let mut truncated = Vec::new();
+        let (hidden, pooled) = match self.encoding {
+            PromptEncoding::StableDiffusion => {
+                let e = self.encoders[0].encode(&all)?;
+                truncated = e.truncated;
+                (e.hidden, None)
+            }
+            PromptEncoding::StableDiffusionXl => {
+                let last = self.encoders.len() - 1;
+                let mut parts = Vec::new();
+                let mut pooled = None;
+                for (k, encoder) in self.encoders.iter_mut().enumerate() {
+                    let e = encoder.encode_penultimate(&all, k == last)?;
+                    truncated.extend(e.truncated);
+                    parts.push(e.hidden);
+                    pooled = e.pooled.or(pooled);
+                }
+                let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
+                let hidden = ndarray::concatenate(Axis(2), &views).map_err(|e| {
+                    Error::Inputs(format!(
+                        "the text encoders' hidden states {:?} do not concatenate: {e}",
+                        parts.iter().map(|a| a.shape().to_vec()).collect::<Vec<_>>()
+                    ))
+                })?;
+                (hidden, pooled)
+            }
+        };
+        truncated.sort_unstable();
+        truncated.dedup();
+        let rows =
+            |a: &ArrayD<f32>, r: std::ops::Range<usize>| a.slice_axis(Axis(0), r.into()).to_owned();
+        let negative_rows = |a: &ArrayD<f32>| {
+            if zeros {
+                let mut shape = a.shape().to_vec();
+                shape[0] = 1;
+                ArrayD::zeros(IxDyn(&shape))
+            } else {
+                rows(a, p..p + 1)
+            }
+        };
+        Ok(Conditioning {
+            cond: rows(&hidden, 0..p),
+            uncond: negative_rows(&hidden),
+            pooled: pooled.map(|a| (rows(&a, 0..p), negative_rows(&a))),
+            time_ids: self.encoding == PromptEncoding::StableDiffusionXl,
+            truncated,
+            max_len,
+        })
     }
 }
 

@@ -6,6 +6,7 @@
 //! by CLIP's pattern (`<|startoftext|>`/`<|endoftext|>` written in a prompt are those tokens),
 //! BPE with `</w>` closing each word; then `<|startoftext|>` ids `<|endoftext|>`, truncated
 //! to `model_max_length` (the end token kept last) and padded with the folder's pad token.
+//! The folder's special tokens written in a prompt are those tokens (SDXL's pad token "!").
 //! A folder with a `tokenizer.json` (T5) is read as it is, with the same truncation and
 //! padding.
 use std::path::{Path, PathBuf};
@@ -56,13 +57,25 @@ impl TextTokenizer {
                 .map(str::to_string)
         };
         let fast = dir.join("tokenizer.json");
-        let (inner, clip) = if fast.is_file() {
+        let (mut inner, clip) = if fast.is_file() {
             let t = Tokenizer::from_file(&fast)
                 .map_err(|e| Error::file(&fast, format!("not a tokenizer: {e}")))?;
             (t, false)
         } else {
             (clip(dir)?, true)
         };
+        if clip {
+            // transformers matches every special token of the folder in the text before BPE:
+            // SDXL's tokenizer_2 pads with "!", so "wow!!" gives "wow</w>" and twice
+            // "!" (id 0), not "!!</w>".
+            let named: Vec<AddedToken> = ["bos_token", "eos_token", "pad_token", "unk_token"]
+                .into_iter()
+                .filter_map(token)
+                .filter(|t| inner.token_to_id(t).is_some())
+                .map(|t| AddedToken::from(t, true))
+                .collect();
+            inner.add_special_tokens(&named);
+        }
         let id = |name: &str, what: &str| -> Result<u32> {
             inner.token_to_id(name).ok_or_else(|| {
                 Error::file(

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use attune_runtime::HostTensor;
 use attune_runtime::image::{Mode, read_png_mode, resize_nearest, to_mask, to_tensor, write_png};
-use attune_runtime::pipeline::{TextEncoder, VaeDecoder, VaeEncoder, component};
 use attune_runtime::sample::{Init, Inpaint};
+use attune_runtime::pipeline::{PromptEncoder, VaeDecoder, VaeEncoder, component, time_ids};
 use serde_json::Value;
 
 use super::super::exec::EpArg;
@@ -21,9 +21,10 @@ pub struct Args {
     /// The prompt (repeat for a batch: one image each)
     #[arg(long, required = true)]
     prompt: Vec<String>,
-    /// What classifier-free guidance steers away from
-    #[arg(long, default_value = "")]
-    negative_prompt: String,
+    /// What classifier-free guidance steers away from [default: none: "" for SD, zero
+    /// embeddings for SDXL with force_zeros_for_empty_prompt, as diffusers does]
+    #[arg(long)]
+    negative_prompt: Option<String>,
     #[arg(long, default_value_t = 50)]
     steps: usize,
     /// Classifier-free guidance scale (1 or less: the prompts alone)
@@ -88,6 +89,7 @@ const SUPPORTED: &[&str] = &[
     "OnnxStableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
     "OnnxStableDiffusionInpaintPipeline",
+    "StableDiffusionXLPipeline",
 ];
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
@@ -130,25 +132,17 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let (height, width) = (latent(args.height, "height")?, latent(args.width, "width")?);
     let outputs = png_paths(&args.out, args.prompt.len());
     check_init_args(&args, &outputs)?;
-    let mut encoder = TextEncoder::open(dir, "text_encoder", "tokenizer", ep)?;
+    let mut encoder = PromptEncoder::open(dir, class, ep)?;
     let mut vae = VaeDecoder::open(dir, ep)?;
-    let mut prompts: Vec<&str> = args.prompt.iter().map(String::as_str).collect();
-    prompts.push(&args.negative_prompt);
-    let embeddings = encoder.encode(&prompts)?;
-    for k in embeddings.truncated {
+    let prompts: Vec<&str> = args.prompt.iter().map(String::as_str).collect();
+    let text = encoder.encode(&prompts, args.negative_prompt.as_deref())?;
+    for k in &text.truncated {
         eprintln!(
             "warning: prompt {k} is longer than the text encoder's {} tokens: cut to fit",
-            encoder.tokenizer.max_len
+            text.max_len
         );
     }
-    let p = args.prompt.len();
-    let hidden = embeddings.hidden;
-    let cond = hidden
-        .slice_axis(ndarray::Axis(0), (0..p).into())
-        .to_owned();
-    let uncond = hidden
-        .slice_axis(ndarray::Axis(0), (p..p + 1).into())
-        .to_owned();
+    let (cond, uncond) = (text.cond, text.uncond);
     let init = init_image(&args, factor, ep)?;
     let scheduler_config = args
         .scheduler_config
@@ -177,7 +171,15 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         reference: None,
         tol: super::DEFAULT_TOL,
     };
-    let (_, latents) = denoise(sample_args, Some(Given { cond, uncond, init }))?;
+    let (_, latents) = denoise(sample_args, Some(Given {
+            cond,
+            uncond,
+            pooled: text.pooled,
+            time_ids: text
+                .time_ids
+                .then(|| Box::new(move |h, w| time_ids(h * factor, w * factor)) as _),
+            init,
+        }))?;
     let latents = latents.expect("given embeddings return the latents");
     let images = vae.decode(&latents)?;
     let folder = folder_of(&args.out);

@@ -136,6 +136,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
 pub(super) struct Given {
     pub cond: ArrayD<f32>,
     pub uncond: ArrayD<f32>,
+    /// Pooled embeddings for the UNet's pooled input (SDXL's text_embeds): [P, dim], [1 or P, dim].
+    pub pooled: Option<(ArrayD<f32>, ArrayD<f32>)>,
+    /// SDXL's time ids for latents of (height, width): the caller knows the VAE's factor.
+    pub time_ids: Option<Box<dyn Fn(usize, usize) -> [f32; 6]>>,
     /// img2img/inpainting: the image to start from, and the noise (unscaled) for it.
     pub init: Option<(sample::Init, ArrayD<f32>)>,
 }
@@ -183,12 +187,14 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
     let pooled_input = ["pooled_projections", "text_embeds"]
         .into_iter()
         .find(|n| has(n));
+    let pooled_given = given.as_ref().is_some_and(|g| g.pooled.is_some());
     let pooled_files = match (&args.pooled_cond, &args.pooled_uncond, pooled_input) {
         (Some(_), None, _) | (None, Some(_), _) => {
             bail!("--pooled-cond and --pooled-uncond go together")
         }
         (Some(c), Some(u), Some(input)) => Some((c, u, input)),
         (None, None, None) => None,
+        (None, None, Some(_)) if pooled_given => None,
         (Some(_), Some(_), None) => bail!(
             "--pooled-cond/--pooled-uncond: {} has no pooled text input (SD3's 'pooled_projections', SDXL's 'text_embeds')",
             args.unet.display()
@@ -275,8 +281,8 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
     // Checked first: the controller's schedules are sized by the step count.
     let schedule = schedule(&args)?;
     let returned = given.is_some();
-    let (cond, uncond) = match given {
-        Some(g) => (g.cond, g.uncond),
+    let (cond, uncond, given_pooled, given_time_ids) = match given {
+        Some(g) => (g.cond, g.uncond, g.pooled, g.time_ids),
         None => {
             let cond = read_f32(&args.cond, "cond", 3)?;
             let uncond = match &args.uncond {
@@ -286,7 +292,7 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
                 ),
                 None => cond.clone(),
             };
-            (cond, uncond)
+            (cond, uncond, None, None)
         }
     };
     if cond.is_empty() {
@@ -403,7 +409,14 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
             }
             Some((input, pc, pu))
         }
-        None => None,
+        None => match (given_pooled, pooled_input) {
+            (Some((c, u)), Some(input)) => Some((input, c, u)),
+            (Some(_), None) => bail!(
+                "{} has no pooled text input (SDXL's 'text_embeds') for the text encoders' pooled embeddings",
+                args.unet.display()
+            ),
+            (None, _) => None,
+        },
     };
     let plan = match &args.controller {
         Some(path) => {
@@ -522,9 +535,12 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
             uncond,
         }),
         // SDXL pipelines' default micro-conditioning: the image's own size (latents x 8), no crop.
-        time_ids: has("time_ids").then(|| {
-            let (h, w) = ((8 * h) as f32, (8 * w) as f32);
-            [h, w, 0.0, 0.0, h, w]
+        time_ids: has("time_ids").then(|| match &given_time_ids {
+            Some(ids) => ids(h, w),
+            None => {
+                let (h, w) = ((8 * h) as f32, (8 * w) as f32);
+                [h, w, 0.0, 0.0, h, w]
+            }
         }),
         plan,
         hooks,
