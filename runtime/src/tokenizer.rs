@@ -140,6 +140,63 @@ impl TextTokenizer {
     }
 }
 
+impl TextTokenizer {
+    /// `text`'s ids as the tokenizer gives them (start and end tokens included, neither cut
+    /// nor padded), each with its token decoded alone as transformers' `decode([id])` does:
+    /// what Prompt-to-Prompt's word positions and alignments read.
+    pub fn tokens(&self, text: &str) -> Result<Vec<(i64, String)>> {
+        let specials = self.bos.is_none();
+        let enc = self
+            .inner
+            .encode(text, specials)
+            .map_err(|e| Error::file(&self.dir, format!("cannot tokenize {text:?}: {e}")))?;
+        let mut ids: Vec<u32> = Vec::with_capacity(enc.get_ids().len() + 2);
+        ids.extend(self.bos);
+        ids.extend(enc.get_ids());
+        ids.extend(self.eos);
+        ids.into_iter()
+            .map(|id| Ok((i64::from(id), self.decode_one(id)?)))
+            .collect()
+    }
+
+    fn decode_one(&self, id: u32) -> Result<String> {
+        if self.bos.is_none() {
+            return self
+                .inner
+                .decode(&[id], false)
+                .map_err(|e| Error::file(&self.dir, format!("cannot decode token {id}: {e}")));
+        }
+        // CLIP: byte-level characters back to bytes, `</w>` a space, trimmed.
+        let token = self.inner.id_to_token(id).unwrap_or_default();
+        if Some(id) == self.bos || Some(id) == self.eos {
+            return Ok(token);
+        }
+        let text = token.replace("</w>", " ");
+        let bytes: Vec<u8> = text.chars().map(|c| byte_of(c).unwrap_or(b' ')).collect();
+        Ok(String::from_utf8_lossy(&bytes).trim().to_string())
+    }
+}
+
+/// The byte GPT-2/CLIP's byte-level alphabet writes as `c` (printable bytes as themselves,
+/// the rest shifted to U+0100 onward).
+fn byte_of(c: char) -> Option<u8> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let u = c as u32;
+    if u < 256 && printable(u) {
+        return u8::try_from(u).ok();
+    }
+    if c == ' ' {
+        return Some(b' ');
+    }
+    // Non-printable bytes in order, from U+0100.
+    let k = u.checked_sub(256)?;
+    (0u32..256)
+        .filter(|b| !printable(*b))
+        .nth(k as usize)
+        .and_then(|b| u8::try_from(b).ok())
+}
+
 fn read_json(path: &Path) -> Result<Value> {
     if !path.is_file() {
         return Ok(Value::Object(Default::default()));

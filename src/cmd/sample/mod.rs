@@ -5,7 +5,7 @@ use anyhow::{Context, bail};
 use attune_compiler::Model;
 use attune_compiler::analysis::{Dim, Shapes};
 use attune_compiler::onnx::DataType;
-use attune_runtime::controller::Controller;
+use attune_runtime::controller::{Controller, PromptTokens};
 use attune_runtime::ort_backend::OrtOptions;
 use attune_runtime::sample::{self, Layout, Pooled, SampleRun};
 use attune_runtime::scheduler::{self, DdimConfig, FlowConfig, Kind, Schedule, Scheduler, Spread};
@@ -142,12 +142,15 @@ pub(super) struct Given {
     pub time_ids: Option<Box<dyn Fn(usize, usize) -> [f32; 6]>>,
     /// img2img/inpainting: the image to start from, and the noise (unscaled) for it.
     pub init: Option<(sample::Init, ArrayD<f32>)>,
+    /// The prompts as tokenized, for a controller's words and computed P2P edits.
+    pub prompts: Option<Vec<PromptTokens>>,
 }
 
 /// The sampling run `args` describes, with `given` embeddings (then nothing is written and
 /// the final latents are returned) or those of --cond/--uncond (written to --out).
 fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<ArrayD<f32>>)> {
     let init = given.as_mut().and_then(|g| g.init.take());
+    let mut prompt_tokens = given.as_mut().and_then(|g| g.prompts.take());
     let model = super::load(&args.unet)?;
     let specs = inputs::input_specs(&model);
     let has = |name: &str| specs.iter().any(|s| s.name == name);
@@ -420,7 +423,10 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
     };
     let plan = match &args.controller {
         Some(path) => {
-            let c = Controller::read(path)?;
+            let c = match prompt_tokens.take() {
+                Some(t) => Controller::read(path)?.with_prompts(t),
+                None => Controller::read(path)?,
+            };
             read.push(("--controller".into(), path.clone()));
             if let Some(p) = &c.p2p {
                 let files = [("mapper", &p.mapper), ("refine_alphas", &p.refine_alphas)];
@@ -566,6 +572,11 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
     let schedule_name = run.scheduler.name();
     let (x, maps) = sample::sample(&mut unet, run)?;
     if returned {
+        // `attune generate`: maps next to its images.
+        if !args.save_maps.is_empty() {
+            let n = write_heatmaps(&maps_dir, &maps, prompts, &args.save_maps)?;
+            println!("wrote {n} attention heatmaps to {}", maps_dir.display());
+        }
         return Ok((0, Some(x)));
     }
     std::fs::create_dir_all(&args.out)
