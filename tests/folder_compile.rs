@@ -236,6 +236,11 @@ fn an_inpainting_folder_compiles_and_inpaints_as_diffusers() {
 
 /// The reference's final latents decoded by the folder's VAE decoder: raw output [1, 3, H, W].
 fn decode(folder: &Path, case: &str) -> ndarray::ArrayD<f32> {
+    decode_scaled(folder, case, 1.0)
+}
+
+/// [`decode`] of the latents times `k`.
+fn decode_scaled(folder: &Path, case: &str, k: f32) -> ndarray::ArrayD<f32> {
     let model = folder.join("vae_decoder/model.onnx");
     let latents = read_f32(
         &pipeline("sd15_tiny")
@@ -243,7 +248,7 @@ fn decode(folder: &Path, case: &str) -> ndarray::ArrayD<f32> {
             .join(case)
             .join("final_latents.npy"),
     );
-    let z = HostTensor::F32(latents.mapv(|x| x / 0.18215));
+    let z = HostTensor::F32(latents.mapv(|x| k * x / 0.18215));
     let declared =
         attune_runtime::inputs::input_specs(&attune_compiler::import::read(&model).unwrap())[0]
             .dtype()
@@ -351,6 +356,22 @@ fn force_upcast_keeps_the_vae_in_fp32_where_diffusers_does() {
     // The fp32 decoder decodes the reference as the original does.
     let want = decode(&pipeline("sd15_tiny"), "txt2img_a");
     let got = decode(&out, "txt2img_a");
+    let d = got
+        .iter()
+        .zip(want.iter())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(d < 1e-4, "{d}");
+    // What it guards against: latents 1000 times larger (values fp16 holds) drive the
+    // decoder's activations past fp16's range. The fp16 decoder of the SD1.5-class compile
+    // overflows to NaN there; the one kept in fp32 decodes as the original does.
+    let sd15 = tmp.path().join("sd15");
+    compiled(&pipeline("sd15_tiny"), &sd15, &["--precision", "fp16"]);
+    let overflowed = decode_scaled(&sd15, "txt2img_a", 1000.0);
+    assert!(overflowed.iter().any(|x| !x.is_finite()));
+    let want = decode_scaled(&pipeline("sd15_tiny"), "txt2img_a", 1000.0);
+    let got = decode_scaled(&out, "txt2img_a", 1000.0);
+    assert!(got.iter().all(|x| x.is_finite()));
     let d = got
         .iter()
         .zip(want.iter())
