@@ -7,10 +7,10 @@
 //! refine_alphas = "alphas.npy"   # [P-1, T]: 0 for words without a source (refine); default 1
 //! cross_replace_steps = 0.8      # or [start, end]: fractions of the run
 //! self_replace_steps = 0.4       # or [start, end]
-//! equalizer = { 5 = 2.0 }        # token index -> weight (reweight); default 1
+//! equalizer = { 5 = 2.0 }        # token index (or word) -> weight (reweight); default 1
 //!
 //! [local_blend]
-//! words = [[3], [4]]             # token indices per prompt
+//! words = [[3], [4]]             # token indices (or words) per prompt
 //! threshold = 0.3
 //! resolution = 16                # cross maps with resolution² query tokens
 //!
@@ -18,6 +18,11 @@
 //! start_step = 4
 //! start_layer = 10               # self-attention layers counted in call order
 //! ```
+//!
+//! With the prompts (`attune generate`), words stand for token indices (`words = ["cat",
+//! "dog"]`, `equalizer = { cat = 2.0 }`, resolved as P2P's `get_word_inds`) and
+//! `edit = "replace" | "refine"` computes the mapper (and refine's alphas) from the prompts as
+//! P2P's `seq_aligner` does (see `aligner`).
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -28,17 +33,26 @@ use crate::error::{Error, Result};
 use crate::npy;
 use crate::tensor::HostTensor;
 
+pub mod aligner;
+
+pub use aligner::{PromptTokens, Word};
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Controller {
     pub p2p: Option<P2p>,
-    pub local_blend: Option<LocalBlend>,
+    pub local_blend: Option<LocalBlendSpec>,
     pub masactrl: Option<MasaCtrl>,
+    /// The run's prompts as tokenized (`attune generate`), for words and computed edits.
+    #[serde(skip)]
+    prompts: Option<Vec<PromptTokens>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct P2p {
+    /// The mapper (and refine's alphas) computed from the prompts, instead of files.
+    pub edit: Option<Edit>,
     pub mapper: Option<PathBuf>,
     pub refine_alphas: Option<PathBuf>,
     #[serde(default = "full_range")]
@@ -47,6 +61,41 @@ pub struct P2p {
     pub self_replace_steps: StepRange,
     #[serde(default)]
     pub equalizer: BTreeMap<String, f64>,
+}
+
+/// P2P's edits whose mapper follows from the prompts.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Edit {
+    /// Words swapped (`AttentionReplace`): the same number of words in every prompt.
+    Replace,
+    /// Words added (`AttentionRefine`): the prompts aligned token by token.
+    Refine,
+}
+
+/// A token index, or a word of the prompt (every token of each occurrence).
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum TokenRef {
+    Index(usize),
+    Word(String),
+}
+
+/// One token reference or a list of them (a prompt's entry of `[local_blend] words`).
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum TokenRefs {
+    One(TokenRef),
+    Many(Vec<TokenRef>),
+}
+
+impl TokenRefs {
+    fn refs(&self) -> &[TokenRef] {
+        match self {
+            TokenRefs::One(r) => std::slice::from_ref(r),
+            TokenRefs::Many(v) => v,
+        }
+    }
 }
 
 /// A fraction of the run (`0.8` = the first 80%) or `[start, end]` fractions.
@@ -74,13 +123,22 @@ impl StepRange {
     }
 }
 
+/// `[local_blend]` as written: token indices or words per prompt.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LocalBlend {
-    pub words: Vec<Vec<usize>>,
+pub struct LocalBlendSpec {
+    pub words: Vec<TokenRefs>,
     #[serde(default = "default_threshold")]
     pub threshold: f32,
     #[serde(default = "default_resolution")]
+    pub resolution: usize,
+}
+
+/// `[local_blend]` resolved: token indices per prompt.
+#[derive(Debug)]
+pub struct LocalBlend {
+    pub words: Vec<Vec<usize>>,
+    pub threshold: f32,
     pub resolution: usize,
 }
 
@@ -141,10 +199,31 @@ impl Controller {
         Ok(c)
     }
 
+    /// The run's prompts as the pipeline's tokenizer gives them (prompt 0 the source), so
+    /// that words and `edit` resolve against them.
+    pub fn with_prompts(mut self, prompts: Vec<PromptTokens>) -> Controller {
+        self.prompts = Some(prompts);
+        self
+    }
+
+    /// The prompts words resolve against, or an error saying where words work.
+    fn texts(&self, prompts: usize, what: &str) -> Result<&[PromptTokens]> {
+        match &self.prompts {
+            Some(t) if t.len() == prompts => Ok(t),
+            Some(t) => Err(Error::Inputs(format!(
+                "controller: {what}: {} prompts were tokenized for a run of {prompts}",
+                t.len()
+            ))),
+            None => Err(Error::Inputs(format!(
+                "controller: {what} needs the prompts and their tokenizer, which only `attune generate` has: use it, or give token indices (and mapper/refine_alphas files) to `attune sample`"
+            ))),
+        }
+    }
+
     /// Checks the controller against the run and resolves its schedules; every mistake is
     /// reported here, before anything runs.
     pub fn plan(
-        self,
+        mut self,
         steps: usize,
         prompts: usize,
         words: usize,
@@ -177,7 +256,7 @@ impl Controller {
             }
             Ok((s, e))
         };
-        if let Some(p) = self.p2p {
+        if let Some(p) = &self.p2p {
             if edits == 0 {
                 return Err(bad(
                     "[p2p] needs at least two prompts (the source and an edit)".into(),
@@ -194,6 +273,38 @@ impl Controller {
             }
             let (s, e) = fraction(p.self_replace_steps, "self_replace_steps")?;
             plan.self_range = ((s * steps as f64) as usize, (e * steps as f64) as usize);
+            if let Some(edit) = p.edit {
+                let name = match edit {
+                    Edit::Replace => "replace",
+                    Edit::Refine => "refine",
+                };
+                if p.mapper.is_some() || p.refine_alphas.is_some() {
+                    return Err(bad(format!(
+                        "[p2p] edit = \"{name}\" computes the mapper from the prompts: give it or mapper/refine_alphas files, not both"
+                    )));
+                }
+                let texts = self.texts(prompts, &format!("[p2p] edit = \"{name}\""))?;
+                let mut mapper = Vec::with_capacity(edits * words * words);
+                let mut alphas = Vec::with_capacity(edits * words);
+                for t in &texts[1..] {
+                    match edit {
+                        Edit::Replace => {
+                            mapper.extend(aligner::replacement_mapper(&texts[0], t, words)?)
+                        }
+                        Edit::Refine => {
+                            let (m, a) = aligner::refinement_mapper(&texts[0], t, words)?;
+                            mapper.extend(aligner::one_hot(&m, words));
+                            alphas.extend(a);
+                        }
+                    }
+                }
+                plan.mapper = Some(HostTensor::F32(
+                    ArrayD::from_shape_vec(IxDyn(&[edits, words, words]), mapper).expect("sized"),
+                ));
+                if edit == Edit::Refine {
+                    plan.refine = Some(alphas);
+                }
+            }
             if let Some(f) = &p.mapper {
                 let m = npy::read(f)?;
                 if m.shape() != [edits, words, words] || !matches!(m, HostTensor::F32(_)) {
@@ -240,27 +351,68 @@ impl Controller {
             if !p.equalizer.is_empty() {
                 let mut eq = vec![1f32; words];
                 for (k, v) in &p.equalizer {
-                    let i: usize = k
-                        .parse()
-                        .map_err(|_| bad(format!("equalizer key '{k}' is not a token index")))?;
-                    if i >= words {
-                        return Err(bad(format!(
-                            "equalizer token {i} is beyond the {words} text tokens"
-                        )));
-                    }
                     if !v.is_finite() || v.abs() > f32::MAX as f64 {
                         return Err(bad(format!(
                             "equalizer token {k}: weight {v:e} is not a finite f32"
                         )));
                     }
-                    eq[i] = *v as f32;
+                    // A number is a token index; anything else a word of the first edited
+                    // prompt (P2P's examples: `get_equalizer(prompts[1], ...)`).
+                    let indices = match k.parse::<usize>() {
+                        Ok(i) => vec![i],
+                        Err(_) => self.texts(prompts, &format!("equalizer word '{k}'"))?[1]
+                            .require(k)
+                            .map_err(|e| bad(format!("[p2p] equalizer: {e}")))?,
+                    };
+                    for i in indices {
+                        if i >= words {
+                            let of = if k.parse::<usize>().is_ok() {
+                                String::new()
+                            } else {
+                                format!(" (word '{k}')")
+                            };
+                            return Err(bad(format!(
+                                "equalizer token {i}{of} is beyond the {words} text tokens"
+                            )));
+                        }
+                        eq[i] = *v as f32;
+                    }
                 }
                 plan.equalizer = Some(HostTensor::F32(
                     ArrayD::from_shape_vec(IxDyn(&[1, words]), eq).expect("sized"),
                 ));
             }
         }
-        if let Some(lb) = self.local_blend {
+        if let Some(spec) = &self.local_blend {
+            let mut resolved = Vec::with_capacity(spec.words.len());
+            for (p, refs) in spec.words.iter().enumerate() {
+                let mut ids = Vec::new();
+                for r in refs.refs() {
+                    match r {
+                        TokenRef::Index(i) => ids.push(*i),
+                        TokenRef::Word(w) => {
+                            let texts =
+                                self.texts(prompts, &format!("[local_blend] word '{w}'"))?;
+                            let Some(t) = texts.get(p) else {
+                                return Err(bad(format!(
+                                    "[local_blend] words lists {} prompts, the run has {prompts}",
+                                    spec.words.len()
+                                )));
+                            };
+                            ids.extend(
+                                t.require(w)
+                                    .map_err(|e| bad(format!("[local_blend] words: {e}")))?,
+                            );
+                        }
+                    }
+                }
+                resolved.push(ids);
+            }
+            let lb = LocalBlend {
+                words: resolved,
+                threshold: spec.threshold,
+                resolution: spec.resolution,
+            };
             if lb.words.len() != prompts {
                 return Err(bad(format!(
                     "[local_blend] words lists {} prompts, the run has {prompts}",
@@ -288,7 +440,7 @@ impl Controller {
             }
             plan.local_blend = Some(lb);
         }
-        if let Some(m) = self.masactrl {
+        if let Some(m) = self.masactrl.take() {
             if m.start_step >= steps {
                 return Err(bad(format!(
                     "[masactrl] start_step {} is outside the {steps} steps",

@@ -8,6 +8,8 @@ use attune_runtime::HostTensor;
 use attune_runtime::image::{Mode, read_png_mode, resize_nearest, to_mask, to_tensor, write_png};
 use attune_runtime::sample::{Init, Inpaint};
 use attune_runtime::pipeline::{PromptEncoder, VaeDecoder, VaeEncoder, component, time_ids};
+use attune_runtime::controller::{PromptTokens, Word};
+use attune_runtime::tokenizer::TextTokenizer;
 use serde_json::Value;
 
 use super::super::exec::EpArg;
@@ -53,6 +55,16 @@ pub struct Args {
     seed: u64,
     #[arg(long, value_enum, default_value_t = EpArg::Cpu)]
     ep: EpArg,
+    /// Attention control (TOML, as `attune sample --controller`; words may stand for token
+    /// indices and `[p2p] edit = "replace" | "refine"` computes the mapper from the prompts);
+    /// the UNet compiled with --hooks
+    #[arg(long, value_name = "F.toml")]
+    controller: Option<PathBuf>,
+    /// Write the cross-attention maps of these token indices or words (a word: its tokens
+    /// in any prompt) as PNG heatmaps to maps/ next to the image (a UNet compiled with
+    /// --hooks capture)
+    #[arg(long, value_name = "WORDS", value_delimiter = ',')]
+    save_maps: Vec<String>,
     /// The image (PNG); with several prompts, `-o out.png` writes out-0.png, out-1.png, ...
     #[arg(short, long)]
     out: PathBuf,
@@ -144,6 +156,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     }
     let (cond, uncond) = (text.cond, text.uncond);
     let init = init_image(&args, factor, ep)?;
+    let (tokens, save_maps) = prompt_tokens(&args)?;
     let scheduler_config = args
         .scheduler_config
         .clone()
@@ -163,9 +176,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         width,
         seed: args.seed,
         guidance: Some(args.guidance),
-        controller: None,
+        controller: args.controller.clone(),
         out: folder_of(&args.out).to_path_buf(),
-        save_maps: Vec::new(),
+        save_maps,
         ep: args.ep,
         cuda_graph: false,
         reference: None,
@@ -179,6 +192,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                 .time_ids
                 .then(|| Box::new(move |h, w| time_ids(h * factor, w * factor)) as _),
             init,
+            prompts: tokens,
         }))?;
     let latents = latents.expect("given embeddings return the latents");
     let images = vae.decode(&latents)?;
@@ -347,6 +361,50 @@ fn seeded_noise(shape: &[usize], seed: u64) -> anyhow::Result<ndarray::ArrayD<f3
         HostTensor::F32(a) => Ok(a),
         other => unreachable!("f32 noise was asked for, not {}", other.dtype().name()),
     }
+}
+
+/// The prompts as the folder's tokenizer gives them (for a controller's words and P2P edits),
+/// and --save-maps as token indices.
+fn prompt_tokens(args: &Args) -> anyhow::Result<(Option<Vec<PromptTokens>>, Vec<usize>)> {
+    let words = args.save_maps.iter().any(|w| w.parse::<usize>().is_err());
+    if args.controller.is_none() && !words {
+        let indices = args.save_maps.iter().filter_map(|w| w.parse().ok()).collect();
+        return Ok((None, indices));
+    }
+    let tokenizer = TextTokenizer::from_dir(&args.dir.join("tokenizer"))?;
+    let tokens = args
+        .prompt
+        .iter()
+        .map(|p| PromptTokens::encode(&tokenizer, p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut indices: Vec<usize> = Vec::new();
+    for w in &args.save_maps {
+        let found: Vec<usize> = match w.parse() {
+            Ok(i) => vec![i],
+            Err(_) => tokens
+                .iter()
+                .flat_map(|t| t.word_indices(Word::Text(w)))
+                .collect(),
+        };
+        if found.is_empty() {
+            bail!(
+                "--save-maps {w}: the word is in none of the prompts {:?} (words are a prompt split on spaces, matched exactly)",
+                args.prompt
+            );
+        }
+        for i in found {
+            if i >= tokenizer.max_len {
+                bail!(
+                    "--save-maps {w}: token {i} is beyond the text encoder's {} tokens",
+                    tokenizer.max_len
+                );
+            }
+            if !indices.contains(&i) {
+                indices.push(i);
+            }
+        }
+    }
+    Ok((Some(tokens), indices))
 }
 
 /// f = 2^(stages − 1) of the VAE's `block_out_channels` (8 for Stable Diffusion's).
