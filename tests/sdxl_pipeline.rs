@@ -127,9 +127,10 @@ fn prompt_embeddings_pooled_and_time_ids_equal_diffusers() {
     }
 }
 
-/// An encoder export without the hidden states SDXL needs is refused naming the file.
+/// An encoder export without the hidden states SDXL needs, a missing second encoder and a
+/// class without a prompt encoding are refused naming them.
 #[test]
-fn an_encoder_without_hidden_states_is_refused_naming_it() {
+fn what_sdxl_cannot_encode_with_is_refused_naming_it() {
     let tmp = tempfile::tempdir().unwrap();
     let sd15 = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/pipelines/sd15_tiny");
     for (from, to) in [
@@ -156,6 +157,12 @@ fn an_encoder_without_hidden_states_is_refused_naming_it() {
         err.contains("hidden_states") && err.contains("text_encoder/model.onnx"),
         "{err}"
     );
+    std::fs::remove_dir_all(tmp.path().join("text_encoder_2")).unwrap();
+    let err = PromptEncoder::open(tmp.path(), "StableDiffusionXLPipeline", Ep::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("no text_encoder_2"), "{err}");
     let err = PromptEncoder::open(tmp.path(), "KandinskyPipeline", Ep::Cpu)
         .err()
         .unwrap()
