@@ -17,6 +17,7 @@ pub mod profile;
 pub mod provision;
 pub mod safetensors_io;
 pub mod sample;
+pub mod session_cache;
 pub mod scheduler;
 pub mod tensor;
 pub mod tokenizer;

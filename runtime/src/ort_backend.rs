@@ -5,13 +5,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use ort::environment::Environment;
 use ort::logging::LogLevel;
-use ort::session::builder::GraphOptimizationLevel;
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 
 use crate::bound::Bound;
 use crate::error::{Error, Result};
 use crate::provision::{self, Flavor};
+use crate::session_cache;
 use crate::tensor::HostTensor;
 
 /// Which ORT execution provider runs the graph.
@@ -44,6 +45,20 @@ pub struct OrtOptions {
     /// Capture the CUDA kernels of a run into a CUDA graph and replay it (CUDA provider only;
     /// implies `bind_io`; every node must be placed on CUDA: a model with fixed shapes).
     pub cuda_graph: bool,
+    /// Keep ORT's optimised graph in this folder and load it from there next time (CPU
+    /// provider at the full level, not profiling): see `session_cache`.
+    pub session_cache: Option<PathBuf>,
+}
+
+/// Where a session's graph came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cached {
+    /// Optimised by ORT now, no cache asked for.
+    No,
+    /// Loaded from the cache, ORT's optimisation off.
+    Hit,
+    /// Optimised by ORT now and saved: this many bytes.
+    Saved(u64),
 }
 
 /// The most intra-op threads a session may ask for: ORT starts them all at once, and a
@@ -107,6 +122,7 @@ pub struct OrtSession {
     bound: Option<Bound>,
     /// (execution provider, node count) from ORT's node-placement log (CUDA sessions).
     pub placement: Vec<(String, usize)>,
+    pub cached: Cached,
 }
 
 impl OrtSession {
@@ -133,43 +149,69 @@ impl OrtSession {
             OptLevel::Extended => GraphOptimizationLevel::Level2,
             OptLevel::All => GraphOptimizationLevel::All,
         };
-        let ort_err =
-            |e: ort::Error<ort::session::builder::SessionBuilder>| Error::Ort(e.to_string());
-        let mut builder = Session::builder(env)?
-            .with_optimization_level(level)
-            .map_err(ort_err)?;
-        if let Some(n) = opts.threads {
-            if n > MAX_THREADS {
-                return Err(Error::Ort(format!(
-                    "--threads {n}: at most {MAX_THREADS} intra-op threads"
-                )));
-            }
-            builder = builder.with_intra_threads(n).map_err(ort_err)?;
-        }
-        if let Some(prefix) = &opts.profile {
-            builder = builder.with_profiling(prefix).map_err(ort_err)?;
-        }
         let placement_log: Arc<Mutex<Vec<String>>> = Arc::default();
-        if provider == Provider::Cuda {
-            builder = builder
-                .with_execution_providers([ort::ep::CUDA::default()
-                    .with_cuda_graph(opts.cuda_graph)
-                    .build()
-                    .error_on_failure()])
-                .map_err(|e| Error::Cuda(e.to_string()))?
-                // Verbose: the node placement is only logged at this level.
-                .with_log_level(LogLevel::Verbose)
-                .map_err(ort_err)?;
-        }
-        builder = builder
-            .with_logger(session_logger(placement_log.clone()))
-            .map_err(ort_err)?;
-        let session = builder
-            .commit_from_file(model)
-            .map_err(|e| match provider {
+        let builder = |level| builder(env, provider, opts, level, placement_log.clone());
+        let commit = |mut b: SessionBuilder, path: &Path| {
+            b.commit_from_file(path).map_err(|e| match provider {
                 Provider::Cuda => Error::Cuda(format!("{}: {e}", model.display())),
                 Provider::Cpu => Error::Ort(format!("{}: {e}", model.display())),
-            })?;
+            })
+        };
+        let entry = match &opts.session_cache {
+            Some(root)
+                if provider == Provider::Cpu
+                    && opts.opt_level == OptLevel::All
+                    && opts.profile.is_none() =>
+            {
+                let lib = loaded_library().unwrap_or_default();
+                let settings = format!(
+                    "cpu all {} {:?}",
+                    lib.display(),
+                    std::fs::metadata(&lib)
+                        .ok()
+                        .map(|m| (m.len(), m.modified().ok()))
+                );
+                Some(session_cache::entry(root, model, &settings)?)
+            }
+            _ => None,
+        };
+        let (session, cached) = match entry {
+            Some(entry) => {
+                let hit = if entry.hit {
+                    // A damaged entry is made again.
+                    let b = builder(GraphOptimizationLevel::Disable)?;
+                    commit(b, &entry.model())
+                        .inspect_err(|_| session_cache::discard(&entry))
+                        .ok()
+                } else {
+                    None
+                };
+                match hit {
+                    Some(session) => (session, Cached::Hit),
+                    None => {
+                        let staged = session_cache::staging(&entry)?;
+                        let b = builder(level)?
+                            .with_optimized_model_path(staged.join(session_cache::MODEL))
+                            .and_then(|b| b.with_config_entry("session.optimized_model_external_initializers_file_name", session_cache::DATA))
+                            .and_then(|b| b.with_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024"))
+                            .map_err(|e| Error::Ort(e.to_string()))?;
+                        match commit(b, model) {
+                            Ok(session) => {
+                                session_cache::publish(&staged, &entry);
+                                (session, Cached::Saved(session_cache::size(&entry)))
+                            }
+                            // ORT could not save this graph (a full disk, an op it cannot
+                            // write): the session is made without the cache.
+                            Err(_) => {
+                                let _ = std::fs::remove_dir_all(&staged);
+                                (commit(builder(level)?, model)?, Cached::No)
+                            }
+                        }
+                    }
+                }
+            }
+            None => (commit(builder(level)?, model)?, Cached::No),
+        };
         let placement = parse_placement(&placement_log.lock().unwrap_or_else(|e| e.into_inner()));
         if provider == Provider::Cuda {
             let on_cuda: usize = placement
@@ -189,6 +231,7 @@ impl OrtSession {
             bind_io: opts.bind_io || opts.cuda_graph,
             bound: None,
             placement,
+            cached,
         })
     }
 
@@ -254,6 +297,45 @@ impl OrtSession {
         drop(values);
         copied
     }
+}
+
+/// A session builder with `opts`' threads, profiling, provider and logger at `level`.
+fn builder(
+    env: &Environment,
+    provider: Provider,
+    opts: &OrtOptions,
+    level: GraphOptimizationLevel,
+    placement_log: Arc<Mutex<Vec<String>>>,
+) -> Result<SessionBuilder> {
+    let ort_err = |e: ort::Error<SessionBuilder>| Error::Ort(e.to_string());
+    let mut builder = Session::builder(env)?
+        .with_optimization_level(level)
+        .map_err(ort_err)?;
+    if let Some(n) = opts.threads {
+        if n > MAX_THREADS {
+            return Err(Error::Ort(format!(
+                "--threads {n}: at most {MAX_THREADS} intra-op threads"
+            )));
+        }
+        builder = builder.with_intra_threads(n).map_err(ort_err)?;
+    }
+    if let Some(prefix) = &opts.profile {
+        builder = builder.with_profiling(prefix).map_err(ort_err)?;
+    }
+    if provider == Provider::Cuda {
+        builder = builder
+            .with_execution_providers([ort::ep::CUDA::default()
+                .with_cuda_graph(opts.cuda_graph)
+                .build()
+                .error_on_failure()])
+            .map_err(|e| Error::Cuda(e.to_string()))?
+            // Verbose: the node placement is only logged at this level.
+            .with_log_level(LogLevel::Verbose)
+            .map_err(ort_err)?;
+    }
+    builder
+        .with_logger(session_logger(placement_log))
+        .map_err(ort_err)
 }
 
 /// `All nodes placed on [CUDAExecutionProvider]. Number of nodes: 812` → ("CUDAExecutionProvider", 812)

@@ -145,7 +145,7 @@ impl TextEncoder {
     }
 
     /// The prompts' token ids through the encoder: its named outputs, and the prompts cut to fit.
-    fn run(&mut self, prompts: &[&str]) -> Result<(Vec<(String, HostTensor)>, Vec<usize>)> {
+    fn run(&mut self, prompts: &[&str]) -> Result<(Named, Vec<usize>)> {
         let len = self.tokenizer.max_len;
         let mut ids = Vec::with_capacity(prompts.len() * len);
         let mut truncated = Vec::new();
@@ -166,6 +166,9 @@ impl TextEncoder {
         Ok((outs, truncated))
     }
 }
+
+/// A session's outputs by name.
+type Named = Vec<(String, HostTensor)>;
 
 fn float(t: &HostTensor) -> Option<ArrayD<f32>> {
     match t {

@@ -225,6 +225,7 @@ pub fn run(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
             input: InputArgs::default(),
             threads: None,
             opt_level: OptArg::All,
+            session_cache: false,
         };
         // A CUDA-target output may hold ops only CUDA runs: measure its CPU-target twin (same
         // passes, no CUDA fusions), which computes the same function.
@@ -343,6 +344,7 @@ fn run_folder(args: &Args) -> anyhow::Result<i32> {
             input: InputArgs::default(),
             threads: None,
             opt_level: OptArg::All,
+            session_cache: false,
         };
         match args.options.target {
             TargetArg::Cuda => println!(

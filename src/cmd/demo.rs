@@ -93,6 +93,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         },
         threads: None,
         opt_level: OptArg::All,
+        session_cache: false,
     };
     let results = super::numeric::compare_models(&args.model, &compiled, &exec)?;
     let (table, ok) = super::numeric::render(&results, Some(DEFAULT_TOL));

@@ -81,6 +81,11 @@ pub struct ExecArgs {
     /// ONNX Runtime graph optimisation level
     #[arg(long, value_enum, default_value_t = OptArg::All)]
     pub opt_level: OptArg,
+    /// Keep ONNX Runtime's optimised graph for this CPU in attune's cache ($ATTUNE_CACHE or
+    /// ~/.cache/attune, sessions/) and load it from there next time: the full level's session
+    /// start at the basic level's cost (CPU provider, --opt-level all)
+    #[arg(long)]
+    pub session_cache: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
@@ -96,6 +101,13 @@ pub enum OptArg {
     Basic,
     Extended,
     All,
+}
+
+/// attune's folder of saved ORT sessions (none where no cache folder can be named).
+pub fn session_cache_dir() -> Option<PathBuf> {
+    attune_runtime::provision::cache_dir()
+        .ok()
+        .map(|d| d.join("sessions"))
 }
 
 impl ExecArgs {
@@ -117,6 +129,7 @@ impl ExecArgs {
         OrtOptions {
             opt_level,
             threads: self.threads,
+            session_cache: self.session_cache.then(session_cache_dir).flatten(),
             ..OrtOptions::default()
         }
     }

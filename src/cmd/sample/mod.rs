@@ -139,12 +139,15 @@ pub(super) struct Given {
     /// Pooled embeddings for the UNet's pooled input (SDXL's text_embeds): [P, dim], [1 or P, dim].
     pub pooled: Option<(ArrayD<f32>, ArrayD<f32>)>,
     /// SDXL's time ids for latents of (height, width): the caller knows the VAE's factor.
-    pub time_ids: Option<Box<dyn Fn(usize, usize) -> [f32; 6]>>,
+    pub time_ids: Option<TimeIds>,
     /// img2img/inpainting: the image to start from, and the noise (unscaled) for it.
     pub init: Option<(sample::Init, ArrayD<f32>)>,
     /// The prompts as tokenized, for a controller's words and computed P2P edits.
     pub prompts: Option<Vec<PromptTokens>>,
 }
+
+/// SDXL's time ids for latents of (height, width).
+pub(super) type TimeIds = Box<dyn Fn(usize, usize) -> [f32; 6]>;
 
 /// The sampling run `args` describes, with `given` embeddings (then nothing is written and
 /// the final latents are returned) or those of --cond/--uncond (written to --out).
