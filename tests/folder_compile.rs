@@ -647,3 +647,83 @@ fn optimum_loads_the_compiled_folder_and_generates_the_diffusers_image() {
     eprintln!("optimum on the compiled folder: worst pixel {worst}/255 off diffusers");
     assert!(worst <= 2.0, "optimum: a pixel {worst}/255 off");
 }
+
+/// Worst absolute difference of two tensors of one shape.
+fn max_abs(got: &HostTensor, want: &ndarray::ArrayD<f32>) -> f32 {
+    let HostTensor::F32(got) = got else {
+        panic!("{:?}", got.dtype())
+    };
+    assert_eq!(got.shape(), want.shape());
+    got.iter()
+        .zip(want.iter())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn a_lora_file_goes_to_the_unet_and_the_text_encoder_it_has_layers_for() {
+    // A LoRA saved by StableDiffusionPipeline.save_lora_weights with layers for the UNet and
+    // the text encoder (models/export/lora_text_encoder.py); references from diffusers'
+    // load_lora_weights + fuse_lora on sd15_tiny.
+    let loras = common::root().join("models/loras/text_encoder");
+    let lora = loras.join("peft_mixed.safetensors");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let stdout = compiled(
+        &pipeline("sd15_tiny"),
+        &out,
+        &["--lora", lora.to_str().unwrap()],
+    );
+    let outputs = common::run_outputs(
+        &out.join("text_encoder/model.onnx"),
+        &loras.join("inputs"),
+        &[],
+    );
+    let want = loras.join("peft_mixed_x1.0");
+    for (name, got) in &outputs {
+        let d = max_abs(got, &read_f32(&want.join(format!("{name}.npy"))));
+        assert!(d < 1e-4, "text_encoder {name}: {d} off diffusers");
+    }
+    assert_eq!(outputs.len(), 2);
+    let out_sample = common::run_unet(
+        &out.join("unet/model.onnx"),
+        &loras.join("unet_inputs"),
+        &[],
+    );
+    let d = max_abs(
+        &out_sample,
+        &read_f32(&loras.join("unet_peft_mixed/out_sample.npy")),
+    );
+    assert!(d < 1e-4, "unet: {d} off diffusers");
+    assert!(
+        stdout.contains(
+            "not applied: --lora: LoRAs adapt the denoiser and the text encoders, not the VAE"
+        ),
+        "{stdout}"
+    );
+    // A kohya file with text-encoder layers only, at 0.5.
+    let te_only = loras.join("kohya_te.safetensors");
+    let out2 = tmp.path().join("out2");
+    compiled(
+        &pipeline("sd15_tiny"),
+        &out2,
+        &["--lora", &format!("{}:0.5", te_only.display())],
+    );
+    let want = loras.join("kohya_te_x0.5");
+    for (name, got) in common::run_outputs(
+        &out2.join("text_encoder/model.onnx"),
+        &loras.join("inputs"),
+        &[],
+    ) {
+        let d = max_abs(&got, &read_f32(&want.join(format!("{name}.npy"))));
+        assert!(d < 1e-4, "kohya text_encoder {name}: {d} off diffusers");
+    }
+    // One graph's --lora-component makes no sense for a folder.
+    let o = compile(
+        &pipeline("sd15_tiny"),
+        &tmp.path().join("out3"),
+        &["--lora", lora.to_str().unwrap(), "--lora-component", "unet"],
+    );
+    assert!(!o.status.success());
+    assert!(common::stderr(&o).contains("--lora-component"));
+}

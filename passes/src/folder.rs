@@ -18,8 +18,10 @@ use attune_compiler::import;
 use attune_compiler::pass::{PassCx, PassReport, Skipped};
 use attune_compiler::verify;
 
-use crate::lora::adapter;
-use crate::pipeline::{self, AttentionArg, LoraModeArg, Options, PrecisionArg};
+use crate::lora::{self, adapter};
+use crate::pipeline::{
+    self, AttentionArg, LoraComponentArg, LoraModeArg, LoraOptions, Options, PrecisionArg,
+};
 
 /// The file that makes a folder a pipeline folder.
 pub const INDEX: &str = "model_index.json";
@@ -313,6 +315,20 @@ pub fn plan(pipeline: &Pipeline, o: &Options) -> Result<Vec<Plan>> {
         None => Vec::new(),
     };
     let none = Options::default();
+    if o.lora_options.component != LoraComponentArg::Auto {
+        return Err(FolderError::Options(
+            "--lora-component names one graph's component; in a folder each component takes the LoRA layers that are its own".into(),
+        ));
+    }
+    // Which components each LoRA file has layers for (from its keys).
+    let lora_components = o
+        .lora
+        .iter()
+        .map(|l| {
+            lora::file::components(&l.file)
+                .map_err(|e| FolderError::Options(format!("--lora: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut plans = Vec::new();
     for c in &pipeline.components {
         let mut notes = Vec::new();
@@ -339,6 +355,10 @@ pub fn plan(pipeline: &Pipeline, o: &Options) -> Result<Vec<Plan>> {
                 component: c.clone(),
                 options: Options {
                     fix_shapes,
+                    lora_options: LoraOptions {
+                        component: lora::Component::Denoiser.into(),
+                        ..o.lora_options.clone()
+                    },
                     ..o.clone()
                 },
                 not_applied: not,
@@ -375,18 +395,30 @@ pub fn plan(pipeline: &Pipeline, o: &Options) -> Result<Vec<Plan>> {
             AttentionArg::Keep => {}
         }
         if !o.lora.is_empty() || o.lora_options.layers.is_some() {
-            not.push(NotApplied {
-                option: "--lora",
-                reason: match (c.role, o.lora_options.mode) {
-                    (Role::TextEncoder, LoraModeArg::Fuse) => {
-                        "LoRA text-encoder keys are not fused into text encoders yet: only the denoiser's layers".into()
+            let te = lora::Component::from_folder(&c.name).filter(|_| c.role == Role::TextEncoder);
+            match (te, o.lora_options.mode) {
+                (Some(te), LoraModeArg::Fuse) => {
+                    // Only where a file has layers for this encoder (the others' are theirs).
+                    if lora_components.iter().any(|m| m.contains_key(&te)) {
+                        options.lora = o.lora.clone();
+                        options.lora_options.strict = o.lora_options.strict;
+                        options.lora_options.component = te.into();
+                    } else {
+                        not.push(NotApplied {
+                            option: "--lora",
+                            reason: format!("no LoRA file has layers for {te}"),
+                        });
                     }
-                    (Role::TextEncoder, LoraModeArg::Adapter) => {
-                        "adapters (--lora-mode adapter) are the denoiser's".into()
-                    }
-                    _ => "LoRAs adapt the denoiser and the text encoders, not the VAE".into(),
-                },
-            });
+                }
+                (Some(_), LoraModeArg::Adapter) => not.push(NotApplied {
+                    option: "--lora",
+                    reason: "adapters (--lora-mode adapter) are the denoiser's".into(),
+                }),
+                (None, _) => not.push(NotApplied {
+                    option: "--lora",
+                    reason: "LoRAs adapt the denoiser and the text encoders, not the VAE".into(),
+                }),
+            }
         }
         if o.tome.ratio.is_some() || o.tome.mode != none.tome.mode {
             not.push(NotApplied {
