@@ -124,7 +124,7 @@ fn word_positions_mappers_and_alphas_equal_prompt_to_prompts() {
             other => panic!("{name}: unknown kind {other}"),
         }
     }
-    assert_eq!((replace, refine, words), (2, 2, 6), "the manifest's cases");
+    assert_eq!((replace, refine, words), (3, 3, 13), "the manifest's cases");
 }
 
 /// sd15_tiny with its UNet compiled with P2P and capture hooks, in `dir`.

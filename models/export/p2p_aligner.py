@@ -185,6 +185,8 @@ REPLACE = {
     "replace_multi": ["a squirrel eating a burger", "a lemur eating a cheeseburger", "a lionfish eating a burger"],
     # 2 source tokens -> 1 edited token
     "replace_from_multi": ["a lionfish sitting on a sofa", "a cat sitting on a sofa"],
+    # two words swapped, one of them multi-token on both sides
+    "replace_two_words": ["a lionfish riding a bicycle", "a catfish riding a motorbike"],
 }
 REFINE = {
     "refine_insert": ["a cat sitting on a sofa", "a fluffy cat sitting on a red sofa"],
@@ -193,6 +195,8 @@ REFINE = {
         "a photorealistic watercolor painting of a cat with a hat",
         "a painting of a lionfish",
     ],
+    # words removed and one inserted
+    "refine_delete": ["a fluffy cat sitting on a red sofa", "a cat on a big sofa"],
 }
 WORDS = {
     "words_repeated": ("a cat and a cat on a mat", "cat"),
@@ -201,6 +205,15 @@ WORDS = {
     "words_punctuation": ("a photorealistic tabby, next to a cat", "tabby,"),
     "words_absent": ("a cat sitting on a sofa", "dog"),
     "words_position": ("a photorealistic tabby, next to a cat", 1),
+    # P2P's quirks kept: a double space is an empty word (the walk then lags a token behind)
+    "words_double_space": ("a  cat with  two spaces", "cat"),
+    "words_double_space_late": ("a  cat with  two spaces", "two"),
+    "words_upper_case": ("A Photorealistic CAT", "CAT"),
+    "words_hyphen": ("an ice-cream cone, melting", "ice-cream"),
+    "words_after_punctuation": ("an ice-cream cone, melting", "melting"),
+    # a character split across byte-level tokens (each decodes to U+FFFD)
+    "words_split_bytes": ("a café in 東京 at night", "東京"),
+    "words_after_split_bytes": ("a café in 東京 at night", "night"),
 }
 
 
