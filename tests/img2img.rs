@@ -249,3 +249,71 @@ fn img2img_refuses_bad_inputs_naming_them() {
     );
     assert!(refs.join("input.png").is_file());
 }
+
+/// A `vae_encoder/model.onnx` in `dir` passing its `sample` input through to `output`.
+fn passthrough_encoder(dir: &Path, output: &str) {
+    use attune_compiler::onnx;
+    use prost::Message;
+    let graph = onnx::GraphProto {
+        name: "g".into(),
+        input: vec![onnx::tensor_info("sample", onnx::DataType::Float, None)],
+        output: vec![onnx::tensor_info(output, onnx::DataType::Float, None)],
+        node: vec![onnx::NodeProto {
+            input: vec!["sample".into()],
+            output: vec![output.into()],
+            name: "/id/Identity".into(),
+            op_type: "Identity".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    std::fs::create_dir_all(dir.join("vae_encoder")).unwrap();
+    std::fs::write(
+        dir.join("vae_encoder/model.onnx"),
+        common::model_of(graph).encode_to_vec(),
+    )
+    .unwrap();
+}
+
+/// Optimum's `latent_parameters` give their first half of channels (the mean); older exports'
+/// `latent_sample` is taken as it is (flagged as a draw); both scaled and shifted as the config
+/// says; other outputs are refused naming the file.
+#[test]
+fn the_vae_encoder_takes_the_mean_or_the_sample_the_export_has() {
+    use attune_runtime::pipeline::VaeEncoder;
+    let x = ArrayD::from_shape_vec(
+        ndarray::IxDyn(&[1, 4, 1, 2]),
+        vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0],
+    )
+    .unwrap();
+    let t = tempfile::tempdir().unwrap();
+    passthrough_encoder(t.path(), "latent_parameters");
+    let mut vae = VaeEncoder::open(t.path(), attune_runtime::Ep::Cpu).unwrap();
+    assert!(!vae.draws);
+    let got = vae.encode(&x).unwrap();
+    assert_eq!(got.shape(), [1, 2, 1, 2]);
+    let want: Vec<f32> = [1.0, 2.0, 3.0, 4.0].iter().map(|v| v * 0.18215).collect();
+    assert_eq!(got.iter().copied().collect::<Vec<_>>(), want);
+
+    let t = tempfile::tempdir().unwrap();
+    passthrough_encoder(t.path(), "latent_sample");
+    std::fs::write(
+        t.path().join("vae_encoder/config.json"),
+        r#"{"scaling_factor": 2.0, "shift_factor": 0.5}"#,
+    )
+    .unwrap();
+    let mut vae = VaeEncoder::open(t.path(), attune_runtime::Ep::Cpu).unwrap();
+    assert!(vae.draws);
+    let got = vae.encode(&x).unwrap();
+    let want: Vec<f32> = x.iter().map(|v| (v - 0.5) * 2.0).collect();
+    assert_eq!(got.iter().copied().collect::<Vec<_>>(), want);
+
+    let t = tempfile::tempdir().unwrap();
+    passthrough_encoder(t.path(), "posterior");
+    let mut vae = VaeEncoder::open(t.path(), attune_runtime::Ep::Cpu).unwrap();
+    let err = vae.encode(&x).unwrap_err().to_string();
+    assert!(
+        err.contains("vae_encoder/model.onnx") && err.contains("posterior"),
+        "{err}"
+    );
+}

@@ -412,6 +412,9 @@ pub struct VaeEncoder {
     pub shift_factor: f32,
     input_type: DType,
     path: PathBuf,
+    /// The export outputs a draw from the posterior (`latent_sample`, older exports), not its
+    /// mean: its latents are random unless the graph fixed the draw.
+    pub draws: bool,
 }
 
 impl VaeEncoder {
@@ -432,8 +435,20 @@ impl VaeEncoder {
                     .ok_or_else(|| Error::file(&config_path, format!("{key} is not a number"))),
             }
         };
-        let input_type = match declared(&path)?.into_iter().find(|(n, _)| n == "sample") {
-            Some((_, Some(t @ (DType::F32 | DType::F16)))) => t,
+        let model = attune_compiler::import::read(&path)?;
+        let g = &model.graph;
+        let outputs: Vec<&str> = g
+            .outputs
+            .iter()
+            .map(|io| g.value(io.value).name.as_str())
+            .collect();
+        let draws = !outputs.contains(&"latent_parameters") && outputs.contains(&"latent_sample");
+        let sample = input_specs(&model)
+            .into_iter()
+            .find(|s| s.name == "sample")
+            .and_then(|s| s.dtype());
+        let input_type = match sample {
+            Some(t @ (DType::F32 | DType::F16)) => t,
             _ => {
                 return Err(Error::file(
                     &path,
@@ -447,6 +462,7 @@ impl VaeEncoder {
             session: Backend::open(&path, ep, &OrtOptions::default())?,
             input_type,
             path,
+            draws,
         })
     }
 
@@ -460,11 +476,7 @@ impl VaeEncoder {
             _ => x,
         };
         let outs = self.session.run(&[("sample".into(), x)])?;
-        let found = |name: &str| {
-            outs.iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, t)| float(t))
-        };
+        let found = |name: &str| outs.iter().find(|(n, _)| n == name).map(|(_, t)| float(t));
         let z = match (found("latent_parameters"), found("latent_sample")) {
             (Some(Some(p)), _) if p.ndim() == 4 && p.shape()[1] % 2 == 0 => {
                 let c = p.shape()[1] / 2;

@@ -295,6 +295,12 @@ fn init_image(
         None => None,
     };
     let mut encoder = VaeEncoder::open(&args.dir, ep)?;
+    if encoder.draws {
+        eprintln!(
+            "note: {}: the VAE encoder outputs latent_sample (a draw from the posterior), not the mean diffusers' references use",
+            args.dir.join("vae_encoder").display()
+        );
+    }
     let HostTensor::F32(pixels) = to_tensor(&image) else {
         unreachable!("images are f32")
     };
