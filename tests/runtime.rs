@@ -462,13 +462,25 @@ fn bench_and_demo_commands_run() {
     let text = stdout(&o);
     assert!(o.status.success(), "{text}{}", stderr(&o));
     for section in [
-        "== compile",
-        "== structural diff",
-        "== numeric diff",
-        "== timing",
+        "== compile models/pipelines/sd15_tiny",
+        "== what the passes changed, by component",
+        "== generate",
+        "== time per image",
     ] {
         assert!(text.contains(section), "{text}");
     }
+    // The compiled pipeline's image is diffusers' within 2/255 (the reference's noise).
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("against diffusers' image"))
+        .expect("a comparison with the reference");
+    let worst: Vec<f32> = line
+        .split_whitespace()
+        .filter_map(|w| w.strip_suffix("/255")?.parse().ok())
+        .collect();
+    assert_eq!(worst.len(), 2, "{line}");
+    assert!(worst.iter().all(|w| *w <= 2.0), "{line}");
+    assert!(text.contains("MultiHeadAttention"), "{text}");
 }
 
 /// A failed command that reported `expected` (each part) as an error, without a panic.

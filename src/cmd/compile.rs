@@ -369,7 +369,7 @@ fn run_folder(args: &Args) -> anyhow::Result<i32> {
 
 /// Each component's passes (what they changed and skipped), the options it did not get and
 /// why, its files; then what was copied.
-fn print_folder_report(r: &folder::FolderReport) {
+pub(super) fn print_folder_report(r: &folder::FolderReport) {
     println!("{} -> {}", r.class, r.output.display());
     for c in &r.components {
         println!(

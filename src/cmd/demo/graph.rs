@@ -1,4 +1,4 @@
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -6,48 +6,26 @@ use attune_compiler::export::{self, ExportOptions};
 use attune_compiler::pass::PassCx;
 use attune_compiler::{diff, verify};
 
-use super::exec::{EpArg, ExecArgs, InputArgs, OptArg, read_inputs};
-use super::numeric::{BY_DESIGN_HINT, DEFAULT_TOL};
-use attune_passes::pipeline::{AttentionArg, AttentionOptions, Options};
+use super::Args;
+use crate::cmd::exec::{EpArg, ExecArgs, InputArgs, OptArg, read_inputs};
+use crate::cmd::numeric::{BY_DESIGN_HINT, DEFAULT_TOL};
+use attune_passes::pipeline::{AttentionOptions, Options};
 use attune_runtime::HostTensor;
 use attune_runtime::inputs::{self, Dim, Dims};
 
-#[derive(clap::Args)]
-pub struct Args {
-    /// The model to compile (default: the shipped SD1.x-style fixture)
-    #[arg(long, default_value = "models/sd15_legacy/unet.onnx")]
-    model: PathBuf,
-    /// Folder for the compiled model (default: a temporary folder)
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Timed runs per model
-    #[arg(long, default_value_t = 10, value_parser = super::bench::at_least_one)]
-    iters: usize,
-    /// Side of the latent the timing runs at (the model's `sample` input, if its sides are
-    /// symbolic; the numeric check uses the fixture's own inputs)
-    #[arg(long, value_name = "N", default_value_t = 64)]
-    latent: usize,
-    /// Attention substitution to show (see `attune compile --help`)
-    #[arg(long, value_enum, default_value_t = AttentionArg::Flash)]
-    attention: AttentionArg,
-}
-
-/// The whole product on one screen: compile, structural diff, numeric diff, timing.
-pub fn run(args: Args) -> anyhow::Result<i32> {
-    if !args.model.is_file() {
-        bail!(
-            "{} not found: run the demo from the attune repository root, or give --model",
-            args.model.display()
-        );
+/// One graph on one screen: compile, structural diff, numeric diff, timing.
+pub fn run(args: &Args, path: &Path) -> anyhow::Result<i32> {
+    if !path.is_file() {
+        bail!("{} not found", path.display());
     }
     let tmp = tempfile::tempdir()?;
     let out_dir = args.out.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     let compiled = out_dir.join("compiled.onnx");
 
-    println!("== compile {}", args.model.display());
+    println!("== compile {}", path.display());
     let start = Instant::now();
-    let original = super::load(&args.model)?;
-    let mut model = super::load(&args.model)?;
+    let original = crate::cmd::load(path)?;
+    let mut model = crate::cmd::load(path)?;
     verify::verify(&model)?;
     let options = Options {
         attention: AttentionOptions {
@@ -56,8 +34,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         },
         ..Default::default()
     };
-    let reports = super::compile::build(&options)?.run(&mut model, &mut PassCx { verify: true })?;
-    super::compile::print_reports(&reports);
+    let reports =
+        crate::cmd::compile::build(&options)?.run(&mut model, &mut PassCx { verify: true })?;
+    crate::cmd::compile::print_reports(&reports);
     export::write(&model, &compiled, &ExportOptions::default())?;
     let ms = start.elapsed().as_secs_f64() * 1e3;
     match &args.out {
@@ -74,11 +53,11 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     );
     drop((original, model));
 
-    let inputs_dir = args.model.parent().unwrap_or(Path::new(".")).join("inputs");
+    let inputs_dir = path.parent().unwrap_or(Path::new(".")).join("inputs");
     if !inputs_dir.is_dir() {
         bail!(
             "{} has no inputs/ folder of .npy files next to it",
-            args.model.display()
+            path.display()
         );
     }
     println!(
@@ -95,20 +74,20 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         opt_level: OptArg::All,
         session_cache: false,
     };
-    let results = super::numeric::compare_models(&args.model, &compiled, &exec)?;
-    let (table, ok) = super::numeric::render(&results, Some(DEFAULT_TOL));
+    let results = crate::cmd::numeric::compare_models(path, &compiled, &exec)?;
+    let (table, ok) = crate::cmd::numeric::render(&results, Some(DEFAULT_TOL));
     print!("{table}");
     if !ok {
         println!("{BY_DESIGN_HINT}");
     }
 
-    let (inputs, what) = timing_inputs(&args.model, &inputs_dir, args.latent)?;
+    let (inputs, what) = timing_inputs(path, &inputs_dir, args.latent)?;
     println!(
         "\n== timing on ONNX Runtime CPU: {what}; {} runs each after 2 warm-up runs, alternating",
         args.iters
     );
-    let report = super::bench::measure(
-        &[args.model.clone(), compiled.clone()],
+    let report = crate::cmd::bench::measure(
+        &[path.to_path_buf(), compiled.clone()],
         &[false, false],
         &exec,
         &inputs,
@@ -130,7 +109,7 @@ fn timing_inputs(
     dir: &Path,
     side: usize,
 ) -> anyhow::Result<(Vec<(String, HostTensor)>, String)> {
-    let specs = inputs::input_specs(&super::load(model)?);
+    let specs = inputs::input_specs(&crate::cmd::load(model)?);
     let mut given: Vec<(String, HostTensor)> = read_inputs(&[dir.display().to_string()])?
         .into_iter()
         .map(|g| (g.name, g.tensor))
@@ -174,7 +153,7 @@ fn timing_inputs(
 
 /// Median, spread (min..max) and session memory of the original (A) and the compiled model
 /// (B), and whether the difference is more than the runs' spread.
-fn render_timing(r: &super::bench::Report) -> String {
+fn render_timing(r: &crate::cmd::bench::Report) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let _ = writeln!(
@@ -190,7 +169,7 @@ fn render_timing(r: &super::bench::Report) -> String {
             l.median_ms,
             format!("{:.1}..{:.1}", l.min_ms, l.max_ms),
             m.session_ms,
-            super::bytes(m.session_rss_kb * 1024)
+            crate::cmd::bytes(m.session_rss_kb * 1024)
         );
     }
     if let ([a, b], [ratio]) = (r.models.as_slice(), r.ratios.as_slice()) {
@@ -208,7 +187,7 @@ fn render_timing(r: &super::bench::Report) -> String {
     let _ = writeln!(
         s,
         "peak RSS of this process: {}",
-        super::bytes(r.peak_rss_kb * 1024)
+        crate::cmd::bytes(r.peak_rss_kb * 1024)
     );
     s
 }
