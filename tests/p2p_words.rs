@@ -327,25 +327,29 @@ fn save_maps_takes_words_and_writes_next_to_the_image() {
             "prompt0_word5.png"
         ]
     );
-    let o = attune(&[
-        "generate",
-        p.to_str().unwrap(),
-        "--prompt",
-        "a lionfish eating a burger",
-        "--steps",
-        "2",
-        "--save-maps",
-        "dog",
-        "-o",
-        dir.join("none/img.png").to_str().unwrap(),
-    ]);
-    assert!(!o.status.success());
-    let e = stderr(&o);
-    assert!(
-        e.contains("--save-maps dog") && e.contains("a lionfish eating a burger"),
-        "{e}"
-    );
-    assert!(!dir.join("none").exists(), "nothing written");
+    for (maps, expected) in [
+        ("dog", ["--save-maps dog", "a lionfish eating a burger"]),
+        ("2,80", ["--save-maps 80", "77 tokens"]),
+    ] {
+        let o = attune(&[
+            "generate",
+            p.to_str().unwrap(),
+            "--prompt",
+            "a lionfish eating a burger",
+            "--steps",
+            "2",
+            "--save-maps",
+            maps,
+            "-o",
+            dir.join("none/img.png").to_str().unwrap(),
+        ]);
+        assert!(!o.status.success());
+        let e = stderr(&o);
+        for want in expected {
+            assert!(e.contains(want), "{maps}: {e}");
+        }
+        assert!(!dir.join("none").exists(), "{maps}: nothing written");
+    }
 }
 
 #[test]

@@ -372,10 +372,8 @@ fn seeded_noise(shape: &[usize], seed: u64) -> anyhow::Result<ndarray::ArrayD<f3
 /// The prompts as the folder's tokenizer gives them (for a controller's words and P2P edits),
 /// and --save-maps as token indices.
 fn prompt_tokens(args: &Args) -> anyhow::Result<(Option<Vec<PromptTokens>>, Vec<usize>)> {
-    let words = args.save_maps.iter().any(|w| w.parse::<usize>().is_err());
-    if args.controller.is_none() && !words {
-        let indices = args.save_maps.iter().filter_map(|w| w.parse().ok()).collect();
-        return Ok((None, indices));
+    if args.controller.is_none() && args.save_maps.is_empty() {
+        return Ok((None, Vec::new()));
     }
     let tokenizer = TextTokenizer::from_dir(&args.dir.join("tokenizer"))?;
     let tokens = args
