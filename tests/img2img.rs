@@ -317,3 +317,51 @@ fn the_vae_encoder_takes_the_mean_or_the_sample_the_export_has() {
         "{err}"
     );
 }
+
+/// Two copies of the reference's prompt from its one noise (broadcast): each image is the
+/// reference's (the batch rows of the image latents, the mask and the masked image line up
+/// with the guidance batch's).
+#[test]
+fn a_batch_of_prompts_inpaints_each_as_the_single_one() {
+    let out = tempfile::tempdir().unwrap();
+    for name in ["sd15_tiny", "sd15_inpaint_tiny"] {
+        let dir = pipeline(name);
+        let c = case(name, "inpaint");
+        let refs = dir.join("reference/inpaint");
+        let path = |f: &str| refs.join(f).to_str().unwrap().to_string();
+        let png = out.path().join(format!("{name}.png"));
+        let prompt = c["prompt"].as_str().unwrap();
+        let (input, mask, latents) = (path("input.png"), path("mask.png"), path("latents.npy"));
+        let o = common::attune(&[
+            "generate",
+            dir.to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--prompt",
+            prompt,
+            "--steps",
+            "4",
+            "--image",
+            &input,
+            "--mask",
+            &mask,
+            "--latents",
+            &latents,
+            "-o",
+            png.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{name}: {}", common::stderr(&o));
+        let want = read_f32(&refs.join("image.npy"));
+        for k in 0..2 {
+            let got = attune_runtime::image::read_png(&out.path().join(format!("{name}-{k}.png")))
+                .unwrap();
+            let worst = got
+                .pixels
+                .iter()
+                .zip(want.iter())
+                .map(|(&g, &w)| (f32::from(g) - w * 255.0).abs())
+                .fold(0.0, f32::max);
+            assert!(worst <= 2.0, "{name} image {k}: a pixel {worst}/255 off");
+        }
+    }
+}
