@@ -94,13 +94,19 @@ fn generate_case(folder: &Path, name: &str, case: &str, png: &Path) -> f32 {
     let steps = c["steps"].to_string();
     let guidance = c["guidance"].to_string();
     let latents = refs.join("latents.npy");
+    // The reference's scheduler class (made from the folder's config, as here).
+    let scheduler = match c["scheduler"].as_str().unwrap().split('.').next().unwrap() {
+        "DDIMScheduler" => "ddim",
+        "EulerDiscreteScheduler" => "euler",
+        other => panic!("{case}: scheduler {other}"),
+    };
     let mut args = vec![
         "generate".to_string(),
         folder.display().to_string(),
         "--prompt".into(),
         c["prompt"].as_str().unwrap().into(),
-        "--negative-prompt".into(),
-        c["negative_prompt"].as_str().unwrap().into(),
+        "--scheduler".into(),
+        scheduler.into(),
         "--steps".into(),
         steps,
         "--guidance".into(),
@@ -110,6 +116,10 @@ fn generate_case(folder: &Path, name: &str, case: &str, png: &Path) -> f32 {
         "-o".into(),
         png.display().to_string(),
     ];
+    // None: no negative prompt (SDXL then uses zeros, force_zeros_for_empty_prompt).
+    if let Some(negative) = c["negative_prompt"].as_str() {
+        args.extend(["--negative-prompt".into(), negative.into()]);
+    }
     if c.get("mask").is_some() {
         args.extend([
             "--image".into(),
@@ -614,38 +624,40 @@ fn optimum_loads_the_compiled_folder_and_generates_the_diffusers_image() {
         );
         return;
     };
-    let src = pipeline("sd15_tiny");
     let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("compiled");
-    compiled(&src, &out, &["--attention", "flash"]);
-    let npy = tmp.path().join("optimum.npy");
-    let o = std::process::Command::new(&python)
-        .arg(common::root().join("models/export/optimum_generate.py"))
-        .arg(&out)
-        .arg(src.join("reference"))
-        .arg("txt2img_a")
-        .arg(&npy)
-        .env("PYTHONWARNINGS", "ignore")
-        .env("TOKENIZERS_PARALLELISM", "false")
-        .current_dir(tmp.path())
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{}: {}",
-        python.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let got = read_f32(&npy);
-    let want = read_f32(&src.join("reference/txt2img_a/image.npy"));
-    assert_eq!(got.shape(), want.shape());
-    let worst = got
-        .iter()
-        .zip(want.iter())
-        .map(|(g, w)| (g - w).abs() * 255.0)
-        .fold(0.0, f32::max);
-    eprintln!("optimum on the compiled folder: worst pixel {worst}/255 off diffusers");
-    assert!(worst <= 2.0, "optimum: a pixel {worst}/255 off");
+    for (name, case) in [("sd15_tiny", "txt2img_a"), ("sdxl_tiny", "txt2img_a")] {
+        let src = pipeline(name);
+        let out = tmp.path().join(name);
+        compiled(&src, &out, &["--attention", "flash"]);
+        let npy = tmp.path().join(format!("{name}.npy"));
+        let o = std::process::Command::new(&python)
+            .arg(common::root().join("models/export/optimum_generate.py"))
+            .arg(&out)
+            .arg(src.join("reference"))
+            .arg(case)
+            .arg(&npy)
+            .env("PYTHONWARNINGS", "ignore")
+            .env("TOKENIZERS_PARALLELISM", "false")
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{name}: {}: {}",
+            python.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let got = read_f32(&npy);
+        let want = read_f32(&src.join("reference").join(case).join("image.npy"));
+        assert_eq!(got.shape(), want.shape());
+        let worst = got
+            .iter()
+            .zip(want.iter())
+            .map(|(g, w)| (g - w).abs() * 255.0)
+            .fold(0.0, f32::max);
+        eprintln!("optimum on the compiled {name}: worst pixel {worst}/255 off diffusers");
+        assert!(worst <= 2.0, "optimum, {name}: a pixel {worst}/255 off");
+    }
 }
 
 /// Worst absolute difference of two tensors of one shape.
@@ -726,4 +738,51 @@ fn a_lora_file_goes_to_the_unet_and_the_text_encoder_it_has_layers_for() {
     );
     assert!(!o.status.success());
     assert!(common::stderr(&o).contains("--lora-component"));
+}
+
+#[test]
+fn an_sdxl_folder_compiles_both_encoders_and_keeps_its_vae_in_fp32() {
+    let src = pipeline("sdxl_tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    // A recipe gives the same options as flags.
+    let recipe = tmp.path().join("recipe.toml");
+    fs::write(&recipe, "[attention]\nmode = \"flash\"\n").unwrap();
+    let out = tmp.path().join("fp32");
+    let stdout = compiled(&src, &out, &["--recipe", recipe.to_str().unwrap()]);
+    assert!(stdout.contains("text_encoder_2 (text encoder)"), "{stdout}");
+    let mha = |c: &str| {
+        ops(&out.join(c).join("model.onnx"))
+            .get("com.microsoft.MultiHeadAttention")
+            .copied()
+            .unwrap_or(0)
+    };
+    assert_eq!((mha("unet"), mha("vae_decoder")), (16, 1));
+    for case in ["txt2img_a", "txt2img_b", "txt2img_a_euler"] {
+        let worst = generate_case(
+            &out,
+            "sdxl_tiny",
+            case,
+            &tmp.path().join(format!("{case}.png")),
+        );
+        assert!(worst <= 2.0, "{case}: a pixel {worst}/255 off");
+    }
+    // fp16: both encoders and the UNet; the VAE stays fp32 (force_upcast, as diffusers' SDXL
+    // pipeline runs it), reported.
+    let out = tmp.path().join("fp16");
+    let stdout = compiled(&src, &out, &["--attention", "flash", "--precision", "fp16"]);
+    for c in ["text_encoder", "text_encoder_2", "unet"] {
+        assert!(fp16_weights(&out.join(c).join("model.onnx")) > 0, "{c}");
+    }
+    for c in ["vae_decoder", "vae_encoder"] {
+        assert_eq!(fp16_weights(&out.join(c).join("model.onnx")), 0, "{c}");
+        assert!(
+            stdout.contains(&format!(
+                "not applied: --precision: force_upcast in {c}/config.json"
+            )),
+            "{stdout}"
+        );
+    }
+    let worst = generate_case(&out, "sdxl_tiny", "txt2img_b", &tmp.path().join("h.png"));
+    eprintln!("sdxl fp16 (VAE fp32): worst pixel {worst}/255 off diffusers' fp32 image");
+    assert!(worst <= 3.0, "fp16: a pixel {worst}/255 off");
 }
