@@ -541,6 +541,13 @@ fn bad_folders_and_outputs_are_refused_with_nothing_written() {
         &[],
         &["not a pipeline folder"],
     );
+    // A model path as the output of a folder.
+    refused(
+        &src,
+        &tmp.path().join("o.onnx"),
+        &[],
+        &["compiles to a new folder"],
+    );
     // One-graph flags.
     refused(
         &src,

@@ -293,6 +293,13 @@ fn run_folder(args: &Args) -> anyhow::Result<i32> {
             args.model.display()
         );
     }
+    if args.output.extension().is_some_and(|e| e == "onnx") {
+        anyhow::bail!(
+            "{} is a pipeline folder: it compiles to a new folder, not to {}",
+            args.model.display(),
+            args.output.display()
+        );
+    }
     if args.inline && args.options.weights == Weights::Link {
         anyhow::bail!("--inline and --weights link: choose one");
     }
