@@ -301,6 +301,8 @@ fn save_maps_takes_words_and_writes_next_to_the_image() {
         p.to_str().unwrap(),
         "--prompt",
         "a lionfish eating a burger",
+        "--prompt",
+        "a cat eating a burger",
         "--steps",
         "2",
         "--width",
@@ -308,7 +310,7 @@ fn save_maps_takes_words_and_writes_next_to_the_image() {
         "--height",
         "16",
         "--save-maps",
-        "lionfish,5",
+        "lionfish,cat,5",
         "-o",
         png.to_str().unwrap(),
     ]);
@@ -318,15 +320,21 @@ fn save_maps_takes_words_and_writes_next_to_the_image() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     maps.sort();
-    // lionfish: tokens 2 and 3 (lion, fish); 5 given as an index.
+    // lionfish: tokens 2 and 3 (lion, fish) of prompt 0, cat token 2 of prompt 1; 5 given as
+    // an index for both.
     assert_eq!(
         maps,
         [
             "prompt0_word2.png",
             "prompt0_word3.png",
-            "prompt0_word5.png"
+            "prompt0_word5.png",
+            "prompt1_word2.png",
+            "prompt1_word5.png"
         ]
     );
+    // The heatmaps are of the captured maps: a word's map is not another's.
+    let read = |f: &str| std::fs::read(dir.join("out/maps").join(f)).unwrap();
+    assert_ne!(read("prompt0_word2.png"), read("prompt0_word5.png"));
     for (maps, expected) in [
         ("dog", ["--save-maps dog", "a lionfish eating a burger"]),
         ("2,80", ["--save-maps 80", "77 tokens"]),

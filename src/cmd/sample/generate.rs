@@ -61,8 +61,8 @@ pub struct Args {
     #[arg(long, value_name = "F.toml")]
     controller: Option<PathBuf>,
     /// Write the cross-attention maps of these token indices or words (a word: its tokens
-    /// in any prompt) as PNG heatmaps to maps/ next to the image (a UNet compiled with
-    /// --hooks capture)
+    /// in each prompt that has it) as PNG heatmaps to maps/prompt{p}_word{i}.png next to
+    /// the image (a UNet compiled with --hooks capture)
     #[arg(long, value_name = "WORDS", value_delimiter = ',')]
     save_maps: Vec<String>,
     /// The image (PNG); with several prompts, `-o out.png` writes out-0.png, out-1.png, ...
@@ -156,7 +156,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     }
     let (cond, uncond) = (text.cond, text.uncond);
     let init = init_image(&args, factor, ep)?;
-    let (tokens, save_maps) = prompt_tokens(&args)?;
+    let tokens = prompt_tokens(&args)?;
     let scheduler_config = args
         .scheduler_config
         .clone()
@@ -178,7 +178,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         guidance: Some(args.guidance),
         controller: args.controller.clone(),
         out: folder_of(&args.out).to_path_buf(),
-        save_maps,
+        save_maps: tokens.maps,
         ep: args.ep,
         cuda_graph: false,
         reference: None,
@@ -192,7 +192,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                 .time_ids
                 .then(|| Box::new(move |h, w| time_ids(h * factor, w * factor)) as _),
             init,
-            prompts: tokens,
+            prompts: tokens.prompts,
+            map_words: tokens.prompt_maps,
         }))?;
     let latents = latents.expect("given embeddings return the latents");
     let images = vae.decode(&latents)?;
@@ -369,11 +370,23 @@ fn seeded_noise(shape: &[usize], seed: u64) -> anyhow::Result<ndarray::ArrayD<f3
     }
 }
 
-/// The prompts as the folder's tokenizer gives them (for a controller's words and P2P edits),
-/// and --save-maps as token indices.
-fn prompt_tokens(args: &Args) -> anyhow::Result<(Option<Vec<PromptTokens>>, Vec<usize>)> {
+/// The prompts and --save-maps resolved with the folder's tokenizer.
+struct Tokens {
+    /// The prompts as tokenized (a controller's words and P2P edits).
+    prompts: Option<Vec<PromptTokens>>,
+    /// Every map's token index (for the sampler's checks).
+    maps: Vec<usize>,
+    /// Each prompt's: an index for all, a word where it is in that prompt.
+    prompt_maps: Option<Vec<Vec<usize>>>,
+}
+
+fn prompt_tokens(args: &Args) -> anyhow::Result<Tokens> {
     if args.controller.is_none() && args.save_maps.is_empty() {
-        return Ok((None, Vec::new()));
+        return Ok(Tokens {
+            prompts: None,
+            maps: Vec::new(),
+            prompt_maps: None,
+        });
     }
     let tokenizer = TextTokenizer::from_dir(&args.dir.join("tokenizer"))?;
     let tokens = args
@@ -381,34 +394,44 @@ fn prompt_tokens(args: &Args) -> anyhow::Result<(Option<Vec<PromptTokens>>, Vec<
         .iter()
         .map(|p| PromptTokens::encode(&tokenizer, p))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut indices: Vec<usize> = Vec::new();
+    let mut all: Vec<usize> = Vec::new();
+    let mut per: Vec<Vec<usize>> = vec![Vec::new(); tokens.len()];
     for w in &args.save_maps {
-        let found: Vec<usize> = match w.parse() {
-            Ok(i) => vec![i],
+        let found: Vec<Vec<usize>> = match w.parse() {
+            Ok(i) => vec![vec![i]; tokens.len()],
             Err(_) => tokens
                 .iter()
-                .flat_map(|t| t.word_indices(Word::Text(w)))
+                .map(|t| t.word_indices(Word::Text(w)))
                 .collect(),
         };
-        if found.is_empty() {
+        if found.iter().all(Vec::is_empty) {
             bail!(
                 "--save-maps {w}: the word is in none of the prompts {:?} (words are a prompt split on spaces, matched exactly)",
                 args.prompt
             );
         }
-        for i in found {
-            if i >= tokenizer.max_len {
-                bail!(
-                    "--save-maps {w}: token {i} is beyond the text encoder's {} tokens",
-                    tokenizer.max_len
-                );
-            }
-            if !indices.contains(&i) {
-                indices.push(i);
+        for (p, found) in found.into_iter().enumerate() {
+            for i in found {
+                if i >= tokenizer.max_len {
+                    bail!(
+                        "--save-maps {w}: token {i} is beyond the text encoder's {} tokens",
+                        tokenizer.max_len
+                    );
+                }
+                if !all.contains(&i) {
+                    all.push(i);
+                }
+                if !per[p].contains(&i) {
+                    per[p].push(i);
+                }
             }
         }
     }
-    Ok((Some(tokens), indices))
+    Ok(Tokens {
+        prompts: Some(tokens),
+        maps: all,
+        prompt_maps: Some(per),
+    })
 }
 
 /// f = 2^(stages − 1) of the VAE's `block_out_channels` (8 for Stable Diffusion's).

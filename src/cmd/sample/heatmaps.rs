@@ -13,6 +13,16 @@ pub(super) fn write_heatmaps(
     prompts: usize,
     words: &[usize],
 ) -> anyhow::Result<usize> {
+    write_prompt_heatmaps(dir, maps, &vec![words.to_vec(); prompts])
+}
+
+/// `write_heatmaps` with each prompt's own token indices (`attune generate`'s words).
+pub(super) fn write_prompt_heatmaps(
+    dir: &Path,
+    maps: &Maps,
+    words: &[Vec<usize>],
+) -> anyhow::Result<usize> {
+    let prompts = words.len();
     for (path, m) in &maps.sum {
         if m.ndim() != 3 || m.shape()[0] < prompts || m.shape().contains(&0) {
             bail!(
@@ -36,7 +46,7 @@ pub(super) fn write_heatmaps(
     std::fs::create_dir_all(dir)?;
     let scale = (256 / side).max(1);
     let mut written = 0;
-    for p in 0..prompts {
+    for (p, words) in words.iter().enumerate() {
         for &w in words {
             let total = layers.iter().map(|l| l.shape()[2]).min().unwrap_or(0);
             if w >= total {

@@ -19,7 +19,7 @@ pub mod generate;
 mod heatmaps;
 mod model;
 
-use heatmaps::write_heatmaps;
+use heatmaps::{write_heatmaps, write_prompt_heatmaps};
 use model::{latent_channels, map_resolutions, patch_size, timestep_form};
 
 #[derive(clap::Args)]
@@ -144,6 +144,8 @@ pub(super) struct Given {
     pub init: Option<(sample::Init, ArrayD<f32>)>,
     /// The prompts as tokenized, for a controller's words and computed P2P edits.
     pub prompts: Option<Vec<PromptTokens>>,
+    /// --save-maps per prompt (words resolved in each), within `args.save_maps`.
+    pub map_words: Option<Vec<Vec<usize>>>,
 }
 
 /// SDXL's time ids for latents of (height, width).
@@ -154,6 +156,7 @@ pub(super) type TimeIds = Box<dyn Fn(usize, usize) -> [f32; 6]>;
 fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<ArrayD<f32>>)> {
     let init = given.as_mut().and_then(|g| g.init.take());
     let mut prompt_tokens = given.as_mut().and_then(|g| g.prompts.take());
+    let map_words = given.as_mut().and_then(|g| g.map_words.take());
     let model = super::load(&args.unet)?;
     let specs = inputs::input_specs(&model);
     let has = |name: &str| specs.iter().any(|s| s.name == name);
@@ -577,7 +580,10 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
     if returned {
         // `attune generate`: maps next to its images.
         if !args.save_maps.is_empty() {
-            let n = write_heatmaps(&maps_dir, &maps, prompts, &args.save_maps)?;
+            let n = match &map_words {
+                Some(w) => write_prompt_heatmaps(&maps_dir, &maps, w)?,
+                None => write_heatmaps(&maps_dir, &maps, prompts, &args.save_maps)?,
+            };
             println!("wrote {n} attention heatmaps to {}", maps_dir.display());
         }
         return Ok((0, Some(x)));
