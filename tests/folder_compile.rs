@@ -793,3 +793,36 @@ fn an_sdxl_folder_compiles_both_encoders_and_keeps_its_vae_in_fp32() {
     eprintln!("sdxl fp16 (VAE fp32): worst pixel {worst}/255 off diffusers' fp32 image");
     assert!(worst <= 3.0, "fp16: a pixel {worst}/255 off");
 }
+
+#[test]
+fn inspect_and_diff_take_folders() {
+    let src = pipeline("sd15_tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    compiled(&src, &out, &["--attention", "flash"]);
+    let o = common::attune(&["inspect", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let text = common::stdout(&o);
+    for c in ["text_encoder", "unet", "vae_decoder", "vae_encoder"] {
+        assert!(text.contains(&format!("== {c} (")), "{text}");
+    }
+    assert!(text.contains("StableDiffusionPipeline"), "{text}");
+    let o = common::attune(&["diff", src.to_str().unwrap(), out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let text = common::stdout(&o);
+    // The UNet's section shows its 8 fused sites.
+    let unet = &text[text.find("== unet").unwrap()..text.find("== vae_decoder").unwrap()];
+    assert!(
+        unet.lines()
+            .any(|l| l.contains("com.microsoft.MultiHeadAttention") && l.contains("+8")),
+        "{unet}"
+    );
+    let o = common::attune(&[
+        "diff",
+        src.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--numeric",
+    ]);
+    assert!(!o.status.success());
+    assert!(common::stderr(&o).contains("unet/model.onnx"));
+}

@@ -6,7 +6,7 @@ use attune_passes::layer_norm;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The .onnx model
+    /// The .onnx model, or a pipeline folder (each component's summary)
     model: PathBuf,
     /// Print JSON (keys documented in README)
     #[arg(long)]
@@ -17,6 +17,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
+    if args.model.is_dir() {
+        return run_folder(&args);
+    }
     let model = super::load(&args.model)?;
     let s = summary::summarize(&model);
     let written_out = layer_norm::written_out(&model);
@@ -178,4 +181,31 @@ mod tests {
         );
         assert_eq!(super::levels("conv_in"), ["conv_in"]);
     }
+}
+
+/// A pipeline folder: its class, then each ONNX component's summary.
+fn run_folder(args: &Args) -> anyhow::Result<i32> {
+    let p = attune_passes::folder::Pipeline::read(&args.model)?;
+    let mut json = serde_json::Map::new();
+    if !args.json {
+        println!("pipeline    {} ({})", p.class, p.dir.display());
+    }
+    for c in &p.components {
+        let s = summary::summarize(&super::load(&c.model)?);
+        if args.json {
+            json.insert(c.name.clone(), serde_json::to_value(&s)?);
+        } else {
+            println!("\n== {} ({})", c.name, c.role.name());
+            print!("{}", render(&c.model, &s, args.depth));
+        }
+    }
+    if args.json {
+        let v = serde_json::json!({ "class": p.class, "components": json, "notes": p.notes });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for n in &p.notes {
+            println!("note: {n}");
+        }
+    }
+    Ok(0)
 }
