@@ -8,7 +8,7 @@ mod common;
 
 use attune_runtime::HostTensor;
 use attune_runtime::controller::aligner;
-use attune_runtime::controller::{PromptTokens, Word};
+use attune_runtime::controller::{Controller, PromptTokens, Word};
 use attune_runtime::npy;
 use attune_runtime::tokenizer::TextTokenizer;
 use common::{attune, stderr, stdout};
@@ -40,7 +40,7 @@ fn word_positions_mappers_and_alphas_equal_prompt_to_prompts() {
     let t = TextTokenizer::from_dir(&pipeline().join("tokenizer")).unwrap();
     let m = manifest();
     let len = m["max_len"].as_u64().unwrap() as usize;
-    let (mut replace, mut refine, mut words) = (0, 0, 0);
+    let (mut replace, mut refine, mut words, mut alpha_words) = (0, 0, 0, 0);
     for case in m["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         match case["kind"].as_str().unwrap() {
@@ -121,10 +121,53 @@ fn word_positions_mappers_and_alphas_equal_prompt_to_prompts() {
                 assert_eq!(p.word_indices(word), want, "{name}: {prompt:?} {word:?}");
                 words += 1;
             }
+            "alpha_words" => {
+                let prompts = strings(&case["prompts"]);
+                let steps = case["steps"].as_u64().unwrap() as usize;
+                let ranges = case["cross_replace_steps"].as_object().unwrap();
+                let words: Vec<String> = ranges
+                    .iter()
+                    .filter(|(k, _)| *k != "default_")
+                    .map(|(k, v)| format!("{k} = {v}"))
+                    .collect();
+                let toml = format!(
+                    "[p2p]\ncross_replace_steps = {}\ncross_replace_words = {{ {} }}\n",
+                    ranges["default_"],
+                    words.join(", ")
+                );
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("c.toml");
+                std::fs::write(&path, &toml).unwrap();
+                let tokens = prompts
+                    .iter()
+                    .map(|s| PromptTokens::encode(&t, s).unwrap())
+                    .collect();
+                let plan = Controller::read(&path)
+                    .unwrap()
+                    .with_prompts(tokens)
+                    .plan(steps, prompts.len(), len, 0)
+                    .unwrap();
+                let HostTensor::F32(want) = reference(case["alpha"].as_str().unwrap()) else {
+                    panic!("{name}: f32 alpha")
+                };
+                assert_eq!(want.shape(), [steps + 1, prompts.len() - 1, len], "{name}");
+                for step in 0..=steps {
+                    let HostTensor::F32(got) = plan.alpha(step) else {
+                        panic!("f32 alpha")
+                    };
+                    let want = want.index_axis(ndarray::Axis(0), step);
+                    assert_eq!(got.view(), want, "{name}: {toml} step {step}");
+                }
+                alpha_words += 1;
+            }
             other => panic!("{name}: unknown kind {other}"),
         }
     }
-    assert_eq!((replace, refine, words), (3, 3, 13), "the manifest's cases");
+    assert_eq!(
+        (replace, refine, words, alpha_words),
+        (3, 3, 13, 1),
+        "the manifest's cases"
+    );
 }
 
 /// sd15_tiny with its UNet compiled with P2P and capture hooks, in `dir`.
@@ -397,7 +440,17 @@ fn words_without_prompts_or_not_in_them_are_errors_naming_them() {
         attune(&all)
     };
     let two = ["a cat sitting on a sofa", "a dog sitting on a sofa"];
-    let cases: [(&str, &str, &[&str], &[&str]); 5] = [
+    let cases: [(&str, &str, &[&str], &[&str]); 6] = [
+        (
+            "steps_word.toml",
+            "[p2p]\ncross_replace_words = { cat = 0.2 }\n",
+            &two,
+            &[
+                "word 'cat'",
+                "none of the edited prompts",
+                "\"a dog sitting on a sofa\"",
+            ],
+        ),
         (
             "absent.toml",
             "[local_blend]\nwords = [\"cat\", \"cat\"]\nresolution = 8\n",

@@ -3,8 +3,9 @@
 
 The functions below transcribe google/prompt-to-prompt (Apache-2.0, Copyright 2022 Google LLC):
 `ptp_utils.get_word_inds`, and `seq_aligner`'s `ScoreParams`, `get_matrix`,
-`get_traceback_matrix`, `global_align`, `get_aligned_sequences`, `get_mapper` (refine) and
-`get_replacement_mapper_` (replace), with numpy in place of torch and otherwise unchanged, so
+`get_traceback_matrix`, `global_align`, `get_aligned_sequences`, `get_mapper` (refine),
+`get_replacement_mapper_` (replace), and `ptp_utils.update_alpha_time_word` /
+`get_time_words_attention_alpha`, with numpy in place of torch and otherwise unchanged, so
 that they compute what P2P computes. The tokenizer is transformers' `CLIPTokenizer` on
 `models/pipelines/sd15_tiny/tokenizer` (a real CLIP vocabulary; P2P calls `tokenizer.encode`
 and `tokenizer.decode([id])`).
@@ -14,7 +15,9 @@ Writes `models/pipelines/sd15_tiny/reference/p2p/`: per case `.npy` files and `m
 - replace: `<case>_mapper.npy` f32 [edits, 77, 77] (P2P's `get_replacement_mapper`);
 - refine: `<case>_mapper.npy` i64 [edits, 77] (source token of each edited token, -1 where
   inserted) and `<case>_alphas.npy` f32 [edits, 77] (P2P's `get_refinement_mapper`);
-- words: `<case>.npy` i64 [n] (`get_word_inds` of a word, by text or by position).
+- words: `<case>.npy` i64 [n] (`get_word_inds` of a word, by text or by position);
+- alpha_words: `<case>.npy` f32 [steps + 1, edits, 77] (`get_time_words_attention_alpha`
+  with a per-word `cross_replace_steps` dict).
 
 Run: venv/bin/python models/export/p2p_aligner.py
 """
@@ -174,6 +177,36 @@ def get_replacement_mapper_(x, y, tokenizer, max_len=MAX_LEN):
     return mapper.astype(np.float32)
 
 
+def update_alpha_time_word(alpha, bounds, prompt_ind, word_inds=None):
+    if type(bounds) is float:
+        bounds = 0, bounds
+    start, end = int(bounds[0] * alpha.shape[0]), int(bounds[1] * alpha.shape[0])
+    if word_inds is None:
+        word_inds = np.arange(alpha.shape[2])
+    alpha[: start, prompt_ind, word_inds] = 0
+    alpha[start: end, prompt_ind, word_inds] = 1
+    alpha[end:, prompt_ind, word_inds] = 0
+    return alpha
+
+
+def get_time_words_attention_alpha(prompts, num_steps, cross_replace_steps, tokenizer, max_num_words=MAX_LEN):
+    if type(cross_replace_steps) is not dict:
+        cross_replace_steps = {"default_": cross_replace_steps}
+    if "default_" not in cross_replace_steps:
+        cross_replace_steps["default_"] = (0., 1.)
+    alpha_time_words = np.zeros((num_steps + 1, len(prompts) - 1, max_num_words), dtype=np.float32)
+    for i in range(len(prompts) - 1):
+        alpha_time_words = update_alpha_time_word(alpha_time_words, cross_replace_steps["default_"], i)
+    for key, item in cross_replace_steps.items():
+        if key != "default_":
+            inds = [get_word_inds(prompts[i], key, tokenizer) for i in range(1, len(prompts))]
+            for i, ind in enumerate(inds):
+                if len(ind) > 0:
+                    alpha_time_words = update_alpha_time_word(alpha_time_words, item, i, ind)
+    # P2P reshapes to [steps + 1, P - 1, 1, 1, words] for broadcasting; kept 3-D here.
+    return alpha_time_words
+
+
 def get_replacement_mapper(prompts, tokenizer, max_len=MAX_LEN):
     return np.stack([get_replacement_mapper_(prompts[0], p, tokenizer, max_len) for p in prompts[1:]])
 
@@ -197,6 +230,14 @@ REFINE = {
     ],
     # words removed and one inserted
     "refine_delete": ["a fluffy cat sitting on a red sofa", "a cat on a big sofa"],
+}
+# P2P's per-word cross_replace_steps ({"default_": ..., word: ...}) over num_steps
+ALPHA_WORDS = {
+    "alpha_words": (
+        ["a cat eating a burger", "a lionfish eating a burger", "a dog eating a lasagne"],
+        10,
+        {"default_": 0.8, "lionfish": 0.4, "lasagne": (0.2, 0.6)},
+    ),
 }
 WORDS = {
     "words_repeated": ("a cat and a cat on a mat", "cat"),
@@ -232,6 +273,14 @@ def main():
         cases.append({
             "name": name, "kind": "refine", "prompts": prompts,
             "mapper": f"{name}_mapper.npy", "alphas": f"{name}_alphas.npy",
+        })
+    for name, (prompts, steps, ranges) in ALPHA_WORDS.items():
+        a = get_time_words_attention_alpha(prompts, steps, dict(ranges), tok)
+        np.save(OUT / f"{name}.npy", a)
+        ranges = {k: list(v) if isinstance(v, tuple) else v for k, v in ranges.items()}
+        cases.append({
+            "name": name, "kind": "alpha_words", "prompts": prompts, "steps": steps,
+            "cross_replace_steps": ranges, "alpha": f"{name}.npy",
         })
     for name, (prompt, word) in WORDS.items():
         inds = get_word_inds(prompt, word, tok)

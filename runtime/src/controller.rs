@@ -6,6 +6,7 @@
 //! mapper = "mapper.npy"          # [P-1, T, T]: word swap (replace) or one-hot (refine); default identity
 //! refine_alphas = "alphas.npy"   # [P-1, T]: 0 for words without a source (refine); default 1
 //! cross_replace_steps = 0.8      # or [start, end]: fractions of the run
+//! cross_replace_words = { lasagne = 0.2 }  # words with their own range (with the prompts)
 //! self_replace_steps = 0.4       # or [start, end]
 //! equalizer = { 5 = 2.0 }        # token index (or word) -> weight (reweight); default 1
 //!
@@ -57,6 +58,10 @@ pub struct P2p {
     pub refine_alphas: Option<PathBuf>,
     #[serde(default = "full_range")]
     pub cross_replace_steps: StepRange,
+    /// Words of the edited prompts with their own range (P2P's `cross_replace_steps` dict
+    /// beside `default_`), e.g. `{ lasagne = 0.2 }`.
+    #[serde(default)]
+    pub cross_replace_words: BTreeMap<String, StepRange>,
     #[serde(default = "no_range")]
     pub self_replace_steps: StepRange,
     #[serde(default)]
@@ -172,7 +177,7 @@ pub struct Plan {
     pub steps: usize,
     pub prompts: usize,
     pub words: usize,
-    /// Per step: alpha of the edits [P-1, T].
+    /// Per step: alpha of the edits [P-1, T] (P2P's `alpha_time_words`).
     cross_alpha: Vec<f32>,
     refine: Option<Vec<f32>>,
     self_range: (usize, usize),
@@ -239,7 +244,7 @@ impl Controller {
             steps,
             prompts,
             words,
-            cross_alpha: vec![0.0; alpha_rows],
+            cross_alpha: vec![0.0; alpha_rows * edits * words],
             refine: None,
             self_range: (0, 0),
             mapper: None,
@@ -268,8 +273,48 @@ impl Controller {
                 (s * alpha_rows as f64) as usize,
                 (e * alpha_rows as f64) as usize,
             );
-            for (i, a) in plan.cross_alpha.iter_mut().enumerate() {
-                *a = if (start..end).contains(&i) { 1.0 } else { 0.0 };
+            let row = edits * words;
+            let mut set = |(start, end): (usize, usize), edit: usize, token: usize| {
+                for i in 0..alpha_rows {
+                    plan.cross_alpha[i * row + edit * words + token] =
+                        if (start..end).contains(&i) { 1.0 } else { 0.0 };
+                }
+            };
+            for edit in 0..edits {
+                for token in 0..words {
+                    set((start, end), edit, token);
+                }
+            }
+            // Then each word's own range, in the edited prompts that have it (P2P's
+            // get_time_words_attention_alpha).
+            for (word, range) in &p.cross_replace_words {
+                let (s, e) = fraction(*range, &format!("cross_replace_words '{word}'"))?;
+                let bounds = (
+                    (s * alpha_rows as f64) as usize,
+                    (e * alpha_rows as f64) as usize,
+                );
+                let texts = self.texts(prompts, &format!("cross_replace_words '{word}'"))?;
+                let mut found = false;
+                for (edit, t) in texts[1..].iter().enumerate() {
+                    for token in t.word_indices(Word::Text(word)) {
+                        if token >= words {
+                            return Err(bad(format!(
+                                "cross_replace_words '{word}': token {token} is beyond the {words} text tokens"
+                            )));
+                        }
+                        set(bounds, edit, token);
+                        found = true;
+                    }
+                }
+                if !found {
+                    return Err(bad(format!(
+                        "cross_replace_words: word '{word}' is in none of the edited prompts {:?}",
+                        texts[1..]
+                            .iter()
+                            .map(|t| t.text.as_str())
+                            .collect::<Vec<_>>()
+                    )));
+                }
             }
             let (s, e) = fraction(p.self_replace_steps, "self_replace_steps")?;
             plan.self_range = ((s * steps as f64) as usize, (e * steps as f64) as usize);
@@ -463,9 +508,10 @@ impl Plan {
     /// Cross-attention alpha of every edit for this step, [P-1, T].
     pub fn alpha(&self, step: usize) -> HostTensor {
         let edits = self.prompts.saturating_sub(1);
-        let a = self.cross_alpha[step];
-        let data: Vec<f32> = (0..edits * self.words)
-            .map(|i| a * self.refine.as_ref().map_or(1.0, |r| r[i]))
+        let row = edits * self.words;
+        let a = &self.cross_alpha[step * row..(step + 1) * row];
+        let data: Vec<f32> = (0..row)
+            .map(|i| a[i] * self.refine.as_ref().map_or(1.0, |r| r[i]))
             .collect();
         HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[edits, self.words]), data).expect("sized"))
     }
