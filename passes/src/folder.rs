@@ -91,6 +91,8 @@ pub struct Component {
     /// Its folder's name (`text_encoder`, `unet`, `vae_decoder`...).
     pub name: String,
     pub role: Role,
+    /// Its class in `model_index.json` (`CLIPTextModel`, `T5EncoderModel`, ...).
+    pub class: String,
     /// `<dir>/<name>/model.onnx`
     pub model: PathBuf,
 }
@@ -162,6 +164,7 @@ impl Pipeline {
                 components.push(Component {
                     name: key.clone(),
                     role,
+                    class: kind.into(),
                     model: onnx(key),
                 });
             } else if key == "vae" {
@@ -172,12 +175,14 @@ impl Pipeline {
                 components.push(Component {
                     name: "vae_decoder".into(),
                     role: Role::VaeDecoder,
+                    class: kind.into(),
                     model: onnx("vae_decoder"),
                 });
                 if onnx("vae_encoder").is_file() {
                     components.push(Component {
                         name: "vae_encoder".into(),
                         role: Role::VaeEncoder,
+                        class: kind.into(),
                         model: onnx("vae_encoder"),
                     });
                 } else {
@@ -430,6 +435,22 @@ pub fn plan(pipeline: &Pipeline, o: &Options) -> Result<Vec<Plan>> {
             not.push(NotApplied {
                 option: "--hooks",
                 reason: "attention-control hooks are on the denoiser's attention".into(),
+            });
+        }
+        // transformers runs T5 in fp16 only with clamps on its feed-forward outputs (they
+        // overflow fp16) that exist only in an fp16 torch model, never in an fp32 export.
+        if c.role == Role::TextEncoder
+            && c.class.starts_with("T5")
+            && o.precision == PrecisionArg::Fp16
+        {
+            options.precision = PrecisionArg::Fp32;
+            options.keep_io_types = false;
+            not.push(NotApplied {
+                option: "--precision",
+                reason: format!(
+                    "{} overflows fp16 without transformers' fp16 clamps, which an fp32 export does not hold: kept in fp32 (bf16 keeps fp32's range)",
+                    c.class
+                ),
             });
         }
         let vae = matches!(c.role, Role::VaeDecoder | Role::VaeEncoder);
@@ -833,4 +854,129 @@ fn create_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
     missing.reverse();
     fs::create_dir_all(dir).map_err(io_at(dir))?;
     Ok(missing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn component(name: &str, role: Role, class: &str) -> Component {
+        Component {
+            name: name.into(),
+            role,
+            class: class.into(),
+            model: PathBuf::from(name).join("model.onnx"),
+        }
+    }
+
+    /// An SD3-like pipeline (no files: the plan reads only options and the index).
+    fn sd3() -> Pipeline {
+        Pipeline {
+            dir: PathBuf::from("sd3"),
+            class: "StableDiffusion3Pipeline".into(),
+            components: vec![
+                component(
+                    "text_encoder",
+                    Role::TextEncoder,
+                    "CLIPTextModelWithProjection",
+                ),
+                component("text_encoder_3", Role::TextEncoder, "T5EncoderModel"),
+                component("transformer", Role::Denoiser, "SD3Transformer2DModel"),
+            ],
+            notes: Vec::new(),
+        }
+    }
+
+    fn planned(o: &Options) -> Vec<Plan> {
+        plan(&sd3(), o).unwrap()
+    }
+
+    #[test]
+    fn t5_stays_fp32_in_fp16_but_not_in_bf16() {
+        let mut o = Options {
+            precision: PrecisionArg::Fp16,
+            ..Options::default()
+        };
+        let p = planned(&o);
+        let by = |n: &str| p.iter().find(|p| p.component.name == n).unwrap();
+        assert_eq!(by("text_encoder").options.precision, PrecisionArg::Fp16);
+        assert_eq!(by("transformer").options.precision, PrecisionArg::Fp16);
+        let t5 = by("text_encoder_3");
+        assert_eq!(t5.options.precision, PrecisionArg::Fp32);
+        assert!(t5.not_applied.iter().any(|n| n.option == "--precision"));
+        o.precision = PrecisionArg::Bf16;
+        let p = planned(&o);
+        assert!(p.iter().all(|p| p.options.precision == PrecisionArg::Bf16));
+    }
+
+    #[test]
+    fn denoiser_only_options_are_reported_for_the_others() {
+        let mut o = Options::default();
+        o.tome.ratio = Some(0.5);
+        o.attention.mode = AttentionArg::Linear;
+        let p = planned(&o);
+        for plan in &p {
+            let said: Vec<&str> = plan.not_applied.iter().map(|n| n.option).collect();
+            if plan.component.role == Role::Denoiser {
+                assert!(said.is_empty(), "{said:?}");
+                assert_eq!(plan.options.tome.ratio, Some(0.5));
+            } else {
+                assert_eq!(said, ["--attention linear", "--tome"]);
+                assert_eq!(plan.options.tome.ratio, None);
+                assert_eq!(plan.options.attention.mode, AttentionArg::Keep);
+            }
+        }
+    }
+
+    #[test]
+    fn fixed_shapes_split_by_component() {
+        let pipeline = sd3();
+        let by = shape_entries(
+            "batch=2,text_encoder_3:batch=1, text_encoder:batch=1,height=8",
+            &pipeline,
+        )
+        .unwrap();
+        assert_eq!(
+            by,
+            [
+                ("transformer".to_string(), "batch=2,height=8".to_string()),
+                ("text_encoder_3".to_string(), "batch=1".to_string()),
+                ("text_encoder".to_string(), "batch=1".to_string()),
+            ]
+        );
+        let err = shape_entries("vae_decoder:batch=1", &pipeline)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("'vae_decoder' is not a compiled component"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn outputs_through_links_into_the_input_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let input = tmp.path().join("in");
+        fs::create_dir(&input).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&input, &link).unwrap();
+        let err = check_output(&input, &link.join("out"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("inside the input folder"), "{err}");
+        let err = check_output(&input, &input.join("a/../../in"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is the input folder"), "{err}");
+        check_output(&input, &tmp.path().join("new/out")).unwrap();
+    }
+
+    #[test]
+    fn force_upcast_is_honoured_by_sdxl_classes_only() {
+        assert!(honours_force_upcast("StableDiffusionXLPipeline"));
+        assert!(honours_force_upcast("StableDiffusionXLImg2ImgPipeline"));
+        assert!(honours_force_upcast("KolorsPipeline"));
+        assert!(!honours_force_upcast("StableDiffusionPipeline"));
+        assert!(!honours_force_upcast("StableDiffusion3Pipeline"));
+    }
 }
