@@ -45,7 +45,7 @@ fn the_vae_encoder_and_the_mask_give_the_references_latents() {
     for name in ["sd15_tiny", "sd15_inpaint_tiny"] {
         let dir = pipeline(name);
         let refs = dir.join("reference/inpaint");
-        let mut vae = VaeEncoder::open(&dir, attune_runtime::Ep::Cpu).unwrap();
+        let mut vae = VaeEncoder::open(&dir, &attune_runtime::pipeline::Sessions::cpu()).unwrap();
         assert_eq!(vae.scaling_factor, 0.18215);
         let HostTensor::F32(pixels) = to_tensor(&read_png(&refs.join("input.png")).unwrap()) else {
             panic!()
@@ -288,7 +288,7 @@ fn the_vae_encoder_takes_the_mean_or_the_sample_the_export_has() {
     .unwrap();
     let t = tempfile::tempdir().unwrap();
     passthrough_encoder(t.path(), "latent_parameters");
-    let mut vae = VaeEncoder::open(t.path(), attune_runtime::Ep::Cpu).unwrap();
+    let mut vae = VaeEncoder::open(t.path(), &attune_runtime::pipeline::Sessions::cpu()).unwrap();
     assert!(!vae.draws);
     let got = vae.encode(&x).unwrap();
     assert_eq!(got.shape(), [1, 2, 1, 2]);
@@ -302,7 +302,7 @@ fn the_vae_encoder_takes_the_mean_or_the_sample_the_export_has() {
         r#"{"scaling_factor": 2.0, "shift_factor": 0.5}"#,
     )
     .unwrap();
-    let mut vae = VaeEncoder::open(t.path(), attune_runtime::Ep::Cpu).unwrap();
+    let mut vae = VaeEncoder::open(t.path(), &attune_runtime::pipeline::Sessions::cpu()).unwrap();
     assert!(vae.draws);
     let got = vae.encode(&x).unwrap();
     let want: Vec<f32> = x.iter().map(|v| (v - 0.5) * 2.0).collect();
@@ -310,7 +310,7 @@ fn the_vae_encoder_takes_the_mean_or_the_sample_the_export_has() {
 
     let t = tempfile::tempdir().unwrap();
     passthrough_encoder(t.path(), "posterior");
-    let mut vae = VaeEncoder::open(t.path(), attune_runtime::Ep::Cpu).unwrap();
+    let mut vae = VaeEncoder::open(t.path(), &attune_runtime::pipeline::Sessions::cpu()).unwrap();
     let err = vae.encode(&x).unwrap_err().to_string();
     assert!(
         err.contains("vae_encoder/model.onnx") && err.contains("posterior"),

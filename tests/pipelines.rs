@@ -129,8 +129,14 @@ fn the_text_encoder_and_the_vae_give_what_the_diffusers_pipeline_gave() {
     use attune_runtime::pipeline::{TextEncoder, VaeDecoder};
     let dir = pipeline("sd15_tiny");
     let cases = manifest("sd15_tiny")["cases"].clone();
-    let mut encoder = TextEncoder::open(&dir, "text_encoder", "tokenizer", Ep::Cpu).unwrap();
-    let mut vae = VaeDecoder::open(&dir, Ep::Cpu).unwrap();
+    let mut encoder = TextEncoder::open(
+        &dir,
+        "text_encoder",
+        "tokenizer",
+        &attune_runtime::pipeline::Sessions::cpu(),
+    )
+    .unwrap();
+    let mut vae = VaeDecoder::open(&dir, &attune_runtime::pipeline::Sessions::cpu()).unwrap();
     assert_eq!(vae.scaling_factor, 0.18215);
     for case in ["txt2img_a", "txt2img_b"] {
         let refs = dir.join("reference").join(case);
@@ -171,10 +177,13 @@ fn the_text_encoder_and_the_vae_give_what_the_diffusers_pipeline_gave() {
 #[test]
 fn a_missing_component_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    let err = attune_runtime::pipeline::VaeDecoder::open(dir.path(), attune_runtime::Ep::Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = attune_runtime::pipeline::VaeDecoder::open(
+        dir.path(),
+        &attune_runtime::pipeline::Sessions::cpu(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(err.contains("no vae_decoder"), "{err}");
 }
 
@@ -267,4 +276,92 @@ fn generate_refuses_what_it_cannot_run_naming_it() {
     let err = run(dir.path());
     assert!(err.contains("no unet"), "{err}");
     assert!(!png.exists(), "nothing written");
+}
+
+/// The session cache: the first run saves ONNX Runtime's optimised graph of each component,
+/// the second loads it (and says so), and the images are the same bytes; --no-session-cache
+/// neither reads nor writes it. A damaged entry is made again.
+#[test]
+fn generate_keeps_onnx_runtimes_optimised_graphs_between_runs() {
+    // A copy of the folder: its own cache keys, whatever other tests cached.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sd15_tiny");
+    let src = pipeline("sd15_tiny");
+    for entry in walk(&src) {
+        let rel = entry.strip_prefix(&src).unwrap();
+        if rel.starts_with("reference") {
+            continue;
+        }
+        let to = dir.join(rel);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, &to).unwrap();
+    }
+    let latents = src.join("reference/txt2img_a/latents.npy");
+    // Its own cache folder (the ORT library named directly, so nothing is fetched), to find
+    // and damage the entries.
+    let cache = tmp.path().join("cache");
+    let lib = attune_runtime::provision::locate(attune_runtime::provision::Flavor::Cpu)
+        .unwrap()
+        .path;
+    let run = |png: &str, extra: &[&str]| {
+        let out = tmp.path().join(png);
+        let mut args = vec![
+            "generate",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "a cat",
+            "--steps",
+            "2",
+            "--latents",
+            latents.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let o = common::run_measured(
+            std::process::Command::new(env!("CARGO_BIN_EXE_attune"))
+                .args(&args)
+                .env("ATTUNE_CACHE", &cache)
+                .env("ORT_DYLIB_PATH", &lib),
+        );
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{err}");
+        (std::fs::read(out).unwrap(), err)
+    };
+    let (first, err) = run("a.png", &[]);
+    assert!(err.contains("saved in attune's session cache"), "{err}");
+    let (second, err) = run("b.png", &[]);
+    assert!(err.contains("from attune's session cache"), "{err}");
+    assert_eq!(first, second);
+    let (third, err) = run("c.png", &["--no-session-cache"]);
+    assert!(!err.contains("session cache"), "{err}");
+    assert_eq!(first, third);
+    // Three components (text encoder, UNet, VAE decoder; the VAE encoder only for img2img): each
+    // entry a model and its data; truncated, they are made again.
+    let entries: Vec<PathBuf> = walk(&cache.join("sessions"))
+        .into_iter()
+        .filter(|p| p.ends_with("model.onnx"))
+        .collect();
+    assert_eq!(entries.len(), 3, "{entries:?}");
+    for e in &entries {
+        std::fs::write(e, b"damaged").unwrap();
+    }
+    let (fourth, err) = run("d.png", &[]);
+    assert!(err.contains("saved in attune's session cache"), "{err}");
+    assert_eq!(first, fourth);
+    let (_, err) = run("e.png", &[]);
+    assert!(err.contains("from attune's session cache"), "{err}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            files.extend(walk(&p));
+        } else {
+            files.push(p);
+        }
+    }
+    files
 }

@@ -82,7 +82,12 @@ fn prompt_embeddings_pooled_and_time_ids_equal_diffusers() {
         PromptEncoding::of_class("StableDiffusionXLPipeline"),
         Some(PromptEncoding::StableDiffusionXl)
     );
-    let mut encoder = PromptEncoder::open(&dir(), "StableDiffusionXLPipeline", Ep::Cpu).unwrap();
+    let mut encoder = PromptEncoder::open(
+        &dir(),
+        "StableDiffusionXLPipeline",
+        &attune_runtime::pipeline::Sessions::cpu(),
+    )
+    .unwrap();
     for case in ["txt2img_a", "txt2img_b"] {
         let c = &cases[case];
         let refs = dir().join("reference").join(case);
@@ -150,23 +155,35 @@ fn what_sdxl_cannot_encode_with_is_refused_naming_it() {
         tmp.path().join("model_index.json"),
     )
     .unwrap();
-    let mut encoder =
-        PromptEncoder::open(tmp.path(), "StableDiffusionXLPipeline", Ep::Cpu).unwrap();
+    let mut encoder = PromptEncoder::open(
+        tmp.path(),
+        "StableDiffusionXLPipeline",
+        &attune_runtime::pipeline::Sessions::cpu(),
+    )
+    .unwrap();
     let err = encoder.encode(&["a cat"], None).err().unwrap().to_string();
     assert!(
         err.contains("hidden_states") && err.contains("text_encoder/model.onnx"),
         "{err}"
     );
     std::fs::remove_dir_all(tmp.path().join("text_encoder_2")).unwrap();
-    let err = PromptEncoder::open(tmp.path(), "StableDiffusionXLPipeline", Ep::Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = PromptEncoder::open(
+        tmp.path(),
+        "StableDiffusionXLPipeline",
+        &attune_runtime::pipeline::Sessions::cpu(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(err.contains("no text_encoder_2"), "{err}");
-    let err = PromptEncoder::open(tmp.path(), "KandinskyPipeline", Ep::Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = PromptEncoder::open(
+        tmp.path(),
+        "KandinskyPipeline",
+        &attune_runtime::pipeline::Sessions::cpu(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(err.contains("KandinskyPipeline"), "{err}");
 }
 

@@ -66,6 +66,14 @@ impl Backend {
         }
     }
 
+    /// Where an ORT session's graph came from (the session cache); `None` for tract.
+    pub fn cached(&self) -> Option<crate::ort_backend::Cached> {
+        match self {
+            Backend::Ort(s) => Some(s.cached),
+            Backend::Tract(_) => None,
+        }
+    }
+
     /// Node placement ORT reported (CUDA sessions), empty otherwise.
     pub fn placement(&self) -> &[(String, usize)] {
         match self {

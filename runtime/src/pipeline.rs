@@ -26,6 +26,32 @@ pub fn component(dir: &Path, name: &str) -> Result<PathBuf> {
     Ok(model)
 }
 
+/// How a pipeline's sessions are made: where they run, with which ORT options (the session
+/// cache, threads).
+#[derive(Clone, Debug)]
+pub struct Sessions {
+    pub ep: Ep,
+    pub ort: OrtOptions,
+}
+
+impl Sessions {
+    /// ORT's CPU provider, default options.
+    pub fn cpu() -> Sessions {
+        Sessions::on(Ep::Cpu)
+    }
+
+    pub fn on(ep: Ep) -> Sessions {
+        Sessions {
+            ep,
+            ort: OrtOptions::default(),
+        }
+    }
+
+    pub fn open(&self, model: &Path) -> Result<Backend> {
+        Backend::open(model, self.ep, &self.ort)
+    }
+}
+
 /// The declared element type of each input of the model at `path`.
 fn declared(path: &Path) -> Result<Vec<(String, Option<DType>)>> {
     let model = attune_compiler::import::read(path)?;
@@ -55,7 +81,12 @@ pub struct TextEmbeddings {
 
 impl TextEncoder {
     /// `dir/<encoder>/model.onnx` with `dir/<tokenizer>/`.
-    pub fn open(dir: &Path, encoder: &str, tokenizer: &str, ep: Ep) -> Result<TextEncoder> {
+    pub fn open(
+        dir: &Path,
+        encoder: &str,
+        tokenizer: &str,
+        sessions: &Sessions,
+    ) -> Result<TextEncoder> {
         let path = component(dir, encoder)?;
         let tokenizer = TextTokenizer::from_dir(&dir.join(tokenizer))?;
         let ids_type = match declared(&path)?.into_iter().find(|(n, _)| n == "input_ids") {
@@ -65,7 +96,7 @@ impl TextEncoder {
             }
             None => return Err(Error::file(&path, "no input_ids input: not a text encoder")),
         };
-        let session = Backend::open(&path, ep, &OrtOptions::default())?;
+        let session = sessions.open(&path)?;
         Ok(TextEncoder {
             tokenizer,
             session,
@@ -242,7 +273,7 @@ pub struct PromptEncoder {
 
 impl PromptEncoder {
     /// The encoders of `dir` for a pipeline of `class` (its model_index.json's `_class_name`).
-    pub fn open(dir: &Path, class: &str, ep: Ep) -> Result<PromptEncoder> {
+    pub fn open(dir: &Path, class: &str, sessions: &Sessions) -> Result<PromptEncoder> {
         let index_path = dir.join("model_index.json");
         let encoding = PromptEncoding::of_class(class).ok_or_else(|| {
             Error::file(
@@ -250,10 +281,20 @@ impl PromptEncoder {
                 format!("pipeline class {class}: no prompt encoding for it"),
             )
         })?;
-        let mut encoders = vec![TextEncoder::open(dir, "text_encoder", "tokenizer", ep)?];
+        let mut encoders = vec![TextEncoder::open(
+            dir,
+            "text_encoder",
+            "tokenizer",
+            sessions,
+        )?];
         let mut force_zeros = false;
         if encoding == PromptEncoding::StableDiffusionXl {
-            encoders.push(TextEncoder::open(dir, "text_encoder_2", "tokenizer_2", ep)?);
+            encoders.push(TextEncoder::open(
+                dir,
+                "text_encoder_2",
+                "tokenizer_2",
+                sessions,
+            )?);
             let text =
                 std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
             let index: Value = serde_json::from_str(&text)
@@ -351,7 +392,7 @@ pub struct VaeDecoder {
 }
 
 impl VaeDecoder {
-    pub fn open(dir: &Path, ep: Ep) -> Result<VaeDecoder> {
+    pub fn open(dir: &Path, sessions: &Sessions) -> Result<VaeDecoder> {
         let path = component(dir, "vae_decoder")?;
         let config_path = dir.join("vae_decoder/config.json");
         let config: Value = match std::fs::read_to_string(&config_path) {
@@ -383,7 +424,7 @@ impl VaeDecoder {
         Ok(VaeDecoder {
             scaling_factor: number("scaling_factor", 0.18215)?,
             shift_factor: number("shift_factor", 0.0)?,
-            session: Backend::open(&path, ep, &OrtOptions::default())?,
+            session: sessions.open(&path)?,
             input_type,
         })
     }
@@ -418,7 +459,7 @@ pub struct VaeEncoder {
 }
 
 impl VaeEncoder {
-    pub fn open(dir: &Path, ep: Ep) -> Result<VaeEncoder> {
+    pub fn open(dir: &Path, sessions: &Sessions) -> Result<VaeEncoder> {
         let path = component(dir, "vae_encoder")?;
         let config_path = dir.join("vae_encoder/config.json");
         let config: Value = match std::fs::read_to_string(&config_path) {
@@ -459,7 +500,7 @@ impl VaeEncoder {
         Ok(VaeEncoder {
             scaling_factor: number("scaling_factor", 0.18215)?,
             shift_factor: number("shift_factor", 0.0)?,
-            session: Backend::open(&path, ep, &OrtOptions::default())?,
+            session: sessions.open(&path)?,
             input_type,
             path,
             draws,

@@ -119,6 +119,7 @@ pub fn run(args: &Args) -> anyhow::Result<i32> {
                 folders[k].display().to_string(),
                 "-o".into(),
                 images[k].display().to_string(),
+                "--quiet".into(),
             ];
             argv.extend(flags.iter().cloned());
             if run > 0 {

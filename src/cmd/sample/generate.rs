@@ -2,13 +2,17 @@
 //! folder's tokenizer and text encoder, the sampler runs as `attune sample` does (the folder's
 //! scheduler config, classifier-free guidance), and the VAE decoder makes the image.
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use attune_runtime::HostTensor;
-use attune_runtime::image::{Mode, read_png_mode, resize_nearest, to_mask, to_tensor, write_png};
-use attune_runtime::sample::{Init, Inpaint};
-use attune_runtime::pipeline::{PromptEncoder, VaeDecoder, VaeEncoder, component, time_ids};
 use attune_runtime::controller::{PromptTokens, Word};
+use attune_runtime::image::{Mode, read_png_mode, resize_nearest, to_mask, to_tensor, write_png};
+use attune_runtime::ort_backend::{Cached, OrtOptions};
+use attune_runtime::pipeline::{
+    PromptEncoder, Sessions, VaeDecoder, VaeEncoder, component, time_ids,
+};
+use attune_runtime::sample::{Init, Inpaint};
 use attune_runtime::tokenizer::TextTokenizer;
 use serde_json::Value;
 
@@ -70,6 +74,13 @@ pub struct Args {
     out: PathBuf,
     #[command(flatten)]
     init: InitArgs,
+    /// Don't keep ONNX Runtime's optimised graphs in attune's cache (sessions/ in
+    /// $ATTUNE_CACHE or ~/.cache/attune): every run optimises each component again
+    #[arg(long)]
+    no_session_cache: bool,
+    /// Print nothing but errors and warnings (no progress, no "wrote" lines)
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 /// img2img and inpainting (diffusers' StableDiffusionImg2ImgPipeline and
@@ -144,76 +155,137 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let (height, width) = (latent(args.height, "height")?, latent(args.width, "width")?);
     let outputs = png_paths(&args.out, args.prompt.len());
     check_init_args(&args, &outputs)?;
-    let mut encoder = PromptEncoder::open(dir, class, ep)?;
-    let mut vae = VaeDecoder::open(dir, ep)?;
-    let prompts: Vec<&str> = args.prompt.iter().map(String::as_str).collect();
-    let text = encoder.encode(&prompts, args.negative_prompt.as_deref())?;
-    for k in &text.truncated {
-        eprintln!(
-            "warning: prompt {k} is longer than the text encoder's {} tokens: cut to fit",
-            text.max_len
+    if args.init.image.is_some() && class == "StableDiffusionXLPipeline" {
+        bail!(
+            "--image: SDXL's img2img and inpainting (aesthetic-score time ids, strength 0.3 by default) are not run yet; {} takes prompts alone",
+            index_path.display()
         );
     }
-    let (cond, uncond) = (text.cond, text.uncond);
-    let init = init_image(&args, factor, ep)?;
-    let tokens = prompt_tokens(&args)?;
-    let scheduler_config = args
-        .scheduler_config
-        .clone()
-        .or_else(|| Some(dir.join("scheduler/scheduler_config.json")).filter(|p| p.is_file()));
-    let sample_args = SampleArgs {
-        unet,
-        steps: args.steps,
-        scheduler: args.scheduler,
-        scheduler_config,
-        cond: PathBuf::new(),
-        uncond: None,
-        pooled_cond: None,
-        pooled_uncond: None,
-        embedded_guidance: None,
-        latents: args.latents.clone(),
-        height,
-        width,
-        seed: args.seed,
-        guidance: Some(args.guidance),
-        controller: args.controller.clone(),
-        out: folder_of(&args.out).to_path_buf(),
-        save_maps: tokens.maps,
-        ep: args.ep,
-        cuda_graph: false,
-        reference: None,
-        tol: super::DEFAULT_TOL,
+    // The CPU provider's optimised graphs come from attune's cache after the first run.
+    let sessions = Sessions {
+        ep,
+        ort: OrtOptions {
+            session_cache: (!args.no_session_cache && ep == attune_runtime::Ep::Cpu)
+                .then(super::super::exec::session_cache_dir)
+                .flatten(),
+            ..OrtOptions::default()
+        },
     };
-    let (_, latents) = denoise(sample_args, Some(Given {
-            cond,
-            uncond,
-            pooled: text.pooled,
-            time_ids: text
-                .time_ids
-                .then(|| Box::new(move |h, w| time_ids(h * factor, w * factor)) as _),
-            init,
-            prompts: tokens.prompts,
-            map_words: tokens.prompt_maps,
-        }))?;
-    let latents = latents.expect("given embeddings return the latents");
-    let images = vae.decode(&latents)?;
-    let folder = folder_of(&args.out);
-    std::fs::create_dir_all(folder)
-        .with_context(|| format!("cannot create {}", folder.display()))?;
-    if let Some(path) = &args.init.save_latents {
-        attune_runtime::npy::write(path, &attune_runtime::HostTensor::F32(latents.clone()))?;
-        println!("wrote {} {:?}", path.display(), latents.shape());
-    }
-    for (image, path) in images.iter().zip(&outputs) {
-        write_png(path, image)?;
-        println!(
-            "wrote {} ({}x{})",
-            path.display(),
-            image.width,
-            image.height
-        );
-    }
-    Ok(0)
+    let started = Instant::now();
+    // The UNet's and the VAE decoder's sessions are made while the prompts are encoded (ORT
+    // makes a session on one core).
+    std::thread::scope(|scope| -> anyhow::Result<i32> {
+        let unet_session = scope.spawn(|| {
+            let t = Instant::now();
+            sessions.open(&unet).map(|s| (s, t.elapsed()))
+        });
+        let vae_session = scope.spawn(|| VaeDecoder::open(dir, &sessions));
+        let prompts: Vec<&str> = args.prompt.iter().map(String::as_str).collect();
+        let text = {
+            let mut encoder = PromptEncoder::open(dir, class, &sessions)?;
+            encoder.encode(&prompts, args.negative_prompt.as_deref())?
+            // The encoders are freed here: the denoiser needs the memory.
+        };
+        for k in &text.truncated {
+            eprintln!(
+                "warning: prompt {k} is longer than the text encoder's {} tokens: cut to fit",
+                text.max_len
+            );
+        }
+        let (cond, uncond) = (text.cond, text.uncond);
+        let init = init_image(&args, factor, &sessions)?;
+        let tokens = prompt_tokens(&args)?;
+        let scheduler_config = args
+            .scheduler_config
+            .clone()
+            .or_else(|| Some(dir.join("scheduler/scheduler_config.json")).filter(|p| p.is_file()));
+        let (unet_session, unet_time) = joined(unet_session, "the UNet's")??;
+        if !args.quiet {
+            let cached = match unet_session.cached() {
+                Some(Cached::Hit) => {
+                    " (ONNX Runtime's optimised graph from attune's session cache)"
+                }
+                Some(Cached::Saved(_)) => {
+                    " (ONNX Runtime's optimised graph saved in attune's session cache: later runs load it)"
+                }
+                _ => "",
+            };
+            eprintln!(
+                "UNet session in {:.1} s{cached}; prompts encoded; first step after {:.1} s",
+                unet_time.as_secs_f64(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        let sample_args = SampleArgs {
+            unet: unet.clone(),
+            steps: args.steps,
+            scheduler: args.scheduler,
+            scheduler_config,
+            cond: PathBuf::new(),
+            uncond: None,
+            pooled_cond: None,
+            pooled_uncond: None,
+            embedded_guidance: None,
+            latents: args.latents.clone(),
+            height,
+            width,
+            seed: args.seed,
+            guidance: Some(args.guidance),
+            controller: args.controller.clone(),
+            out: folder_of(&args.out).to_path_buf(),
+            save_maps: tokens.maps,
+            ep: args.ep,
+            cuda_graph: false,
+            reference: None,
+            tol: super::DEFAULT_TOL,
+        };
+        let (_, latents) = denoise(
+            sample_args,
+            Some(Given {
+                cond,
+                uncond,
+                pooled: text.pooled,
+                time_ids: text
+                    .time_ids
+                    .then(|| Box::new(move |h, w| time_ids(h * factor, w * factor)) as _),
+                init,
+                prompts: tokens.prompts,
+                map_words: tokens.prompt_maps,
+                unet: Some(unet_session),
+                quiet: args.quiet,
+            }),
+        )?;
+        let mut vae = joined(vae_session, "the VAE decoder's")??;
+        let latents = latents.expect("given embeddings return the latents");
+        let images = vae.decode(&latents)?;
+        let folder = folder_of(&args.out);
+        std::fs::create_dir_all(folder)
+            .with_context(|| format!("cannot create {}", folder.display()))?;
+        if let Some(path) = &args.init.save_latents {
+            attune_runtime::npy::write(path, &attune_runtime::HostTensor::F32(latents.clone()))?;
+            if !args.quiet {
+                println!("wrote {} {:?}", path.display(), latents.shape());
+            }
+        }
+        for (image, path) in images.iter().zip(&outputs) {
+            write_png(path, image)?;
+            if !args.quiet {
+                println!(
+                    "wrote {} ({}x{})",
+                    path.display(),
+                    image.width,
+                    image.height
+                );
+            }
+        }
+        Ok(0)
+    })
+}
+
+/// A session thread's result; its panic an error.
+fn joined<T>(h: std::thread::ScopedJoinHandle<'_, T>, what: &str) -> anyhow::Result<T> {
+    h.join()
+        .map_err(|_| anyhow::anyhow!("{what} session: its thread panicked"))
 }
 
 /// Flags checked before any component loads: the strength, and outputs that would replace
@@ -248,7 +320,7 @@ fn check_init_args(args: &Args, outputs: &[PathBuf]) -> anyhow::Result<()> {
 fn init_image(
     args: &Args,
     factor: usize,
-    ep: attune_runtime::Ep,
+    sessions: &Sessions,
 ) -> anyhow::Result<Option<(Init, ndarray::ArrayD<f32>)>> {
     let Some(image_path) = &args.init.image else {
         return Ok(None);
@@ -295,7 +367,7 @@ fn init_image(
         }
         None => None,
     };
-    let mut encoder = VaeEncoder::open(&args.dir, ep)?;
+    let mut encoder = VaeEncoder::open(&args.dir, sessions)?;
     if encoder.draws {
         eprintln!(
             "note: {}: the VAE encoder outputs latent_sample (a draw from the posterior), not the mean diffusers' references use",

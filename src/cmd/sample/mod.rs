@@ -146,6 +146,10 @@ pub(super) struct Given {
     pub prompts: Option<Vec<PromptTokens>>,
     /// --save-maps per prompt (words resolved in each), within `args.save_maps`.
     pub map_words: Option<Vec<Vec<usize>>>,
+    /// The UNet's session, opened by the caller while it encoded the prompts.
+    pub unet: Option<Backend>,
+    /// No progress report.
+    pub quiet: bool,
 }
 
 /// SDXL's time ids for latents of (height, width).
@@ -157,6 +161,8 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
     let init = given.as_mut().and_then(|g| g.init.take());
     let mut prompt_tokens = given.as_mut().and_then(|g| g.prompts.take());
     let map_words = given.as_mut().and_then(|g| g.map_words.take());
+    let opened = given.as_mut().and_then(|g| g.unet.take());
+    let quiet = given.as_ref().is_some_and(|g| g.quiet);
     let model = super::load(&args.unet)?;
     let specs = inputs::input_specs(&model);
     let has = |name: &str| specs.iter().any(|s| s.name == name);
@@ -534,7 +540,10 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         cuda_graph: args.cuda_graph,
         ..OrtOptions::default()
     };
-    let mut unet = Backend::open(&args.unet, ep, &opts)?;
+    let mut unet = match opened {
+        Some(unet) => unet,
+        None => Backend::open(&args.unet, ep, &opts)?,
+    };
     let run = SampleRun {
         cond: &cond,
         uncond: &uncond,
@@ -572,7 +581,7 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
     let mut report = |s: sample::progress::Step| bar.report(s);
     let run = SampleRun {
         init,
-        progress: Some(&mut report),
+        progress: (!quiet).then_some(&mut report as _),
         ..run
     };
     let schedule_name = run.scheduler.name();
