@@ -119,12 +119,17 @@ impl Pass for AttentionPass {
             self.rewrite(&mut patch, model, site);
             patch.into_parts().apply(model)?;
             report.rewritten.push(format!(
-                "{} ({}, {} heads x {}, scale {:.6}) -> {}",
+                "{} ({}, {} heads x {}, scale {:.6}{}) -> {}",
                 site.path,
                 site.kind.name(),
                 site.heads,
                 site.head_dim,
                 site.scale,
+                if site.mask.is_some() {
+                    ", additive mask as the attention bias"
+                } else {
+                    ""
+                },
                 self.op_name()
             ));
         }
@@ -175,6 +180,12 @@ impl AttentionPass {
                     .into(),
             );
         }
+        if let (Some((mask, _)), Mode::Linear(_)) = (site.mask, self.mode) {
+            return Err(format!(
+                "linear attention cannot apply the additive mask '{}' on the scores (a causal or padding mask): kept as exported",
+                model.graph.value(mask).name
+            ));
+        }
         let dtype = site_type(model, site);
         let fused = matches!(self.mode, Mode::Flash | Mode::Onnx);
         match dtype {
@@ -202,9 +213,15 @@ impl AttentionPass {
         let after = Some(site.softmax);
         let module = site.path.as_str();
         let name = |op: &str| format!("{}/attune_{op}", site.path);
-        let qkv = |p: &mut Patch| {
+        // Q, K, V, then the mask as the attention bias at `slot` (empty inputs before it).
+        let qkv = |p: &mut Patch, slot: usize| {
             let mut e = Emitter::new(p, module, after);
-            [0, 1, 2].map(|i| tokens(&mut e, site, i)).to_vec()
+            let mut inputs = [0, 1, 2].map(|i| tokens(&mut e, site, i)).to_vec();
+            if let Some(b) = attention_bias(&mut e, model, site) {
+                inputs.resize(slot, In::None);
+                inputs.push(b);
+            }
+            inputs
         };
         let out = match self.mode {
             Mode::Flash => {
@@ -212,7 +229,8 @@ impl AttentionPass {
                     attr::int("num_heads", site.heads),
                     attr::float("scale", site.scale as f32),
                 ];
-                let inputs = qkv(p);
+                // query, key, value, bias, key_padding_mask, attention_bias
+                let inputs = qkv(p, 5);
                 p.node(
                     "MultiHeadAttention",
                     MS_DOMAIN,
@@ -231,7 +249,8 @@ impl AttentionPass {
                     attr::int("kv_num_heads", site.heads),
                     attr::float("scale", site.scale as f32),
                 ];
-                let inputs = qkv(p);
+                // Q, K, V, attn_mask (a float mask is added to the scores)
+                let inputs = qkv(p, 3);
                 p.node(
                     "Attention",
                     "",
@@ -280,6 +299,35 @@ fn tokens(e: &mut Emitter, site: &AttentionSite, i: usize) -> In {
             )
         }
     }
+}
+
+/// The site's additive mask as the fused ops' bias: 4-D ([batch|1, heads|1, query, key]),
+/// in the site's element type.
+fn attention_bias(e: &mut Emitter, model: &Model, site: &AttentionSite) -> Option<In> {
+    let (mask, rank) = site.mask?;
+    let mut b = In::Value(mask);
+    if rank < 4 {
+        let axes: Vec<i64> = (0..(4 - rank) as i64).collect();
+        b = if model.opset("").unwrap_or(13) >= 13 {
+            let axes = e.i64s("mask_unsqueeze_axes", &axes);
+            e.unsqueeze("mask_Unsqueeze", b, &axes)
+        } else {
+            e.op(
+                "Unsqueeze",
+                "mask_Unsqueeze",
+                vec![b],
+                vec![attr::ints("axes", &axes)],
+            )
+        };
+    }
+    let (want, have) = (site_type(model, site), model.graph.value_elem_type(mask));
+    if let (Some(want), Some(have)) = (want, have)
+        && want != have
+        && let Ok(t) = DataType::try_from(want)
+    {
+        b = e.cast("mask_Cast", b, t);
+    }
+    Some(b)
 }
 
 /// The element type the site computes in (its query, or the query projection's weight).

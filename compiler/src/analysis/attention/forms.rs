@@ -111,8 +111,11 @@ pub(super) fn forms() -> Vec<(&'static str, Pat)> {
             ],
         )
         .commutative();
+        // An additive mask on the scores (CLIP's causal mask, a padding mask): the fused op's
+        // attention bias.
+        let masked = op("Add", [logits.clone(), any("mask")]).commutative();
         // fp16 exports upcast around the softmax: Cast wrappers on either side of the bias add.
-        let input = through(CAST, alt([baddbmm, logits]));
+        let input = through(CAST, alt([baddbmm, masked, logits]));
         alt([
             op("Softmax", [input.clone()])
                 .int("axis", -1)

@@ -105,6 +105,10 @@ pub struct AttentionSite {
     pub probs: ValueId,
     #[serde(skip)]
     pub probs_matmul: NodeId,
+    /// An additive mask on the scores (CLIP's causal mask), broadcastable to
+    /// [batch, heads, query tokens, key tokens], with its rank.
+    #[serde(skip)]
+    pub mask: Option<(ValueId, usize)>,
     /// Merged heads, [batch, query tokens, heads·head_dim] (what `to_out` reads).
     #[serde(skip)]
     pub output: ValueId,
@@ -371,6 +375,10 @@ fn site(
     {
         return Err("an additive bias/mask is applied to the scores".into());
     }
+    let mask = match m.value("mask") {
+        Some(mask) => Some((mask, mask_rank(g, shapes, m, form, mask, heads)?)),
+        None => None,
+    };
     let mut scale = 1.0;
     for (name, invert) in [
         ("q_mul", false),
@@ -437,6 +445,7 @@ fn site(
             .expect("the value product reads the probabilities"),
         probs_matmul: m.node("attn").expect("bound"),
         output: value("merged")?,
+        mask,
         nodes: m.matched.clone(),
         q,
         k,
@@ -444,4 +453,55 @@ fn site(
         context,
         operands,
     })
+}
+
+/// The rank of an additive mask on the scores, if the fused ops can take it as their
+/// attention bias: at most 4-D, broadcastable to [batch, heads, query, key] along batch and
+/// heads only (the kernels broadcast those, not the tokens).
+fn mask_rank(
+    g: &Graph,
+    shapes: &Shapes,
+    m: &Match,
+    form: &str,
+    mask: ValueId,
+    heads: i64,
+) -> Result<usize, String> {
+    let name = &g.value(mask).name;
+    if form == "classic" {
+        return Err(format!(
+            "the mask '{name}' is added to heads folded into the batch"
+        ));
+    }
+    let shape = shapes
+        .shape(mask)
+        .ok_or_else(|| format!("the mask '{name}' has no known shape"))?;
+    let scores = m
+        .node("scores")
+        .and_then(|s| g.node(s).outputs.first().copied().flatten())
+        .and_then(|v| shapes.shape(v));
+    let r = shape.len();
+    if !(2..=4).contains(&r) {
+        return Err(format!("the mask '{name}' is {r}-D, not [.., query, key]"));
+    }
+    if r >= 3
+        && !matches!(shape[r - 3].known(), Some(1) | None)
+        && shape[r - 3].known() != Some(heads)
+    {
+        return Err(format!(
+            "the mask '{name}' has {} heads, the attention {heads}",
+            shape[r - 3]
+        ));
+    }
+    // The token axes: each as the scores' (a broadcast 1 only where the scores have 1).
+    if let Some(sc) = scores.filter(|s| s.len() == 4) {
+        for (i, d) in shape.iter().rev().take(2).enumerate() {
+            if *d == Dim::Known(1) && sc[3 - i] != Dim::Known(1) {
+                return Err(format!(
+                    "the mask '{name}' broadcasts over the {} tokens",
+                    ["key", "query"][i]
+                ));
+            }
+        }
+    }
+    Ok(r)
 }

@@ -271,6 +271,15 @@ impl Shapes {
         if node.is("Concat") {
             self.remember_sum(g, id, outs.first());
         }
+        if node.is("Conv")
+            && outs
+                .first()
+                .and_then(|f| f.shape.as_ref())
+                .is_none_or(|s| s.iter().any(Dim::is_unknown))
+            && let Some(f) = padded_conv(g, &self.facts, id)
+        {
+            outs = vec![f];
+        }
         outs.resize(node.outputs.len(), Facts::default());
         for (slot, mut facts) in outs.into_iter().enumerate() {
             let Some(Some(v)) = node.outputs.get(slot) else {
@@ -504,6 +513,64 @@ fn binary_value(op: &str, a: &Num, b: &Num) -> Option<Num> {
             })
         }
     })
+}
+
+/// A Conv reading an explicit Pad (torch's asymmetric `F.pad(x, (0, 1, 0, 1))` before
+/// diffusers' strided Downsample2D conv): its size from the Pad's input with both paddings
+/// summed, as `H + 1` padded then halved is `H / 2` though `H + 1` is no size of its own.
+fn padded_conv(g: &Graph, facts: &HashMap<ValueId, Facts>, conv: NodeId) -> Option<Facts> {
+    let node = g.node(conv);
+    let pad = g
+        .producer(g.input(conv, 0)?)
+        .filter(|p| g.node(*p).is("Pad"))?;
+    let pn = g.node(pad);
+    let xs = facts.get(&g.input(pad, 0)?)?.shape.clone()?;
+    let ws = facts.get(&g.input(conv, 1)?)?.shape.clone()?;
+    let pads = match g.input(pad, 1) {
+        Some(v) => known_ints(facts.get(&v)?)?,
+        None => attr_ints(&pn.proto.attribute, "pads")?,
+    };
+    let rank = xs.len();
+    let axes: Vec<usize> = match g.input(pad, 3) {
+        Some(v) => known_ints(facts.get(&v)?)?
+            .iter()
+            .map(|a| axis(*a, rank))
+            .collect::<Option<_>>()?,
+        None => (0..rank).collect(),
+    };
+    if pads.len() != 2 * axes.len() || ws.len() != rank || rank < 3 {
+        return None;
+    }
+    let attrs = &node.proto.attribute;
+    if attr(attrs, "auto_pad").is_some_and(|a| !a.s.is_empty() && a.s != b"NOTSET") {
+        return None;
+    }
+    let spatial = rank - 2;
+    let mut total = vec![0i64; rank];
+    for (i, a) in axes.iter().enumerate() {
+        total[*a] = pads[i].checked_add(pads[i + axes.len()])?;
+    }
+    if total[0] != 0 || total[1] != 0 {
+        return None;
+    }
+    let strides = attr_ints(attrs, "strides").unwrap_or_else(|| vec![1; spatial]);
+    let dil = attr_ints(attrs, "dilations").unwrap_or_else(|| vec![1; spatial]);
+    let conv_pads = attr_ints(attrs, "pads").unwrap_or_else(|| vec![0; 2 * spatial]);
+    let mut out = vec![xs[0].clone(), ws[0].clone()];
+    for i in 0..spatial {
+        let pad = total[i + 2]
+            .checked_add(*conv_pads.get(i).unwrap_or(&0))?
+            .checked_add(*conv_pads.get(i + spatial).unwrap_or(&0))?;
+        let (k, st) = (ws[i + 2].known()?, *strides.get(i)?);
+        out.push(conv_size(
+            &xs[i + 2],
+            k,
+            st,
+            *dil.get(i).unwrap_or(&1),
+            Some(pad),
+        )?);
+    }
+    Some(shaped(out, true))
 }
 
 /// Output facts of one default-domain op.

@@ -296,7 +296,12 @@ pub(super) fn infer_op(
                 attr_ints(attrs, "perm").unwrap_or_else(|| (0..xs.len() as i64).rev().collect());
             let shape: Option<Vec<Dim>> =
                 perm.iter().map(|p| xs.get(*p as usize).cloned()).collect();
-            one(shape.map(|s| shaped(s, x.float)))
+            let value = x.value.as_ref().and_then(|v| transpose_value(v, xs, &perm));
+            one(shape.map(|s| Facts {
+                shape: Some(s),
+                value,
+                float: x.float,
+            }))
         }
         "Shape" => {
             let Some(xs) = &x.shape else { return one(None) };
@@ -477,21 +482,21 @@ pub(super) fn infer_op(
                 return one(None);
             };
             let mut shape = xs.clone();
-            let mut range = None;
+            // The indices taken along each axis, where its length is known (for the value).
+            let mut taken: Vec<Option<Vec<usize>>> = vec![None; xs.len()];
             for (((s, e), a), st) in starts.iter().zip(&ends).zip(&axes).zip(&steps) {
                 let Some(a) = axis(*a, xs.len()) else {
                     return one(None);
                 };
-                if *st != 1 {
-                    return one(None);
-                }
                 match xs[a].known() {
                     Some(len) => {
-                        let clamp = |v: i64| if v < 0 { (v + len).max(0) } else { v.min(len) };
-                        let (s, e) = (clamp(*s), clamp(*e));
-                        shape[a] = Dim::Known((e - s).max(0));
-                        range = Some((s as usize, e.max(s) as usize));
+                        let Some(idx) = slice_indices(len, *s, *e, *st) else {
+                            return one(None);
+                        };
+                        shape[a] = Dim::Known(idx.len() as i64);
+                        taken[a] = Some(idx);
                     }
+                    _ if *st != 1 => return one(None),
                     // Symbolic length: only the whole axis, or a prefix of known length.
                     None if *s == 0 && *e >= i64::MAX / 2 => {}
                     None if *s >= 0 && *e >= *s && *e < i64::MAX / 2 => {
@@ -500,10 +505,18 @@ pub(super) fn infer_op(
                     None => return one(None),
                 }
             }
-            let value = match (&x.value, range) {
-                (Some(v), Some((s, e))) if xs.len() == 1 => v.get(s..e).map(<[Num]>::to_vec),
-                _ => None,
-            };
+            let value = x.value.as_ref().and_then(|v| {
+                let dims: Vec<usize> = xs
+                    .iter()
+                    .map(|d| usize::try_from(d.known()?).ok())
+                    .collect::<Option<_>>()?;
+                let idx: Vec<Vec<usize>> = taken
+                    .into_iter()
+                    .zip(&dims)
+                    .map(|(t, n)| t.unwrap_or_else(|| (0..*n).collect()))
+                    .collect();
+                gather_value(v, &dims, &idx)
+            });
             one(Some(Facts {
                 shape: Some(shape),
                 value,
@@ -543,6 +556,37 @@ pub(super) fn infer_op(
                     shaped(s, x.float)
                 })
                 .collect()
+        }
+        "Pad" => {
+            let Some(xs) = &x.shape else { return one(None) };
+            // Opset 11+: pads (and, from 18, axes) are inputs; before, the `pads` attribute.
+            let pads = if n_inputs > 1 {
+                known_ints(&input(1))
+            } else {
+                attr_ints(attrs, "pads")
+            };
+            let axes: Option<Vec<usize>> = if n_inputs > 3 {
+                known_ints(&input(3)).and_then(|a| a.iter().map(|a| axis(*a, xs.len())).collect())
+            } else {
+                Some((0..xs.len()).collect())
+            };
+            let (Some(pads), Some(axes)) = (pads, axes) else {
+                return one(Some(shaped(xs.iter().map(|_| fresh()).collect(), x.float)));
+            };
+            if pads.len() != 2 * axes.len() {
+                return one(None);
+            }
+            let mut shape = xs.clone();
+            for (i, a) in axes.iter().enumerate() {
+                let total = pads[i].saturating_add(pads[i + axes.len()]);
+                // A symbolic size padded is a size of its own (H + 1 is no monomial); a
+                // strided Conv after it gets its size from the Pad's input (`padded_conv`).
+                shape[*a] = match total {
+                    0 => xs[*a].clone(),
+                    t => xs[*a].add(&Dim::Known(t)).unwrap_or_else(&mut *fresh),
+                };
+            }
+            one(Some(shaped(shape, x.float)))
         }
         "Expand" => {
             let t = input(1);
@@ -708,6 +752,77 @@ pub(super) fn infer_op(
         }
         _ => vec![],
     }
+}
+
+/// The indices a Slice takes along an axis of known length `len` (ONNX's clamping: a
+/// negative step walks back from `start`, clamped to `len - 1`, down to `end`, clamped to -1).
+fn slice_indices(len: i64, start: i64, end: i64, step: i64) -> Option<Vec<usize>> {
+    if step == 0 || len < 0 {
+        return None;
+    }
+    let wrap = |v: i64| if v < 0 { v.saturating_add(len) } else { v };
+    let (s, e) = (wrap(start), wrap(end));
+    let range: Vec<i64> = if step > 0 {
+        let (s, e) = (s.clamp(0, len), e.clamp(0, len));
+        (s..e).step_by(step as usize).collect()
+    } else {
+        let (s, e) = (s.clamp(-1, len - 1), e.clamp(-1, len - 1));
+        let n = if s > e { (s - e - 1) / -step + 1 } else { 0 };
+        (0..n).map(|i| s + i * step).collect()
+    };
+    range.into_iter().map(|i| usize::try_from(i).ok()).collect()
+}
+
+/// A small tensor's elements at the given indices per axis (row-major, as [`Facts::value`]).
+fn gather_value(v: &[Num], dims: &[usize], idx: &[Vec<usize>]) -> Option<Vec<Num>> {
+    if v.len() != dims.iter().product::<usize>() {
+        return None;
+    }
+    let mut out = vec![0usize];
+    for (axis, picks) in idx.iter().enumerate() {
+        let n = dims[axis];
+        out = out
+            .iter()
+            .flat_map(|base| picks.iter().map(move |i| base * n + i))
+            .collect();
+    }
+    out.into_iter().map(|i| v.get(i).cloned()).collect()
+}
+
+/// A small tensor's elements transposed by `perm`.
+fn transpose_value(v: &[Num], shape: &[Dim], perm: &[i64]) -> Option<Vec<Num>> {
+    let dims: Vec<usize> = shape
+        .iter()
+        .map(|d| usize::try_from(d.known()?).ok())
+        .collect::<Option<_>>()?;
+    if v.len() != dims.iter().product::<usize>() || perm.len() != dims.len() {
+        return None;
+    }
+    let strides: Vec<usize> = (0..dims.len())
+        .map(|i| dims[i + 1..].iter().product())
+        .collect();
+    let out_dims: Vec<usize> = perm
+        .iter()
+        .map(|p| dims.get(usize::try_from(*p).ok()?).copied())
+        .collect::<Option<_>>()?;
+    let mut out = Vec::with_capacity(v.len());
+    let mut at = vec![0usize; out_dims.len()];
+    for _ in 0..v.len() {
+        let src: usize = at
+            .iter()
+            .zip(perm)
+            .map(|(i, p)| i * strides[*p as usize])
+            .sum();
+        out.push(v.get(src)?.clone());
+        for k in (0..at.len()).rev() {
+            at[k] += 1;
+            if at[k] < out_dims[k] {
+                break;
+            }
+            at[k] = 0;
+        }
+    }
+    Some(out)
 }
 
 /// Einsum's output shape: each output letter's size from the inputs (`m,d->md`, PixArt's
