@@ -539,7 +539,7 @@ fn bad_folders_and_outputs_are_refused_with_nothing_written() {
     let existing = tmp.path().join("existing");
     fs::create_dir(&existing).unwrap();
     fs::write(existing.join("keep.txt"), b"mine").unwrap();
-    refused(&src, &existing, &[], &["exists and is not empty"]);
+    refused(&src, &existing, &[], &["is not a pipeline folder"]);
     assert_eq!(fs::read(existing.join("keep.txt")).unwrap(), b"mine");
     assert_eq!(fs::read_dir(&existing).unwrap().count(), 1);
     // A folder without model_index.json.
@@ -579,6 +579,12 @@ fn bad_folders_and_outputs_are_refused_with_nothing_written() {
         &["--attention", "flash"],
         &["vae_decoder", &bad.display().to_string()],
     );
+    // An earlier compile's folder in the way of a failing one stays as it was.
+    let earlier = tmp.path().join("earlier");
+    compiled(&src, &earlier, &[]);
+    let earlier_files = tree(&earlier);
+    refused(&corrupt, &earlier, &[], &["vae_decoder"]);
+    assert_eq!(tree(&earlier), earlier_files);
     // A component model_index.json names, missing.
     let missing = tmp.path().join("missing");
     copy_dir(&src, &missing);
@@ -599,7 +605,7 @@ fn bad_folders_and_outputs_are_refused_with_nothing_written() {
     left.sort();
     assert_eq!(
         left,
-        ["corrupt", "existing", "in", "missing", "plain"],
+        ["corrupt", "earlier", "existing", "in", "missing", "plain"],
         "no output, no temporary folder"
     );
     assert_eq!(tree(&src), before, "the input folder is only read");
@@ -835,4 +841,28 @@ fn inspect_and_diff_take_folders() {
     ]);
     assert!(!o.status.success());
     assert!(common::stderr(&o).contains("unet/model.onnx"));
+}
+
+#[test]
+fn an_earlier_compiled_folder_is_replaced_whole() {
+    let src = pipeline("sd15_tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    compiled(&src, &out, &[]);
+    fs::write(out.join("stale.txt"), b"from before").unwrap();
+    let mha = |out: &Path| {
+        ops(&out.join("unet/model.onnx"))
+            .get("com.microsoft.MultiHeadAttention")
+            .copied()
+    };
+    assert_eq!(mha(&out), None);
+    let stdout = compiled(&src, &out, &["--attention", "flash"]);
+    assert!(stdout.contains("replaced the pipeline folder"), "{stdout}");
+    assert_eq!(mha(&out), Some(8));
+    assert!(
+        !out.join("stale.txt").exists(),
+        "the old folder is gone whole"
+    );
+    let left: Vec<_> = fs::read_dir(tmp.path()).unwrap().collect();
+    assert_eq!(left.len(), 1, "no folder moved aside is left");
 }

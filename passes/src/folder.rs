@@ -559,17 +559,51 @@ pub fn compile(job: &Job, observe: &mut dyn FnMut(Event)) -> Result<FolderReport
             .tempdir_in(&parent)
             .map_err(io_at(&parent))?;
         let report = build(&pipeline, &plans, job, tmp.path(), observe)?;
-        // Complete: now the folder appears under its name, in one rename.
+        // Complete: now the folder appears under its name, in one rename. A pipeline folder
+        // there is moved aside first and put back if the new one cannot take its place.
+        let replaced = job.output.join(INDEX).is_file();
+        let old = if replaced {
+            let old = tempfile::Builder::new()
+                .prefix(&format!(".{name}."))
+                .suffix(".old")
+                .tempdir_in(&parent)
+                .map_err(io_at(&parent))?
+                .keep();
+            fs::rename(job.output, &old).map_err(|err| FolderError::Output {
+                path: job.output.into(),
+                msg: format!("cannot move the folder there aside: {err}"),
+            })?;
+            Some(old)
+        } else {
+            None
+        };
         let tmp = tmp.keep();
         if let Err(err) = fs::rename(&tmp, job.output) {
             let _ = fs::remove_dir_all(&tmp);
+            if let Some(old) = &old {
+                let _ = fs::rename(old, job.output);
+            }
             return Err(FolderError::Output {
                 path: job.output.into(),
                 msg: format!("cannot move the finished folder into place: {err}"),
             });
         }
+        let mut notes = report.notes;
+        if let Some(old) = old {
+            notes.push(format!(
+                "replaced the pipeline folder that was at {}",
+                job.output.display()
+            ));
+            if let Err(err) = fs::remove_dir_all(&old) {
+                notes.push(format!(
+                    "the replaced folder could not be removed ({err}): it is at {}",
+                    old.display()
+                ));
+            }
+        }
         Ok(FolderReport {
             output: job.output.into(),
+            notes,
             ..report
         })
     })();
@@ -787,8 +821,9 @@ fn resolve(path: &Path) -> Result<PathBuf> {
     Ok(folded)
 }
 
-/// Refuses an output folder that is the input, inside it or around it, or that exists and
-/// is not an empty folder (a compiled folder is new; nothing of another folder is replaced).
+/// Refuses an output folder that is the input, inside it or around it, a link, or a folder
+/// with something in it that is not a pipeline folder (one is replaced, all at once, as
+/// compile replaces an output model).
 pub fn check_output(input: &Path, output: &Path) -> Result<()> {
     let refuse = |msg: String| {
         Err(FolderError::Output {
@@ -812,8 +847,14 @@ pub fn check_output(input: &Path, output: &Path) -> Result<()> {
             input.display()
         ));
     }
+    if fs::symlink_metadata(output).is_ok_and(|m| m.is_symlink()) {
+        return refuse("is a symbolic link; give a folder path".into());
+    }
     match fs::metadata(output) {
         Ok(m) if !m.is_dir() => refuse("exists and is not a folder".into()),
+        // A pipeline folder (an earlier compile's) is replaced, as compile replaces an
+        // output model; any other folder with something in it is refused.
+        Ok(_) if output.join(INDEX).is_file() => Ok(()),
         Ok(_) => {
             let empty = fs::read_dir(output)
                 .map_err(io_at(output))?
@@ -822,10 +863,9 @@ pub fn check_output(input: &Path, output: &Path) -> Result<()> {
             if empty {
                 Ok(())
             } else {
-                refuse(
-                    "exists and is not empty; attune writes a new folder (remove it or choose another)"
-                        .into(),
-                )
+                refuse(format!(
+                    "exists, is not empty and is not a pipeline folder (no {INDEX}); attune replaces only a pipeline folder (remove it or choose another)"
+                ))
             }
         }
         Err(_) => Ok(()),

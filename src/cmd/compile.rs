@@ -17,8 +17,8 @@ pub struct Args {
     /// The .onnx model to compile, or a pipeline folder (diffusers/optimum ONNX layout, with
     /// model_index.json): each component gets the passes that apply to it
     model: PathBuf,
-    /// Output .onnx path (its data file is written next to it); for a pipeline folder, a new
-    /// folder
+    /// Output .onnx path (its data file is written next to it); for a pipeline folder, a folder
+    /// (new, empty, or an earlier compile's, which is replaced whole)
     #[arg(short, long)]
     output: PathBuf,
     #[command(flatten)]
