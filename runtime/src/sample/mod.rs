@@ -47,6 +47,8 @@ pub struct SampleRun<'a> {
     pub init: Option<Init>,
     /// Called after every step.
     pub progress: Option<&'a mut dyn FnMut(progress::Step)>,
+    /// Inputs fed as they are every step (a LoRA adapter's A and B), in the declared type.
+    pub extra: Vec<(String, HostTensor)>,
 }
 
 /// How the model takes the latents.
@@ -327,6 +329,7 @@ fn fixed_inputs(
             HostTensor::F32(ArrayD::from_elem(IxDyn(&[rows]), g)),
         ));
     }
+    fixed.extend(run.extra.iter().cloned());
     fixed
         .into_iter()
         .map(|(n, t)| Ok((n.clone(), as_declared(&n, t, &run.input_dtypes)?)))

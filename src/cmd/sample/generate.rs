@@ -5,6 +5,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+use attune_compiler::export::{ExportOptions, WeightsMode};
+use attune_passes::folder;
+use attune_passes::lora::{LoraSource, adapter};
+use attune_passes::pipeline::{LoraSpec, Options, Weights};
 use attune_runtime::HostTensor;
 use attune_runtime::controller::{PromptTokens, Word};
 use attune_runtime::image::{Mode, read_png_mode, resize_nearest, to_mask, to_tensor, write_png};
@@ -74,6 +78,16 @@ pub struct Args {
     out: PathBuf,
     #[command(flatten)]
     init: InitArgs,
+    /// A LoRA file, FILE or FILE:MULTIPLIER (repeatable): with a UNet compiled with
+    /// --lora-mode adapter, its A and B fed at run time; otherwise fused into a temporary copy
+    /// of the pipeline's components (UNet and text-encoder keys), as `attune compile DIR
+    /// --lora` would
+    #[arg(long = "lora", value_name = "FILE[:M]", value_parser = LoraSpec::parse)]
+    lora: Vec<LoraSpec>,
+    /// A LoRA adapter (.safetensors from `compile --lora-mode adapter` or `attune
+    /// lora-adapter`) for a UNet compiled with --lora-mode adapter
+    #[arg(long, value_name = "FILE")]
+    adapter: Option<PathBuf>,
     /// Don't keep ONNX Runtime's optimised graphs in attune's cache (sessions/ in
     /// $ATTUNE_CACHE or ~/.cache/attune): every run optimises each component again
     #[arg(long)]
@@ -138,6 +152,13 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         );
     }
     let unet = component(dir, "unet")?;
+    let mut adapter = Vec::new();
+    if !args.lora.is_empty() {
+        match run_time_lora(&args, &unet)? {
+            Some(tensors) => adapter = tensors,
+            None => return with_lora_fused(args),
+        }
+    }
     let ep = match args.ep {
         EpArg::Cpu => attune_runtime::Ep::Cpu,
         EpArg::Cuda => attune_runtime::Ep::Cuda,
@@ -217,6 +238,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             );
         }
         let sample_args = SampleArgs {
+            adapter: args.adapter.clone(),
             unet: unet.clone(),
             steps: args.steps,
             scheduler: args.scheduler,
@@ -253,6 +275,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                 map_words: tokens.prompt_maps,
                 unet: Some(unet_session),
                 quiet: args.quiet,
+                extra: std::mem::take(&mut adapter),
             }),
         )?;
         let mut vae = joined(vae_session, "the VAE decoder's")??;
@@ -536,4 +559,97 @@ fn png_paths(out: &Path, n: usize) -> Vec<PathBuf> {
     (0..n)
         .map(|k| out.with_file_name(format!("{stem}-{k}.png")))
         .collect()
+}
+
+/// --lora on a UNet compiled with --lora-mode adapter: the A and B inputs that make its
+/// branches compute the files' layers (`None`: the UNet has no branches).
+fn run_time_lora(args: &Args, unet: &Path) -> anyhow::Result<Option<Vec<(String, HostTensor)>>> {
+    let model = super::super::load(unet)?;
+    if model.graph.value_id(adapter::SCALE_INPUT).is_none() {
+        return Ok(None);
+    }
+    let sources: Vec<LoraSource> = args
+        .lora
+        .iter()
+        .map(|l| LoraSource {
+            path: l.file.clone(),
+            multiplier: l.scale,
+        })
+        .collect();
+    let (tensors, skipped) = adapter::adapter_tensors(&model, &sources)?;
+    if !args.quiet {
+        eprintln!(
+            "LoRA at run time: {} layers into {}'s branches",
+            tensors.len() / 2,
+            unet.display()
+        );
+        for s in &skipped {
+            eprintln!("  - {}: {}", s.site, s.reason);
+        }
+    }
+    Ok(Some(
+        tensors
+            .into_iter()
+            .map(|t| {
+                let a = ndarray::ArrayD::from_shape_vec(t.dims, t.data).expect("sized");
+                (t.name, HostTensor::F32(a))
+            })
+            .collect(),
+    ))
+}
+
+/// --lora on a pipeline without adapter branches: its components compiled with the LoRA
+/// fused (unchanged weights linked, not copied) into a temporary folder, which this run uses
+/// and removes (so its sessions are not cached).
+fn with_lora_fused(args: Args) -> anyhow::Result<i32> {
+    let start = Instant::now();
+    let tmp = tempfile::tempdir()?;
+    let fused = tmp.path().join("pipeline");
+    let options = Options {
+        lora: args.lora.clone(),
+        weights: Weights::Link,
+        ..Options::default()
+    };
+    let job = folder::Job {
+        input: &args.dir,
+        output: &fused,
+        options: &options,
+        export: ExportOptions {
+            weights: WeightsMode::Link,
+            inline: false,
+        },
+        verify: false,
+    };
+    let report = folder::compile(&job, &mut |_| {})?;
+    if !args.quiet {
+        let layers: Vec<String> = report
+            .components
+            .iter()
+            .filter_map(|c| {
+                let lora = c.passes.iter().find(|p| p.pass == "lora")?;
+                Some(format!("{} {}", c.name, lora.rewritten.len()))
+            })
+            .collect();
+        eprintln!(
+            "LoRA fused for this run in {:.1} s ({}); `attune compile {} -o OUT --lora ...` keeps the result",
+            start.elapsed().as_secs_f64(),
+            layers.join(", "),
+            args.dir.display()
+        );
+        for c in &report.components {
+            for p in c.passes.iter().filter(|p| p.pass == "lora") {
+                for s in &p.skipped {
+                    eprintln!("  - {}: {}: {}", c.name, s.site, s.reason);
+                }
+            }
+        }
+    }
+    let code = run(Args {
+        dir: fused,
+        lora: Vec::new(),
+        no_session_cache: true,
+        ..args
+    })?;
+    drop(tmp);
+    Ok(code)
 }

@@ -9,7 +9,7 @@ use attune_runtime::controller::{Controller, PromptTokens};
 use attune_runtime::ort_backend::OrtOptions;
 use attune_runtime::sample::{self, Layout, Pooled, SampleRun};
 use attune_runtime::scheduler::{self, DdimConfig, FlowConfig, Kind, Schedule, Scheduler, Spread};
-use attune_runtime::{Backend, HostTensor, inputs, npy};
+use attune_runtime::{Backend, HostTensor, inputs, npy, safetensors_io};
 use ndarray::ArrayD;
 
 use super::exec::EpArg;
@@ -70,6 +70,10 @@ pub struct Args {
     /// Flux, which is guidance-distilled]
     #[arg(long)]
     guidance: Option<f32>,
+    /// A LoRA adapter (.safetensors from `compile --lora-mode adapter` or `attune
+    /// lora-adapter`) for a UNet compiled with --lora-mode adapter
+    #[arg(long, value_name = "FILE")]
+    adapter: Option<PathBuf>,
     /// Attention control (TOML: [p2p], [local_blend], [masactrl]; see README)
     #[arg(long)]
     controller: Option<PathBuf>,
@@ -150,6 +154,8 @@ pub(super) struct Given {
     pub unet: Option<Backend>,
     /// No progress report.
     pub quiet: bool,
+    /// Inputs fed every step as they are (run-time LoRA: an adapter's A and B).
+    pub extra: Vec<(String, HostTensor)>,
 }
 
 /// SDXL's time ids for latents of (height, width).
@@ -162,6 +168,10 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
     let mut prompt_tokens = given.as_mut().and_then(|g| g.prompts.take());
     let map_words = given.as_mut().and_then(|g| g.map_words.take());
     let opened = given.as_mut().and_then(|g| g.unet.take());
+    let mut extra = given
+        .as_mut()
+        .map(|g| std::mem::take(&mut g.extra))
+        .unwrap_or_default();
     let quiet = given.as_ref().is_some_and(|g| g.quiet);
     let model = super::load(&args.unet)?;
     let specs = inputs::input_specs(&model);
@@ -371,6 +381,16 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         ("--unet".into(), args.unet.clone()),
         ("--cond".into(), args.cond.clone()),
     ];
+    if let Some(a) = &args.adapter {
+        read.push(("--adapter".into(), a.clone()));
+        extra.extend(safetensors_io::read(a)?);
+    }
+    if let Some((name, _)) = extra.iter().find(|(n, _)| !has(n)) {
+        bail!(
+            "{}: no input '{name}' for the LoRA adapter (a UNet compiled with --lora-mode adapter takes lora.<module>.down/up)",
+            args.unet.display()
+        );
+    }
     if let Some(p) = &args.uncond {
         read.push(("--uncond".into(), p.clone()));
     }
@@ -576,6 +596,7 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         },
         init: None,
         progress: None,
+        extra,
     };
     let mut bar = sample::progress::Bar::stderr();
     let mut report = |s: sample::progress::Step| bar.report(s);
