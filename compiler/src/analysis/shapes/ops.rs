@@ -1012,6 +1012,33 @@ mod tests {
     }
 
     #[test]
+    fn slices_with_steps_and_transposed_values() {
+        // numpy's x[::-1], x[3:0:-2], x[-1:-10:-1] of 5 elements; x[1::2]; empty ranges.
+        assert_eq!(
+            slice_indices(5, -1, i64::MIN, -1),
+            Some(vec![4, 3, 2, 1, 0])
+        );
+        assert_eq!(slice_indices(5, 3, 0, -2), Some(vec![3, 1]));
+        assert_eq!(slice_indices(5, -1, -10, -1), Some(vec![4, 3, 2, 1, 0]));
+        assert_eq!(slice_indices(5, 1, i64::MAX, 2), Some(vec![1, 3]));
+        assert_eq!(slice_indices(5, 4, 2, 1), Some(vec![]));
+        assert_eq!(slice_indices(5, 0, 4, 0), None);
+        // torch's F.pad pads: [4, 2] rows reversed, transposed, flattened.
+        let n = |v: &[i64]| v.iter().map(|x| Num::I(Dim::Known(*x))).collect::<Vec<_>>();
+        let pairs = n(&[0, 1, 0, 1, 0, 0, 0, 0]);
+        let rev = gather_value(&pairs, &[4, 2], &[vec![3, 2, 1, 0], vec![0, 1]]).unwrap();
+        assert_eq!(rev, n(&[0, 0, 0, 0, 0, 1, 0, 1]));
+        let t = transpose_value(&rev, &[Dim::Known(4), Dim::Known(2)], &[1, 0]).unwrap();
+        assert_eq!(t, n(&[0, 0, 0, 0, 0, 0, 1, 1]));
+        let x = n(&(0..24).collect::<Vec<_>>());
+        let dims = [2, 3, 4].map(Dim::Known);
+        let t = transpose_value(&x, &dims, &[2, 0, 1]).unwrap();
+        // out[k, i, j] = x[i, j, k]
+        assert_eq!(t[..4], n(&[0, 4, 8, 12])[..]);
+        assert_eq!(t[6..8], n(&[1, 5])[..]);
+    }
+
+    #[test]
     fn dim_params() {
         assert_eq!(Dim::parse("8*height").to_string(), "8*height");
         assert_eq!(Dim::parse("batch"), Dim::symbol("batch"));
