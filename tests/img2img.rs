@@ -21,20 +21,7 @@ fn case(name: &str, case: &str) -> serde_json::Value {
     m["cases"][case].clone()
 }
 
-fn read_f32(path: &Path) -> ArrayD<f32> {
-    match attune_runtime::npy::read(path).unwrap() {
-        HostTensor::F32(a) => a,
-        other => panic!("{}: {:?}", path.display(), other.dtype()),
-    }
-}
-
-fn max_abs(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
+use common::{max_abs, read_f32};
 
 /// The VAE encoder's mean of the input image, of the image with the repainted part black, and
 /// the mask at the latents' size: what diffusers computed.

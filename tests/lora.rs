@@ -94,8 +94,10 @@ fn text_encoder_keys_are_noted_as_the_text_encoders() {
     assert!(report.skipped.is_empty(), "{:?}", report.skipped);
     assert_eq!(
         report.notes,
-        ["kohya.safetensors: 1 layer for text_encoder (fused when text_encoder is compiled, \
-          --lora-component text_encoder): lora_te_text_model_encoder_layers_0_self_attn_q_proj"]
+        [
+            "kohya.safetensors: 1 layer for text_encoder (fused when text_encoder is compiled, \
+          --lora-component text_encoder): lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+        ]
     );
 }
 

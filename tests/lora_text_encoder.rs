@@ -1,5 +1,5 @@
-//! LoRA files' text-encoder keys fused into the text encoders they belong to, against diffusers
-//! + peft (models/export/lora_text_encoder.py: `pipe.load_lora_weights(file)` and
+//! LoRA files' text-encoder keys fused into the text encoders they belong to, against
+//! diffusers and peft (models/export/lora_text_encoder.py: `pipe.load_lora_weights(file)` and
 //! `pipe.fuse_lora(lora_scale)` on the tiny pipelines in torch, checked there against peft and
 //! kohya's rule). Files and references: models/loras/text_encoder/ (manifest.json).
 mod common;

@@ -108,24 +108,10 @@ fn a_folder_without_a_tokenizer_is_refused_naming_it() {
     assert!(err.contains("do not parse"), "{err}");
 }
 
-fn read_f32(path: &Path) -> ndarray::ArrayD<f32> {
-    match attune_runtime::npy::read(path).unwrap() {
-        HostTensor::F32(a) => a,
-        other => panic!("{}: {:?}", path.display(), other.dtype()),
-    }
-}
-
-fn max_abs(a: &ndarray::ArrayD<f32>, b: &ndarray::ArrayD<f32>) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
+use common::{max_abs, read_f32};
 
 #[test]
 fn the_text_encoder_and_the_vae_give_what_the_diffusers_pipeline_gave() {
-    use attune_runtime::Ep;
     use attune_runtime::pipeline::{TextEncoder, VaeDecoder};
     let dir = pipeline("sd15_tiny");
     let cases = manifest("sd15_tiny")["cases"].clone();

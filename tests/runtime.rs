@@ -476,7 +476,7 @@ fn bench_and_demo_commands_run() {
         .expect("a comparison with the reference");
     let worst: Vec<f32> = line
         .split_whitespace()
-        .filter_map(|w| w.strip_suffix("/255")?.parse().ok())
+        .filter_map(|w| w.trim_end_matches(',').strip_suffix("/255")?.parse().ok())
         .collect();
     assert_eq!(worst.len(), 2, "{line}");
     assert!(worst.iter().all(|w| *w <= 2.0), "{line}");

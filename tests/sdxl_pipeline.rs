@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 mod common;
 
+use attune_runtime::HostTensor;
 use attune_runtime::pipeline::{PromptEncoder, PromptEncoding, time_ids};
 use attune_runtime::tokenizer::TextTokenizer;
-use attune_runtime::{Ep, HostTensor};
-use ndarray::{ArrayD, Axis};
+use ndarray::Axis;
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/pipelines/sdxl_tiny")
@@ -22,20 +22,7 @@ fn cases() -> serde_json::Value {
     m["cases"].clone()
 }
 
-fn read_f32(path: &Path) -> ArrayD<f32> {
-    match attune_runtime::npy::read(path).unwrap() {
-        HostTensor::F32(a) => a,
-        other => panic!("{}: {:?}", path.display(), other.dtype()),
-    }
-}
-
-fn max_abs(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
+use common::{max_abs, read_f32};
 
 /// tokenizer_2 pads with "!" (id 0), as SDXL's does; both tokenizers give transformers' ids.
 #[test]

@@ -1,7 +1,6 @@
 //! `.npy` files (format 1.0-3.0, little-endian, C or Fortran order) for f32, f16, i64, i32
 //! and bool. Writes are atomic.
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -152,18 +151,9 @@ pub fn write(path: &Path, t: &HostTensor) -> Result<()> {
     write_atomic(path, &encode(t))
 }
 
+/// As the compiler writes its outputs: a temp file in the same folder (mode 644), renamed.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".attune-")
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, e))?;
-    tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
+    Ok(attune_compiler::export::write_file(path, bytes)?)
 }
 
 #[cfg(test)]

@@ -190,11 +190,7 @@ impl OrtSession {
                     Some(session) => (session, Cached::Hit),
                     None => {
                         let staged = session_cache::staging(&entry)?;
-                        let b = builder(level)?
-                            .with_optimized_model_path(staged.join(session_cache::MODEL))
-                            .and_then(|b| b.with_config_entry("session.optimized_model_external_initializers_file_name", session_cache::DATA))
-                            .and_then(|b| b.with_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024"))
-                            .map_err(|e| Error::Ort(e.to_string()))?;
+                        let b = saving(builder(level)?, &staged)?;
                         match commit(b, model) {
                             Ok(session) => {
                                 session_cache::publish(&staged, &entry);
@@ -297,6 +293,23 @@ impl OrtSession {
         drop(values);
         copied
     }
+}
+
+/// `b`, also saving the optimised graph into `dir` (its weights next to it).
+fn saving(b: SessionBuilder, dir: &Path) -> Result<SessionBuilder> {
+    let err = |e: ort::Error<SessionBuilder>| Error::Ort(e.to_string());
+    b.with_optimized_model_path(dir.join(session_cache::MODEL))
+        .map_err(err)?
+        .with_config_entry(
+            "session.optimized_model_external_initializers_file_name",
+            session_cache::DATA,
+        )
+        .map_err(err)?
+        .with_config_entry(
+            "session.optimized_model_external_initializers_min_size_in_bytes",
+            "1024",
+        )
+        .map_err(err)
 }
 
 /// A session builder with `opts`' threads, profiling, provider and logger at `level`.

@@ -383,6 +383,31 @@ impl PromptEncoder {
     }
 }
 
+/// The latents' `scaling_factor` and `shift_factor` of a VAE component's `config.json`
+/// (Stable Diffusion's 0.18215 and 0 where it has none).
+fn latent_scaling(dir: &Path, component: &str) -> Result<(f32, f32)> {
+    let path = dir.join(component).join("config.json");
+    let config: Value = match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            serde_json::from_str(&text).map_err(|e| Error::file(&path, format!("not JSON: {e}")))?
+        }
+        Err(_) => Value::Null,
+    };
+    let number = |key: &str, default: f64| -> Result<f32> {
+        match config.get(key) {
+            None | Some(Value::Null) => Ok(default as f32),
+            Some(v) => v
+                .as_f64()
+                .map(|x| x as f32)
+                .ok_or_else(|| Error::file(&path, format!("{key} is not a number"))),
+        }
+    };
+    Ok((
+        number("scaling_factor", 0.18215)?,
+        number("shift_factor", 0.0)?,
+    ))
+}
+
 /// The VAE decoder with its latent scaling (`vae_decoder/config.json`).
 pub struct VaeDecoder {
     session: Backend,
@@ -394,21 +419,7 @@ pub struct VaeDecoder {
 impl VaeDecoder {
     pub fn open(dir: &Path, sessions: &Sessions) -> Result<VaeDecoder> {
         let path = component(dir, "vae_decoder")?;
-        let config_path = dir.join("vae_decoder/config.json");
-        let config: Value = match std::fs::read_to_string(&config_path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map_err(|e| Error::file(&config_path, format!("not JSON: {e}")))?,
-            Err(_) => Value::Null,
-        };
-        let number = |key: &str, default: f64| -> Result<f32> {
-            match config.get(key) {
-                None | Some(Value::Null) => Ok(default as f32),
-                Some(v) => v
-                    .as_f64()
-                    .map(|x| x as f32)
-                    .ok_or_else(|| Error::file(&config_path, format!("{key} is not a number"))),
-            }
-        };
+        let (scaling_factor, shift_factor) = latent_scaling(dir, "vae_decoder")?;
         let input_type = match declared(&path)?
             .into_iter()
             .find(|(n, _)| n == "latent_sample")
@@ -422,8 +433,8 @@ impl VaeDecoder {
             }
         };
         Ok(VaeDecoder {
-            scaling_factor: number("scaling_factor", 0.18215)?,
-            shift_factor: number("shift_factor", 0.0)?,
+            scaling_factor,
+            shift_factor,
             session: sessions.open(&path)?,
             input_type,
         })
@@ -461,21 +472,7 @@ pub struct VaeEncoder {
 impl VaeEncoder {
     pub fn open(dir: &Path, sessions: &Sessions) -> Result<VaeEncoder> {
         let path = component(dir, "vae_encoder")?;
-        let config_path = dir.join("vae_encoder/config.json");
-        let config: Value = match std::fs::read_to_string(&config_path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map_err(|e| Error::file(&config_path, format!("not JSON: {e}")))?,
-            Err(_) => Value::Null,
-        };
-        let number = |key: &str, default: f64| -> Result<f32> {
-            match config.get(key) {
-                None | Some(Value::Null) => Ok(default as f32),
-                Some(v) => v
-                    .as_f64()
-                    .map(|x| x as f32)
-                    .ok_or_else(|| Error::file(&config_path, format!("{key} is not a number"))),
-            }
-        };
+        let (scaling_factor, shift_factor) = latent_scaling(dir, "vae_encoder")?;
         let model = attune_compiler::import::read(&path)?;
         let g = &model.graph;
         let outputs: Vec<&str> = g
@@ -498,8 +495,8 @@ impl VaeEncoder {
             }
         };
         Ok(VaeEncoder {
-            scaling_factor: number("scaling_factor", 0.18215)?,
-            shift_factor: number("shift_factor", 0.0)?,
+            scaling_factor,
+            shift_factor,
             session: sessions.open(&path)?,
             input_type,
             path,

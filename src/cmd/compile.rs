@@ -54,22 +54,27 @@ pub fn build(options: &Options) -> anyhow::Result<PassManager> {
 
 /// Prints what each pass did.
 pub fn print_reports(reports: &[PassReport]) {
+    print_indented(reports, "");
+}
+
+/// Each pass's report, its lines after `indent`.
+fn print_indented(reports: &[PassReport], indent: &str) {
     for r in reports {
         println!(
-            "{}: {} rewritten, {} skipped ({:.1} ms)",
+            "{indent}{}: {} rewritten, {} skipped ({:.1} ms)",
             r.pass,
             r.rewritten.len(),
             r.skipped.len(),
             r.time.as_secs_f64() * 1e3
         );
         for s in &r.rewritten {
-            println!("  + {s}");
+            println!("{indent}  + {s}");
         }
         for s in &r.skipped {
-            println!("  - {}: {}", s.site, s.reason);
+            println!("{indent}  - {}: {}", s.site, s.reason);
         }
         for n in &r.notes {
-            println!("  note: {n}");
+            println!("{indent}  note: {n}");
         }
     }
 }
@@ -388,24 +393,7 @@ pub(super) fn print_folder_report(r: &folder::FolderReport) {
             super::bytes(c.bytes.0),
             super::bytes(c.bytes.1)
         );
-        for p in &c.passes {
-            println!(
-                "  {}: {} rewritten, {} skipped ({:.1} ms)",
-                p.pass,
-                p.rewritten.len(),
-                p.skipped.len(),
-                p.time.as_secs_f64() * 1e3
-            );
-            for s in &p.rewritten {
-                println!("    + {s}");
-            }
-            for s in &p.skipped {
-                println!("    - {}: {}", s.site, s.reason);
-            }
-            for n in &p.notes {
-                println!("    note: {n}");
-            }
-        }
+        print_indented(&c.passes, "  ");
         for n in &c.not_applied {
             println!("  not applied: {}: {}", n.option, n.reason);
         }

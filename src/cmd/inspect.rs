@@ -171,18 +171,6 @@ fn module_tree(s: &Summary, depth: usize) -> BTreeMap<String, u64> {
     tree
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn levels_keep_list_indices() {
-        assert_eq!(
-            super::levels("down_blocks.0.attentions.0.proj_in"),
-            ["down_blocks.0", "attentions.0", "proj_in"]
-        );
-        assert_eq!(super::levels("conv_in"), ["conv_in"]);
-    }
-}
-
 /// A pipeline folder: its class, then each ONNX component's summary.
 fn run_folder(args: &Args) -> anyhow::Result<i32> {
     let p = attune_passes::folder::Pipeline::read(&args.model)?;
@@ -208,4 +196,16 @@ fn run_folder(args: &Args) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn levels_keep_list_indices() {
+        assert_eq!(
+            super::levels("down_blocks.0.attentions.0.proj_in"),
+            ["down_blocks.0", "attentions.0", "proj_in"]
+        );
+        assert_eq!(super::levels("conv_in"), ["conv_in"]);
+    }
 }

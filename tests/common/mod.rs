@@ -315,3 +315,20 @@ pub fn run_unet(model: &Path, inputs: &Path, extra: &[String]) -> attune_runtime
         .expect("out_sample")
         .1
 }
+
+/// An f32 `.npy` file (a reference), or a panic naming it.
+pub fn read_f32(path: &Path) -> ndarray::ArrayD<f32> {
+    match attune_runtime::npy::read(path).unwrap() {
+        attune_runtime::HostTensor::F32(a) => a,
+        other => panic!("{}: {:?}", path.display(), other.dtype()),
+    }
+}
+
+/// The largest elementwise difference of two arrays of one shape.
+pub fn max_abs(a: &ndarray::ArrayD<f32>, b: &ndarray::ArrayD<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
