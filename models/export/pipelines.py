@@ -761,6 +761,209 @@ def check_optimum_pipelines(out):
     return json.loads(run_optimum(ORT_CHECK, out, out / "reference").strip().splitlines()[-1])
 
 
+# ---------------------------------------------------------------- sd3_tiny (StableDiffusion3Pipeline)
+
+SD3_PROMPT_LEN = 256  # StableDiffusion3Pipeline's max_sequence_length default (T5's ids)
+SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+T5 = dict(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+          relative_attention_max_distance=32, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new",
+          is_gated_act=True, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+SD3_TRANSFORMER = dict(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
+                       num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                       pooled_projection_dim=32, out_channels=16, pos_embed_max_size=8)
+VAE_SD3 = dict(VAE, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+               use_post_quant_conv=False)
+T5_WORDS = 12
+# The prompt set and one longer than T5's 256 tokens (the set's "long" is 232 T5 tokens).
+SD3_PROMPTS = dict(PROMPTS, longer=", ".join(["a very detailed painting of a castle on a hill at sunset"] * 12))
+
+
+def t5_tokenizer(folder):
+    """A T5 tokenizer folder as the hub's (spiece.model, tokenizer.json, special_tokens_map.json,
+    tokenizer_config.json): a unigram sentencepiece model (pad 0, eos 1, unk 2, no bos, 400 pieces)
+    trained on CLIP's alphabetic ASCII words (12 a line) and the prompt set, saved by transformers
+    4.57's T5TokenizerFast (100 extra ids: 500 tokens)."""
+    import io
+    import sentencepiece as spm
+    vocab, _ = clip_bpe()
+    words = [w[:-4] for w in vocab if w.endswith("</w>") and w[:-4].isascii() and w[:-4].isalpha()]
+    lines = [" ".join(words[i:i + T5_WORDS]) for i in range(0, len(words), T5_WORDS)] + list(PROMPTS.values())
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=400,
+                                   model_type="unigram", num_threads=1, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   character_coverage=1.0, minloglevel=2)
+    shutil.rmtree(folder, ignore_errors=True)
+    src = folder.parent / (folder.name + "_spm")
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir(parents=True)
+    (src / "spiece.model").write_bytes(buf.getvalue())
+    run_optimum("""
+import sys
+from transformers import T5TokenizerFast
+t = T5TokenizerFast.from_pretrained(sys.argv[1], legacy=True, model_max_length=512)
+t.save_pretrained(sys.argv[2])
+""", src, folder)
+    shutil.rmtree(src)
+
+
+def build_sd3_torch(folder):
+    import diffusers
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+    import unets
+    torch.manual_seed(11)
+    transformer = unets.perturb(diffusers.SD3Transformer2DModel(**SD3_TRANSFORMER).eval())
+    torch.manual_seed(2)
+    vae = unets.perturb(diffusers.AutoencoderKL(**VAE_SD3).eval())
+    torch.manual_seed(12)
+    t5 = unets.perturb(T5EncoderModel(T5Config(**T5)).eval())
+    sched_cfg = dict(SD3_SCHEDULER)
+    scheduler = getattr(diffusers, sched_cfg.pop("_class_name")).from_config(sched_cfg)
+    tmp_tok = folder.parent / "sd3_tiny_tok"
+    write_tokenizer(tmp_tok, "<|endoftext|>")
+    t5_tokenizer(folder.parent / "sd3_tiny_t5tok")
+    tok = CLIPTokenizer.from_pretrained(str(tmp_tok))
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, scheduler=scheduler,
+        text_encoder=build_text(TEXT_2, 10, projection=True), tokenizer=tok,
+        text_encoder_2=build_text(TEXT_2, 5, projection=True), tokenizer_2=tok,
+        text_encoder_3=t5, tokenizer_3=T5TokenizerFast.from_pretrained(str(folder.parent / "sd3_tiny_t5tok")))
+    shutil.rmtree(folder, ignore_errors=True)
+    pipe.save_pretrained(str(folder))
+    shutil.rmtree(tmp_tok)
+    write_tokenizer(folder / "tokenizer", "<|endoftext|>")
+    write_tokenizer(folder / "tokenizer_2", "!")  # SD3's tokenizer_2 (OpenCLIP bigG's) pads with "!"
+    shutil.rmtree(folder / "tokenizer_3")
+    shutil.copytree(folder.parent / "sd3_tiny_t5tok", folder / "tokenizer_3")
+    shutil.rmtree(folder.parent / "sd3_tiny_t5tok")
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD3_SCHEDULER, indent=2) + "\n")
+    # transformers 5 names its T5 tokenizer class T5Tokenizer; the hub's SD3 folders say
+    # T5TokenizerFast, which optimum (transformers 4) loads and saves with its tokenizer.json.
+    index = json.loads((folder / "model_index.json").read_text())
+    index["tokenizer_3"] = ["transformers", "T5TokenizerFast"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return pipe
+
+
+def check_sd3_components(pipe, out):
+    gen = torch.Generator().manual_seed(7)
+    diffs = {}
+    for comp, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3")):
+        t = getattr(pipe, tok)
+        n = SD3_PROMPT_LEN if comp == "text_encoder_3" else MAX_LENGTH
+        ids = t([PROMPT_A, ""], padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+        sess = ort_session(out / comp / "model.onnx")
+        names = [o.name for o in sess.get_outputs()]
+        got = dict(zip(names, sess.run(None, feed(sess, {"input_ids": ids.numpy()}))))
+        with torch.no_grad():
+            ref = getattr(pipe, comp)(ids, output_hidden_states=True)
+        want = {"last_hidden_state": ref.last_hidden_state, "text_embeds": getattr(ref, "text_embeds", None)}
+        want.update({f"hidden_states.{i}": h for i, h in enumerate(ref.hidden_states)})
+        diffs[comp] = {n: float(np.abs(got[n] - want[n].numpy()).max()) for n in names}
+    c = pipe.transformer.config
+    x = torch.randn(2, 16, 8, 8, generator=gen)
+    ctx = torch.randn(2, MAX_LENGTH + SD3_PROMPT_LEN, c.joint_attention_dim, generator=gen)
+    pooled = torch.randn(2, c.pooled_projection_dim, generator=gen)
+    t = torch.tensor([750.0, 750.0])
+    sess = ort_session(out / "transformer" / "model.onnx")
+    (got,) = sess.run(None, feed(sess, {"hidden_states": x.numpy(), "encoder_hidden_states": ctx.numpy(),
+                                        "pooled_projections": pooled.numpy(), "timestep": t.numpy()}))
+    with torch.no_grad():
+        want = pipe.transformer(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled,
+                                timestep=t).sample.numpy()
+    diffs["transformer"] = {"out_hidden_states": float(np.abs(got - want).max())}
+    latent = torch.randn(1, 16, 8, 8, generator=gen)
+    sess = ort_session(out / "vae_decoder" / "model.onnx")
+    (got,) = sess.run(None, feed(sess, {"latent_sample": latent.numpy()}))
+    with torch.no_grad():
+        want = pipe.vae.decode(latent).sample.numpy()
+    diffs["vae_decoder"] = {"sample": float(np.abs(got - want).max())}
+    return diffs
+
+
+def sd3_references(pipe, out):
+    ref = out / "reference"
+    shutil.rmtree(ref, ignore_errors=True)
+    ref.mkdir(parents=True)
+    cases = {}
+    from transformers import CLIPTokenizer, T5TokenizerFast
+    tokens = {}
+    for tok_dir in ("tokenizer", "tokenizer_2"):
+        tok = CLIPTokenizer.from_pretrained(str(out / tok_dir))
+        tokens["token_ids" + tok_dir.removeprefix("tokenizer")] = tok(
+            list(SD3_PROMPTS.values()), padding="max_length", max_length=MAX_LENGTH, truncation=True,
+            return_tensors="np").input_ids.astype(np.int64)
+    t5 = T5TokenizerFast.from_pretrained(str(out / "tokenizer_3"))
+    ids3 = t5(list(SD3_PROMPTS.values()), padding="max_length", max_length=SD3_PROMPT_LEN, truncation=True,
+              add_special_tokens=True, return_tensors="np").input_ids.astype(np.int64)
+    assert (pipe.tokenizer_3(list(SD3_PROMPTS.values()), padding="max_length", max_length=SD3_PROMPT_LEN,
+                             truncation=True, return_tensors="np").input_ids == ids3).all()
+    tokens["token_ids_3"] = ids3
+    untruncated = [len(i) for i in t5(list(SD3_PROMPTS.values())).input_ids]
+    cases["tokens"] = {"prompts": SD3_PROMPTS, "t5_untruncated_lengths": dict(zip(SD3_PROMPTS, untruncated)),
+                       "max_length": {"token_ids": MAX_LENGTH, "token_ids_2": MAX_LENGTH,
+                                                          "token_ids_3": SD3_PROMPT_LEN},
+                       "note": ("token_ids_3: transformers' T5TokenizerFast (tokenizer_3/tokenizer.json) with "
+                                "padding='max_length', max_length=256 (the pipeline's max_sequence_length), "
+                                "truncation, add_special_tokens: </s> (1) appended, pad 0, no start token"),
+                       "files": save(ref / "tokens", tokens)}
+    size = pipe.transformer.config.sample_size * 2
+    for case, prompt, seed in (("txt2img_a", PROMPT_A, 1), ("txt2img_b", PROMPT_B, 2)):
+        latents = noise((1, 16, size // 2, size // 2), seed)
+
+        def call(p, cb, names, prompt=prompt, latents=latents):
+            return p(prompt, negative_prompt="", num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                     latents=latents.clone(), height=size, width=size, output_type="np",
+                     callback_on_step_end=cb, callback_on_step_end_tensor_inputs=names)
+        arrays = run_case(pipe, ref / case, call, "FlowMatchEulerDiscrete")
+        with torch.no_grad():
+            pe, ne, pp, npp = pipe.encode_prompt(prompt, prompt, prompt, device="cpu", num_images_per_prompt=1,
+                                                 do_classifier_free_guidance=True, negative_prompt="")
+        arrays.update(prompt_embeds=pe, negative_prompt_embeds=ne, pooled_prompt_embeds=pp,
+                      negative_pooled_prompt_embeds=npp, latents=latents)
+        cases[case] = {"pipeline": "StableDiffusion3Pipeline", "prompt": prompt, "negative_prompt": "",
+                       "height": size, "width": size, "steps": STEPS, "guidance": GUIDANCE,
+                       "scheduler": "FlowMatchEulerDiscreteScheduler.from_config(scheduler/scheduler_config.json)",
+                       "init_noise_sigma": 1.0,
+                       "note": ("prompt_embeds [1, 77 + 256, 32] = cat(pad(cat(text_encoder hidden_states[-2], "
+                                "text_encoder_2 hidden_states[-2], features), to 32 with zeros), text_encoder_3 "
+                                "last_hidden_state, tokens); pooled [1, 32] = cat(text_encoder text_embeds, "
+                                "text_encoder_2 text_embeds); timesteps.npy = sigma * 1000 as the transformer was "
+                                "fed; final_latents before latents / scaling_factor + shift_factor"),
+                       "files": save(ref / case, arrays)}
+    return cases
+
+
+def make_sd3(name, check_ort_pipelines=True):
+    torch_dir, out = WORK / name, OUT / name
+    WORK.mkdir(parents=True, exist_ok=True)
+    build_sd3_torch(torch_dir)
+    import diffusers
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(str(torch_dir))
+    pipe.set_progress_bar_config(disable=True)
+    export_onnx(torch_dir, out, "text-to-image")
+    diffs = check_sd3_components(pipe, out)
+    print(f"{name}: onnxruntime vs torch: " + ", ".join(f"{c}.{n} {v:.1e}" for c, d in diffs.items()
+                                                        for n, v in d.items()))
+    assert max(v for d in diffs.values() for v in d.values()) < 1e-3, diffs
+    cases = sd3_references(pipe, out)
+    components = {str(p.parent.relative_to(out)): onnx_summary(p) for p in sorted(out.glob("*/model.onnx"))}
+    import onnxruntime
+    import transformers
+    manifest = {
+        "pipeline": "StableDiffusion3Pipeline", "made_by": "models/export/pipelines.py",
+        "exporter": "optimum-onnx 0.1.0 main_export (optimum-cli export onnx), task text-to-image; optimum 2.1.0, "
+                    "transformers 4.57.6, diffusers 0.39.0, torch " + torch.__version__,
+        "references_by": {"diffusers": diffusers.__version__, "transformers": transformers.__version__,
+                          "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "device": "cpu",
+                          "dtype": "float32"},
+        "vae_scale_factor": 2, "scaling_factor": VAE_SD3["scaling_factor"], "shift_factor": VAE_SD3["shift_factor"],
+        "default_size": pipe.transformer.config.sample_size * 2, "max_sequence_length": SD3_PROMPT_LEN,
+        "components": components, "onnxruntime_vs_torch_max_abs_diff": diffs, "cases": cases,
+    }
+    (out / "reference" / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    print(f"{name}: {folder_size(out) / 1e6:.2f} MB in {out.relative_to(ROOT.parent)}")
+
+
 # ---------------------------------------------------------------- main
 
 TASKS = {"StableDiffusionPipeline": "text-to-image", "StableDiffusionXLPipeline": "text-to-image",
@@ -824,7 +1027,7 @@ def make(name, check_ort_pipelines=True):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", nargs="*", choices=sorted(PIPELINES), help="pipelines to make (default: all)")
+    ap.add_argument("--only", nargs="*", choices=sorted(PIPELINES) + ["sd3_tiny"], help="pipelines to make (default: all)")
     ap.add_argument("--setup-optimum", action="store_true", help=f"make the optimum venv ({OPTIMUM_VENV})")
     ap.add_argument("--no-ort-pipelines", action="store_true", help="skip the optimum ORT pipeline check")
     args = ap.parse_args()
@@ -838,9 +1041,12 @@ def main():
     WORK.mkdir(parents=True, exist_ok=True)
     write_tokenizer(WORK / "tokenizer_check", "<|endoftext|>")
     check_tokenizer(WORK / "tokenizer_check")
-    for name in args.only or PIPELINES:
-        make(name, not args.no_ort_pipelines)
-    total = sum(folder_size(OUT / n) for n in PIPELINES if (OUT / n).exists())
+    for name in args.only or [*PIPELINES, "sd3_tiny"]:
+        if name == "sd3_tiny":
+            make_sd3(name, not args.no_ort_pipelines)
+        else:
+            make(name, not args.no_ort_pipelines)
+    total = sum(folder_size(OUT / n) for n in [*PIPELINES, "sd3_tiny"] if (OUT / n).exists())
     unique = {}
     for f in OUT.rglob("*"):
         if f.is_file():

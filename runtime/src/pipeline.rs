@@ -217,7 +217,15 @@ pub enum PromptEncoding {
     /// SDXL: both encoders' penultimate hidden states concatenated (text_encoder's features
     /// first), `text_encoder_2`'s projection as the pooled `text_embeds`, and time ids.
     StableDiffusionXl,
+    /// SD3: both CLIP encoders' penultimate hidden states concatenated on features, padded
+    /// with zeros to T5's width, then T5's (`text_encoder_3`) last hidden states after them on
+    /// the tokens; pooled: both CLIP projections concatenated.
+    StableDiffusion3,
 }
+
+/// SD3's T5 length: `StableDiffusion3Pipeline`'s `max_sequence_length` default, whatever the
+/// tokenizer's `model_max_length`.
+pub const SD3_T5_TOKENS: usize = 256;
 
 impl PromptEncoding {
     /// The encoding of a `model_index.json` class (diffusers', or optimum's/diffusers' ONNX
@@ -234,6 +242,7 @@ impl PromptEncoding {
             "StableDiffusionXLPipeline"
             | "StableDiffusionXLImg2ImgPipeline"
             | "StableDiffusionXLInpaintPipeline" => Some(PromptEncoding::StableDiffusionXl),
+            "StableDiffusion3Pipeline" => Some(PromptEncoding::StableDiffusion3),
             _ => None,
         }
     }
@@ -309,6 +318,17 @@ impl PromptEncoder {
                 })?,
             };
         }
+        if encoding == PromptEncoding::StableDiffusion3 {
+            encoders.push(TextEncoder::open(
+                dir,
+                "text_encoder_2",
+                "tokenizer_2",
+                sessions,
+            )?);
+            let mut t5 = TextEncoder::open(dir, "text_encoder_3", "tokenizer_3", sessions)?;
+            t5.tokenizer.max_len = SD3_T5_TOKENS;
+            encoders.push(t5);
+        }
         Ok(PromptEncoder {
             encoding,
             encoders,
@@ -326,8 +346,8 @@ impl PromptEncoder {
         if !zeros {
             all.push(negative.unwrap_or(""));
         }
-        let max_len = self
-            .encoders
+        // The CLIP encoders' length (SD3's T5 takes more).
+        let max_len = self.encoders[..self.encoders.len().min(2)]
             .iter()
             .map(|e| e.tokenizer.max_len)
             .min()
@@ -357,6 +377,44 @@ impl PromptEncoder {
                     ))
                 })?;
                 (hidden, pooled)
+            }
+            PromptEncoding::StableDiffusion3 => {
+                let mut clip = Vec::new();
+                let mut pooled = Vec::new();
+                for encoder in &mut self.encoders[..2] {
+                    let e = encoder.encode_penultimate(&all, true)?;
+                    truncated.extend(e.truncated);
+                    clip.push(e.hidden);
+                    pooled.extend(e.pooled);
+                }
+                let t5 = self.encoders[2].encode(&all)?;
+                truncated.extend(t5.truncated);
+                let joined = |parts: &[ArrayD<f32>], axis: usize, what: &str| {
+                    let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
+                    ndarray::concatenate(Axis(axis), &views).map_err(|e| {
+                        Error::Inputs(format!(
+                            "{what} {:?} do not concatenate: {e}",
+                            parts.iter().map(|a| a.shape().to_vec()).collect::<Vec<_>>()
+                        ))
+                    })
+                };
+                let clip = joined(&clip, 2, "the CLIP encoders' hidden states")?;
+                let (width, have) = (t5.hidden.shape()[2], clip.shape()[2]);
+                if have > width || clip.shape()[0] != t5.hidden.shape()[0] {
+                    return Err(Error::Inputs(format!(
+                        "the CLIP encoders' hidden states {:?} do not fit text_encoder_3's {:?}: \
+                         SD3 pads them with zeros to T5's width",
+                        clip.shape(),
+                        t5.hidden.shape()
+                    )));
+                }
+                let mut padded = ArrayD::zeros(IxDyn(&[clip.shape()[0], clip.shape()[1], width]));
+                padded
+                    .slice_axis_mut(Axis(2), (0..have).into())
+                    .assign(&clip);
+                let hidden = joined(&[padded, t5.hidden], 1, "the CLIP and T5 hidden states")?;
+                let pooled = joined(&pooled, 1, "the CLIP encoders' text_embeds")?;
+                (hidden, Some(pooled))
             }
         };
         truncated.sort_unstable();

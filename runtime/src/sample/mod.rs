@@ -40,6 +40,9 @@ pub struct SampleRun<'a> {
     /// Flux-dev's `guidance` input, per row.
     pub embedded_guidance: Option<f32>,
     pub layout: Layout,
+    /// The input the latents go in: the layout's, or SD3's `hidden_states` [batch, channels,
+    /// height, width] as optimum exports it.
+    pub latents_input: &'static str,
     /// The model is fed the scheduler's timestep times this (Flux: 1/1000).
     pub timestep_scale: f64,
     /// img2img / inpainting: `latents` are then the unscaled noise, and the loop starts at the
@@ -178,10 +181,7 @@ pub fn sample(unet: &mut Backend, mut run: SampleRun) -> Result<(ArrayD<f32>, Ma
             },
             Layout::Packed => packed::pack(&sample),
         };
-        inputs.push((
-            run.layout.latents_input().to_string(),
-            HostTensor::F32(sample),
-        ));
+        inputs.push((run.latents_input.to_string(), HostTensor::F32(sample)));
         if let Some(plan) = &run.plan {
             inputs.extend(hook_values(plan, i, &run.hooks, &self_gates));
         }

@@ -127,6 +127,7 @@ const SUPPORTED: &[&str] = &[
     "StableDiffusionInpaintPipeline",
     "OnnxStableDiffusionInpaintPipeline",
     "StableDiffusionXLPipeline",
+    "StableDiffusion3Pipeline",
 ];
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
@@ -151,7 +152,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             index_path.display()
         );
     }
-    let unet = component(dir, "unet")?;
+    // SD3's denoiser is a transformer (optimum's `transformer/`).
+    let sd3 = class == "StableDiffusion3Pipeline";
+    let unet = component(dir, if sd3 { "transformer" } else { "unet" })?;
     let mut adapter = Vec::new();
     if !args.lora.is_empty() {
         match run_time_lora(&args, &unet)? {
@@ -176,6 +179,12 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let (height, width) = (latent(args.height, "height")?, latent(args.width, "width")?);
     let outputs = png_paths(&args.out, args.prompt.len());
     check_init_args(&args, &outputs)?;
+    if args.init.image.is_some() && sd3 {
+        bail!(
+            "--image: SD3's img2img is not run yet; {} takes prompts alone",
+            index_path.display()
+        );
+    }
     if args.init.image.is_some() && class == "StableDiffusionXLPipeline" {
         bail!(
             "--image: SDXL's img2img and inpainting (aesthetic-score time ids, strength 0.3 by default) are not run yet; {} takes prompts alone",

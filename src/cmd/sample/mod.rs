@@ -181,7 +181,7 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
     } else {
         Layout::Image
     };
-    let latents_input = layout.latents_input();
+    let latents_input = latents_name(&model, layout);
     for name in [latents_input, "timestep", "encoder_hidden_states"] {
         if !has(name) {
             bail!(
@@ -362,7 +362,7 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
     let (h, w) = (latents.shape()[2], latents.shape()[3]);
     let tokens = match layout {
         Layout::Packed => Some((h / 2) * (w / 2)),
-        Layout::Image => patch_size(&model).map(|p| (h / p) * (w / p)),
+        Layout::Image => patch_size(&model, latents_input).map(|p| (h / p) * (w / p)),
     };
     let spread = match layout {
         Layout::Packed => Spread::Flux,
@@ -590,6 +590,7 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         cfg,
         embedded_guidance,
         layout,
+        latents_input,
         timestep_scale: match layout {
             Layout::Packed => 1e-3,
             Layout::Image => 1.0,
@@ -653,6 +654,17 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
     Ok((0, None))
 }
 
+/// The input the latents go in: the layout's (`sample`; Flux's `hidden_states`), or
+/// `hidden_states` for an image-layout model without `sample` (SD3 as optimum exports it).
+fn latents_name(model: &Model, layout: Layout) -> &'static str {
+    let g = &model.graph;
+    let has = |n: &str| g.inputs.iter().any(|io| g.value(io.value).name == n);
+    match layout {
+        Layout::Image if !has("sample") && has("hidden_states") => "hidden_states",
+        _ => layout.latents_input(),
+    }
+}
+
 /// `init` for this UNet: a mask with a plain UNet (as many channels as the latents) blends,
 /// an inpainting UNet (latents, mask and masked image: 2C + 1) takes the masked image.
 fn init_for_unet(
@@ -664,7 +676,7 @@ fn init_for_unet(
 ) -> anyhow::Result<sample::Init> {
     let sample = model
         .graph
-        .value_id(layout.latents_input())
+        .value_id(latents_name(model, layout))
         .expect("checked");
     let declared = Shapes::infer(model)
         .shape(sample)
@@ -724,7 +736,7 @@ fn seeded_latents(
     layout: Layout,
     prompts: usize,
 ) -> anyhow::Result<ArrayD<f32>> {
-    let latents_input = layout.latents_input();
+    let latents_input = latents_name(model, layout);
     let sample = model.graph.value_id(latents_input).expect("checked");
     let declared = Shapes::infer(model)
         .shape(sample)

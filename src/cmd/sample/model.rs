@@ -70,10 +70,11 @@ pub(super) fn latent_channels(model: &Model, sample: ValueId, declared: &[Dim]) 
 }
 
 /// The side of the patches a transformer cuts the sample into: the strides of a convolution
-/// reading the sample whose kernel is its stride (PixArt's and SD3's patch embedding).
-pub(super) fn patch_size(model: &Model) -> Option<usize> {
+/// reading the sample (input `latents`) whose kernel is its stride (PixArt's and SD3's patch
+/// embedding).
+pub(super) fn patch_size(model: &Model, latents: &str) -> Option<usize> {
     let g = &model.graph;
-    let sample = g.value_id("sample")?;
+    let sample = g.value_id(latents)?;
     g.value(sample).consumers.iter().find_map(|u| {
         let Use::Input(n, 0) = u else { return None };
         let node = g.node(*n);
