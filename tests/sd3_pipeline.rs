@@ -154,7 +154,8 @@ fn prompt_and_pooled_embeddings_equal_diffusers() {
     }
 }
 
-/// A folder without T5 (text_encoder_3) is refused naming it.
+/// A folder without T5 (text_encoder_3), and a T5 tokenizer without (or with a broken)
+/// tokenizer.json, are refused naming them.
 #[test]
 fn a_missing_t5_encoder_is_refused_naming_it() {
     let tmp = tempfile::tempdir().unwrap();
@@ -175,6 +176,25 @@ fn a_missing_t5_encoder_is_refused_naming_it() {
         .unwrap()
         .to_string();
     assert!(err.contains("no text_encoder_3"), "{err}");
+    // T5's slow tokenizer files alone (spiece.model, no tokenizer.json): refused naming the
+    // folder and the file it needs.
+    let t5 = tmp.path().join("tokenizer_3");
+    std::fs::create_dir_all(&t5).unwrap();
+    for f in [
+        "spiece.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        std::fs::copy(dir().join("tokenizer_3").join(f), t5.join(f)).unwrap();
+    }
+    let err = TextTokenizer::from_dir(&t5).err().unwrap().to_string();
+    assert!(
+        err.contains("tokenizer_3") && err.contains("tokenizer.json"),
+        "{err}"
+    );
+    std::fs::write(t5.join("tokenizer.json"), "{ not json").unwrap();
+    let err = TextTokenizer::from_dir(&t5).err().unwrap().to_string();
+    assert!(err.contains("tokenizer.json"), "{err}");
 }
 
 /// `attune generate` on the SD3 folder from the reference's initial noise (4 steps of the

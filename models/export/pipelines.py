@@ -29,6 +29,26 @@ Pipelines:
   sd15_tiny's VAE weights with SDXL's VAE config (scaling_factor 0.13025, force_upcast); SDXL's
   EulerDiscreteScheduler config; force_zeros_for_empty_prompt (model_index.json), as SDXL base
   ships.
+- `sd3_tiny`: StableDiffusion3Pipeline (`make_sd3`). text_encoder and text_encoder_2
+  CLIPTextModelWithProjection with sdxl_tiny's second encoder's config (hidden 8, projection
+  16; text_encoder_2 is sdxl_tiny's, byte-identical ONNX), tokenizer_2 padding with "!";
+  text_encoder_3 a T5EncoderModel (T5 v1.1's gated-gelu, d_model 32, 2 layers, 4 heads, vocab
+  512) with tokenizer_3 a T5TokenizerFast on a sentencepiece unigram model trained here
+  (400 pieces, pad 0, eos 1, unk 2, no bos; trained on CLIP's alphabetic ASCII words and the
+  prompt set; + 100 extra ids) saved by transformers 4.57 (spiece.model + tokenizer.json;
+  model_index.json names T5TokenizerFast as the hub does: transformers 5 would write
+  T5Tokenizer, which optimum saves without tokenizer.json); SD3Transformer2DModel (patch 2,
+  16 latent channels, 2 layers, 2 heads of 8, joint_attention_dim 32, pooled 32, sample_size 8);
+  sd15_tiny's VAE layout with SD3's config (latent_channels 16, scaling_factor 1.5305,
+  shift_factor 0.0609, no quant convs); FlowMatchEulerDiscreteScheduler, shift 3.0. optimum
+  exports the transformer as `transformer/model.onnx` with inputs hidden_states [B, 16, h, w],
+  timestep [B] float32, encoder_hidden_states, pooled_projections (output out_hidden_states);
+  the CLIP encoders with their hidden_states.N; T5 with last_hidden_state. References:
+  tokens/token_ids{,_2,_3}.npy on the prompt set plus "longer" (348 T5 tokens: cut at 256),
+  T5's at the pipeline's max_sequence_length 256 (tokenizer_config says 512); txt2img_a and
+  txt2img_b (negative "", 4 steps, guidance 7.5, the folder's scheduler) with prompt_embeds
+  [1, 77 + 256, 32], pooled [1, 32], timesteps (sigma * 1000 as fed), final latents, image.
+  sd3_tiny adds 3.1 MB to git (its CLIP tokenizers and text_encoder_2 are stored once).
 
 Sizes: the CLIP vocabulary is real, so every text encoder carries a 49408 x hidden embedding;
 hidden 16 makes it 3.2 MB in fp32 (hidden 32 would be 6.3 MB; sdxl_tiny's second encoder,
@@ -101,10 +121,11 @@ from the project venv through a .pth file); `--setup-optimum` makes it:
 
 Checks, all printed: the tokenizer against open_clip's; each ONNX component against its torch
 module in onnxruntime (max abs diff, in the manifest, < 1e-3 asserted; measured ~2e-6); in the
-optimum venv, optimum's ORT pipelines (ORTStableDiffusion[XL|Img2Img|Inpaint]Pipeline) load
+optimum venv, optimum's ORT pipelines (ORTStableDiffusion[XL|Img2Img|Inpaint|3]Pipeline) load
 each folder and redo every case from its files (max abs diff to image.npy in the manifest,
-~2e-6), and transformers 4.57's python CLIPTokenizer redoes the token ids (equal, in the
-manifest). Re-running rewrites byte-identical files.
+~2e-6), and transformers 4.57's python CLIPTokenizer (and, for sd3_tiny, the sentencepiece
+T5Tokenizer from spiece.model) redoes the token ids (equal, in the manifest). Re-running
+rewrites byte-identical files.
 """
 import argparse
 import contextlib
@@ -706,12 +727,14 @@ import json, sys
 import numpy as np, torch
 import diffusers
 from optimum.onnxruntime import (ORTStableDiffusionPipeline, ORTStableDiffusionXLPipeline,
-                                 ORTStableDiffusionImg2ImgPipeline, ORTStableDiffusionInpaintPipeline)
+                                 ORTStableDiffusionImg2ImgPipeline, ORTStableDiffusionInpaintPipeline,
+                                 ORTStableDiffusion3Pipeline)
 folder, ref = sys.argv[1], sys.argv[2]
 manifest = json.load(open(ref + "/manifest.json"))
 cls = {"StableDiffusionPipeline": ORTStableDiffusionPipeline, "StableDiffusionXLPipeline": ORTStableDiffusionXLPipeline,
        "StableDiffusionImg2ImgPipeline": ORTStableDiffusionImg2ImgPipeline,
-       "StableDiffusionInpaintPipeline": ORTStableDiffusionInpaintPipeline}
+       "StableDiffusionInpaintPipeline": ORTStableDiffusionInpaintPipeline,
+       "StableDiffusion3Pipeline": ORTStableDiffusion3Pipeline}
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 DiagonalGaussianDistribution.sample = lambda self, generator=None: self.mean
 from PIL import Image
@@ -753,6 +776,15 @@ for sub in ("", "_2"):
     ids = tok(list(tokens["prompts"].values()), padding="max_length", max_length=77, truncation=True).input_ids
     want = np.load(f"{ref}/tokens/token_ids{sub}.npy")
     same["tokenizer" + sub] = {k: bool((np.array(i) == w).all()) for k, i, w in zip(tokens["prompts"], ids, want)}
+# SD3's T5: the python (sentencepiece) T5Tokenizer from spiece.model against tokenizer.json's ids
+import os
+if os.path.isdir(folder + "/tokenizer_3"):
+    from transformers import T5Tokenizer
+    tok = T5Tokenizer.from_pretrained(folder + "/tokenizer_3", legacy=True)
+    n = tokens["max_length"]["token_ids_3"]
+    ids = tok(list(tokens["prompts"].values()), padding="max_length", max_length=n, truncation=True).input_ids
+    want = np.load(f"{ref}/tokens/token_ids_3.npy")
+    same["tokenizer_3"] = {k: bool((np.array(i) == w).all()) for k, i, w in zip(tokens["prompts"], ids, want)}
 print(json.dumps({"images": result, "tokens": same}))
 """
 
@@ -961,6 +993,12 @@ def make_sd3(name, check_ort_pipelines=True):
         "components": components, "onnxruntime_vs_torch_max_abs_diff": diffs, "cases": cases,
     }
     (out / "reference" / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    if check_ort_pipelines:
+        checked = check_optimum_pipelines(out)
+        print(f"{name}: optimum's ORTStableDiffusion3Pipeline vs diffusers' images, max abs diff: {checked['images']}")
+        manifest["optimum_ort_pipeline_vs_reference_image_max_abs_diff"] = checked["images"]
+        manifest["transformers_4_57_python_tokenizer_equal"] = checked["tokens"]
+        (out / "reference" / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     print(f"{name}: {folder_size(out) / 1e6:.2f} MB in {out.relative_to(ROOT.parent)}")
 
 

@@ -208,6 +208,14 @@ fn read_json(path: &Path) -> Result<Value> {
 /// CLIP's tokenizer from `vocab.json` and `merges.txt`.
 fn clip(dir: &Path) -> Result<Tokenizer> {
     let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+    if !vocab.is_file() && dir.join("spiece.model").is_file() {
+        // A sentencepiece model alone (T5's slow tokenizer as transformers saves it).
+        return Err(Error::file(
+            dir,
+            "spiece.model but no tokenizer.json: T5's tokenizer is read from the tokenizer.json \
+             transformers' fast tokenizer (T5TokenizerFast) saves",
+        ));
+    }
     for f in [&vocab, &merges] {
         if !f.is_file() {
             return Err(Error::file(

@@ -26,7 +26,7 @@ use super::{Args as SampleArgs, Given, SchedulerArg, denoise};
 #[derive(clap::Args)]
 pub struct Args {
     /// A diffusers/optimum ONNX pipeline folder (model_index.json, text_encoder/, tokenizer/,
-    /// unet/, vae_decoder/, scheduler/)
+    /// unet/ or SD3's transformer/, vae_decoder/, scheduler/)
     dir: PathBuf,
     /// The prompt (repeat for a batch: one image each)
     #[arg(long, required = true)]
