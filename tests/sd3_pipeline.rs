@@ -247,3 +247,69 @@ fn generate_gives_the_sd3_pipelines_image() {
         assert!(worst <= 2.0, "{case}: a pixel {worst}/255 off");
     }
 }
+
+/// Without --latents or a size, the image is StableDiffusion3Pipeline's default (the
+/// transformer's sample_size 8 x the VAE's factor 2 = 16 px), seeded; a side that is not a
+/// multiple of factor x patch_size (4 px) or has more patches than pos_embed_max_size (8: 32 px)
+/// is refused naming the size and the config, and nothing is written.
+#[test]
+fn sizes_follow_the_transformers_config() {
+    let out = tempfile::tempdir().unwrap();
+    let d = dir();
+    let png = out.path().join("seeded.png");
+    let o = common::attune(&[
+        "generate",
+        d.to_str().unwrap(),
+        "--prompt",
+        "a cat",
+        "--steps",
+        "2",
+        "--quiet",
+        "-o",
+        png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let img = attune_runtime::image::read_png(&png).unwrap();
+    assert_eq!((img.height, img.width), (16, 16));
+    let png = out.path().join("wide.png");
+    let o = common::attune(&[
+        "generate",
+        d.to_str().unwrap(),
+        "--prompt",
+        "a cat",
+        "--steps",
+        "2",
+        "--height",
+        "16",
+        "--width",
+        "24",
+        "--quiet",
+        "-o",
+        png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let img = attune_runtime::image::read_png(&png).unwrap();
+    assert_eq!((img.height, img.width), (16, 24));
+    for (h, w, says) in [("18", "16", "height 18 px"), ("16", "40", "width 40 px")] {
+        let png = out.path().join(format!("bad_{h}_{w}.png"));
+        let o = common::attune(&[
+            "generate",
+            d.to_str().unwrap(),
+            "--prompt",
+            "a cat",
+            "--height",
+            h,
+            "--width",
+            w,
+            "-o",
+            png.to_str().unwrap(),
+        ]);
+        assert!(!o.status.success());
+        let err = common::stderr(&o);
+        assert!(
+            err.contains(says) && err.contains("transformer/config.json"),
+            "{err}"
+        );
+        assert!(!png.exists());
+    }
+}

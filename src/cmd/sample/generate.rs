@@ -176,7 +176,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             p => Ok(p.map(|p| p / factor)),
         }
     };
-    let (height, width) = (latent(args.height, "height")?, latent(args.width, "width")?);
+    let (mut height, mut width) = (latent(args.height, "height")?, latent(args.width, "width")?);
+    if sd3 {
+        (height, width) = sd3_size(dir, factor, height, width, args.latents.as_deref())?;
+    }
     let outputs = png_paths(&args.out, args.prompt.len());
     check_init_args(&args, &outputs)?;
     if args.init.image.is_some() && sd3 {
@@ -551,6 +554,60 @@ fn vae_factor(dir: &Path) -> anyhow::Result<usize> {
         None => Ok(8),
         Some(n) => bail!("{}: {n} block_out_channels", path.display()),
     }
+}
+
+/// SD3's latent size: the transformer's `sample_size` by default (as StableDiffusion3Pipeline's
+/// default image, sample_size x the VAE's factor); a side that is not a multiple of its
+/// `patch_size` or has more patches than its `pos_embed_max_size` refused naming it (the graph
+/// would fail deep inside its position embedding).
+fn sd3_size(
+    dir: &Path,
+    factor: usize,
+    height: Option<usize>,
+    width: Option<usize>,
+    latents: Option<&Path>,
+) -> anyhow::Result<(Option<usize>, Option<usize>)> {
+    let path = dir.join("transformer/config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok((height, width));
+    };
+    let config: Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    let number = |key: &str| config[key].as_u64().and_then(|n| usize::try_from(n).ok());
+    let patch = number("patch_size").unwrap_or(2).max(1);
+    let (height, width) = match latents {
+        Some(p) => {
+            let shape = attune_runtime::npy::read(p)?.shape().to_vec();
+            match shape[..] {
+                [_, _, h, w] => (Some(h), Some(w)),
+                _ => return Ok((height, width)),
+            }
+        }
+        None => {
+            let default = number("sample_size");
+            (height.or(default), width.or(default))
+        }
+    };
+    for (side, what) in [(height, "height"), (width, "width")] {
+        let Some(side) = side else { continue };
+        let px = side * factor;
+        if side % patch != 0 {
+            bail!(
+                "{what} {px} px ({side} latent px): not a multiple of {} px, the VAE's factor {factor} times the transformer's patch_size {patch} ({})",
+                factor * patch,
+                path.display()
+            );
+        }
+        if let Some(max) = number("pos_embed_max_size").filter(|&m| side / patch > m) {
+            bail!(
+                "{what} {px} px: {} patches, more than the transformer's pos_embed_max_size {max} ({}): at most {} px",
+                side / patch,
+                path.display(),
+                max * patch * factor
+            );
+        }
+    }
+    Ok((height, width))
 }
 
 fn folder_of(path: &Path) -> &Path {
