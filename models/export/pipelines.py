@@ -49,6 +49,16 @@ Pipelines:
   txt2img_b (negative "", 4 steps, guidance 7.5, the folder's scheduler) with prompt_embeds
   [1, 77 + 256, 32], pooled [1, 32], timesteps (sigma * 1000 as fed), final latents, image.
   sd3_tiny adds 3.1 MB to git (its CLIP tokenizers and text_encoder_2 are stored once).
+- `flux_tiny`: FluxPipeline (`make_flux`). text_encoder a CLIPTextModel (sd15_tiny's config, seed 3;
+  pooled = pooler_output), text_encoder_2 sd3_tiny's T5 config and seed with tokenizer_2 a copy of
+  sd3_tiny's tokenizer_3; FluxTransformer2DModel (1 double + 1 single block, 2 heads of 8, rope
+  axes (2, 2, 4), joint_attention_dim 32, pooled 16, guidance_embeds False: schnell-style); SD3's
+  tiny VAE layout with Flux's scaling 0.3611 / shift 0.1159; FlowMatchEulerDiscreteScheduler with
+  Flux-dev's dynamic shifting (base/max shift 0.5/1.15, image seq len 256/4096). optimum exports
+  the transformer with hidden_states [B, hw/4, 64], img_ids, txt_ids, pooled_projections.
+  References at max_sequence_length 32 (manifest): T5 ids on the prompt set; txt2img_a/b (4
+  steps, guidance 1) with latents.npy the unpacked [1, 16, 8, 8] noise and packed_latents.npy
+  what FluxPipeline was given, prompt/pooled embeds, final latents (unpacked and packed), image.
 
 Sizes: the CLIP vocabulary is real, so every text encoder carries a 49408 x hidden embedding;
 hidden 16 makes it 3.2 MB in fp32 (hidden 32 would be 6.3 MB; sdxl_tiny's second encoder,
@@ -1002,6 +1012,116 @@ def make_sd3(name, check_ort_pipelines=True):
     print(f"{name}: {folder_size(out) / 1e6:.2f} MB in {out.relative_to(ROOT.parent)}")
 
 
+# ---------------------------------------------------------------- flux_tiny (FluxPipeline)
+
+FLUX_PROMPT_LEN = 32  # the max_sequence_length the references are made at (FluxPipeline's default: 512)
+FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                  "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                  "max_image_seq_len": 4096}
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+                        guidance_embeds=False, axes_dims_rope=(2, 2, 4))
+VAE_FLUX = dict(VAE_SD3, scaling_factor=0.3611, shift_factor=0.1159)
+
+
+def build_flux_torch(folder):
+    import diffusers
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+    import unets
+    torch.manual_seed(13)
+    transformer = unets.perturb(diffusers.FluxTransformer2DModel(**FLUX_TRANSFORMER).eval())
+    torch.manual_seed(2)
+    vae = unets.perturb(diffusers.AutoencoderKL(**VAE_FLUX).eval())
+    torch.manual_seed(12)
+    t5 = unets.perturb(T5EncoderModel(T5Config(**T5)).eval())
+    sched_cfg = dict(FLUX_SCHEDULER)
+    scheduler = getattr(diffusers, sched_cfg.pop("_class_name")).from_config(sched_cfg)
+    tmp_tok = folder.parent / "flux_tiny_tok"
+    write_tokenizer(tmp_tok, "<|endoftext|>")
+    t5_dir = OUT / "sd3_tiny" / "tokenizer_3"  # sd3_tiny's T5 tokenizer, reused
+    pipe = diffusers.FluxPipeline(
+        transformer=transformer, vae=vae, scheduler=scheduler,
+        text_encoder=build_text(TEXT, 3), tokenizer=CLIPTokenizer.from_pretrained(str(tmp_tok)),
+        text_encoder_2=t5, tokenizer_2=T5TokenizerFast.from_pretrained(str(t5_dir)))
+    shutil.rmtree(folder, ignore_errors=True)
+    pipe.save_pretrained(str(folder))
+    shutil.rmtree(tmp_tok)
+    write_tokenizer(folder / "tokenizer", "<|endoftext|>")
+    shutil.rmtree(folder / "tokenizer_2")
+    shutil.copytree(t5_dir, folder / "tokenizer_2")
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(FLUX_SCHEDULER, indent=2) + "\n")
+    legacy_text_weights(folder / "text_encoder")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["tokenizer_2"] = ["transformers", "T5TokenizerFast"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def flux_references(pipe, out):
+    ref = out / "reference"
+    shutil.rmtree(ref, ignore_errors=True)
+    ref.mkdir(parents=True)
+    from transformers import T5TokenizerFast
+    t5 = T5TokenizerFast.from_pretrained(str(out / "tokenizer_2"))
+    ids = t5(list(SD3_PROMPTS.values()), padding="max_length", max_length=FLUX_PROMPT_LEN, truncation=True,
+             return_tensors="np").input_ids.astype(np.int64)
+    untruncated = [len(i) for i in t5(list(SD3_PROMPTS.values())).input_ids]
+    cases = {"tokens": {"prompts": SD3_PROMPTS, "max_length": {"token_ids_2": FLUX_PROMPT_LEN},
+                        "t5_untruncated_lengths": dict(zip(SD3_PROMPTS, untruncated)),
+                        "note": "token_ids_2: tokenizer_2 (T5TokenizerFast) at max_sequence_length 32, truncation",
+                        "files": save(ref / "tokens", {"token_ids_2": ids})}}
+    size = 16
+    h = w = size // 2  # VAE factor 2
+    for case, prompt, seed in (("txt2img_a", PROMPT_A, 1), ("txt2img_b", PROMPT_B, 2)):
+        latents = noise((1, 16, h, w), seed)
+        packed = pipe._pack_latents(latents, 1, 16, h, w)
+
+        def call(p, cb, names, prompt=prompt, packed=packed):
+            return p(prompt, num_inference_steps=STEPS, guidance_scale=1.0, latents=packed.clone(),
+                     height=size, width=size, max_sequence_length=FLUX_PROMPT_LEN, output_type="np",
+                     callback_on_step_end=cb, callback_on_step_end_tensor_inputs=names)
+        arrays = run_case(pipe, ref / case, call, "FlowMatchEulerDiscrete")
+        arrays["packed_final_latents"] = arrays["final_latents"]
+        arrays["final_latents"] = pipe._unpack_latents(arrays["final_latents"], size, size, 2)
+        arrays.pop("step_latents")
+        with torch.no_grad():
+            pe, pp, _ = pipe.encode_prompt(prompt, None, device="cpu", num_images_per_prompt=1,
+                                           max_sequence_length=FLUX_PROMPT_LEN)
+        arrays.update(prompt_embeds=pe, pooled_prompt_embeds=pp, latents=latents, packed_latents=packed)
+        cases[case] = {"pipeline": "FluxPipeline", "prompt": prompt, "height": size, "width": size,
+                       "steps": STEPS, "guidance": 1.0, "max_sequence_length": FLUX_PROMPT_LEN,
+                       "note": ("latents [1, 16, h, w] unpacked noise (attune's --latents), packed_latents what "
+                                "FluxPipeline was given (latents=); prompt_embeds = text_encoder_2 (T5) "
+                                "last_hidden_state at 32 tokens; pooled = text_encoder pooler_output; "
+                                "final_latents unpacked, before / scaling_factor + shift_factor"),
+                       "files": save(ref / case, arrays)}
+    return cases
+
+
+def make_flux(name):
+    torch_dir, out = WORK / name, OUT / name
+    WORK.mkdir(parents=True, exist_ok=True)
+    build_flux_torch(torch_dir)
+    import diffusers
+    pipe = diffusers.FluxPipeline.from_pretrained(str(torch_dir))
+    pipe.set_progress_bar_config(disable=True)
+    export_onnx(torch_dir, out, "text-to-image")
+    cases = flux_references(pipe, out)
+    components = {str(p.parent.relative_to(out)): onnx_summary(p) for p in sorted(out.glob("*/model.onnx"))}
+    import onnxruntime
+    import transformers
+    manifest = {
+        "pipeline": "FluxPipeline", "made_by": "models/export/pipelines.py",
+        "exporter": "optimum-onnx main_export, task text-to-image",
+        "references_by": {"diffusers": diffusers.__version__, "transformers": transformers.__version__,
+                          "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "device": "cpu",
+                          "dtype": "float32"},
+        "vae_scale_factor": 2, "scaling_factor": VAE_FLUX["scaling_factor"], "shift_factor": VAE_FLUX["shift_factor"],
+        "max_sequence_length": FLUX_PROMPT_LEN, "components": components, "cases": cases,
+    }
+    (out / "reference" / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    print(f"{name}: {folder_size(out) / 1e6:.2f} MB in {out.relative_to(ROOT.parent)}")
+
+
 # ---------------------------------------------------------------- main
 
 TASKS = {"StableDiffusionPipeline": "text-to-image", "StableDiffusionXLPipeline": "text-to-image",
@@ -1065,7 +1185,7 @@ def make(name, check_ort_pipelines=True):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", nargs="*", choices=sorted(PIPELINES) + ["sd3_tiny"], help="pipelines to make (default: all)")
+    ap.add_argument("--only", nargs="*", choices=sorted(PIPELINES) + ["sd3_tiny", "flux_tiny"], help="pipelines to make (default: all)")
     ap.add_argument("--setup-optimum", action="store_true", help=f"make the optimum venv ({OPTIMUM_VENV})")
     ap.add_argument("--no-ort-pipelines", action="store_true", help="skip the optimum ORT pipeline check")
     args = ap.parse_args()
@@ -1082,6 +1202,8 @@ def main():
     for name in args.only or [*PIPELINES, "sd3_tiny"]:
         if name == "sd3_tiny":
             make_sd3(name, not args.no_ort_pipelines)
+        elif name == "flux_tiny":
+            make_flux(name)
         else:
             make(name, not args.no_ort_pipelines)
     total = sum(folder_size(OUT / n) for n in [*PIPELINES, "sd3_tiny"] if (OUT / n).exists())

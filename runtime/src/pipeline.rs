@@ -221,7 +221,14 @@ pub enum PromptEncoding {
     /// with zeros to T5's width, then T5's (`text_encoder_3`) last hidden states after them on
     /// the tokens; pooled: both CLIP projections concatenated.
     StableDiffusion3,
+    /// Flux: T5's (`text_encoder_2`) last hidden states as the prompt embeddings, CLIP's
+    /// (`text_encoder`) `pooler_output` as the pooled ones; guidance-distilled, so the
+    /// negative row (of "") only matters where CFG is asked for.
+    Flux,
 }
+
+/// Flux's T5 length: `FluxPipeline`'s `max_sequence_length` default.
+pub const FLUX_T5_TOKENS: usize = 512;
 
 /// SD3's T5 length: `StableDiffusion3Pipeline`'s `max_sequence_length` default, whatever the
 /// tokenizer's `model_max_length`.
@@ -243,6 +250,7 @@ impl PromptEncoding {
             | "StableDiffusionXLImg2ImgPipeline"
             | "StableDiffusionXLInpaintPipeline" => Some(PromptEncoding::StableDiffusionXl),
             "StableDiffusion3Pipeline" => Some(PromptEncoding::StableDiffusion3),
+            "FluxPipeline" => Some(PromptEncoding::Flux),
             _ => None,
         }
     }
@@ -329,11 +337,38 @@ impl PromptEncoder {
             t5.tokenizer.max_len = SD3_T5_TOKENS;
             encoders.push(t5);
         }
+        if encoding == PromptEncoding::Flux {
+            let mut t5 = TextEncoder::open(dir, "text_encoder_2", "tokenizer_2", sessions)?;
+            t5.tokenizer.max_len = FLUX_T5_TOKENS;
+            encoders.push(t5);
+        }
         Ok(PromptEncoder {
             encoding,
             encoders,
             force_zeros,
         })
+    }
+
+    /// The T5 encoder's token count (the pipeline's `max_sequence_length`): SD3's and Flux's
+    /// last encoder; refused for pipelines without T5.
+    pub fn set_max_sequence_length(&mut self, tokens: usize) -> Result<()> {
+        let t5 = match self.encoding {
+            PromptEncoding::StableDiffusion3 | PromptEncoding::Flux => self.encoders.last_mut(),
+            _ => None,
+        };
+        match t5 {
+            Some(t5) if tokens > 0 => {
+                t5.tokenizer.max_len = tokens;
+                Ok(())
+            }
+            Some(_) => Err(Error::Inputs(
+                "max_sequence_length 0: T5 needs tokens".into(),
+            )),
+            None => Err(Error::Inputs(format!(
+                "max_sequence_length: {:?} pipelines have no T5 encoder",
+                self.encoding
+            ))),
+        }
     }
 
     /// `prompts` and the negative prompt, as diffusers' pipeline of this class encodes them:
@@ -415,6 +450,19 @@ impl PromptEncoder {
                 let hidden = joined(&[padded, t5.hidden], 1, "the CLIP and T5 hidden states")?;
                 let pooled = joined(&pooled, 1, "the CLIP encoders' text_embeds")?;
                 (hidden, Some(pooled))
+            }
+            PromptEncoding::Flux => {
+                let clip = self.encoders[0].encode(&all)?;
+                truncated.extend(clip.truncated);
+                let pooled = clip.pooled.ok_or_else(|| {
+                    Error::Inputs(
+                        "text_encoder has no pooler_output: Flux's pooled embeddings are CLIP's"
+                            .into(),
+                    )
+                })?;
+                let t5 = self.encoders[1].encode(&all)?;
+                truncated.extend(t5.truncated);
+                (t5.hidden, Some(pooled))
             }
         };
         truncated.sort_unstable();

@@ -37,9 +37,14 @@ pub struct Args {
     negative_prompt: Option<String>,
     #[arg(long, default_value_t = 50)]
     steps: usize,
-    /// Classifier-free guidance scale (1 or less: the prompts alone)
-    #[arg(long, default_value_t = 7.5)]
-    guidance: f32,
+    /// Classifier-free guidance scale (1 or less: the prompts alone) [default: 7.5; 1 for
+    /// Flux, which is guidance-distilled]
+    #[arg(long)]
+    guidance: Option<f32>,
+    /// T5's token count (SD3's and Flux's `max_sequence_length`) [default: the pipeline's:
+    /// 256 for SD3, 512 for Flux]
+    #[arg(long)]
+    max_sequence_length: Option<usize>,
     /// The scheduler [default: the folder's scheduler_config.json's, PNDM read as DDIM]
     #[arg(long, value_enum)]
     scheduler: Option<SchedulerArg>,
@@ -128,6 +133,7 @@ const SUPPORTED: &[&str] = &[
     "OnnxStableDiffusionInpaintPipeline",
     "StableDiffusionXLPipeline",
     "StableDiffusion3Pipeline",
+    "FluxPipeline",
 ];
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
@@ -154,7 +160,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     }
     // SD3's denoiser is a transformer (optimum's `transformer/`).
     let sd3 = class == "StableDiffusion3Pipeline";
-    let unet = component(dir, if sd3 { "transformer" } else { "unet" })?;
+    let flux = class == "FluxPipeline";
+    let unet = component(dir, if sd3 || flux { "transformer" } else { "unet" })?;
     let mut adapter = Vec::new();
     if !args.lora.is_empty() {
         match run_time_lora(&args, &unet)? {
@@ -182,9 +189,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     }
     let outputs = png_paths(&args.out, args.prompt.len());
     check_init_args(&args, &outputs)?;
-    if args.init.image.is_some() && sd3 {
+    if args.init.image.is_some() && (sd3 || flux) {
         bail!(
-            "--image: SD3's img2img is not run yet; {} takes prompts alone",
+            "--image: {class}'s img2img is not run yet; {} takes prompts alone",
             index_path.display()
         );
     }
@@ -216,6 +223,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         let prompts: Vec<&str> = args.prompt.iter().map(String::as_str).collect();
         let text = {
             let mut encoder = PromptEncoder::open(dir, class, &sessions)?;
+            if let Some(n) = args.max_sequence_length {
+                encoder.set_max_sequence_length(n)?;
+            }
             encoder.encode(&prompts, args.negative_prompt.as_deref())?
             // The encoders are freed here: the denoiser needs the memory.
         };
@@ -264,7 +274,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             height,
             width,
             seed: args.seed,
-            guidance: Some(args.guidance),
+            guidance: args.guidance,
             controller: args.controller.clone(),
             out: folder_of(&args.out).to_path_buf(),
             save_maps: tokens.maps,
