@@ -192,3 +192,50 @@ fn flux_refusals() {
     );
     assert!(!png.exists());
 }
+
+/// Without --latents, a side not given is FluxPipeline's default (default_sample_size 128
+/// latent pixels x the VAE's factor 2 = 256 px; only the height here: 256 x 256 px would take
+/// over the test's 2 GB in attention), seeded; an odd latent side (18 px: 9) cannot
+/// be packed in 2x2 patches and is refused, nothing written.
+#[test]
+fn flux_default_size_and_odd_sizes() {
+    let out = tempfile::tempdir().unwrap();
+    let d = dir();
+    let png = out.path().join("seeded.png");
+    let o = common::attune(&[
+        "generate",
+        d.to_str().unwrap(),
+        "--prompt",
+        "a cat",
+        "--steps",
+        "1",
+        "--width",
+        "16",
+        "--quiet",
+        "-o",
+        png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let img = attune_runtime::image::read_png(&png).unwrap();
+    assert_eq!((img.height, img.width), (256, 16));
+    let png = out.path().join("odd.png");
+    let o = common::attune(&[
+        "generate",
+        d.to_str().unwrap(),
+        "--prompt",
+        "a cat",
+        "--height",
+        "18",
+        "--width",
+        "16",
+        "-o",
+        png.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        common::stderr(&o).contains("even"),
+        "{}",
+        common::stderr(&o)
+    );
+    assert!(!png.exists());
+}

@@ -1199,14 +1199,14 @@ def main():
     WORK.mkdir(parents=True, exist_ok=True)
     write_tokenizer(WORK / "tokenizer_check", "<|endoftext|>")
     check_tokenizer(WORK / "tokenizer_check")
-    for name in args.only or [*PIPELINES, "sd3_tiny"]:
+    for name in args.only or [*PIPELINES, "sd3_tiny", "flux_tiny"]:
         if name == "sd3_tiny":
             make_sd3(name, not args.no_ort_pipelines)
         elif name == "flux_tiny":
             make_flux(name)
         else:
             make(name, not args.no_ort_pipelines)
-    total = sum(folder_size(OUT / n) for n in [*PIPELINES, "sd3_tiny"] if (OUT / n).exists())
+    total = sum(folder_size(OUT / n) for n in [*PIPELINES, "sd3_tiny", "flux_tiny"] if (OUT / n).exists())
     unique = {}
     for f in OUT.rglob("*"):
         if f.is_file():

@@ -187,6 +187,11 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     if sd3 {
         (height, width) = sd3_size(dir, factor, height, width, args.latents.as_deref())?;
     }
+    if flux && args.latents.is_none() {
+        // FluxPipeline's default: its default_sample_size (128) latent pixels a side.
+        height = height.or(Some(128));
+        width = width.or(Some(128));
+    }
     let outputs = png_paths(&args.out, args.prompt.len());
     check_init_args(&args, &outputs)?;
     if args.init.image.is_some() && (sd3 || flux) {
