@@ -10,7 +10,7 @@ mod common;
 use attune_runtime::HostTensor;
 use attune_runtime::pipeline::{FLUX_T5_TOKENS, PromptEncoder, PromptEncoding, Sessions};
 use attune_runtime::tokenizer::TextTokenizer;
-use ndarray::{ArrayD, Axis};
+use ndarray::Axis;
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/pipelines/flux_tiny")
@@ -19,21 +19,6 @@ fn dir() -> PathBuf {
 fn manifest() -> serde_json::Value {
     let path = dir().join("reference/manifest.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn npy_f32(path: &Path) -> ArrayD<f32> {
-    match attune_runtime::npy::read(path).unwrap() {
-        HostTensor::F32(a) => a,
-        other => panic!("{}: {:?}", path.display(), other.dtype()),
-    }
-}
-
-fn max_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// The reference's prompt rows, in the order the script wrote them.
@@ -107,8 +92,8 @@ fn prompt_and_pooled_embeddings_equal_diffusers() {
             ("prompt_embeds", &got.cond),
             ("pooled_prompt_embeds", pooled),
         ] {
-            let want = npy_f32(&refs.join(format!("{file}.npy")));
-            let d = max_diff(got, &want);
+            let want = common::read_f32(&refs.join(format!("{file}.npy")));
+            let d = common::max_abs(got, &want);
             eprintln!("{case} {file}: max abs diff {d:e}");
             assert!(d < 1e-4, "{case} {file}: {d} off");
             assert!(want.iter().any(|&x| x != 0.0), "{case} {file}");
@@ -132,7 +117,7 @@ fn generate_gives_the_flux_pipelines_image() {
         let png = out.path().join(format!("{case}.png"));
         let saved = out.path().join(format!("{case}.npy"));
         let latents = refs.join("latents.npy");
-        assert_eq!(npy_f32(&latents).shape(), [1, 16, 8, 8]);
+        assert_eq!(common::read_f32(&latents).shape(), [1, 16, 8, 8]);
         let steps = c["steps"].to_string();
         let o = common::attune(&[
             "generate",
@@ -151,18 +136,14 @@ fn generate_gives_the_flux_pipelines_image() {
             png.to_str().unwrap(),
         ]);
         assert!(o.status.success(), "{case}: {}", common::stderr(&o));
-        let d = max_diff(&npy_f32(&saved), &npy_f32(&refs.join("final_latents.npy")));
+        let d = common::max_abs(
+            &common::read_f32(&saved),
+            &common::read_f32(&refs.join("final_latents.npy")),
+        );
         eprintln!("{case}: final latents max abs diff {d:e}");
         assert!(d < 1e-4, "{case}: final latents {d} off");
-        let want = npy_f32(&refs.join("image.npy"));
-        let got = attune_runtime::image::read_png(&png).unwrap();
-        assert_eq!([1, got.height, got.width, 3], want.shape(), "{case}");
-        let worst = got
-            .pixels
-            .iter()
-            .zip(want.iter())
-            .map(|(&g, &w)| (f32::from(g) - w * 255.0).abs())
-            .fold(0.0, f32::max);
+        let want = common::read_f32(&refs.join("image.npy"));
+        let worst = common::worst_pixel(&png, want.view());
         eprintln!("{case}: worst pixel {worst}/255");
         assert!(worst <= 2.0, "{case}: a pixel {worst}/255 off");
     }

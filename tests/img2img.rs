@@ -130,14 +130,7 @@ fn img2img_and_inpainting_give_the_diffusers_pipelines_images() {
         let d = max_abs(&read_f32(&npy), &read_f32(&refs.join("final_latents.npy")));
         assert!(d < 1e-4, "{name} {which}: final latents {d} off");
         let want = read_f32(&refs.join("image.npy"));
-        let got = attune_runtime::image::read_png(&png).unwrap();
-        assert_eq!([1, got.height, got.width, 3], want.shape());
-        let worst = got
-            .pixels
-            .iter()
-            .zip(want.iter())
-            .map(|(&g, &w)| (f32::from(g) - w * 255.0).abs())
-            .fold(0.0, f32::max);
+        let worst = common::worst_pixel(&png, want.view());
         println!("{name} {which}: final latents {d:e} off, worst pixel {worst}/255");
         assert!(worst <= 2.0, "{name} {which}: a pixel {worst}/255 off");
     }

@@ -216,14 +216,7 @@ fn generate_from_a_prompt_gives_the_diffusers_pipelines_image() {
             } else {
                 out.path().join(format!("{case}-{k}.png"))
             };
-            let got = attune_runtime::image::read_png(&path).unwrap();
-            assert_eq!([got.height, got.width, 3], want.shape(), "{case}");
-            let worst = got
-                .pixels
-                .iter()
-                .zip(want.iter())
-                .map(|(&g, &w)| (f32::from(g) - w * 255.0).abs())
-                .fold(0.0, f32::max);
+            let worst = common::worst_pixel(&path, want.view());
             assert!(worst <= 2.0, "{case} image {k}: a pixel {worst}/255 off");
         }
     }

@@ -11,7 +11,7 @@ mod common;
 use attune_runtime::HostTensor;
 use attune_runtime::pipeline::{PromptEncoder, PromptEncoding, SD3_T5_TOKENS, Sessions};
 use attune_runtime::tokenizer::TextTokenizer;
-use ndarray::{ArrayD, Axis};
+use ndarray::Axis;
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/pipelines/sd3_tiny")
@@ -22,21 +22,6 @@ fn cases() -> serde_json::Value {
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     m["cases"].clone()
-}
-
-fn npy_f32(path: &Path) -> ArrayD<f32> {
-    match attune_runtime::npy::read(path).unwrap() {
-        HostTensor::F32(a) => a,
-        other => panic!("{}: {:?}", path.display(), other.dtype()),
-    }
-}
-
-fn max_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// The reference's prompt rows, in the order the script wrote them.
@@ -135,8 +120,8 @@ fn prompt_and_pooled_embeddings_equal_diffusers() {
                 ("negative_pooled_prompt_embeds", negative_pooled),
             ];
             for (file, got) in pairs {
-                let want = npy_f32(&refs.join(format!("{file}.npy")));
-                let d = max_diff(got, &want);
+                let want = common::read_f32(&refs.join(format!("{file}.npy")));
+                let d = common::max_abs(got, &want);
                 eprintln!("{case} {negative:?} {file}: max abs diff {d:e}");
                 assert!(d < 1e-4, "{case} {file}: {d} off");
                 assert!(want.iter().any(|&x| x != 0.0), "{case} {file}");
@@ -231,18 +216,14 @@ fn generate_gives_the_sd3_pipelines_image() {
             png.to_str().unwrap(),
         ]);
         assert!(o.status.success(), "{case}: {}", common::stderr(&o));
-        let d = max_diff(&npy_f32(&saved), &npy_f32(&refs.join("final_latents.npy")));
+        let d = common::max_abs(
+            &common::read_f32(&saved),
+            &common::read_f32(&refs.join("final_latents.npy")),
+        );
         eprintln!("{case}: final latents max abs diff {d:e}");
         assert!(d < 1e-4, "{case}: final latents {d} off");
-        let want = npy_f32(&refs.join("image.npy"));
-        let got = attune_runtime::image::read_png(&png).unwrap();
-        assert_eq!([1, got.height, got.width, 3], want.shape(), "{case}");
-        let worst = got
-            .pixels
-            .iter()
-            .zip(want.iter())
-            .map(|(&g, &w)| (f32::from(g) - w * 255.0).abs())
-            .fold(0.0, f32::max);
+        let want = common::read_f32(&refs.join("image.npy"));
+        let worst = common::worst_pixel(&png, want.view());
         eprintln!("{case}: worst pixel {worst}/255");
         assert!(worst <= 2.0, "{case}: a pixel {worst}/255 off");
     }

@@ -213,14 +213,7 @@ fn generate_gives_the_sdxl_pipelines_image() {
         let o = common::attune(&args);
         assert!(o.status.success(), "{case}: {}", common::stderr(&o));
         let want = read_f32(&refs.join("image.npy"));
-        let got = attune_runtime::image::read_png(&png).unwrap();
-        assert_eq!([1, got.height, got.width, 3], want.shape(), "{case}");
-        let worst = got
-            .pixels
-            .iter()
-            .zip(want.iter())
-            .map(|(&g, &w)| (f32::from(g) - w * 255.0).abs())
-            .fold(0.0, f32::max);
+        let worst = common::worst_pixel(&png, want.view());
         eprintln!("{case}: worst pixel {worst}/255");
         assert!(worst <= 2.0, "{case}: a pixel {worst}/255 off");
     }

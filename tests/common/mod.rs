@@ -332,3 +332,21 @@ pub fn max_abs(a: &ndarray::ArrayD<f32>, b: &ndarray::ArrayD<f32>) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// The largest difference, in 1/255 steps, between a written PNG and diffusers' float image
+/// of it ([1, H, W, 3] or [H, W, 3] in [0, 1]); the shapes must agree.
+pub fn worst_pixel(png: &Path, want: ndarray::ArrayViewD<f32>) -> f32 {
+    let got = attune_runtime::image::read_png(png).unwrap();
+    let shape = want.shape();
+    assert_eq!(
+        [got.height, got.width, 3],
+        shape[shape.len() - 3..],
+        "{}",
+        png.display()
+    );
+    got.pixels
+        .iter()
+        .zip(want.iter())
+        .map(|(&g, &w)| (f32::from(g) - w * 255.0).abs())
+        .fold(0.0, f32::max)
+}
