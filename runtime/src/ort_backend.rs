@@ -187,13 +187,19 @@ impl OrtSession {
                     None
                 };
                 match hit {
-                    Some(session) => (session, Cached::Hit),
+                    Some(session) => {
+                        session_cache::touch(&entry);
+                        (session, Cached::Hit)
+                    }
                     None => {
                         let staged = session_cache::staging(&entry)?;
                         let b = saving(builder(level)?, &staged)?;
                         match commit(b, model) {
                             Ok(session) => {
                                 session_cache::publish(&staged, &entry);
+                                if let Some(root) = &opts.session_cache {
+                                    session_cache::prune(root, &entry, session_cache::limit());
+                                }
                                 (session, Cached::Saved(session_cache::size(&entry)))
                             }
                             // ORT could not save this graph (a full disk, an op it cannot

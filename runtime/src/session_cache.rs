@@ -121,6 +121,50 @@ pub fn publish(staged: &Path, entry: &Entry) {
     }
 }
 
+/// Marks an entry used now (the least recently used go first when the cache is full).
+pub fn touch(entry: &Entry) {
+    if let Ok(f) = std::fs::File::options().write(true).open(entry.model()) {
+        let _ = f.set_modified(std::time::SystemTime::now());
+    }
+}
+
+/// The most the cache holds: `$ATTUNE_SESSION_CACHE_GB` GB, else 16.
+pub fn limit() -> u64 {
+    let gb = std::env::var("ATTUNE_SESSION_CACHE_GB")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|g| g.is_finite() && *g >= 0.0)
+        .unwrap_or(16.0);
+    (gb * 1e9) as u64
+}
+
+/// Removes the least recently used entries of `root` beyond `max` bytes, never `keep` (every
+/// recompiled model makes a new entry, as large as its weights).
+pub fn prune(root: &Path, keep: &Entry, max: u64) {
+    let Ok(dirs) = std::fs::read_dir(root) else {
+        return;
+    };
+    let mut entries: Vec<(std::time::SystemTime, u64, PathBuf)> = dirs
+        .filter_map(|d| {
+            let dir = d.ok()?.path();
+            let e = Entry {
+                dir: dir.clone(),
+                hit: true,
+            };
+            let used = std::fs::metadata(e.model()).ok()?.modified().ok()?;
+            Some((used, size(&e), dir))
+        })
+        .collect();
+    entries.sort_by(|a, b| b.0.cmp(&a.0));
+    let mut total = 0u64;
+    for (_, bytes, dir) in entries {
+        total += bytes;
+        if total > max && dir != keep.dir {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
 /// Removes an entry ORT could not load (a disk error, a file removed by hand).
 pub fn discard(entry: &Entry) {
     let _ = std::fs::remove_dir_all(&entry.dir);
@@ -166,5 +210,32 @@ mod tests {
         assert!(!staged.exists());
         assert!(entry(&root, &model, "cpu all").unwrap().hit);
         assert_eq!(size(&c), 2);
+
+        // Full: the least recently used go, never the one just made.
+        let d = entry(&root, &model, "cpu extended").unwrap();
+        let staged = staging(&d).unwrap();
+        std::fs::write(staged.join(MODEL), b"xx").unwrap();
+        std::fs::write(staged.join(DATA), b"yy").unwrap();
+        publish(&staged, &d);
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        for e in [&c, &d] {
+            let f = std::fs::File::options()
+                .write(true)
+                .open(e.model())
+                .unwrap();
+            f.set_modified(old).unwrap();
+        }
+        touch(&c);
+        prune(&root, &d, 5);
+        assert!(
+            c.dir.exists() && d.dir.exists(),
+            "the entry just made stays"
+        );
+        prune(&root, &c, 5);
+        assert!(c.dir.exists(), "the most recently used stays");
+        assert!(
+            !d.dir.exists(),
+            "c (2 bytes, used now) + d (4) is over 5: d goes"
+        );
     }
 }
