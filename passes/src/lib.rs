@@ -1,5 +1,6 @@
 //! attune-passes: the rewrites `attune compile` runs, one module per pass.
 pub mod attention;
+pub mod cache;
 pub mod canonical;
 pub mod cleanup;
 pub mod controller;

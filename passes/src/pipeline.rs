@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use attune_compiler::pass::PassManager;
 
 use crate::attention::{AttentionPass, FeatureMap, Mode, Target as AttentionTarget};
+use crate::cache::{StepCache, StepCachePass};
 use crate::canonical::Canonicalize;
 use crate::controller::{ControllerPass, Hook};
 use crate::glob::Globs;
@@ -183,6 +184,14 @@ pub struct Options {
     pub tome: TomeArgs,
     #[cfg_attr(feature = "cli", command(flatten))]
     pub hooks: HookOptions,
+    /// Split the denoiser for step caching: deepcache[:BRANCH] (DeepCache's cache_branch_id,
+    /// default 0) makes the deep part of a UNet run on refresh steps only; the runtime reuses
+    /// its feature in between (`sample`/`generate --cache-interval N`)
+    #[cfg_attr(
+        feature = "cli",
+        arg(long = "step-cache", id = "step_cache", value_name = "KIND[:ARG]")
+    )]
+    pub step_cache: Option<String>,
     /// copy: one self-contained data file; link: keep the original data (referenced in place,
     /// else reflinked or copied), write only changed tensors
     #[cfg_attr(feature = "cli", arg(long, value_enum, default_value_t))]
@@ -421,6 +430,7 @@ impl Options {
             || self.fix_shapes.is_some()
             || !self.disable_fusions.is_empty()
             || !self.enable_fusions.is_empty()
+            || self.step_cache.is_some()
     }
 
     /// Does the compiled model compute something else than the original?
@@ -607,6 +617,12 @@ pub fn build(o: &Options) -> Result<PassManager, String> {
         pm.add(PrecisionPass {
             precision,
             keep_io_types: o.keep_io_types,
+        });
+    }
+    if let Some(text) = &o.step_cache {
+        // Last: the split moves the deep part into a branch the other passes do not enter.
+        pm.add(StepCachePass {
+            cache: StepCache::parse(text)?,
         });
     }
     pm.add(SupportCheck { target });

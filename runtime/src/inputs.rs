@@ -165,6 +165,22 @@ pub fn prepare(
             )));
         }
     }
+    // Random data would decide what a step-cached UNet computes, and from what.
+    for cache in [
+        crate::sample::step_cache::REFRESH_INPUT,
+        crate::sample::step_cache::CACHED_INPUT,
+    ] {
+        if specs.iter().any(|s| s.name == cache) && !given.iter().any(|(n, _)| n == cache) {
+            return Err(Error::Input {
+                input: cache.into(),
+                msg: format!(
+                    "the model is split for DeepCache (compile --step-cache) and takes the cache as inputs: give {} (bool [], true computes every block) and {} (the deepcache.feature output of an earlier step; an empty [0, 0, 0, 0] tensor when refreshing) with --input, or sample it with `attune sample`/`generate --cache-interval N`",
+                    crate::sample::step_cache::REFRESH_INPUT,
+                    crate::sample::step_cache::CACHED_INPUT
+                ),
+            });
+        }
+    }
     let mut dims = dims.clone();
     // Sizes the given inputs imply for symbols, checked for consistency.
     let mut seen: BTreeMap<String, (i64, String)> = BTreeMap::new();

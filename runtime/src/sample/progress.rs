@@ -13,6 +13,8 @@ pub struct Step {
     pub timestep: f64,
     /// Wall time of this step.
     pub seconds: f64,
+    /// With a step cache: whether this step computed the cached part (else it reused it).
+    pub refreshed: Option<bool>,
 }
 
 /// Writes `Step`s to stderr.
@@ -58,8 +60,13 @@ pub fn line(s: Step) -> String {
             std::cmp::Ordering::Greater => ' ',
         })
         .collect();
+    let cache = match s.refreshed {
+        Some(true) => " (deep part computed)",
+        Some(false) => " (deep part cached)",
+        None => "",
+    };
     format!(
-        "step {}/{} [{bar}] t={} {:.3} s/step",
+        "step {}/{} [{bar}] t={} {:.3} s/step{cache}",
         s.done, s.of, s.timestep, s.seconds
     )
 }
@@ -75,6 +82,7 @@ mod tests {
             of: 4,
             timestep: 501.0,
             seconds: 0.25,
+            refreshed: None,
         });
         assert!(l.starts_with("step 2/4 [==========>"), "{l}");
         assert!(l.ends_with("t=501 0.250 s/step"), "{l}");

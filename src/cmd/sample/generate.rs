@@ -100,6 +100,8 @@ pub struct Args {
     /// Print nothing but errors and warnings (no progress, no "wrote" lines)
     #[arg(long, short)]
     quiet: bool,
+    #[command(flatten)]
+    cache: super::StepCacheArgs,
 }
 
 /// img2img and inpainting (diffusers' StableDiffusionImg2ImgPipeline and
@@ -287,6 +289,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             cuda_graph: false,
             reference: None,
             tol: super::DEFAULT_TOL,
+            cache: args.cache.clone(),
         };
         let (_, latents) = denoise(
             sample_args,

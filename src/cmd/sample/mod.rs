@@ -18,6 +18,9 @@ use super::numeric::{DEFAULT_TOL, tolerance};
 pub mod generate;
 mod heatmaps;
 mod model;
+mod step_cache;
+
+pub use step_cache::StepCacheArgs;
 
 use heatmaps::{write_heatmaps, write_prompt_heatmaps};
 use model::{latent_channels, map_resolutions, patch_size, timestep_form};
@@ -96,6 +99,8 @@ pub struct Args {
     /// Largest relative L2 error of the final latents against --reference that passes
     #[arg(long, value_name = "T", default_value_t = DEFAULT_TOL, value_parser = tolerance, requires = "reference")]
     tol: f64,
+    #[command(flatten)]
+    cache: StepCacheArgs,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -241,6 +246,8 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         "img_ids",
         "txt_ids",
         "guidance",
+        sample::step_cache::REFRESH_INPUT,
+        sample::step_cache::CACHED_INPUT,
     ];
     if let Some(s) = specs
         .iter()
@@ -598,6 +605,7 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         init: None,
         progress: None,
         extra,
+        step_cache: args.cache.schedule()?,
     };
     let mut bar = sample::progress::Bar::stderr();
     let mut report = |s: sample::progress::Step| bar.report(s);
@@ -607,7 +615,19 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         ..run
     };
     let schedule_name = run.scheduler.name();
-    let (x, maps) = sample::sample(&mut unet, run)?;
+    let sample::Sampled {
+        latents: x,
+        maps,
+        step_cache,
+    } = sample::sample(&mut unet, run)?;
+    if let Some((computed, cached)) = &step_cache {
+        let steps: Vec<String> = computed.iter().map(|k| k.to_string()).collect();
+        eprintln!(
+            "DeepCache: deep part computed on {} steps ({}), reused on {cached}",
+            computed.len(),
+            steps.join(", ")
+        );
+    }
     if returned {
         // `attune generate`: maps next to its images.
         if !args.save_maps.is_empty() {

@@ -1,0 +1,229 @@
+//! Step caching at run time: on which steps a DeepCache-split UNet computes its deep part,
+//! and the feature it reuses in between.
+use ndarray::{ArrayD, IxDyn};
+
+use crate::error::{Error, Result};
+use crate::tensor::HostTensor;
+
+/// The inputs and output a split UNet is run by (`attune compile --step-cache deepcache`).
+pub const REFRESH_INPUT: &str = "deepcache.refresh";
+pub const CACHED_INPUT: &str = "deepcache.cached_feature";
+pub const FEATURE_OUTPUT: &str = "deepcache.feature";
+
+/// When the deep part is recomputed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Schedule {
+    /// Steps 0, N, 2N, ... (`DeepCacheSDHelper.set_params(cache_interval=N, skip_mode='uniform')`).
+    Uniform { interval: usize },
+    /// The refresh steps of DeepCache's own pipelines (`uniform=False`): ⌈steps / N⌉ of them,
+    /// denser around step `center` (`sample_from_quad_center`).
+    NonUniform {
+        interval: usize,
+        center: usize,
+        pow: f64,
+    },
+}
+
+impl Schedule {
+    /// The loop steps (0-based, of `steps`) that compute the deep part.
+    pub fn refresh_steps(&self, steps: usize) -> Result<Vec<usize>> {
+        match *self {
+            Schedule::Uniform { interval } | Schedule::NonUniform { interval, .. }
+                if interval == 0 =>
+            {
+                Err(Error::Inputs("--cache-interval must be at least 1".into()))
+            }
+            Schedule::Uniform { interval } => Ok((0..steps).step_by(interval).collect()),
+            Schedule::NonUniform { interval: 1, .. } => Ok((0..steps).collect()),
+            Schedule::NonUniform {
+                interval,
+                center,
+                pow,
+            } => quad_center(steps, steps.div_ceil(interval), center, pow),
+        }
+    }
+}
+
+/// DeepCache's `sample_from_quad_center`: `samples` step indices, 0 first, spaced as
+/// `x^pow` for x evenly spaced over [(-center)^(1/pow), (steps-center)^(1/pow)], so they
+/// crowd around `center`; `pow` drops by 0.02 until the indices are distinct. As in Python,
+/// (-center)^(1/pow) is complex (principal branch) and the indices are the real parts,
+/// truncated.
+fn quad_center(steps: usize, samples: usize, center: usize, mut pow: f64) -> Result<Vec<usize>> {
+    if center > steps {
+        return Err(Error::Inputs(format!(
+            "--cache-center {center} is past the {steps} steps"
+        )));
+    }
+    let c = center as f64;
+    while pow > 1.0 {
+        // a = (-c)^(1/pow), the principal complex root; b = (steps - c)^(1/pow), real.
+        let (a_mod, a_arg) = (
+            c.powf(1.0 / pow),
+            if c > 0.0 {
+                std::f64::consts::PI / pow
+            } else {
+                0.0
+            },
+        );
+        let (ar, ai) = (a_mod * a_arg.cos(), a_mod * a_arg.sin());
+        let b = (steps as f64 - c).powf(1.0 / pow);
+        let mut ints: Vec<i64> = (0..=samples)
+            .map(|k| {
+                // np.linspace: a + k·(b - a)/n, the last point exactly b.
+                let (re, im) = if k == samples {
+                    (b, 0.0)
+                } else {
+                    let f = k as f64 / samples as f64;
+                    (ar + f * (b - ar), ai - f * ai)
+                };
+                let (m, arg) = (re.hypot(im), im.atan2(re));
+                let real = if m == 0.0 {
+                    0.0
+                } else {
+                    m.powf(pow) * (pow * arg).cos()
+                };
+                real.trunc() as i64
+            })
+            .collect();
+        ints.sort_unstable();
+        ints.dedup();
+        let inner = ints.get(1..ints.len().saturating_sub(1)).unwrap_or(&[]);
+        let indices: Vec<i64> = std::iter::once(0)
+            .chain(inner.iter().map(|x| x + center as i64))
+            .collect();
+        if indices.len() == samples {
+            let mut out: Vec<usize> = indices.into_iter().map(|i| i.max(0) as usize).collect();
+            out.sort_unstable();
+            return Ok(out);
+        }
+        pow -= 0.02;
+    }
+    Err(Error::Inputs(format!(
+        "--cache-mode non-uniform: no power above 1 gives {samples} distinct refresh steps of {steps} around --cache-center {center} (DeepCache's sample_from_quad_center fails the same way): lower the center or the interval"
+    )))
+}
+
+/// The feature carried between steps.
+pub struct DeepCache {
+    refresh: Vec<bool>,
+    feature: Option<HostTensor>,
+    /// The loop steps that computed the deep part.
+    pub computed: Vec<usize>,
+    /// How many steps reused it.
+    pub cached: usize,
+}
+
+impl DeepCache {
+    /// For a loop of `steps` steps (img2img: the steps it runs).
+    pub fn new(schedule: Schedule, steps: usize) -> Result<DeepCache> {
+        let mut refresh = vec![false; steps];
+        for s in schedule.refresh_steps(steps)? {
+            if let Some(r) = refresh.get_mut(s) {
+                *r = true;
+            }
+        }
+        Ok(DeepCache {
+            refresh,
+            feature: None,
+            computed: Vec::new(),
+            cached: 0,
+        })
+    }
+
+    /// Does loop step `k` compute the deep part? (Always the first, with nothing cached.)
+    pub fn refreshes(&self, k: usize) -> bool {
+        self.feature.is_none() || self.refresh.get(k).copied().unwrap_or(true)
+    }
+
+    /// The two inputs for loop step `k`.
+    pub fn inputs(
+        &self,
+        k: usize,
+        feature_type: crate::tensor::DType,
+    ) -> Result<Vec<(String, HostTensor)>> {
+        let refresh = self.refreshes(k);
+        let flag = HostTensor::Bool(ArrayD::from_elem(IxDyn(&[]), refresh));
+        let cached = match (&self.feature, refresh) {
+            (Some(f), false) => f.clone(),
+            // Not read on refresh steps: an empty tensor of the declared type.
+            _ => HostTensor::from_le_bytes(feature_type, &[0, 0, 0, 0], &[], CACHED_INPUT)?,
+        };
+        Ok(vec![
+            (REFRESH_INPUT.to_string(), flag),
+            (CACHED_INPUT.to_string(), cached),
+        ])
+    }
+
+    /// Keeps the feature a step returned.
+    pub fn after(&mut self, k: usize, outputs: &[(String, HostTensor)]) -> Result<()> {
+        if self.refreshes(k) {
+            let Some((_, f)) = outputs.iter().find(|(n, _)| n == FEATURE_OUTPUT) else {
+                return Err(Error::Inputs(format!(
+                    "the UNet has input {REFRESH_INPUT} but no output {FEATURE_OUTPUT}: compile it again with --step-cache deepcache"
+                )));
+            };
+            self.feature = Some(f.clone());
+            self.computed.push(k);
+        } else {
+            self.cached += 1;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// DeepCache's `sample_from_quad_center(steps, n, center, pow)` as its pipelines call it
+    /// (run with deepcache 0.1.1 and numpy, models/export/deepcache_ref.py's copy of it).
+    #[test]
+    fn non_uniform_steps_are_deepcache_pipelines() {
+        let cases: &[(usize, usize, usize, f64, &[usize])] = &[
+            (10, 4, 4, 1.4, &[0, 3, 4, 7]),
+            (50, 10, 15, 1.4, &[0, 5, 9, 13, 17, 21, 26, 31, 37, 43]),
+            (
+                50,
+                17,
+                15,
+                1.4,
+                &[
+                    0, 3, 6, 8, 11, 13, 15, 17, 20, 22, 25, 28, 32, 35, 38, 42, 46,
+                ],
+            ),
+            (20, 7, 5, 1.4, &[0, 3, 5, 6, 9, 12, 16]),
+            (20, 10, 10, 1.2, &[0, 3, 5, 7, 9, 10, 11, 13, 15, 17]),
+            (25, 5, 0, 1.4, &[0, 2, 6, 12, 18]),
+            (
+                100,
+                20,
+                30,
+                1.5,
+                &[
+                    0, 5, 9, 13, 17, 21, 25, 29, 33, 37, 42, 47, 52, 57, 63, 68, 74, 80, 86, 93,
+                ],
+            ),
+            (20, 4, 15, 1.4, &[0, 7, 12, 16]),
+            (8, 4, 4, 1.4, &[0, 3, 4, 5]),
+        ];
+        for &(steps, n, center, pow, want) in cases {
+            let got = quad_center(steps, n, center, pow).unwrap();
+            assert_eq!(
+                got, want,
+                "steps {steps}, n {n}, center {center}, pow {pow}"
+            );
+        }
+        let err = quad_center(10, 9, 4, 1.4).unwrap_err().to_string();
+        assert!(err.contains("no power above 1"), "{err}");
+    }
+
+    #[test]
+    fn uniform_steps_are_every_nth_and_interval_zero_is_refused() {
+        let s = Schedule::Uniform { interval: 3 };
+        assert_eq!(s.refresh_steps(10).unwrap(), vec![0, 3, 6, 9]);
+        let every = Schedule::Uniform { interval: 1 };
+        assert_eq!(every.refresh_steps(4).unwrap(), vec![0, 1, 2, 3]);
+        assert!(Schedule::Uniform { interval: 0 }.refresh_steps(4).is_err());
+    }
+}

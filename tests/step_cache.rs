@@ -1,0 +1,314 @@
+//! DeepCache: `compile --step-cache deepcache[:BRANCH]` and `sample --cache-interval`, against
+//! DeepCache's own helper (the `deepcache` package) on the tiny SD1.5- and SDXL-like UNets
+//! (`models/deepcache/`, made by `models/export/deepcache_ref.py`), and the inputs refused.
+use std::path::{Path, PathBuf};
+
+mod common;
+
+use common::{attune, compile_into, fixture, read_f32, stderr, stdout};
+
+fn refs(name: &str) -> PathBuf {
+    common::root().join("models/deepcache").join(name)
+}
+
+fn rel_l2(a: &ndarray::ArrayD<f32>, b: &ndarray::ArrayD<f32>) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// `attune sample` with the reference's inputs; returns (final latents, stderr).
+fn sample(model: &Path, name: &str, out: &Path, extra: &[&str]) -> (ndarray::ArrayD<f32>, String) {
+    let r = refs(name);
+    let p = |f: &str| r.join(f).to_str().unwrap().to_string();
+    let mut args: Vec<String> = [
+        "sample",
+        "--unet",
+        model.to_str().unwrap(),
+        "--steps",
+        "10",
+        "--guidance",
+        "5",
+        "--scheduler-config",
+        &p("scheduler_config.json"),
+        "--cond",
+        &p("cond.npy"),
+        "--uncond",
+        &p("uncond.npy"),
+        "--latents",
+        &p("latents.npy"),
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if r.join("text_embeds_cond.npy").exists() {
+        args.extend(["--pooled-cond".into(), p("text_embeds_cond.npy")]);
+        args.extend(["--pooled-uncond".into(), p("text_embeds_uncond.npy")]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = attune(&args);
+    assert!(o.status.success(), "{args:?}: {}{}", stdout(&o), stderr(&o));
+    (read_f32(&out.join("latents.npy")), stderr(&o))
+}
+
+fn cases(name: &str) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(refs(name).join("cases.json")).unwrap();
+    let m: serde_json::Value = serde_json::from_str(&text).unwrap();
+    m["cases"].as_array().unwrap().clone()
+}
+
+/// Every case: branches 0, 1 and 3, intervals 1-3, uniform and the pipelines' non-uniform
+/// steps, on the plain split and (SD1.5) with fused attention: within rel L2 1e-4 of the
+/// helper's latents, on the same refresh steps, and far from the uncached latents (so caching
+/// happened).
+#[test]
+fn cached_sampling_follows_deepcaches_helper() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["sd15_legacy", "sdxl_legacy"] {
+        let unet = fixture(name);
+        let uncached = read_f32(&refs(name).join("uncached.npy"));
+        for case in cases(name) {
+            let branch = case["branch"].as_u64().unwrap().to_string();
+            let interval = case["interval"].as_u64().unwrap().to_string();
+            let non_uniform = case["mode"] == "non-uniform";
+            let step_cache = format!("deepcache:{branch}");
+            let mut variants = vec![vec!["--step-cache", step_cache.as_str()]];
+            if name == "sd15_legacy" && case["case"] == "uniform_i3_b0" {
+                variants.push(vec![
+                    "--step-cache",
+                    step_cache.as_str(),
+                    "--attention",
+                    "flash",
+                ]);
+            }
+            for flags in variants {
+                let (model, _) = compile_into(dir.path(), &unet, &flags);
+                let mut extra = vec!["--cache-interval", interval.as_str()];
+                if non_uniform {
+                    extra.extend([
+                        "--cache-mode",
+                        "non-uniform",
+                        "--cache-center",
+                        "4",
+                        "--cache-pow",
+                        "1.4",
+                    ]);
+                }
+                let out = dir.path().join(format!("out_{name}"));
+                let (got, err) = sample(&model, name, &out, &extra);
+                let want =
+                    read_f32(&refs(name).join(format!("{}.npy", case["case"].as_str().unwrap())));
+                let e = rel_l2(&got, &want);
+                assert!(
+                    e < 1e-4,
+                    "{name} {} {flags:?}: rel L2 {e:.3e} from DeepCache's helper",
+                    case["case"]
+                );
+                let steps: Vec<String> = case["refresh"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+                let line = format!(
+                    "deep part computed on {} steps ({})",
+                    steps.len(),
+                    steps.join(", ")
+                );
+                assert!(
+                    err.contains(&line),
+                    "{name} {}: want '{line}' in\n{err}",
+                    case["case"]
+                );
+                if interval != "1" {
+                    let from_uncached = rel_l2(&got, &uncached);
+                    assert!(
+                        from_uncached > 1e-2,
+                        "{name} {}: only {from_uncached:.1e} from the uncached latents",
+                        case["case"]
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Interval 1 computes every step: the uncached sampler's result (within ONNX Runtime's
+/// optimiser, which fuses the If branch's nodes separately: 2e-6 here); with its
+/// optimisations off a split UNet's step is the unsplit one bit for bit.
+#[test]
+fn interval_one_is_the_uncached_sampler() {
+    let dir = tempfile::tempdir().unwrap();
+    let unet = fixture("sd15_legacy");
+    let (split, _) = compile_into(dir.path(), &unet, &["--step-cache", "deepcache:0"]);
+    let (canonical, _) = compile_into(dir.path(), &unet, &["--canonical"]);
+    let (plain, _) = sample(&canonical, "sd15_legacy", &dir.path().join("a"), &[]);
+    let (every, err) = sample(
+        &split,
+        "sd15_legacy",
+        &dir.path().join("b"),
+        &["--cache-interval", "1"],
+    );
+    assert!(err.contains("reused on 0"), "{err}");
+    let e = rel_l2(&every, &plain);
+    assert!(
+        e < 1e-5,
+        "interval 1: rel L2 {e:.3e} from the uncached sampler"
+    );
+    let inputs = common::root().join("models/sd15_legacy/inputs");
+    let flag = dir.path().join("refresh.npy");
+    let empty = dir.path().join("empty.npy");
+    attune_runtime::npy::write(
+        &flag,
+        &attune_runtime::HostTensor::Bool(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), true)),
+    )
+    .unwrap();
+    attune_runtime::npy::write(
+        &empty,
+        &attune_runtime::HostTensor::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(&[0, 0, 0, 0]))),
+    )
+    .unwrap();
+    let off = ["--opt-level".to_string(), "disable".to_string()];
+    let want = common::run_unet(&canonical, &inputs, &off);
+    let mut extra = off.to_vec();
+    extra.extend([
+        "--input".into(),
+        format!("deepcache.refresh={}", flag.display()),
+        "--input".into(),
+        format!("deepcache.cached_feature={}", empty.display()),
+    ]);
+    let got = common::run_unet(&split, &inputs, &extra);
+    assert_eq!(
+        want.to_f64(),
+        got.to_f64(),
+        "a refresh step of the split UNet, optimiser off"
+    );
+}
+
+#[test]
+fn the_split_is_reported_and_its_weights_are_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let unet = fixture("sd15_legacy");
+    let (split, out) = compile_into(dir.path(), &unet, &["--step-cache", "deepcache:3"]);
+    assert!(
+        out.contains("DeepCache branch 3: the feature entering up_blocks.1.resnets.1 is cached"),
+        "{out}"
+    );
+    assert!(out.contains("mid_block"), "{out}");
+    let data = |p: &Path| {
+        std::fs::metadata(p.with_extension("onnx.data"))
+            .unwrap()
+            .len()
+    };
+    assert_eq!(data(&split), data(&unet), "one data file, each weight once");
+    let o = attune(&["inspect", split.to_str().unwrap()]);
+    let text = stdout(&o);
+    assert!(text.contains("deepcache.refresh bool[]"), "{text}");
+}
+
+#[test]
+fn bad_requests_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let unet = fixture("sd15_legacy");
+    let out = dir.path().join("x.onnx");
+    let refused = |model: &Path, flag: &str, want: &str| {
+        let o = common::compile_to(model, &out, &["--step-cache", flag]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{flag}: {err}");
+        assert!(err.contains(want), "{flag}: want '{want}' in {err}");
+        assert!(!out.exists(), "{flag}: nothing written");
+    };
+    refused(
+        &unet,
+        "deepcache:9",
+        "the UNet has 3 up blocks (branches 0..8)",
+    );
+    refused(&unet, "deepcache:-1", "the branch must be a whole number");
+    refused(&unet, "deepcache:x", "the branch must be a whole number");
+    refused(&unet, "deepcache2", "'deepcache2' is not one of deepcache");
+    refused(
+        &fixture("pixart_legacy"),
+        "deepcache",
+        "DeepCache needs a UNet",
+    );
+    // A split UNet run without its cache inputs, and caching asked of an unsplit one.
+    let (split, _) = compile_into(dir.path(), &unet, &["--step-cache", "deepcache"]);
+    let o = attune(&[
+        "run",
+        split.to_str().unwrap(),
+        "--input",
+        common::root()
+            .join("models/sd15_legacy/inputs")
+            .to_str()
+            .unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("deepcache.refresh"), "{}", stderr(&o));
+    for (model, flags, want) in [
+        (
+            &unet,
+            vec!["--cache-interval", "3"],
+            "compile it with --step-cache deepcache",
+        ),
+        (&split, vec!["--cache-interval", "0"], "--cache-interval 0"),
+        (
+            &split,
+            vec![
+                "--cache-interval",
+                "3",
+                "--cache-mode",
+                "non-uniform",
+                "--cache-center",
+                "11",
+            ],
+            "--cache-center 11 is past the 10 steps",
+        ),
+        (
+            &split,
+            vec![
+                "--cache-interval",
+                "2",
+                "--cache-mode",
+                "non-uniform",
+                "--cache-pow",
+                "0.5",
+            ],
+            "--cache-pow 0.5",
+        ),
+    ] {
+        let r = refs("sd15_legacy");
+        let mut args = vec![
+            "sample".to_string(),
+            "--unet".into(),
+            model.to_str().unwrap().into(),
+            "--steps".into(),
+            "10".into(),
+            "--cond".into(),
+            r.join("cond.npy").to_str().unwrap().into(),
+            "--uncond".into(),
+            r.join("uncond.npy").to_str().unwrap().into(),
+            "--height".into(),
+            "16".into(),
+            "--width".into(),
+            "16".into(),
+            "--out".into(),
+            dir.path().join("bad").to_str().unwrap().into(),
+        ];
+        args.extend(flags.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = attune(&args);
+        assert_ne!(o.status.code(), Some(0), "{flags:?}");
+        assert!(
+            stderr(&o).contains(want),
+            "{flags:?}: want '{want}' in {}",
+            stderr(&o)
+        );
+        assert!(
+            !dir.path().join("bad/latents.npy").exists(),
+            "{flags:?}: nothing written"
+        );
+    }
+}
