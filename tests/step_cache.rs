@@ -207,6 +207,10 @@ fn the_split_is_reported_and_its_weights_are_stored_once() {
     let o = attune(&["inspect", split.to_str().unwrap()]);
     let text = stdout(&o);
     assert!(text.contains("deepcache.refresh bool[]"), "{text}");
+    assert!(
+        text.contains("step cache  DeepCache: ") && text.contains("mid_block"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -311,4 +315,79 @@ fn bad_requests_are_refused_by_name() {
             "{flags:?}: nothing written"
         );
     }
+}
+
+/// `compile DIR --step-cache` splits the pipeline's UNet only, and `generate --cache-interval`
+/// runs it: the refresh steps reported, interval 1 the uncached image, interval 3 close to it
+/// but not equal.
+#[test]
+fn generate_runs_a_split_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = common::root().join("models/pipelines/sd15_tiny");
+    let split = dir.path().join("split");
+    let o = attune(&[
+        "compile",
+        folder.to_str().unwrap(),
+        "-o",
+        split.to_str().unwrap(),
+        "--step-cache",
+        "deepcache:1",
+    ]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("not applied: --step-cache"), "{text}");
+    assert!(text.contains("DeepCache branch 1"), "{text}");
+    let image = |model: &Path, png: &str, extra: &[&str]| {
+        let out = dir.path().join(png);
+        let mut args = vec![
+            "generate",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a red cat",
+            "--steps",
+            "9",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let o = attune(&args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        let pixels = attune_runtime::image::read_png(&out).unwrap();
+        (
+            pixels
+                .pixels
+                .iter()
+                .map(|v| *v as f32)
+                .collect::<Vec<f32>>(),
+            stderr(&o),
+        )
+    };
+    let (plain, _) = image(&folder, "plain.png", &[]);
+    let (every, _) = image(&split, "every.png", &["--cache-interval", "1"]);
+    let (cached, err) = image(&split, "cached.png", &["--cache-interval", "3"]);
+    assert!(
+        err.contains("deep part computed on 3 steps (0, 3, 6), reused on 6"),
+        "{err}"
+    );
+    let worst = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    assert!(
+        worst(&plain, &every) <= 1.0,
+        "interval 1: {} levels apart",
+        worst(&plain, &every)
+    );
+    let mean = plain
+        .iter()
+        .zip(&cached)
+        .map(|(x, y)| (x - y).abs())
+        .sum::<f32>()
+        / plain.len() as f32;
+    assert!(
+        mean > 0.1 && mean < 10.0,
+        "interval 3: mean {mean} levels from the uncached image"
+    );
 }

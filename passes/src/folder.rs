@@ -437,6 +437,12 @@ pub fn plan(pipeline: &Pipeline, o: &Options) -> Result<Vec<Plan>> {
                 reason: "attention-control hooks are on the denoiser's attention".into(),
             });
         }
+        if o.step_cache.is_some() {
+            not.push(NotApplied {
+                option: "--step-cache",
+                reason: "step caching reuses the denoiser's work across steps".into(),
+            });
+        }
         // transformers runs T5 in fp16 only with clamps on its feed-forward outputs (they
         // overflow fp16) that exist only in an fp16 torch model, never in an fp32 export.
         if c.role == Role::TextEncoder

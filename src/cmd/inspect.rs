@@ -23,12 +23,17 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let model = super::load(&args.model)?;
     let s = summary::summarize(&model);
     let written_out = layer_norm::written_out(&model);
+    let step_cache = attune_passes::cache::describe(&model);
     if args.json {
         let mut v = serde_json::to_value(&s)?;
         v["layer_norms_written_out"] = written_out.into();
+        v["step_cache"] = step_cache.into();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", render(&args.model, &s, args.depth));
+        if let Some(split) = step_cache {
+            println!("step cache  {split}");
+        }
         if written_out > 0 {
             println!(
                 "note: {written_out} LayerNorms are written out (opset {}: no LayerNormalization op); \

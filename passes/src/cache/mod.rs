@@ -195,3 +195,35 @@ fn top_modules(g: &Graph, nodes: &[attune_compiler::ir::NodeId]) -> Vec<String> 
     }
     out
 }
+
+/// How a step-cache split shows in `inspect`: the nodes that run on refresh steps only, by
+/// block, and the inputs and output the runtime drives it by. `None` for a graph not split.
+pub fn describe(model: &Model) -> Option<String> {
+    let g = &model.graph;
+    let refresh = g.value_id(DEEPCACHE_IO.refresh)?;
+    let switch = g.readers(refresh).into_iter().find(|n| g.node(*n).is("If"))?;
+    let branch = g.node(switch).attr("then_branch")?.g.as_ref()?;
+    let strip = model
+        .module_prefix
+        .split('.')
+        .filter(|c| !c.is_empty())
+        .count();
+    let mut blocks: Vec<String> = Vec::new();
+    for n in &branch.node {
+        let scope = attune_compiler::module_path::scope(n).unwrap_or_default();
+        if let Some(top) = scope.get(strip)
+            && !blocks.contains(top)
+        {
+            blocks.push(top.clone());
+        }
+    }
+    Some(format!(
+        "DeepCache: {} nodes ({}) run on refresh steps only, in If '{}'; inputs {} and {}, output {}",
+        branch.node.len(),
+        blocks.join(", "),
+        g.node(switch).name(),
+        DEEPCACHE_IO.refresh,
+        DEEPCACHE_IO.cached,
+        DEEPCACHE_IO.value
+    ))
+}

@@ -6,6 +6,7 @@
 use std::collections::HashSet;
 
 use attune_compiler::analysis::types::ElemTypes;
+use attune_compiler::analysis::{Dim, Shapes};
 use attune_compiler::error::{Error, Result};
 use attune_compiler::ir::{Model, NodeId, ValueId};
 use attune_compiler::onnx::attribute_proto::AttributeType;
@@ -94,9 +95,8 @@ pub fn make_switchable(
         .get(cut)
         .unwrap_or(DataType::Float as i32);
     let elem = DataType::try_from(elem).unwrap_or(DataType::Float);
-    let rank = attune_compiler::analysis::shapes::Shapes::infer(model)
-        .shape(cut)
-        .map(|s| s.len());
+    let shape: Option<Vec<Dim>> = Shapes::infer(model).shape(cut).map(<[Dim]>::to_vec);
+    let rank = shape.as_ref().map(Vec::len);
     let inside: HashSet<NodeId> = region.iter().copied().collect();
     let mut free: Vec<ValueId> = Vec::new();
     for &n in region {
@@ -159,7 +159,7 @@ pub fn make_switchable(
         Some(last),
     );
     p.replace(cut, In::New(switched.clone()));
-    p.graph_output(In::New(switched), io.value, elem, &module, Some(last));
+    p.graph_output(In::New(switched.clone()), io.value, elem, &module, Some(last));
     let computed: Vec<ValueId> = region
         .iter()
         .flat_map(|n| g.node(*n).outputs.iter().flatten().copied())
@@ -175,6 +175,22 @@ pub fn make_switchable(
         .expect("the patch adds the If");
     for v in free {
         g.add_implicit_input(if_node, v);
+    }
+    // The If's output has the region's shape: analyses of the split graph (inspect's
+    // attention sites) keep their sizes.
+    if let (Some(dims), Some(v)) = (shape, g.value_id(&switched)) {
+        let dims = dims
+            .iter()
+            .map(|d| match d {
+                Dim::Known(k) => Some(DimValue::DimValue(*k)),
+                d if d.to_string().contains('?') => None,
+                d => Some(DimValue::DimParam(d.to_string())),
+            })
+            .collect::<Option<Vec<_>>>();
+        if let Some(dims) = dims {
+            let name = g.value(v).name.clone();
+            g.set_value_info(v, onnx::tensor_info(&name, elem, Some(dims)));
+        }
     }
     // The branch defines these names now; the enclosing graph must not declare them.
     for v in computed {
