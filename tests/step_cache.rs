@@ -114,7 +114,7 @@ fn cached_sampling_follows_deepcaches_helper() {
                     .map(|s| s.to_string())
                     .collect();
                 let line = format!(
-                    "deep part computed on {} steps ({})",
+                    "step cache: deep part computed on {} steps ({})",
                     steps.len(),
                     steps.join(", ")
                 );
@@ -366,7 +366,7 @@ fn generate_runs_a_split_pipeline() {
     let (every, _) = image(&split, "every.png", &["--cache-interval", "1"]);
     let (cached, err) = image(&split, "cached.png", &["--cache-interval", "3"]);
     assert!(
-        err.contains("deep part computed on 3 steps (0, 3, 6), reused on 6"),
+        err.contains("step cache: deep part computed on 3 steps (0, 3, 6), reused on 6"),
         "{err}"
     );
     let worst = |a: &[f32], b: &[f32]| {
@@ -389,5 +389,212 @@ fn generate_runs_a_split_pipeline() {
     assert!(
         mean > 0.1 && mean < 10.0,
         "interval 3: mean {mean} levels from the uncached image"
+    );
+}
+
+/// `attune sample` with a first-block reference case's inputs (models/fbcache/CASE).
+fn sample_fbcache(
+    model: &Path,
+    case: &str,
+    out: &Path,
+    extra: &[&str],
+) -> (ndarray::ArrayD<f32>, String) {
+    let r = common::root().join("models/fbcache").join(case);
+    let p = |f: &str| r.join(f).to_str().unwrap().to_string();
+    let guidance = if case == "flux" { "1" } else { "5" };
+    let mut args: Vec<String> = vec![
+        "sample".into(),
+        "--unet".into(),
+        model.to_str().unwrap().into(),
+    ];
+    for (flag, file) in [
+        ("--cond", "cond.npy"),
+        ("--uncond", "uncond.npy"),
+        ("--latents", "latents.npy"),
+        ("--pooled-cond", "pooled_cond.npy"),
+        ("--pooled-uncond", "pooled_uncond.npy"),
+        ("--scheduler-config", "scheduler_config.json"),
+    ] {
+        if r.join(file).exists() {
+            args.extend([flag.into(), p(file)]);
+        }
+    }
+    args.extend(
+        [
+            "--steps",
+            "10",
+            "--guidance",
+            guidance,
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = attune(&args);
+    assert!(o.status.success(), "{args:?}: {}{}", stdout(&o), stderr(&o));
+    (read_f32(&out.join("latents.npy")), stderr(&o))
+}
+
+/// ParaAttention's first-block cache written in torch over the tiny PixArt, SD3 and Flux
+/// transformers (models/export/fbcache_ref.py): at every threshold the same steps compute all
+/// blocks and the final latents are within rel L2 1e-4; threshold 0 computes every step and
+/// is the uncached result.
+#[test]
+fn first_block_cache_follows_parattentions_algorithm() {
+    let dir = tempfile::tempdir().unwrap();
+    for (case, model) in [
+        ("pixart", "pixart_legacy"),
+        ("sd3", "sd3_legacy"),
+        ("flux", "flux_dynamo"),
+    ] {
+        let (split, report) = compile_into(
+            dir.path(),
+            &fixture(model),
+            &["--step-cache", "first-block"],
+        );
+        assert!(report.contains("first-block cache:"), "{report}");
+        let refs = common::root().join("models/fbcache").join(case);
+        let text = std::fs::read_to_string(refs.join("cases.json")).unwrap();
+        let m: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let uncached = read_f32(&refs.join("uncached.npy"));
+        let mut mixed = 0;
+        for c in m["cases"].as_array().unwrap() {
+            let t = c["threshold"].as_f64().unwrap();
+            let out = dir.path().join(format!("{case}_{t}"));
+            let (got, err) =
+                sample_fbcache(&split, case, &out, &["--cache-threshold", &t.to_string()]);
+            let want = read_f32(&refs.join(format!("t{t:?}.npy")));
+            let e = rel_l2(&got, &want);
+            assert!(
+                e < 1e-4,
+                "{case} threshold {t}: rel L2 {e:.3e} from the reference"
+            );
+            let steps: Vec<String> = c["computed"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            let line = format!(
+                "blocks after the first computed on {} steps ({}),",
+                steps.len(),
+                steps.join(", ")
+            );
+            assert!(
+                err.contains(&line),
+                "{case} threshold {t}: want '{line}' in\n{err}"
+            );
+            if steps.len() < 10 {
+                mixed += 1;
+                assert!(
+                    rel_l2(&got, &uncached) > 1e-4,
+                    "{case} threshold {t}: cached steps changed nothing"
+                );
+            } else {
+                assert!(
+                    rel_l2(&got, &uncached) < 1e-4,
+                    "{case} threshold {t}: every step computed"
+                );
+            }
+        }
+        assert!(mixed >= 2, "{case}: too few thresholds that skip steps");
+    }
+}
+
+#[test]
+fn first_block_cache_refuses_what_it_cannot_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.onnx");
+    for (model, flag, want) in [
+        (
+            "sd15_legacy",
+            "first-block",
+            "needs a diffusion transformer",
+        ),
+        (
+            "pixart_legacy",
+            "first-block:-0.1",
+            "the threshold must be a number >= 0",
+        ),
+        (
+            "pixart_legacy",
+            "first-block:abc",
+            "the threshold must be a number >= 0",
+        ),
+        (
+            "pixart_legacy",
+            "teacache",
+            "TeaCache is not implemented yet",
+        ),
+    ] {
+        let o = common::compile_to(&fixture(model), &out, &["--step-cache", flag]);
+        assert_eq!(o.status.code(), Some(2), "{flag}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(want),
+            "{flag}: want '{want}' in {}",
+            stderr(&o)
+        );
+        assert!(!out.exists());
+    }
+    let (split, _) = compile_into(
+        dir.path(),
+        &fixture("pixart_legacy"),
+        &["--step-cache", "first-block"],
+    );
+    for (flags, want) in [
+        (
+            vec!["--cache-threshold=-1"],
+            "--cache-threshold -1: must be a number >= 0",
+        ),
+        (
+            vec!["--cache-interval", "2"],
+            "decides by --cache-threshold",
+        ),
+    ] {
+        let o = dir.path().join("bad");
+        let r = common::root().join("models/fbcache/pixart");
+        let mut args = vec![
+            "sample",
+            "--unet",
+            split.to_str().unwrap(),
+            "--steps",
+            "4",
+            "--out",
+            o.to_str().unwrap(),
+        ];
+        let (c, u) = (r.join("cond.npy"), r.join("uncond.npy"));
+        args.extend([
+            "--cond",
+            c.to_str().unwrap(),
+            "--uncond",
+            u.to_str().unwrap(),
+        ]);
+        args.extend(["--height", "16", "--width", "16"]);
+        args.extend(flags.iter().copied());
+        let res = attune(&args);
+        assert_ne!(res.status.code(), Some(0), "{flags:?}");
+        assert!(
+            stderr(&res).contains(want),
+            "{flags:?}: want '{want}' in {}",
+            stderr(&res)
+        );
+        assert!(!o.join("latents.npy").exists());
+    }
+    let o = attune(&[
+        "run",
+        split.to_str().unwrap(),
+        "--input",
+        common::root()
+            .join("models/pixart_legacy/inputs")
+            .to_str()
+            .unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("fbcache.prev_residual"),
+        "{}",
+        stderr(&o)
     );
 }

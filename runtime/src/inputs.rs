@@ -166,17 +166,36 @@ pub fn prepare(
         }
     }
     // Random data would decide what a step-cached UNet computes, and from what.
-    for cache in [
-        crate::sample::step_cache::REFRESH_INPUT,
-        crate::sample::step_cache::CACHED_INPUT,
+    use crate::sample::step_cache as sc;
+    for (cache, how) in [
+        (
+            sc::REFRESH_INPUT,
+            format!(
+                "give {} (bool [], true computes every block) and {} (the {} output of an earlier step; an empty [0, 0, 0, 0] tensor when refreshing)",
+                sc::REFRESH_INPUT,
+                sc::CACHED_INPUT,
+                sc::FEATURE_OUTPUT
+            ),
+        ),
+        (
+            sc::CACHED_INPUT,
+            format!("give it and {}", sc::REFRESH_INPUT),
+        ),
+        (
+            sc::PREV_RESIDUAL,
+            format!(
+                "give {} (a 0 scalar computes every block) and each {}* (the {}* outputs of the last computed step; 0 scalars first)",
+                sc::PREV_RESIDUAL,
+                sc::CACHED_RESIDUAL,
+                sc::RESIDUAL
+            ),
+        ),
     ] {
         if specs.iter().any(|s| s.name == cache) && !given.iter().any(|(n, _)| n == cache) {
             return Err(Error::Input {
                 input: cache.into(),
                 msg: format!(
-                    "the model is split for DeepCache (compile --step-cache) and takes the cache as inputs: give {} (bool [], true computes every block) and {} (the deepcache.feature output of an earlier step; an empty [0, 0, 0, 0] tensor when refreshing) with --input, or sample it with `attune sample`/`generate --cache-interval N`",
-                    crate::sample::step_cache::REFRESH_INPUT,
-                    crate::sample::step_cache::CACHED_INPUT
+                    "the model is split for step caching (compile --step-cache) and takes the cache as inputs: {how} with --input, or sample it with `attune sample`/`generate`"
                 ),
             });
         }

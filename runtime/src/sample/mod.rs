@@ -53,17 +53,18 @@ pub struct SampleRun<'a> {
     pub progress: Option<&'a mut dyn FnMut(progress::Step)>,
     /// Inputs fed as they are every step (a LoRA adapter's A and B), in the declared type.
     pub extra: Vec<(String, HostTensor)>,
-    /// When a DeepCache-split UNet computes its deep part (`None`: every step).
-    pub step_cache: Option<step_cache::Schedule>,
+    /// How a step-cached denoiser reuses work (DeepCache's schedule, the first-block cache's
+    /// threshold); ignored for one not split.
+    pub step_cache: step_cache::Request,
 }
 
 /// What a run returns.
 pub struct Sampled {
     pub latents: ArrayD<f32>,
     pub maps: Maps,
-    /// A DeepCache-split UNet: the loop steps that computed the deep part, and how many
-    /// reused it.
-    pub step_cache: Option<(Vec<usize>, usize)>,
+    /// A step-cached denoiser: the loop steps that computed the cached part, how many reused
+    /// it, and what the part is.
+    pub step_cache: Option<(Vec<usize>, usize, &'static str)>,
 }
 
 /// How the model takes the latents.
@@ -179,7 +180,8 @@ pub fn sample(unet: &mut Backend, mut run: SampleRun) -> Result<Sampled> {
         .collect();
     let timesteps = run.scheduler.timesteps();
     let (first, n) = (prepared.as_ref().map_or(0, |p| p.start), timesteps.len());
-    let mut cache = deep_cache(&run, n - first)?;
+    let mut cache =
+        step_cache::StepCache::for_inputs(&run.input_dtypes, run.step_cache, n - first)?;
     for (i, &t) in timesteps.iter().enumerate().skip(first) {
         let began = std::time::Instant::now();
         let copies = vec![x.view(); rows / prompts];
@@ -206,14 +208,14 @@ pub fn sample(unet: &mut Backend, mut run: SampleRun) -> Result<Sampled> {
             })
             .collect::<Result<Vec<_>>>()?;
         inputs.extend(fixed.iter().cloned());
-        if let Some((cache, feature_type)) = &cache {
-            inputs.extend(cache.inputs(i - first, *feature_type)?);
+        if let Some(cache) = &cache {
+            inputs.extend(cache.inputs(i - first)?);
         }
-        let refreshed = cache.as_ref().map(|(c, _)| c.refreshes(i - first));
         let outputs = unet.run(&inputs)?;
-        if let Some((cache, _)) = &mut cache {
-            cache.after(i - first, &outputs)?;
-        }
+        let refreshed = match &mut cache {
+            Some(cache) => Some(cache.after(i - first, &outputs)?),
+            None => None,
+        };
         let Some(out) = outputs
             .iter()
             .find(|(n, _)| n == "out_sample")
@@ -301,34 +303,11 @@ pub fn sample(unet: &mut Backend, mut run: SampleRun) -> Result<Sampled> {
     Ok(Sampled {
         latents: x,
         maps,
-        step_cache: cache.map(|(c, _)| (c.computed, c.cached)),
+        step_cache: cache.map(|c| {
+            let part = c.part();
+            (c.computed, c.cached, part)
+        }),
     })
-}
-
-/// The step cache of a DeepCache-split UNet (one with the refresh input), with the type of
-/// its feature; an error if a schedule is asked of a UNet that is not split.
-fn deep_cache(run: &SampleRun, steps: usize) -> Result<Option<(step_cache::DeepCache, DType)>> {
-    let split = run.input_dtypes.contains_key(step_cache::REFRESH_INPUT);
-    match (split, run.step_cache) {
-        (false, None) => Ok(None),
-        (false, Some(_)) => Err(Error::Inputs(format!(
-            "--cache-interval needs a UNet split for DeepCache (inputs {} and {}): compile it with --step-cache deepcache[:BRANCH]",
-            step_cache::REFRESH_INPUT,
-            step_cache::CACHED_INPUT
-        ))),
-        (true, schedule) => {
-            let schedule = schedule.unwrap_or(step_cache::Schedule::Uniform { interval: 1 });
-            let feature_type = run
-                .input_dtypes
-                .get(step_cache::CACHED_INPUT)
-                .copied()
-                .unwrap_or(DType::F32);
-            Ok(Some((
-                step_cache::DeepCache::new(schedule, steps)?,
-                feature_type,
-            )))
-        }
-    }
 }
 
 /// The inputs that stay the same every step: text (and pooled text) embeddings in the batch's

@@ -61,8 +61,8 @@ pub fn line(s: Step) -> String {
         })
         .collect();
     let cache = match s.refreshed {
-        Some(true) => " (deep part computed)",
-        Some(false) => " (deep part cached)",
+        Some(true) => " (computed)",
+        Some(false) => " (cached)",
         None => "",
     };
     format!(

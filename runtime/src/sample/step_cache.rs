@@ -1,14 +1,22 @@
-//! Step caching at run time: on which steps a DeepCache-split UNet computes its deep part,
-//! and the feature it reuses in between.
+//! Step caching at run time: on which steps a step-cached denoiser computes the part it may
+//! skip (DeepCache: on a schedule; first-block cache: the graph decides), and what it
+//! reuses in between.
 use ndarray::{ArrayD, IxDyn};
 
 use crate::error::{Error, Result};
-use crate::tensor::HostTensor;
+use crate::tensor::{DType, HostTensor};
 
 /// The inputs and output a split UNet is run by (`attune compile --step-cache deepcache`).
 pub const REFRESH_INPUT: &str = "deepcache.refresh";
 pub const CACHED_INPUT: &str = "deepcache.cached_feature";
 pub const FEATURE_OUTPUT: &str = "deepcache.feature";
+/// The first-block cache's (`compile --step-cache first-block`).
+pub const THRESHOLD: &str = "fbcache.threshold";
+pub const PREV_RESIDUAL: &str = "fbcache.prev_residual";
+pub const CACHED_RESIDUAL: &str = "fbcache.cached_residual";
+pub const COMPUTED: &str = "fbcache.computed";
+pub const FIRST_RESIDUAL: &str = "fbcache.first_residual";
+pub const RESIDUAL: &str = "fbcache.residual";
 
 /// When the deep part is recomputed.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -104,71 +112,221 @@ fn quad_center(steps: usize, samples: usize, center: usize, mut pow: f64) -> Res
     )))
 }
 
-/// The feature carried between steps.
-pub struct DeepCache {
-    refresh: Vec<bool>,
-    feature: Option<HostTensor>,
-    /// The loop steps that computed the deep part.
+/// What a step-cached denoiser carries between steps, decided per step.
+pub struct StepCache {
+    kind: Kind,
+    /// The loop steps that computed the cached part.
     pub computed: Vec<usize>,
     /// How many steps reused it.
     pub cached: usize,
 }
 
-impl DeepCache {
-    /// For a loop of `steps` steps (img2img: the steps it runs).
-    pub fn new(schedule: Schedule, steps: usize) -> Result<DeepCache> {
-        let mut refresh = vec![false; steps];
-        for s in schedule.refresh_steps(steps)? {
-            if let Some(r) = refresh.get_mut(s) {
-                *r = true;
+enum Kind {
+    /// DeepCache: refreshed on a schedule; the feature of the last refresh.
+    Deep {
+        refresh: Vec<bool>,
+        feature: Option<HostTensor>,
+        feature_type: DType,
+    },
+    /// First-block cache: the graph decides; the first block's residual and the skipped
+    /// blocks' residuals of the last computed step.
+    FirstBlock {
+        threshold: Option<f32>,
+        prev: Option<HostTensor>,
+        residuals: Vec<Option<HostTensor>>,
+        types: Vec<DType>,
+    },
+}
+
+/// How the run asks for caching (the CLI's `--cache-*` flags).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Request {
+    pub schedule: Option<Schedule>,
+    pub threshold: Option<f32>,
+}
+
+impl StepCache {
+    /// The cache of a denoiser with these inputs (name, declared type), for a loop of `steps`
+    /// steps; `None` for one that is not split. Caching asked of a graph split otherwise, or
+    /// not at all, is an error.
+    pub fn for_inputs(
+        inputs: &std::collections::BTreeMap<String, DType>,
+        request: Request,
+        steps: usize,
+    ) -> Result<Option<StepCache>> {
+        let deep = inputs.contains_key(REFRESH_INPUT);
+        let first_block = inputs.contains_key(PREV_RESIDUAL);
+        let kind = match (deep, first_block) {
+            (true, _) => {
+                if request.threshold.is_some() {
+                    return Err(Error::Inputs(
+                        "--cache-threshold is for first-block caches; this UNet is split for DeepCache (--cache-interval)".into(),
+                    ));
+                }
+                let schedule = request
+                    .schedule
+                    .unwrap_or(Schedule::Uniform { interval: 1 });
+                let mut refresh = vec![false; steps];
+                for s in schedule.refresh_steps(steps)? {
+                    if let Some(r) = refresh.get_mut(s) {
+                        *r = true;
+                    }
+                }
+                Kind::Deep {
+                    refresh,
+                    feature: None,
+                    feature_type: inputs.get(CACHED_INPUT).copied().unwrap_or(DType::F32),
+                }
             }
-        }
-        Ok(DeepCache {
-            refresh,
-            feature: None,
+            (false, true) => {
+                if request.schedule.is_some() {
+                    return Err(Error::Inputs(
+                        "--cache-interval/--cache-mode are for DeepCache; this model has a first-block cache, which decides by --cache-threshold".into(),
+                    ));
+                }
+                if let Some(t) = request.threshold
+                    && !(t >= 0.0 && t.is_finite())
+                {
+                    return Err(Error::Inputs(format!(
+                        "--cache-threshold {t}: must be a number >= 0 (0 computes every step)"
+                    )));
+                }
+                let types: Vec<DType> = (0..)
+                    .map_while(|k| inputs.get(&numbered(CACHED_RESIDUAL, k)).copied())
+                    .collect();
+                Kind::FirstBlock {
+                    threshold: request.threshold,
+                    prev: None,
+                    residuals: vec![None; types.len()],
+                    types,
+                }
+            }
+            (false, false) if request != Request::default() => {
+                return Err(Error::Inputs(format!(
+                    "--cache-interval/--cache-threshold need a model split for step caching (inputs {REFRESH_INPUT}, or {PREV_RESIDUAL}): compile it with --step-cache deepcache[:BRANCH] or first-block[:THRESHOLD]"
+                )));
+            }
+            (false, false) => return Ok(None),
+        };
+        Ok(Some(StepCache {
+            kind,
             computed: Vec::new(),
             cached: 0,
+        }))
+    }
+
+    /// What the report calls the cached part.
+    pub fn part(&self) -> &'static str {
+        match self.kind {
+            Kind::Deep { .. } => "deep part",
+            Kind::FirstBlock { .. } => "blocks after the first",
+        }
+    }
+
+    /// The cache inputs for loop step `k`.
+    pub fn inputs(&self, k: usize) -> Result<Vec<(String, HostTensor)>> {
+        let zero =
+            |t: DType, what: &str| HostTensor::from_le_bytes(t, &[], &vec![0; t.size()], what);
+        Ok(match &self.kind {
+            Kind::Deep {
+                refresh,
+                feature,
+                feature_type,
+            } => {
+                let fresh = feature.is_none() || refresh.get(k).copied().unwrap_or(true);
+                let flag = HostTensor::Bool(ArrayD::from_elem(IxDyn(&[]), fresh));
+                let cached = match (feature, fresh) {
+                    (Some(f), false) => f.clone(),
+                    // Not read on refresh steps: an empty tensor of the declared type.
+                    _ => {
+                        HostTensor::from_le_bytes(*feature_type, &[0, 0, 0, 0], &[], CACHED_INPUT)?
+                    }
+                };
+                vec![(REFRESH_INPUT.into(), flag), (CACHED_INPUT.into(), cached)]
+            }
+            Kind::FirstBlock {
+                threshold,
+                prev,
+                residuals,
+                types,
+            } => {
+                // A 0 scalar before the first computed step: its difference is not finite, so
+                // the step computes (and what it reuses is not read).
+                let prev = match prev {
+                    Some(p) => p.clone(),
+                    None => zero(types.first().copied().unwrap_or(DType::F32), PREV_RESIDUAL)?,
+                };
+                let mut inputs = vec![(PREV_RESIDUAL.to_string(), prev)];
+                for (k, (r, t)) in residuals.iter().zip(types).enumerate() {
+                    let name = numbered(CACHED_RESIDUAL, k);
+                    let r = match r {
+                        Some(r) => r.clone(),
+                        None => zero(*t, &name)?,
+                    };
+                    inputs.push((name, r));
+                }
+                if let Some(t) = threshold {
+                    inputs.push((
+                        THRESHOLD.into(),
+                        HostTensor::F32(ArrayD::from_elem(IxDyn(&[]), *t)),
+                    ));
+                }
+                inputs
+            }
         })
     }
 
-    /// Does loop step `k` compute the deep part? (Always the first, with nothing cached.)
-    pub fn refreshes(&self, k: usize) -> bool {
-        self.feature.is_none() || self.refresh.get(k).copied().unwrap_or(true)
-    }
-
-    /// The two inputs for loop step `k`.
-    pub fn inputs(
-        &self,
-        k: usize,
-        feature_type: crate::tensor::DType,
-    ) -> Result<Vec<(String, HostTensor)>> {
-        let refresh = self.refreshes(k);
-        let flag = HostTensor::Bool(ArrayD::from_elem(IxDyn(&[]), refresh));
-        let cached = match (&self.feature, refresh) {
-            (Some(f), false) => f.clone(),
-            // Not read on refresh steps: an empty tensor of the declared type.
-            _ => HostTensor::from_le_bytes(feature_type, &[0, 0, 0, 0], &[], CACHED_INPUT)?,
+    /// Keeps what step `k` computed; returns whether it computed the cached part.
+    pub fn after(&mut self, k: usize, outputs: &[(String, HostTensor)]) -> Result<bool> {
+        let output = |name: &str| {
+            outputs.iter().find(|(n, _)| n == name).map(|(_, t)| t.clone()).ok_or_else(|| {
+                Error::Inputs(format!(
+                    "the model takes step-cache inputs but has no output {name}: compile it again with --step-cache"
+                ))
+            })
         };
-        Ok(vec![
-            (REFRESH_INPUT.to_string(), flag),
-            (CACHED_INPUT.to_string(), cached),
-        ])
-    }
-
-    /// Keeps the feature a step returned.
-    pub fn after(&mut self, k: usize, outputs: &[(String, HostTensor)]) -> Result<()> {
-        if self.refreshes(k) {
-            let Some((_, f)) = outputs.iter().find(|(n, _)| n == FEATURE_OUTPUT) else {
-                return Err(Error::Inputs(format!(
-                    "the UNet has input {REFRESH_INPUT} but no output {FEATURE_OUTPUT}: compile it again with --step-cache deepcache"
-                )));
-            };
-            self.feature = Some(f.clone());
+        let fresh = match &mut self.kind {
+            Kind::Deep {
+                refresh, feature, ..
+            } => {
+                let fresh = feature.is_none() || refresh.get(k).copied().unwrap_or(true);
+                if fresh {
+                    *feature = Some(output(FEATURE_OUTPUT)?);
+                }
+                fresh
+            }
+            Kind::FirstBlock {
+                prev, residuals, ..
+            } => {
+                let fresh = match output(COMPUTED)? {
+                    HostTensor::Bool(b) => b.iter().next().copied().unwrap_or(true),
+                    _ => true,
+                };
+                // Only computed steps update the cache (ParaAttention's buffers).
+                if fresh {
+                    *prev = Some(output(FIRST_RESIDUAL)?);
+                    for (j, r) in residuals.iter_mut().enumerate() {
+                        *r = Some(output(&numbered(RESIDUAL, j))?);
+                    }
+                }
+                fresh
+            }
+        };
+        if fresh {
             self.computed.push(k);
         } else {
             self.cached += 1;
         }
-        Ok(())
+        Ok(fresh)
+    }
+}
+
+/// `base`, `base_1`, ... for the k-th cached value.
+fn numbered(base: &str, k: usize) -> String {
+    if k == 0 {
+        base.to_string()
+    } else {
+        format!("{base}_{k}")
     }
 }
 

@@ -248,11 +248,14 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         "guidance",
         sample::step_cache::REFRESH_INPUT,
         sample::step_cache::CACHED_INPUT,
+        sample::step_cache::THRESHOLD,
+        sample::step_cache::PREV_RESIDUAL,
     ];
-    if let Some(s) = specs
-        .iter()
-        .find(|s| !s.optional && !fed.contains(&s.name.as_str()))
-    {
+    if let Some(s) = specs.iter().find(|s| {
+        !s.optional
+            && !fed.contains(&s.name.as_str())
+            && !s.name.starts_with(sample::step_cache::CACHED_RESIDUAL)
+    }) {
         bail!(
             "{}: input '{}' is not one `attune sample` feeds (it feeds sample, timestep, \
              encoder_hidden_states, SD3's pooled_projections, SDXL's text_embeds and time_ids, \
@@ -605,7 +608,7 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         init: None,
         progress: None,
         extra,
-        step_cache: args.cache.schedule()?,
+        step_cache: args.cache.request()?,
     };
     let mut bar = sample::progress::Bar::stderr();
     let mut report = |s: sample::progress::Step| bar.report(s);
@@ -620,10 +623,10 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         maps,
         step_cache,
     } = sample::sample(&mut unet, run)?;
-    if let Some((computed, cached)) = &step_cache {
+    if let Some((computed, cached, part)) = &step_cache {
         let steps: Vec<String> = computed.iter().map(|k| k.to_string()).collect();
         eprintln!(
-            "DeepCache: deep part computed on {} steps ({}), reused on {cached}",
+            "step cache: {part} computed on {} steps ({}), reused on {cached}",
             computed.len(),
             steps.join(", ")
         );

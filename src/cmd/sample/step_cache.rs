@@ -1,6 +1,6 @@
 //! `--cache-interval` and friends: when a DeepCache-split UNet computes its deep part.
 use anyhow::bail;
-use attune_runtime::sample::step_cache::Schedule;
+use attune_runtime::sample::step_cache::{Request, Schedule};
 
 #[derive(Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum CacheMode {
@@ -28,10 +28,22 @@ pub struct StepCacheArgs {
     /// non-uniform: the spacing's starting power, > 1 (DeepCache's `pow`)
     #[arg(long, value_name = "P", default_value_t = 1.4)]
     pub cache_pow: f64,
+    /// With a model compiled with --step-cache first-block: skip the blocks after the first
+    /// while its residual changes by less than this (relative mean absolute difference; 0
+    /// computes every step) [default: the threshold it was compiled with]
+    #[arg(long, value_name = "T")]
+    pub cache_threshold: Option<f32>,
 }
 
 impl StepCacheArgs {
-    pub fn schedule(&self) -> anyhow::Result<Option<Schedule>> {
+    pub fn request(&self) -> anyhow::Result<Request> {
+        Ok(Request {
+            schedule: self.schedule()?,
+            threshold: self.cache_threshold,
+        })
+    }
+
+    fn schedule(&self) -> anyhow::Result<Option<Schedule>> {
         let Some(interval) = self.cache_interval else {
             return Ok(None);
         };
