@@ -1,5 +1,6 @@
 """References for `attune sample` on diffusion transformers compiled with `--step-cache
-first-block[:THRESHOLD]`: ParaAttention's first-block cache (FBCache), written here in torch
+first-block[:THRESHOLD]` and `--step-cache teacache[:THRESHOLD]` (TeaCache: see `TeaCache`;
+its cases in teacache.json and tea<threshold>.npy): ParaAttention's first-block cache (FBCache), written here in torch
 over the tiny DiT fixtures (the torch models sampling.py builds, stepped as in sampling.py,
 10 steps): every step runs transformer_blocks[0]; if its hidden-state residual differs from
 the one of the last fully computed step by mean|prev - cur| / mean|prev| < threshold, the other
@@ -29,6 +30,7 @@ import sampling
 OUT = Path(__file__).resolve().parents[1] / "fbcache"
 STEPS = 10
 THRESHOLDS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4]
+TEA_THRESHOLDS = [0.0, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2]
 
 
 class FirstBlockCache:
@@ -86,6 +88,71 @@ class FirstBlockCache:
         return run
 
 
+FLUX_POLY = [4.98651651e+02, -2.83781631e+02, 5.58554382e+01, -3.82021401e+00, 2.64230861e-01]
+
+
+class TeaCache(FirstBlockCache):
+    """TeaCache (TeaCache4FLUX's forward, generalised): the first block's attention input (the
+    modulated hidden states) is compared with the last step's; its relative L1, rescaled by
+    TeaCache4FLUX's polynomial for Flux (plain for the others: TeaCache publishes none),
+    accumulates; under the threshold every block is skipped and the residual of all blocks on
+    the last computed step is added to their input; the first and last steps compute. Block 0
+    runs in every step here only to read its attention input (its output is dropped when
+    skipping), which is what TeaCache computes separately."""
+
+    def __init__(self, transformer, threshold, steps, flux):
+        super().__init__(transformer, threshold)
+        self.steps, self.poly, self.acc, self.prev_mod, self.mod = steps, FLUX_POLY if flux else None, 0.0, None, None
+        attn = getattr(self.blocks[0], "attn1", None) or self.blocks[0].attn
+        self.hook = attn.register_forward_pre_hook(self.capture, with_kwargs=True)
+
+    def capture(self, module, args, kwargs):
+        self.mod = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    def remove(self):
+        super().remove()
+        self.hook.remove()
+
+    def wrap(self, i, forward):
+        last = i == len(self.blocks) - 1
+
+        def run(*args, **kwargs):
+            h_in = self.hidden(args, kwargs)
+            e_in = kwargs.get("encoder_hidden_states")
+            tuple_block = isinstance_tuple_block(self.blocks[i])
+            if i == 0:
+                out = forward(*args, **kwargs)
+                cnt = self.step % self.steps
+                if cnt == 0 or cnt == self.steps - 1:
+                    compute, self.acc = True, 0.0
+                else:
+                    rel = ((self.mod - self.prev_mod).abs().mean() / self.prev_mod.abs().mean()).item()
+                    self.acc += float(np.poly1d(self.poly)(rel)) if self.poly else rel
+                    self.diffs.append(self.acc)
+                    compute = self.acc >= self.threshold
+                    if compute:
+                        self.acc = 0.0
+                self.prev_mod = self.mod
+                self.use = not compute
+                if compute:
+                    self.start = h_in
+                    self.computed.append(self.step)
+                self.step += 1
+                if self.use:
+                    return (e_in, h_in) if tuple_block else h_in
+            elif self.use:
+                h = h_in + self.residual if last else h_in
+                return (e_in, h) if tuple_block else h
+            else:
+                out = forward(*args, **kwargs)
+            if last and not self.use:
+                h_out = out[1] if isinstance(out, tuple) else out
+                self.residual = h_out - self.start
+            return out
+
+        return run
+
+
 def dits_pixart_block():
     from diffusers.models.attention import BasicTransformerBlock
     return BasicTransformerBlock
@@ -135,6 +202,19 @@ def run_case(name, model, transformer, sched_factory, width, pooled_width=None, 
         np.save(folder / f"t{t}.npy", final.numpy())
         cases.append(dict(threshold=t, computed=cache.computed, margin=margin, rel_l2_from_uncached=diff))
     (folder / "cases.json").write_text(json.dumps(dict(steps=STEPS, guidance=guidance, cases=cases), indent=1) + "\n")
+    tea_cases = []
+    for t in TEA_THRESHOLDS:
+        cache = TeaCache(transformer, t, STEPS, flux)
+        final = sample()
+        cache.remove()
+        margin = min((abs(d - t) / t for d in cache.diffs), default=1.0) if t > 0 else 1.0
+        diff = float((final - uncached).norm() / uncached.norm())
+        print(f"{name} TeaCache {t}: computed {cache.computed}, margin {margin:.3f}, rel L2 from uncached {diff:.2e}")
+        if margin < 0.02:
+            continue
+        np.save(folder / f"tea{t}.npy", final.numpy())
+        tea_cases.append(dict(threshold=t, computed=cache.computed, margin=margin, rel_l2_from_uncached=diff))
+    (folder / "teacache.json").write_text(json.dumps(dict(steps=STEPS, guidance=guidance, cases=tea_cases), indent=1) + "\n")
 
 
 def main():

@@ -8,8 +8,6 @@
 //! a 0 scalar before there is one, which computes), `fbcache.cached_residual[_k]` and
 //! `fbcache.threshold` (its default the compiled threshold); outputs `fbcache.computed`,
 //! `fbcache.first_residual` and `fbcache.residual[_k]`, which the runtime keeps when computed.
-use std::collections::HashSet;
-
 use bytes::Bytes;
 
 use attune_compiler::error::{Error, Result};
@@ -73,179 +71,314 @@ fn within(module: &str, block: &str) -> bool {
     module == block || module.starts_with(&format!("{block}."))
 }
 
-pub fn split(model: &mut Model, threshold: f32) -> Result<PassReport> {
-    let g = &model.graph;
-    let blocks = blocks(g);
-    let (Some(first), Some(last)) = (blocks.first(), blocks.last()) else {
-        return Err(Error::Graph(
-            "first-block caching needs a diffusion transformer (transformer_blocks.*); this graph has none".into(),
-        ));
-    };
-    if first != "transformer_blocks.0" || blocks.len() < 2 {
-        return Err(Error::Graph(format!(
-            "first-block caching needs transformer_blocks.0 and at least one block after it; the graph has {}",
-            blocks.join(", ")
-        )));
-    }
-    let in_block = |n: NodeId, b: &str| within(&g.node(n).module, b);
-    let in_any = |n: NodeId| blocks.iter().any(|b| in_block(n, b));
-    let types = Types::infer(model)?;
-    // What the first block hands on, and what the last block hands to the rest of the model.
-    let leaving = |b: &str, outside: &dyn Fn(NodeId) -> bool| -> Vec<ValueId> {
-        let mut out = Vec::new();
-        for n in g
-            .topo_order()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|n| in_block(*n, b))
-        {
-            for v in g.node(n).outputs.iter().flatten() {
-                if g.readers(*v).into_iter().any(outside) && types.elem(*v) != DataType::Int64 {
-                    out.push(*v);
+/// A transformer's blocks as the caches see them.
+pub(super) struct Blocks {
+    /// Module paths, in the order they run.
+    pub names: Vec<String>,
+    /// What the first block hands on (to the other blocks).
+    pub starts: Vec<ValueId>,
+    /// What the last block hands to the rest of the model.
+    pub ends: Vec<ValueId>,
+    /// The hidden states entering the first block (what its norm1 reads).
+    pub hidden_in: ValueId,
+}
+
+impl Blocks {
+    /// `what` names the cache in errors.
+    pub fn find(g: &Graph, types: &Types, what: &str) -> Result<Blocks> {
+        let names = blocks(g);
+        let (Some(first), Some(last)) = (names.first(), names.last()) else {
+            return Err(Error::Graph(format!(
+                "{what} needs a diffusion transformer (transformer_blocks.*); this graph has none"
+            )));
+        };
+        if first != "transformer_blocks.0" || names.len() < 2 {
+            return Err(Error::Graph(format!(
+                "{what} needs transformer_blocks.0 and at least one block after it; the graph has {}",
+                names.join(", ")
+            )));
+        }
+        let in_block = |n: NodeId, b: &str| within(&g.node(n).module, b);
+        let in_any = |n: NodeId| names.iter().any(|b| in_block(n, b));
+        let order = g.topo_order()?;
+        let leaving = |b: &str, outside: &dyn Fn(NodeId) -> bool| -> Vec<ValueId> {
+            let mut out = Vec::new();
+            for n in order.iter().copied().filter(|n| in_block(*n, b)) {
+                for v in g.node(n).outputs.iter().flatten() {
+                    if g.readers(*v).into_iter().any(outside) && types.elem(*v) != DataType::Int64 {
+                        out.push(*v);
+                    }
                 }
             }
+            out
+        };
+        let starts = leaving(first, &|r| !in_block(r, first));
+        let ends = leaving(last, &|r| !in_any(r));
+        if ends.is_empty() {
+            return Err(Error::Graph(format!(
+                "{what}: nothing leaves {last} for the rest of the model"
+            )));
         }
-        out
-    };
-    let starts = leaving(first, &|r| !in_block(r, first));
-    let ends = leaving(last, &|r| !in_any(r));
-    let same_shape =
-        |a: ValueId, b: ValueId| types.shape(a).is_some() && types.shape(a) == types.shape(b);
-    let pair = |e: ValueId| -> Result<ValueId> {
-        let matches: Vec<ValueId> = starts
+        let norm1 = format!("{first}.norm1");
+        let hidden_in = order
+            .iter()
+            .filter(|n| within(&g.node(**n).module, &norm1))
+            .flat_map(|n| {
+                g.node(*n)
+                    .inputs
+                    .iter()
+                    .flatten()
+                    .copied()
+                    .collect::<Vec<_>>()
+            })
+            .find(|v| {
+                // Token states [batch, tokens, channels] (norm1 also reads the timestep embedding).
+                types.shape(*v).is_some_and(|s| s.len() == 3)
+                    && g.producer(*v).is_none_or(|p| !in_block(p, first))
+                    && starts.iter().any(|s| same_shape(types, *s, *v))
+            })
+            .ok_or_else(|| {
+                Error::Graph(format!("{what}: found no hidden states entering {norm1}"))
+            })?;
+        Ok(Blocks {
+            names,
+            starts,
+            ends,
+            hidden_in,
+        })
+    }
+
+    pub fn first(&self) -> &str {
+        &self.names[0]
+    }
+
+    pub fn last(&self) -> &str {
+        self.names.last().expect("two or more")
+    }
+
+    /// The one of `candidates` with `v`'s shape.
+    pub fn pair(
+        &self,
+        g: &Graph,
+        types: &Types,
+        candidates: &[ValueId],
+        v: ValueId,
+        what: &str,
+    ) -> Result<ValueId> {
+        let matches: Vec<ValueId> = candidates
             .iter()
             .copied()
-            .filter(|s| same_shape(*s, e))
+            .filter(|s| same_shape(types, *s, v))
             .collect();
         match matches[..] {
             [s] => Ok(s),
             _ => Err(Error::Graph(format!(
-                "first-block cache: cannot tell which of {}'s {} outputs '{}' of {last} continues (their shapes {}): compile without fixed sizes",
-                first,
-                matches.len(),
-                g.value(e).name,
-                if matches.is_empty() {
-                    "differ"
-                } else {
-                    "are equal"
-                }
+                "{what}: cannot tell which hidden states '{}' of {} continues ({} of the same shape): compile without fixed sizes",
+                g.value(v).name,
+                self.last(),
+                matches.len()
             ))),
         }
-    };
-    if ends.is_empty() {
-        return Err(Error::Graph(format!(
-            "first-block cache: nothing leaves {last} for the rest of the model"
-        )));
     }
-    let bases: Vec<ValueId> = ends.iter().map(|e| pair(*e)).collect::<Result<_>>()?;
-    // The hidden states entering the first block: what its norm1 reads from outside it.
-    let norm1 = format!("{first}.norm1");
-    let hidden_in = g
-        .topo_order()?
-        .into_iter()
-        .filter(|n| within(&g.node(*n).module, &norm1))
-        .flat_map(|n| {
-            g.node(n)
-                .inputs
-                .iter()
-                .flatten()
-                .copied()
-                .collect::<Vec<_>>()
-        })
-        .find(|v| {
-            // Token states [batch, tokens, channels] (norm1 also reads the timestep embedding).
-            types.shape(*v).is_some_and(|s| s.len() == 3)
-                && g.producer(*v).is_none_or(|p| !in_block(p, first))
-                && starts.iter().any(|s| same_shape(*s, *v))
-        })
-        .ok_or_else(|| {
-            Error::Graph(format!(
-                "first-block cache: found no hidden states entering {norm1}"
-            ))
-        })?;
-    let hidden_out = pair(hidden_in)?;
-    let mut needed: Vec<ValueId> = starts.clone();
-    needed.push(hidden_in);
-    let region = region::nodes_only_for(model, &ends, &needed)?;
-    let skipped: HashSet<&str> = blocks[1..].iter().map(String::as_str).collect();
-    if !region
-        .iter()
-        .any(|n| skipped.iter().any(|b| in_block(*n, b)))
-    {
-        return Err(Error::Graph(format!(
-            "first-block cache: the blocks after {first} are needed by more than {last}'s output"
-        )));
+
+    /// The region a step may skip: what only the ends need, given that `needed` stays.
+    pub fn region(
+        &self,
+        model: &Model,
+        needed: &[ValueId],
+        skipped: &[String],
+        what: &str,
+    ) -> Result<Vec<NodeId>> {
+        let region = region::nodes_only_for(model, &self.ends, needed)?;
+        let g = &model.graph;
+        if !region
+            .iter()
+            .any(|n| skipped.iter().any(|b| within(&g.node(*n).module, b)))
+        {
+            return Err(Error::Graph(format!(
+                "{what}: the blocks it would skip are needed by more than {}'s output",
+                self.last()
+            )));
+        }
+        Ok(region)
     }
-    let total = g.node_count();
-    let elem = types.elem(hidden_out);
-    let mut p = Patch::new(model);
-    let thr_bytes = Bytes::copy_from_slice(&threshold.to_le_bytes());
-    let thr = p.graph_input(
-        onnx::tensor_info(THRESHOLD, DataType::Float, Some(vec![])),
-        Some(Tensor::new(THRESHOLD, DataType::Float, vec![], thr_bytes)),
-    );
-    // Declared without a shape: a 0 scalar stands for "no step computed yet".
-    let prev = p.graph_input(onnx::tensor_info(PREV_RESIDUAL, elem, None), None);
-    let module = g.node(*region.last().expect("checked")).module.clone();
-    let after = g.producer(hidden_out);
+}
+
+fn same_shape(types: &Types, a: ValueId, b: ValueId) -> bool {
+    types.shape(a).is_some() && types.shape(a) == types.shape(b)
+}
+
+/// `mean |prev - cur| / mean |prev|` as f32 [] (ParaAttention's and TeaCache's relative L1).
+pub(super) fn relative_l1(
+    p: &mut Patch,
+    prev: In,
+    cur: In,
+    elem: DataType,
+    prefix: &str,
+    after: Option<NodeId>,
+) -> String {
     let op = |p: &mut Patch, op: &str, inputs: Vec<In>, attrs| {
-        p.op(op, &format!("fbcache/{op}"), inputs, attrs, "", after)
+        p.op(op, &format!("{prefix}/{op}"), inputs, attrs, "", after)
     };
-    let r1 = op(
-        &mut p,
-        "Sub",
-        vec![In::Value(hidden_out), In::Value(hidden_in)],
-        vec![],
-    );
+    let delta = op(p, "Sub", vec![prev.clone(), cur], vec![]);
+    let delta = op(p, "Abs", vec![In::New(delta)], vec![]);
     let delta = op(
-        &mut p,
-        "Sub",
-        vec![In::New(prev.clone()), In::New(r1.clone())],
-        vec![],
-    );
-    let delta = op(&mut p, "Abs", vec![In::New(delta)], vec![]);
-    let delta = op(
-        &mut p,
+        p,
         "ReduceMean",
         vec![In::New(delta)],
         vec![attr::int("keepdims", 0)],
     );
-    let scale = op(&mut p, "Abs", vec![In::New(prev)], vec![]);
+    let scale = op(p, "Abs", vec![prev], vec![]);
     let scale = op(
-        &mut p,
+        p,
         "ReduceMean",
         vec![In::New(scale)],
         vec![attr::int("keepdims", 0)],
     );
-    let mut diff = op(&mut p, "Div", vec![In::New(delta), In::New(scale)], vec![]);
-    if elem != DataType::Float {
-        diff = op(
-            &mut p,
+    let diff = op(p, "Div", vec![In::New(delta), In::New(scale)], vec![]);
+    if elem == DataType::Float {
+        diff
+    } else {
+        op(
+            p,
             "Cast",
             vec![In::New(diff)],
             vec![attr::int("to", DataType::Float as i64)],
-        );
+        )
     }
-    let similar = op(&mut p, "Less", vec![In::New(diff), In::New(thr)], vec![]);
-    let compute = op(&mut p, "Not", vec![In::New(similar)], vec![]);
-    let mut reuse_nodes = Vec::new();
-    let mut reuse_outputs = Vec::new();
-    for (k, (e, s)) in ends.iter().zip(&bases).enumerate() {
-        let cached = p.graph_input(
-            onnx::tensor_info(&numbered(CACHED_RESIDUAL, k), types.elem(*e), None),
+}
+
+/// The reuse branch: each end's base plus its cached residual (inputs `cached_k`).
+pub(super) fn residual_reuse(
+    p: &mut Patch,
+    g: &Graph,
+    types: &Types,
+    ends: &[ValueId],
+    bases: &[ValueId],
+    cached: &str,
+    prefix: &str,
+) -> attune_compiler::onnx::GraphProto {
+    let mut nodes = Vec::new();
+    let mut outputs = Vec::new();
+    for (k, (e, s)) in ends.iter().zip(bases).enumerate() {
+        let input = p.graph_input(
+            onnx::tensor_info(&numbered(cached, k), types.elem(*e), None),
             None,
         );
-        let out = p.fresh(&format!("{}_reused", numbered(CACHED_RESIDUAL, k)));
-        reuse_nodes.push(NodeProto {
-            name: format!("fbcache/reuse_{k}"),
+        let out = p.fresh(&format!("{}_reused", numbered(cached, k)));
+        nodes.push(NodeProto {
+            name: format!("{prefix}/reuse_{k}"),
             op_type: "Add".into(),
-            input: vec![g.value(*s).name.clone(), cached],
+            input: vec![g.value(*s).name.clone(), input],
             output: vec![out.clone()],
             ..Default::default()
         });
-        reuse_outputs.push(onnx::tensor_info(&out, types.elem(*e), None));
+        outputs.push(onnx::tensor_info(&out, types.elem(*e), None));
     }
-    let reuse = region::branch("fbcache_reuse", reuse_nodes, reuse_outputs);
+    region::branch(&format!("{prefix}_reuse"), nodes, outputs)
+}
+
+/// Graph outputs `residual_k` = the If's k-th output - its base; the If outputs' shapes.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn residual_outputs(
+    p: &mut Patch,
+    types: &Types,
+    outs: &[String],
+    ends: &[ValueId],
+    bases: &[ValueId],
+    residual: &str,
+    module: &str,
+    after: Option<NodeId>,
+) -> Vec<region::Declared> {
+    let mut shapes = Vec::new();
+    for (k, ((o, e), s)) in outs.iter().zip(ends).zip(bases).enumerate() {
+        let r = p.op(
+            "Sub",
+            &format!("{residual}/Sub"),
+            vec![In::New(o.clone()), In::Value(*s)],
+            vec![],
+            module,
+            after,
+        );
+        p.graph_output(
+            In::New(r),
+            &numbered(residual, k),
+            types.elem(*e),
+            module,
+            after,
+        );
+        if let Some(d) = types.onnx_dims(*e) {
+            shapes.push((o.clone(), types.elem(*e), d));
+        }
+    }
+    shapes
+}
+
+/// A scalar f32 graph input with a default.
+pub(super) fn scalar_input(p: &mut Patch, name: &str, value: f32) -> String {
+    let bytes = Bytes::copy_from_slice(&value.to_le_bytes());
+    p.graph_input(
+        onnx::tensor_info(name, DataType::Float, Some(vec![])),
+        Some(Tensor::new(name, DataType::Float, vec![], bytes)),
+    )
+}
+
+pub fn split(model: &mut Model, threshold: f32) -> Result<PassReport> {
+    const WHAT: &str = "first-block caching";
+    let types = Types::infer(model)?;
+    let g = &model.graph;
+    let b = Blocks::find(g, &types, WHAT)?;
+    let first = b.first().to_string();
+    let (ends, starts, hidden_in) = (b.ends.clone(), b.starts.clone(), b.hidden_in);
+    let bases: Vec<ValueId> = ends
+        .iter()
+        .map(|e| b.pair(g, &types, &starts, *e, WHAT))
+        .collect::<Result<_>>()?;
+    let hidden_out = b.pair(g, &types, &starts, hidden_in, WHAT)?;
+    let mut needed: Vec<ValueId> = starts.clone();
+    needed.push(hidden_in);
+    let region = b.region(model, &needed, &b.names[1..], WHAT)?;
+    let total = g.node_count();
+    let elem = types.elem(hidden_out);
+    let mut p = Patch::new(model);
+    let thr = scalar_input(&mut p, THRESHOLD, threshold);
+    // Declared without a shape: a 0 scalar stands for "no step computed yet".
+    let prev = p.graph_input(onnx::tensor_info(PREV_RESIDUAL, elem, None), None);
+    let module = g.node(*region.last().expect("checked")).module.clone();
+    let after = g.producer(hidden_out);
+    let r1 = p.op(
+        "Sub",
+        "fbcache/first_residual",
+        vec![In::Value(hidden_out), In::Value(hidden_in)],
+        vec![],
+        "",
+        after,
+    );
+    let diff = relative_l1(
+        &mut p,
+        In::New(prev),
+        In::New(r1.clone()),
+        elem,
+        "fbcache",
+        after,
+    );
+    let similar = p.op(
+        "Less",
+        "fbcache/Less",
+        vec![In::New(diff), In::New(thr)],
+        vec![],
+        "",
+        after,
+    );
+    let compute = p.op(
+        "Not",
+        "fbcache/Not",
+        vec![In::New(similar)],
+        vec![],
+        "",
+        after,
+    );
+    let reuse = residual_reuse(&mut p, g, &types, &ends, &bases, CACHED_RESIDUAL, "fbcache");
     let outs = region::switch(
         &mut p,
         g,
@@ -259,27 +392,9 @@ pub fn split(model: &mut Model, threshold: f32) -> Result<PassReport> {
     let last_node = region.last().copied();
     p.graph_output(In::New(compute), COMPUTED, DataType::Bool, "", after);
     p.graph_output(In::New(r1), FIRST_RESIDUAL, elem, "", after);
-    let mut shapes = Vec::new();
-    for (k, ((o, e), s)) in outs.iter().zip(&ends).zip(&bases).enumerate() {
-        let residual = p.op(
-            "Sub",
-            "fbcache/residual",
-            vec![In::New(o.clone()), In::Value(*s)],
-            vec![],
-            &module,
-            last_node,
-        );
-        p.graph_output(
-            In::New(residual),
-            &numbered(RESIDUAL, k),
-            types.elem(*e),
-            &module,
-            last_node,
-        );
-        if let Some(d) = types.onnx_dims(*e) {
-            shapes.push((o.clone(), types.elem(*e), d));
-        }
-    }
+    let shapes = residual_outputs(
+        &mut p, &types, &outs, &ends, &bases, RESIDUAL, &module, last_node,
+    );
     let names = (
         g.value(hidden_out).name.clone(),
         g.value(hidden_in).name.clone(),
@@ -296,7 +411,7 @@ pub fn split(model: &mut Model, threshold: f32) -> Result<PassReport> {
         rewritten: vec![format!(
             "first-block cache: {} of {total} nodes ({}) skipped while {first}'s residual changes by less than the threshold ({threshold} by default)",
             region.len(),
-            blocks[1..].join(", ")
+            b.names[1..].join(", ")
         )],
         notes: vec![
             format!(

@@ -3,10 +3,13 @@
 //! the runtime feeds, what it computed graph outputs the runtime keeps.
 //! - `deepcache[:BRANCH]`: a UNet's deep part, refreshed on a schedule ([`deepcache`]);
 //! - `first-block[:THRESHOLD]`: a transformer's blocks after the first, skipped while the
-//!   first block's residual barely changes ([`first_block`]).
+//!   first block's residual barely changes ([`first_block`]);
+//! - `teacache[:THRESHOLD]`: all of a transformer's blocks, skipped while the accumulated
+//!   change of the modulated input stays small ([`teacache`]).
 pub mod deepcache;
 pub mod first_block;
 mod region;
+pub mod teacache;
 
 use attune_compiler::error::Result;
 use attune_compiler::ir::Model;
@@ -20,6 +23,8 @@ pub enum StepCache {
     DeepCache { branch: usize },
     /// ParaAttention's first-block cache with this default threshold (a graph input).
     FirstBlock { threshold: f32 },
+    /// TeaCache with this default threshold (a graph input).
+    TeaCache { threshold: f32 },
 }
 
 impl StepCache {
@@ -41,8 +46,10 @@ impl StepCache {
                 };
                 Ok(StepCache::DeepCache { branch })
             }
-            "first-block" | "fbcache" => {
+            "first-block" | "fbcache" | "teacache" => {
+                let teacache = kind.trim().eq_ignore_ascii_case("teacache");
                 let threshold = match arg {
+                    None if teacache => teacache::DEFAULT_THRESHOLD,
                     None => first_block::DEFAULT_THRESHOLD,
                     Some(a) => a
                         .parse::<f32>()
@@ -52,11 +59,12 @@ impl StepCache {
                             format!("--step-cache {text}: the threshold must be a number >= 0, not '{a}'")
                         })?,
                 };
-                Ok(StepCache::FirstBlock { threshold })
+                Ok(if teacache {
+                    StepCache::TeaCache { threshold }
+                } else {
+                    StepCache::FirstBlock { threshold }
+                })
             }
-            "teacache" => Err(format!(
-                "--step-cache {text}: TeaCache is not implemented yet (deepcache and first-block are)"
-            )),
             _ => Err(format!(
                 "--step-cache {text}: '{kind}' is not one of deepcache, first-block, teacache"
             )),
@@ -69,6 +77,7 @@ impl std::fmt::Display for StepCache {
         match self {
             StepCache::DeepCache { branch } => write!(f, "deepcache:{branch}"),
             StepCache::FirstBlock { threshold } => write!(f, "first-block:{threshold}"),
+            StepCache::TeaCache { threshold } => write!(f, "teacache:{threshold}"),
         }
     }
 }
@@ -87,6 +96,7 @@ impl Pass for StepCachePass {
         match self.cache {
             StepCache::DeepCache { branch } => deepcache::split(model, branch),
             StepCache::FirstBlock { threshold } => first_block::split(model, threshold),
+            StepCache::TeaCache { threshold } => teacache::split(model, threshold),
         }
     }
 }
@@ -120,12 +130,18 @@ pub fn describe(model: &Model) -> Option<String> {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let kind = if g.node(switch).name() == "deepcache/If" {
-        "DeepCache: run on refresh steps only"
-    } else {
-        "first-block cache: skipped while the first block's residual barely changes"
+    let kind = match g.node(switch).name() {
+        "deepcache/If" => "DeepCache: run on refresh steps only",
+        "fbcache/If" => {
+            "first-block cache: skipped while the first block's residual barely changes"
+        }
+        _ => "TeaCache: skipped while the modulated input's accumulated change stays small",
     };
-    let cache_io = |n: &str| n.starts_with("deepcache.") || n.starts_with("fbcache.");
+    let cache_io = |n: &str| {
+        ["deepcache.", "fbcache.", "teacache."]
+            .iter()
+            .any(|p| n.starts_with(p))
+    };
     Some(format!(
         "{kind}: {} nodes ({}) in If '{}'; inputs {}; outputs {}",
         branch.node.len(),

@@ -17,6 +17,18 @@ pub const CACHED_RESIDUAL: &str = "fbcache.cached_residual";
 pub const COMPUTED: &str = "fbcache.computed";
 pub const FIRST_RESIDUAL: &str = "fbcache.first_residual";
 pub const RESIDUAL: &str = "fbcache.residual";
+/// TeaCache's (`compile --step-cache teacache`).
+pub mod tea {
+    pub const THRESHOLD: &str = "teacache.threshold";
+    pub const FORCE: &str = "teacache.force";
+    pub const ACCUMULATED: &str = "teacache.accumulated";
+    pub const PREV_MODULATED: &str = "teacache.prev_modulated";
+    pub const CACHED_RESIDUAL: &str = "teacache.cached_residual";
+    pub const COMPUTED: &str = "teacache.computed";
+    pub const MODULATED: &str = "teacache.modulated";
+    pub const ACCUMULATED_NEXT: &str = "teacache.accumulated_next";
+    pub const RESIDUAL: &str = "teacache.residual";
+}
 
 /// When the deep part is recomputed.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -136,6 +148,16 @@ enum Kind {
         residuals: Vec<Option<HostTensor>>,
         types: Vec<DType>,
     },
+    /// TeaCache: the graph decides from the accumulated change of the modulated input; the
+    /// runtime forces the first and last steps.
+    Tea {
+        threshold: Option<f32>,
+        steps: usize,
+        accumulated: f32,
+        prev: Option<HostTensor>,
+        residuals: Vec<Option<HostTensor>>,
+        types: Vec<DType>,
+    },
 }
 
 /// How the run asks for caching (the CLI's `--cache-*` flags).
@@ -155,7 +177,13 @@ impl StepCache {
         steps: usize,
     ) -> Result<Option<StepCache>> {
         let deep = inputs.contains_key(REFRESH_INPUT);
-        let first_block = inputs.contains_key(PREV_RESIDUAL);
+        let first_block =
+            inputs.contains_key(PREV_RESIDUAL) || inputs.contains_key(tea::PREV_MODULATED);
+        let residual_types = |base: &str| -> Vec<DType> {
+            (0..)
+                .map_while(|k| inputs.get(&numbered(base, k)).copied())
+                .collect()
+        };
         let kind = match (deep, first_block) {
             (true, _) => {
                 if request.threshold.is_some() {
@@ -181,7 +209,7 @@ impl StepCache {
             (false, true) => {
                 if request.schedule.is_some() {
                     return Err(Error::Inputs(
-                        "--cache-interval/--cache-mode are for DeepCache; this model has a first-block cache, which decides by --cache-threshold".into(),
+                        "--cache-interval/--cache-mode are for DeepCache; this model has a first-block cache or TeaCache, which decides by --cache-threshold".into(),
                     ));
                 }
                 if let Some(t) = request.threshold
@@ -191,19 +219,30 @@ impl StepCache {
                         "--cache-threshold {t}: must be a number >= 0 (0 computes every step)"
                     )));
                 }
-                let types: Vec<DType> = (0..)
-                    .map_while(|k| inputs.get(&numbered(CACHED_RESIDUAL, k)).copied())
-                    .collect();
-                Kind::FirstBlock {
-                    threshold: request.threshold,
-                    prev: None,
-                    residuals: vec![None; types.len()],
-                    types,
+                if inputs.contains_key(tea::PREV_MODULATED) {
+                    let types = residual_types(tea::CACHED_RESIDUAL);
+                    Kind::Tea {
+                        threshold: request.threshold,
+                        steps,
+                        accumulated: 0.0,
+                        prev: None,
+                        residuals: vec![None; types.len()],
+                        types,
+                    }
+                } else {
+                    let types = residual_types(CACHED_RESIDUAL);
+                    Kind::FirstBlock {
+                        threshold: request.threshold,
+                        prev: None,
+                        residuals: vec![None; types.len()],
+                        types,
+                    }
                 }
             }
             (false, false) if request != Request::default() => {
                 return Err(Error::Inputs(format!(
-                    "--cache-interval/--cache-threshold need a model split for step caching (inputs {REFRESH_INPUT}, or {PREV_RESIDUAL}): compile it with --step-cache deepcache[:BRANCH] or first-block[:THRESHOLD]"
+                    "--cache-interval/--cache-threshold need a model split for step caching (inputs {REFRESH_INPUT}, {PREV_RESIDUAL} or {}): compile it with --step-cache deepcache[:BRANCH], first-block[:THRESHOLD] or teacache[:THRESHOLD]",
+                    tea::PREV_MODULATED
                 )));
             }
             (false, false) => return Ok(None),
@@ -220,6 +259,7 @@ impl StepCache {
         match self.kind {
             Kind::Deep { .. } => "deep part",
             Kind::FirstBlock { .. } => "blocks after the first",
+            Kind::Tea { .. } => "transformer blocks",
         }
     }
 
@@ -273,6 +313,45 @@ impl StepCache {
                 }
                 inputs
             }
+            Kind::Tea {
+                threshold,
+                steps,
+                accumulated,
+                prev,
+                residuals,
+                types,
+            } => {
+                let scalar = |v: f32| HostTensor::F32(ArrayD::from_elem(IxDyn(&[]), v));
+                // TeaCache computes its first and last steps whatever the change.
+                let force = prev.is_none() || k == 0 || k + 1 >= *steps;
+                let prev = match prev {
+                    Some(p) => p.clone(),
+                    None => zero(
+                        types.first().copied().unwrap_or(DType::F32),
+                        tea::PREV_MODULATED,
+                    )?,
+                };
+                let mut inputs = vec![
+                    (
+                        tea::FORCE.to_string(),
+                        HostTensor::Bool(ArrayD::from_elem(IxDyn(&[]), force)),
+                    ),
+                    (tea::ACCUMULATED.to_string(), scalar(*accumulated)),
+                    (tea::PREV_MODULATED.to_string(), prev),
+                ];
+                for (k, (r, t)) in residuals.iter().zip(types).enumerate() {
+                    let name = numbered(tea::CACHED_RESIDUAL, k);
+                    let r = match r {
+                        Some(r) => r.clone(),
+                        None => zero(*t, &name)?,
+                    };
+                    inputs.push((name, r));
+                }
+                if let Some(t) = threshold {
+                    inputs.push((tea::THRESHOLD.into(), scalar(*t)));
+                }
+                inputs
+            }
         })
     }
 
@@ -307,6 +386,29 @@ impl StepCache {
                     *prev = Some(output(FIRST_RESIDUAL)?);
                     for (j, r) in residuals.iter_mut().enumerate() {
                         *r = Some(output(&numbered(RESIDUAL, j))?);
+                    }
+                }
+                fresh
+            }
+            Kind::Tea {
+                accumulated,
+                prev,
+                residuals,
+                ..
+            } => {
+                let fresh = match output(tea::COMPUTED)? {
+                    HostTensor::Bool(b) => b.iter().next().copied().unwrap_or(true),
+                    _ => true,
+                };
+                // The modulated input is kept every step; the sum restarts when computed.
+                *prev = Some(output(tea::MODULATED)?);
+                *accumulated = match output(tea::ACCUMULATED_NEXT)? {
+                    HostTensor::F32(a) if !fresh => a.iter().next().copied().unwrap_or(0.0),
+                    _ => 0.0,
+                };
+                if fresh {
+                    for (j, r) in residuals.iter_mut().enumerate() {
+                        *r = Some(output(&numbered(tea::RESIDUAL, j))?);
                     }
                 }
                 fresh

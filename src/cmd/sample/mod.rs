@@ -250,11 +250,16 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         sample::step_cache::CACHED_INPUT,
         sample::step_cache::THRESHOLD,
         sample::step_cache::PREV_RESIDUAL,
+        sample::step_cache::tea::THRESHOLD,
+        sample::step_cache::tea::FORCE,
+        sample::step_cache::tea::ACCUMULATED,
+        sample::step_cache::tea::PREV_MODULATED,
     ];
     if let Some(s) = specs.iter().find(|s| {
         !s.optional
             && !fed.contains(&s.name.as_str())
             && !s.name.starts_with(sample::step_cache::CACHED_RESIDUAL)
+            && !s.name.starts_with(sample::step_cache::tea::CACHED_RESIDUAL)
     }) {
         bail!(
             "{}: input '{}' is not one `attune sample` feeds (it feeds sample, timestep, \
