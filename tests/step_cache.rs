@@ -617,3 +617,146 @@ fn first_block_cache_refuses_what_it_cannot_do() {
         stderr(&o)
     );
 }
+
+/// The split runs after the other passes: fp16 (the cache carried in fp16), token merging
+/// (interval 1 is the merged model's own result) and the CUDA lowering (compiles; run on a GPU
+/// by benches/step_cache_cuda.sh).
+#[test]
+fn step_caches_compose_with_precision_tome_and_cuda_lowering() {
+    let dir = tempfile::tempdir().unwrap();
+    let unet = fixture("sd15_legacy");
+    let (fp16, _) = compile_into(
+        dir.path(),
+        &unet,
+        &["--step-cache", "deepcache", "--precision", "fp16"],
+    );
+    let (got, err) = sample(
+        &fp16,
+        "sd15_legacy",
+        &dir.path().join("a"),
+        &["--cache-interval", "3"],
+    );
+    assert!(
+        err.contains("deep part computed on 4 steps (0, 3, 6, 9)"),
+        "{err}"
+    );
+    let want = read_f32(&refs("sd15_legacy").join("uniform_i3_b0.npy"));
+    let e = rel_l2(&got, &want);
+    assert!(
+        e < 5e-3,
+        "fp16 DeepCache: rel L2 {e:.3e} from the fp32 reference"
+    );
+    let (tome, _) = compile_into(dir.path(), &unet, &["--tome", "0.5"]);
+    let (tome_split, _) = compile_into(
+        dir.path(),
+        &unet,
+        &["--tome", "0.5", "--step-cache", "deepcache"],
+    );
+    let (merged, _) = sample(&tome, "sd15_legacy", &dir.path().join("b"), &[]);
+    let (every, _) = sample(
+        &tome_split,
+        "sd15_legacy",
+        &dir.path().join("c"),
+        &["--cache-interval", "1"],
+    );
+    let e = rel_l2(&every, &merged);
+    assert!(
+        e < 1e-5,
+        "ToMe + DeepCache at interval 1: rel L2 {e:.3e} from ToMe alone"
+    );
+    let (tea16, _) = compile_into(
+        dir.path(),
+        &fixture("pixart_legacy"),
+        &["--step-cache", "teacache", "--precision", "fp16"],
+    );
+    let (_, err) = sample_fbcache(
+        &tea16,
+        "pixart",
+        &dir.path().join("d"),
+        &["--cache-threshold", "0.3"],
+    );
+    assert!(
+        err.contains("transformer blocks computed on 6 steps (0, 1, 2, 5, 8, 9)"),
+        "{err}"
+    );
+    // DeepCache on the CUDA-lowered UNet (its NHWC GroupNorms run on a GPU only).
+    let flags = [
+        "--step-cache",
+        "deepcache",
+        "--target",
+        "cuda",
+        "--precision",
+        "fp16",
+        "--attention",
+        "flash",
+    ];
+    let (out, report) = compile_into(dir.path(), &unet, &flags);
+    assert!(report.contains("step-cache: 1 rewritten"), "{report}");
+    let o = attune(&["inspect", out.to_str().unwrap()]);
+    assert!(
+        stdout(&o).contains("step cache  DeepCache"),
+        "{}",
+        stdout(&o)
+    );
+    // The transformers lowered for CUDA (SkipLayerNormalization fuses each residual add into
+    // the next norm, so hidden states between blocks are sums) run on the CPU too, but for the
+    // NHWC convolution: the same steps and latents as the references.
+    for (case, model) in [
+        ("pixart", "pixart_legacy"),
+        ("sd3", "sd3_legacy"),
+        ("flux", "flux_dynamo"),
+    ] {
+        for (cache, manifest, prefix) in [
+            ("first-block", "cases.json", "t"),
+            ("teacache", "teacache.json", "tea"),
+        ] {
+            let flags = [
+                "--step-cache",
+                cache,
+                "--target",
+                "cuda",
+                "--attention",
+                "flash",
+                "--disable-fusions",
+                "nhwc-conv",
+            ];
+            let (out, _) = compile_into(dir.path(), &fixture(model), &flags);
+            let refs = common::root().join("models/fbcache").join(case);
+            let m: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(refs.join(manifest)).unwrap())
+                    .unwrap();
+            let c = m["cases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["computed"].as_array().unwrap().len() < 10)
+                .unwrap();
+            let t = c["threshold"].as_f64().unwrap();
+            let (got, err) = sample_fbcache(
+                &out,
+                case,
+                &dir.path().join(format!("cuda_{case}_{cache}")),
+                &["--cache-threshold", &t.to_string()],
+            );
+            let steps: Vec<String> = c["computed"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            assert!(
+                err.contains(&format!(
+                    "computed on {} steps ({}),",
+                    steps.len(),
+                    steps.join(", ")
+                )),
+                "{case} {cache} lowered: {err}"
+            );
+            let e = rel_l2(&got, &read_f32(&refs.join(format!("{prefix}{t:?}.npy"))));
+            assert!(
+                e < 1e-4,
+                "{case} {cache} lowered for CUDA: rel L2 {e:.3e} from the reference"
+            );
+        }
+    }
+}

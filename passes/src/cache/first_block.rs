@@ -77,8 +77,11 @@ pub(super) struct Blocks {
     pub names: Vec<String>,
     /// What the first block hands on (to the other blocks).
     pub starts: Vec<ValueId>,
-    /// What the last block hands to the rest of the model.
+    /// What the last block hands to the rest of the model, in the If's output order.
     pub ends: Vec<ValueId>,
+    /// The same as hidden states: the summands of a residual add the CUDA lowering fused into
+    /// the next norm are one.
+    pub groups: Vec<Hidden>,
     /// The hidden states entering the first block (what its norm1 reads).
     pub hidden_in: ValueId,
 }
@@ -120,9 +123,24 @@ impl Blocks {
             )));
         }
         let norm1 = format!("{first}.norm1");
-        let hidden_in = order
+        let in_norm1: Vec<NodeId> = order
             .iter()
-            .filter(|n| within(&g.node(**n).module, &norm1))
+            .copied()
+            .filter(|n| within(&g.node(*n).module, &norm1))
+            .collect();
+        // The CUDA lowering fuses the residual add before a norm into SkipLayerNormalization,
+        // whose output 3 is the sum: the hidden states.
+        let fused_sum = in_norm1.iter().find_map(|n| {
+            let node = g.node(*n);
+            matches!(
+                node.op(),
+                "SkipLayerNormalization" | "SkipSimplifiedLayerNormalization"
+            )
+            .then(|| node.outputs.get(3).copied().flatten())
+            .flatten()
+        });
+        let read = in_norm1
+            .iter()
             .flat_map(|n| {
                 g.node(*n)
                     .inputs
@@ -136,14 +154,17 @@ impl Blocks {
                 types.shape(*v).is_some_and(|s| s.len() == 3)
                     && g.producer(*v).is_none_or(|p| !in_block(p, first))
                     && starts.iter().any(|s| same_shape(types, *s, *v))
-            })
-            .ok_or_else(|| {
-                Error::Graph(format!("{what}: found no hidden states entering {norm1}"))
-            })?;
+            });
+        let hidden_in = fused_sum.or(read).ok_or_else(|| {
+            Error::Graph(format!("{what}: found no hidden states entering {norm1}"))
+        })?;
+        let groups = group_summands(g, &ends);
+        let ends = groups.iter().flat_map(|h| h.values()).collect();
         Ok(Blocks {
             names,
             starts,
             ends,
+            groups,
             hidden_in,
         })
     }
@@ -156,7 +177,9 @@ impl Blocks {
         self.names.last().expect("two or more")
     }
 
-    /// The one of `candidates` with `v`'s shape.
+    /// What of `candidates` `v` continues: the one with its shape; or, where the CUDA
+    /// lowering fused the residual add into the next block's SkipLayerNormalization, the sum
+    /// of that node's input and skip.
     pub fn pair(
         &self,
         g: &Graph,
@@ -164,19 +187,45 @@ impl Blocks {
         candidates: &[ValueId],
         v: ValueId,
         what: &str,
-    ) -> Result<ValueId> {
-        let matches: Vec<ValueId> = candidates
+    ) -> Result<Hidden> {
+        let mut matches: Vec<ValueId> = candidates
             .iter()
             .copied()
             .filter(|s| same_shape(types, *s, v))
             .collect();
+        if matches.len() > 1 {
+            // A norm's normalised output is never the residual stream.
+            matches.retain(|m| !is_normalised(g, *m));
+        }
+        if let [a, b] = matches[..] {
+            let fused = g.readers(a).into_iter().any(|n| {
+                let node = g.node(n);
+                node.op().starts_with("Skip")
+                    && node.inputs.first().copied().flatten() == Some(a)
+                    && node.inputs.get(1).copied().flatten() == Some(b)
+            });
+            let fused_other = g.readers(b).into_iter().any(|n| {
+                let node = g.node(n);
+                node.op().starts_with("Skip")
+                    && node.inputs.first().copied().flatten() == Some(b)
+                    && node.inputs.get(1).copied().flatten() == Some(a)
+            });
+            if fused || fused_other {
+                return Ok(Hidden::Sum(a, b));
+            }
+        }
         match matches[..] {
-            [s] => Ok(s),
+            [s] => Ok(Hidden::One(s)),
             _ => Err(Error::Graph(format!(
-                "{what}: cannot tell which hidden states '{}' of {} continues ({} of the same shape): compile without fixed sizes",
+                "{what}: cannot tell which hidden states '{}' of {} continues ({} of the same shape: {}): compile without fixed sizes",
                 g.value(v).name,
                 self.last(),
-                matches.len()
+                matches.len(),
+                matches
+                    .iter()
+                    .map(|m| format!("'{}'", g.value(*m).name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))),
         }
     }
@@ -202,6 +251,96 @@ impl Blocks {
         }
         Ok(region)
     }
+}
+
+/// Hidden states between blocks: a value, or the two summands of a residual add the CUDA
+/// lowering fused into the next norm.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Hidden {
+    One(ValueId),
+    Sum(ValueId, ValueId),
+}
+
+/// `values`, with each two that are input and skip of one Skip*Normalization node as a Sum.
+fn group_summands(g: &Graph, values: &[ValueId]) -> Vec<Hidden> {
+    let mut out: Vec<Hidden> = Vec::new();
+    for &v in values {
+        if out.iter().any(|h| h.values().contains(&v)) {
+            continue;
+        }
+        let partner = g.readers(v).into_iter().find_map(|n| {
+            let node = g.node(n);
+            if !node.op().starts_with("Skip") {
+                return None;
+            }
+            let (a, b) = (
+                node.inputs.first().copied().flatten()?,
+                node.inputs.get(1).copied().flatten()?,
+            );
+            let other = if a == v {
+                b
+            } else if b == v {
+                a
+            } else {
+                return None;
+            };
+            values.contains(&other).then_some(other)
+        });
+        out.push(match partner {
+            Some(w) => Hidden::Sum(v, w),
+            None => Hidden::One(v),
+        });
+    }
+    out
+}
+
+impl Hidden {
+    /// The values it is made of.
+    pub fn values(self) -> Vec<ValueId> {
+        match self {
+            Hidden::One(v) => vec![v],
+            Hidden::Sum(a, b) => vec![a, b],
+        }
+    }
+
+    /// A value in the graph it is computed from (its type and shape are the hidden states').
+    pub fn anchor(self) -> ValueId {
+        match self {
+            Hidden::One(v) | Hidden::Sum(v, _) => v,
+        }
+    }
+
+    /// Its name in `p`: the value's, or a new Add of the summands.
+    pub fn name(self, p: &mut Patch, g: &Graph, prefix: &str) -> String {
+        match self {
+            Hidden::One(v) => g.value(v).name.clone(),
+            Hidden::Sum(a, b) => {
+                let after = g.producer(b).or(g.producer(a));
+                p.op(
+                    "Add",
+                    &format!("{prefix}/hidden"),
+                    vec![In::Value(a), In::Value(b)],
+                    vec![],
+                    "",
+                    after,
+                )
+            }
+        }
+    }
+}
+
+/// Output 0 of a layer norm (plain, or fused with its residual add).
+fn is_normalised(g: &Graph, v: ValueId) -> bool {
+    g.value(v).producer.is_some_and(|(n, slot)| {
+        slot == 0
+            && matches!(
+                g.node(n).op(),
+                "LayerNormalization"
+                    | "SkipLayerNormalization"
+                    | "SimplifiedLayerNormalization"
+                    | "SkipSimplifiedLayerNormalization"
+            )
+    })
 }
 
 fn same_shape(types: &Types, a: ValueId, b: ValueId) -> bool {
@@ -251,51 +390,78 @@ pub(super) fn relative_l1(
 /// The reuse branch: each end's base plus its cached residual (inputs `cached_k`).
 pub(super) fn residual_reuse(
     p: &mut Patch,
-    g: &Graph,
     types: &Types,
-    ends: &[ValueId],
-    bases: &[ValueId],
+    groups: &[Hidden],
+    bases: &[String],
     cached: &str,
     prefix: &str,
 ) -> attune_compiler::onnx::GraphProto {
     let mut nodes = Vec::new();
     let mut outputs = Vec::new();
-    for (k, (e, s)) in ends.iter().zip(bases).enumerate() {
-        let input = p.graph_input(
-            onnx::tensor_info(&numbered(cached, k), types.elem(*e), None),
-            None,
-        );
-        let out = p.fresh(&format!("{}_reused", numbered(cached, k)));
+    let mut node = |op: &str, input: Vec<String>, out: &str| {
         nodes.push(NodeProto {
-            name: format!("{prefix}/reuse_{k}"),
-            op_type: "Add".into(),
-            input: vec![g.value(*s).name.clone(), input],
-            output: vec![out.clone()],
+            name: format!("{prefix}/reuse_{}", nodes.len()),
+            op_type: op.into(),
+            input,
+            output: vec![out.to_string()],
             ..Default::default()
         });
-        outputs.push(onnx::tensor_info(&out, types.elem(*e), None));
+    };
+    for (k, (h, s)) in groups.iter().zip(bases).enumerate() {
+        let elem = types.elem(h.anchor());
+        let input = p.graph_input(onnx::tensor_info(&numbered(cached, k), elem, None), None);
+        let out = p.fresh(&format!("{}_reused", numbered(cached, k)));
+        node("Add", vec![s.clone(), input], &out);
+        outputs.push(onnx::tensor_info(&out, elem, None));
+        if let Hidden::Sum(..) = h {
+            // The fused norm adds the two: the whole residual is in the first.
+            let zero = p.fresh(&format!("{}_zero", numbered(cached, k)));
+            node("Sub", vec![s.clone(), s.clone()], &zero);
+            outputs.push(onnx::tensor_info(&zero, elem, None));
+        }
     }
     region::branch(&format!("{prefix}_reuse"), nodes, outputs)
 }
 
-/// Graph outputs `residual_k` = the If's k-th output - its base; the If outputs' shapes.
+/// Graph outputs `residual_k` = the k-th group's value (the If's outputs) - its base; the If
+/// outputs' shapes.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn residual_outputs(
     p: &mut Patch,
     types: &Types,
     outs: &[String],
-    ends: &[ValueId],
-    bases: &[ValueId],
+    groups: &[Hidden],
+    bases: &[String],
     residual: &str,
     module: &str,
     after: Option<NodeId>,
 ) -> Vec<region::Declared> {
     let mut shapes = Vec::new();
-    for (k, ((o, e), s)) in outs.iter().zip(ends).zip(bases).enumerate() {
+    let mut outs = outs.iter();
+    for (k, (h, s)) in groups.iter().zip(bases).enumerate() {
+        let mut value = None;
+        for v in h.values() {
+            let o = outs.next().expect("one output per value").clone();
+            if let Some(d) = types.onnx_dims(v) {
+                shapes.push((o.clone(), types.elem(v), d));
+            }
+            value = Some(match value {
+                None => o,
+                Some(prev) => p.op(
+                    "Add",
+                    &format!("{residual}/Add"),
+                    vec![In::New(prev), In::New(o)],
+                    vec![],
+                    module,
+                    after,
+                ),
+            });
+        }
+        let value = value.expect("a group has values");
         let r = p.op(
             "Sub",
             &format!("{residual}/Sub"),
-            vec![In::New(o.clone()), In::Value(*s)],
+            vec![In::New(value), In::New(s.clone())],
             vec![],
             module,
             after,
@@ -303,13 +469,10 @@ pub(super) fn residual_outputs(
         p.graph_output(
             In::New(r),
             &numbered(residual, k),
-            types.elem(*e),
+            types.elem(h.anchor()),
             module,
             after,
         );
-        if let Some(d) = types.onnx_dims(*e) {
-            shapes.push((o.clone(), types.elem(*e), d));
-        }
     }
     shapes
 }
@@ -330,29 +493,35 @@ pub fn split(model: &mut Model, threshold: f32) -> Result<PassReport> {
     let b = Blocks::find(g, &types, WHAT)?;
     let first = b.first().to_string();
     let (ends, starts, hidden_in) = (b.ends.clone(), b.starts.clone(), b.hidden_in);
-    let bases: Vec<ValueId> = ends
+    let pairs: Vec<Hidden> = b
+        .groups
         .iter()
-        .map(|e| b.pair(g, &types, &starts, *e, WHAT))
+        .map(|e| b.pair(g, &types, &starts, e.anchor(), WHAT))
         .collect::<Result<_>>()?;
     let hidden_out = b.pair(g, &types, &starts, hidden_in, WHAT)?;
     let mut needed: Vec<ValueId> = starts.clone();
     needed.push(hidden_in);
     let region = b.region(model, &needed, &b.names[1..], WHAT)?;
     let total = g.node_count();
-    let elem = types.elem(hidden_out);
+    let elem = types.elem(hidden_out.anchor());
     let mut p = Patch::new(model);
+    let bases: Vec<String> = pairs.iter().map(|h| h.name(&mut p, g, "fbcache")).collect();
+    let hidden_out_name = match pairs.iter().position(|h| h.anchor() == hidden_out.anchor()) {
+        Some(k) => bases[k].clone(),
+        None => hidden_out.name(&mut p, g, "fbcache"),
+    };
     let thr = scalar_input(&mut p, THRESHOLD, threshold);
     // Declared without a shape: a 0 scalar stands for "no step computed yet".
     let prev = p.graph_input(onnx::tensor_info(PREV_RESIDUAL, elem, None), None);
     let module = g.node(*region.last().expect("checked")).module.clone();
-    let after = g.producer(hidden_out);
-    let r1 = p.op(
+    let after = g.producer(hidden_out.anchor());
+    let op = |p: &mut Patch, op: &str, inputs: Vec<In>| {
+        p.op(op, &format!("fbcache/{op}"), inputs, vec![], "", after)
+    };
+    let r1 = op(
+        &mut p,
         "Sub",
-        "fbcache/first_residual",
-        vec![In::Value(hidden_out), In::Value(hidden_in)],
-        vec![],
-        "",
-        after,
+        vec![In::New(hidden_out_name.clone()), In::Value(hidden_in)],
     );
     let diff = relative_l1(
         &mut p,
@@ -362,23 +531,16 @@ pub fn split(model: &mut Model, threshold: f32) -> Result<PassReport> {
         "fbcache",
         after,
     );
-    let similar = p.op(
-        "Less",
-        "fbcache/Less",
-        vec![In::New(diff), In::New(thr)],
-        vec![],
-        "",
-        after,
+    let similar = op(&mut p, "Less", vec![In::New(diff), In::New(thr)]);
+    let compute = op(&mut p, "Not", vec![In::New(similar)]);
+    let reuse = residual_reuse(
+        &mut p,
+        &types,
+        &b.groups,
+        &bases,
+        CACHED_RESIDUAL,
+        "fbcache",
     );
-    let compute = p.op(
-        "Not",
-        "fbcache/Not",
-        vec![In::New(similar)],
-        vec![],
-        "",
-        after,
-    );
-    let reuse = residual_reuse(&mut p, g, &types, &ends, &bases, CACHED_RESIDUAL, "fbcache");
     let outs = region::switch(
         &mut p,
         g,
@@ -393,14 +555,22 @@ pub fn split(model: &mut Model, threshold: f32) -> Result<PassReport> {
     p.graph_output(In::New(compute), COMPUTED, DataType::Bool, "", after);
     p.graph_output(In::New(r1), FIRST_RESIDUAL, elem, "", after);
     let shapes = residual_outputs(
-        &mut p, &types, &outs, &ends, &bases, RESIDUAL, &module, last_node,
+        &mut p, &types, &outs, &b.groups, &bases, RESIDUAL, &module, last_node,
     );
     let names = (
-        g.value(hidden_out).name.clone(),
+        hidden_out_name,
         g.value(hidden_in).name.clone(),
-        ends.iter()
+        b.groups
+            .iter()
             .zip(&bases)
-            .map(|(e, s)| format!("'{}' - '{}'", g.value(*e).name, g.value(*s).name))
+            .map(|(e, s)| {
+                let parts: Vec<String> = e
+                    .values()
+                    .iter()
+                    .map(|v| format!("'{}'", g.value(*v).name))
+                    .collect();
+                format!("{} - '{s}'", parts.join(" + "))
+            })
             .collect::<Vec<_>>()
             .join(", "),
     );

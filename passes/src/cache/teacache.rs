@@ -71,10 +71,10 @@ pub fn split(model: &mut Model, threshold: f32) -> Result<PassReport> {
     };
     // Every block is skipped: each end continues a value entering the first block.
     let entering: Vec<ValueId> = vec![hidden_in];
-    let bases: Vec<ValueId> = b
-        .ends
+    let pairs: Vec<super::first_block::Hidden> = b
+        .groups
         .iter()
-        .map(|e| b.pair(g, &types, &entering, *e, WHAT))
+        .map(|e| b.pair(g, &types, &entering, e.anchor(), WHAT))
         .collect::<Result<_>>()?;
     let ends = b.ends.clone();
     let region = b.region(model, &[modulated, hidden_in], &b.names, WHAT)?;
@@ -85,6 +85,10 @@ pub fn split(model: &mut Model, threshold: f32) -> Result<PassReport> {
     let total = g.node_count();
     let elem = types.elem(modulated);
     let mut p = Patch::new(model);
+    let bases: Vec<String> = pairs
+        .iter()
+        .map(|h| h.name(&mut p, g, "teacache"))
+        .collect();
     let thr = scalar_input(&mut p, THRESHOLD, threshold);
     let force = p.graph_input(onnx::tensor_info(FORCE, DataType::Bool, Some(vec![])), None);
     let acc_in = p.graph_input(
@@ -121,9 +125,8 @@ pub fn split(model: &mut Model, threshold: f32) -> Result<PassReport> {
     let compute = op(&mut p, "Or", vec![In::New(force), In::New(large)]);
     let reuse = residual_reuse(
         &mut p,
-        g,
         &types,
-        &ends,
+        &b.groups,
         &bases,
         CACHED_RESIDUAL,
         "teacache",
@@ -147,7 +150,7 @@ pub fn split(model: &mut Model, threshold: f32) -> Result<PassReport> {
     p.graph_output(In::New(acc), ACCUMULATED_NEXT, DataType::Float, "", after);
     p.graph_output(In::Value(modulated), MODULATED, elem, "", after);
     let shapes = residual_outputs(
-        &mut p, &types, &outs, &ends, &bases, RESIDUAL, &module, last_node,
+        &mut p, &types, &outs, &b.groups, &bases, RESIDUAL, &module, last_node,
     );
     let names = (
         g.value(modulated).name.clone(),
