@@ -760,3 +760,79 @@ fn step_caches_compose_with_precision_tome_and_cuda_lowering() {
         }
     }
 }
+
+/// `bench` times a split model's computed and cached steps against each other.
+#[test]
+fn bench_times_the_computed_and_the_cached_step() {
+    let dir = tempfile::tempdir().unwrap();
+    for (model, cache, part, dims) in [
+        (
+            "sd15_legacy",
+            "deepcache",
+            "deep part",
+            vec![
+                "--dim",
+                "batch=2",
+                "--dim",
+                "height=16",
+                "--dim",
+                "width=16",
+                "--dim",
+                "sequence=77",
+            ],
+        ),
+        (
+            "pixart_legacy",
+            "teacache",
+            "transformer blocks",
+            vec![
+                "--dim",
+                "batch=2",
+                "--dim",
+                "height=16",
+                "--dim",
+                "width=16",
+                "--dim",
+                "sequence=8",
+            ],
+        ),
+        (
+            "sd3_legacy",
+            "first-block",
+            "blocks after the first",
+            vec![
+                "--dim",
+                "batch=2",
+                "--dim",
+                "height=16",
+                "--dim",
+                "width=16",
+                "--dim",
+                "sequence=8",
+            ],
+        ),
+    ] {
+        let (split, _) = compile_into(dir.path(), &fixture(model), &["--step-cache", cache]);
+        let mut args = vec!["bench", split.to_str().unwrap(), "--iters", "2"];
+        args.extend(dims);
+        let o = attune(&args);
+        let text = stdout(&o);
+        assert!(o.status.success(), "{model}: {}", stderr(&o));
+        assert!(
+            text.contains(&format!("(step computing the {part})")),
+            "{model}: {text}"
+        );
+        assert!(
+            text.contains(&format!("(step reusing the {part})")),
+            "{model}: {text}"
+        );
+        let o = attune(&[
+            "bench",
+            split.to_str().unwrap(),
+            "--vs",
+            split.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{model}: {}", stderr(&o));
+        assert!(stderr(&o).contains("alone (no --vs"), "{}", stderr(&o));
+    }
+}

@@ -5,6 +5,7 @@ use anyhow::Context;
 use attune_runtime::bench::{self, Rss, Stats};
 use attune_runtime::compare::compare;
 use attune_runtime::profile::{self, OpTime};
+use attune_runtime::sample::step_cache::StepCache;
 use attune_runtime::{Backend, Ep, HostTensor};
 use serde::Serialize;
 
@@ -169,6 +170,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             args.exec.ep().name()
         );
     }
+    if let Some(cache) = step_cache_of(&args.model)? {
+        return bench_step_cache(&args, cache);
+    }
     let inputs = args.exec.prepare_inputs(&args.model)?;
     let graphs = graph_models(args.cuda_graph.as_deref(), paths.len())?;
     let mut report = measure(
@@ -200,6 +204,59 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// The step cache of a model split by `compile --step-cache`, set up to time one computed and
+/// one cached step.
+fn step_cache_of(model: &Path) -> anyhow::Result<Option<StepCache>> {
+    let m = super::load(model)?;
+    let dtypes = attune_runtime::inputs::input_specs(&m)
+        .iter()
+        .filter_map(|s| Some((s.name.clone(), s.dtype()?)))
+        .collect();
+    Ok(StepCache::for_bench(&dtypes)?)
+}
+
+/// A step-cached model: a step that computes the cached part and one that reuses it (fed what
+/// the first returned), timed alternately; the difference of their outputs is the cache's.
+fn bench_step_cache(args: &Args, mut cache: StepCache) -> anyhow::Result<i32> {
+    if !args.vs.is_empty() || args.cuda_graph.is_some() || args.profile.is_some() {
+        anyhow::bail!(
+            "{} is split for step caching: bench times its computed and its cached step against each other, alone (no --vs, --cuda-graph or --profile)",
+            args.model.display()
+        );
+    }
+    let computed = args
+        .exec
+        .input
+        .prepare_with(&args.model, cache.inputs(0)?)?;
+    let outputs = args.exec.open(&args.model)?.run(&computed)?;
+    cache.after(0, &outputs)?;
+    let reuse = cache.inputs(1)?;
+    let cached: Vec<(String, HostTensor)> = computed
+        .iter()
+        .map(|(n, t)| match reuse.iter().find(|(r, _)| r == n) {
+            Some(r) => r.clone(),
+            None => (n.clone(), t.clone()),
+        })
+        .collect();
+    let paths = [args.model.clone(), args.model.clone()];
+    let mut report = measure_each(
+        &paths,
+        &[false, false],
+        &args.exec,
+        &[computed, cached],
+        args.warmup,
+        args.iters,
+    )?;
+    report.models[0].model += &format!(" (step computing the {})", cache.part());
+    report.models[1].model += &format!(" (step reusing the {})", cache.part());
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render(&report));
+    }
+    Ok(0)
+}
+
 /// Opens every model, warms each up, then times them alternately on the same inputs.
 pub fn measure(
     paths: &[PathBuf],
@@ -211,13 +268,25 @@ pub fn measure(
 ) -> anyhow::Result<Report> {
     check_model_count(paths.len())?;
     let per_model = inputs_per_model(paths, exec, inputs)?;
+    measure_each(paths, graphs, exec, &per_model, warmup, iters)
+}
+
+/// [`measure`] with each model's own inputs.
+fn measure_each(
+    paths: &[PathBuf],
+    graphs: &[bool],
+    exec: &ExecArgs,
+    per_model: &[Vec<(String, HostTensor)>],
+    warmup: usize,
+    iters: usize,
+) -> anyhow::Result<Report> {
     let mut timed = Vec::new();
-    for ((p, &graph), inputs) in paths.iter().zip(graphs).zip(&per_model) {
+    for ((p, &graph), inputs) in paths.iter().zip(graphs).zip(per_model) {
         timed.push(open(p, exec, graph, inputs, warmup)?);
     }
     // Alternate A, B, (C...), A, B... so drift on a noisy machine hits all alike.
     for _ in 0..iters {
-        for ((t, inputs), p) in timed.iter_mut().zip(&per_model).zip(paths) {
+        for ((t, inputs), p) in timed.iter_mut().zip(per_model).zip(paths) {
             let start = Instant::now();
             let outputs = t
                 .backend

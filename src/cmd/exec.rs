@@ -27,6 +27,15 @@ pub struct InputArgs {
 impl InputArgs {
     /// The model's inputs: given files checked against it, the rest random.
     pub fn prepare(&self, model: &Path) -> anyhow::Result<Vec<(String, HostTensor)>> {
+        self.prepare_with(model, Vec::new())
+    }
+
+    /// [`InputArgs::prepare`] with `extra` inputs given as well (a step cache's, by `bench`).
+    pub fn prepare_with(
+        &self,
+        model: &Path,
+        extra: Vec<(String, HostTensor)>,
+    ) -> anyhow::Result<Vec<(String, HostTensor)>> {
         let m = super::load(model)?;
         let specs = inputs::input_specs(&m);
         let given = read_inputs(&self.inputs)?;
@@ -62,6 +71,11 @@ impl InputArgs {
         if let Some(a) = &self.adapter {
             given.extend(safetensors_io::read(a)?);
         }
+        let extra: Vec<_> = extra
+            .into_iter()
+            .filter(|(n, _)| !given.iter().any(|(g, _)| g == n))
+            .collect();
+        given.extend(extra);
         let dims = Dims::parse(&self.dims)?;
         inputs::prepare(&specs, given, &dims, self.seed)
             .with_context(|| format!("inputs of {}", model.display()))

@@ -254,6 +254,37 @@ impl StepCache {
         }))
     }
 
+    /// For timing one computed and one cached step (`attune bench`): step 0 computes, step 1
+    /// reuses it (an interval or threshold no step reaches).
+    pub fn for_bench(
+        inputs: &std::collections::BTreeMap<String, DType>,
+    ) -> Result<Option<StepCache>> {
+        let request = if inputs.contains_key(REFRESH_INPUT) {
+            Request {
+                schedule: Some(Schedule::Uniform {
+                    interval: usize::MAX,
+                }),
+                threshold: None,
+            }
+        } else {
+            Request {
+                schedule: None,
+                threshold: Some(f32::MAX),
+            }
+        };
+        match StepCache::for_inputs(inputs, request, 3) {
+            Ok(c) => Ok(c),
+            // Not split: nothing to time apart.
+            Err(_)
+                if !inputs.contains_key(PREV_RESIDUAL)
+                    && !inputs.contains_key(tea::PREV_MODULATED) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// What the report calls the cached part.
     pub fn part(&self) -> &'static str {
         match self.kind {
