@@ -836,3 +836,82 @@ fn bench_times_the_computed_and_the_cached_step() {
         assert!(stderr(&o).contains("alone (no --vs"), "{}", stderr(&o));
     }
 }
+
+/// Capture hooks on attention sites inside the cached part: their map outputs are cut with it,
+/// and a skipped step reuses the last computed step's maps (and says so), so the split still
+/// skips the whole part and the latents are the unhooked cache's.
+#[test]
+fn capture_hooks_in_the_cached_part_reuse_their_maps() {
+    let dir = tempfile::tempdir().unwrap();
+    let (split, report) = compile_into(
+        dir.path(),
+        &fixture("sd15_legacy"),
+        &["--hooks", "capture", "--step-cache", "deepcache"],
+    );
+    assert!(report.contains("mid_block"), "{report}");
+    let (got, err) = sample(
+        &split,
+        "sd15_legacy",
+        &dir.path().join("a"),
+        &["--cache-interval", "3"],
+    );
+    assert!(
+        err.contains("attention-map outputs of the cached part are the last computed step's"),
+        "{err}"
+    );
+    let e = rel_l2(
+        &got,
+        &read_f32(&refs("sd15_legacy").join("uniform_i3_b0.npy")),
+    );
+    assert!(
+        e < 1e-4,
+        "hooked DeepCache: rel L2 {e:.3e} from DeepCache's helper"
+    );
+    let (plain, _) = compile_into(
+        dir.path(),
+        &fixture("pixart_legacy"),
+        &["--step-cache", "first-block"],
+    );
+    let (hooked, _) = compile_into(
+        dir.path(),
+        &fixture("pixart_legacy"),
+        &["--hooks", "capture", "--step-cache", "first-block"],
+    );
+    let o = attune(&["inspect", plain.to_str().unwrap()]);
+    let nodes = |text: &str| {
+        let line = text.lines().find(|l| l.starts_with("step cache"))?;
+        let head = &line[..line.find(" nodes (")?];
+        head.rsplit(' ').next()?.parse::<usize>().ok()
+    };
+    let o2 = attune(&["inspect", hooked.to_str().unwrap()]);
+    let (n_plain, n_hooked) = (nodes(&stdout(&o)).unwrap(), nodes(&stdout(&o2)).unwrap());
+    assert!(
+        n_hooked >= n_plain,
+        "hooks kept {} of {n_plain} nodes out of the cached part",
+        n_plain.saturating_sub(n_hooked)
+    );
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::root().join("models/fbcache/pixart/cases.json")).unwrap(),
+    )
+    .unwrap();
+    let c = m["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["computed"].as_array().unwrap().len() < 10)
+        .unwrap();
+    let t = c["threshold"].as_f64().unwrap();
+    let (got, err) = sample_fbcache(
+        &hooked,
+        "pixart",
+        &dir.path().join("b"),
+        &["--cache-threshold", &t.to_string()],
+    );
+    assert!(err.contains("attention-map outputs"), "{err}");
+    let want = read_f32(&common::root().join(format!("models/fbcache/pixart/t{t:?}.npy")));
+    let e = rel_l2(&got, &want);
+    assert!(
+        e < 1e-4,
+        "hooked first-block cache: rel L2 {e:.3e} from the reference"
+    );
+}

@@ -19,7 +19,7 @@ pub const FEATURE: &str = "deepcache.feature";
 
 pub fn split(model: &mut Model, branch: usize) -> Result<PassReport> {
     let cut = deepcache_cut(&model.graph, branch)?;
-    let region = region::nodes_only_for(model, &[cut.value], &[])?;
+    let (region, maps) = region::region_with_outputs(model, &[cut.value], &[])?;
     let g = &model.graph;
     let blocks = top_modules(g, &region);
     if !blocks.iter().any(|m| m == "mid_block") {
@@ -41,22 +41,27 @@ pub fn split(model: &mut Model, branch: usize) -> Result<PassReport> {
         None,
     );
     let passed = p.fresh(&format!("{CACHED}_passed"));
-    let reuse = region::branch(
-        "deepcache_reuse",
-        vec![NodeProto {
+    let (mut nodes, mut outputs) = region::passed_outputs(&mut p, g, &types, &maps, "deepcache");
+    nodes.insert(
+        0,
+        NodeProto {
             name: "deepcache/reuse".into(),
             op_type: "Identity".into(),
             input: vec![cached],
             output: vec![passed.clone()],
             ..Default::default()
-        }],
-        vec![onnx::tensor_info(&passed, elem, None)],
+        },
     );
+    outputs.insert(0, onnx::tensor_info(&passed, elem, None));
+    let reuse = region::branch("deepcache_reuse", nodes, outputs);
+    let cuts: Vec<ValueId> = std::iter::once(cut.value)
+        .chain(maps.iter().copied())
+        .collect();
     let outs = region::switch(
         &mut p,
         g,
         &region,
-        &[cut.value],
+        &cuts,
         &types,
         In::New(refresh),
         reuse,

@@ -237,8 +237,8 @@ impl Blocks {
         needed: &[ValueId],
         skipped: &[String],
         what: &str,
-    ) -> Result<Vec<NodeId>> {
-        let region = region::nodes_only_for(model, &self.ends, needed)?;
+    ) -> Result<(Vec<NodeId>, Vec<ValueId>)> {
+        let (region, maps) = region::region_with_outputs(model, &self.ends, needed)?;
         let g = &model.graph;
         if !region
             .iter()
@@ -249,7 +249,7 @@ impl Blocks {
                 self.last()
             )));
         }
-        Ok(region)
+        Ok((region, maps))
     }
 }
 
@@ -387,12 +387,16 @@ pub(super) fn relative_l1(
     }
 }
 
-/// The reuse branch: each end's base plus its cached residual (inputs `cached_k`).
+/// The reuse branch: each end's base plus its cached residual (inputs `cached_k`), then the
+/// extra outputs (attention maps) as they were.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn residual_reuse(
     p: &mut Patch,
+    g: &Graph,
     types: &Types,
     groups: &[Hidden],
     bases: &[String],
+    maps: &[ValueId],
     cached: &str,
     prefix: &str,
 ) -> attune_compiler::onnx::GraphProto {
@@ -420,6 +424,9 @@ pub(super) fn residual_reuse(
             outputs.push(onnx::tensor_info(&zero, elem, None));
         }
     }
+    let (map_nodes, map_outputs) = region::passed_outputs(p, g, types, maps, prefix);
+    nodes.extend(map_nodes);
+    outputs.extend(map_outputs);
     region::branch(&format!("{prefix}_reuse"), nodes, outputs)
 }
 
@@ -501,7 +508,7 @@ pub fn split(model: &mut Model, threshold: f32) -> Result<PassReport> {
     let hidden_out = b.pair(g, &types, &starts, hidden_in, WHAT)?;
     let mut needed: Vec<ValueId> = starts.clone();
     needed.push(hidden_in);
-    let region = b.region(model, &needed, &b.names[1..], WHAT)?;
+    let (region, maps) = b.region(model, &needed, &b.names[1..], WHAT)?;
     let total = g.node_count();
     let elem = types.elem(hidden_out.anchor());
     let mut p = Patch::new(model);
@@ -535,17 +542,20 @@ pub fn split(model: &mut Model, threshold: f32) -> Result<PassReport> {
     let compute = op(&mut p, "Not", vec![In::New(similar)]);
     let reuse = residual_reuse(
         &mut p,
+        g,
         &types,
         &b.groups,
         &bases,
+        &maps,
         CACHED_RESIDUAL,
         "fbcache",
     );
+    let cuts: Vec<ValueId> = ends.iter().chain(&maps).copied().collect();
     let outs = region::switch(
         &mut p,
         g,
         &region,
-        &ends,
+        &cuts,
         &types,
         In::New(compute.clone()),
         reuse,

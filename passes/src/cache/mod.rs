@@ -93,6 +93,8 @@ impl Pass for StepCachePass {
     }
 
     fn run(&self, model: &mut Model, _cx: &mut PassCx) -> Result<PassReport> {
+        // Dead nodes (an earlier pass's leftovers) would read the values the split moves.
+        attune_compiler::dce::dce(model);
         match self.cache {
             StepCache::DeepCache { branch } => deepcache::split(model, branch),
             StepCache::FirstBlock { threshold } => first_block::split(model, threshold),

@@ -13,8 +13,8 @@ use attune_compiler::onnx::tensor_shape_proto::dimension::Value as DimValue;
 use attune_compiler::onnx::{self, AttributeProto, DataType, GraphProto, NodeProto};
 use attune_compiler::patch::{AppliedPatch, In, Patch};
 
-/// The nodes only `cuts` need: ancestors of the cuts that no graph output, and none of
-/// `needed`, reaches without going through a cut.
+/// The nodes only `cuts` need: ancestors of the cuts that no graph output (but the cuts), and
+/// none of `needed`, reaches without going through a cut.
 pub fn nodes_only_for(model: &Model, cuts: &[ValueId], needed: &[ValueId]) -> Result<Vec<NodeId>> {
     let g = &model.graph;
     let reads = |n: NodeId| {
@@ -31,6 +31,7 @@ pub fn nodes_only_for(model: &Model, cuts: &[ValueId], needed: &[ValueId]) -> Re
         .outputs
         .iter()
         .map(|o| o.value)
+        .filter(|v| !cuts.contains(v))
         .chain(needed.iter().copied())
         .filter_map(|v| g.producer(v))
         .collect();
@@ -58,6 +59,88 @@ pub fn nodes_only_for(model: &Model, cuts: &[ValueId], needed: &[ValueId]) -> Re
         .into_iter()
         .filter(|n| region.contains(n))
         .collect())
+}
+
+/// The region `main` cuts off (see [`nodes_only_for`]), and the extra graph outputs it computes:
+/// outputs besides the first (attention maps of `--hooks capture`) that derive from the region's
+/// work. Those are cut too and reused as they were on skipped steps; the other extra outputs
+/// stay live.
+pub fn region_with_outputs(
+    model: &Model,
+    main: &[ValueId],
+    needed: &[ValueId],
+) -> Result<(Vec<NodeId>, Vec<ValueId>)> {
+    let g = &model.graph;
+    let extra: Vec<ValueId> = g.outputs.iter().skip(1).map(|o| o.value).collect();
+    if extra.is_empty() {
+        return Ok((nodes_only_for(model, main, needed)?, Vec::new()));
+    }
+    let all: Vec<ValueId> = main.iter().chain(&extra).copied().collect();
+    let wide: HashSet<NodeId> = nodes_only_for(model, &all, needed)?.into_iter().collect();
+    // The region's work proper: what the main cuts need inside it.
+    let core = ancestors_within(g, main, &wide);
+    let derived: Vec<ValueId> = extra
+        .into_iter()
+        .filter(|v| !ancestors_within(g, &[*v], &wide).is_disjoint(&core))
+        .collect();
+    let cuts: Vec<ValueId> = main.iter().chain(&derived).copied().collect();
+    Ok((nodes_only_for(model, &cuts, needed)?, derived))
+}
+
+/// The producers of `values` and their ancestors, staying inside `within`.
+fn ancestors_within(g: &Graph, values: &[ValueId], within: &HashSet<NodeId>) -> HashSet<NodeId> {
+    let mut seen = HashSet::new();
+    let mut work: Vec<NodeId> = values.iter().filter_map(|v| g.producer(*v)).collect();
+    while let Some(n) = work.pop() {
+        if !within.contains(&n) || !seen.insert(n) {
+            continue;
+        }
+        let node = g.node(n);
+        for v in node.inputs.iter().flatten().chain(&node.implicit_inputs) {
+            work.extend(g.producer(*v));
+        }
+    }
+    seen
+}
+
+/// A reuse branch's pass-through of the values of an earlier step: an input
+/// `{prefix}.cached_output.{name}` per graph output `name` (declared without a shape), and its
+/// Identity node and branch output.
+pub fn passed_outputs(
+    p: &mut Patch,
+    g: &Graph,
+    types: &Types,
+    outputs: &[ValueId],
+    prefix: &str,
+) -> (Vec<NodeProto>, Vec<onnx::ValueInfoProto>) {
+    let mut nodes = Vec::new();
+    let mut infos = Vec::new();
+    for v in outputs {
+        let name = &g.value(*v).name;
+        let output = g
+            .outputs
+            .iter()
+            .find(|o| o.value == *v)
+            .map_or(name, |o| &o.info.name);
+        let input = p.graph_input(
+            onnx::tensor_info(
+                &format!("{prefix}.cached_output.{output}"),
+                types.elem(*v),
+                None,
+            ),
+            None,
+        );
+        let passed = p.fresh(&format!("{input}_passed"));
+        nodes.push(NodeProto {
+            name: format!("{prefix}/reuse_{output}"),
+            op_type: "Identity".into(),
+            input: vec![input],
+            output: vec![passed.clone()],
+            ..Default::default()
+        });
+        infos.push(onnx::tensor_info(&passed, types.elem(*v), None));
+    }
+    (nodes, infos)
 }
 
 /// Element type and (where inferred) shape of each value.
@@ -149,11 +232,34 @@ pub fn switch(
             "{name}: the values to cache are needed elsewhere too: nothing would be skipped"
         )));
     }
+    // A cut that is a graph output keeps its name outside (the If's output takes it), so inside
+    // the branch it is computed under another.
+    let inside = |v: ValueId| {
+        let name = g.value(v).name.clone();
+        if g.is_graph_output(v) {
+            format!("{name}/computed")
+        } else {
+            name
+        }
+    };
+    let renamed: Vec<(String, String)> = cuts
+        .iter()
+        .filter(|c| g.is_graph_output(**c))
+        .map(|c| (g.value(*c).name.clone(), inside(*c)))
+        .collect();
+    let mut nodes: Vec<NodeProto> = region.iter().map(|n| g.node_to_proto(*n)).collect();
+    for n in &mut nodes {
+        for name in n.input.iter_mut().chain(n.output.iter_mut()) {
+            if let Some((_, to)) = renamed.iter().find(|(from, _)| from == name) {
+                *name = to.clone();
+            }
+        }
+    }
     let then_branch = branch(
         &format!("{name}_compute"),
-        region.iter().map(|n| g.node_to_proto(*n)).collect(),
+        nodes,
         cuts.iter()
-            .map(|c| onnx::tensor_info(&g.value(*c).name, types.elem(*c), None))
+            .map(|c| onnx::tensor_info(&inside(*c), types.elem(*c), None))
             .collect(),
     );
     let last = *region.last().expect("not empty");
@@ -203,7 +309,19 @@ pub fn apply(
     let added = patch.apply(model)?;
     let g = &mut model.graph;
     for v in computed {
-        g.remove_value(v)?;
+        if let Err(e) = g.remove_value(v) {
+            let readers: Vec<String> = g
+                .value(v)
+                .consumers
+                .iter()
+                .map(|u| g.node(u.node()).describe())
+                .collect();
+            let producer = g.producer(v).map(|n| g.node(n).describe());
+            return Err(Error::Graph(format!(
+                "{e} (read by {readers:?}, made by {producer:?}, output {})",
+                g.is_graph_output(v)
+            )));
+        }
     }
     let switches: Vec<NodeId> = added.into_iter().filter(|n| g.node(*n).is("If")).collect();
     for n in switches {

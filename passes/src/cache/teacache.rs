@@ -77,7 +77,7 @@ pub fn split(model: &mut Model, threshold: f32) -> Result<PassReport> {
         .map(|e| b.pair(g, &types, &entering, e.anchor(), WHAT))
         .collect::<Result<_>>()?;
     let ends = b.ends.clone();
-    let region = b.region(model, &[modulated, hidden_in], &b.names, WHAT)?;
+    let (region, maps) = b.region(model, &[modulated, hidden_in], &b.names, WHAT)?;
     let flux = b
         .names
         .iter()
@@ -125,17 +125,20 @@ pub fn split(model: &mut Model, threshold: f32) -> Result<PassReport> {
     let compute = op(&mut p, "Or", vec![In::New(force), In::New(large)]);
     let reuse = residual_reuse(
         &mut p,
+        g,
         &types,
         &b.groups,
         &bases,
+        &maps,
         CACHED_RESIDUAL,
         "teacache",
     );
+    let cuts: Vec<ValueId> = ends.iter().chain(&maps).copied().collect();
     let outs = region::switch(
         &mut p,
         g,
         &region,
-        &ends,
+        &cuts,
         &types,
         In::New(compute.clone()),
         reuse,

@@ -63,8 +63,8 @@ pub struct Sampled {
     pub latents: ArrayD<f32>,
     pub maps: Maps,
     /// A step-cached denoiser: the loop steps that computed the cached part, how many reused
-    /// it, and what the part is.
-    pub step_cache: Option<(Vec<usize>, usize, &'static str)>,
+    /// it, what the part is, and how many extra outputs (attention maps) it reused with it.
+    pub step_cache: Option<(Vec<usize>, usize, &'static str, usize)>,
 }
 
 /// How the model takes the latents.
@@ -304,8 +304,8 @@ pub fn sample(unet: &mut Backend, mut run: SampleRun) -> Result<Sampled> {
         latents: x,
         maps,
         step_cache: cache.map(|c| {
-            let part = c.part();
-            (c.computed, c.cached, part)
+            let (part, maps) = (c.part(), c.reused_outputs());
+            (c.computed, c.cached, part, maps)
         }),
     })
 }

@@ -127,6 +127,9 @@ fn quad_center(steps: usize, samples: usize, center: usize, mut pow: f64) -> Res
 /// What a step-cached denoiser carries between steps, decided per step.
 pub struct StepCache {
     kind: Kind,
+    /// Extra outputs computed in the cached part (attention maps): fed back as they were on
+    /// the last computed step, as `<cache>.cached_output.<output>`.
+    outputs: Vec<CachedOutput>,
     /// The loop steps that computed the cached part.
     pub computed: Vec<usize>,
     /// How many steps reused it.
@@ -158,6 +161,13 @@ enum Kind {
         residuals: Vec<Option<HostTensor>>,
         types: Vec<DType>,
     },
+}
+
+struct CachedOutput {
+    output: String,
+    input: String,
+    dtype: DType,
+    value: Option<HostTensor>,
 }
 
 /// How the run asks for caching (the CLI's `--cache-*` flags).
@@ -247,8 +257,21 @@ impl StepCache {
             }
             (false, false) => return Ok(None),
         };
+        let outputs = inputs
+            .iter()
+            .filter_map(|(name, dtype)| {
+                let (_, output) = name.split_once(".cached_output.")?;
+                Some(CachedOutput {
+                    output: output.to_string(),
+                    input: name.clone(),
+                    dtype: *dtype,
+                    value: None,
+                })
+            })
+            .collect();
         Ok(Some(StepCache {
             kind,
+            outputs,
             computed: Vec::new(),
             cached: 0,
         }))
@@ -296,8 +319,23 @@ impl StepCache {
 
     /// The cache inputs for loop step `k`.
     pub fn inputs(&self, k: usize) -> Result<Vec<(String, HostTensor)>> {
-        let zero =
-            |t: DType, what: &str| HostTensor::from_le_bytes(t, &[], &vec![0; t.size()], what);
+        let mut inputs = self.kind_inputs(k)?;
+        for o in &self.outputs {
+            let v = match &o.value {
+                Some(v) => v.clone(),
+                None => zero(o.dtype, &o.input)?,
+            };
+            inputs.push((o.input.clone(), v));
+        }
+        Ok(inputs)
+    }
+
+    /// Extra outputs (attention maps) a skipped step reuses from the last computed one.
+    pub fn reused_outputs(&self) -> usize {
+        self.outputs.len()
+    }
+
+    fn kind_inputs(&self, k: usize) -> Result<Vec<(String, HostTensor)>> {
         Ok(match &self.kind {
             Kind::Deep {
                 refresh,
@@ -446,12 +484,21 @@ impl StepCache {
             }
         };
         if fresh {
+            for o in &mut self.outputs {
+                o.value = Some(output(&o.output)?);
+            }
             self.computed.push(k);
         } else {
             self.cached += 1;
         }
         Ok(fresh)
     }
+}
+
+/// A 0 scalar of type `t`: what a cache input takes before anything is cached (the graph
+/// declares those inputs without a shape, and does not read them on computed steps).
+fn zero(t: DType, what: &str) -> Result<HostTensor> {
+    HostTensor::from_le_bytes(t, &[], &vec![0; t.size()], what)
 }
 
 /// `base`, `base_1`, ... for the k-th cached value.

@@ -260,6 +260,7 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
             && !fed.contains(&s.name.as_str())
             && !s.name.starts_with(sample::step_cache::CACHED_RESIDUAL)
             && !s.name.starts_with(sample::step_cache::tea::CACHED_RESIDUAL)
+            && !s.name.contains(".cached_output.")
     }) {
         bail!(
             "{}: input '{}' is not one `attune sample` feeds (it feeds sample, timestep, \
@@ -628,13 +629,18 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         maps,
         step_cache,
     } = sample::sample(&mut unet, run)?;
-    if let Some((computed, cached, part)) = &step_cache {
+    if let Some((computed, cached, part, maps)) = &step_cache {
         let steps: Vec<String> = computed.iter().map(|k| k.to_string()).collect();
         eprintln!(
             "step cache: {part} computed on {} steps ({}), reused on {cached}",
             computed.len(),
             steps.join(", ")
         );
+        if *maps > 0 && *cached > 0 {
+            eprintln!(
+                "step cache: the {maps} attention-map outputs of the cached part are the last computed step's on the {cached} steps that reused it"
+            );
+        }
     }
     if returned {
         // `attune generate`: maps next to its images.
