@@ -17,41 +17,56 @@ fn rel_l2(a: &ndarray::ArrayD<f32>, b: &ndarray::ArrayD<f32>) -> f64 {
     (num / den).sqrt()
 }
 
-/// `attune sample` with the reference's inputs; returns (final latents, stderr).
-fn sample(model: &Path, name: &str, out: &Path, extra: &[&str]) -> (ndarray::ArrayD<f32>, String) {
-    let r = refs(name);
-    let p = |f: &str| r.join(f).to_str().unwrap().to_string();
-    let mut args: Vec<String> = [
-        "sample",
-        "--unet",
-        model.to_str().unwrap(),
-        "--steps",
-        "10",
-        "--guidance",
-        "5",
-        "--scheduler-config",
-        &p("scheduler_config.json"),
-        "--cond",
-        &p("cond.npy"),
-        "--uncond",
-        &p("uncond.npy"),
-        "--latents",
-        &p("latents.npy"),
-        "--out",
-        out.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    if r.join("text_embeds_cond.npy").exists() {
-        args.extend(["--pooled-cond".into(), p("text_embeds_cond.npy")]);
-        args.extend(["--pooled-uncond".into(), p("text_embeds_uncond.npy")]);
+/// `attune sample` on the inputs a reference folder holds (10 steps, its scheduler config);
+/// returns (final latents, stderr).
+fn sample_inputs(
+    model: &Path,
+    r: &Path,
+    guidance: &str,
+    out: &Path,
+    extra: &[&str],
+) -> (ndarray::ArrayD<f32>, String) {
+    let mut args: Vec<String> = vec![
+        "sample".into(),
+        "--unet".into(),
+        model.to_str().unwrap().into(),
+    ];
+    for (flag, files) in [
+        ("--cond", ["cond.npy", ""]),
+        ("--uncond", ["uncond.npy", ""]),
+        ("--latents", ["latents.npy", ""]),
+        ("--pooled-cond", ["pooled_cond.npy", "text_embeds_cond.npy"]),
+        (
+            "--pooled-uncond",
+            ["pooled_uncond.npy", "text_embeds_uncond.npy"],
+        ),
+        ("--scheduler-config", ["scheduler_config.json", ""]),
+    ] {
+        if let Some(f) = files.iter().find(|f| !f.is_empty() && r.join(f).exists()) {
+            args.extend([flag.into(), r.join(f).to_str().unwrap().into()]);
+        }
     }
+    args.extend(
+        [
+            "--steps",
+            "10",
+            "--guidance",
+            guidance,
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let o = attune(&args);
     assert!(o.status.success(), "{args:?}: {}{}", stdout(&o), stderr(&o));
     (read_f32(&out.join("latents.npy")), stderr(&o))
+}
+
+/// `sample_inputs` with a DeepCache reference's (models/deepcache/NAME).
+fn sample(model: &Path, name: &str, out: &Path, extra: &[&str]) -> (ndarray::ArrayD<f32>, String) {
+    sample_inputs(model, &refs(name), "5", out, extra)
 }
 
 fn cases(name: &str) -> Vec<serde_json::Value> {
@@ -400,41 +415,13 @@ fn sample_fbcache(
     extra: &[&str],
 ) -> (ndarray::ArrayD<f32>, String) {
     let r = common::root().join("models/fbcache").join(case);
-    let p = |f: &str| r.join(f).to_str().unwrap().to_string();
-    let guidance = if case == "flux" { "1" } else { "5" };
-    let mut args: Vec<String> = vec![
-        "sample".into(),
-        "--unet".into(),
-        model.to_str().unwrap().into(),
-    ];
-    for (flag, file) in [
-        ("--cond", "cond.npy"),
-        ("--uncond", "uncond.npy"),
-        ("--latents", "latents.npy"),
-        ("--pooled-cond", "pooled_cond.npy"),
-        ("--pooled-uncond", "pooled_uncond.npy"),
-        ("--scheduler-config", "scheduler_config.json"),
-    ] {
-        if r.join(file).exists() {
-            args.extend([flag.into(), p(file)]);
-        }
-    }
-    args.extend(
-        [
-            "--steps",
-            "10",
-            "--guidance",
-            guidance,
-            "--out",
-            out.to_str().unwrap(),
-        ]
-        .map(String::from),
-    );
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let o = attune(&args);
-    assert!(o.status.success(), "{args:?}: {}{}", stdout(&o), stderr(&o));
-    (read_f32(&out.join("latents.npy")), stderr(&o))
+    sample_inputs(
+        model,
+        &r,
+        if case == "flux" { "1" } else { "5" },
+        out,
+        extra,
+    )
 }
 
 /// ParaAttention's first-block cache written in torch over the tiny PixArt, SD3 and Flux
@@ -765,51 +752,20 @@ fn step_caches_compose_with_precision_tome_and_cuda_lowering() {
 #[test]
 fn bench_times_the_computed_and_the_cached_step() {
     let dir = tempfile::tempdir().unwrap();
+    let short_text = common::DIMS.map(|d| if d == "sequence=77" { "sequence=8" } else { d });
     for (model, cache, part, dims) in [
-        (
-            "sd15_legacy",
-            "deepcache",
-            "deep part",
-            vec![
-                "--dim",
-                "batch=2",
-                "--dim",
-                "height=16",
-                "--dim",
-                "width=16",
-                "--dim",
-                "sequence=77",
-            ],
-        ),
+        ("sd15_legacy", "deepcache", "deep part", common::DIMS),
         (
             "pixart_legacy",
             "teacache",
             "transformer blocks",
-            vec![
-                "--dim",
-                "batch=2",
-                "--dim",
-                "height=16",
-                "--dim",
-                "width=16",
-                "--dim",
-                "sequence=8",
-            ],
+            short_text,
         ),
         (
             "sd3_legacy",
             "first-block",
             "blocks after the first",
-            vec![
-                "--dim",
-                "batch=2",
-                "--dim",
-                "height=16",
-                "--dim",
-                "width=16",
-                "--dim",
-                "sequence=8",
-            ],
+            short_text,
         ),
     ] {
         let (split, _) = compile_into(dir.path(), &fixture(model), &["--step-cache", cache]);
@@ -914,4 +870,49 @@ fn capture_hooks_in_the_cached_part_reuse_their_maps() {
         e < 1e-4,
         "hooked first-block cache: rel L2 {e:.3e} from the reference"
     );
+}
+
+/// `--scheduler dpm|euler` without a config runs that scheduler over Stable Diffusion's betas
+/// (it ran DDIM before, silently: the step-cache benchmark's DPM rows caught it).
+#[test]
+fn scheduler_flag_without_a_config_is_not_ddim() {
+    let dir = tempfile::tempdir().unwrap();
+    let unet = fixture("sd15_legacy");
+    let mut latents = Vec::new();
+    for (s, name) in [
+        ("ddim", "10 DDIM steps"),
+        ("dpm", "10 DPM-Solver++ steps"),
+        ("euler", "10 Euler steps"),
+    ] {
+        let r = refs("sd15_legacy");
+        let out = dir.path().join(s);
+        let (cond, uncond, latents_in) = (
+            r.join("cond.npy"),
+            r.join("uncond.npy"),
+            r.join("latents.npy"),
+        );
+        let args = [
+            "sample",
+            "--unet",
+            unet.to_str().unwrap(),
+            "--steps",
+            "10",
+            "--scheduler",
+            s,
+            "--cond",
+            cond.to_str().unwrap(),
+            "--uncond",
+            uncond.to_str().unwrap(),
+            "--latents",
+            latents_in.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        let o = attune(&args);
+        assert!(o.status.success(), "{s}: {}", stderr(&o));
+        assert!(stdout(&o).contains(name), "{s}: {}", stdout(&o));
+        latents.push(read_f32(&out.join("latents.npy")));
+    }
+    assert!(rel_l2(&latents[1], &latents[0]) > 1e-3, "dpm ran as ddim");
+    assert!(rel_l2(&latents[2], &latents[0]) > 1e-3, "euler ran as ddim");
 }

@@ -1,6 +1,7 @@
 //! attune-compiler: the ONNX IR (zero-copy import, atomic export), module paths,
 //! verification, structural diff, model summaries and the pass manager.
 pub mod analysis;
+pub mod cache_io;
 pub mod dce;
 pub mod diff;
 pub mod error;

@@ -10,12 +10,7 @@ use attune_compiler::patch::{In, Patch};
 
 use super::region::{self, Types};
 
-/// Graph input: bool [], true computes the deep part.
-pub const REFRESH: &str = "deepcache.refresh";
-/// Graph input: the feature of an earlier refresh step (anything on refresh steps).
-pub const CACHED: &str = "deepcache.cached_feature";
-/// Graph output: the feature this step used, to feed back as [`CACHED`].
-pub const FEATURE: &str = "deepcache.feature";
+pub use attune_compiler::cache_io::deepcache::{CACHED, FEATURE, REFRESH};
 
 pub fn split(model: &mut Model, branch: usize) -> Result<PassReport> {
     let cut = deepcache_cut(&model.graph, branch)?;

@@ -21,21 +21,10 @@ use super::region::{self, Types};
 
 /// ParaAttention's examples use 0.08 (Flux, HunyuanVideo) to 0.12.
 pub const DEFAULT_THRESHOLD: f32 = 0.08;
-pub const THRESHOLD: &str = "fbcache.threshold";
-pub const PREV_RESIDUAL: &str = "fbcache.prev_residual";
-pub const CACHED_RESIDUAL: &str = "fbcache.cached_residual";
-pub const COMPUTED: &str = "fbcache.computed";
-pub const FIRST_RESIDUAL: &str = "fbcache.first_residual";
-pub const RESIDUAL: &str = "fbcache.residual";
-
-/// `base`, `base_1`, ... for the k-th cached value.
-pub fn numbered(base: &str, k: usize) -> String {
-    if k == 0 {
-        base.to_string()
-    } else {
-        format!("{base}_{k}")
-    }
-}
+pub use attune_compiler::cache_io::fbcache::{
+    CACHED_RESIDUAL, COMPUTED, FIRST_RESIDUAL, PREV_RESIDUAL, RESIDUAL, THRESHOLD,
+};
+use attune_compiler::cache_io::numbered;
 
 /// The transformer blocks in the order they run: `transformer_blocks.*`, then Flux's
 /// `single_transformer_blocks.*`.
@@ -484,6 +473,57 @@ pub(super) fn residual_outputs(
     shapes
 }
 
+/// The names a residual cache is run by.
+pub(super) struct ResidualIo {
+    pub prefix: &'static str,
+    pub cached: &'static str,
+    pub computed: &'static str,
+    pub residual: &'static str,
+}
+
+/// Records the If on `compute` over `region`: the ends reuse their base plus a cached residual,
+/// the extra outputs `maps` pass through; graph outputs the flag and each residual. Returns
+/// the If outputs' shapes for [`region::apply`].
+#[allow(clippy::too_many_arguments)]
+pub(super) fn switch_residuals(
+    p: &mut Patch,
+    g: &Graph,
+    types: &Types,
+    b: &Blocks,
+    region: &[NodeId],
+    maps: &[ValueId],
+    bases: &[String],
+    compute: String,
+    io: ResidualIo,
+    after: Option<NodeId>,
+) -> Result<Vec<region::Declared>> {
+    let reuse = residual_reuse(p, g, types, &b.groups, bases, maps, io.cached, io.prefix);
+    let cuts: Vec<ValueId> = b.ends.iter().chain(maps).copied().collect();
+    let outs = region::switch(
+        p,
+        g,
+        region,
+        &cuts,
+        types,
+        In::New(compute.clone()),
+        reuse,
+        io.prefix,
+    )?;
+    let last = region.last().copied();
+    let module = last.map(|n| g.node(n).module.clone()).unwrap_or_default();
+    p.graph_output(In::New(compute), io.computed, DataType::Bool, "", after);
+    Ok(residual_outputs(
+        p,
+        types,
+        &outs,
+        &b.groups,
+        bases,
+        io.residual,
+        &module,
+        last,
+    ))
+}
+
 /// A scalar f32 graph input with a default.
 pub(super) fn scalar_input(p: &mut Patch, name: &str, value: f32) -> String {
     let bytes = Bytes::copy_from_slice(&value.to_le_bytes());
@@ -499,7 +539,7 @@ pub fn split(model: &mut Model, threshold: f32) -> Result<PassReport> {
     let g = &model.graph;
     let b = Blocks::find(g, &types, WHAT)?;
     let first = b.first().to_string();
-    let (ends, starts, hidden_in) = (b.ends.clone(), b.starts.clone(), b.hidden_in);
+    let (starts, hidden_in) = (b.starts.clone(), b.hidden_in);
     let pairs: Vec<Hidden> = b
         .groups
         .iter()
@@ -520,7 +560,6 @@ pub fn split(model: &mut Model, threshold: f32) -> Result<PassReport> {
     let thr = scalar_input(&mut p, THRESHOLD, threshold);
     // Declared without a shape: a 0 scalar stands for "no step computed yet".
     let prev = p.graph_input(onnx::tensor_info(PREV_RESIDUAL, elem, None), None);
-    let module = g.node(*region.last().expect("checked")).module.clone();
     let after = g.producer(hidden_out.anchor());
     let op = |p: &mut Patch, op: &str, inputs: Vec<In>| {
         p.op(op, &format!("fbcache/{op}"), inputs, vec![], "", after)
@@ -540,33 +579,16 @@ pub fn split(model: &mut Model, threshold: f32) -> Result<PassReport> {
     );
     let similar = op(&mut p, "Less", vec![In::New(diff), In::New(thr)]);
     let compute = op(&mut p, "Not", vec![In::New(similar)]);
-    let reuse = residual_reuse(
-        &mut p,
-        g,
-        &types,
-        &b.groups,
-        &bases,
-        &maps,
-        CACHED_RESIDUAL,
-        "fbcache",
-    );
-    let cuts: Vec<ValueId> = ends.iter().chain(&maps).copied().collect();
-    let outs = region::switch(
-        &mut p,
-        g,
-        &region,
-        &cuts,
-        &types,
-        In::New(compute.clone()),
-        reuse,
-        "fbcache",
+    let io = ResidualIo {
+        prefix: "fbcache",
+        cached: CACHED_RESIDUAL,
+        computed: COMPUTED,
+        residual: RESIDUAL,
+    };
+    let shapes = switch_residuals(
+        &mut p, g, &types, &b, &region, &maps, &bases, compute, io, after,
     )?;
-    let last_node = region.last().copied();
-    p.graph_output(In::New(compute), COMPUTED, DataType::Bool, "", after);
     p.graph_output(In::New(r1), FIRST_RESIDUAL, elem, "", after);
-    let shapes = residual_outputs(
-        &mut p, &types, &outs, &b.groups, &bases, RESIDUAL, &module, last_node,
-    );
     let names = (
         hidden_out_name,
         g.value(hidden_in).name.clone(),

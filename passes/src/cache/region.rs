@@ -124,7 +124,10 @@ pub fn passed_outputs(
             .map_or(name, |o| &o.info.name);
         let input = p.graph_input(
             onnx::tensor_info(
-                &format!("{prefix}.cached_output.{output}"),
+                &format!(
+                    "{prefix}{}{output}",
+                    attune_compiler::cache_io::CACHED_OUTPUT
+                ),
                 types.elem(*v),
                 None,
             ),
@@ -247,6 +250,30 @@ pub fn switch(
         .filter(|c| g.is_graph_output(**c))
         .map(|c| (g.value(*c).name.clone(), inside(*c)))
         .collect();
+    // ONNX Runtime binds a branch's read of an overridable initializer (a graph input with a
+    // default, such as a LoRA adapter's A and B) to the default, not to what is fed: the
+    // branch reads such inputs through an Identity outside it.
+    let mut renamed = renamed;
+    let mut overridable: Vec<ValueId> = Vec::new();
+    for n in region {
+        for v in g.node(*n).inputs.iter().flatten() {
+            let fed = g.inputs.iter().any(|io| io.value == *v) && g.initializer(*v).is_some();
+            if fed && !overridable.contains(v) {
+                overridable.push(*v);
+            }
+        }
+    }
+    for v in overridable {
+        let through = p.op(
+            "Identity",
+            &format!("{name}/fed"),
+            vec![In::Value(v)],
+            vec![],
+            "",
+            None,
+        );
+        renamed.push((g.value(v).name.clone(), through));
+    }
     let mut nodes: Vec<NodeProto> = region.iter().map(|n| g.node_to_proto(*n)).collect();
     for n in &mut nodes {
         for name in n.input.iter_mut().chain(n.output.iter_mut()) {

@@ -18,19 +18,13 @@ use attune_compiler::onnx::{self, DataType};
 use attune_compiler::pass::PassReport;
 use attune_compiler::patch::{In, Patch};
 
-use super::first_block::{Blocks, relative_l1, residual_outputs, residual_reuse, scalar_input};
+use super::first_block::{Blocks, ResidualIo, relative_l1, scalar_input, switch_residuals};
 use super::region::{self, Types};
 
-pub const THRESHOLD: &str = "teacache.threshold";
-pub const FORCE: &str = "teacache.force";
-pub const ACCUMULATED: &str = "teacache.accumulated";
-pub const PREV_MODULATED: &str = "teacache.prev_modulated";
-pub const CACHED_RESIDUAL: &str = "teacache.cached_residual";
-pub const COMPUTED: &str = "teacache.computed";
-pub const MODULATED: &str = "teacache.modulated";
-/// The sum with this step's change (an output: the input of the same name is taken).
-pub const ACCUMULATED_NEXT: &str = "teacache.accumulated_next";
-pub const RESIDUAL: &str = "teacache.residual";
+pub use attune_compiler::cache_io::teacache::{
+    ACCUMULATED, ACCUMULATED_NEXT, CACHED_RESIDUAL, COMPUTED, FORCE, MODULATED, PREV_MODULATED,
+    RESIDUAL, THRESHOLD,
+};
 
 /// TeaCache4FLUX's rescaling polynomial (highest power first), fitted on FLUX.1-dev.
 const FLUX: [f64; 5] = [
@@ -76,7 +70,6 @@ pub fn split(model: &mut Model, threshold: f32) -> Result<PassReport> {
         .iter()
         .map(|e| b.pair(g, &types, &entering, e.anchor(), WHAT))
         .collect::<Result<_>>()?;
-    let ends = b.ends.clone();
     let (region, maps) = b.region(model, &[modulated, hidden_in], &b.names, WHAT)?;
     let flux = b
         .names
@@ -123,38 +116,17 @@ pub fn split(model: &mut Model, threshold: f32) -> Result<PassReport> {
     let small = op(&mut p, "Less", vec![In::New(acc.clone()), In::New(thr)]);
     let large = op(&mut p, "Not", vec![In::New(small)]);
     let compute = op(&mut p, "Or", vec![In::New(force), In::New(large)]);
-    let reuse = residual_reuse(
-        &mut p,
-        g,
-        &types,
-        &b.groups,
-        &bases,
-        &maps,
-        CACHED_RESIDUAL,
-        "teacache",
-    );
-    let cuts: Vec<ValueId> = ends.iter().chain(&maps).copied().collect();
-    let outs = region::switch(
-        &mut p,
-        g,
-        &region,
-        &cuts,
-        &types,
-        In::New(compute.clone()),
-        reuse,
-        "teacache",
+    let io = ResidualIo {
+        prefix: "teacache",
+        cached: CACHED_RESIDUAL,
+        computed: COMPUTED,
+        residual: RESIDUAL,
+    };
+    let shapes = switch_residuals(
+        &mut p, g, &types, &b, &region, &maps, &bases, compute, io, after,
     )?;
-    let last_node = region.last().copied();
-    let module = g
-        .node(*region.last().expect("switch checked"))
-        .module
-        .clone();
-    p.graph_output(In::New(compute), COMPUTED, DataType::Bool, "", after);
     p.graph_output(In::New(acc), ACCUMULATED_NEXT, DataType::Float, "", after);
     p.graph_output(In::Value(modulated), MODULATED, elem, "", after);
-    let shapes = residual_outputs(
-        &mut p, &types, &outs, &b.groups, &bases, RESIDUAL, &module, last_node,
-    );
     let names = (
         g.value(modulated).name.clone(),
         g.value(hidden_in).name.clone(),

@@ -6,29 +6,15 @@ use ndarray::{ArrayD, IxDyn};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostTensor};
 
-/// The inputs and output a split UNet is run by (`attune compile --step-cache deepcache`).
-pub const REFRESH_INPUT: &str = "deepcache.refresh";
-pub const CACHED_INPUT: &str = "deepcache.cached_feature";
-pub const FEATURE_OUTPUT: &str = "deepcache.feature";
-/// The first-block cache's (`compile --step-cache first-block`).
-pub const THRESHOLD: &str = "fbcache.threshold";
-pub const PREV_RESIDUAL: &str = "fbcache.prev_residual";
-pub const CACHED_RESIDUAL: &str = "fbcache.cached_residual";
-pub const COMPUTED: &str = "fbcache.computed";
-pub const FIRST_RESIDUAL: &str = "fbcache.first_residual";
-pub const RESIDUAL: &str = "fbcache.residual";
-/// TeaCache's (`compile --step-cache teacache`).
-pub mod tea {
-    pub const THRESHOLD: &str = "teacache.threshold";
-    pub const FORCE: &str = "teacache.force";
-    pub const ACCUMULATED: &str = "teacache.accumulated";
-    pub const PREV_MODULATED: &str = "teacache.prev_modulated";
-    pub const CACHED_RESIDUAL: &str = "teacache.cached_residual";
-    pub const COMPUTED: &str = "teacache.computed";
-    pub const MODULATED: &str = "teacache.modulated";
-    pub const ACCUMULATED_NEXT: &str = "teacache.accumulated_next";
-    pub const RESIDUAL: &str = "teacache.residual";
-}
+// The graph's cache inputs and outputs (`attune compile --step-cache`).
+pub use attune_compiler::cache_io::deepcache::{
+    CACHED as CACHED_INPUT, FEATURE as FEATURE_OUTPUT, REFRESH as REFRESH_INPUT,
+};
+pub use attune_compiler::cache_io::fbcache::{
+    CACHED_RESIDUAL, COMPUTED, FIRST_RESIDUAL, PREV_RESIDUAL, RESIDUAL, THRESHOLD,
+};
+pub use attune_compiler::cache_io::teacache as tea;
+use attune_compiler::cache_io::{CACHED_OUTPUT, numbered};
 
 /// When the deep part is recomputed.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -260,7 +246,7 @@ impl StepCache {
         let outputs = inputs
             .iter()
             .filter_map(|(name, dtype)| {
-                let (_, output) = name.split_once(".cached_output.")?;
+                let (_, output) = name.split_once(CACHED_OUTPUT)?;
                 Some(CachedOutput {
                     output: output.to_string(),
                     input: name.clone(),
@@ -499,15 +485,6 @@ impl StepCache {
 /// declares those inputs without a shape, and does not read them on computed steps).
 fn zero(t: DType, what: &str) -> Result<HostTensor> {
     HostTensor::from_le_bytes(t, &[], &vec![0; t.size()], what)
-}
-
-/// `base`, `base_1`, ... for the k-th cached value.
-fn numbered(base: &str, k: usize) -> String {
-    if k == 0 {
-        base.to_string()
-    } else {
-        format!("{base}_{k}")
-    }
 }
 
 #[cfg(test)]

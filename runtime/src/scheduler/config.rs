@@ -47,8 +47,36 @@ pub fn read(path: &Path, kind: Option<Kind>) -> Result<(Schedule, Vec<String>)> 
     let Value::Object(map) = value else {
         return Err(Error::file(path, "not a JSON object"));
     };
+    from_map(&map, path, kind)
+}
+
+/// `kind` (DDIM if none) over Stable Diffusion's training schedule, as its pipeline folders
+/// ship it (scaled-linear betas 0.00085-0.012, `leading` spacing with offset 1): what
+/// `attune sample --scheduler K` runs without a config; the scheduler's other settings are
+/// diffusers' defaults for it.
+pub fn stable_diffusion(kind: Option<Kind>) -> Result<Schedule> {
+    let map = serde_json::json!({
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "timestep_spacing": "leading",
+        "steps_offset": 1,
+        "set_alpha_to_one": false,
+        "clip_sample": false,
+    });
+    let Value::Object(map) = map else {
+        unreachable!("a JSON object literal")
+    };
+    Ok(from_map(&map, Path::new("<Stable Diffusion's schedule>"), kind)?.0)
+}
+
+fn from_map(
+    map: &serde_json::Map<String, Value>,
+    path: &Path,
+    kind: Option<Kind>,
+) -> Result<(Schedule, Vec<String>)> {
     let mut keys = Keys {
-        map: &map,
+        map,
         path,
         used: BTreeSet::new(),
     };

@@ -12,7 +12,7 @@ use std::borrow::Cow;
 
 use ndarray::ArrayD;
 
-pub use config::{Kind, Schedule, read};
+pub use config::{Kind, Schedule, read, stable_diffusion};
 pub use ddim::{BetaSchedule, Betas, Ddim, DdimConfig, Prediction, Spacing};
 pub use dpm::{Dpm, DpmConfig};
 pub use euler::Euler;

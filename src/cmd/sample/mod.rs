@@ -8,7 +8,7 @@ use attune_compiler::onnx::DataType;
 use attune_runtime::controller::{Controller, PromptTokens};
 use attune_runtime::ort_backend::OrtOptions;
 use attune_runtime::sample::{self, Layout, Pooled, SampleRun};
-use attune_runtime::scheduler::{self, DdimConfig, FlowConfig, Kind, Schedule, Scheduler, Spread};
+use attune_runtime::scheduler::{self, FlowConfig, Kind, Schedule, Scheduler, Spread};
 use attune_runtime::{Backend, HostTensor, inputs, npy, safetensors_io};
 use ndarray::ArrayD;
 
@@ -260,7 +260,7 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
             && !fed.contains(&s.name.as_str())
             && !s.name.starts_with(sample::step_cache::CACHED_RESIDUAL)
             && !s.name.starts_with(sample::step_cache::tea::CACHED_RESIDUAL)
-            && !s.name.contains(".cached_output.")
+            && !s.name.contains(attune_compiler::cache_io::CACHED_OUTPUT)
     }) {
         bail!(
             "{}: input '{}' is not one `attune sample` feeds (it feeds sample, timestep, \
@@ -735,8 +735,8 @@ fn init_for_unet(
     Ok(init)
 }
 
-/// The schedule --scheduler-config gives (else Stable Diffusion's DDIM, or flow matching's
-/// defaults for --scheduler flow-euler).
+/// The schedule --scheduler-config gives (else --scheduler, DDIM by default, over Stable
+/// Diffusion's betas, or flow matching's defaults for --scheduler flow-euler).
 fn schedule(args: &Args) -> anyhow::Result<Schedule> {
     let kind = args.scheduler.map(|s| match s {
         SchedulerArg::Ddim => Kind::Ddim,
@@ -757,7 +757,7 @@ fn schedule(args: &Args) -> anyhow::Result<Schedule> {
             schedule
         }
         None if kind == Some(Kind::FlowEuler) => Schedule::Flow(FlowConfig::default()),
-        None => Schedule::Ddim(DdimConfig::stable_diffusion()),
+        None => scheduler::stable_diffusion(kind)?,
     })
 }
 
