@@ -916,3 +916,60 @@ fn scheduler_flag_without_a_config_is_not_ddim() {
     assert!(rel_l2(&latents[1], &latents[0]) > 1e-3, "dpm ran as ddim");
     assert!(rel_l2(&latents[2], &latents[0]) > 1e-3, "euler ran as ddim");
 }
+
+/// LoRAs meet a split graph only in one compile: fused with the split (the split runs last);
+/// adapters (their tensors written from the compiled graph) and LoRAs applied to a graph split
+/// already are refused, since the cached layers are inside the If.
+#[test]
+fn loras_on_split_graphs() {
+    let dir = tempfile::tempdir().unwrap();
+    let unet = fixture("sd15_legacy");
+    let lora = common::root().join("models/loras/kohya.safetensors");
+    let lora = lora.to_str().unwrap();
+    let (fused, report) = compile_into(
+        dir.path(),
+        &unet,
+        &["--lora", lora, "--step-cache", "deepcache"],
+    );
+    assert!(report.contains("DeepCache branch 0"), "{report}");
+    let (plain, _) = compile_into(dir.path(), &unet, &["--lora", lora]);
+    let (a, _) = sample(&plain, "sd15_legacy", &dir.path().join("a"), &[]);
+    let (b, _) = sample(
+        &fused,
+        "sd15_legacy",
+        &dir.path().join("b"),
+        &["--cache-interval", "1"],
+    );
+    assert!(
+        rel_l2(&b, &a) < 1e-5,
+        "fused LoRA + DeepCache at interval 1: {:.3e}",
+        rel_l2(&b, &a)
+    );
+    let out = dir.path().join("x.onnx");
+    let o = common::compile_to(
+        &unet,
+        &out,
+        &[
+            "--lora",
+            lora,
+            "--lora-mode",
+            "adapter",
+            "--step-cache",
+            "deepcache",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--lora-mode adapter with --step-cache"),
+        "{}",
+        stderr(&o)
+    );
+    let o = common::compile_to(&fused, &out, &["--lora", lora]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("split for step caching"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
+}

@@ -619,6 +619,16 @@ pub fn build(o: &Options) -> Result<PassManager, String> {
             keep_io_types: o.keep_io_types,
         });
     }
+    if o.step_cache.is_some()
+        && o.lora_options.mode == LoraModeArg::Adapter
+        && pm.names().contains(&"lora-adapter")
+    {
+        // The adapter file is made from the compiled graph, whose cached layers are then in
+        // the If branch.
+        return Err(
+            "--lora-mode adapter with --step-cache: the adapter's tensors for layers in the cached part cannot be written from the split graph; fuse the LoRAs (--lora-mode fuse) with the split, or compile the adapter graph without --step-cache".into(),
+        );
+    }
     if let Some(text) = &o.step_cache {
         // Last: the split moves the deep part into a branch the other passes do not enter.
         pm.add(StepCachePass {

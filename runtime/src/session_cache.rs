@@ -155,7 +155,7 @@ pub fn prune(root: &Path, keep: &Entry, max: u64) {
             Some((used, size(&e), dir))
         })
         .collect();
-    entries.sort_by(|a, b| b.0.cmp(&a.0));
+    entries.sort_by_key(|e| std::cmp::Reverse(e.0));
     let mut total = 0u64;
     for (_, bytes, dir) in entries {
         total += bytes;

@@ -103,6 +103,17 @@ impl Pass for StepCachePass {
     }
 }
 
+/// An error for a pass that rewrites layers of a graph already split for step caching: the
+/// layers inside the cached part are in an `If` branch it does not see.
+pub fn refuse_split(model: &Model, what: &str) -> Result<()> {
+    match describe(model) {
+        Some(_) => Err(attune_compiler::error::Error::Graph(format!(
+            "{what}: the graph is split for step caching and its cached layers are out of reach; apply it with the split instead (`compile --step-cache` runs last) or to the graph before the split"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// How a step-cache split shows in `inspect`: the nodes a step may skip, by block, and the
 /// inputs and outputs the runtime drives it by. `None` for a graph not split.
 pub fn describe(model: &Model) -> Option<String> {

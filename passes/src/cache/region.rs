@@ -219,6 +219,7 @@ pub fn branch(name: &str, node: Vec<NodeProto>, outputs: Vec<onnx::ValueInfoProt
 /// Records in `p` an `If` on `cond` whose `then` branch is `region` computing `cuts` and
 /// whose `else` branch is `reuse` (outputs in the order of `cuts`); every reader of a cut
 /// reads the If's output instead. Returns the If's outputs. Apply with [`apply`].
+#[allow(clippy::too_many_arguments)] // the If's parts, each from its caller
 pub fn switch(
     p: &mut Patch,
     g: &Graph,

@@ -38,6 +38,7 @@ impl Pass for AdapterPass {
     }
 
     fn run(&self, model: &mut Model, _cx: &mut PassCx) -> Result<PassReport> {
+        crate::cache::refuse_split(model, "LoRA adapter branches")?;
         let lpb = layers_per_block(model);
         let all = targets(model);
         let mut report = PassReport::default();
@@ -282,6 +283,7 @@ pub fn adapter_tensors(
     model: &Model,
     sources: &[LoraSource],
 ) -> Result<(Vec<AdapterTensor>, Vec<Skipped>)> {
+    crate::cache::refuse_split(model, "LoRA adapter tensors")?;
     let lpb = layers_per_block(model);
     let all = targets(model);
     let g = &model.graph;

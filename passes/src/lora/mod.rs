@@ -260,6 +260,7 @@ impl Pass for LoraPass {
     }
 
     fn run(&self, model: &mut Model, _cx: &mut PassCx) -> Result<PassReport> {
+        crate::cache::refuse_split(model, "LoRA fusion")?;
         let lpb = layers_per_block(model);
         let component = self.component.unwrap_or_else(|| detect_component(model));
         let files: Vec<(LoraFile, f32)> = self
