@@ -17,6 +17,11 @@ impl Globs {
     pub fn matches(&self, path: &str) -> bool {
         self.0.iter().any(|g| glob(g.as_bytes(), path.as_bytes()))
     }
+
+    /// Each glob of the list on its own (to say which one matched nothing).
+    pub fn each(&self) -> impl Iterator<Item = Globs> + '_ {
+        self.0.iter().map(|g| Globs(vec![g.clone()]))
+    }
 }
 
 impl std::fmt::Display for Globs {

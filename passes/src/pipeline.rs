@@ -109,7 +109,7 @@ impl From<Component> for LoraComponentArg {
 
 choice!(TomeModeArg { Merge = "merge", Todo = "todo" } default Merge);
 choice!(PoolArg { Avg = "avg", Nearest = "nearest" } default Avg);
-choice!(HookArg { Capture = "capture", P2p = "p2p", Masactrl = "masactrl" } default Capture);
+choice!(HookArg { Capture = "capture", P2p = "p2p", Masactrl = "masactrl", Pag = "pag" } default Capture);
 choice!(
     /// How the output's weights are written (see `attune_compiler::export::WeightsMode`).
     Weights { Copy = "copy", Link = "link" } default Copy
@@ -371,13 +371,15 @@ impl Default for TomeArgs {
 #[serde(default, deny_unknown_fields)]
 pub struct HookOptions {
     /// Attention-control hooks: capture (cross-attention map outputs), p2p (Prompt-to-Prompt
-    /// inputs), masactrl (K/V injection gates); comma-separated
+    /// inputs), masactrl (K/V injection gates), pag (perturbed-attention guidance's
+    /// identity-map gates, at mid_block.*.attn1 without --hooks-layers); comma-separated
     #[cfg_attr(
         feature = "cli",
         arg(long = "hooks", id = "hooks.kinds", value_enum, value_delimiter = ',')
     )]
     pub kinds: Vec<HookArg>,
-    /// Only attention modules whose path matches get hooks (comma-separated globs)
+    /// Only attention modules whose path matches get hooks (comma-separated globs matching
+    /// whole module paths)
     #[cfg_attr(
         feature = "cli",
         arg(long = "hooks-layers", id = "hooks.layers", value_name = "GLOB")
@@ -583,6 +585,7 @@ pub fn build(o: &Options) -> Result<PassManager, String> {
                     HookArg::Capture => Hook::Capture,
                     HookArg::P2p => Hook::P2p,
                     HookArg::Masactrl => Hook::MasaCtrl,
+                    HookArg::Pag => Hook::Pag,
                 })
                 .collect(),
             layers: o.hooks.layers.as_deref().map(Globs::parse),

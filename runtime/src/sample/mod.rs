@@ -56,6 +56,29 @@ pub struct SampleRun<'a> {
     /// How a step-cached denoiser reuses work (DeepCache's schedule, the first-block cache's
     /// threshold); ignored for one not split.
     pub step_cache: step_cache::Request,
+    /// Perturbed-attention guidance.
+    pub pag: Option<Pag>,
+}
+
+/// Perturbed-attention guidance (diffusers' PAG pipelines): the batch gets P more rows, the
+/// conds again, whose gated self-attention sites output V; the guided noise adds
+/// `scale·(cond - perturbed)`.
+pub struct Pag {
+    pub scale: f32,
+    /// diffusers' `pag_adaptive_scale`: the scale at timestep t is
+    /// max(0, scale - adaptive_scale·(1000 - t)).
+    pub adaptive_scale: f32,
+    /// The model's gate inputs (`pag.<path>.gate`, one value per batch row).
+    pub gates: Vec<String>,
+}
+
+impl Pag {
+    fn scale_at(&self, t: f64) -> f32 {
+        if self.adaptive_scale == 0.0 {
+            return self.scale;
+        }
+        (self.scale as f64 - self.adaptive_scale as f64 * (1000.0 - t)).max(0.0) as f32
+    }
 }
 
 /// What a run returns.
@@ -143,8 +166,10 @@ pub fn sample(unet: &mut Backend, mut run: SampleRun) -> Result<Sampled> {
         x = concatenate(Axis(0), &vec![x.view(); prompts])
             .map_err(|e| Error::Inputs(format!("latents: {e}")))?;
     }
-    // The batch: [uncond x P, cond x P] with guidance, else the P conds.
-    let rows = if run.cfg { 2 * prompts } else { prompts };
+    // The batch: [uncond x P, cond x P] with guidance, else the P conds; PAG's perturbed
+    // conds last.
+    let conds_at = if run.cfg { prompts } else { 0 };
+    let rows = conds_at + prompts + if run.pag.is_some() { prompts } else { 0 };
     let prepared = match &run.init {
         Some(init) => {
             let (start, prepared) = init.prepare(&run.scheduler, x, rows)?;
@@ -256,22 +281,25 @@ pub fn sample(unet: &mut Backend, mut run: SampleRun) -> Result<Sampled> {
                 out.shape()
             )));
         }
-        let guided = if run.cfg {
-            let (u, c) = (
-                out.slice_axis(Axis(0), (0..prompts).into()),
-                out.slice_axis(Axis(0), (prompts..2 * prompts).into()),
-            );
+        let part = |k: usize| out.slice_axis(Axis(0), (k * prompts..(k + 1) * prompts).into());
+        let c = part(conds_at / prompts);
+        let mut guided = if run.cfg {
+            let u = part(0);
             (&u + &((&c - &u) * run.guidance)).into_dyn()
         } else {
-            out.into_owned()
+            c.to_owned()
         };
+        if let Some(pag) = &run.pag {
+            let perturbed = part(conds_at / prompts + 1);
+            guided += &((&c - &perturbed) * pag.scale_at(t));
+        }
         x = run.scheduler.step(i, &guided, &x);
         if let Some(p) = &prepared {
             x = p.blend(&run.scheduler, i, n, x);
         }
         for (name, t) in &outputs {
             if let (Some(path), Some(m)) = (name.strip_prefix("attn."), output_f32(t)) {
-                let cond = cond_map(name, &m, prompts, rows)?;
+                let cond = cond_map(name, &m, conds_at..conds_at + prompts, rows)?;
                 match maps.sum.get_mut(path) {
                     Some(acc) if acc.shape() == cond.shape() => *acc += &cond,
                     Some(acc) => {
@@ -318,12 +346,17 @@ fn fixed_inputs(
     x: &ArrayD<f32>,
 ) -> Result<Vec<(String, HostTensor)>> {
     let prompts = x.shape()[0];
-    // [uncond x P, cond x P] with guidance, else the P conds.
+    // [uncond x P, cond x P] with guidance, else the P conds; PAG's perturbed conds after.
     let batch = |cond: &ArrayD<f32>, uncond: &ArrayD<f32>, what: &str| {
-        if run.cfg {
-            cfg_batch(cond, uncond, prompts, what)
+        let rows = if run.cfg {
+            cfg_batch(cond, uncond, prompts, what)?
         } else {
-            Ok(cond.clone())
+            cond.clone()
+        };
+        match run.pag {
+            Some(_) => concatenate(Axis(0), &[rows.view(), cond.view()])
+                .map_err(|e| Error::Inputs(format!("{what}: {e}"))),
+            None => Ok(rows),
         }
     };
     let context = batch(run.cond, run.uncond, "text embeddings")?;
@@ -358,6 +391,15 @@ fn fixed_inputs(
             "guidance".to_string(),
             HostTensor::F32(ArrayD::from_elem(IxDyn(&[rows]), g)),
         ));
+    }
+    if let Some(pag) = &run.pag {
+        // 1 on the perturbed rows (the last P), 0 elsewhere.
+        let gate = ArrayD::from_shape_fn(IxDyn(&[rows]), |ix| {
+            if ix[0] >= rows - prompts { 1.0 } else { 0.0 }
+        });
+        for name in &pag.gates {
+            fixed.push((name.clone(), HostTensor::F32(gate.clone())));
+        }
     }
     fixed.extend(run.extra.iter().cloned());
     fixed
@@ -443,17 +485,20 @@ fn prompt_count(run: &SampleRun) -> Result<usize> {
     Ok(prompts)
 }
 
-/// The conds' rows (the last P) of a captured attention output, checked to be
-/// [rows, queries, keys].
-fn cond_map(name: &str, m: &ArrayD<f32>, prompts: usize, rows: usize) -> Result<ArrayD<f32>> {
+/// The conds' rows of a captured attention output, checked to be [rows, queries, keys].
+fn cond_map(
+    name: &str,
+    m: &ArrayD<f32>,
+    conds: std::ops::Range<usize>,
+    rows: usize,
+) -> Result<ArrayD<f32>> {
     let shape = m.shape();
     if shape.len() != 3 || shape[0] != rows || shape.contains(&0) {
         return Err(Error::Inputs(format!(
             "the UNet's output '{name}' is {shape:?}, expected attention maps [{rows}, query tokens, text tokens]"
         )));
     }
-    let cond_half = m.slice_axis(Axis(0), (rows - prompts..rows).into());
-    Ok(cond_half.to_owned())
+    Ok(m.slice_axis(Axis(0), conds.into()).to_owned())
 }
 
 /// Every hook input's value for step `i` (inputs not named here keep their defaults).

@@ -102,6 +102,8 @@ pub struct Args {
     quiet: bool,
     #[command(flatten)]
     cache: super::StepCacheArgs,
+    #[command(flatten)]
+    pag: super::PagArgs,
 }
 
 /// img2img and inpainting (diffusers' StableDiffusionImg2ImgPipeline and
@@ -290,6 +292,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             reference: None,
             tol: super::DEFAULT_TOL,
             cache: args.cache.clone(),
+            pag: args.pag.clone(),
         };
         let (_, latents) = denoise(
             sample_args,

@@ -101,6 +101,29 @@ pub struct Args {
     tol: f64,
     #[command(flatten)]
     cache: StepCacheArgs,
+    #[command(flatten)]
+    pag: PagArgs,
+}
+
+/// Perturbed-attention guidance, as diffusers' PAG pipelines run it.
+#[derive(Clone, Default, clap::Args)]
+pub struct PagArgs {
+    /// Perturbed-attention guidance scale (diffusers' `pag_scale`; 0: none): the batch gets
+    /// the conds a third time with identity self-attention at the sites the model was
+    /// compiled with `--hooks pag` for, and the guided noise adds S·(cond - perturbed)
+    #[arg(long, value_name = "S", value_parser = non_negative)]
+    pag_scale: Option<f32>,
+    /// diffusers' `pag_adaptive_scale`: the PAG scale at timestep t is
+    /// max(0, S - A·(1000 - t))
+    #[arg(long, value_name = "A", default_value_t = 0.0, value_parser = non_negative, requires = "pag_scale")]
+    pag_adaptive_scale: f32,
+}
+
+fn non_negative(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{s}: not a finite number >= 0")),
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -279,7 +302,8 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
             }
             None if !s.optional
                 || s.name.starts_with("p2p.")
-                || s.name.starts_with("masactrl.") =>
+                || s.name.starts_with("masactrl.")
+                || s.name.starts_with("pag.") =>
             {
                 bail!(
                     "{}: input '{}' has element type {}, which `attune sample` cannot feed",
@@ -318,6 +342,27 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         .iter()
         .any(|io| g.value(io.value).name.starts_with("attn."));
     drop(order);
+    let pag_gates: Vec<String> = g
+        .inputs
+        .iter()
+        .map(|io| g.value(io.value).name.clone())
+        .filter(|n| n.starts_with("pag.") && n.ends_with(".gate"))
+        .collect();
+    let pag = match args.pag.pag_scale.filter(|s| *s > 0.0) {
+        Some(_) if pag_gates.is_empty() => bail!(
+            "--pag-scale: {} has no perturbed-attention gates (pag.<layer>.gate inputs): compile it with --hooks pag",
+            args.unet.display()
+        ),
+        Some(_) if args.controller.is_some() => bail!(
+            "--pag-scale with --controller: the controls act on the classifier-free-guidance batch's halves, PAG adds a third part; run them apart"
+        ),
+        Some(scale) => Some(sample::Pag {
+            scale,
+            adaptive_scale: args.pag.pag_adaptive_scale,
+            gates: pag_gates,
+        }),
+        None => None,
+    };
 
     // Checked first: the controller's schedules are sized by the step count.
     let schedule = schedule(&args)?;
@@ -615,6 +660,7 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         progress: None,
         extra,
         step_cache: args.cache.request()?,
+        pag,
     };
     let mut bar = sample::progress::Bar::stderr();
     let mut report = |s: sample::progress::Step| bar.report(s);

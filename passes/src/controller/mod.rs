@@ -10,7 +10,9 @@
 //!   and the site has at most 16·16 query tokens (the edits take the source's queries and
 //!   keys);
 //! - `masactrl`: self sites take `masactrl.<path>.gate` (scalar): where 1, every image of a
-//!   half attends to the keys/values of the first image of that half (MasaCtrl).
+//!   half attends to the keys/values of the first image of that half (MasaCtrl);
+//! - `pag`: self sites take `pag.<path>.gate` [rows]: where 1, the row's attention output is
+//!   V (perturbed-attention guidance, `pag`).
 //!
 //! Every input defaults to "no control" (alpha 0, identity mapper, equalizer 1, gates 0):
 //! a graph fed nothing computes exactly what the original does. Capture and P2P read the
@@ -30,11 +32,19 @@ use attune_compiler::{Error, Result};
 use crate::emit::Emitter;
 use crate::glob::Globs;
 
+pub mod pag;
+
+/// PAG's sites without --hooks-layers: diffusers' PAG pipelines' default
+/// `pag_applied_layers = "mid"`.
+pub const PAG_DEFAULT_LAYERS: &str = "mid_block.*.attn1";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
     Capture,
     P2p,
     MasaCtrl,
+    /// Perturbed-attention guidance's identity-map gates (`pag`).
+    Pag,
 }
 
 pub struct ControllerPass {
@@ -181,6 +191,9 @@ impl Pass for ControllerPass {
                 }
             }
         }
+        if wants(Hook::Pag) {
+            self.gate_pag(model, &found, &mut report)?;
+        }
         if !text_symbols.is_empty() {
             crate::lower::fix_shapes::fix_declarations(&mut model.graph, &text_symbols);
             report.notes.push(format!(
@@ -193,6 +206,76 @@ impl Pass for ControllerPass {
             report.notes.push("no attention site took a hook".into());
         }
         Ok(report)
+    }
+}
+
+impl ControllerPass {
+    /// PAG's gates at the selected self-attention sites; a glob that selects none is an error
+    /// (the gates would silently do nothing).
+    fn gate_pag(
+        &self,
+        model: &mut Model,
+        found: &attention::AttentionAnalysis,
+        report: &mut PassReport,
+    ) -> Result<()> {
+        let layers = self
+            .layers
+            .clone()
+            .unwrap_or_else(|| Globs::parse(PAG_DEFAULT_LAYERS));
+        let self_sites: Vec<String> = found
+            .blocks
+            .iter()
+            .map(|b| format!("{}.attn1", b.path))
+            .filter(|p| {
+                found
+                    .sites
+                    .iter()
+                    .all(|s| s.path != *p || s.kind == Kind::SelfAttention)
+            })
+            .collect();
+        let others = self.hooks.iter().any(|h| *h != Hook::Pag);
+        for glob in layers.each() {
+            let hits_self = self_sites.iter().any(|p| glob.matches(p));
+            let hits_any = found.sites.iter().any(|s| glob.matches(&s.path));
+            if !(hits_self || others && hits_any) {
+                let listed: Vec<&str> = self_sites.iter().take(8).map(String::as_str).collect();
+                return Err(Error::Graph(format!(
+                    "--hooks-layers {glob}: matches no self-attention site for pag (globs match whole module paths: diffusers' pag_applied_layers \"mid\" is mid_block.*.attn1 here); the sites are {}{}",
+                    listed.join(", "),
+                    if self_sites.len() > listed.len() {
+                        ", ..."
+                    } else {
+                        ""
+                    }
+                )));
+            }
+        }
+        let mut gated = 0;
+        for path in self_sites.iter().filter(|p| layers.matches(p)) {
+            let mut patch = Patch::new(model);
+            match pag::gate(&mut patch, model, path) {
+                Ok(()) => {
+                    patch.into_parts().apply(model)?;
+                    report.rewritten.push(format!("{path} (self): pag gate"));
+                    gated += 1;
+                }
+                Err(why) => report.skipped.push(Skipped {
+                    site: path.clone(),
+                    reason: format!("pag: {why}"),
+                }),
+            }
+        }
+        if gated == 0 {
+            return Err(Error::Graph(format!(
+                "--hooks pag: no self-attention site matching {layers} could take a gate (see the skipped sites)"
+            )));
+        }
+        if self.layers.is_none() {
+            report.notes.push(format!(
+                "pag at {PAG_DEFAULT_LAYERS} (diffusers' default pag_applied_layers \"mid\"; choose with --hooks-layers)"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -216,18 +299,19 @@ fn text_tokens(site: &AttentionSite, words: i64) -> std::result::Result<Option<S
     }
 }
 
-/// A float input with a default, declared with `dims` (`None` = a symbol).
+/// A float input with a default, declared with `dims` (`None` = a symbol: `rows` first).
 fn input(
     p: &mut Patch,
     name: &str,
     dims: &[Option<i64>],
+    rows: &str,
     default_dims: Vec<i64>,
     default: Vec<f32>,
 ) -> In {
     use tensor_shape_proto::dimension::Value;
     let dim = |(i, d): (usize, &Option<i64>)| match d {
         Some(v) => Value::DimValue(*v),
-        None if i == 0 => Value::DimParam("edits".into()),
+        None if i == 0 => Value::DimParam(rows.into()),
         None => Value::DimParam(format!("{name}_{i}")),
     };
     let dims = dims.iter().enumerate().map(dim).collect();
@@ -400,6 +484,7 @@ fn probability_hooks(
         e.p,
         &input_name("p2p", &site.path, "alpha"),
         &[None, Some(w)],
+        "edits",
         vec![1, w],
         vec![0.0; w as usize],
     );
@@ -410,6 +495,7 @@ fn probability_hooks(
         e.p,
         &input_name("p2p", &site.path, "mapper"),
         &[None, Some(w), Some(w)],
+        "edits",
         vec![1, w, w],
         eye,
     );
@@ -417,6 +503,7 @@ fn probability_hooks(
         e.p,
         &input_name("p2p", &site.path, "equalizer"),
         &[None, Some(w)],
+        "edits",
         vec![1, w],
         vec![1.0; w as usize],
     );
@@ -526,7 +613,7 @@ fn self_control(
         .max_by_key(|n| order.iter().position(|o| o == n));
     let tag = control.tag();
     let mut e = Emitter::new(p, path, after);
-    let gate = input(e.p, &control.input(path), &[], vec![], vec![0.0]);
+    let gate = input(e.p, &control.input(path), &[], "", vec![], vec![0.0]);
     let mut gate = typed(&mut e, gate, dtype, &format!("{tag}_gate_cast"));
     let shape = e.op(
         "Shape",
