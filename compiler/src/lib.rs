@@ -2,6 +2,7 @@
 //! verification, structural diff, model summaries and the pass manager.
 pub mod analysis;
 pub mod cache_io;
+pub mod controlnet_io;
 pub mod dce;
 pub mod diff;
 pub mod error;

@@ -72,6 +72,8 @@ pub enum Role {
     TextEncoder,
     VaeDecoder,
     VaeEncoder,
+    /// `controlnet/`: as a text encoder (attention fusion, lowering, precision).
+    ControlNet,
 }
 
 impl Role {
@@ -81,6 +83,7 @@ impl Role {
             Role::TextEncoder => "text encoder",
             Role::VaeDecoder => "VAE decoder",
             Role::VaeEncoder => "VAE encoder",
+            Role::ControlNet => "ControlNet",
         }
     }
 }
@@ -154,6 +157,7 @@ impl Pipeline {
             let role = match key.as_str() {
                 "unet" | "transformer" => Some(Role::Denoiser),
                 k if k.starts_with("text_encoder") => Some(Role::TextEncoder),
+                "controlnet" if kind == "ControlNetModel" => Some(Role::ControlNet),
                 _ => None,
             };
             if let Some(role) = role {

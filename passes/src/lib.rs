@@ -10,5 +10,6 @@ pub mod glob;
 pub mod layer_norm;
 pub mod lora;
 pub mod lower;
+pub mod merge_controlnet;
 pub mod pipeline;
 pub mod tome;

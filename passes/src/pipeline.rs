@@ -192,6 +192,14 @@ pub struct Options {
         arg(long = "step-cache", id = "step_cache", value_name = "KIND[:ARG]")
     )]
     pub step_cache: Option<String>,
+    /// Join this ControlNet (an .onnx file or a folder with model.onnx) into the denoiser: one
+    /// graph whose residual inputs it feeds, scaled by a `controlnet_scale` input; the control
+    /// image is its `controlnet_cond` input
+    #[cfg_attr(
+        feature = "cli",
+        arg(long = "merge-controlnet", value_name = "CONTROLNET")
+    )]
+    pub merge_controlnet: Option<std::path::PathBuf>,
     /// copy: one self-contained data file; link: keep the original data (referenced in place,
     /// else reflinked or copied), write only changed tensors
     #[cfg_attr(feature = "cli", arg(long, value_enum, default_value_t))]
@@ -433,6 +441,7 @@ impl Options {
             || !self.disable_fusions.is_empty()
             || !self.enable_fusions.is_empty()
             || self.step_cache.is_some()
+            || self.merge_controlnet.is_some()
     }
 
     /// Does the compiled model compute something else than the original?
@@ -526,6 +535,10 @@ pub fn build(o: &Options) -> Result<PassManager, String> {
         // Nothing asked: a faithful round trip (checked for the CPU EP).
         pm.add(SupportCheck { target });
         return Ok(pm);
+    }
+    if let Some(path) = &o.merge_controlnet {
+        // Before the canonical form: both graphs get it, and every later pass sees one graph.
+        pm.add(crate::merge_controlnet::MergeControlNet { path: path.clone() });
     }
     pm.add(Canonicalize);
     let tome = o.tome_pass()?;

@@ -245,3 +245,111 @@ mod tests {
         );
     }
 }
+
+/// `image` as `[1, 3, H, W]` f32 in [0, 1] (a ControlNet's `controlnet_cond`: diffusers'
+/// control image processor does not normalise to [-1, 1]).
+pub fn to_unit_tensor(image: &Rgb) -> ArrayD<f32> {
+    let (h, w) = (image.height, image.width);
+    let mut data = vec![0f32; 3 * h * w];
+    for (p, px) in image.pixels.chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            data[c * h * w + p] = f32::from(px[c]) / 255.0;
+        }
+    }
+    ArrayD::from_shape_vec(IxDyn(&[1, 3, h, w]), data).expect("sized")
+}
+
+/// `image` resized to `width` x `height` as PIL's `Image.resize(..., LANCZOS)` does it (what
+/// diffusers' image processors call): a separable Lanczos-3 filter widened by the downscale
+/// factor, fixed-point weights with 22 fraction bits, the horizontal pass first, each pass
+/// rounded and clamped to 8 bits. The same size is the image itself.
+pub fn resize_lanczos(image: &Rgb, width: usize, height: usize) -> Rgb {
+    let mut out = image.pixels.clone();
+    let (mut w, h) = (image.width, image.height);
+    if width != w {
+        let taps = lanczos_taps(w, width);
+        let mut next = vec![0u8; width * h * 3];
+        for y in 0..h {
+            for (x, (first, k)) in taps.iter().enumerate() {
+                for c in 0..3 {
+                    let at = |i: usize| out[(y * w + first + i) * 3 + c];
+                    next[(y * width + x) * 3 + c] = weighted(k, at);
+                }
+            }
+        }
+        (out, w) = (next, width);
+    }
+    if height != h {
+        let taps = lanczos_taps(h, height);
+        let mut next = vec![0u8; w * height * 3];
+        for (y, (first, k)) in taps.iter().enumerate() {
+            for x in 0..w {
+                for c in 0..3 {
+                    let at = |i: usize| out[((first + i) * w + x) * 3 + c];
+                    next[(y * w + x) * 3 + c] = weighted(k, at);
+                }
+            }
+        }
+        out = next;
+    }
+    Rgb {
+        width,
+        height,
+        pixels: out,
+    }
+}
+
+/// PIL's fixed-point precision for 8-bit images.
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Per output pixel: the first input pixel it reads and its fixed-point weights.
+fn lanczos_taps(from: usize, to: usize) -> Vec<(usize, Vec<i64>)> {
+    fn sinc(x: f64) -> f64 {
+        if x == 0.0 {
+            1.0
+        } else {
+            let x = x * std::f64::consts::PI;
+            x.sin() / x
+        }
+    }
+    let lanczos = |x: f64| {
+        if x.abs() < 3.0 {
+            sinc(x) * sinc(x / 3.0)
+        } else {
+            0.0
+        }
+    };
+    let scale = from as f64 / to as f64;
+    let filter_scale = scale.max(1.0);
+    let support = 3.0 * filter_scale;
+    (0..to)
+        .map(|i| {
+            let center = (i as f64 + 0.5) * scale;
+            // C's (int) cast truncates toward zero.
+            let first = ((center - support + 0.5) as i64).max(0) as usize;
+            let last = ((center + support + 0.5) as i64).min(from as i64) as usize;
+            let w: Vec<f64> = (first..last)
+                .map(|x| lanczos((x as f64 - center + 0.5) / filter_scale))
+                .collect();
+            let total: f64 = w.iter().sum();
+            let fixed = w
+                .iter()
+                .map(|v| {
+                    let v = if total != 0.0 { v / total } else { *v };
+                    let f = v * f64::from(1u32 << PRECISION_BITS);
+                    (if f < 0.0 { f - 0.5 } else { f + 0.5 }) as i64
+                })
+                .collect();
+            (first, fixed)
+        })
+        .collect()
+}
+
+/// One output sample: the weighted input samples, rounded, clamped to 8 bits.
+fn weighted(k: &[i64], at: impl Fn(usize) -> u8) -> u8 {
+    let mut sum = 1i64 << (PRECISION_BITS - 1);
+    for (i, w) in k.iter().enumerate() {
+        sum += i64::from(at(i)) * w;
+    }
+    (sum >> PRECISION_BITS).clamp(0, 255) as u8
+}

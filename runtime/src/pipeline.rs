@@ -245,10 +245,12 @@ impl PromptEncoding {
         match base {
             "StableDiffusionPipeline"
             | "StableDiffusionImg2ImgPipeline"
-            | "StableDiffusionInpaintPipeline" => Some(PromptEncoding::StableDiffusion),
+            | "StableDiffusionInpaintPipeline"
+            | "StableDiffusionControlNetPipeline" => Some(PromptEncoding::StableDiffusion),
             "StableDiffusionXLPipeline"
             | "StableDiffusionXLImg2ImgPipeline"
-            | "StableDiffusionXLInpaintPipeline" => Some(PromptEncoding::StableDiffusionXl),
+            | "StableDiffusionXLInpaintPipeline"
+            | "StableDiffusionXLControlNetPipeline" => Some(PromptEncoding::StableDiffusionXl),
             "StableDiffusion3Pipeline" => Some(PromptEncoding::StableDiffusion3),
             "FluxPipeline" => Some(PromptEncoding::Flux),
             _ => None,

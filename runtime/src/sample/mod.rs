@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use ndarray::{ArrayD, Axis, IxDyn, concatenate};
 
+pub mod control;
 mod init;
 mod local_blend;
 mod packed;
@@ -58,6 +59,11 @@ pub struct SampleRun<'a> {
     pub step_cache: step_cache::Request,
     /// Perturbed-attention guidance.
     pub pag: Option<Pag>,
+    /// The denoiser's ControlNet residual inputs (zeros where no ControlNet acts).
+    pub residuals: Vec<control::Residual>,
+    pub controls: Vec<control::ControlNet>,
+    /// A ControlNet merged into the denoiser.
+    pub merged: Option<control::Merged>,
 }
 
 /// Perturbed-attention guidance (diffusers' PAG pipelines): the batch gets P more rows, the
@@ -197,6 +203,15 @@ pub fn sample(unet: &mut Backend, mut run: SampleRun) -> Result<Sampled> {
         )));
     }
     let fixed = fixed_inputs(&run, rows, &x)?;
+    // ControlNets read the text as f32 (and convert it to what they declare).
+    let text = fixed
+        .iter()
+        .find(|(n, _)| n == "encoder_hidden_states")
+        .and_then(|(_, t)| output_f32(t))
+        .map(|t| t.into_owned())
+        .unwrap_or_default();
+    let mut controls = std::mem::take(&mut run.controls);
+    let mut residual_inputs = Vec::new();
     let mut maps = Maps::default();
     let self_gates: Vec<&String> = run
         .hooks
@@ -221,7 +236,23 @@ pub fn sample(unet: &mut Backend, mut run: SampleRun) -> Result<Sampled> {
             },
             Layout::Packed => packed::pack(&sample),
         };
+        if !run.residuals.is_empty() {
+            let step = control::Step {
+                i,
+                n,
+                t: t * run.timestep_scale,
+                scheduler: run.scheduler.name(),
+                rows,
+                sample: &sample,
+                text: &text,
+            };
+            let fed = control::residuals(&mut controls, &run.residuals, &run.input_dtypes, &step)?;
+            residual_inputs = fed;
+        }
         inputs.push((run.latents_input.to_string(), HostTensor::F32(sample)));
+        if let Some(m) = &run.merged {
+            inputs.extend(m.inputs(i, n, rows)?);
+        }
         if let Some(plan) = &run.plan {
             inputs.extend(hook_values(plan, i, &run.hooks, &self_gates));
         }
@@ -233,6 +264,7 @@ pub fn sample(unet: &mut Backend, mut run: SampleRun) -> Result<Sampled> {
             })
             .collect::<Result<Vec<_>>>()?;
         inputs.extend(fixed.iter().cloned());
+        inputs.append(&mut residual_inputs);
         if let Some(cache) = &cache {
             inputs.extend(cache.inputs(i - first)?);
         }
@@ -411,21 +443,39 @@ fn fixed_inputs(
 /// The timestep input at step `i` (the scheduler's `t`, scaled for Flux), in the form and type
 /// the model declares.
 fn timestep_input(run: &SampleRun, t: f64, rows: usize, i: usize) -> Result<HostTensor> {
-    let shape: &[usize] = match run.timestep {
+    let fed = t * run.timestep_scale;
+    timestep_value(
+        run.timestep,
+        &run.input_dtypes,
+        fed,
+        rows,
+        i,
+        run.scheduler.name(),
+    )
+}
+
+/// `fed` as a model's timestep input: the form and element type it declares.
+fn timestep_value(
+    form: TimestepForm,
+    dtypes: &BTreeMap<String, DType>,
+    fed: f64,
+    rows: usize,
+    i: usize,
+    scheduler: &str,
+) -> Result<HostTensor> {
+    let shape: &[usize] = match form {
         TimestepForm::PerRow => &[rows],
         TimestepForm::One => &[1],
         TimestepForm::Scalar => &[],
     };
-    let fed = t * run.timestep_scale;
     let steps = ArrayD::from_elem(IxDyn(shape), fed as f32);
-    let timestep = match run.input_dtypes.get("timestep") {
+    let timestep = match dtypes.get("timestep") {
         Some(d @ (DType::I64 | DType::I32)) if fed.fract() != 0.0 => {
             return Err(Error::Input {
                 input: "timestep".into(),
                 msg: format!(
-                    "the UNet declares it {}, and {} feeds fractional timesteps ({fed} at step {i})",
+                    "the model declares it {}, and {scheduler} feeds fractional timesteps ({fed} at step {i})",
                     d.name(),
-                    run.scheduler.name()
                 ),
             });
         }

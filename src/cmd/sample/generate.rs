@@ -104,6 +104,8 @@ pub struct Args {
     cache: super::StepCacheArgs,
     #[command(flatten)]
     pag: super::PagArgs,
+    #[command(flatten)]
+    control: super::control::ControlArgs,
 }
 
 /// img2img and inpainting (diffusers' StableDiffusionImg2ImgPipeline and
@@ -136,6 +138,8 @@ const SUPPORTED: &[&str] = &[
     "StableDiffusionInpaintPipeline",
     "OnnxStableDiffusionInpaintPipeline",
     "StableDiffusionXLPipeline",
+    "StableDiffusionControlNetPipeline",
+    "StableDiffusionXLControlNetPipeline",
     "StableDiffusion3Pipeline",
     "FluxPipeline",
 ];
@@ -293,6 +297,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             tol: super::DEFAULT_TOL,
             cache: args.cache.clone(),
             pag: args.pag.clone(),
+            control: args.control.clone(),
+            vae_factor: factor,
         };
         let (_, latents) = denoise(
             sample_args,
@@ -309,6 +315,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                 unet: Some(unet_session),
                 quiet: args.quiet,
                 extra: std::mem::take(&mut adapter),
+                controlnet_dir: Some(dir.join("controlnet")),
             }),
         )?;
         let mut vae = joined(vae_session, "the VAE decoder's")??;

@@ -15,6 +15,7 @@ use ndarray::ArrayD;
 use super::exec::EpArg;
 use super::numeric::{DEFAULT_TOL, tolerance};
 
+pub mod control;
 pub mod generate;
 mod heatmaps;
 mod model;
@@ -103,6 +104,12 @@ pub struct Args {
     cache: StepCacheArgs,
     #[command(flatten)]
     pag: PagArgs,
+    #[command(flatten)]
+    control: control::ControlArgs,
+    /// Image pixels per latent pixel, the size --control-image is resized to (the VAE's
+    /// factor: 8 for Stable Diffusion)
+    #[arg(long, default_value_t = 8, value_name = "F")]
+    vae_factor: usize,
 }
 
 /// Perturbed-attention guidance, as diffusers' PAG pipelines run it.
@@ -159,6 +166,14 @@ fn read_f32(path: &Path, what: &str, rank: usize) -> anyhow::Result<ArrayD<f32>>
     }
 }
 
+fn ep_of(ep: EpArg) -> attune_runtime::Ep {
+    match ep {
+        EpArg::Cpu => attune_runtime::Ep::Cpu,
+        EpArg::Cuda => attune_runtime::Ep::Cuda,
+        EpArg::Tract => attune_runtime::Ep::Tract,
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<i32> {
     Ok(denoise(args, None)?.0)
 }
@@ -184,6 +199,8 @@ pub(super) struct Given {
     pub quiet: bool,
     /// Inputs fed every step as they are (run-time LoRA: an adapter's A and B).
     pub extra: Vec<(String, HostTensor)>,
+    /// The pipeline's ControlNet, for --control-image without --controlnet.
+    pub controlnet_dir: Option<PathBuf>,
 }
 
 /// SDXL's time ids for latents of (height, width).
@@ -201,8 +218,36 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         .map(|g| std::mem::take(&mut g.extra))
         .unwrap_or_default();
     let quiet = given.as_ref().is_some_and(|g| g.quiet);
+    let controlnet_dir = given.as_mut().and_then(|g| g.controlnet_dir.take());
+    let vae_factor = args.vae_factor;
     let model = super::load(&args.unet)?;
     let specs = inputs::input_specs(&model);
+    // ControlNets' sessions, or a merged one's control image.
+    let merged = specs.iter().any(|s| s.name == sample::control::IMAGE_INPUT);
+    let sessions = attune_runtime::pipeline::Sessions {
+        ep: ep_of(args.ep),
+        ort: OrtOptions::default(),
+    };
+    let (control_specs, merged_control) =
+        args.control
+            .open(&args.unet, merged, controlnet_dir.as_deref(), &sessions)?;
+    // A ControlNet's residual inputs: zeros unless a ControlNet runs.
+    let residuals = control::residuals(&args.unet, &specs, &control_specs)?;
+    if !control_specs.is_empty() || merged_control.is_some() {
+        if init.is_some() {
+            bail!(
+                "--controlnet with --image: ControlNet img2img and inpainting (diffusers' StableDiffusionControlNetImg2ImgPipeline) are not run yet"
+            );
+        }
+        let split = [
+            sample::step_cache::REFRESH_INPUT,
+            sample::step_cache::THRESHOLD,
+            sample::step_cache::tea::THRESHOLD,
+        ];
+        if split.iter().any(|n| specs.iter().any(|s| s.name == *n)) {
+            bail!("--controlnet with a step cache: the cached part would reuse stale residuals");
+        }
+    }
     let has = |name: &str| specs.iter().any(|s| s.name == name);
     let layout = if has("hidden_states") && has("img_ids") && has("txt_ids") {
         Layout::Packed
@@ -284,6 +329,8 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
             && !s.name.starts_with(sample::step_cache::CACHED_RESIDUAL)
             && !s.name.starts_with(sample::step_cache::tea::CACHED_RESIDUAL)
             && !s.name.contains(attune_compiler::cache_io::CACHED_OUTPUT)
+            && !sample::control::is_residual(&s.name)
+            && s.name != sample::control::IMAGE_INPUT
     }) {
         bail!(
             "{}: input '{}' is not one `attune sample` feeds (it feeds sample, timestep, \
@@ -612,11 +659,7 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         .map(|out| ("the output".to_string(), out.clone()))
         .collect();
     super::refuse_outputs_over_inputs(&outputs, &read)?;
-    let ep = match args.ep {
-        EpArg::Cpu => attune_runtime::Ep::Cpu,
-        EpArg::Cuda => attune_runtime::Ep::Cuda,
-        EpArg::Tract => attune_runtime::Ep::Tract,
-    };
+    let ep = ep_of(args.ep);
     let opts = OrtOptions {
         cuda_graph: args.cuda_graph,
         ..OrtOptions::default()
@@ -661,6 +704,10 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         extra,
         step_cache: args.cache.request()?,
         pag,
+        residuals,
+        controls: control::controlnets(control_specs, h * vae_factor, w * vae_factor),
+        merged: merged_control
+            .map(|(image, s)| control::merged(&image, s, h * vae_factor, w * vae_factor)),
     };
     let mut bar = sample::progress::Bar::stderr();
     let mut report = |s: sample::progress::Step| bar.report(s);
