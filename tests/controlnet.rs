@@ -511,3 +511,66 @@ fn controlnet_requests_that_cannot_work_are_refused_by_name() {
     );
     assert!(!merged.exists());
 }
+
+#[test]
+fn sdxl_controlnets_read_the_pooled_text_and_time_ids_in_two_sessions_or_merged() {
+    let dir = tempfile::tempdir().unwrap();
+    let sdxl = root().join("models/pipelines/sdxl_controlnet_tiny");
+    let refs = sdxl.join("reference/one");
+    let image = format!("--control-image={}", refs.join("control_0.png").display());
+    let merged = dir.path().join("merged");
+    let o = attune(&[
+        "compile",
+        sdxl.to_str().unwrap(),
+        "-o",
+        merged.to_str().unwrap(),
+        "--merge-controlnet",
+        sdxl.join("controlnet").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let runs = [
+        (
+            sdxl.clone(),
+            format!("--controlnet={}:0.7", sdxl.join("controlnet").display()),
+        ),
+        (merged, "--controlnet-scale=0.7".to_string()),
+    ];
+    for (k, (model, flag)) in runs.iter().enumerate() {
+        let (png, saved) = (
+            dir.path().join(format!("{k}.png")),
+            dir.path().join(format!("{k}.npy")),
+        );
+        let o = attune(&[
+            "generate",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a photo of an astronaut riding a horse on mars",
+            "--steps",
+            "4",
+            "--scheduler",
+            "ddim",
+            "--latents",
+            refs.join("latents.npy").to_str().unwrap(),
+            "--save-latents",
+            saved.to_str().unwrap(),
+            flag,
+            &image,
+            "-o",
+            png.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{flag}: {}", stderr(&o));
+        let want = read_f32(&refs.join("final_latents.npy"));
+        let c = compare(
+            "final latents",
+            &HostTensor::F32(want),
+            &HostTensor::F32(read_f32(&saved)),
+        )
+        .unwrap();
+        assert!(c.rel_l2 <= 1e-4, "{flag}: {c:?}");
+        let worst = worst_pixel(
+            &png,
+            read_f32(&refs.join("image.npy")).index_axis(ndarray::Axis(0), 0),
+        );
+        assert!(worst <= 2.0, "{flag}: a pixel {worst}/255 off");
+    }
+}

@@ -72,8 +72,11 @@ impl Pass for MergeControlNet {
                 return Err(bad(format!("the denoiser has no input '{want}' to share")));
             }
         }
+        // Other inputs the denoiser has too (SDXL's text_embeds and time_ids) are shared.
+        let ours = |n: &str| g.inputs.iter().any(|io| io.info.name == n);
         if let Some(other) = input_names.iter().find(|n| {
             !SHARED.contains(n)
+                && !ours(n)
                 && **n != IMAGE_INPUT
                 && **n != SCALE_INPUT
                 && cg.initializer(cg.value_id(n).expect("input")).is_none()
@@ -125,8 +128,9 @@ impl Pass for MergeControlNet {
             ));
             for io in &cg.inputs {
                 let name = io.info.name.as_str();
+                let ours = g.inputs.iter().any(|i| i.info.name == name);
                 let mine = match name {
-                    n if SHARED.contains(&n) => shared(g, io, n)?,
+                    n if SHARED.contains(&n) || (ours && n != IMAGE_INPUT) => shared(g, io, n)?,
                     IMAGE_INPUT => {
                         let value = g.value_named(&fresh(g, IMAGE_INPUT));
                         let mut info = io.info.clone();

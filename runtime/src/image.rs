@@ -196,56 +196,6 @@ pub fn resize_nearest(mask: &ArrayD<f32>, h: usize, w: usize) -> ArrayD<f32> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn decoded_values_round_like_diffusers() {
-        // −1 → 0, 1 → 255, 0 → 127.5 → 128 (numpy rounds half to even: 128), beyond clamps.
-        let t = HostTensor::F32(
-            ArrayD::from_shape_vec(
-                IxDyn(&[1, 3, 1, 2]),
-                vec![-1.0, 1.0, 0.0, 3.0, -7.0, f32::NAN],
-            )
-            .unwrap(),
-        );
-        let images = from_decoded(&t).unwrap();
-        assert_eq!(images[0].pixels, [0, 128, 0, 255, 255, 0]);
-    }
-
-    #[test]
-    fn a_png_round_trips_and_converts_to_the_encoders_range() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("x.png");
-        let image = Rgb {
-            width: 2,
-            height: 1,
-            pixels: vec![0, 255, 51, 255, 0, 204],
-        };
-        write_png(&path, &image).unwrap();
-        assert_eq!(read_png(&path).unwrap(), image);
-        let HostTensor::F32(t) = to_tensor(&image) else {
-            panic!()
-        };
-        assert_eq!(t.shape(), [1, 3, 1, 2]);
-        let want = [-1.0, 1.0, 1.0, -1.0, -0.6, 0.6];
-        for (got, want) in t.iter().zip(want) {
-            assert!((got - want).abs() < 1e-6, "{t:?}");
-        }
-        let HostTensor::F32(m) = to_mask(&image) else {
-            panic!()
-        };
-        assert_eq!(m.as_slice().unwrap(), [1.0, 0.0]);
-        std::fs::write(&path, b"not a png").unwrap();
-        let err = read_png(&path).unwrap_err().to_string();
-        assert!(
-            err.contains("x.png") && err.contains("not a readable PNG"),
-            "{err}"
-        );
-    }
-}
-
 /// `image` as `[1, 3, H, W]` f32 in [0, 1] (a ControlNet's `controlnet_cond`: diffusers'
 /// control image processor does not normalise to [-1, 1]).
 pub fn to_unit_tensor(image: &Rgb) -> ArrayD<f32> {
@@ -352,4 +302,54 @@ fn weighted(k: &[i64], at: impl Fn(usize) -> u8) -> u8 {
         sum += i64::from(at(i)) * w;
     }
     (sum >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decoded_values_round_like_diffusers() {
+        // −1 → 0, 1 → 255, 0 → 127.5 → 128 (numpy rounds half to even: 128), beyond clamps.
+        let t = HostTensor::F32(
+            ArrayD::from_shape_vec(
+                IxDyn(&[1, 3, 1, 2]),
+                vec![-1.0, 1.0, 0.0, 3.0, -7.0, f32::NAN],
+            )
+            .unwrap(),
+        );
+        let images = from_decoded(&t).unwrap();
+        assert_eq!(images[0].pixels, [0, 128, 0, 255, 255, 0]);
+    }
+
+    #[test]
+    fn a_png_round_trips_and_converts_to_the_encoders_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.png");
+        let image = Rgb {
+            width: 2,
+            height: 1,
+            pixels: vec![0, 255, 51, 255, 0, 204],
+        };
+        write_png(&path, &image).unwrap();
+        assert_eq!(read_png(&path).unwrap(), image);
+        let HostTensor::F32(t) = to_tensor(&image) else {
+            panic!()
+        };
+        assert_eq!(t.shape(), [1, 3, 1, 2]);
+        let want = [-1.0, 1.0, 1.0, -1.0, -0.6, 0.6];
+        for (got, want) in t.iter().zip(want) {
+            assert!((got - want).abs() < 1e-6, "{t:?}");
+        }
+        let HostTensor::F32(m) = to_mask(&image) else {
+            panic!()
+        };
+        assert_eq!(m.as_slice().unwrap(), [1.0, 0.0]);
+        std::fs::write(&path, b"not a png").unwrap();
+        let err = read_png(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("x.png") && err.contains("not a readable PNG"),
+            "{err}"
+        );
+    }
 }

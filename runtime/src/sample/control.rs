@@ -106,7 +106,9 @@ pub(super) struct Step<'a> {
     pub scheduler: &'static str,
     pub rows: usize,
     pub sample: &'a ArrayD<f32>,
-    pub text: &'a ArrayD<f32>,
+    /// The denoiser's inputs that stay the same every step (text embeddings, SDXL's pooled
+    /// text and time ids): a ControlNet reads those it declares.
+    pub fixed: &'a [(String, HostTensor)],
 }
 
 /// The denoiser's residual inputs at one step, in its declared types: the ControlNets'
@@ -139,12 +141,13 @@ pub(super) fn residuals(
                 )?,
             ),
             ("sample".to_string(), HostTensor::F32(step.sample.clone())),
-            (
-                "encoder_hidden_states".to_string(),
-                HostTensor::F32(step.text.clone()),
-            ),
             (IMAGE_INPUT.to_string(), HostTensor::F32(image)),
         ];
+        for (name, t) in step.fixed {
+            if let (true, Some(t)) = (c.input_dtypes.contains_key(name), output_f32(t)) {
+                inputs.push((name.clone(), HostTensor::F32(t.into_owned())));
+            }
+        }
         if scaled_inside {
             inputs.push((
                 SCALE_INPUT.to_string(),

@@ -203,13 +203,6 @@ pub fn sample(unet: &mut Backend, mut run: SampleRun) -> Result<Sampled> {
         )));
     }
     let fixed = fixed_inputs(&run, rows, &x)?;
-    // ControlNets read the text as f32 (and convert it to what they declare).
-    let text = fixed
-        .iter()
-        .find(|(n, _)| n == "encoder_hidden_states")
-        .and_then(|(_, t)| output_f32(t))
-        .map(|t| t.into_owned())
-        .unwrap_or_default();
     let mut controls = std::mem::take(&mut run.controls);
     let mut residual_inputs = Vec::new();
     let mut maps = Maps::default();
@@ -244,7 +237,7 @@ pub fn sample(unet: &mut Backend, mut run: SampleRun) -> Result<Sampled> {
                 scheduler: run.scheduler.name(),
                 rows,
                 sample: &sample,
-                text: &text,
+                fixed: &fixed,
             };
             let fed = control::residuals(&mut controls, &run.residuals, &run.input_dtypes, &step)?;
             residual_inputs = fed;

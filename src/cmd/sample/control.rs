@@ -83,6 +83,9 @@ fn schedule(text: &str, values: &[f64]) -> Result<Schedule, String> {
     })
 }
 
+/// The ControlNets to run, or a merged one's control image and schedule.
+pub type Controls = (Vec<ControlSpec>, Option<(Rgb, Schedule)>);
+
 /// An opened ControlNet with its (not yet resized) control image.
 pub struct ControlSpec {
     pub arg: ControlArg,
@@ -139,7 +142,7 @@ impl ControlArgs {
         merged: bool,
         default: Option<&Path>,
         sessions: &Sessions,
-    ) -> anyhow::Result<(Vec<ControlSpec>, Option<(Rgb, Schedule)>)> {
+    ) -> anyhow::Result<Controls> {
         if merged {
             return open_merged(&self.controlnet, &self.control_image, self.controlnet_scale)
                 .with_context(|| format!("{} has a ControlNet merged in", unet.display()));
@@ -210,12 +213,13 @@ fn open(
                 );
             }
         }
-        if let Some(s) = specs
-            .iter()
-            .find(|s| !s.optional && !reads.contains(&s.name.as_str()) && s.name != SCALE_INPUT)
-        {
+        // SDXL's ControlNets also read the pooled text and the time ids, as its UNet does.
+        let also = [SCALE_INPUT, "text_embeds", "time_ids"];
+        if let Some(s) = specs.iter().find(|s| {
+            !s.optional && !reads.contains(&s.name.as_str()) && !also.contains(&s.name.as_str())
+        }) {
             bail!(
-                "--controlnet {}: input '{}' is not one generate feeds (sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale)",
+                "--controlnet {}: input '{}' is not one attune feeds (sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, and SDXL's text_embeds and time_ids)",
                 model.display(),
                 s.name
             );
@@ -348,7 +352,7 @@ fn open_merged(
     args: &[ControlArg],
     images: &[PathBuf],
     schedule: Option<Schedule>,
-) -> anyhow::Result<(Vec<ControlSpec>, Option<(Rgb, Schedule)>)> {
+) -> anyhow::Result<Controls> {
     if !args.is_empty() {
         bail!(
             "--controlnet: no residual inputs for another ControlNet; set the merged one's scale with --controlnet-scale"
