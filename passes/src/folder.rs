@@ -441,6 +441,18 @@ pub fn plan(pipeline: &Pipeline, o: &Options) -> Result<Vec<Plan>> {
                 reason: "attention-control hooks are on the denoiser's attention".into(),
             });
         }
+        if o.ip_adapter.is_some() {
+            not.push(NotApplied {
+                option: "--ip-adapter",
+                reason: "IP-Adapter's attention is the denoiser's (the image projection is written as image_proj/)".into(),
+            });
+        }
+        if o.merge_controlnet.is_some() {
+            not.push(NotApplied {
+                option: "--merge-controlnet",
+                reason: "a ControlNet is merged into the denoiser".into(),
+            });
+        }
         if o.step_cache.is_some() {
             not.push(NotApplied {
                 option: "--step-cache",
@@ -641,6 +653,23 @@ fn build(
         let (report, inputs) = compile_component(p, job, tmp, observe)?;
         replaced.extend(inputs.iter().filter_map(|f| fs::canonicalize(f).ok()));
         components.push(report);
+    }
+    if let Some(path) = &job.options.ip_adapter {
+        // The IP-Adapter's image projection, beside the denoiser it feeds (replacing one
+        // the input folder had).
+        if let Ok(old) = fs::canonicalize(pipeline.dir.join("image_proj/model.onnx")) {
+            replaced.insert(old);
+        }
+        let file = crate::ip_adapter::file::IpAdapterFile::read(path)
+            .map_err(|e| FolderError::Options(e.to_string()))?;
+        let dir = tmp.join("image_proj");
+        fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        let out = dir.join("model.onnx");
+        fs::write(
+            &out,
+            prost::Message::encode_to_vec(&file.projection.model()),
+        )
+        .map_err(io_at(&out))?;
     }
     observe(Event::Copying);
     let mut copied = Vec::new();

@@ -7,6 +7,7 @@ pub mod controller;
 pub mod emit;
 pub mod folder;
 pub mod glob;
+pub mod ip_adapter;
 pub mod layer_norm;
 pub mod lora;
 pub mod lower;

@@ -192,6 +192,11 @@ pub struct Options {
         arg(long = "step-cache", id = "step_cache", value_name = "KIND[:ARG]")
     )]
     pub step_cache: Option<String>,
+    /// An IP-Adapter file (.safetensors, the published layout): decoupled cross-attention at
+    /// every cross-attention site (new inputs ip_tokens and ip_adapter.<site>.scale); a
+    /// pipeline folder's output also gets image_proj/model.onnx, the image projection
+    #[cfg_attr(feature = "cli", arg(long = "ip-adapter", value_name = "FILE"))]
+    pub ip_adapter: Option<std::path::PathBuf>,
     /// Join this ControlNet (an .onnx file or a folder with model.onnx) into the denoiser: one
     /// graph whose residual inputs it feeds, scaled by a `controlnet_scale` input; the control
     /// image is its `controlnet_cond` input
@@ -442,6 +447,7 @@ impl Options {
             || !self.enable_fusions.is_empty()
             || self.step_cache.is_some()
             || self.merge_controlnet.is_some()
+            || self.ip_adapter.is_some()
     }
 
     /// Does the compiled model compute something else than the original?
@@ -567,6 +573,10 @@ pub fn build(o: &Options) -> Result<PassManager, String> {
             });
         }
         _ => {}
+    }
+    if let Some(path) = &o.ip_adapter {
+        // Before attention fusion, which then fuses the image attention like the text's.
+        pm.add(crate::ip_adapter::IpAdapterPass { path: path.clone() });
     }
     let mode = match o.attention.mode {
         AttentionArg::Keep => None,

@@ -209,15 +209,68 @@ pub fn to_unit_tensor(image: &Rgb) -> ArrayD<f32> {
     ArrayD::from_shape_vec(IxDyn(&[1, 3, h, w]), data).expect("sized")
 }
 
-/// `image` resized to `width` x `height` as PIL's `Image.resize(..., LANCZOS)` does it (what
-/// diffusers' image processors call): a separable Lanczos-3 filter widened by the downscale
-/// factor, fixed-point weights with 22 fraction bits, the horizontal pass first, each pass
-/// rounded and clamped to 8 bits. The same size is the image itself.
+/// PIL's resampling filters (`Image.Resampling`), as image processors name them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filter {
+    Lanczos,
+    Bilinear,
+    Bicubic,
+}
+
+impl Filter {
+    /// PIL's number for it (a preprocessor config's `resample`).
+    pub fn from_pil(n: i64) -> Option<Filter> {
+        match n {
+            1 => Some(Filter::Lanczos),
+            2 => Some(Filter::Bilinear),
+            3 => Some(Filter::Bicubic),
+            _ => None,
+        }
+    }
+
+    fn support(self) -> f64 {
+        match self {
+            Filter::Lanczos => 3.0,
+            Filter::Bilinear => 1.0,
+            Filter::Bicubic => 2.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        fn sinc(x: f64) -> f64 {
+            if x == 0.0 {
+                1.0
+            } else {
+                let x = x * std::f64::consts::PI;
+                x.sin() / x
+            }
+        }
+        let x = x.abs();
+        match self {
+            Filter::Lanczos if x < 3.0 => sinc(x) * sinc(x / 3.0),
+            Filter::Bilinear if x < 1.0 => 1.0 - x,
+            // PIL's cubic with a = -0.5.
+            Filter::Bicubic if x < 1.0 => (1.5 * x - 2.5) * x * x + 1.0,
+            Filter::Bicubic if x < 2.0 => (((x - 5.0) * x + 8.0) * x - 4.0) * -0.5,
+            _ => 0.0,
+        }
+    }
+}
+
+/// `image` resized to `width` x `height` with Lanczos, as PIL's `Image.resize(..., LANCZOS)`
+/// (what diffusers' image processors call).
 pub fn resize_lanczos(image: &Rgb, width: usize, height: usize) -> Rgb {
+    resize(image, width, height, Filter::Lanczos)
+}
+
+/// `image` resized to `width` x `height` as PIL's `Image.resize` does it: a separable filter
+/// widened by the downscale factor, fixed-point weights with 22 fraction bits, the horizontal
+/// pass first, each pass rounded and clamped to 8 bits. The same size is the image itself.
+pub fn resize(image: &Rgb, width: usize, height: usize, filter: Filter) -> Rgb {
     let mut out = image.pixels.clone();
     let (mut w, h) = (image.width, image.height);
     if width != w {
-        let taps = lanczos_taps(w, width);
+        let taps = taps(w, width, filter);
         let mut next = vec![0u8; width * h * 3];
         for y in 0..h {
             for (x, (first, k)) in taps.iter().enumerate() {
@@ -230,7 +283,7 @@ pub fn resize_lanczos(image: &Rgb, width: usize, height: usize) -> Rgb {
         (out, w) = (next, width);
     }
     if height != h {
-        let taps = lanczos_taps(h, height);
+        let taps = taps(h, height, filter);
         let mut next = vec![0u8; w * height * 3];
         for (y, (first, k)) in taps.iter().enumerate() {
             for x in 0..w {
@@ -253,25 +306,10 @@ pub fn resize_lanczos(image: &Rgb, width: usize, height: usize) -> Rgb {
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
 /// Per output pixel: the first input pixel it reads and its fixed-point weights.
-fn lanczos_taps(from: usize, to: usize) -> Vec<(usize, Vec<i64>)> {
-    fn sinc(x: f64) -> f64 {
-        if x == 0.0 {
-            1.0
-        } else {
-            let x = x * std::f64::consts::PI;
-            x.sin() / x
-        }
-    }
-    let lanczos = |x: f64| {
-        if x.abs() < 3.0 {
-            sinc(x) * sinc(x / 3.0)
-        } else {
-            0.0
-        }
-    };
+fn taps(from: usize, to: usize, filter: Filter) -> Vec<(usize, Vec<i64>)> {
     let scale = from as f64 / to as f64;
     let filter_scale = scale.max(1.0);
-    let support = 3.0 * filter_scale;
+    let support = filter.support() * filter_scale;
     (0..to)
         .map(|i| {
             let center = (i as f64 + 0.5) * scale;
@@ -279,7 +317,7 @@ fn lanczos_taps(from: usize, to: usize) -> Vec<(usize, Vec<i64>)> {
             let first = ((center - support + 0.5) as i64).max(0) as usize;
             let last = ((center + support + 0.5) as i64).min(from as i64) as usize;
             let w: Vec<f64> = (first..last)
-                .map(|x| lanczos((x as f64 - center + 0.5) / filter_scale))
+                .map(|x| filter.weight((x as f64 - center + 0.5) / filter_scale))
                 .collect();
             let total: f64 = w.iter().sum();
             let fixed = w
@@ -293,6 +331,37 @@ fn lanczos_taps(from: usize, to: usize) -> Vec<(usize, Vec<i64>)> {
             (first, fixed)
         })
         .collect()
+}
+
+/// CLIP's image preprocessing (transformers' CLIPImageProcessor, PIL backend): the shortest
+/// edge resized to `shortest` (the long side `int(shortest·long/short)`), a centre crop of
+/// `crop` (height, width), each channel `(v/255 - mean)/std`; `[1, 3, crop h, crop w]`.
+pub fn clip_pixels(
+    image: &Rgb,
+    shortest: usize,
+    crop: (usize, usize),
+    filter: Filter,
+    mean: [f32; 3],
+    std: [f32; 3],
+) -> ArrayD<f32> {
+    let (w, h) = (image.width, image.height);
+    let (nw, nh) = if w <= h {
+        (shortest, (shortest as f64 * h as f64 / w as f64) as usize)
+    } else {
+        ((shortest as f64 * w as f64 / h as f64) as usize, shortest)
+    };
+    let resized = resize(image, nw, nh, filter);
+    let (ch, cw) = crop;
+    let top = nh.saturating_sub(ch) / 2;
+    let left = nw.saturating_sub(cw) / 2;
+    ArrayD::from_shape_fn(IxDyn(&[1, 3, ch, cw]), |ix| {
+        let (c, y, x) = (ix[1], ix[2] + top, ix[3] + left);
+        if y >= nh || x >= nw {
+            return (0.0 - mean[c]) / std[c];
+        }
+        let v = f32::from(resized.pixels[(y * nw + x) * 3 + c]) * (1.0 / 255.0);
+        (v - mean[c]) / std[c]
+    })
 }
 
 /// One output sample: the weighted input samples, rounded, clamped to 8 bits.

@@ -430,7 +430,7 @@ fn check_rank(part: Part, shape: &[usize]) -> std::result::Result<(), String> {
     Ok(())
 }
 
-fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+pub(crate) fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     use attune_compiler::onnx::DataType;
     let dt = match dtype {
         Dtype::F32 => DataType::Float,

@@ -64,6 +64,9 @@ pub struct SampleRun<'a> {
     pub controls: Vec<control::ControlNet>,
     /// A ControlNet merged into the denoiser.
     pub merged: Option<control::Merged>,
+    /// IP-Adapter's image-prompt tokens: (for the conds, for the unconditional rows), each
+    /// [1, tokens, width], fed as `ip_tokens` in the batch's rows like the text.
+    pub ip_tokens: Option<(ArrayD<f32>, ArrayD<f32>)>,
 }
 
 /// Perturbed-attention guidance (diffusers' PAG pipelines): the batch gets P more rows, the
@@ -393,6 +396,14 @@ fn fixed_inputs(
         "encoder_hidden_states".to_string(),
         HostTensor::F32(context),
     )];
+    if let Some((cond, uncond)) = &run.ip_tokens {
+        let cond = concatenate(Axis(0), &vec![cond.view(); prompts])
+            .map_err(|e| Error::Inputs(format!("ip_tokens: {e}")))?;
+        fixed.push((
+            "ip_tokens".to_string(),
+            HostTensor::F32(batch(&cond, uncond, "ip_tokens")?),
+        ));
+    }
     if let Some((input, p)) = pooled {
         fixed.push((input.to_string(), HostTensor::F32(p)));
     }

@@ -106,6 +106,8 @@ pub struct Args {
     pag: super::PagArgs,
     #[command(flatten)]
     control: super::control::ControlArgs,
+    #[command(flatten)]
+    ip: super::ip_adapter::IpArgs,
 }
 
 /// img2img and inpainting (diffusers' StableDiffusionImg2ImgPipeline and
@@ -298,6 +300,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             cache: args.cache.clone(),
             pag: args.pag.clone(),
             control: args.control.clone(),
+            ip: args.ip.clone(),
             vae_factor: factor,
         };
         let (_, latents) = denoise(
@@ -315,7 +318,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                 unet: Some(unet_session),
                 quiet: args.quiet,
                 extra: std::mem::take(&mut adapter),
-                controlnet_dir: Some(dir.join("controlnet")),
+                folder: Some(dir.clone()),
             }),
         )?;
         let mut vae = joined(vae_session, "the VAE decoder's")??;

@@ -18,6 +18,7 @@ use super::numeric::{DEFAULT_TOL, tolerance};
 pub mod control;
 pub mod generate;
 mod heatmaps;
+pub mod ip_adapter;
 mod model;
 mod step_cache;
 
@@ -106,6 +107,8 @@ pub struct Args {
     pag: PagArgs,
     #[command(flatten)]
     control: control::ControlArgs,
+    #[command(flatten)]
+    ip: ip_adapter::IpArgs,
     /// Image pixels per latent pixel, the size --control-image is resized to (the VAE's
     /// factor: 8 for Stable Diffusion)
     #[arg(long, default_value_t = 8, value_name = "F")]
@@ -199,8 +202,9 @@ pub(super) struct Given {
     pub quiet: bool,
     /// Inputs fed every step as they are (run-time LoRA: an adapter's A and B).
     pub extra: Vec<(String, HostTensor)>,
-    /// The pipeline's ControlNet, for --control-image without --controlnet.
-    pub controlnet_dir: Option<PathBuf>,
+    /// The pipeline folder: its controlnet/ (for --control-image without --controlnet),
+    /// image_encoder/, feature_extractor/ and image_proj/ (for --ip-image).
+    pub folder: Option<PathBuf>,
 }
 
 /// SDXL's time ids for latents of (height, width).
@@ -218,7 +222,8 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         .map(|g| std::mem::take(&mut g.extra))
         .unwrap_or_default();
     let quiet = given.as_ref().is_some_and(|g| g.quiet);
-    let controlnet_dir = given.as_mut().and_then(|g| g.controlnet_dir.take());
+    let folder = given.as_mut().and_then(|g| g.folder.take());
+    let controlnet_dir = folder.as_ref().map(|f| f.join("controlnet"));
     let vae_factor = args.vae_factor;
     let model = super::load(&args.unet)?;
     let specs = inputs::input_specs(&model);
@@ -233,6 +238,10 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
             .open(&args.unet, merged, controlnet_dir.as_deref(), &sessions)?;
     // A ControlNet's residual inputs: zeros unless a ControlNet runs.
     let residuals = control::residuals(&args.unet, &specs, &control_specs)?;
+    let (ip_tokens, ip_scales) =
+        args.ip
+            .prepare(&args.unet, &specs, folder.as_deref(), &sessions)?;
+    extra.extend(ip_scales);
     if !control_specs.is_empty() || merged_control.is_some() {
         if init.is_some() {
             bail!(
@@ -331,6 +340,7 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
             && !s.name.contains(attune_compiler::cache_io::CACHED_OUTPUT)
             && !sample::control::is_residual(&s.name)
             && s.name != sample::control::IMAGE_INPUT
+            && s.name != attune_passes::ip_adapter::TOKENS_INPUT
     }) {
         bail!(
             "{}: input '{}' is not one `attune sample` feeds (it feeds sample, timestep, \
@@ -708,6 +718,7 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         controls: control::controlnets(control_specs, h * vae_factor, w * vae_factor),
         merged: merged_control
             .map(|(image, s)| control::merged(&image, s, h * vae_factor, w * vae_factor)),
+        ip_tokens,
     };
     let mut bar = sample::progress::Bar::stderr();
     let mut report = |s: sample::progress::Step| bar.report(s);

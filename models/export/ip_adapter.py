@@ -1,0 +1,169 @@
+"""A tiny IP-Adapter pipeline and diffusers' references for it.
+
+    python models/export/ip_adapter.py
+
+Writes
+- `models/ip_adapter/ip-adapter_tiny.safetensors`: an IP-Adapter for sd15_tiny in the published
+  key layout of `ip-adapter_sd15.safetensors` (`image_proj.proj.weight` [4·16, 32],
+  `image_proj.proj.bias`, `image_proj.norm.weight/bias` [16], and `ip_adapter.N.to_k_ip.weight`
+  / `.to_v_ip.weight` [hidden, 16] for N = 1, 3, 5, 7: the UNet's cross-attention processors
+  in diffusers' order), seeded random values; `ip-adapter_wide.safetensors` the same for a
+  cross-attention width of 24 (another model's: a file compile must refuse).
+- `models/pipelines/sd15_ip_tiny/`: sd15_tiny's ONNX components (byte-identical copies) with
+  `image_encoder/model.onnx` (a tiny CLIPVisionModelWithProjection: hidden 16, 2 layers, patch
+  32 at 224 px, projection 32; legacy exporter, input pixel_values, outputs image_embeds and
+  last_hidden_state) and `feature_extractor/preprocessor_config.json` (CLIPImageProcessor's
+  defaults: OpenAI CLIP's, bicubic resize of the shortest edge to 224, centre crop). Its
+  `reference/`: diffusers' StableDiffusionPipeline with `load_ip_adapter` (the processor is
+  transformers' PIL one, CLIPImageProcessorPil: torchvision is not installed), 4 DDIM steps:
+  `ip_one` (scale 0.6) and `ip_layers` (`set_ip_adapter_scale` with per-block scales), each
+  with latents.npy, ip_image.png, pixel_values.npy, image_embeds.npy, final_latents.npy,
+  image.npy.
+"""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+import controlnet  # noqa: E402
+import pipelines  # noqa: E402
+import unets  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "pipelines" / "sd15_ip_tiny"
+FILES = ROOT / "ip_adapter"
+EMBED = 32
+
+
+def ip_adapter_state(unet, width, seed):
+    """The published layout for `unet`'s cross-attention processors, in diffusers' order."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {"image_proj.proj.weight": torch.randn(4 * width, EMBED, generator=gen) * 0.2,
+             "image_proj.proj.bias": torch.randn(4 * width, generator=gen) * 0.1,
+             "image_proj.norm.weight": 1 + torch.randn(width, generator=gen) * 0.1,
+             "image_proj.norm.bias": torch.randn(width, generator=gen) * 0.1}
+    key = 1
+    for name, proc in unet.attn_processors.items():
+        if name.endswith("attn1.processor"):
+            continue
+        block = unet.get_submodule(name.removesuffix(".processor"))
+        hidden = block.to_q.out_features
+        state[f"ip_adapter.{key}.to_k_ip.weight"] = torch.randn(hidden, width, generator=gen) * 0.3
+        state[f"ip_adapter.{key}.to_v_ip.weight"] = torch.randn(hidden, width, generator=gen) * 0.3
+        key += 2
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def image_encoder():
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    torch.manual_seed(61)
+    config = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=224, patch_size=32, projection_dim=EMBED)
+    return unets.perturb(CLIPVisionModelWithProjection(config).eval())
+
+
+class Encoder(torch.nn.Module):
+    def __init__(self, enc):
+        super().__init__()
+        self.enc = enc
+
+    def forward(self, pixel_values):
+        out = self.enc(pixel_values=pixel_values)
+        return out.image_embeds, out.last_hidden_state
+
+
+def ip_image():
+    """A 40x30 picture (not square: the processor resizes the short side and crops)."""
+    from PIL import Image
+    y, x = np.mgrid[0:30, 0:40]
+    img = np.stack([x / 39, y / 29, ((x - 25) ** 2 + (y - 12) ** 2 < 60).astype(float)], -1)
+    return Image.fromarray((img * 255).round().astype(np.uint8), "RGB")
+
+
+def main():
+    import diffusers
+    import onnx
+    from transformers import CLIPImageProcessor
+    pipe = controlnet.rebuilt("sd15_tiny")
+    FILES.mkdir(parents=True, exist_ok=True)
+    state = ip_adapter_state(pipe.unet, pipe.unet.config.cross_attention_dim, 71)
+    save_file(state, str(FILES / "ip-adapter_tiny.safetensors"))
+    save_file(ip_adapter_state(pipe.unet, 24, 72), str(FILES / "ip-adapter_wide.safetensors"))
+
+    shutil.rmtree(OUT, ignore_errors=True)
+    OUT.mkdir(parents=True)
+    for comp in ["text_encoder", "tokenizer", "unet", "vae_decoder", "vae_encoder", "scheduler"]:
+        shutil.copytree(pipelines.OUT / "sd15_tiny" / comp, OUT / comp)
+    index = json.loads((pipelines.OUT / "sd15_tiny" / "model_index.json").read_text())
+    index.update(_name_or_path="sd15_ip_tiny", image_encoder=["transformers", "CLIPVisionModelWithProjection"],
+                 feature_extractor=["transformers", "CLIPImageProcessor"])
+    (OUT / "model_index.json").write_text(json.dumps(dict(sorted(index.items())), indent=2) + "\n")
+    processor = CLIPImageProcessor()
+    (OUT / "feature_extractor").mkdir()
+    config = {k: (int(v) if k == "resample" else v) for k, v in processor.to_dict().items()}
+    config["image_processor_type"] = "CLIPImageProcessor"
+    (OUT / "feature_extractor" / "preprocessor_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    enc = image_encoder()
+    (OUT / "image_encoder").mkdir()
+    pixels = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    raw = OUT / "image_encoder" / "raw.onnx"
+    with torch.no_grad():
+        torch.onnx.export(Encoder(enc), (pixels,), str(raw), dynamo=False, opset_version=17,
+                          input_names=["pixel_values"], output_names=["image_embeds", "last_hidden_state"],
+                          dynamic_axes={"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"},
+                                        "last_hidden_state": {0: "batch"}})
+    controlnet.save_external(raw, OUT / "image_encoder" / "model.onnx")
+    raw.unlink()
+    (OUT / "image_encoder" / "config.json").write_text(enc.config.to_json_string())
+    got = controlnet.ort_outputs(OUT / "image_encoder" / "model.onnx", [pixels])[0]
+    with torch.no_grad():
+        want = enc(pixel_values=pixels).image_embeds.numpy()
+    assert np.abs(got - want).max() < 1e-4
+
+    # references
+    pipe.load_ip_adapter(str(FILES), subfolder="", weight_name="ip-adapter_tiny.safetensors",
+                         image_encoder_folder=None)
+    pipe.register_modules(image_encoder=enc, feature_extractor=processor)
+    ref = OUT / "reference"
+    image = ip_image()
+    cases = {"ip_one": (0.6, 81), "ip_layers": ({"down": 0.9, "mid": 0.0, "up": {"block_1": [0.3, 1.2]}}, 82)}
+    manifest = {"made_by": "models/export/ip_adapter.py", "ip_adapter": "models/ip_adapter/ip-adapter_tiny.safetensors",
+                "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__}, "cases": {}}
+    for case, (scale, seed) in cases.items():
+        pipe.set_ip_adapter_scale(scale)
+        # The scale each cross-attention processor got, by module path.
+        scales = {name.removesuffix(".processor"): float(proc.scale[0])
+                  for name, proc in pipe.unet.attn_processors.items() if hasattr(proc, "scale")}
+        latents = pipelines.noise((1, 4, 8, 8), seed)
+
+        def call(p, cb, names, latents=latents):
+            return p(pipelines.PROMPT_A, negative_prompt="", ip_adapter_image=image, num_inference_steps=4,
+                     guidance_scale=7.5, latents=latents.clone(), height=16, width=16, output_type="np",
+                     callback_on_step_end=cb, callback_on_step_end_tensor_inputs=names)
+        arrays = pipelines.run_case(pipe, None, call)
+        pixel_values = processor(image, return_tensors="pt").pixel_values
+        with torch.no_grad():
+            embeds = enc(pixel_values=pixel_values).image_embeds
+        (ref / case).mkdir(parents=True)
+        image.save(ref / case / "ip_image.png")
+        files = pipelines.save(ref / case, {"latents": latents, "final_latents": arrays["final_latents"],
+                                            "image": arrays["image"], "pixel_values": pixel_values,
+                                            "image_embeds": embeds})
+        manifest["cases"][case] = {"pipeline": "StableDiffusionPipeline + load_ip_adapter", "prompt": pipelines.PROMPT_A,
+                                   "negative_prompt": "", "steps": 4, "guidance": 7.5, "height": 16, "width": 16,
+                                   "scheduler": "DDIMScheduler.from_config(scheduler/scheduler_config.json)",
+                                   "set_ip_adapter_scale": scale, "scales": scales, "files": files}
+        print(f"{case}: {scales}")
+    (ref / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"{pipelines.folder_size(OUT) / 1e6:.2f} MB in {OUT}")
+    del onnx
+
+
+if __name__ == "__main__":
+    main()

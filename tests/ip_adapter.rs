@@ -1,0 +1,265 @@
+//! IP-Adapter: `compile --ip-adapter` and `generate --ip-image` against diffusers'
+//! `load_ip_adapter` (models/export/ip_adapter.py).
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use attune_runtime::HostTensor;
+use attune_runtime::compare::compare;
+use common::*;
+
+fn folder() -> PathBuf {
+    root().join("models/pipelines/sd15_ip_tiny")
+}
+
+fn file(name: &str) -> PathBuf {
+    root().join("models/ip_adapter").join(name)
+}
+
+fn manifest() -> serde_json::Value {
+    let path = folder().join("reference/manifest.json");
+    serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn compile_ip(out: &Path, attention: &str) -> String {
+    let o = attune(&[
+        "compile",
+        folder().to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--ip-adapter",
+        file("ip-adapter_tiny.safetensors").to_str().unwrap(),
+        "--attention",
+        attention,
+    ]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    stdout(&o)
+}
+
+/// `generate` on `dir` with a reference's prompt and noise; the final latents and the PNG.
+fn generate(
+    dir: &Path,
+    latents: &Path,
+    out: &Path,
+    extra: &[String],
+) -> (ndarray::ArrayD<f32>, PathBuf) {
+    let (png, saved) = (out.with_extension("png"), out.with_extension("npy"));
+    let mut args: Vec<String> = [
+        "generate",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "a photo of an astronaut riding a horse on mars",
+        "--negative-prompt",
+        "",
+        "--steps",
+        "4",
+        "--scheduler",
+        "ddim",
+        "--latents",
+        latents.to_str().unwrap(),
+        "--save-latents",
+        saved.to_str().unwrap(),
+        "-o",
+        png.to_str().unwrap(),
+        "--quiet",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().cloned());
+    let o = attune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    (read_f32(&saved), png)
+}
+
+#[test]
+fn clip_preprocessing_matches_transformers() {
+    let refs = folder().join("reference/ip_one");
+    let image = attune_runtime::image::read_png(&refs.join("ip_image.png")).unwrap();
+    let mean = [0.48145466, 0.4578275, 0.40821073];
+    let std = [0.268_629_5, 0.261_302_6, 0.275_777_1];
+    let got = attune_runtime::image::clip_pixels(
+        &image,
+        224,
+        (224, 224),
+        attune_runtime::image::Filter::Bicubic,
+        mean,
+        std,
+    );
+    let want = read_f32(&refs.join("pixel_values.npy"));
+    assert!(max_abs(&want, &got) < 1e-5, "{}", max_abs(&want, &got));
+}
+
+#[test]
+fn generate_with_an_image_prompt_gives_diffusers_ip_adapter_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest();
+    for attention in ["keep", "flash"] {
+        let compiled = dir.path().join(format!("ip-{attention}"));
+        let report = compile_ip(&compiled, attention);
+        // The four cross-attention sites, numbered as diffusers numbers its processors.
+        for (n, site) in [
+            (1, "down_blocks.0.attentions.0.transformer_blocks.0.attn2"),
+            (7, "mid_block.attentions.0.transformer_blocks.0.attn2"),
+        ] {
+            assert!(
+                report.contains(&format!("{site} (cross): ip_adapter.{n}")),
+                "{report}"
+            );
+        }
+        for carried in [
+            "image_proj/model.onnx",
+            "image_encoder/model.onnx",
+            "feature_extractor/preprocessor_config.json",
+        ] {
+            assert!(compiled.join(carried).is_file(), "{carried} missing");
+        }
+        for case in ["ip_one", "ip_layers"] {
+            let refs = folder().join("reference").join(case);
+            let mut flags = vec![format!(
+                "--ip-image={}",
+                refs.join("ip_image.png").display()
+            )];
+            for (path, scale) in m["cases"][case]["scales"].as_object().unwrap() {
+                flags.push(format!("--ip-scale={path}={}", scale.as_f64().unwrap()));
+            }
+            let out = dir.path().join(format!("{attention}-{case}"));
+            let (latents, png) = generate(&compiled, &refs.join("latents.npy"), &out, &flags);
+            let want = read_f32(&refs.join("final_latents.npy"));
+            let c = compare(
+                "final latents",
+                &HostTensor::F32(want),
+                &HostTensor::F32(latents),
+            )
+            .unwrap();
+            assert!(c.rel_l2 <= 1e-4, "{attention} {case}: {c:?}");
+            let image = read_f32(&refs.join("image.npy"));
+            let worst = worst_pixel(&png, image.index_axis(ndarray::Axis(0), 0));
+            assert!(worst <= 2.0, "{attention} {case}: a pixel {worst}/255 off");
+        }
+    }
+    // Without an image prompt: the UNet without its IP-Adapter (sd15_tiny's own reference).
+    let compiled = dir.path().join("ip-keep");
+    let tiny = root().join("models/pipelines/sd15_tiny/reference/txt2img_a");
+    let (latents, _) = generate(
+        &compiled,
+        &tiny.join("latents.npy"),
+        &dir.path().join("none"),
+        &[],
+    );
+    let want = read_f32(&tiny.join("final_latents.npy"));
+    let c = compare(
+        "final latents",
+        &HostTensor::F32(want),
+        &HostTensor::F32(latents),
+    )
+    .unwrap();
+    assert!(c.rel_l2 <= 1e-4, "no image prompt: {c:?}");
+}
+
+#[test]
+fn ip_adapter_requests_that_cannot_work_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let refuse = |args: &[&str], expected: &[&str]| {
+        let o = attune(args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        for e in expected {
+            assert!(err.contains(e), "expected '{e}' in: {err}");
+        }
+    };
+    let out = dir.path().join("out");
+    let f = folder();
+    // A file for another cross-attention width: the file, the key and both widths named.
+    let wide = file("ip-adapter_wide.safetensors");
+    refuse(
+        &[
+            "compile",
+            f.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--ip-adapter",
+            wide.to_str().unwrap(),
+        ],
+        &[
+            "ip-adapter_wide.safetensors",
+            "ip_adapter.1.to_k_ip.weight",
+            "24",
+            "16",
+        ],
+    );
+    assert!(!out.exists());
+    // A torch pickle.
+    let bin = dir.path().join("ip-adapter_sd15.bin");
+    fs::write(&bin, b"PK").unwrap();
+    refuse(
+        &[
+            "compile",
+            f.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--ip-adapter",
+            bin.to_str().unwrap(),
+        ],
+        &["ip-adapter_sd15.bin", ".safetensors"],
+    );
+    assert!(!out.exists());
+    // An image prompt for a UNet without an IP-Adapter.
+    let image = f.join("reference/ip_one/ip_image.png");
+    let png = dir.path().join("x.png");
+    refuse(
+        &[
+            "generate",
+            f.to_str().unwrap(),
+            "--prompt",
+            "a cat",
+            "--steps",
+            "2",
+            "--ip-image",
+            image.to_str().unwrap(),
+            "-o",
+            png.to_str().unwrap(),
+        ],
+        &["--ip-image", "compile it with --ip-adapter"],
+    );
+    // A layer-wise scale whose glob matches no site.
+    let compiled = dir.path().join("ip");
+    compile_ip(&compiled, "keep");
+    refuse(
+        &[
+            "generate",
+            compiled.to_str().unwrap(),
+            "--prompt",
+            "a cat",
+            "--steps",
+            "2",
+            "--ip-image",
+            image.to_str().unwrap(),
+            "--ip-scale",
+            "nowhere.*=0.5",
+            "-o",
+            png.to_str().unwrap(),
+        ],
+        &["--ip-scale nowhere.*=0.5", "matches no IP-Adapter site"],
+    );
+    // An image prompt that cannot be read.
+    let broken = dir.path().join("broken.png");
+    fs::write(&broken, b"nope").unwrap();
+    refuse(
+        &[
+            "generate",
+            compiled.to_str().unwrap(),
+            "--prompt",
+            "a cat",
+            "--steps",
+            "2",
+            "--ip-image",
+            broken.to_str().unwrap(),
+            "-o",
+            png.to_str().unwrap(),
+        ],
+        &["broken.png"],
+    );
+    assert!(!png.exists());
+}
