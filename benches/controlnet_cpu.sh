@@ -6,18 +6,30 @@
 # process's peak RSS (a fresh process each, one after another).
 #
 #   PYTHON=venv/bin/python benches/controlnet_cpu.sh [SIZES]   (latent sides: 32 = 256 px, 64 = 512 px)
+# EP=cuda and EXTRA_COMPILE="--target cuda ..." run it on another provider (conditioning_cuda.sh):
+# the UNet and the ControlNet are then compiled with EXTRA_COMPILE too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 SIZES=${1:-"32 64"}
 STEPS=${STEPS:-4}
 ATTUNE=${ATTUNE:-target/release/attune}
-DIR=models/large/sd15_controlnet
-OUT=models/large/bench/controlnet_cpu
+EP=${EP:-cpu}
+SRC=models/large/sd15_controlnet
+OUT=models/large/bench/controlnet_$EP
 mkdir -p "$OUT"
-[ -f "$DIR/unet/model.onnx" ] || "$PYTHON" models/export/controlnet.py --full "$DIR"
-[ -f "$OUT/merged/unet.onnx" ] || $ATTUNE compile "$DIR/unet/model.onnx" -o "$OUT/merged/unet.onnx" --weights link \
-  --merge-controlnet "$DIR/controlnet" > "$OUT/merged.log"
+[ -f "$SRC/unet/model.onnx" ] || "$PYTHON" models/export/controlnet.py --full "$SRC"
+DIR=$SRC
+if [ -n "${EXTRA_COMPILE:-}" ]; then
+  DIR=$OUT/compiled
+  for part in unet controlnet; do
+    # shellcheck disable=SC2086
+    [ -f "$DIR/$part/model.onnx" ] || $ATTUNE compile "$SRC/$part/model.onnx" -o "$DIR/$part/model.onnx" --weights link $EXTRA_COMPILE > "$OUT/$part.log"
+  done
+fi
+# shellcheck disable=SC2086
+[ -f "$OUT/merged/unet.onnx" ] || $ATTUNE compile "$SRC/unet/model.onnx" -o "$OUT/merged/unet.onnx" --weights link \
+  ${EXTRA_COMPILE:-} --merge-controlnet "$SRC/controlnet" > "$OUT/merged.log"
 grep -h "merge-controlnet" "$OUT/merged.log"
 "$PYTHON" - "$OUT" <<'PY'
 import sys, numpy as np
@@ -31,7 +43,7 @@ PY
 step() {
   local name=$1 model=$2 size=$3; shift 3
   /usr/bin/time -f "%M" -o "$OUT/$name.rss" $ATTUNE sample --unet "$model" --cond "$OUT/cond.npy" \
-    --uncond "$OUT/uncond.npy" --steps "$STEPS" --height "$size" --width "$size" --seed 0 \
+    --uncond "$OUT/uncond.npy" --steps "$STEPS" --height "$size" --width "$size" --seed 0 --ep "$EP" \
     --out "$OUT/$name" "$@" 2> "$OUT/$name.err" > /dev/null
   "$PYTHON" - "$OUT/$name.err" "$OUT/$name.rss" <<'PY'
 import re, sys
@@ -40,7 +52,7 @@ print(f"{sum(t) / len(t):.2f} {int(open(sys.argv[2]).read().split()[-1]) / 1024:
 PY
 }
 row() { printf "%-5s %-46s %8s %8s %10s\n" "$@"; }
-echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), attune $(git rev-parse --short HEAD), $(nproc) cores, $(free -g | awk '/Mem/ {print $2}') GiB, $DIR, $STEPS steps, mean of steps 2..$STEPS"
+echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), attune $(git rev-parse --short HEAD), $(nproc) cores, $(free -g | awk '/Mem/ {print $2}') GiB, $DIR, --ep $EP ${EXTRA_COMPILE:-}, $STEPS steps, mean of steps 2..$STEPS"
 row px run "s/step" "vs UNet" "peak RSS"
 for size in $SIZES; do
   px=$((size * 8))

@@ -6,20 +6,29 @@
 # steps' wall times after the first (a fresh process each, one after another).
 #
 #   PYTHON=venv/bin/python benches/pag_cpu.sh [SIZES]   (latent sides: 32 = 256 px, 64 = 512 px)
+# EP=cuda and EXTRA_COMPILE="--target cuda ..." run it on another provider (conditioning_cuda.sh);
+# the export row is then the export compiled with EXTRA_COMPILE alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 SIZES=${1:-"32 64"}
 STEPS=${STEPS:-4}
 ATTUNE=${ATTUNE:-target/release/attune}
+EP=${EP:-cpu}
 MODEL=models/large/sd15/unet.onnx
-OUT=models/large/bench/pag_cpu
+OUT=models/large/bench/pag_$EP
 mkdir -p "$OUT"
 [ -f "$MODEL" ] || "$PYTHON" models/export/unets.py --full sd15 --out models/large/sd15
+if [ -n "${EXTRA_COMPILE:-}" ]; then
+  # shellcheck disable=SC2086
+  [ -f "$OUT/base/unet.onnx" ] || $ATTUNE compile "$MODEL" -o "$OUT/base/unet.onnx" --weights link $EXTRA_COMPILE > "$OUT/base.log"
+  MODEL=$OUT/base/unet.onnx
+fi
 for v in "mid mid_block.*.attn1" "up up_blocks.*.attn1"; do
   name=${v%% *} globs=${v#* }
-  [ -f "$OUT/$name/unet.onnx" ] || $ATTUNE compile "$MODEL" -o "$OUT/$name/unet.onnx" --weights link \
-    --hooks pag --hooks-layers "$globs" > "$OUT/$name.log"
+  # shellcheck disable=SC2086
+  [ -f "$OUT/$name/unet.onnx" ] || $ATTUNE compile models/large/sd15/unet.onnx -o "$OUT/$name/unet.onnx" --weights link \
+    ${EXTRA_COMPILE:-} --hooks pag --hooks-layers "$globs" > "$OUT/$name.log"
   grep -h "hooks:" "$OUT/$name.log"
 done
 "$PYTHON" - "$OUT" <<'PY'
@@ -32,7 +41,7 @@ PY
 step() {
   local name=$1 model=$2 size=$3; shift 3
   $ATTUNE sample --unet "$model" --cond "$OUT/cond.npy" --uncond "$OUT/uncond.npy" --steps "$STEPS" \
-    --height "$size" --width "$size" --seed 0 --out "$OUT/$name" "$@" 2> "$OUT/$name.err" > /dev/null
+    --height "$size" --width "$size" --seed 0 --ep "$EP" --out "$OUT/$name" "$@" 2> "$OUT/$name.err" > /dev/null
   "$PYTHON" - "$OUT/$name.err" <<'PY'
 import re, sys
 t = [float(m) for m in re.findall(r"([0-9.]+) s/step", open(sys.argv[1]).read())][1:]
@@ -40,7 +49,7 @@ print(f"{sum(t) / len(t):.2f}")
 PY
 }
 row() { printf "%-5s %-44s %8s %8s\n" "$@"; }
-echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), attune $(git rev-parse --short HEAD), $(nproc) cores, $(free -g | awk '/Mem/ {print $2}') GiB, $MODEL, $STEPS steps, mean of steps 2..$STEPS"
+echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), attune $(git rev-parse --short HEAD), $(nproc) cores, $(free -g | awk '/Mem/ {print $2}') GiB, $MODEL, --ep $EP ${EXTRA_COMPILE:-}, $STEPS steps, mean of steps 2..$STEPS"
 row px run "s/step" "vs CFG"
 for size in $SIZES; do
   px=$((size * 8))

@@ -20,48 +20,24 @@ fn manifest() -> serde_json::Value {
     serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap()
 }
 
-/// `attune generate` of a reference case's prompt and noise on `dir` with `extra`; the final
-/// latents and the PNG's path.
+/// `attune generate` of a reference case's prompt and noise on `dir` with `extra` (CFG 7.5,
+/// negative ""); the final latents and the PNG's path.
 fn generate(
     dir: &Path,
     case: &str,
     out: &Path,
     extra: &[String],
 ) -> (ndarray::ArrayD<f32>, PathBuf) {
-    let refs = folder().join("reference").join(case);
-    let latents = refs.join("latents.npy");
-    let (png, saved) = (
-        out.join(format!("{case}.png")),
-        out.join(format!("{case}.npy")),
-    );
-    let mut args: Vec<String> = [
-        "generate",
-        dir.to_str().unwrap(),
-        "--prompt",
-        "a photo of an astronaut riding a horse on mars",
-        "--negative-prompt",
-        "",
-        "--steps",
-        "4",
-        "--scheduler",
-        "ddim",
-        "--guidance",
-        "7.5",
-        "--latents",
-        latents.to_str().unwrap(),
-        "--save-latents",
-        saved.to_str().unwrap(),
-        "-o",
-        png.to_str().unwrap(),
-        "--quiet",
-    ]
-    .map(String::from)
-    .to_vec();
+    let latents = folder().join("reference").join(case).join("latents.npy");
+    let mut args = vec![
+        "--negative-prompt=".to_string(),
+        "--guidance=7.5".to_string(),
+    ];
     args.extend(extra.iter().cloned());
-    let o = attune(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
-    (read_f32(&saved), png)
+    generate_from(dir, PROMPT, &latents, &out.join(case), &args)
 }
+
+const PROMPT: &str = "a photo of an astronaut riding a horse on mars";
 
 /// The --controlnet and --control-image flags of a reference case.
 fn control_flags(case: &str) -> Vec<String> {
@@ -92,18 +68,13 @@ fn control_flags(case: &str) -> Vec<String> {
 }
 
 fn assert_matches_reference(case: &str, latents: ndarray::ArrayD<f32>, png: &Path, tol: f64) {
-    let refs = folder().join("reference").join(case);
-    let want = read_f32(&refs.join("final_latents.npy"));
-    let c = compare(
-        "final latents",
-        &HostTensor::F32(want),
-        &HostTensor::F32(latents),
-    )
-    .unwrap();
-    assert!(c.rel_l2 <= tol, "{case}: {c:?}");
-    let image = read_f32(&refs.join("image.npy"));
-    let worst = worst_pixel(png, image.index_axis(ndarray::Axis(0), 0));
-    assert!(worst <= 2.0, "{case}: a pixel {worst}/255 off");
+    assert_like_reference(
+        &folder().join("reference").join(case),
+        latents,
+        png,
+        tol,
+        case,
+    );
 }
 
 #[test]
@@ -295,25 +266,22 @@ fn controlnets_compile_with_attention_fusion_fp16_and_the_cuda_lowering() {
     with_cuda_ops_in_standard_ops(&lowered, &runnable);
     let inputs = dir.path().join("inputs");
     fs::create_dir_all(&inputs).unwrap();
-    let wave = |shape: &[usize], k: f32, lift: f32| {
-        HostTensor::F32(ndarray::ArrayD::from_shape_fn(
-            ndarray::IxDyn(shape),
-            |ix| {
-                let i: usize = (0..shape.len()).map(|a| (a + 3) * ix[a]).sum();
-                (i as f32 * k).sin() * (1.0 - lift) + lift
-            },
-        ))
-    };
     let write = |name: &str, t: HostTensor| {
         attune_runtime::npy::write(&inputs.join(format!("{name}.npy")), &t).unwrap()
     };
-    write("sample", wave(&[2, 4, 8, 8], 0.37, 0.0));
+    write("sample", wave(&[2, 4, 8, 8], 0.37));
     write(
         "timestep",
         HostTensor::I64(ndarray::arr1(&[501i64, 501]).into_dyn()),
     );
-    write("encoder_hidden_states", wave(&[2, 77, 16], 0.11, 0.0));
-    write("controlnet_cond", wave(&[2, 3, 16, 16], 0.05, 0.5));
+    write("encoder_hidden_states", wave(&[2, 77, 16], 0.11));
+    let HostTensor::F32(image) = wave(&[2, 3, 16, 16], 0.05) else {
+        unreachable!()
+    };
+    write(
+        "controlnet_cond",
+        HostTensor::F32(image.mapv(|v| v * 0.5 + 0.5)),
+    );
     write(
         "conditioning_scale",
         HostTensor::F32(ndarray::arr0(0.8f32).into_dyn()),
@@ -398,15 +366,7 @@ fn misfit_controlnet(dir: &Path) -> PathBuf {
 #[test]
 fn controlnet_requests_that_cannot_work_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
-    let refuse = |args: &[&str], expected: &[&str]| {
-        let o = attune(args);
-        let err = stderr(&o);
-        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
-        assert!(!err.contains("panicked"), "{err}");
-        for e in expected {
-            assert!(err.contains(e), "expected '{e}' in: {err}");
-        }
-    };
+    let refuse = assert_refused;
     let f = folder();
     let misfit = misfit_controlnet(dir.path());
     let image = f.join("reference/one/control_0.png");
@@ -573,4 +533,76 @@ fn sdxl_controlnets_read_the_pooled_text_and_time_ids_in_two_sessions_or_merged(
         );
         assert!(worst <= 2.0, "{flag}: a pixel {worst}/255 off");
     }
+}
+
+#[test]
+fn a_dynamo_unet_takes_controlnets_in_sessions_and_merged() {
+    let dir = tempfile::tempdir().unwrap();
+    // sd15_controlnet_tiny with its UNet exported by dynamo (dims as expressions).
+    let copy = dir.path().join("dynamo");
+    for entry in fs::read_dir(folder()).unwrap() {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap().to_owned();
+        if name == "unet" || name == "reference" {
+            continue;
+        }
+        if p.is_dir() {
+            fs::create_dir_all(copy.join(&name)).unwrap();
+            for f in fs::read_dir(&p).unwrap() {
+                let f = f.unwrap().path();
+                fs::copy(&f, copy.join(&name).join(f.file_name().unwrap())).unwrap();
+            }
+        } else {
+            fs::copy(&p, copy.join(&name)).unwrap();
+        }
+    }
+    let dynamo_unet = root().join("models/controlnet/unet_dynamo");
+    fs::create_dir_all(copy.join("unet")).unwrap();
+    for f in fs::read_dir(&dynamo_unet).unwrap() {
+        let f = f.unwrap().path();
+        fs::copy(&f, copy.join("unet").join(f.file_name().unwrap())).unwrap();
+    }
+    let out = dir.path().join("runs");
+    fs::create_dir_all(&out).unwrap();
+    // Two ControlNets (legacy and dynamo) into the dynamo UNet: diffusers' reference.
+    let (latents, png) = generate(&copy, "two", &out, &control_flags("two"));
+    assert_matches_reference("two", latents, &png, 1e-4);
+    // The dynamo ControlNet merged into the dynamo UNet (both opset 18) = the two sessions.
+    let b = root().join("models/controlnet/b_dynamo");
+    let merged = dir.path().join("merged");
+    let o = attune(&[
+        "compile",
+        copy.to_str().unwrap(),
+        "-o",
+        merged.to_str().unwrap(),
+        "--merge-controlnet",
+        b.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let image = format!(
+        "--control-image={}",
+        folder().join("reference/two/control_1.png").display()
+    );
+    let sessions_dir = dir.path().join("sessions");
+    let merged_dir = dir.path().join("merged-run");
+    fs::create_dir_all(&sessions_dir).unwrap();
+    fs::create_dir_all(&merged_dir).unwrap();
+    let two = vec![
+        format!("--controlnet={}:0.5:0:1", b.display()),
+        image.clone(),
+    ];
+    let (a, _) = generate(&copy, "one", &sessions_dir, &two);
+    let (m, _) = generate(
+        &merged,
+        "one",
+        &merged_dir,
+        &["--controlnet-scale=0.5".into(), image],
+    );
+    let c = compare(
+        "merged vs sessions",
+        &HostTensor::F32(a),
+        &HostTensor::F32(m),
+    )
+    .unwrap();
+    assert!(c.rel_l2 <= 1e-5, "{c:?}");
 }

@@ -44,32 +44,15 @@ fn generate(
     out: &Path,
     extra: &[String],
 ) -> (ndarray::ArrayD<f32>, PathBuf) {
-    let (png, saved) = (out.with_extension("png"), out.with_extension("npy"));
-    let mut args: Vec<String> = [
-        "generate",
-        dir.to_str().unwrap(),
-        "--prompt",
-        "a photo of an astronaut riding a horse on mars",
-        "--negative-prompt",
-        "",
-        "--steps",
-        "4",
-        "--scheduler",
-        "ddim",
-        "--latents",
-        latents.to_str().unwrap(),
-        "--save-latents",
-        saved.to_str().unwrap(),
-        "-o",
-        png.to_str().unwrap(),
-        "--quiet",
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut args = vec!["--negative-prompt=".to_string()];
     args.extend(extra.iter().cloned());
-    let o = attune(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
-    (read_f32(&saved), png)
+    generate_from(
+        dir,
+        "a photo of an astronaut riding a horse on mars",
+        latents,
+        out,
+        &args,
+    )
 }
 
 #[test]
@@ -160,15 +143,7 @@ fn generate_with_an_image_prompt_gives_diffusers_ip_adapter_images() {
 #[test]
 fn ip_adapter_requests_that_cannot_work_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
-    let refuse = |args: &[&str], expected: &[&str]| {
-        let o = attune(args);
-        let err = stderr(&o);
-        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
-        assert!(!err.contains("panicked"), "{err}");
-        for e in expected {
-            assert!(err.contains(e), "expected '{e}' in: {err}");
-        }
-    };
+    let refuse = assert_refused;
     let out = dir.path().join("out");
     let f = folder();
     // A file for another cross-attention width: the file, the key and both widths named.
@@ -262,4 +237,51 @@ fn ip_adapter_requests_that_cannot_work_are_refused_by_name() {
         &["broken.png"],
     );
     assert!(!png.exists());
+}
+
+#[test]
+fn ip_adapter_attention_in_fp16_for_the_cuda_target_runs_on_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let unet = folder().join("unet/model.onnx");
+    let ip = file("ip-adapter_tiny.safetensors");
+    let ip = ip.to_str().unwrap();
+    let (fp32, _) = compile_into(dir.path(), &unet, &["--ip-adapter", ip]);
+    let (lowered, report) = compile_into(
+        dir.path(),
+        &unet,
+        &[
+            "--ip-adapter",
+            ip,
+            "--target",
+            "cuda",
+            "--precision",
+            "fp16",
+            "--attention",
+            "flash",
+            "--keep-io-types",
+        ],
+    );
+    assert!(report.contains("ip-adapter: 4 rewritten"), "{report}");
+    let runnable = dir.path().join("runnable.onnx");
+    with_cuda_ops_in_standard_ops(&lowered, &runnable);
+    let inputs = dir.path().join("inputs");
+    fs::create_dir_all(&inputs).unwrap();
+    let write = |name: &str, t: HostTensor| {
+        attune_runtime::npy::write(&inputs.join(format!("{name}.npy")), &t).unwrap()
+    };
+    write("sample", wave(&[2, 4, 8, 8], 0.37));
+    write(
+        "timestep",
+        HostTensor::F32(ndarray::arr0(501f32).into_dyn()),
+    );
+    write("encoder_hidden_states", wave(&[2, 77, 16], 0.11));
+    write("ip_tokens", wave(&[2, 4, 16], 0.23));
+    let want = run_unet(&fp32, &inputs, &[]);
+    let got = run_unet(&runnable, &inputs, &[]);
+    let c = compare("out_sample", &want, &got).unwrap();
+    assert!(c.rel_l2 <= 5e-3, "fp16 cuda-lowered: {c:?}");
+    // The image tokens matter (a branch that did nothing could not pass the comparison).
+    let plain = run_unet(&unet, &inputs, &[]);
+    let moved = compare("out_sample", &want, &plain).unwrap();
+    assert!(moved.rel_l2 > 1e-3, "{moved:?}");
 }

@@ -15,6 +15,8 @@ its UNet (seeded perturbations, so the zero convolutions are not zero):
   as the UNet's residual inputs. model_index.json names StableDiffusionControlNetPipeline.
 - `models/pipelines/sdxl_controlnet_tiny/` (`--sdxl`): the same for sdxl_tiny (its ControlNet
   also reads text_embeds and time_ids), with StableDiffusionXLControlNetPipeline's `one`.
+- `models/controlnet/unet_dynamo/model.onnx` (`--dynamo-unet`): sd15_controlnet_tiny's UNet
+  exported by dynamo (opset 18), residual dims as expressions of the sample's.
 - `models/controlnet/b_dynamo/model.onnx`: the second ControlNet, dynamo exporter (opset 18),
   without a conditioning_scale input (the runtime scales its outputs).
 - `reference/` of the pipeline folder, per case (4 DDIM steps, guidance 7.5, negative ""):
@@ -349,6 +351,40 @@ def sdxl():
     print(f"{pipelines.folder_size(out) / 1e6:.2f} MB in {out}")
 
 
+def dynamo_unet():
+    """models/controlnet/unet_dynamo/model.onnx: sd15_tiny's UNet with residual inputs, dynamo
+    exporter (opset 18; its dims are expressions of the sample's)."""
+    import tempfile
+    pipe = rebuilt("sd15_tiny")
+    cn = make_controlnet(pipe.unet, 31)
+    gen = torch.Generator().manual_seed(3)
+    feeds = [torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([601.0, 601.0]), torch.randn(2, 77, 16, generator=gen)]
+    with torch.no_grad():
+        down, mid = cn(feeds[0], feeds[1], feeds[2], torch.rand(2, 3, 16, 16, generator=gen), return_dict=False)
+    residuals = [*down, mid]
+    names = ["sample", "timestep", "encoder_hidden_states"] + residual_names(len(down))
+    batch = torch.export.Dim("batch", min=1, max=64)
+    h, w = torch.export.Dim("h", min=2, max=256), torch.export.Dim("w", min=2, max=256)
+    seq = torch.export.Dim("sequence", min=1, max=512)
+    dyn = {"sample": {0: batch, 2: 2 * h, 3: 2 * w}, "timestep": {0: batch}, "encoder_hidden_states": {0: batch, 1: seq}}
+    for n, r in zip(names[3:], residuals):
+        full_size = r.shape[2] == feeds[0].shape[2]
+        dyn[n] = {0: batch, 2: 2 * h if full_size else h, 3: 2 * w if full_size else w}
+    out = ROOT / "controlnet" / "unet_dynamo" / "model.onnx"
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        raw = Path(tmp) / "unet.onnx"
+        wrapper = UnetWithResiduals(pipe.unet).eval()
+        torch.onnx.export(wrapper, (*feeds, *residuals), str(raw), dynamo=True, opset_version=18,
+                          input_names=names, output_names=["out_sample"],
+                          dynamic_shapes=(dyn["sample"], dyn["timestep"], dyn["encoder_hidden_states"],
+                                          tuple(dyn[n] for n in names[3:])))
+        save_external(raw, out)
+        got = ort_outputs(out, feeds + residuals)[0]
+        want = wrapper(*feeds, *residuals).numpy()
+    assert float(np.abs(got - want).max()) < 1e-4
+    print(f"wrote {out}")
+
+
 def full(out):
     """SD1.5-size UNet with residual inputs and its ControlNet (random weights)."""
     import tempfile
@@ -373,5 +409,7 @@ if __name__ == "__main__":
         full(sys.argv[2])
     elif sys.argv[1:] == ["--sdxl"]:
         sdxl()
+    elif sys.argv[1:] == ["--dynamo-unet"]:
+        dynamo_unet()
     else:
         main()

@@ -350,3 +350,83 @@ pub fn worst_pixel(png: &Path, want: ndarray::ArrayViewD<f32>) -> f32 {
         .map(|(&g, &w)| (f32::from(g) - w * 255.0).abs())
         .fold(0.0, f32::max)
 }
+
+/// A command that failed cleanly (exit 2, no panic), saying each of `expected`.
+pub fn assert_refused(args: &[&str], expected: &[&str]) {
+    let o = attune(args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for e in expected {
+        assert!(err.contains(e), "expected '{e}' in: {err}");
+    }
+}
+
+/// `attune generate DIR` of PROMPT from `latents` (4 DDIM steps, CFG 7.5 unless `extra` says
+/// otherwise) writing OUT.png and OUT.npy; the final latents and the PNG.
+pub fn generate_from(
+    dir: &Path,
+    prompt: &str,
+    latents: &Path,
+    out: &Path,
+    extra: &[String],
+) -> (ndarray::ArrayD<f32>, PathBuf) {
+    let (png, saved) = (out.with_extension("png"), out.with_extension("npy"));
+    let mut args: Vec<String> = [
+        "generate",
+        dir.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--steps",
+        "4",
+        "--scheduler",
+        "ddim",
+        "--latents",
+        latents.to_str().unwrap(),
+        "--save-latents",
+        saved.to_str().unwrap(),
+        "-o",
+        png.to_str().unwrap(),
+        "--quiet",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().cloned());
+    let o = attune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    (read_f32(&saved), png)
+}
+
+/// Final latents within `tol` (relative L2) of `refs/final_latents.npy` and the PNG within
+/// 2/255 of `refs/image.npy` (diffusers' image).
+pub fn assert_like_reference(
+    refs: &Path,
+    latents: ndarray::ArrayD<f32>,
+    png: &Path,
+    tol: f64,
+    what: &str,
+) {
+    use attune_runtime::HostTensor;
+    let want = read_f32(&refs.join("final_latents.npy"));
+    let c = attune_runtime::compare::compare(
+        "final latents",
+        &HostTensor::F32(want),
+        &HostTensor::F32(latents),
+    )
+    .unwrap();
+    assert!(c.rel_l2 <= tol, "{what}: {c:?}");
+    let image = read_f32(&refs.join("image.npy"));
+    let worst = worst_pixel(png, image.index_axis(ndarray::Axis(0), 0));
+    assert!(worst <= 2.0, "{what}: a pixel {worst}/255 off");
+}
+
+/// A deterministic f32 test input of `shape`: sin(k·i) for a mix i of the indices.
+pub fn wave(shape: &[usize], k: f32) -> attune_runtime::HostTensor {
+    attune_runtime::HostTensor::F32(ndarray::ArrayD::from_shape_fn(
+        ndarray::IxDyn(shape),
+        |ix| {
+            let i: usize = (0..shape.len()).map(|a| (a + 3) * ix[a]).sum();
+            (i as f32 * k).sin()
+        },
+    ))
+}

@@ -338,6 +338,19 @@ impl Graph {
         nodes
     }
 
+    /// Every (node, input slot) reading `v` (subgraphs' reads left out): what a rewrite
+    /// points at a replacement.
+    pub fn input_uses(&self, v: ValueId) -> Vec<(NodeId, usize)> {
+        self.value(v)
+            .consumers
+            .iter()
+            .filter_map(|u| match u {
+                Use::Input(n, s) => Some((*n, *s)),
+                Use::Subgraph(_) => None,
+            })
+            .collect()
+    }
+
     /// Input `slot` of node `n`, if present.
     pub fn input(&self, n: NodeId, slot: usize) -> Option<ValueId> {
         self.nodes[n].inputs.get(slot).copied().flatten()

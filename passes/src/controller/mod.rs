@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 
 use attune_compiler::analysis::attention::{self, AttentionSite, Kind};
 use attune_compiler::analysis::{Dim, ElemTypes, Shapes};
-use attune_compiler::ir::{Graph, Model, NodeId, Use, ValueId};
+use attune_compiler::ir::{Graph, Model, NodeId, ValueId};
 use attune_compiler::onnx::{self, DataType, tensor_shape_proto};
 use attune_compiler::pass::{Pass, PassCx, PassReport, Skipped};
 use attune_compiler::patch::{In, Patch};
@@ -700,15 +700,7 @@ fn self_control(
             vec![],
         );
         let mixed = e.op("Add", &format!("{tag}_{leaf}"), vec![taken, own], vec![]);
-        let readers: Vec<(NodeId, usize)> = g
-            .value(x)
-            .consumers
-            .iter()
-            .filter_map(|u| match u {
-                Use::Input(n, s) => Some((*n, *s)),
-                Use::Subgraph(_) => None,
-            })
-            .collect();
+        let readers = g.input_uses(x);
         let In::New(name) = mixed else {
             unreachable!("ops make new values")
         };

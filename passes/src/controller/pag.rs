@@ -2,7 +2,7 @@
 //! a self-attention site takes `pag.<path>.gate` [rows] (default [0]); where a row's gate is
 //! 1 its attention output is V (the identity attention map), so the guidance's perturbed rows
 //! run in the same batch as the others. `Where`, not a blend: exact at both gate values.
-use attune_compiler::ir::{Graph, Model, NodeId, Use, ValueId};
+use attune_compiler::ir::{Graph, Model, NodeId, ValueId};
 use attune_compiler::patch::{In, Patch};
 
 use super::{input, input_name};
@@ -55,15 +55,7 @@ pub fn gate(p: &mut Patch, model: &Model, path: &str) -> std::result::Result<(),
         "no {path}.to_out.0 projection reading the attention"
     ))?;
     let after = g.value(out).producer.map(|(n, _)| n);
-    let readers: Vec<(NodeId, usize)> = g
-        .value(out)
-        .consumers
-        .iter()
-        .filter_map(|u| match u {
-            Use::Input(n, s) => Some((*n, *s)),
-            Use::Subgraph(_) => None,
-        })
-        .collect();
+    let readers = g.input_uses(out);
     let mut e = Emitter::new(p, path, after);
     let gate = input(
         e.p,

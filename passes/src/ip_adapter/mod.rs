@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use attune_compiler::analysis::attention::{self, AttentionSite, Kind};
 use attune_compiler::analysis::{ElemTypes, Shapes};
-use attune_compiler::ir::{Model, NodeId, Use};
+use attune_compiler::ir::Model;
 use attune_compiler::onnx::{self, DataType, tensor_shape_proto::dimension::Value as D};
 use attune_compiler::pass::{Pass, PassCx, PassReport};
 use attune_compiler::patch::{In, Patch, attr};
@@ -176,15 +176,7 @@ fn decoupled(
 ) {
     let g = &model.graph;
     let out = site.output;
-    let readers: Vec<(NodeId, usize)> = g
-        .value(out)
-        .consumers
-        .iter()
-        .filter_map(|u| match u {
-            Use::Input(n, s) => Some((*n, *s)),
-            Use::Subgraph(_) => None,
-        })
-        .collect();
+    let readers = g.input_uses(out);
     let after = g.value(out).producer.map(|(n, _)| n);
     let module = format!("{}.ip", site.path);
     let wk = transposed(p, &format!("{module}.to_k_ip.weight"), wk);
