@@ -22,14 +22,14 @@ fn manifest() -> serde_json::Value {
     serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap()
 }
 
-fn compile_ip(out: &Path, attention: &str) -> String {
+fn compile_ip(out: &Path, ip_file: &str, attention: &str) -> String {
     let o = attune(&[
         "compile",
         folder().to_str().unwrap(),
         "-o",
         out.to_str().unwrap(),
         "--ip-adapter",
-        file("ip-adapter_tiny.safetensors").to_str().unwrap(),
+        file(ip_file).to_str().unwrap(),
         "--attention",
         attention,
     ]);
@@ -78,51 +78,46 @@ fn generate_with_an_image_prompt_gives_diffusers_ip_adapter_images() {
     let dir = tempfile::tempdir().unwrap();
     let m = manifest();
     for attention in ["keep", "flash"] {
-        let compiled = dir.path().join(format!("ip-{attention}"));
-        let report = compile_ip(&compiled, attention);
-        // The four cross-attention sites, numbered as diffusers numbers its processors.
-        for (n, site) in [
-            (1, "down_blocks.0.attentions.0.transformer_blocks.0.attn2"),
-            (7, "mid_block.attentions.0.transformer_blocks.0.attn2"),
-        ] {
-            assert!(
-                report.contains(&format!("{site} (cross): ip_adapter.{n}")),
-                "{report}"
-            );
-        }
-        for carried in [
-            "image_proj/model.onnx",
-            "image_encoder/model.onnx",
-            "feature_extractor/preprocessor_config.json",
-        ] {
-            assert!(compiled.join(carried).is_file(), "{carried} missing");
-        }
-        for case in ["ip_one", "ip_layers"] {
+        // The plain IP-Adapter (scale 0.6; layer-wise scales), Plus (a Resampler) and Full Face
+        // (an MLP) projections.
+        for (case, c) in m["cases"].as_object().unwrap() {
+            let ip_file = c["ip_adapter"].as_str().unwrap();
+            let compiled = dir.path().join(format!("{attention}-{ip_file}"));
+            if !compiled.exists() {
+                let report = compile_ip(&compiled, ip_file, attention);
+                // Four cross-attention sites, numbered as diffusers numbers its processors.
+                for (n, site) in [
+                    (1, "down_blocks.0.attentions.0.transformer_blocks.0.attn2"),
+                    (7, "mid_block.attentions.0.transformer_blocks.0.attn2"),
+                ] {
+                    assert!(
+                        report.contains(&format!("{site} (cross): ip_adapter.{n}")),
+                        "{report}"
+                    );
+                }
+                for carried in [
+                    "image_proj/model.onnx",
+                    "image_encoder/model.onnx",
+                    "feature_extractor/preprocessor_config.json",
+                ] {
+                    assert!(compiled.join(carried).is_file(), "{carried} missing");
+                }
+            }
             let refs = folder().join("reference").join(case);
             let mut flags = vec![format!(
                 "--ip-image={}",
                 refs.join("ip_image.png").display()
             )];
-            for (path, scale) in m["cases"][case]["scales"].as_object().unwrap() {
+            for (path, scale) in c["scales"].as_object().unwrap() {
                 flags.push(format!("--ip-scale={path}={}", scale.as_f64().unwrap()));
             }
             let out = dir.path().join(format!("{attention}-{case}"));
             let (latents, png) = generate(&compiled, &refs.join("latents.npy"), &out, &flags);
-            let want = read_f32(&refs.join("final_latents.npy"));
-            let c = compare(
-                "final latents",
-                &HostTensor::F32(want),
-                &HostTensor::F32(latents),
-            )
-            .unwrap();
-            assert!(c.rel_l2 <= 1e-4, "{attention} {case}: {c:?}");
-            let image = read_f32(&refs.join("image.npy"));
-            let worst = worst_pixel(&png, image.index_axis(ndarray::Axis(0), 0));
-            assert!(worst <= 2.0, "{attention} {case}: a pixel {worst}/255 off");
+            assert_like_reference(&refs, latents, &png, 1e-4, &format!("{attention} {case}"));
         }
     }
     // Without an image prompt: the UNet without its IP-Adapter (sd15_tiny's own reference).
-    let compiled = dir.path().join("ip-keep");
+    let compiled = dir.path().join("keep-ip-adapter_tiny.safetensors");
     let tiny = root().join("models/pipelines/sd15_tiny/reference/txt2img_a");
     let (latents, _) = generate(
         &compiled,
@@ -200,7 +195,7 @@ fn ip_adapter_requests_that_cannot_work_are_refused_by_name() {
     );
     // A layer-wise scale whose glob matches no site.
     let compiled = dir.path().join("ip");
-    compile_ip(&compiled, "keep");
+    compile_ip(&compiled, "ip-adapter_tiny.safetensors", "keep");
     refuse(
         &[
             "generate",

@@ -16,9 +16,12 @@ Writes
   defaults: OpenAI CLIP's, bicubic resize of the shortest edge to 224, centre crop). Its
   `reference/`: diffusers' StableDiffusionPipeline with `load_ip_adapter` (the processor is
   transformers' PIL one, CLIPImageProcessorPil: torchvision is not installed), 4 DDIM steps:
-  `ip_one` (scale 0.6) and `ip_layers` (`set_ip_adapter_scale` with per-block scales), each
-  with latents.npy, ip_image.png, pixel_values.npy, image_embeds.npy, final_latents.npy,
-  image.npy.
+  `ip_one` (scale 0.6) and `ip_layers` (`set_ip_adapter_scale` with per-block scales) with the
+  plain file, `plus_one` (0.7) with `ip-adapter-plus_tiny.safetensors` (a Resampler: 4 blocks,
+  4 queries) and `full_face_one` (0.5) with `ip-adapter-full-face_tiny.safetensors`
+  (MLPProjModel), each with latents.npy, ip_image.png, pixel_values.npy, image_embeds.npy,
+  final_latents.npy, image.npy. The image encoder also outputs its hidden states
+  (hidden_states.0 .. .2): Plus and Full Face read the penultimate one.
 """
 import json
 import shutil
@@ -68,13 +71,47 @@ def image_encoder():
 
 
 class Encoder(torch.nn.Module):
+    """image_embeds, last_hidden_state and every hidden state (hidden_states.0 .. .2): Plus and
+    Full Face read the penultimate one."""
+
     def __init__(self, enc):
         super().__init__()
         self.enc = enc
 
     def forward(self, pixel_values):
-        out = self.enc(pixel_values=pixel_values)
-        return out.image_embeds, out.last_hidden_state
+        out = self.enc(pixel_values=pixel_values, output_hidden_states=True)
+        return (out.image_embeds, out.last_hidden_state, *out.hidden_states)
+
+
+def plus_state(unet, width, seed, hidden=32, queries=4, embed=16):
+    """IP-Adapter Plus in the published layout: a Resampler (4 blocks, one head of 64)."""
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *shape, s=0.2: torch.randn(*shape, generator=gen) * s  # noqa: E731
+    state = {"image_proj.latents": r(1, queries, hidden, s=hidden ** -0.5),
+             "image_proj.proj_in.weight": r(hidden, embed), "image_proj.proj_in.bias": r(hidden, s=0.05),
+             "image_proj.proj_out.weight": r(width, hidden), "image_proj.proj_out.bias": r(width, s=0.05),
+             "image_proj.norm_out.weight": 1 + r(width, s=0.1), "image_proj.norm_out.bias": r(width, s=0.1)}
+    for i in range(4):
+        p = f"image_proj.layers.{i}"
+        state.update({f"{p}.0.norm1.weight": 1 + r(hidden, s=0.1), f"{p}.0.norm1.bias": r(hidden, s=0.1),
+                      f"{p}.0.norm2.weight": 1 + r(hidden, s=0.1), f"{p}.0.norm2.bias": r(hidden, s=0.1),
+                      f"{p}.0.to_q.weight": r(64, hidden), f"{p}.0.to_kv.weight": r(128, hidden),
+                      f"{p}.0.to_out.weight": r(hidden, 64),
+                      f"{p}.1.0.weight": 1 + r(hidden, s=0.1), f"{p}.1.0.bias": r(hidden, s=0.1),
+                      f"{p}.1.1.weight": r(4 * hidden, hidden), f"{p}.1.3.weight": r(hidden, 4 * hidden)})
+    state.update({k: v for k, v in ip_adapter_state(unet, width, seed + 1).items() if k.startswith("ip_adapter.")})
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def full_face_state(unet, width, seed, embed=16):
+    """IP-Adapter Full Face in the published layout: MLPProjModel (Linear, GELU, Linear, LayerNorm)."""
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *shape, s=0.2: torch.randn(*shape, generator=gen) * s  # noqa: E731
+    state = {"image_proj.proj.0.weight": r(embed, embed), "image_proj.proj.0.bias": r(embed, s=0.05),
+             "image_proj.proj.2.weight": r(width, embed), "image_proj.proj.2.bias": r(width, s=0.05),
+             "image_proj.proj.3.weight": 1 + r(width, s=0.1), "image_proj.proj.3.bias": r(width, s=0.1)}
+    state.update({k: v for k, v in ip_adapter_state(unet, width, seed + 1).items() if k.startswith("ip_adapter.")})
+    return {k: v.contiguous() for k, v in state.items()}
 
 
 def ip_image():
@@ -94,6 +131,8 @@ def main():
     state = ip_adapter_state(pipe.unet, pipe.unet.config.cross_attention_dim, 71)
     save_file(state, str(FILES / "ip-adapter_tiny.safetensors"))
     save_file(ip_adapter_state(pipe.unet, 24, 72), str(FILES / "ip-adapter_wide.safetensors"))
+    save_file(plus_state(pipe.unet, 16, 73), str(FILES / "ip-adapter-plus_tiny.safetensors"))
+    save_file(full_face_state(pipe.unet, 16, 75), str(FILES / "ip-adapter-full-face_tiny.safetensors"))
 
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
@@ -114,10 +153,11 @@ def main():
     pixels = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(5))
     raw = OUT / "image_encoder" / "raw.onnx"
     with torch.no_grad():
+        hidden = [f"hidden_states.{i}" for i in range(enc.config.num_hidden_layers + 1)]
+        outputs = ["image_embeds", "last_hidden_state", *hidden]
         torch.onnx.export(Encoder(enc), (pixels,), str(raw), dynamo=False, opset_version=17,
-                          input_names=["pixel_values"], output_names=["image_embeds", "last_hidden_state"],
-                          dynamic_axes={"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"},
-                                        "last_hidden_state": {0: "batch"}})
+                          input_names=["pixel_values"], output_names=outputs,
+                          dynamic_axes={n: {0: "batch"} for n in ["pixel_values", *outputs]})
     controlnet.save_external(raw, OUT / "image_encoder" / "model.onnx")
     raw.unlink()
     (OUT / "image_encoder" / "config.json").write_text(enc.config.to_json_string())
@@ -127,15 +167,20 @@ def main():
     assert np.abs(got - want).max() < 1e-4
 
     # references
-    pipe.load_ip_adapter(str(FILES), subfolder="", weight_name="ip-adapter_tiny.safetensors",
-                         image_encoder_folder=None)
-    pipe.register_modules(image_encoder=enc, feature_extractor=processor)
     ref = OUT / "reference"
     image = ip_image()
-    cases = {"ip_one": (0.6, 81), "ip_layers": ({"down": 0.9, "mid": 0.0, "up": {"block_1": [0.3, 1.2]}}, 82)}
-    manifest = {"made_by": "models/export/ip_adapter.py", "ip_adapter": "models/ip_adapter/ip-adapter_tiny.safetensors",
+    # case: (file, set_ip_adapter_scale, noise seed)
+    cases = {"ip_one": ("ip-adapter_tiny.safetensors", 0.6, 81),
+             "ip_layers": ("ip-adapter_tiny.safetensors", {"down": 0.9, "mid": 0.0, "up": {"block_1": [0.3, 1.2]}}, 82),
+             "plus_one": ("ip-adapter-plus_tiny.safetensors", 0.7, 83),
+             "full_face_one": ("ip-adapter-full-face_tiny.safetensors", 0.5, 84)}
+    manifest = {"made_by": "models/export/ip_adapter.py", "files": "models/ip_adapter/",
                 "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__}, "cases": {}}
-    for case, (scale, seed) in cases.items():
+    for case, (weights, scale, seed) in cases.items():
+        if getattr(pipe.unet, "encoder_hid_proj", None) is not None:
+            pipe.unload_ip_adapter()
+        pipe.load_ip_adapter(str(FILES), subfolder="", weight_name=weights, image_encoder_folder=None)
+        pipe.register_modules(image_encoder=enc, feature_extractor=processor)
         pipe.set_ip_adapter_scale(scale)
         # The scale each cross-attention processor got, by module path.
         scales = {name.removesuffix(".processor"): float(proc.scale[0])
@@ -155,8 +200,9 @@ def main():
         files = pipelines.save(ref / case, {"latents": latents, "final_latents": arrays["final_latents"],
                                             "image": arrays["image"], "pixel_values": pixel_values,
                                             "image_embeds": embeds})
-        manifest["cases"][case] = {"pipeline": "StableDiffusionPipeline + load_ip_adapter", "prompt": pipelines.PROMPT_A,
-                                   "negative_prompt": "", "steps": 4, "guidance": 7.5, "height": 16, "width": 16,
+        manifest["cases"][case] = {"pipeline": "StableDiffusionPipeline + load_ip_adapter", "ip_adapter": weights,
+                                   "prompt": pipelines.PROMPT_A, "negative_prompt": "", "steps": 4, "guidance": 7.5,
+                                   "height": 16, "width": 16,
                                    "scheduler": "DDIMScheduler.from_config(scheduler/scheduler_config.json)",
                                    "set_ip_adapter_scale": scale, "scales": scales, "files": files}
         print(f"{case}: {scales}")

@@ -16,6 +16,26 @@ pub struct Weight {
     pub data: Vec<f32>,
 }
 
+/// A Linear (weight [out, in], bias or none) or a LayerNorm (weight, bias).
+#[derive(Clone, Debug)]
+pub struct Affine {
+    pub weight: Weight,
+    pub bias: Option<Weight>,
+}
+
+/// One Resampler block (IP-Adapter Plus): PerceiverAttention and its feed-forward.
+#[derive(Debug)]
+pub struct ResamplerBlock {
+    pub norm1: Affine,
+    pub norm2: Affine,
+    pub to_q: Weight,
+    pub to_kv: Weight,
+    pub to_out: Weight,
+    pub ff_norm: Affine,
+    pub ff_in: Weight,
+    pub ff_out: Weight,
+}
+
 /// The image projection the file holds.
 #[derive(Debug)]
 pub enum Projection {
@@ -27,6 +47,22 @@ pub enum Projection {
         norm: Weight,
         norm_bias: Weight,
         tokens: usize,
+    },
+    /// IP-Adapter Full Face's `MLPProjModel`: Linear, GELU, Linear, LayerNorm over the image
+    /// encoder's penultimate hidden states (every token).
+    Mlp {
+        first: Affine,
+        second: Affine,
+        norm: Affine,
+    },
+    /// IP-Adapter Plus's `Resampler`: learned latent queries attending to the image encoder's
+    /// penultimate hidden states through PerceiverAttention blocks (heads of 64).
+    Resampler {
+        latents: Weight,
+        proj_in: Affine,
+        blocks: Vec<ResamplerBlock>,
+        proj_out: Affine,
+        norm_out: Affine,
     },
 }
 
@@ -117,19 +153,68 @@ impl IpAdapterFile {
                 proj,
                 norm,
             }
-        } else if tensors.keys().any(|k| k.starts_with("image_proj.")) {
-            let kind = if tensors.contains_key("image_proj.proj.3.weight") {
-                "IP-Adapter Full Face (MLPProjModel)"
-            } else if tensors.contains_key("image_proj.latents") {
-                "IP-Adapter Plus (Resampler)"
-            } else {
-                "an image projection of another kind (Face ID?)"
+        } else if tensors.contains_key("image_proj.proj.3.weight") {
+            let affine = |w: &str, b: &str| -> Result<Affine, Error> {
+                Ok(Affine {
+                    weight: take(w, if w.ends_with(".3.weight") { 1 } else { 2 })?,
+                    bias: Some(take(b, 1)?),
+                })
             };
+            Projection::Mlp {
+                first: affine("image_proj.proj.0.weight", "image_proj.proj.0.bias")?,
+                second: affine("image_proj.proj.2.weight", "image_proj.proj.2.bias")?,
+                norm: affine("image_proj.proj.3.weight", "image_proj.proj.3.bias")?,
+            }
+        } else if tensors.contains_key("image_proj.latents") {
+            let linear = |w: &str, b: &str| -> Result<Affine, Error> {
+                Ok(Affine {
+                    weight: take(w, 2)?,
+                    bias: Some(take(b, 1)?),
+                })
+            };
+            let norm = |prefix: &str| -> Result<Affine, Error> {
+                Ok(Affine {
+                    weight: take(&format!("{prefix}.weight"), 1)?,
+                    bias: Some(take(&format!("{prefix}.bias"), 1)?),
+                })
+            };
+            let mut blocks = Vec::new();
+            while tensors.contains_key(&format!("image_proj.layers.{}.0.to_q.weight", blocks.len()))
+            {
+                let l = format!("image_proj.layers.{}", blocks.len());
+                blocks.push(ResamplerBlock {
+                    norm1: norm(&format!("{l}.0.norm1"))?,
+                    norm2: norm(&format!("{l}.0.norm2"))?,
+                    to_q: take(&format!("{l}.0.to_q.weight"), 2)?,
+                    to_kv: take(&format!("{l}.0.to_kv.weight"), 2)?,
+                    to_out: take(&format!("{l}.0.to_out.weight"), 2)?,
+                    ff_norm: norm(&format!("{l}.1.0"))?,
+                    ff_in: take(&format!("{l}.1.1.weight"), 2)?,
+                    ff_out: take(&format!("{l}.1.3.weight"), 2)?,
+                });
+            }
+            let latents = take("image_proj.latents", 3)?;
+            let inner = blocks.first().map_or(0, |b| b.to_q.shape[0]);
+            if blocks.is_empty() || inner % 64 != 0 {
+                return Err(bad(
+                    path,
+                    format!(
+                        "image_proj.layers: {} blocks of {inner} channels; a Resampler has blocks of heads of 64",
+                        blocks.len()
+                    ),
+                ));
+            }
+            Projection::Resampler {
+                latents,
+                proj_in: linear("image_proj.proj_in.weight", "image_proj.proj_in.bias")?,
+                blocks,
+                proj_out: linear("image_proj.proj_out.weight", "image_proj.proj_out.bias")?,
+                norm_out: norm("image_proj.norm_out")?,
+            }
+        } else if tensors.keys().any(|k| k.starts_with("image_proj.")) {
             return Err(bad(
                 path,
-                format!(
-                    "{kind}: attune builds the plain IP-Adapter's image projection (image_proj.proj, image_proj.norm) so far"
-                ),
+                "an image projection of another kind (Face ID?): attune builds the plain, Plus (Resampler) and Full Face (MLP) ones".into(),
             ));
         } else {
             return Err(bad(
@@ -137,8 +222,7 @@ impl IpAdapterFile {
                 "no image_proj.* keys: not an IP-Adapter file in the published layout".into(),
             ));
         };
-        let Projection::Plain { norm, .. } = &projection;
-        let width = norm.shape[0];
+        let width = projection.width();
         let mut layers = BTreeMap::new();
         for key in tensors.keys() {
             let Some(rest) = key.strip_prefix("ip_adapter.") else {

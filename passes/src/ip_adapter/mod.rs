@@ -134,10 +134,15 @@ impl Pass for IpAdapterPass {
                 .push(format!("{} (cross): ip_adapter.{n}", site.path));
         }
         patch.into_parts().apply(model)?;
+        let tokens = ip
+            .projection
+            .tokens()
+            .map_or("one image token per image-encoder token".into(), |t| {
+                format!("{t} image tokens")
+            });
         report.notes.push(format!(
-            "{}: {} image tokens of width {} in '{TOKENS_INPUT}' (the image projection is its own graph)",
+            "{}: {tokens} of width {} in '{TOKENS_INPUT}' (the image projection is its own graph)",
             ip.path.display(),
-            ip.projection.tokens(),
             ip.width
         ));
         Ok(report)

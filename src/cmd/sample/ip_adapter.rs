@@ -222,29 +222,58 @@ fn image_tokens(
         }
         Ok(path)
     };
-    let mut encoder = sessions.open(&component("image_encoder")?)?;
-    let out = encoder.run(&[("pixel_values".to_string(), HostTensor::F32(pixels))])?;
-    let embeds = out
-        .iter()
-        .find(|(n, _)| n == "image_embeds")
-        .and_then(|(_, t)| match t {
-            HostTensor::F32(a) => Some(a.clone()),
-            other => other
-                .float_as(attune_runtime::tensor::DType::F32)
-                .and_then(|t| match t {
-                    HostTensor::F32(a) => Some(a),
+    // Plus and Full Face project the encoder's penultimate hidden states (rank 3), and their
+    // unconditional rows those of a zero image; the plain IP-Adapter projects image_embeds,
+    // and zeros for the unconditional rows (diffusers' encode_image).
+    let proj_path = component("image_proj")?;
+    let hidden = attune_compiler::import::read(&proj_path)?
+        .graph
+        .inputs
+        .first()
+        .and_then(|io| attune_compiler::analysis::shapes::declared_dims(&io.info))
+        .is_some_and(|d| d.len() == 3);
+    let encoder_path = component("image_encoder")?;
+    let mut encoder = sessions.open(&encoder_path)?;
+    let mut encode = |pixels: ArrayD<f32>| -> anyhow::Result<ArrayD<f32>> {
+        let out = encoder.run(&[("pixel_values".to_string(), HostTensor::F32(pixels))])?;
+        let wanted = if hidden {
+            // hidden_states[-2]: the output hidden_states.N with the second largest N.
+            let mut ns: Vec<usize> = out
+                .iter()
+                .filter_map(|(n, _)| n.strip_prefix("hidden_states.")?.parse().ok())
+                .collect();
+            ns.sort_unstable();
+            match ns.len() {
+                0 | 1 => bail!(
+                    "{}: IP-Adapter Plus and Full Face read the image encoder's penultimate hidden states: export it with its hidden states as outputs hidden_states.0, .1, ...",
+                    encoder_path.display()
+                ),
+                n => format!("hidden_states.{}", ns[n - 2]),
+            }
+        } else {
+            "image_embeds".to_string()
+        };
+        out.into_iter()
+            .find(|(n, _)| *n == wanted)
+            .and_then(|(_, t)| match t {
+                HostTensor::F32(a) => Some(a),
+                other => match other.float_as(attune_runtime::tensor::DType::F32) {
+                    Some(HostTensor::F32(a)) => Some(a),
                     _ => None,
-                }),
-        })
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "{}: no float output 'image_embeds'",
-                folder.join("image_encoder").display()
-            )
-        })?;
-    let zeros = ArrayD::zeros(embeds.raw_dim());
+                },
+            })
+            .ok_or_else(|| {
+                anyhow::anyhow!("{}: no float output '{wanted}'", encoder_path.display())
+            })
+    };
+    let embeds = encode(pixels.clone())?;
+    let zeros = if hidden {
+        encode(ArrayD::zeros(pixels.raw_dim()))?
+    } else {
+        ArrayD::zeros(embeds.raw_dim())
+    };
     let both = concatenate(Axis(0), &[zeros.view(), embeds.view()])?;
-    let mut proj = sessions.open(&component("image_proj")?)?;
+    let mut proj = sessions.open(&proj_path)?;
     let out = proj.run(&[(
         attune_passes::ip_adapter::projection::EMBEDS_INPUT.to_string(),
         HostTensor::F32(both),
