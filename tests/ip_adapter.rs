@@ -160,7 +160,7 @@ fn ip_adapter_requests_that_cannot_work_are_refused_by_name() {
         ],
     );
     assert!(!out.exists());
-    // A torch pickle.
+    // A .bin that is not a torch.save zip.
     let bin = dir.path().join("ip-adapter_sd15.bin");
     fs::write(&bin, b"PK").unwrap();
     refuse(
@@ -172,7 +172,7 @@ fn ip_adapter_requests_that_cannot_work_are_refused_by_name() {
             "--ip-adapter",
             bin.to_str().unwrap(),
         ],
-        &["ip-adapter_sd15.bin", ".safetensors"],
+        &["ip-adapter_sd15.bin", "not a torch.save zip file"],
     );
     assert!(!out.exists());
     // An image prompt for a UNet without an IP-Adapter.
@@ -279,4 +279,61 @@ fn ip_adapter_attention_in_fp16_for_the_cuda_target_runs_on_the_cpu() {
     let plain = run_unet(&unet, &inputs, &[]);
     let moved = compare("out_sample", &want, &plain).unwrap();
     assert!(moved.rel_l2 > 1e-3, "{moved:?}");
+}
+
+#[test]
+fn published_bin_files_read_as_their_safetensors() {
+    // torch.save of {"image_proj": {...}, "ip_adapter": {...}}, as the hub's .bin files: the
+    // Plus reference, through the pickle reader.
+    let dir = tempfile::tempdir().unwrap();
+    let compiled = dir.path().join("bin");
+    compile_ip(&compiled, "ip-adapter-plus_tiny.bin", "keep");
+    let refs = folder().join("reference/plus_one");
+    let flags = vec![
+        format!("--ip-image={}", refs.join("ip_image.png").display()),
+        "--ip-scale=0.7".to_string(),
+    ];
+    let (latents, png) = generate(
+        &compiled,
+        &refs.join("latents.npy"),
+        &dir.path().join("plus"),
+        &flags,
+    );
+    assert_like_reference(&refs, latents, &png, 1e-4, "plus from .bin");
+}
+
+#[test]
+fn sdxl_ip_adapters_follow_diffusers_processor_numbering() {
+    // sdxl_tiny's 8 cross-attention sites (two transformer layers per attention), numbered
+    // over its processors as diffusers numbers them.
+    let dir = tempfile::tempdir().unwrap();
+    let sdxl = root().join("models/pipelines/sdxl_ip_tiny");
+    let compiled = dir.path().join("ip");
+    let o = attune(&[
+        "compile",
+        sdxl.to_str().unwrap(),
+        "-o",
+        compiled.to_str().unwrap(),
+        "--ip-adapter",
+        file("ip-adapter_sdxl_tiny.safetensors").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("ip-adapter: 8 rewritten"),
+        "{}",
+        stdout(&o)
+    );
+    let refs = sdxl.join("reference/ip_one");
+    let flags = vec![
+        format!("--ip-image={}", refs.join("ip_image.png").display()),
+        "--ip-scale=0.6".to_string(),
+    ];
+    let (latents, png) = generate_from(
+        &compiled,
+        "a photo of an astronaut riding a horse on mars",
+        &refs.join("latents.npy"),
+        &dir.path().join("out"),
+        &flags,
+    );
+    assert_like_reference(&refs, latents, &png, 1e-4, "sdxl ip_one");
 }

@@ -1,6 +1,7 @@
 """A tiny IP-Adapter pipeline and diffusers' references for it.
 
-    python models/export/ip_adapter.py
+    python models/export/ip_adapter.py            # sd15_ip_tiny and the IP-Adapter files
+    python models/export/ip_adapter.py --sdxl     # sdxl_ip_tiny (after the first: its image encoder)
 
 Writes
 - `models/ip_adapter/ip-adapter_tiny.safetensors`: an IP-Adapter for sd15_tiny in the published
@@ -19,7 +20,8 @@ Writes
   `ip_one` (scale 0.6) and `ip_layers` (`set_ip_adapter_scale` with per-block scales) with the
   plain file, `plus_one` (0.7) with `ip-adapter-plus_tiny.safetensors` (a Resampler: 4 blocks,
   4 queries) and `full_face_one` (0.5) with `ip-adapter-full-face_tiny.safetensors`
-  (MLPProjModel), each with latents.npy, ip_image.png, pixel_values.npy, image_embeds.npy,
+  (MLPProjModel; the Plus file also as `ip-adapter-plus_tiny.bin`, torch.save of the nested dict
+  the published .bin files hold), each with latents.npy, ip_image.png, pixel_values.npy, image_embeds.npy,
   final_latents.npy, image.npy. The image encoder also outputs its hidden states
   (hidden_states.0 .. .2): Plus and Full Face read the penultimate one.
 """
@@ -131,7 +133,12 @@ def main():
     state = ip_adapter_state(pipe.unet, pipe.unet.config.cross_attention_dim, 71)
     save_file(state, str(FILES / "ip-adapter_tiny.safetensors"))
     save_file(ip_adapter_state(pipe.unet, 24, 72), str(FILES / "ip-adapter_wide.safetensors"))
-    save_file(plus_state(pipe.unet, 16, 73), str(FILES / "ip-adapter-plus_tiny.safetensors"))
+    plus = plus_state(pipe.unet, 16, 73)
+    save_file(plus, str(FILES / "ip-adapter-plus_tiny.safetensors"))
+    # The same as the published .bin files are: torch.save of {"image_proj": ..., "ip_adapter": ...}.
+    nested = {outer: {k.removeprefix(outer + "."): v for k, v in plus.items() if k.startswith(outer + ".")}
+              for outer in ("image_proj", "ip_adapter")}
+    torch.save(nested, str(FILES / "ip-adapter-plus_tiny.bin"))
     save_file(full_face_state(pipe.unet, 16, 75), str(FILES / "ip-adapter-full-face_tiny.safetensors"))
 
     shutil.rmtree(OUT, ignore_errors=True)
@@ -211,5 +218,57 @@ def main():
     del onnx
 
 
+def sdxl():
+    """models/pipelines/sdxl_ip_tiny: sdxl_tiny (its ONNX components copied) with the tiny image
+    encoder and `ip-adapter_sdxl_tiny.safetensors` (the plain layout for sdxl_tiny's cross
+    sites, width 24), and StableDiffusionXLPipeline + load_ip_adapter's `ip_one` (scale 0.6)."""
+    import diffusers
+    from transformers import CLIPImageProcessor
+    pipe = controlnet.rebuilt("sdxl_tiny")
+    state = ip_adapter_state(pipe.unet, pipe.unet.config.cross_attention_dim, 91)
+    save_file(state, str(FILES / "ip-adapter_sdxl_tiny.safetensors"))
+    out = ROOT / "pipelines" / "sdxl_ip_tiny"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for comp in ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae_decoder", "vae_encoder",
+                 "scheduler"]:
+        shutil.copytree(pipelines.OUT / "sdxl_tiny" / comp, out / comp)
+    for comp in ["image_encoder", "feature_extractor"]:
+        shutil.copytree(OUT / comp, out / comp)
+    index = json.loads((pipelines.OUT / "sdxl_tiny" / "model_index.json").read_text())
+    index.update(_name_or_path="sdxl_ip_tiny", image_encoder=["transformers", "CLIPVisionModelWithProjection"],
+                 feature_extractor=["transformers", "CLIPImageProcessor"])
+    (out / "model_index.json").write_text(json.dumps(dict(sorted(index.items())), indent=2) + "\n")
+    enc = image_encoder()
+    processor = CLIPImageProcessor()
+    pipe.load_ip_adapter(str(FILES), subfolder="", weight_name="ip-adapter_sdxl_tiny.safetensors",
+                         image_encoder_folder=None)
+    pipe.register_modules(image_encoder=enc, feature_extractor=processor)
+    pipe.set_ip_adapter_scale(0.6)
+    image = ip_image()
+    latents = pipelines.noise((1, 4, 8, 8), 92)
+
+    def call(p, cb, names):
+        return p(pipelines.PROMPT_A, ip_adapter_image=image, num_inference_steps=4, guidance_scale=7.5,
+                 latents=latents.clone(), height=16, width=16, output_type="np",
+                 callback_on_step_end=cb, callback_on_step_end_tensor_inputs=names)
+    arrays = pipelines.run_case(pipe, None, call)
+    ref = out / "reference" / "ip_one"
+    ref.mkdir(parents=True)
+    image.save(ref / "ip_image.png")
+    files = pipelines.save(ref, {"latents": latents, "final_latents": arrays["final_latents"], "image": arrays["image"]})
+    sites = [n.removesuffix(".processor") for n, p in pipe.unet.attn_processors.items() if hasattr(p, "scale")]
+    manifest = {"made_by": "models/export/ip_adapter.py --sdxl", "cases": {"ip_one": {
+        "pipeline": "StableDiffusionXLPipeline + load_ip_adapter", "ip_adapter": "ip-adapter_sdxl_tiny.safetensors",
+        "prompt": pipelines.PROMPT_A, "negative_prompt": None, "steps": 4, "guidance": 7.5, "scale": 0.6,
+        "scheduler": "DDIMScheduler.from_config(scheduler/scheduler_config.json)", "sites": sites, "files": files}}}
+    (out / "reference" / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"{len(sites)} sites; {pipelines.folder_size(out) / 1e6:.2f} MB in {out}")
+    del diffusers
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--sdxl"]:
+        sdxl()
+    else:
+        main()

@@ -85,39 +85,48 @@ fn bad(path: &Path, msg: String) -> Error {
 
 impl IpAdapterFile {
     pub fn read(path: &Path) -> Result<IpAdapterFile, Error> {
-        if path.extension().is_some_and(|e| e == "bin") {
-            return Err(bad(
-                path,
-                "a torch pickle (.bin): attune reads IP-Adapter .safetensors files (the hub ships both; convert with safetensors' save_file)".into(),
-            ));
-        }
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| bad(path, format!("not a valid .safetensors file: {e}")))?;
-        let mut tensors: BTreeMap<String, Weight> = BTreeMap::new();
-        for (key, view) in st.tensors() {
-            let data = crate::lora::file::to_f32(view.dtype(), view.data()).ok_or_else(|| {
-                bad(
-                    path,
-                    format!(
-                        "key '{key}': element type {:?} is not supported",
-                        view.dtype()
-                    ),
-                )
-            })?;
-            if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+        let torch = path
+            .extension()
+            .is_some_and(|e| e == "bin" || e == "pt" || e == "pth");
+        let tensors: BTreeMap<String, Weight> = if torch {
+            // The published .bin: torch.save({"image_proj": {...}, "ip_adapter": {...}}).
+            super::torch_file::read(path)
+                .map_err(|e| bad(path, e))?
+                .into_iter()
+                .collect()
+        } else {
+            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            let st = SafeTensors::deserialize(&bytes)
+                .map_err(|e| bad(path, format!("not a valid .safetensors file: {e}")))?;
+            let mut tensors = BTreeMap::new();
+            for (key, view) in st.tensors() {
+                let data =
+                    crate::lora::file::to_f32(view.dtype(), view.data()).ok_or_else(|| {
+                        bad(
+                            path,
+                            format!(
+                                "key '{key}': element type {:?} is not supported",
+                                view.dtype()
+                            ),
+                        )
+                    })?;
+                tensors.insert(
+                    key.clone(),
+                    Weight {
+                        shape: view.shape().to_vec(),
+                        data,
+                    },
+                );
+            }
+            tensors
+        };
+        for (key, w) in &tensors {
+            if let Some(i) = w.data.iter().position(|v| !v.is_finite()) {
                 return Err(bad(
                     path,
                     format!("key '{key}' holds a non-finite value at element {i}"),
                 ));
             }
-            tensors.insert(
-                key.clone(),
-                Weight {
-                    shape: view.shape().to_vec(),
-                    data,
-                },
-            );
         }
         let take = |key: &str, rank: usize| -> Result<Weight, Error> {
             let w = tensors

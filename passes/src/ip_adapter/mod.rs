@@ -8,6 +8,7 @@
 //! projection (image embedding -> tokens) is its own graph ([`projection`]).
 pub mod file;
 pub mod projection;
+mod torch_file;
 
 use std::path::PathBuf;
 
