@@ -213,13 +213,12 @@ fn a_merged_controlnet_equals_the_two_sessions() {
         let sessions = dir.path().join(format!("{attention}-sessions"));
         fs::create_dir_all(&sessions).unwrap();
         let (two_run, _) = generate(&folder(), "one", &sessions, &two);
-        let c = compare(
-            "merged vs sessions",
-            &HostTensor::F32(two_run),
-            &HostTensor::F32(merged_run),
-        )
-        .unwrap();
-        assert!(c.rel_l2 <= 1e-5, "{attention}: {c:?}");
+        assert_rel_l2(
+            two_run,
+            merged_run,
+            1e-5,
+            &format!("{attention}: merged vs sessions"),
+        );
     }
 }
 
@@ -598,11 +597,5 @@ fn a_dynamo_unet_takes_controlnets_in_sessions_and_merged() {
         &merged_dir,
         &["--controlnet-scale=0.5".into(), image],
     );
-    let c = compare(
-        "merged vs sessions",
-        &HostTensor::F32(a),
-        &HostTensor::F32(m),
-    )
-    .unwrap();
-    assert!(c.rel_l2 <= 1e-5, "{c:?}");
+    assert_rel_l2(a, m, 1e-5, "merged vs sessions");
 }

@@ -126,13 +126,7 @@ fn generate_with_an_image_prompt_gives_diffusers_ip_adapter_images() {
         &[],
     );
     let want = read_f32(&tiny.join("final_latents.npy"));
-    let c = compare(
-        "final latents",
-        &HostTensor::F32(want),
-        &HostTensor::F32(latents),
-    )
-    .unwrap();
-    assert!(c.rel_l2 <= 1e-4, "no image prompt: {c:?}");
+    assert_rel_l2(want, latents, 1e-4, "no image prompt");
 }
 
 #[test]

@@ -195,13 +195,7 @@ fn generate_with_pag_gives_diffusers_pag_pipelines_images() {
             let png = dir.path().join(format!("{name}-{case_name}.png"));
             let got = generate(&compiled, case, &case_refs, &png);
             let want = read_f32(&case_refs.join("final_latents.npy"));
-            let c = compare(
-                "final latents",
-                &HostTensor::F32(want),
-                &HostTensor::F32(got),
-            )
-            .unwrap();
-            assert!(c.rel_l2 <= 1e-4, "{name} {case_name}: {c:?}");
+            assert_rel_l2(want, got, 1e-4, &format!("{name} {case_name}"));
             let image = read_f32(&case_refs.join("image.npy"));
             let worst = worst_pixel(&png, image.index_axis(ndarray::Axis(0), 0));
             assert!(worst <= 2.0, "{name} {case_name}: a pixel {worst}/255 off");

@@ -430,3 +430,11 @@ pub fn wave(shape: &[usize], k: f32) -> attune_runtime::HostTensor {
         },
     ))
 }
+
+/// Two f32 arrays within `tol` relative L2 of each other.
+pub fn assert_rel_l2(want: ndarray::ArrayD<f32>, got: ndarray::ArrayD<f32>, tol: f64, what: &str) {
+    use attune_runtime::HostTensor;
+    let c = attune_runtime::compare::compare(what, &HostTensor::F32(want), &HostTensor::F32(got))
+        .unwrap();
+    assert!(c.rel_l2 <= tol, "{what}: {c:?}");
+}
