@@ -1308,3 +1308,30 @@ fn joint_attention_capture_matches_the_pytorch_maps() {
         );
     }
 }
+
+#[test]
+fn a_scheduler_class_attune_does_not_run_is_refused_unless_one_is_named() {
+    // A UniPC config ran as DDIM, 26% off diffusers', and exited 0: now an error naming it.
+    let dir = tempfile::tempdir().unwrap();
+    let pndm =
+        fs::read_to_string(root().join("models/sample/sd15_pndm/scheduler_config.json")).unwrap();
+    let config = dir.path().join("scheduler_config.json");
+    fs::write(
+        &config,
+        pndm.replace("PNDMScheduler", "UniPCMultistepScheduler"),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let args = [
+        "--scheduler-config",
+        config.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let o = sample_with(&fixture("sd15_legacy"), "2", &args);
+    assert_clean_error(&o, &["UniPCMultistepScheduler", "--scheduler"]);
+    assert!(!out.exists());
+    let named = [&args[..], &["--scheduler", "ddim"]].concat();
+    let o = sample_with(&fixture("sd15_legacy"), "2", &named);
+    assert!(o.status.success(), "{}", stderr(&o));
+}

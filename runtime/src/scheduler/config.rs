@@ -82,6 +82,25 @@ fn from_map(
     };
     let class = keys.string("_class_name")?.unwrap_or_default();
     let flow_class = class.starts_with("FlowMatch");
+    // A class attune does not run is an error, not a silent DDIM run, unless --scheduler
+    // says what to run on its schedule. PNDM (SD1.5's folders) is read as DDIM, as before.
+    let known = class.is_empty()
+        || flow_class
+        || [
+            "DDIMScheduler",
+            "PNDMScheduler",
+            "EulerDiscreteScheduler",
+            "DPMSolverMultistepScheduler",
+        ]
+        .contains(&class.as_str());
+    if kind.is_none() && !known {
+        return Err(Error::file(
+            path,
+            format!(
+                "_class_name {class}: attune runs DDIM, Euler, DPM-Solver++ (2M) and flow matching's Euler steps, not {class}; give --scheduler ddim|euler|dpm|flow-euler to run one of them on this config's schedule (it is not what the config asks for)"
+            ),
+        ));
+    }
     let kind = kind.unwrap_or(if flow_class {
         Kind::FlowEuler
     } else if class == "EulerDiscreteScheduler" {
@@ -461,6 +480,26 @@ impl Keys<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_class_attune_does_not_run_is_an_error_unless_a_scheduler_is_named() {
+        let map = serde_json::json!({
+            "_class_name": "UniPCMultistepScheduler",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+        });
+        let Value::Object(map) = map else {
+            unreachable!("an object literal")
+        };
+        let path = Path::new("scheduler_config.json");
+        let err = from_map(&map, path, None).unwrap_err().to_string();
+        assert!(
+            err.contains("UniPCMultistepScheduler") && err.contains("--scheduler"),
+            "{err}"
+        );
+        assert!(from_map(&map, path, Some(Kind::Ddim)).is_ok());
+    }
 
     #[test]
     fn python_non_finite_numbers_read_as_null_outside_strings() {
