@@ -93,35 +93,19 @@ fn residual_inputs_without_a_controlnet_get_zeros() {
     let out = tempfile::tempdir().unwrap();
     // The same UNet weights as sd15_tiny's: its txt2img_a reference.
     let tiny = root().join("models/pipelines/sd15_tiny/reference/txt2img_a");
-    let latents = tiny.join("latents.npy");
-    let saved = out.path().join("zeros.npy");
-    let o = attune(&[
-        "generate",
-        folder().to_str().unwrap(),
-        "--prompt",
-        "a photo of an astronaut riding a horse on mars",
-        "--negative-prompt",
-        "",
-        "--steps",
-        "4",
-        "--scheduler",
-        "ddim",
-        "--latents",
-        latents.to_str().unwrap(),
-        "--save-latents",
-        saved.to_str().unwrap(),
-        "-o",
-        out.path().join("zeros.png").to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let want = read_f32(&tiny.join("final_latents.npy"));
-    let c = compare(
-        "final latents",
-        &HostTensor::F32(want),
-        &HostTensor::F32(read_f32(&saved)),
-    )
-    .unwrap();
-    assert!(c.rel_l2 <= 1e-4, "{c:?}");
+    let (latents, _) = generate_from(
+        &folder(),
+        PROMPT,
+        &tiny.join("latents.npy"),
+        &out.path().join("zeros"),
+        &["--negative-prompt=".to_string()],
+    );
+    assert_rel_l2(
+        read_f32(&tiny.join("final_latents.npy")),
+        latents,
+        1e-4,
+        "zeros",
+    );
     // `attune sample` feeds them zeros too.
     let file = |f: &str| tiny.join(f).display().to_string();
     let o = attune(&[

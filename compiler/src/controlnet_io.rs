@@ -21,3 +21,17 @@ pub fn is_residual(name: &str) -> bool {
             .and_then(|r| r.strip_suffix("_additional_residual"))
             .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
 }
+
+/// Whether a ControlNet output declared `theirs` can feed a denoiser residual input declared
+/// `ours`: the same rank, and every dim after the batch equal where both are fixed.
+pub fn declared_fit(ours: &[crate::analysis::Dim], theirs: &[crate::analysis::Dim]) -> bool {
+    ours.len() == theirs.len()
+        && ours
+            .iter()
+            .zip(theirs)
+            .skip(1)
+            .all(|(a, b)| match (a.known(), b.known()) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            })
+}

@@ -10,7 +10,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use attune_compiler::analysis::shapes::declared_dims;
-use attune_compiler::controlnet_io::{IMAGE_INPUT, MERGED_SCALE, SCALE_INPUT, is_residual};
+use attune_compiler::controlnet_io::{
+    IMAGE_INPUT, MERGED_SCALE, SCALE_INPUT, declared_fit, is_residual,
+};
 use attune_compiler::ir::{Graph, Io, Model, ValueId};
 use attune_compiler::onnx::{self, DataType, tensor_shape_proto};
 use attune_compiler::pass::{Pass, PassCx, PassReport};
@@ -368,18 +370,13 @@ fn check_declared_fit(unet: &Model, cn: &Model) -> std::result::Result<(), Strin
             continue;
         };
         let (ours, theirs) = (declared_dims(&io.info), declared_dims(&out.info));
-        if let (Some(a), Some(b)) = (ours, theirs) {
-            let clash = a.len() != b.len()
-                || a.iter()
-                    .zip(&b)
-                    .skip(1)
-                    .any(|(x, y)| matches!((x.known(), y.known()), (Some(x), Some(y)) if x != y));
-            if clash {
-                return Err(format!(
-                    "residual '{}' is declared {b:?} by the ControlNet, {a:?} by the denoiser: they do not fit",
-                    io.info.name
-                ));
-            }
+        if let (Some(a), Some(b)) = (ours, theirs)
+            && !declared_fit(&a, &b)
+        {
+            return Err(format!(
+                "residual '{}' is declared {b:?} by the ControlNet, {a:?} by the denoiser: they do not fit",
+                io.info.name
+            ));
         }
     }
     Ok(())

@@ -43,6 +43,14 @@ impl Projection {
     pub fn model(&self) -> onnx::ModelProto {
         let mut b = Builder::default();
         let batch = || D::DimParam("batch".into());
+        // Plus and Full Face read [batch, image-encoder tokens, dim].
+        let hidden = |dim: usize| {
+            vec![
+                batch(),
+                D::DimParam("image_tokens".into()),
+                D::DimValue(dim as i64),
+            ]
+        };
         let (input_dims, out) = match self {
             Projection::Plain {
                 proj,
@@ -67,19 +75,11 @@ impl Projection {
                 second,
                 norm,
             } => {
-                let x = b.linear(EMBEDS_INPUT, &first.weight, first.bias.as_ref());
+                let x = b.affine(EMBEDS_INPUT, first);
                 let x = b.gelu(&x);
-                let x = b.linear(&x, &second.weight, second.bias.as_ref());
+                let x = b.affine(&x, second);
                 let out = b.layer_norm(&x, norm);
-                let dim = first.weight.shape[1] as i64;
-                (
-                    vec![
-                        batch(),
-                        D::DimParam("image_tokens".into()),
-                        D::DimValue(dim),
-                    ],
-                    out,
-                )
+                (hidden(first.weight.shape[1]), out)
             }
             Projection::Resampler {
                 latents,
@@ -88,7 +88,7 @@ impl Projection {
                 proj_out,
                 norm_out,
             } => {
-                let x = b.linear(EMBEDS_INPUT, &proj_in.weight, proj_in.bias.as_ref());
+                let x = b.affine(EMBEDS_INPUT, proj_in);
                 // The learned queries, one copy per image.
                 let l = b.init(&latents.shape, &latents.data);
                 let shape = b.op("Shape", &[EMBEDS_INPUT], vec![attr::int("end", 1)]);
@@ -98,17 +98,9 @@ impl Projection {
                 for block in blocks {
                     lat = b.perceiver(&x, &lat, block);
                 }
-                let y = b.linear(&lat, &proj_out.weight, proj_out.bias.as_ref());
+                let y = b.affine(&lat, proj_out);
                 let out = b.layer_norm(&y, norm_out);
-                let dim = proj_in.weight.shape[1] as i64;
-                (
-                    vec![
-                        batch(),
-                        D::DimParam("image_tokens".into()),
-                        D::DimValue(dim),
-                    ],
-                    out,
-                )
+                (hidden(proj_in.weight.shape[1]), out)
             }
         };
         let out_tokens = match self.tokens() {
@@ -208,6 +200,11 @@ impl Builder {
             ..Default::default()
         });
         out
+    }
+
+    /// A torch Linear with its bias.
+    fn affine(&mut self, x: &str, a: &Affine) -> String {
+        self.linear(x, &a.weight, a.bias.as_ref())
     }
 
     /// `x·wᵀ (+ b)` for a torch Linear weight [out, in].

@@ -252,6 +252,7 @@ fn open(
 /// one, with the channels the denoiser declares.
 pub fn residuals(
     unet: &Path,
+    model: &attune_compiler::Model,
     specs: &[InputSpec],
     controls: &[ControlSpec],
 ) -> anyhow::Result<Vec<Residual>> {
@@ -279,28 +280,21 @@ pub fn residuals(
                     unet.display()
                 );
             };
-            let declared: Vec<Option<usize>> = w.dims.iter().map(fixed).collect();
-            let theirs: Option<Vec<Option<i64>>> = dims.as_ref().map(|d| {
-                d.iter()
-                    .map(attune_compiler::analysis::Dim::known)
-                    .collect()
-            });
-            if let Some(theirs) = theirs {
-                let clash =
-                    theirs.len() != declared.len()
-                        || theirs.iter().zip(&declared).skip(1).any(
-                            |(a, b)| matches!((a, b), (Some(a), Some(b)) if *a as usize != *b),
-                        );
-                if clash {
-                    bail!(
-                        "--controlnet {}: residual '{}' is declared {:?}, {}'s input {:?}: they do not fit",
-                        c.model.display(),
-                        w.name,
-                        theirs,
-                        unet.display(),
-                        declared
-                    );
-                }
+            let ours = model
+                .graph
+                .inputs
+                .iter()
+                .find(|io| io.info.name == w.name)
+                .and_then(|io| declared_dims(&io.info));
+            if let (Some(ours), Some(theirs)) = (ours, dims)
+                && !attune_compiler::controlnet_io::declared_fit(&ours, theirs)
+            {
+                bail!(
+                    "--controlnet {}: residual '{}' is declared {theirs:?}, {}'s input {ours:?}: they do not fit",
+                    c.model.display(),
+                    w.name,
+                    unet.display(),
+                );
             }
         }
     }

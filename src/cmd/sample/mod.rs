@@ -237,7 +237,7 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         args.control
             .open(&args.unet, merged, controlnet_dir.as_deref(), &sessions)?;
     // A ControlNet's residual inputs: zeros unless a ControlNet runs.
-    let residuals = control::residuals(&args.unet, &specs, &control_specs)?;
+    let residuals = control::residuals(&args.unet, &model, &specs, &control_specs)?;
     let (ip_tokens, ip_scales) =
         args.ip
             .prepare(&args.unet, &specs, folder.as_deref(), &sessions)?;
