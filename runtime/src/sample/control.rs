@@ -38,6 +38,17 @@ pub struct Schedule {
     pub end: f64,
 }
 
+impl Default for Schedule {
+    /// diffusers' defaults: scale 1 on every step.
+    fn default() -> Schedule {
+        Schedule {
+            scale: 1.0,
+            start: 0.0,
+            end: 1.0,
+        }
+    }
+}
+
 impl Schedule {
     /// The scale at step `i` of `n`: diffusers' `1 - (i/n < start or (i+1)/n > end)` times
     /// the conditioning scale.

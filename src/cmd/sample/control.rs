@@ -181,11 +181,7 @@ fn open(
         };
         defaulted = vec![ControlArg {
             path: folder.to_path_buf(),
-            schedule: Schedule {
-                scale: 1.0,
-                start: 0.0,
-                end: 1.0,
-            },
+            schedule: Schedule::default(),
         }];
         &defaulted[..]
     } else {
@@ -359,10 +355,6 @@ fn open_merged(
         );
     };
     let rgb = read_png(image).with_context(|| format!("--control-image {}", image.display()))?;
-    let schedule = schedule.unwrap_or(Schedule {
-        scale: 1.0,
-        start: 0.0,
-        end: 1.0,
-    });
+    let schedule = schedule.unwrap_or_default();
     Ok((Vec::new(), Some((rgb, schedule))))
 }
