@@ -31,16 +31,6 @@ fn sample_with(unet: &Path, steps: &str, extra: &[&str]) -> std::process::Output
     attune(&args)
 }
 
-/// A failed command that reported `expected` (each part) as an error, without a panic.
-fn assert_clean_error(o: &std::process::Output, expected: &[&str]) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    for e in expected {
-        assert!(err.contains(e), "expected '{e}' in: {err}");
-    }
-}
-
 /// Runs with the controller fixture's inputs (and a hook-value file); every output.
 fn run(model: &Path, hooks: Option<&Path>) -> Vec<(String, HostTensor)> {
     let extra: Vec<String> = hooks
@@ -783,36 +773,15 @@ fn two_steps(unet: &Path, out: &Path, extra: &[&str]) -> HostTensor {
     npy::read(&out.join("latents.npy")).unwrap()
 }
 
-/// `attune sample` of `unet` with a models/sample case's prompts and latents (and pooled
-/// text where the case has it), 4 steps at the guidance models/export/sampling.py ran it with.
+/// `attune sample` of `unet` on a models/sample case, 4 steps at the guidance
+/// models/export/sampling.py ran it with.
 fn sample_case(unet: &Path, case: &str, out: &Path, extra: &[&str]) -> std::process::Output {
-    let dir = root().join("models/sample").join(case);
-    let file = |f: &str| dir.join(f).display().to_string();
-    let mut args: Vec<String> = vec!["sample".into(), "--unet".into(), unet.display().to_string()];
-    for (flag, f) in [
-        ("--cond", "cond.npy"),
-        ("--uncond", "uncond.npy"),
-        ("--latents", "latents.npy"),
-    ] {
-        args.extend([flag.to_string(), file(f)]);
-    }
-    for (flag, f) in [
-        ("--pooled-cond", "pooled_cond.npy"),
-        ("--pooled-uncond", "pooled_uncond.npy"),
-    ] {
-        if dir.join(f).exists() {
-            args.extend([flag.to_string(), file(f)]);
-        }
-    }
     let guidance = if ["flux", "flux_dev"].contains(&case) {
         "1"
     } else {
         "5"
     };
-    args.extend(["--steps", "4", "--guidance", guidance, "--out"].map(String::from));
-    args.push(out.display().to_string());
-    args.extend(extra.iter().map(|a| a.to_string()));
-    attune(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    common::sample_case(unet, case, out, 4, guidance, extra)
 }
 
 #[test]
@@ -908,9 +877,10 @@ fn schedulers_from_diffusers_configs_sample_like_diffusers() {
 }
 
 #[test]
-fn stable_diffusions_pndm_config_samples_as_the_built_in_schedule() {
-    // SD1.5's pipeline folder ships a PNDMScheduler config; DDIM reads its betas, offset and
-    // final alpha, which are the built-in schedule's, and names the keys it does not use.
+fn stable_diffusions_pndm_config_read_as_ddim_is_the_built_in_schedule() {
+    // SD1.5's pipeline folder ships a PNDMScheduler config, which runs as PLMS (tests/samplers.rs);
+    // `--scheduler ddim` reads its betas, offset and final alpha, which are the built-in
+    // schedule's, and names the keys DDIM does not use.
     let dir = tempfile::tempdir().unwrap();
     let config = root().join("models/sample/sd15_pndm/scheduler_config.json");
     let size = ["--height", "16", "--width", "16"];
@@ -918,6 +888,8 @@ fn stable_diffusions_pndm_config_samples_as_the_built_in_schedule() {
     let args = [
         "--scheduler-config",
         config.to_str().unwrap(),
+        "--scheduler",
+        "ddim",
         "--height",
         "16",
         "--width",
@@ -934,6 +906,10 @@ fn stable_diffusions_pndm_config_samples_as_the_built_in_schedule() {
         "{}",
         stderr(&o)
     );
+    // As PLMS it lands elsewhere.
+    let plms_args = [&args[..2], &size[..]].concat();
+    let plms = two_steps(&fixture("sd15_legacy"), &dir.path().join("d"), &plms_args);
+    assert_ne!(built_in, plms);
 }
 
 #[test]
@@ -1032,26 +1008,26 @@ fn bad_scheduler_configs_and_conditioning_are_errors_naming_the_key_or_input() {
         (
             write(
                 "o.json",
-                r#"{"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": true}"#,
+                r#"{"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": true, "use_exponential_sigmas": true}"#,
             ),
             vec![],
-            "key 'use_karras_sigmas' = true: Karras sigmas is not implemented",
+            "key 'use_exponential_sigmas' = true: only one of the sigma spacings can be on (use_karras_sigmas is)",
         ),
         (
             write(
                 "p.json",
-                r#"{"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}"#,
+                r#"{"_class_name": "DPMSolverMultistepScheduler", "solver_order": 4}"#,
             ),
             vec![],
-            "key 'solver_order' = 3: orders 1 and 2 are implemented",
+            "key 'solver_order' = 4: orders 1, 2 and 3 are implemented",
         ),
         (
             write(
                 "q.json",
-                r#"{"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"}"#,
+                r#"{"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver"}"#,
             ),
             vec![],
-            "key 'algorithm_type' = \"sde-dpmsolver++\"",
+            "key 'algorithm_type' = \"dpmsolver\"",
         ),
         (
             write("l.json", r#"{"num_train_timesteps": 1000000000000}"#),
@@ -1318,7 +1294,7 @@ fn a_scheduler_class_attune_does_not_run_is_refused_unless_one_is_named() {
     let config = dir.path().join("scheduler_config.json");
     fs::write(
         &config,
-        pndm.replace("PNDMScheduler", "UniPCMultistepScheduler"),
+        pndm.replace("PNDMScheduler", "LMSDiscreteScheduler"),
     )
     .unwrap();
     let out = dir.path().join("out");
@@ -1329,7 +1305,7 @@ fn a_scheduler_class_attune_does_not_run_is_refused_unless_one_is_named() {
         out.to_str().unwrap(),
     ];
     let o = sample_with(&fixture("sd15_legacy"), "2", &args);
-    assert_clean_error(&o, &["UniPCMultistepScheduler", "--scheduler"]);
+    assert_clean_error(&o, &["LMSDiscreteScheduler", "--scheduler"]);
     assert!(!out.exists());
     let named = [&args[..], &["--scheduler", "ddim"]].concat();
     let o = sample_with(&fixture("sd15_legacy"), "2", &named);

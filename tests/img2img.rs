@@ -114,6 +114,7 @@ fn img2img_and_inpainting_give_the_diffusers_pipelines_images() {
         if which == "inpaint" {
             args.extend(["--mask".into(), path("mask.png")]);
         }
+        args.extend(common::reference_scheduler(&dir).into_iter().map(String::from));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let o = common::attune(&args);
         let err = common::stderr(&o);
@@ -327,6 +328,8 @@ fn a_batch_of_prompts_inpaints_each_as_the_single_one() {
             &mask,
             "--latents",
             &latents,
+            "--scheduler",
+            "ddim",
             "-o",
             png.to_str().unwrap(),
         ]);

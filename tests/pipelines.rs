@@ -200,6 +200,7 @@ fn generate_from_a_prompt_gives_the_diffusers_pipelines_image() {
             "-o",
             png.to_str().unwrap(),
         ];
+        args.extend(common::reference_scheduler(&dir));
         for p in &prompts {
             args.extend(["--prompt", p.as_str()]);
         }

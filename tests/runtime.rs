@@ -483,16 +483,6 @@ fn bench_and_demo_commands_run() {
     assert!(text.contains("MultiHeadAttention"), "{text}");
 }
 
-/// A failed command that reported `expected` (each part) as an error, without a panic.
-fn assert_clean_error(o: &Output, expected: &[&str]) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    for e in expected {
-        assert!(err.contains(e), "expected '{e}' in: {err}");
-    }
-}
-
 /// Writes a model of Identity nodes: f32 `inputs` (name, dims), `(from, to)` per node.
 fn identity_model(path: &Path, inputs: &[(&str, Vec<DimValue>)], nodes: &[(&str, &str)]) {
     let graph = onnx::GraphProto {

@@ -361,6 +361,8 @@ fn generate_runs_a_split_pipeline() {
             "a red cat",
             "--steps",
             "9",
+            "--scheduler",
+            "ddim",
             "-o",
             out.to_str().unwrap(),
         ];

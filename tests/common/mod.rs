@@ -438,3 +438,52 @@ pub fn assert_rel_l2(want: ndarray::ArrayD<f32>, got: ndarray::ArrayD<f32>, tol:
         .unwrap();
     assert!(c.rel_l2 <= tol, "{what}: {c:?}");
 }
+
+/// `attune sample` of `unet` with a models/sample case's prompts and latents (and pooled text
+/// where the case has it), `steps` steps at `guidance`.
+pub fn sample_case(
+    unet: &Path,
+    case: &str,
+    out: &Path,
+    steps: usize,
+    guidance: &str,
+    extra: &[&str],
+) -> Output {
+    let dir = root().join("models/sample").join(case);
+    let file = |f: &str| dir.join(f).display().to_string();
+    let mut args: Vec<String> = vec!["sample".into(), "--unet".into(), unet.display().to_string()];
+    let inputs = [
+        ("--cond", "cond.npy"),
+        ("--uncond", "uncond.npy"),
+        ("--latents", "latents.npy"),
+        ("--pooled-cond", "pooled_cond.npy"),
+        ("--pooled-uncond", "pooled_uncond.npy"),
+    ];
+    for (flag, f) in inputs {
+        if dir.join(f).exists() {
+            args.extend([flag.to_string(), file(f)]);
+        }
+    }
+    args.extend(["--steps".into(), steps.to_string(), "--guidance".into(), guidance.into()]);
+    args.extend(["--out".into(), out.display().to_string()]);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    attune(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Exit 2 (an error attune reports, not a crash), the message naming every one of `expected`.
+pub fn assert_clean_error(o: &Output, expected: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for e in expected {
+        assert!(err.contains(e), "expected '{e}' in: {err}");
+    }
+}
+
+/// `--scheduler ddim` for a pipeline folder whose config is PNDM's: models/export/pipelines.py
+/// made its references with `DDIMScheduler.from_config` of that config (attune runs it as PLMS).
+pub fn reference_scheduler(folder: &Path) -> Vec<&'static str> {
+    let config = folder.join("scheduler/scheduler_config.json");
+    let pndm = fs::read_to_string(config).is_ok_and(|t| t.contains("\"PNDMScheduler\""));
+    if pndm { vec!["--scheduler", "ddim"] } else { vec![] }
+}

@@ -28,7 +28,7 @@ pub struct Inpaint {
 }
 
 /// The index of the first step run of `steps` at `strength`, as diffusers' `get_timesteps`
-/// computes it: `steps − min(⌊steps·strength⌋, steps)` (every scheduler here has order 1). A
+/// computes it: `steps − min(⌊steps·strength⌋, steps)` (Heun's model calls: twice that). A
 /// strength outside [0, 1] or one that runs no step is an error (diffusers' inpaint pipeline
 /// raises there; its img2img one returns no image).
 pub fn first_step(steps: usize, strength: f64) -> Result<usize> {
@@ -78,8 +78,7 @@ impl Init {
         noise: ArrayD<f32>,
         batch_rows: usize,
     ) -> Result<(ArrayD<f32>, Prepared)> {
-        let steps = scheduler.timesteps().len();
-        let start = first_step(steps, self.strength)?;
+        let start = scheduler.first_call(first_step(scheduler.steps(), self.strength)?);
         let p = noise.shape()[0];
         let image_latents = rows(&self.image_latents, p, "the image latents")?;
         if image_latents.shape() != noise.shape() {

@@ -41,6 +41,8 @@ pub struct SampleRun<'a> {
     pub cfg: bool,
     /// Flux-dev's `guidance` input, per row.
     pub embedded_guidance: Option<f32>,
+    /// LCM-distilled UNets' `timestep_cond`, this wide: the guidance scale's embedding.
+    pub guidance_embedding: Option<usize>,
     pub layout: Layout,
     /// The input the latents go in: the layout's, or SD3's `hidden_states` [batch, channels,
     /// height, width] as optimum exports it.
@@ -216,6 +218,9 @@ pub fn sample(unet: &mut Backend, mut run: SampleRun) -> Result<Sampled> {
         .collect();
     let timesteps = run.scheduler.timesteps();
     let (first, n) = (prepared.as_ref().map_or(0, |p| p.start), timesteps.len());
+    run.scheduler
+        .check_noise(first, x.shape())
+        .map_err(Error::Inputs)?;
     let mut cache =
         step_cache::StepCache::for_inputs(&run.input_dtypes, run.step_cache, n - first)?;
     for (i, &t) in timesteps.iter().enumerate().skip(first) {
@@ -321,7 +326,7 @@ pub fn sample(unet: &mut Backend, mut run: SampleRun) -> Result<Sampled> {
             let perturbed = part(conds_at / prompts + 1);
             guided += &((&c - &perturbed) * pag.scale_at(t));
         }
-        x = run.scheduler.step(i, &guided, &x);
+        x = run.scheduler.step(i, &guided, &x).map_err(Error::Inputs)?;
         if let Some(p) = &prepared {
             x = p.blend(&run.scheduler, i, n, x);
         }
@@ -422,6 +427,11 @@ fn fixed_inputs(
             HostTensor::F32(ArrayD::zeros(IxDyn(&[words, 3]))),
         ));
     }
+    if let Some(dim) = run.guidance_embedding {
+        let w = guidance_embedding(run.guidance, dim);
+        let w = concatenate(Axis(0), &vec![w.view(); rows]).expect("one shape");
+        fixed.push(("timestep_cond".to_string(), HostTensor::F32(w)));
+    }
     if let Some(g) = run.embedded_guidance {
         fixed.push((
             "guidance".to_string(),
@@ -442,6 +452,19 @@ fn fixed_inputs(
         .into_iter()
         .map(|(n, t)| Ok((n.clone(), as_declared(&n, t, &run.input_dtypes)?)))
         .collect()
+}
+
+/// LCM's guidance embedding [1, dim] of scale `g` (`timestep_cond`): sines and cosines of
+/// 1000·(g − 1) at geometric frequencies, as diffusers' `get_guidance_scale_embedding`.
+fn guidance_embedding(g: f32, dim: usize) -> ArrayD<f32> {
+    let half = dim / 2;
+    let w = (g - 1.0) * 1000.0;
+    let step = 10000f32.ln() / (half as f32 - 1.0);
+    let angles: Vec<f32> = (0..half).map(|k| w * (-(k as f32) * step).exp()).collect();
+    let mut emb: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+    emb.extend(angles.iter().map(|a| a.cos()));
+    emb.resize(dim, 0.0);
+    ArrayD::from_shape_vec(IxDyn(&[1, dim]), emb).expect("dim values")
 }
 
 /// The timestep input at step `i` (the scheduler's `t`, scaled for Flux), in the form and type

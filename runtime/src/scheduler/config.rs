@@ -9,14 +9,18 @@ use serde_json::{Map, Value};
 
 use super::ddim::{BetaSchedule, Betas, DdimConfig, Prediction, Spacing};
 use super::dpm::DpmConfig;
+use super::euler::{EulerConfig, Variant};
 use super::flow::{DynamicShift, FlowConfig};
+use super::lcm::LcmConfig;
+use super::sigmas::SigmaSpacing;
+use super::unipc::UniPcConfig;
 use crate::error::{Error, Result};
 
-/// Noise-level spacings diffusers' Euler, DPM-Solver and flow schedulers offer.
-const SIGMA_SPACINGS: [(&str, &str); 3] = [
-    ("use_karras_sigmas", "Karras sigmas"),
-    ("use_exponential_sigmas", "exponential sigmas"),
-    ("use_beta_sigmas", "beta sigmas"),
+/// The noise-level spacings diffusers' σ-based schedulers offer.
+const SIGMA_SPACINGS: [SigmaSpacing; 3] = [
+    SigmaSpacing::Karras,
+    SigmaSpacing::Exponential,
+    SigmaSpacing::Beta,
 ];
 
 /// Far above any real schedule's 1000; DDIM keeps one ᾱ per training step.
@@ -25,36 +29,88 @@ const MAX_TRAIN_STEPS: usize = 100_000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Ddim,
-    Dpm,
+    Pndm,
     Euler,
+    EulerAncestral,
+    Heun,
+    Dpm,
+    UniPc,
+    Lcm,
     FlowEuler,
 }
+
+/// The diffusers classes attune runs, and what it runs them as.
+const CLASSES: [(&str, Kind); 8] = [
+    ("DDIMScheduler", Kind::Ddim),
+    ("PNDMScheduler", Kind::Pndm),
+    ("EulerDiscreteScheduler", Kind::Euler),
+    ("EulerAncestralDiscreteScheduler", Kind::EulerAncestral),
+    ("HeunDiscreteScheduler", Kind::Heun),
+    ("DPMSolverMultistepScheduler", Kind::Dpm),
+    ("UniPCMultistepScheduler", Kind::UniPc),
+    ("LCMScheduler", Kind::Lcm),
+];
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Schedule {
     Ddim(DdimConfig),
+    Pndm(DdimConfig),
+    Euler(EulerConfig),
     Dpm(DpmConfig),
-    Euler(DdimConfig),
+    UniPc(UniPcConfig),
+    Lcm(LcmConfig),
     Flow(FlowConfig),
 }
 
-/// The schedule in `path` for `kind` (else the one its `_class_name` names), and the keys
-/// that schedule does not use.
-pub fn read(path: &Path, kind: Option<Kind>) -> Result<(Schedule, Vec<String>)> {
+impl Schedule {
+    /// How reports name it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Schedule::Ddim(_) => "DDIM",
+            Schedule::Pndm(_) => "PLMS (PNDM)",
+            Schedule::Euler(c) => match c.variant {
+                Variant::Euler => "Euler",
+                Variant::Ancestral => "Euler ancestral",
+                Variant::Heun => "Heun",
+            },
+            Schedule::Dpm(c) => match (c.sde, c.order) {
+                (false, 3) => "DPM-Solver++ 3M",
+                (true, 3) => "DPM-Solver++ 3M SDE",
+                (false, _) => "DPM-Solver++",
+                (true, _) => "DPM-Solver++ SDE",
+            },
+            Schedule::UniPc(_) => "UniPC",
+            Schedule::Lcm(_) => "LCM",
+            Schedule::Flow(_) => "flow-matching Euler",
+        }
+    }
+}
+
+/// The schedule in `path` for `kind` (else the one its `_class_name` names), with
+/// `overrides` (keys set by flags) put over its keys, and the keys that schedule does not use.
+/// An override the schedule does not use is an error.
+pub fn read(
+    path: &Path,
+    kind: Option<Kind>,
+    overrides: &Map<String, Value>,
+) -> Result<(Schedule, Vec<String>)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let value: Value = serde_json::from_str(&without_non_finite(&text))
         .map_err(|e| Error::file(path, format!("not a JSON scheduler config: {e}")))?;
-    let Value::Object(map) = value else {
+    let Value::Object(mut map) = value else {
         return Err(Error::file(path, "not a JSON object"));
     };
-    from_map(&map, path, kind)
+    map.extend(overrides.clone());
+    let (schedule, ignored) = from_map(&map, path, kind)?;
+    refuse_unused_overrides(&schedule, &ignored, overrides, path)?;
+    Ok((schedule, ignored))
 }
 
 /// `kind` (DDIM if none) over Stable Diffusion's training schedule, as its pipeline folders
 /// ship it (scaled-linear betas 0.00085-0.012, `leading` spacing with offset 1): what
 /// `attune sample --scheduler K` runs without a config; the scheduler's other settings are
-/// diffusers' defaults for it.
-pub fn stable_diffusion(kind: Option<Kind>) -> Result<Schedule> {
+/// diffusers' defaults for it, but for `overrides`.
+pub fn stable_diffusion(kind: Option<Kind>, overrides: &Map<String, Value>) -> Result<Schedule> {
     let map = serde_json::json!({
         "beta_start": 0.00085,
         "beta_end": 0.012,
@@ -63,11 +119,32 @@ pub fn stable_diffusion(kind: Option<Kind>) -> Result<Schedule> {
         "steps_offset": 1,
         "set_alpha_to_one": false,
         "clip_sample": false,
+        "skip_prk_steps": true,
     });
-    let Value::Object(map) = map else {
+    let Value::Object(mut map) = map else {
         unreachable!("a JSON object literal")
     };
-    Ok(from_map(&map, Path::new("<Stable Diffusion's schedule>"), kind)?.0)
+    map.extend(overrides.clone());
+    let path = Path::new("<Stable Diffusion's schedule>");
+    let (schedule, ignored) = from_map(&map, path, kind)?;
+    refuse_unused_overrides(&schedule, &ignored, overrides, path)?;
+    Ok(schedule)
+}
+
+fn refuse_unused_overrides(
+    schedule: &Schedule,
+    ignored: &[String],
+    overrides: &Map<String, Value>,
+    path: &Path,
+) -> Result<()> {
+    let set = overrides.iter().filter(|(_, v)| !v.is_null());
+    match set.map(|(k, _)| k).find(|k| ignored.contains(k)) {
+        Some(key) => Err(Error::file(
+            path,
+            format!("{} has no setting '{key}'", schedule.name()),
+        )),
+        None => Ok(()),
+    }
 }
 
 fn from_map(
@@ -82,33 +159,24 @@ fn from_map(
     };
     let class = keys.string("_class_name")?.unwrap_or_default();
     let flow_class = class.starts_with("FlowMatch");
+    let named = CLASSES.iter().find(|(c, _)| *c == class).map(|c| c.1);
     // A class attune does not run is an error, not a silent DDIM run, unless --scheduler
-    // says what to run on its schedule. PNDM (SD1.5's folders) is read as DDIM, as before.
-    let known = class.is_empty()
-        || flow_class
-        || [
-            "DDIMScheduler",
-            "PNDMScheduler",
-            "EulerDiscreteScheduler",
-            "DPMSolverMultistepScheduler",
-        ]
-        .contains(&class.as_str());
+    // says what to run on its schedule.
+    let known = class.is_empty() || flow_class || named.is_some();
     if kind.is_none() && !known {
+        let names: Vec<&str> = CLASSES.iter().map(|c| c.0).collect();
         return Err(Error::file(
             path,
             format!(
-                "_class_name {class}: attune runs DDIM, Euler, DPM-Solver++ (2M) and flow matching's Euler steps, not {class}; give --scheduler ddim|euler|dpm|flow-euler to run one of them on this config's schedule (it is not what the config asks for)"
+                "_class_name {class}: attune runs {} and flow matching's Euler steps, not {class}; give --scheduler to run one of them on this config's schedule (it is not what the config asks for)",
+                names.join(", ")
             ),
         ));
     }
     let kind = kind.unwrap_or(if flow_class {
         Kind::FlowEuler
-    } else if class == "EulerDiscreteScheduler" {
-        Kind::Euler
-    } else if class == "DPMSolverMultistepScheduler" {
-        Kind::Dpm
     } else {
-        Kind::Ddim
+        named.unwrap_or(Kind::Ddim)
     });
     let schedule = match kind {
         Kind::FlowEuler if flow_class || class.is_empty() => Schedule::Flow(keys.flow()?),
@@ -124,13 +192,18 @@ fn from_map(
             return Err(Error::file(
                 path,
                 format!(
-                    "_class_name {class} is a flow-matching schedule: it has no betas for DDIM or Euler (use --scheduler flow-euler)"
+                    "_class_name {class} is a flow-matching schedule: it has no betas for DDPM-trained schedulers (use --scheduler flow-euler)"
                 ),
             ));
         }
         Kind::Ddim => Schedule::Ddim(keys.ddim()?),
+        Kind::Pndm => Schedule::Pndm(keys.pndm()?),
         Kind::Euler => Schedule::Euler(keys.euler()?),
+        Kind::EulerAncestral => Schedule::Euler(keys.euler_ancestral()?),
+        Kind::Heun => Schedule::Euler(keys.heun()?),
         Kind::Dpm => Schedule::Dpm(keys.dpm()?),
+        Kind::UniPc => Schedule::UniPc(keys.unipc()?),
+        Kind::Lcm => Schedule::Lcm(keys.lcm()?),
     };
     let ignored = map
         .keys()
@@ -354,42 +427,150 @@ impl Keys<'_> {
         })
     }
 
-    /// `EulerDiscreteScheduler`'s keys, its defaults (`linspace` spacing) for absent ones.
-    fn euler(&mut self) -> Result<DdimConfig> {
-        let d = self.training(DdimConfig {
-            spacing: Spacing::Linspace,
-            ..DdimConfig::diffusers_defaults()
-        })?;
-        self.choice("interpolation_type", &[("linear", ())], ())?;
-        self.choice("timestep_type", &[("discrete", ())], ())?;
-        self.choice("final_sigmas_type", &[("zero", ())], ())?;
-        self.refuse_on(&SIGMA_SPACINGS)?;
-        for key in ["sigma_min", "sigma_max"] {
-            if self.get(key).is_some() {
-                return Err(self.bad(key, "custom Karras sigma bounds are not implemented"));
+    /// `use_karras_sigmas` / `use_exponential_sigmas` / `use_beta_sigmas`: at most one on.
+    fn sigma_spacing(&mut self) -> Result<SigmaSpacing> {
+        let mut on = SigmaSpacing::Timesteps;
+        for spacing in SIGMA_SPACINGS {
+            if self.flag(spacing.key(), false)? {
+                if on != SigmaSpacing::Timesteps {
+                    return Err(self.bad(
+                        spacing.key(),
+                        format!("only one of the sigma spacings can be on ({} is)", on.key()),
+                    ));
+                }
+                on = spacing;
             }
         }
-        Ok(d)
+        Ok(on)
+    }
+
+    /// `final_sigmas_type`: whether the last step ends at the smallest σ rather than 0.
+    fn final_sigma_min(&mut self) -> Result<bool> {
+        self.choice(
+            "final_sigmas_type",
+            &[("zero", false), ("sigma_min", true)],
+            false,
+        )
+    }
+
+    /// Keys that only matter to settings attune refuses elsewhere: absent or null, else refused.
+    fn refuse_set(&mut self, keys: &[(&str, &str)]) -> Result<()> {
+        for (key, what) in keys {
+            if self.get(key).is_some() {
+                return Err(self.bad(key, format!("{what} are not implemented")));
+            }
+        }
+        Ok(())
+    }
+
+    /// A scheduler's training keys over its own defaults: `spacing` and `betas` where they
+    /// differ from DDIM's.
+    fn training_with(&mut self, spacing: Spacing, betas: Option<Betas>) -> Result<DdimConfig> {
+        let d = DdimConfig::diffusers_defaults();
+        self.training(DdimConfig {
+            spacing,
+            betas: betas.unwrap_or(d.betas.clone()),
+            ..d
+        })
+    }
+
+    /// `EulerDiscreteScheduler`'s keys, its defaults (`linspace` spacing) for absent ones.
+    fn euler(&mut self) -> Result<EulerConfig> {
+        let schedule = self.training_with(Spacing::Linspace, None)?;
+        self.choice("interpolation_type", &[("linear", ())], ())?;
+        self.choice("timestep_type", &[("discrete", ())], ())?;
+        self.refuse_set(&[
+            ("sigma_min", "custom sigma bounds"),
+            ("sigma_max", "custom sigma bounds"),
+        ])?;
+        Ok(EulerConfig {
+            sigmas: self.sigma_spacing()?,
+            final_sigma_min: self.final_sigma_min()?,
+            ..EulerConfig::new(schedule, Variant::Euler)
+        })
+    }
+
+    /// `EulerAncestralDiscreteScheduler`'s keys (the training schedule only).
+    fn euler_ancestral(&mut self) -> Result<EulerConfig> {
+        let schedule = self.training_with(Spacing::Linspace, None)?;
+        Ok(EulerConfig::new(schedule, Variant::Ancestral))
+    }
+
+    /// `HeunDiscreteScheduler`'s keys (its defaults: linear betas 0.00085-0.012, `linspace`).
+    fn heun(&mut self) -> Result<EulerConfig> {
+        let betas = Betas::Schedule {
+            kind: BetaSchedule::Linear,
+            start: 0.00085,
+            end: 0.012,
+        };
+        let schedule = self.training_with(Spacing::Linspace, Some(betas))?;
+        let clip = self.flag("clip_sample", false)?;
+        let range = self.float("clip_sample_range", 1.0)?;
+        Ok(EulerConfig {
+            sigmas: self.sigma_spacing()?,
+            clip_sample: clip.then_some(range),
+            ..EulerConfig::new(schedule, Variant::Heun)
+        })
+    }
+
+    /// `PNDMScheduler`'s keys: PLMS only (`skip_prk_steps`).
+    fn pndm(&mut self) -> Result<DdimConfig> {
+        let d = self.training(DdimConfig {
+            set_alpha_to_one: false,
+            ..DdimConfig::diffusers_defaults()
+        })?;
+        if !self.flag("skip_prk_steps", false)? {
+            return Err(self.bad(
+                "skip_prk_steps",
+                "PNDM's Runge-Kutta warm-up steps are not implemented; PLMS needs skip_prk_steps true (Stable Diffusion's configs set it)",
+            ));
+        }
+        Ok(DdimConfig {
+            set_alpha_to_one: self.flag("set_alpha_to_one", false)?,
+            clip_sample: None,
+            ..d
+        })
+    }
+
+    /// `LCMScheduler`'s keys (its defaults: scaled-linear betas 0.00085-0.012, final ᾱ 1).
+    fn lcm(&mut self) -> Result<LcmConfig> {
+        let betas = Betas::Schedule {
+            kind: BetaSchedule::ScaledLinear,
+            start: 0.00085,
+            end: 0.012,
+        };
+        let d = self.training_with(Spacing::Leading, Some(betas))?;
+        let clip = self.flag("clip_sample", false)?;
+        let range = self.float("clip_sample_range", 1.0)?;
+        self.no_thresholding()?;
+        let original_steps = self.count("original_inference_steps", 50)?;
+        let timestep_scaling = self.float("timestep_scaling", 10.0)?;
+        Ok(LcmConfig {
+            schedule: DdimConfig {
+                set_alpha_to_one: self.flag("set_alpha_to_one", true)?,
+                clip_sample: clip.then_some(range),
+                ..d
+            },
+            original_steps,
+            timestep_scaling,
+        })
     }
 
     /// `DPMSolverMultistepScheduler`'s keys (its defaults: `linspace` spacing, order 2,
     /// DPM-Solver++ with the midpoint correction).
     fn dpm(&mut self) -> Result<DpmConfig> {
-        let schedule = self.training(DdimConfig {
-            spacing: Spacing::Linspace,
-            ..DdimConfig::diffusers_defaults()
-        })?;
+        let schedule = self.training_with(Spacing::Linspace, None)?;
         let order = self.count("solver_order", 2)?;
-        if !(1..=2).contains(&order) {
-            return Err(self.bad("solver_order", "orders 1 and 2 are implemented"));
+        if !(1..=3).contains(&order) {
+            return Err(self.bad("solver_order", "orders 1, 2 and 3 are implemented"));
         }
-        self.choice("algorithm_type", &[("dpmsolver++", ())], ())?;
-        let heun = self.choice("solver_type", &[("midpoint", false), ("heun", true)], false)?;
-        let final_sigma_min = self.choice(
-            "final_sigmas_type",
-            &[("zero", false), ("sigma_min", true)],
+        let sde = self.choice(
+            "algorithm_type",
+            &[("dpmsolver++", false), ("sde-dpmsolver++", true)],
             false,
         )?;
+        let heun = self.choice("solver_type", &[("midpoint", false), ("heun", true)], false)?;
+        let final_sigma_min = self.final_sigma_min()?;
         let lambda_min_clipped = match self.get("lambda_min_clipped").cloned() {
             // null: Python's -inf, written by json as -Infinity
             None => f64::NEG_INFINITY,
@@ -404,19 +585,82 @@ impl Keys<'_> {
             ));
         }
         self.no_thresholding()?;
-        self.refuse_on(&SIGMA_SPACINGS)?;
+        let sigmas = self.sigma_spacing()?;
         self.refuse_on(&[
             ("use_lu_lambdas", "Lu's lambdas"),
             ("use_flow_sigmas", "flow sigmas"),
+            ("use_dynamic_shifting", "dynamic shifting"),
         ])?;
+        for key in ["flow_shift", "time_shift_type"] {
+            self.get(key); // flow sigmas', which are off
+        }
         Ok(DpmConfig {
             schedule,
             order,
+            sde,
+            sigmas,
             heun,
             lower_order_final: self.flag("lower_order_final", true)?,
             euler_at_final: self.flag("euler_at_final", false)?,
             final_sigma_min,
             lambda_min_clipped,
+        })
+    }
+
+    /// `UniPCMultistepScheduler`'s keys (its defaults: `linspace` spacing, order 2, bh2,
+    /// predicting x̂₀, the corrector on every step).
+    fn unipc(&mut self) -> Result<UniPcConfig> {
+        let schedule = self.training_with(Spacing::Linspace, None)?;
+        let order = self.count("solver_order", 2)?;
+        if !(1..=3).contains(&order) {
+            return Err(self.bad("solver_order", "orders 1, 2 and 3 are implemented"));
+        }
+        // diffusers runs the DPM-Solver names as bh2.
+        let bh2 = self.choice(
+            "solver_type",
+            &[
+                ("bh2", true),
+                ("bh1", false),
+                ("midpoint", true),
+                ("heun", true),
+                ("logrho", true),
+            ],
+            true,
+        )?;
+        let disable_corrector = match self.get("disable_corrector").cloned() {
+            None => Vec::new(),
+            Some(v) => v
+                .as_array()
+                .and_then(|a| {
+                    a.iter()
+                        .map(|s| s.as_u64().map(|s| s as usize))
+                        .collect::<Option<Vec<_>>>()
+                })
+                .ok_or_else(|| self.bad("disable_corrector", "expected a list of step indices"))?,
+        };
+        self.no_thresholding()?;
+        let sigmas = self.sigma_spacing()?;
+        self.refuse_on(&[
+            ("use_flow_sigmas", "flow sigmas"),
+            ("use_dynamic_shifting", "dynamic shifting"),
+        ])?;
+        self.refuse_set(&[
+            ("sigma_min", "custom sigma bounds"),
+            ("sigma_max", "custom sigma bounds"),
+            ("shift_terminal", "terminal shifts"),
+        ])?;
+        for key in ["flow_shift", "time_shift_type"] {
+            self.get(key); // flow sigmas', which are off
+        }
+        Ok(UniPcConfig {
+            schedule,
+            order,
+            bh2,
+            predict_x0: self.flag("predict_x0", true)?,
+            lower_order_final: self.flag("lower_order_final", true)?,
+            disable_corrector,
+            sigmas,
+            final_sigma_min: self.final_sigma_min()?,
         })
     }
 
@@ -458,7 +702,9 @@ impl Keys<'_> {
             }
             None
         };
-        self.refuse_on(&SIGMA_SPACINGS)?;
+        for spacing in SIGMA_SPACINGS {
+            self.unsupported(spacing.key(), false, "spaced sigmas")?;
+        }
         self.refuse_on(&[
             ("invert_sigmas", "inverted sigmas"),
             ("stochastic_sampling", "stochastic sampling"),
@@ -484,7 +730,7 @@ mod tests {
     #[test]
     fn a_class_attune_does_not_run_is_an_error_unless_a_scheduler_is_named() {
         let map = serde_json::json!({
-            "_class_name": "UniPCMultistepScheduler",
+            "_class_name": "LMSDiscreteScheduler",
             "beta_start": 0.00085,
             "beta_end": 0.012,
             "beta_schedule": "scaled_linear",
@@ -495,7 +741,7 @@ mod tests {
         let path = Path::new("scheduler_config.json");
         let err = from_map(&map, path, None).unwrap_err().to_string();
         assert!(
-            err.contains("UniPCMultistepScheduler") && err.contains("--scheduler"),
+            err.contains("LMSDiscreteScheduler") && err.contains("--scheduler"),
             "{err}"
         );
         assert!(from_map(&map, path, Some(Kind::Ddim)).is_ok());

@@ -118,12 +118,13 @@ impl DdimConfig {
                 }
             },
         };
-        let mut acc = 1f32;
+        // torch.cumprod on the CPU accumulates f32 in f64.
+        let mut acc = 1f64;
         let mut cumprod: Vec<f32> = betas
             .iter()
-            .map(|b| {
-                acc *= 1.0 - b;
-                acc
+            .map(|&b| {
+                acc *= (1.0 - b) as f64;
+                acc as f32
             })
             .collect();
         if self.zero_terminal_snr {

@@ -1,58 +1,117 @@
-//! Euler steps over the noise levels σ = √((1−ᾱ)/ᾱ) of a DDPM-trained model, as diffusers'
-//! `EulerDiscreteScheduler` takes them (SDXL's default; no churn): the model is fed x/√(σ²+1),
-//! x moves by (σ_next − σ)·(x − x̂₀)/σ.
-use ndarray::ArrayD;
+//! Steps over the noise levels σ = √((1−ᾱ)/ᾱ) of a DDPM-trained model, as diffusers'
+//! `EulerDiscreteScheduler` (SDXL's default; no churn), `EulerAncestralDiscreteScheduler` and
+//! `HeunDiscreteScheduler` take them: the model is fed x/√(σ²+1), x moves along
+//! d = (x − x̂₀)/σ. Ancestral steps go down to σ_down and add fresh noise of σ_up; Heun's
+//! evaluate the model again at the step's end and average the two slopes.
+use ndarray::{ArrayD, Zip};
 
+use super::Noise;
 use super::ddim::{DdimConfig, Prediction, Spacing, spaced_timesteps};
+use super::sigmas::{self, SigmaSpacing};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    Euler,
+    Ancestral,
+    Heun,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct EulerConfig {
+    /// The training schedule (DDIM's own keys do not apply).
+    pub schedule: DdimConfig,
+    pub variant: Variant,
+    pub sigmas: SigmaSpacing,
+    /// The σ after the last step: the smallest training σ, else 0 (Euler's `final_sigmas_type`).
+    pub final_sigma_min: bool,
+    /// Clamp x̂₀ to ±this (Heun's `clip_sample`).
+    pub clip_sample: Option<f64>,
+}
+
+impl EulerConfig {
+    pub fn new(schedule: DdimConfig, variant: Variant) -> EulerConfig {
+        EulerConfig {
+            schedule,
+            variant,
+            sigmas: SigmaSpacing::Timesteps,
+            final_sigma_min: false,
+            clip_sample: None,
+        }
+    }
+}
 
 pub struct Euler {
-    /// The model's timestep per step (not rounded for `linspace` spacing).
+    variant: Variant,
+    /// The model's timestep per call (not rounded; Heun's repeated for its second call).
     timesteps: Vec<f64>,
-    /// One per step and a final 0.
+    /// One per call and a final one (Heun's: σ₀, σ₁, σ₁, σ₂, σ₂, …, 0).
     sigmas: Vec<f64>,
     prediction: Prediction,
+    clip_sample: Option<f64>,
     init_noise_sigma: f64,
+    /// Heun's first evaluation: its slope, step and start.
+    first: Option<(ArrayD<f32>, f32, ArrayD<f32>)>,
 }
 
 impl Euler {
-    /// The schedule's betas, spacing and prediction (DDIM's own keys do not apply).
-    pub fn new(config: &DdimConfig, steps: usize) -> Result<Euler, String> {
-        let train = config.train_steps;
+    pub fn new(config: &EulerConfig, steps: usize) -> Result<Euler, String> {
+        let c = &config.schedule;
+        let train = c.train_steps;
         // np.linspace in f32, unrounded.
-        let timesteps: Vec<f64> = spaced_timesteps(config, steps)?
+        let mut timesteps: Vec<f64> = spaced_timesteps(c, steps)?
             .into_iter()
             .map(|t| t as f32 as f64)
             .collect();
-        let mut alphas = config.alphas_cumprod();
-        if config.zero_terminal_snr {
+        let mut alphas = c.alphas_cumprod();
+        if c.zero_terminal_snr {
             // As diffusers: ᾱ = 0 would make σ infinite.
             alphas[train - 1] = 2f64.powi(-24);
         }
-        let train_sigmas: Vec<f64> = alphas
-            .iter()
-            .map(|a| ((1.0 - a) / a).sqrt() as f32 as f64)
-            .collect();
-        // Linear interpolation between the training σs at fractional timesteps.
-        let mut sigmas: Vec<f64> = timesteps
-            .iter()
-            .map(|&t| {
-                let (lo, frac) = (t.floor() as usize, t - t.floor());
-                let hi = (lo + 1).min(train - 1);
-                let s = train_sigmas[lo] + frac * (train_sigmas[hi] - train_sigmas[lo]);
-                s as f32 as f64
-            })
-            .collect();
+        let train_sigmas = sigmas::training_sigmas(&alphas);
+        let mut sigmas = sigmas::interpolate(&train_sigmas, &timesteps);
+        if config.sigmas != SigmaSpacing::Timesteps {
+            let (max, min) = (sigmas[0], sigmas[sigmas.len() - 1]);
+            sigmas = sigmas::spaced(config.sigmas, max, min, steps);
+            timesteps = sigmas
+                .iter()
+                .map(|&s| sigmas::sigma_to_t(s, &train_sigmas) as f32 as f64)
+                .collect();
+        }
+        let mut sigmas: Vec<f64> = sigmas.into_iter().map(|s| s as f32 as f64).collect();
         let max = sigmas.iter().cloned().fold(0.0, f64::max);
-        let init_noise_sigma = match config.spacing {
+        let init_noise_sigma = match c.spacing {
             Spacing::Linspace | Spacing::Trailing => max,
             Spacing::Leading => (max * max + 1.0).sqrt(),
         };
-        sigmas.push(0.0);
+        sigmas.push(if config.final_sigma_min {
+            train_sigmas[0]
+        } else {
+            0.0
+        });
+        if config.variant == Variant::Heun {
+            // Each σ but the first and the final 0 twice: the second call ends the step there.
+            let last = sigmas.len() - 1;
+            sigmas = std::iter::once(sigmas[0])
+                .chain(sigmas[1..last].iter().flat_map(|&s| [s, s]))
+                .chain([sigmas[last]])
+                .collect();
+            timesteps = std::iter::once(timesteps[0])
+                .chain(timesteps[1..].iter().flat_map(|&t| [t, t]))
+                .collect();
+        }
+        if config.variant != Variant::Heun && c.prediction == Prediction::Sample {
+            return Err(
+                "prediction_type sample: diffusers' Euler schedulers do not implement it".into(),
+            );
+        }
         Ok(Euler {
+            variant: config.variant,
             timesteps,
             sigmas,
-            prediction: config.prediction,
+            prediction: c.prediction,
+            clip_sample: config.clip_sample,
             init_noise_sigma,
+            first: None,
         })
     }
 
@@ -60,31 +119,42 @@ impl Euler {
         &self.timesteps
     }
 
+    /// Model calls per step: Heun's 2.
+    pub fn order(&self) -> usize {
+        if self.variant == Variant::Heun { 2 } else { 1 }
+    }
+
     /// The initial noise's standard deviation: unit noise is scaled by it.
     pub fn init_noise_sigma(&self) -> f64 {
         self.init_noise_sigma
     }
 
-    /// x₀ noised to step `i`'s level: x₀ + σ_i·ε (`EulerDiscreteScheduler.add_noise` at that
-    /// step index).
-    pub fn add_noise(&self, i: usize, x0: &ArrayD<f32>, noise: &ArrayD<f32>) -> ArrayD<f32> {
-        let s = self.sigmas[i] as f32;
-        ndarray::Zip::from(x0)
-            .and(noise)
-            .map_collect(|&x, &e| x + e * s)
+    /// Noise draws from call `from` on: the ancestral sampler's one per step.
+    pub fn draws(&self, from: usize) -> usize {
+        match self.variant {
+            Variant::Ancestral => self.timesteps.len().saturating_sub(from),
+            _ => 0,
+        }
     }
 
-    /// What the model is fed at step `i`: x/√(σ²+1).
+    /// x₀ noised to call `i`'s level: x₀ + σ_i·ε (`add_noise` at that step index).
+    pub fn add_noise(&self, i: usize, x0: &ArrayD<f32>, noise: &ArrayD<f32>) -> ArrayD<f32> {
+        let s = self.sigmas[i] as f32;
+        Zip::from(x0).and(noise).map_collect(|&x, &e| x + e * s)
+    }
+
+    /// What the model is fed at call `i`: x/√(σ²+1).
     pub fn scale_input(&self, i: usize, x: &ArrayD<f32>) -> ArrayD<f32> {
         let s = self.sigmas[i] as f32;
         let scale = (s * s + 1.0).sqrt();
         x.mapv(|v| v / scale)
     }
 
-    pub fn step(&self, i: usize, out: &ArrayD<f32>, x: &ArrayD<f32>) -> ArrayD<f32> {
-        let (sigma, next) = (self.sigmas[i] as f32, self.sigmas[i + 1] as f32);
+    /// x̂₀ from the model's output at noise level σ.
+    fn denoised(&self, sigma: f32, out: &ArrayD<f32>, x: &ArrayD<f32>) -> ArrayD<f32> {
         let prediction = self.prediction;
-        ndarray::Zip::from(x).and(out).map_collect(|&x, &o| {
+        let clip = self.clip_sample.map(|r| r as f32);
+        Zip::from(x).and(out).map_collect(|&x, &o| {
             let x0 = match prediction {
                 Prediction::Epsilon => x - sigma * o,
                 Prediction::V => {
@@ -92,8 +162,60 @@ impl Euler {
                 }
                 Prediction::Sample => o,
             };
-            x + (x - x0) / sigma * (next - sigma)
+            clip.map_or(x0, |r| x0.clamp(-r, r))
         })
+    }
+
+    pub fn step(
+        &mut self,
+        i: usize,
+        out: &ArrayD<f32>,
+        x: &ArrayD<f32>,
+        noise: &mut Noise,
+    ) -> Result<ArrayD<f32>, String> {
+        let (sigma, next) = (self.sigmas[i] as f32, self.sigmas[i + 1] as f32);
+        match self.variant {
+            Variant::Euler => {
+                let x0 = self.denoised(sigma, out, x);
+                Ok(Zip::from(x)
+                    .and(&x0)
+                    .map_collect(|&x, &x0| x + (x - x0) / sigma * (next - sigma)))
+            }
+            Variant::Ancestral => {
+                let x0 = self.denoised(sigma, out, x);
+                let up = (next * next * (sigma * sigma - next * next) / (sigma * sigma)).sqrt();
+                let down = (next * next - up * up).sqrt();
+                let eps = noise.draw(x.shape())?;
+                Ok(Zip::from(x)
+                    .and(&x0)
+                    .and(&eps)
+                    .map_collect(|&x, &x0, &e| x + (x - x0) / sigma * (down - sigma) + e * up))
+            }
+            Variant::Heun => Ok(match self.first.take() {
+                None => {
+                    let x0 = self.denoised(sigma, out, x);
+                    let slope = Zip::from(x)
+                        .and(&x0)
+                        .map_collect(|&x, &x0| (x - x0) / sigma);
+                    let dt = next - sigma;
+                    let end = Zip::from(x).and(&slope).map_collect(|&x, &d| x + d * dt);
+                    // The last step (to σ = 0) has no second call.
+                    if i + 1 < self.timesteps.len() {
+                        self.first = Some((slope, dt, x.clone()));
+                    }
+                    end
+                }
+                Some((slope, dt, start)) => {
+                    // Called at the step's end, σ_i: average the two slopes from the start.
+                    let x0 = self.denoised(sigma, out, x);
+                    Zip::from(&start)
+                        .and(&slope)
+                        .and(x)
+                        .and(&x0)
+                        .map_collect(|&s, &d0, &x, &x0| s + (d0 + (x - x0) / sigma) / 2.0 * dt)
+                }
+            }),
+        }
     }
 }
 
@@ -104,12 +226,23 @@ mod tests {
     #[test]
     fn sdxl_schedule_is_diffusers() {
         // EulerDiscreteScheduler with SDXL's config, set_timesteps(4), diffusers 0.42.
-        let e = Euler::new(&DdimConfig::stable_diffusion(), 4).unwrap();
+        let c = EulerConfig::new(DdimConfig::stable_diffusion(), Variant::Euler);
+        let e = Euler::new(&c, 4).unwrap();
         assert_eq!(e.timesteps(), [751.0, 501.0, 251.0, 1.0]);
         let want = [4.1167, 1.6237, 0.6984, 0.0413, 0.0];
         for (got, want) in e.sigmas.iter().zip(want) {
             assert!((got - want).abs() < 1e-3, "{:?}", e.sigmas);
         }
         assert!((e.init_noise_sigma() - 4.2364).abs() < 1e-3);
+    }
+
+    #[test]
+    fn heun_calls_the_model_twice_per_step_but_the_last() {
+        let c = EulerConfig::new(DdimConfig::stable_diffusion(), Variant::Heun);
+        let e = Euler::new(&c, 3).unwrap();
+        assert_eq!(e.timesteps().len(), 5);
+        assert_eq!(e.sigmas.len(), 6);
+        assert_eq!(e.sigmas[1], e.sigmas[2]);
+        assert_eq!(e.sigmas[5], 0.0);
     }
 }

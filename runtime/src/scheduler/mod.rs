@@ -1,12 +1,18 @@
-//! The schedulers `attune sample` steps with, as diffusers computes them: DDIM (eta 0) for
-//! noise-, v- and sample-predicting models, Euler steps over their noise levels (SDXL's
-//! default), DPM-Solver++ multistep (PixArt's), and flow matching's Euler steps (SD3, Flux), configured
-//! by default for Stable Diffusion or from a diffusers `scheduler_config.json`.
+//! The schedulers `attune sample` steps with, as diffusers computes them: DDIM (eta 0), PLMS
+//! (PNDM's), Euler, Euler ancestral and Heun over the noise levels (SDXL's default), DPM-Solver++
+//! multistep (orders 1-3, ODE and SDE), UniPC, LCM, and flow matching's Euler steps (SD3,
+//! Flux), configured by default for Stable Diffusion or from a diffusers
+//! `scheduler_config.json`. Stochastic steps draw from a seeded generator or a noise file.
 mod config;
 mod ddim;
 mod dpm;
 mod euler;
 mod flow;
+mod lcm;
+mod noise;
+mod pndm;
+mod sigmas;
+mod unipc;
 
 use std::borrow::Cow;
 
@@ -15,88 +21,162 @@ use ndarray::ArrayD;
 pub use config::{Kind, Schedule, read, stable_diffusion};
 pub use ddim::{BetaSchedule, Betas, Ddim, DdimConfig, Prediction, Spacing};
 pub use dpm::{Dpm, DpmConfig};
-pub use euler::Euler;
+pub use euler::{Euler, EulerConfig, Variant};
 pub use flow::{DynamicShift, FlowConfig, FlowEuler, Spread};
+pub use lcm::{Lcm, LcmConfig};
+pub use noise::Noise;
+pub use pndm::Pndm;
+pub use sigmas::SigmaSpacing;
+pub use unipc::{UniPc, UniPcConfig};
 
-pub enum Scheduler {
+enum Stepper {
     Ddim(Ddim),
+    Pndm(Pndm),
     Dpm(Dpm),
     Euler(Euler),
+    Lcm(Lcm),
+    UniPc(UniPc),
     FlowEuler(FlowEuler),
 }
 
+/// A scheduler set to its steps, with the noise its stochastic steps draw.
+pub struct Scheduler {
+    stepper: Stepper,
+    name: &'static str,
+    /// Inference steps (the model may be called more often: Heun, PLMS).
+    steps: usize,
+    noise: Noise,
+}
+
 impl Scheduler {
-    /// `spread` and `tokens` (the image's token count) matter to flow matching only.
+    /// `spread` and `tokens` (the image's token count) matter to flow matching only. Its
+    /// stochastic steps draw from `Noise::seeded(0)` unless `with_noise` says otherwise.
     pub fn new(
         schedule: &Schedule,
         steps: usize,
         spread: Spread,
         tokens: Option<usize>,
     ) -> Result<Scheduler, String> {
-        Ok(match schedule {
-            Schedule::Ddim(c) => Scheduler::Ddim(Ddim::new(c.clone(), steps)?),
-            Schedule::Euler(c) => Scheduler::Euler(Euler::new(c, steps)?),
-            Schedule::Dpm(c) => Scheduler::Dpm(Dpm::new(c.clone(), steps)?),
-            Schedule::Flow(c) => Scheduler::FlowEuler(FlowEuler::new(c, steps, spread, tokens)?),
+        let stepper = match schedule {
+            Schedule::Ddim(c) => Stepper::Ddim(Ddim::new(c.clone(), steps)?),
+            Schedule::Pndm(c) => Stepper::Pndm(Pndm::new(c, steps)?),
+            Schedule::Euler(c) => Stepper::Euler(Euler::new(c, steps)?),
+            Schedule::Dpm(c) => Stepper::Dpm(Dpm::new(c.clone(), steps)?),
+            Schedule::Lcm(c) => Stepper::Lcm(Lcm::new(c.clone(), steps)?),
+            Schedule::UniPc(c) => Stepper::UniPc(UniPc::new(c.clone(), steps)?),
+            Schedule::Flow(c) => Stepper::FlowEuler(FlowEuler::new(c, steps, spread, tokens)?),
+        };
+        Ok(Scheduler {
+            stepper,
+            name: schedule.name(),
+            steps,
+            noise: Noise::seeded(0),
         })
     }
 
-    /// The timestep the model is fed at each step.
+    /// The noise stochastic steps draw.
+    pub fn with_noise(self, noise: Noise) -> Scheduler {
+        Scheduler { noise, ..self }
+    }
+
+    /// The timestep the model is fed at each call.
     pub fn timesteps(&self) -> Vec<f64> {
-        match self {
-            Scheduler::Ddim(d) => d.timesteps().iter().map(|&t| t as f64).collect(),
-            Scheduler::Euler(e) => e.timesteps().to_vec(),
-            Scheduler::Dpm(d) => d.timesteps().iter().map(|&t| t as f64).collect(),
-            Scheduler::FlowEuler(f) => f.timesteps(),
+        let whole = |t: &[usize]| t.iter().map(|&t| t as f64).collect();
+        match &self.stepper {
+            Stepper::Ddim(d) => whole(d.timesteps()),
+            Stepper::Pndm(p) => whole(p.timesteps()),
+            Stepper::Euler(e) => e.timesteps().to_vec(),
+            Stepper::Dpm(d) => whole(d.timesteps()),
+            Stepper::Lcm(l) => whole(l.timesteps()),
+            Stepper::UniPc(u) => whole(u.timesteps()),
+            Stepper::FlowEuler(f) => f.timesteps(),
         }
     }
 
-    /// x after step `i`, from the model's guided output; steps come in order (DPM-Solver's
-    /// second order uses the previous one's).
-    pub fn step(&mut self, i: usize, out: &ArrayD<f32>, x: &ArrayD<f32>) -> ArrayD<f32> {
-        match self {
-            Scheduler::Ddim(d) => d.step(i, out, x),
-            Scheduler::Euler(e) => e.step(i, out, x),
-            Scheduler::Dpm(d) => d.step(i, out, x),
-            Scheduler::FlowEuler(f) => f.step(i, out, x),
+    /// The inference steps it was set to.
+    pub fn steps(&self) -> usize {
+        self.steps
+    }
+
+    /// The model call that step `step` starts at (img2img's first): Heun calls it twice per
+    /// step, as diffusers' `timesteps[t_start * order:]`.
+    pub fn first_call(&self, step: usize) -> usize {
+        match &self.stepper {
+            Stepper::Euler(e) => step * e.order(),
+            _ => step,
         }
     }
 
-    /// The clean latents `x0` noised to the level of step `i` (an index into `timesteps()`),
+    /// The noise draws the calls from `from` on take.
+    pub fn draws(&self, from: usize) -> usize {
+        match &self.stepper {
+            Stepper::Euler(e) => e.draws(from),
+            Stepper::Dpm(d) => d.draws(from),
+            Stepper::Lcm(l) => l.draws(from),
+            _ => 0,
+        }
+    }
+
+    /// Checks that the noise holds the draws of the calls from `from` on, of latents `shape`.
+    pub fn check_noise(&self, from: usize, shape: &[usize]) -> Result<(), String> {
+        self.noise.check(self.draws(from), shape, self.name)
+    }
+
+    /// x after call `i`, from the model's guided output; calls come in order (the multistep
+    /// solvers use the previous ones').
+    pub fn step(
+        &mut self,
+        i: usize,
+        out: &ArrayD<f32>,
+        x: &ArrayD<f32>,
+    ) -> Result<ArrayD<f32>, String> {
+        let noise = &mut self.noise;
+        match &mut self.stepper {
+            Stepper::Ddim(d) => Ok(d.step(i, out, x)),
+            Stepper::Pndm(p) => Ok(p.step(i, out, x)),
+            Stepper::Euler(e) => e.step(i, out, x, noise),
+            Stepper::Dpm(d) => d.step(i, out, x, noise),
+            Stepper::Lcm(l) => l.step(i, out, x, noise),
+            Stepper::UniPc(u) => Ok(u.step(i, out, x)),
+            Stepper::FlowEuler(f) => Ok(f.step(i, out, x)),
+        }
+    }
+
+    /// The clean latents `x0` noised to the level of call `i` (an index into `timesteps()`),
     /// as diffusers' `add_noise` (flow matching: `scale_noise`) does once the pipeline has
     /// set the scheduler's begin index: img2img's start, inpainting's blend.
     pub fn add_noise(&self, i: usize, x0: &ArrayD<f32>, noise: &ArrayD<f32>) -> ArrayD<f32> {
-        match self {
-            Scheduler::Ddim(d) => d.add_noise(i, x0, noise),
-            Scheduler::Euler(e) => e.add_noise(i, x0, noise),
-            Scheduler::Dpm(d) => d.add_noise(i, x0, noise),
-            Scheduler::FlowEuler(f) => f.add_noise(i, x0, noise),
+        match &self.stepper {
+            Stepper::Ddim(d) => d.add_noise(i, x0, noise),
+            Stepper::Pndm(p) => p.add_noise(i, x0, noise),
+            Stepper::Euler(e) => e.add_noise(i, x0, noise),
+            Stepper::Dpm(d) => d.add_noise(i, x0, noise),
+            Stepper::Lcm(l) => l.add_noise(i, x0, noise),
+            Stepper::UniPc(u) => u.add_noise(i, x0, noise),
+            Stepper::FlowEuler(f) => f.add_noise(i, x0, noise),
         }
     }
 
-    /// The initial noise's standard deviation (Euler's σ range; 1 for the others).
+    /// The initial noise's standard deviation (the σ-based schedulers' σ range; 1 for the
+    /// others).
     pub fn init_noise_sigma(&self) -> f32 {
-        match self {
-            Scheduler::Euler(e) => e.init_noise_sigma() as f32,
+        match &self.stepper {
+            Stepper::Euler(e) => e.init_noise_sigma() as f32,
             _ => 1.0,
         }
     }
 
-    /// The latents as the model is fed them at step `i` (Euler scales them to unit variance).
+    /// The latents as the model is fed them at call `i` (the σ-based schedulers scale them to
+    /// unit variance).
     pub fn scale_input<'a>(&self, i: usize, x: &'a ArrayD<f32>) -> Cow<'a, ArrayD<f32>> {
-        match self {
-            Scheduler::Euler(e) => Cow::Owned(e.scale_input(i, x)),
+        match &self.stepper {
+            Stepper::Euler(e) => Cow::Owned(e.scale_input(i, x)),
             _ => Cow::Borrowed(x),
         }
     }
 
     pub fn name(&self) -> &'static str {
-        match self {
-            Scheduler::Ddim(_) => "DDIM",
-            Scheduler::Euler(_) => "Euler",
-            Scheduler::Dpm(_) => "DPM-Solver++",
-            Scheduler::FlowEuler(_) => "flow-matching Euler",
-        }
+        self.name
     }
 }
 
@@ -114,6 +194,8 @@ mod tests {
         let dpm = DpmConfig {
             schedule: sd.clone(),
             order: 2,
+            sde: false,
+            sigmas: SigmaSpacing::Timesteps,
             heun: false,
             lower_order_final: true,
             euler_at_final: false,
@@ -136,7 +218,7 @@ mod tests {
                 ],
             ),
             (
-                Schedule::Euler(sd.clone()),
+                Schedule::Euler(EulerConfig::new(sd.clone(), Variant::Euler)),
                 [1.811_846_5, 1.935_539_5],
                 [
                     [1.677_666, 1.795_357_1],
@@ -172,25 +254,16 @@ mod tests {
                     assert!(
                         (g - w).abs() < 2e-5,
                         "{} {what}: {got} vs {want:?}",
-                        s_name(&schedule)
+                        schedule.name()
                     );
                 }
             };
             close(&x, start, "start");
             for (i, want) in (1..4).zip(steps) {
                 let out = s.scale_input(i, &x).mapv(|v| 0.1 * v + 0.05);
-                x = s.step(i, &out, &x);
+                x = s.step(i, &out, &x).unwrap();
                 close(&x, want, &format!("step {i}"));
             }
-        }
-    }
-
-    fn s_name(s: &Schedule) -> &'static str {
-        match s {
-            Schedule::Ddim(_) => "DDIM",
-            Schedule::Euler(_) => "Euler",
-            Schedule::Dpm(_) => "DPM",
-            Schedule::Flow(_) => "flow",
         }
     }
 }

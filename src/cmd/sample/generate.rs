@@ -21,7 +21,7 @@ use attune_runtime::tokenizer::TextTokenizer;
 use serde_json::Value;
 
 use super::super::exec::EpArg;
-use super::{Args as SampleArgs, Given, SchedulerArg, denoise};
+use super::{Args as SampleArgs, Given, SamplerArgs, SchedulerArg, denoise};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -45,12 +45,14 @@ pub struct Args {
     /// 256 for SD3, 512 for Flux]
     #[arg(long)]
     max_sequence_length: Option<usize>,
-    /// The scheduler [default: the folder's scheduler_config.json's, PNDM read as DDIM]
+    /// The scheduler [default: the folder's scheduler_config.json's]
     #[arg(long, value_enum)]
     scheduler: Option<SchedulerArg>,
     /// A scheduler_config.json [default: the folder's scheduler/scheduler_config.json]
     #[arg(long, value_name = "JSON")]
     scheduler_config: Option<PathBuf>,
+    #[command(flatten)]
+    sampler: SamplerArgs,
     /// Initial noise [1 or P, C, H/f, W/f] .npy, unscaled, as diffusers' `latents=` (the
     /// image's size follows from it)
     #[arg(long)]
@@ -280,6 +282,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             steps: args.steps,
             scheduler: args.scheduler,
             scheduler_config,
+            sampler: args.sampler.clone(),
             cond: PathBuf::new(),
             uncond: None,
             pooled_cond: None,

@@ -8,7 +8,7 @@ use attune_compiler::onnx::DataType;
 use attune_runtime::controller::{Controller, PromptTokens};
 use attune_runtime::ort_backend::OrtOptions;
 use attune_runtime::sample::{self, Layout, Pooled, SampleRun};
-use attune_runtime::scheduler::{self, FlowConfig, Kind, Schedule, Scheduler, Spread};
+use attune_runtime::scheduler::{self, FlowConfig, Kind, Noise, Schedule, Scheduler, Spread};
 use attune_runtime::{Backend, HostTensor, inputs, npy, safetensors_io};
 use ndarray::ArrayD;
 
@@ -25,7 +25,9 @@ mod step_cache;
 pub use step_cache::StepCacheArgs;
 
 use heatmaps::{write_heatmaps, write_prompt_heatmaps};
-use model::{latent_channels, map_resolutions, patch_size, timestep_form};
+use model::{
+    guidance_embedding_width, latent_channels, map_resolutions, patch_size, timestep_form,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -102,6 +104,8 @@ pub struct Args {
     #[arg(long, value_name = "T", default_value_t = DEFAULT_TOL, value_parser = tolerance, requires = "reference")]
     tol: f64,
     #[command(flatten)]
+    sampler: SamplerArgs,
+    #[command(flatten)]
     cache: StepCacheArgs,
     #[command(flatten)]
     pag: PagArgs,
@@ -140,12 +144,67 @@ fn non_negative(s: &str) -> Result<f32, String> {
 enum SchedulerArg {
     /// DDIM, eta 0 (noise, v or sample prediction)
     Ddim,
+    /// PLMS (diffusers' PNDMScheduler with skip_prk_steps; Stable Diffusion 1.x's default)
+    Pndm,
     /// Euler steps over the noise levels (diffusers' EulerDiscreteScheduler, no churn)
     Euler,
-    /// DPM-Solver++ multistep, order 1 or 2 (diffusers' DPMSolverMultistepScheduler)
+    /// Euler ancestral (EulerAncestralDiscreteScheduler): fresh noise at every step
+    EulerAncestral,
+    /// Heun's second order (HeunDiscreteScheduler): two model calls per step but the last
+    Heun,
+    /// DPM-Solver++ multistep, orders 1-3 (DPMSolverMultistepScheduler; "DPM++ 2M")
     Dpm,
+    /// DPM-Solver++ multistep SDE (algorithm_type sde-dpmsolver++; "DPM++ 2M SDE")
+    DpmSde,
+    /// UniPC multistep predictor-corrector (UniPCMultistepScheduler)
+    Unipc,
+    /// Latent consistency (LCMScheduler): LCM-distilled UNets and LCM-LoRA, few steps
+    Lcm,
     /// Flow matching's Euler steps (SD3)
     FlowEuler,
+}
+
+/// Sampler settings on top of the scheduler and its config.
+#[derive(Clone, Default, clap::Args)]
+pub struct SamplerArgs {
+    /// Noise levels spaced by Karras's ramp, exponentially or by beta quantiles (the config's
+    /// use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas; Euler, Heun, DPM-Solver++
+    /// and UniPC)
+    #[arg(long, value_enum)]
+    sigmas: Option<SigmasArg>,
+    /// The noise stochastic steps add (Euler ancestral, DPM-Solver++ SDE, LCM), [draws,
+    /// *latents shape] .npy taken in order, one draw per noise the scheduler adds [default:
+    /// drawn from --seed]
+    #[arg(long, value_name = "FILE.npy")]
+    noise_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SigmasArg {
+    Karras,
+    Exponential,
+    Beta,
+}
+
+/// A --noise-file: finite f32 draws [k, *latents shape].
+fn read_noise(path: &Path) -> anyhow::Result<ArrayD<f32>> {
+    match npy::read(path)? {
+        HostTensor::F32(a) if a.ndim() >= 2 => {
+            if let Some(pos) = a.iter().position(|v| !v.is_finite()) {
+                bail!(
+                    "--noise-file {}: element {pos} is not a finite number",
+                    path.display()
+                );
+            }
+            Ok(a)
+        }
+        other => bail!(
+            "--noise-file {}: expected f32 draws [k, *latents shape], got {} {:?}",
+            path.display(),
+            other.dtype().name(),
+            other.shape()
+        ),
+    }
 }
 
 fn read_f32(path: &Path, what: &str, rank: usize) -> anyhow::Result<ArrayD<f32>> {
@@ -279,7 +338,13 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
     if !guidance.is_finite() {
         bail!("--guidance {guidance}: must be a finite number");
     }
-    let cfg = guidance > 1.0;
+    // An LCM-distilled UNet takes the guidance as an embedding, in one batch (diffusers runs
+    // no classifier-free guidance for a UNet with `time_cond_proj_dim`).
+    let guidance_embedding = match has("timestep_cond") {
+        true => Some(guidance_embedding_width(&model, &args.unet)?),
+        false => None,
+    };
+    let cfg = guidance > 1.0 && guidance_embedding.is_none();
     let embedded_guidance = match (has("guidance"), args.embedded_guidance) {
         (true, g) => Some(g.unwrap_or(3.5)),
         (false, None) => None,
@@ -323,6 +388,7 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         "img_ids",
         "txt_ids",
         "guidance",
+        "timestep_cond",
         sample::step_cache::REFRESH_INPUT,
         sample::step_cache::CACHED_INPUT,
         sample::step_cache::THRESHOLD,
@@ -345,7 +411,7 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         bail!(
             "{}: input '{}' is not one `attune sample` feeds (it feeds sample, timestep, \
              encoder_hidden_states, SD3's pooled_projections, SDXL's text_embeds and time_ids, \
-             and Flux's hidden_states, img_ids, txt_ids and guidance)",
+             LCM's timestep_cond, and Flux's hidden_states, img_ids, txt_ids and guidance)",
             args.unet.display(),
             s.name
         );
@@ -493,6 +559,12 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
                 None => anyhow::Error::msg(e),
             }
         })?;
+    let noise = match &args.sampler.noise_file {
+        Some(path) => Noise::from_file(path, read_noise(path)?),
+        // Apart from the initial latents' stream.
+        None => Noise::seeded(args.seed ^ 0x5eed_0f_d4a3),
+    };
+    let scheduler = scheduler.with_noise(noise);
     let self_layers = hooks.iter().filter(|h| h.starts_with("masactrl.")).count();
     // Every file read, so that no output replaces one.
     let mut read: Vec<(String, PathBuf)> = vec![
@@ -517,6 +589,9 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
     }
     if let Some(p) = &args.scheduler_config {
         read.push(("--scheduler-config".into(), p.clone()));
+    }
+    if let Some(p) = &args.sampler.noise_file {
+        read.push(("--noise-file".into(), p.clone()));
     }
     // Read and checked before the (long) run.
     let reference = match &args.reference {
@@ -703,6 +778,7 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         timestep: timestep_form(&model),
         cfg,
         embedded_guidance,
+        guidance_embedding,
         layout,
         latents_input,
         timestep_scale: match layout {
@@ -728,6 +804,7 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         ..run
     };
     let schedule_name = run.scheduler.name();
+    let embedded_cond = run.guidance_embedding.is_some();
     let sample::Sampled {
         latents: x,
         maps,
@@ -762,10 +839,10 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
     let path = latents_out;
     npy::write(&path, &HostTensor::F32(x.clone()))?;
     println!(
-        "{} {} steps, {prompts} prompts, guidance {}: wrote {} {:?}",
+        "{} {} steps, {prompts} prompts, guidance {guidance}{}: wrote {} {:?}",
         args.steps,
         schedule_name,
-        guidance,
+        if embedded_cond { " (embedded)" } else { "" },
         path.display(),
         x.shape()
     );
@@ -844,13 +921,52 @@ fn init_for_unet(
 fn schedule(args: &Args) -> anyhow::Result<Schedule> {
     let kind = args.scheduler.map(|s| match s {
         SchedulerArg::Ddim => Kind::Ddim,
+        SchedulerArg::Pndm => Kind::Pndm,
         SchedulerArg::Euler => Kind::Euler,
-        SchedulerArg::Dpm => Kind::Dpm,
+        SchedulerArg::EulerAncestral => Kind::EulerAncestral,
+        SchedulerArg::Heun => Kind::Heun,
+        SchedulerArg::Dpm | SchedulerArg::DpmSde => Kind::Dpm,
+        SchedulerArg::Unipc => Kind::UniPc,
+        SchedulerArg::Lcm => Kind::Lcm,
         SchedulerArg::FlowEuler => Kind::FlowEuler,
     });
+    // Flags that set a config key.
+    let mut overrides = serde_json::Map::new();
+    if let Some(s) = args.sampler.sigmas {
+        let key = match s {
+            SigmasArg::Karras => "use_karras_sigmas",
+            SigmasArg::Exponential => "use_exponential_sigmas",
+            SigmasArg::Beta => "use_beta_sigmas",
+        };
+        for other in [
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+        ] {
+            // The others off (null: as if absent), the flag's on.
+            let on = serde_json::Value::Bool(true);
+            overrides.insert(other.into(), if other == key { on } else { serde_json::Value::Null });
+        }
+    }
+    if matches!(args.scheduler, Some(SchedulerArg::DpmSde)) {
+        overrides.insert("algorithm_type".into(), "sde-dpmsolver++".into());
+    }
+    let flags = |e: attune_runtime::Error| {
+        let mut set: Vec<&str> = Vec::new();
+        if args.sampler.sigmas.is_some() {
+            set.push("--sigmas");
+        }
+        if matches!(args.scheduler, Some(SchedulerArg::DpmSde)) {
+            set.push("--scheduler dpm-sde");
+        }
+        match set.is_empty() {
+            true => anyhow::Error::new(e),
+            false => anyhow::anyhow!("{e} (set by {})", set.join(", ")),
+        }
+    };
     Ok(match &args.scheduler_config {
         Some(path) => {
-            let (schedule, ignored) = scheduler::read(path, kind)?;
+            let (schedule, ignored) = scheduler::read(path, kind, &overrides).map_err(flags)?;
             if !ignored.is_empty() {
                 eprintln!(
                     "note: --scheduler-config {}: not used by attune's scheduler: {}",
@@ -860,8 +976,10 @@ fn schedule(args: &Args) -> anyhow::Result<Schedule> {
             }
             schedule
         }
-        None if kind == Some(Kind::FlowEuler) => Schedule::Flow(FlowConfig::default()),
-        None => scheduler::stable_diffusion(kind)?,
+        None if kind == Some(Kind::FlowEuler) && overrides.is_empty() => {
+            Schedule::Flow(FlowConfig::default())
+        }
+        None => scheduler::stable_diffusion(kind, &overrides).map_err(flags)?,
     })
 }
 

@@ -1,6 +1,7 @@
 //! What `attune sample` reads off the model: latent channels, patch size, timestep form and
 //! the resolutions of its captured maps.
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use attune_compiler::Model;
 use attune_compiler::analysis::shapes::declared_dims;
@@ -114,4 +115,34 @@ fn solve_symbols(declared: &[Dim], sizes: &[i64]) -> Option<BTreeMap<String, i64
         }
     }
     Some(values)
+}
+
+/// The width of an LCM-distilled UNet's `timestep_cond` (its `time_cond_proj_dim`): declared,
+/// else the rows of the MatMul weight that reads it.
+pub(super) fn guidance_embedding_width(model: &Model, unet: &Path) -> anyhow::Result<usize> {
+    let g = &model.graph;
+    let input = g.inputs.iter().find(|io| io.info.name == "timestep_cond");
+    let declared = input
+        .and_then(|io| declared_dims(&io.info))
+        .and_then(|d| d.get(1).and_then(Dim::known))
+        .and_then(|d| usize::try_from(d).ok());
+    let read = || {
+        let value = g.value_id("timestep_cond")?;
+        g.value(value).consumers.iter().find_map(|u| {
+            let Use::Input(n, 0) = u else { return None };
+            let node = g.node(*n);
+            let weight = node.inputs.get(1).copied().flatten()?;
+            let dims = &g.initializer(weight)?.proto.dims;
+            (node.is("MatMul") && dims.len() == 2)
+                .then(|| usize::try_from(dims[0]).ok())
+                .flatten()
+        })
+    };
+    match declared.or_else(read) {
+        Some(w) if w >= 4 => Ok(w),
+        _ => anyhow::bail!(
+            "{}: its 'timestep_cond' input (an LCM-distilled UNet's guidance embedding) has no known width >= 4: declare it [batch, time_cond_proj_dim]",
+            unet.display()
+        ),
+    }
 }
