@@ -181,3 +181,53 @@ fn bad_sampler_settings_and_noise_files_are_named_errors() {
     attune_runtime::npy::write(&ints, &attune_runtime::HostTensor::I64(i64s)).unwrap();
     refused(&ancestral, &["--noise-file", ints.to_str().unwrap()], &["ints.npy", "f32"]);
 }
+
+/// `attune generate` on sd15_tiny with its own PNDM config (PLMS), and img2img with Heun (which
+/// starts at call 2·t_start) and Euler ancestral (the reference's noise replayed), against
+/// diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline.
+#[test]
+fn generate_samples_like_diffusers_pipelines() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = root().join("models/pipelines/sd15_tiny");
+    let refs = folder.join("reference/samplers");
+    let prompt = "a photo of an astronaut riding a horse on mars";
+    for (case, extra) in [
+        ("txt2img_pndm", vec![]),
+        ("img2img_heun", vec!["--scheduler", "heun"]),
+        ("img2img_euler_ancestral", vec!["--scheduler", "euler-ancestral"]),
+    ] {
+        let r = refs.join(case);
+        let file = |f: &str| r.join(f).display().to_string();
+        let (png, saved) = (dir.path().join(format!("{case}.png")), dir.path().join(case));
+        let saved = saved.with_extension("npy");
+        let (latents, input, noise) = (file("latents.npy"), file("input.png"), file("noise.npy"));
+        let mut args = vec![
+            "generate",
+            folder.to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--negative-prompt",
+            "",
+            "--steps",
+            "4",
+            "--guidance",
+            "7.5",
+            "--latents",
+            &latents,
+            "--save-latents",
+            saved.to_str().unwrap(),
+            "-o",
+            png.to_str().unwrap(),
+        ];
+        if case.starts_with("img2img") {
+            args.extend(["--image", &input, "--strength", "0.75"]);
+        }
+        if r.join("noise.npy").exists() {
+            args.extend(["--noise-file", &noise]);
+        }
+        args.extend(extra);
+        let o = attune(&args);
+        assert!(o.status.success(), "{case}: {}", stderr(&o));
+        assert_like_reference(&r, read_f32(&saved), &png, 1e-4, case);
+    }
+}

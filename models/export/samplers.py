@@ -11,6 +11,14 @@ and noise.npy where the scheduler draws noise. The UNets are sd15_legacy's, sd2_
 (v-prediction cases) and lcm_legacy's, an LCM-distilled UNet (sd15_legacy's config with
 `time_cond_proj_dim` 8, so it takes `timestep_cond`), which this script also exports.
 
+Also writes models/pipelines/sd15_tiny/reference/samplers/<case>/ for `attune generate` on the
+folder (pipelines.py's torch pipeline rebuilt): `txt2img_pndm` (StableDiffusionPipeline with the
+folder's own PNDMScheduler config, as diffusers loads it), `img2img_heun` and
+`img2img_euler_ancestral` (StableDiffusionImg2ImgPipeline, strength 0.75 of 4 steps: Heun starts
+at call 2·t_start; the ancestral steps' noise saved as noise.npy), with latents.npy (the
+txt2img noise, or img2img's noise drawn by the pipeline), input.png, final_latents.npy and
+image.npy.
+
     python models/export/samplers.py
 """
 import importlib
@@ -149,6 +157,59 @@ def export_lcm_unet():
     return model
 
 
+def pipeline_cases():
+    import diffusers
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as img2img_module
+    import controlnet
+    import pipelines as P
+    pipe = controlnet.rebuilt("sd15_tiny")
+    folder = ROOT / "pipelines" / "sd15_tiny"
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    out = folder / "reference" / "samplers"
+    shutil.rmtree(out, ignore_errors=True)
+    size = 16
+    lat_shape = (1, 4, size // 2, size // 2)  # the tiny VAE halves
+    latents = P.noise(lat_shape, 5)
+
+    def txt2img(p, cb, names):
+        return p(P.PROMPT_A, negative_prompt="", num_inference_steps=P.STEPS, guidance_scale=P.GUIDANCE,
+                 latents=latents, height=size, width=size, output_type="np", callback_on_step_end=cb,
+                 callback_on_step_end_tensor_inputs=names)
+    # The folder's scheduler config as diffusers loads it (the rebuilt pipeline's differs).
+    pipe.scheduler = diffusers.PNDMScheduler.from_config(config)
+    arrays = P.run_case(pipe, None, txt2img, scheduler="PNDM")
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler"
+    P.save(out / "txt2img_pndm", {**arrays, "latents": latents})
+    image = P.input_image(size)
+    ip = diffusers.StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    ip.set_progress_bar_config(disable=True)
+
+    def img2img(p, cb, names):
+        return p(P.PROMPT_A, image=image, strength=P.STRENGTH, negative_prompt="", num_inference_steps=P.STEPS,
+                 guidance_scale=P.GUIDANCE, output_type="np", callback_on_step_end=cb,
+                 callback_on_step_end_tensor_inputs=names)
+    for case, scheduler, module in [
+        ("img2img_heun", "HeunDiscrete", None),
+        ("img2img_euler_ancestral", "EulerAncestralDiscrete",
+         "diffusers.schedulers.scheduling_euler_ancestral_discrete"),
+    ]:
+        with P.encoder_mean(), P.fixed_noise(img2img_module, latents):
+            if module:
+                draws = Draws(module)
+                draws.pool = [P.noise(lat_shape, 20 + k) for k in range(8)]
+                with draws:
+                    arrays = P.run_case(ip, None, img2img, scheduler=scheduler)
+                arrays["noise"] = torch.stack(draws.taken)
+            else:
+                arrays = P.run_case(ip, None, img2img, scheduler=scheduler)
+        P.save(out / case, {**arrays, "latents": latents})
+        image.save(out / case / "input.png")
+        print(f"{case}: calls {[round(float(t), 2) for t in arrays['timesteps']]}")
+    (out / "README").write_text(
+        "References of models/export/samplers.py for `attune generate` on sd15_tiny: the folder's\n"
+        f"scheduler config ({config['_class_name']}) as PNDM, and img2img with Heun and Euler ancestral.\n")
+
+
 def main():
     sd15 = unets.Wrapper(unets.build_unet(unets.TINY_SD1, 0), False)
     sd2 = unets.Wrapper(unets.build_unet(unets.TINY_SD2, 0), False)
@@ -197,6 +258,7 @@ def main():
     # An LCM-distilled UNet: guidance 8 as its embedding, no CFG batch.
     lcm = export_lcm_unet()
     case("lcm", lcm, LCMScheduler(**SD), 4, guidance=8.0, noise_module=module, lcm_unet=True)
+    pipeline_cases()
 
 
 if __name__ == "__main__":

@@ -25,8 +25,7 @@ timesteps.npy (what the model was fed) and final_latents.npy.
   (its default: no CFG; the model is guidance-distilled) and true CFG at 5; latents are saved
   unpacked [2, 4, 16, 16]; `flux_dev`: flux_dev_dynamo with its embedded guidance at 3.5
   (FluxPipeline's default), no CFG;
-- `sd15_pndm`: only a config, SD1.5's (a PNDMScheduler's, as its pipeline folder ships it),
-  which DDIM reads as attune's built-in Stable Diffusion schedule.
+(SD1.5's PNDM config, `sd15_pndm`, and the other samplers' cases: models/export/samplers.py.)
 
     python models/export/sampling.py
 """
@@ -179,17 +178,6 @@ def main():
     for name, sched in [("sdxl", DDIMScheduler), ("sdxl_euler", EulerDiscreteScheduler)]:
         case(name, sdxl, sched.from_config(sdxl_config), unets.TINY_SDXL["cross_attention_dim"], text_dim)
         (OUT / name / "scheduler_config.json").write_text(json.dumps(sdxl_config, indent=2, sort_keys=True) + "\n")
-    # The file SD1.5's pipeline folder ships (runwayml/stable-diffusion-v1-5, scheduler/): a
-    # PNDMScheduler config, with the `clip_sample: false` that DDIM reads (PNDM has no such key,
-    # so saving PNDMScheduler's own config would drop it and DDIM's default would clip).
-    folder = OUT / "sd15_pndm"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    config = dict(PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1).config)
-    config = {"_class_name": "PNDMScheduler", **{k: v for k, v in config.items() if not k.startswith("_")},
-              "clip_sample": False}
-    (folder / "scheduler_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":
