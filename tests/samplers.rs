@@ -1,6 +1,7 @@
 //! The samplers people pick, against diffusers' schedulers stepping the same torch UNets
 //! (models/export/samplers.py): PLMS, Euler ancestral, Heun, Karras/exponential/beta sigmas,
-//! DPM-Solver++ 2M/3M and SDE, UniPC, LCM; stochastic ones replay the reference's noise.
+//! DPM-Solver++ 2M/3M and SDE, DPM++ SDE, UniPC, LCM; stochastic ones replay the reference's
+//! noise.
 mod common;
 
 use std::fs;
@@ -9,7 +10,7 @@ use std::path::Path;
 use common::*;
 
 /// (case, UNet fixture, steps, guidance): every models/sample case samplers.py made.
-const CASES: [(&str, &str, usize, &str); 19] = [
+const CASES: [(&str, &str, usize, &str); 21] = [
     ("sd15_pndm", "sd15_legacy", 4, "5"),
     ("pndm_vpred_trailing", "sd2_legacy", 5, "5"),
     ("euler_ancestral", "sd15_legacy", 4, "5"),
@@ -23,6 +24,8 @@ const CASES: [(&str, &str, usize, &str); 19] = [
     ("dpm_sde_karras", "sd15_legacy", 6, "5"),
     ("dpm3m_sde_heun_beta", "sd2_legacy", 6, "5"),
     ("dpm_sde_exponential", "sd15_legacy", 5, "5"),
+    ("dpm_sde_single_karras", "sd15_legacy", 4, "5"),
+    ("dpm_sde_single_vpred", "sd2_legacy", 3, "5"),
     ("unipc", "sd15_legacy", 5, "5"),
     ("unipc3_bh1_karras", "sd15_legacy", 6, "5"),
     ("unipc_noise_vpred", "sd2_legacy", 5, "5"),
@@ -82,12 +85,28 @@ fn stochastic_samplers_draw_from_the_seed_without_a_noise_file() {
     assert!(max_abs(&a, &c) > 1e-2);
     let want = read_f32(Path::new(&case_file(case, "final_latents.npy")));
     assert!(max_abs(&a, &want) > 1e-2);
+    // DPM++ SDE's seeded Brownian draws too.
+    let case = "dpm_sde_single_karras";
+    let config = case_file(case, "scheduler_config.json");
+    let args = ["--scheduler-config", config.as_str(), "--seed", "4"];
+    let runs: Vec<_> = ["d", "e"]
+        .iter()
+        .map(|name| {
+            let out = dir.path().join(name);
+            let o = sample_case(&fixture("sd15_legacy"), case, &out, 4, "5", &args);
+            assert!(o.status.success(), "{}", stderr(&o));
+            read_f32(&out.join("latents.npy"))
+        })
+        .collect();
+    assert_eq!(runs[0], runs[1]);
+    let want = read_f32(Path::new(&case_file(case, "final_latents.npy")));
+    assert!(max_abs(&runs[0], &want) > 1e-2);
 }
 
 #[test]
 fn flags_set_sigma_spacings_and_the_sde_variant() {
     // --sigmas karras on a plain DPM-Solver++ config is the reference's use_karras_sigmas;
-    // --scheduler dpm-sde its SDE algorithm.
+    // --scheduler dpm2m-sde its SDE algorithm.
     let dir = tempfile::tempdir().unwrap();
     let plain = dir.path().join("scheduler_config.json");
     let karras = fs::read_to_string(case_file("dpm_sde_karras", "scheduler_config.json")).unwrap();
@@ -105,7 +124,7 @@ fn flags_set_sigma_spacings_and_the_sde_variant() {
         "--sigmas",
         "karras",
         "--scheduler",
-        "dpm-sde",
+        "dpm2m-sde",
         "--noise-file",
         noise.as_str(),
     ];

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+from diffusers import (DPMSolverMultistepScheduler, DPMSolverSDEScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
                        HeunDiscreteScheduler, LCMScheduler, PNDMScheduler, UniPCMultistepScheduler)
 
 import unets
@@ -63,6 +63,27 @@ class Draws:
 
     def __exit__(self, *exc):
         self.module.randn_tensor = self.original
+
+
+class BrownianDraws:
+    """What DPMSolverSDEScheduler's Brownian-tree noise sampler returns, in order."""
+
+    def __init__(self):
+        from diffusers.schedulers import scheduling_dpmsolver_sde as module
+        self.cls = module.BrownianTreeNoiseSampler
+        self.original = self.cls.__call__
+        self.taken = []
+
+    def __enter__(self):
+        def call(sampler, sigma, sigma_next):
+            noise = self.original(sampler, sigma, sigma_next)
+            self.taken.append(noise.clone())
+            return noise
+        self.cls.__call__ = call
+        return self
+
+    def __exit__(self, *exc):
+        self.cls.__call__ = self.original
 
 
 class LcmWrapper(torch.nn.Module):
@@ -117,7 +138,11 @@ def case(name, unet, sched, steps, width=32, guidance=GUIDANCE, noise_module=Non
     latents = torch.randn(PROMPTS, 4, 16, 16, generator=gen)
     cond = torch.randn(PROMPTS, WORDS, width, generator=gen)
     uncond = torch.randn(1, WORDS, width, generator=gen)
-    if noise_module:
+    if noise_module == "brownian":
+        with BrownianDraws() as draws:
+            final, timesteps = loop(unet, sched, steps, latents, cond, uncond, guidance, lcm_unet)
+        np.save(folder / "noise.npy", torch.stack(draws.taken).numpy())
+    elif noise_module:
         with Draws(noise_module) as draws:
             final, timesteps = loop(unet, sched, steps, latents, cond, uncond, guidance, lcm_unet)
         np.save(folder / "noise.npy", torch.stack(draws.taken).numpy())
@@ -243,6 +268,12 @@ def main():
     case("dpm_sde_exponential", sd15, DPMSolverMultistepScheduler(
         algorithm_type="sde-dpmsolver++", solver_type="heun", use_exponential_sigmas=True, **SD), 5,
         noise_module=module)
+    # DPM++ SDE: two calls per step, Brownian-tree noise over both intervals.
+    case("dpm_sde_single_karras", sd15, DPMSolverSDEScheduler(use_karras_sigmas=True, noise_sampler_seed=3, **SD), 4,
+         noise_module="brownian")
+    case("dpm_sde_single_vpred", sd2, DPMSolverSDEScheduler(prediction_type="v_prediction", noise_sampler_seed=3,
+                                                            timestep_spacing="trailing", **SD), 3,
+         noise_module="brownian")
     case("unipc", sd15, UniPCMultistepScheduler(**SD), 5)
     # bh1 ends at σ = 0 in NaN in diffusers (B(h) = h is infinite there, times a zero
     # residual); its references end at the smallest σ instead.

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
-                       FluxTransformer2DModel, PixArtTransformer2DModel, PNDMScheduler, SD3Transformer2DModel)
+                       FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel)
 
 import dits
 import unets

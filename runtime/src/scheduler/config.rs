@@ -34,19 +34,22 @@ pub enum Kind {
     EulerAncestral,
     Heun,
     Dpm,
+    /// `DPMSolverSDEScheduler`.
+    DpmSde,
     UniPc,
     Lcm,
     FlowEuler,
 }
 
 /// The diffusers classes attune runs, and what it runs them as.
-const CLASSES: [(&str, Kind); 8] = [
+const CLASSES: [(&str, Kind); 9] = [
     ("DDIMScheduler", Kind::Ddim),
     ("PNDMScheduler", Kind::Pndm),
     ("EulerDiscreteScheduler", Kind::Euler),
     ("EulerAncestralDiscreteScheduler", Kind::EulerAncestral),
     ("HeunDiscreteScheduler", Kind::Heun),
     ("DPMSolverMultistepScheduler", Kind::Dpm),
+    ("DPMSolverSDEScheduler", Kind::DpmSde),
     ("UniPCMultistepScheduler", Kind::UniPc),
     ("LCMScheduler", Kind::Lcm),
 ];
@@ -72,6 +75,7 @@ impl Schedule {
                 Variant::Euler => "Euler",
                 Variant::Ancestral => "Euler ancestral",
                 Variant::Heun => "Heun",
+                Variant::DpmSde => "DPM++ SDE",
             },
             Schedule::Dpm(c) => match (c.sde, c.order) {
                 (false, 3) => "DPM-Solver++ 3M",
@@ -200,7 +204,8 @@ fn from_map(
         Kind::Pndm => Schedule::Pndm(keys.pndm()?),
         Kind::Euler => Schedule::Euler(keys.euler()?),
         Kind::EulerAncestral => Schedule::Euler(keys.euler_ancestral()?),
-        Kind::Heun => Schedule::Euler(keys.heun()?),
+        Kind::Heun => Schedule::Euler(keys.heun(Variant::Heun)?),
+        Kind::DpmSde => Schedule::Euler(keys.heun(Variant::DpmSde)?),
         Kind::Dpm => Schedule::Dpm(keys.dpm()?),
         Kind::UniPc => Schedule::UniPc(keys.unipc()?),
         Kind::Lcm => Schedule::Lcm(keys.lcm()?),
@@ -496,20 +501,30 @@ impl Keys<'_> {
         Ok(EulerConfig::new(schedule, Variant::Ancestral))
     }
 
-    /// `HeunDiscreteScheduler`'s keys (its defaults: linear betas 0.00085-0.012, `linspace`).
-    fn heun(&mut self) -> Result<EulerConfig> {
+    /// `HeunDiscreteScheduler`'s keys, or `DPMSolverSDEScheduler`'s (their defaults: linear
+    /// betas 0.00085-0.012, `linspace`).
+    fn heun(&mut self, variant: Variant) -> Result<EulerConfig> {
         let betas = Betas::Schedule {
             kind: BetaSchedule::Linear,
             start: 0.00085,
             end: 0.012,
         };
         let schedule = self.training_with(Spacing::Linspace, Some(betas))?;
-        let clip = self.flag("clip_sample", false)?;
-        let range = self.float("clip_sample_range", 1.0)?;
+        let clip_sample = match variant {
+            Variant::Heun => {
+                let clip = self.flag("clip_sample", false)?;
+                clip.then_some(self.float("clip_sample_range", 1.0)?)
+            }
+            _ => {
+                // Its Brownian tree's seed: attune's noise comes from --seed or --noise-file.
+                self.get("noise_sampler_seed");
+                None
+            }
+        };
         Ok(EulerConfig {
             sigmas: self.sigma_spacing()?,
-            clip_sample: clip.then_some(range),
-            ..EulerConfig::new(schedule, Variant::Heun)
+            clip_sample,
+            ..EulerConfig::new(schedule, variant)
         })
     }
 

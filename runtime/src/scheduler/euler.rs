@@ -1,8 +1,10 @@
 //! Steps over the noise levels σ = √((1−ᾱ)/ᾱ) of a DDPM-trained model, as diffusers'
-//! `EulerDiscreteScheduler` (SDXL's default; no churn), `EulerAncestralDiscreteScheduler` and
-//! `HeunDiscreteScheduler` take them: the model is fed x/√(σ²+1), x moves along
-//! d = (x − x̂₀)/σ. Ancestral steps go down to σ_down and add fresh noise of σ_up; Heun's
-//! evaluate the model again at the step's end and average the two slopes.
+//! `EulerDiscreteScheduler` (SDXL's default; no churn), `EulerAncestralDiscreteScheduler`,
+//! `HeunDiscreteScheduler` and `DPMSolverSDEScheduler` take them: the model is fed
+//! x/√(σ²+1), x moves along d = (x − x̂₀)/σ. Ancestral steps go down to σ_down and add fresh
+//! noise of σ_up; Heun's evaluate the model again at the step's end and average the two
+//! slopes; DPM++ SDE's take an ancestral half step in log σ, evaluate the model there and redo
+//! the step from its x̂₀, with Brownian noise over both intervals.
 use ndarray::{ArrayD, Zip};
 
 use super::Noise;
@@ -14,6 +16,8 @@ pub enum Variant {
     Euler,
     Ancestral,
     Heun,
+    /// DPM++ SDE (`DPMSolverSDEScheduler`): second order, stochastic.
+    DpmSde,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -46,11 +50,19 @@ pub struct Euler {
     timesteps: Vec<f64>,
     /// One per call and a final one (Heun's: σ₀, σ₁, σ₁, σ₂, σ₂, …, 0).
     sigmas: Vec<f64>,
+    /// The σ the model's input is scaled by at each call (DPM++ SDE's second: the midpoint's).
+    input_sigmas: Vec<f64>,
     prediction: Prediction,
     clip_sample: Option<f64>,
     init_noise_sigma: f64,
-    /// Heun's first evaluation: its slope, step and start.
+    /// Heun's first evaluation: its slope, step and start (DPM++ SDE's: the start, and the
+    /// seeded draw over the first interval).
     first: Option<(ArrayD<f32>, f32, ArrayD<f32>)>,
+}
+
+/// DPM++ SDE's midpoint in t = −log σ between σ and σ_next.
+fn midpoint(sigma: f64, next: f64) -> f64 {
+    (-(0.5 * (-sigma.ln() + -next.ln()))).exp()
 }
 
 impl Euler {
@@ -88,16 +100,27 @@ impl Euler {
         } else {
             0.0
         });
-        if config.variant == Variant::Heun {
+        let mut input_sigmas = sigmas[..sigmas.len() - 1].to_vec();
+        if matches!(config.variant, Variant::Heun | Variant::DpmSde) {
             // Each σ but the first and the final 0 twice: the second call ends the step there.
             let last = sigmas.len() - 1;
-            sigmas = std::iter::once(sigmas[0])
+            let doubled: Vec<f64> = std::iter::once(sigmas[0])
                 .chain(sigmas[1..last].iter().flat_map(|&s| [s, s]))
                 .chain([sigmas[last]])
                 .collect();
             timesteps = std::iter::once(timesteps[0])
                 .chain(timesteps[1..].iter().flat_map(|&t| [t, t]))
                 .collect();
+            input_sigmas = doubled[..doubled.len() - 1].to_vec();
+            if config.variant == Variant::DpmSde {
+                // The second call of a step is at the midpoint: its σ and timestep.
+                for k in 0..last - 1 {
+                    let mid = midpoint(sigmas[k], sigmas[k + 1]);
+                    input_sigmas[2 * k + 1] = mid as f32 as f64;
+                    timesteps[2 * k + 1] = sigmas::sigma_to_t(mid, &train_sigmas);
+                }
+            }
+            sigmas = doubled;
         }
         if config.variant != Variant::Heun && c.prediction == Prediction::Sample {
             return Err(
@@ -108,6 +131,7 @@ impl Euler {
             variant: config.variant,
             timesteps,
             sigmas,
+            input_sigmas,
             prediction: c.prediction,
             clip_sample: config.clip_sample,
             init_noise_sigma,
@@ -119,9 +143,12 @@ impl Euler {
         &self.timesteps
     }
 
-    /// Model calls per step: Heun's 2.
+    /// Model calls per step: Heun's and DPM++ SDE's 2.
     pub fn order(&self) -> usize {
-        if self.variant == Variant::Heun { 2 } else { 1 }
+        match self.variant {
+            Variant::Heun | Variant::DpmSde => 2,
+            _ => 1,
+        }
     }
 
     /// The initial noise's standard deviation: unit noise is scaled by it.
@@ -129,10 +156,12 @@ impl Euler {
         self.init_noise_sigma
     }
 
-    /// Noise draws from call `from` on: the ancestral sampler's one per step.
+    /// Noise draws from call `from` on: the ancestral sampler's one per step, DPM++ SDE's one
+    /// per call but the last.
     pub fn draws(&self, from: usize) -> usize {
         match self.variant {
             Variant::Ancestral => self.timesteps.len().saturating_sub(from),
+            Variant::DpmSde => self.timesteps.len().saturating_sub(from + 1),
             _ => 0,
         }
     }
@@ -145,7 +174,7 @@ impl Euler {
 
     /// What the model is fed at call `i`: x/√(σ²+1).
     pub fn scale_input(&self, i: usize, x: &ArrayD<f32>) -> ArrayD<f32> {
-        let s = self.sigmas[i] as f32;
+        let s = self.input_sigmas[i] as f32;
         let scale = (s * s + 1.0).sqrt();
         x.mapv(|v| v / scale)
     }
@@ -191,6 +220,7 @@ impl Euler {
                     .and(&eps)
                     .map_collect(|&x, &x0, &e| x + (x - x0) / sigma * (down - sigma) + e * up))
             }
+            Variant::DpmSde => self.dpm_sde(i, out, x, noise),
             Variant::Heun => Ok(match self.first.take() {
                 None => {
                     let x0 = self.denoised(sigma, out, x);
@@ -216,6 +246,61 @@ impl Euler {
                 }
             }),
         }
+    }
+}
+
+impl Euler {
+    /// DPM++ SDE's call `i`: the first of a step goes from σ to the midpoint, the second redoes
+    /// the step from its start with the midpoint's x̂₀; each adds Brownian noise over its
+    /// interval. The last step (to σ = 0) is one Euler call.
+    fn dpm_sde(
+        &mut self,
+        i: usize,
+        out: &ArrayD<f32>,
+        x: &ArrayD<f32>,
+        noise: &mut Noise,
+    ) -> Result<ArrayD<f32>, String> {
+        let first = self.first.take();
+        let (sigma, next) = match first {
+            None => (self.sigmas[i], self.sigmas[i + 1]),
+            Some(_) => (self.sigmas[i - 1], self.sigmas[i]),
+        };
+        let x0 = self.denoised(self.input_sigmas[i] as f32, out, x);
+        if next == 0.0 {
+            let (s, n) = (sigma as f32, next as f32);
+            return Ok(Zip::from(x)
+                .and(&x0)
+                .map_collect(|&x, &x0| x + (x - x0) / s * (n - s)));
+        }
+        let mid = midpoint(sigma, next);
+        let (to, start) = match &first {
+            None => (mid, x),
+            Some((_, _, start)) => (next, start),
+        };
+        let up = to.min((to * to * (sigma * sigma - to * to) / (sigma * sigma)).sqrt());
+        let down = (to * to - up * up).sqrt();
+        let ratio = down / sigma;
+        let eps = noise.draw(x.shape())?;
+        // Seeded draws follow one Brownian path: the second interval [σ_next, σ] contains the
+        // first [σ_mid, σ], so its normalised increment shares the first one's part.
+        let eps = match (&first, noise.is_seeded()) {
+            (Some((z1, _, _)), true) => {
+                let (a, b) = (sigma - mid, mid - next);
+                let (wa, wb) = ((a / (a + b)).sqrt() as f32, (b / (a + b)).sqrt() as f32);
+                Zip::from(z1).and(&eps).map_collect(|&z1, &z2| wa * z1 + wb * z2)
+            }
+            _ => eps,
+        };
+        let next_x = Zip::from(start)
+            .and(&x0)
+            .and(&eps)
+            .map_collect(|&s, &x0, &e| {
+                (ratio * s as f64 - (ratio - 1.0) * x0 as f64 + up * e as f64) as f32
+            });
+        if first.is_none() {
+            self.first = Some((eps, 0.0, x.clone()));
+        }
+        Ok(next_x)
     }
 }
 

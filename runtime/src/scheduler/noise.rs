@@ -38,6 +38,11 @@ impl Noise {
         }
     }
 
+    /// Whether draws come from the generator (not replayed from a file).
+    pub(super) fn is_seeded(&self) -> bool {
+        matches!(self.source, Source::Seeded(_))
+    }
+
     /// Checks that `count` draws of `shape` are there (always, when seeded).
     pub(super) fn check(&self, count: usize, shape: &[usize], scheduler: &str) -> Result<(), String> {
         let Source::File { path, draws, .. } = &self.source else {

@@ -155,6 +155,8 @@ enum SchedulerArg {
     /// DPM-Solver++ multistep, orders 1-3 (DPMSolverMultistepScheduler; "DPM++ 2M")
     Dpm,
     /// DPM-Solver++ multistep SDE (algorithm_type sde-dpmsolver++; "DPM++ 2M SDE")
+    Dpm2mSde,
+    /// DPM++ SDE (DPMSolverSDEScheduler): second order, stochastic, two calls per step
     DpmSde,
     /// UniPC multistep predictor-corrector (UniPCMultistepScheduler)
     Unipc,
@@ -925,7 +927,8 @@ fn schedule(args: &Args) -> anyhow::Result<Schedule> {
         SchedulerArg::Euler => Kind::Euler,
         SchedulerArg::EulerAncestral => Kind::EulerAncestral,
         SchedulerArg::Heun => Kind::Heun,
-        SchedulerArg::Dpm | SchedulerArg::DpmSde => Kind::Dpm,
+        SchedulerArg::Dpm | SchedulerArg::Dpm2mSde => Kind::Dpm,
+        SchedulerArg::DpmSde => Kind::DpmSde,
         SchedulerArg::Unipc => Kind::UniPc,
         SchedulerArg::Lcm => Kind::Lcm,
         SchedulerArg::FlowEuler => Kind::FlowEuler,
@@ -948,7 +951,7 @@ fn schedule(args: &Args) -> anyhow::Result<Schedule> {
             overrides.insert(other.into(), if other == key { on } else { serde_json::Value::Null });
         }
     }
-    if matches!(args.scheduler, Some(SchedulerArg::DpmSde)) {
+    if matches!(args.scheduler, Some(SchedulerArg::Dpm2mSde)) {
         overrides.insert("algorithm_type".into(), "sde-dpmsolver++".into());
     }
     let flags = |e: attune_runtime::Error| {
@@ -956,8 +959,8 @@ fn schedule(args: &Args) -> anyhow::Result<Schedule> {
         if args.sampler.sigmas.is_some() {
             set.push("--sigmas");
         }
-        if matches!(args.scheduler, Some(SchedulerArg::DpmSde)) {
-            set.push("--scheduler dpm-sde");
+        if matches!(args.scheduler, Some(SchedulerArg::Dpm2mSde)) {
+            set.push("--scheduler dpm2m-sde");
         }
         match set.is_empty() {
             true => anyhow::Error::new(e),
