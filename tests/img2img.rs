@@ -114,7 +114,11 @@ fn img2img_and_inpainting_give_the_diffusers_pipelines_images() {
         if which == "inpaint" {
             args.extend(["--mask".into(), path("mask.png")]);
         }
-        args.extend(common::reference_scheduler(&dir).into_iter().map(String::from));
+        args.extend(
+            common::reference_scheduler(&dir)
+                .into_iter()
+                .map(String::from),
+        );
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let o = common::attune(&args);
         let err = common::stderr(&o);

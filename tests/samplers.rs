@@ -1,7 +1,7 @@
 //! The samplers people pick, against diffusers' schedulers stepping the same torch UNets
 //! (models/export/samplers.py): PLMS, Euler ancestral, Heun, Karras/exponential/beta sigmas,
-//! DPM-Solver++ 2M/3M and SDE, DPM++ SDE, UniPC, LCM; stochastic ones replay the reference's
-//! noise.
+//! DPM-Solver++ 2M/3M and SDE, DPM++ SDE, UniPC, LCM, TCD, DDIM with eta; stochastic ones
+//! replay the reference's noise.
 mod common;
 
 use std::fs;
@@ -9,29 +9,38 @@ use std::path::Path;
 
 use common::*;
 
-/// (case, UNet fixture, steps, guidance): every models/sample case samplers.py made.
-const CASES: [(&str, &str, usize, &str); 21] = [
-    ("sd15_pndm", "sd15_legacy", 4, "5"),
-    ("pndm_vpred_trailing", "sd2_legacy", 5, "5"),
-    ("euler_ancestral", "sd15_legacy", 4, "5"),
-    ("euler_ancestral_vpred", "sd2_legacy", 4, "5"),
-    ("euler_karras", "sd15_legacy", 4, "5"),
-    ("euler_exponential_sigma_min", "sd15_legacy", 4, "5"),
-    ("heun", "sd15_legacy", 4, "5"),
-    ("heun_beta_vpred", "sd2_legacy", 3, "5"),
-    ("dpm_karras", "sd15_legacy", 6, "5"),
-    ("dpm3m", "sd15_legacy", 6, "5"),
-    ("dpm_sde_karras", "sd15_legacy", 6, "5"),
-    ("dpm3m_sde_heun_beta", "sd2_legacy", 6, "5"),
-    ("dpm_sde_exponential", "sd15_legacy", 5, "5"),
-    ("dpm_sde_single_karras", "sd15_legacy", 4, "5"),
-    ("dpm_sde_single_vpred", "sd2_legacy", 3, "5"),
-    ("unipc", "sd15_legacy", 5, "5"),
-    ("unipc3_bh1_karras", "sd15_legacy", 6, "5"),
-    ("unipc_noise_vpred", "sd2_legacy", 5, "5"),
-    ("unipc3_exponential", "sd15_legacy", 5, "5"),
-    ("lcm_plain", "sd15_legacy", 4, "1"),
-    ("lcm", "lcm_legacy", 4, "8"),
+/// (case, UNet fixture, steps, guidance, flags): every models/sample case samplers.py made.
+type Case = (
+    &'static str,
+    &'static str,
+    usize,
+    &'static str,
+    &'static [&'static str],
+);
+const CASES: [Case; 23] = [
+    ("sd15_pndm", "sd15_legacy", 4, "5", &[]),
+    ("pndm_vpred_trailing", "sd2_legacy", 5, "5", &[]),
+    ("euler_ancestral", "sd15_legacy", 4, "5", &[]),
+    ("euler_ancestral_vpred", "sd2_legacy", 4, "5", &[]),
+    ("euler_karras", "sd15_legacy", 4, "5", &[]),
+    ("euler_exponential_sigma_min", "sd15_legacy", 4, "5", &[]),
+    ("heun", "sd15_legacy", 4, "5", &[]),
+    ("heun_beta_vpred", "sd2_legacy", 3, "5", &[]),
+    ("dpm_karras", "sd15_legacy", 6, "5", &[]),
+    ("dpm3m", "sd15_legacy", 6, "5", &[]),
+    ("dpm_sde_karras", "sd15_legacy", 6, "5", &[]),
+    ("dpm3m_sde_heun_beta", "sd2_legacy", 6, "5", &[]),
+    ("dpm_sde_exponential", "sd15_legacy", 5, "5", &[]),
+    ("dpm_sde_single_karras", "sd15_legacy", 4, "5", &[]),
+    ("dpm_sde_single_vpred", "sd2_legacy", 3, "5", &[]),
+    ("unipc", "sd15_legacy", 5, "5", &[]),
+    ("unipc3_bh1_karras", "sd15_legacy", 6, "5", &[]),
+    ("unipc_noise_vpred", "sd2_legacy", 5, "5", &[]),
+    ("unipc3_exponential", "sd15_legacy", 5, "5", &[]),
+    ("lcm_plain", "sd15_legacy", 4, "1", &[]),
+    ("lcm", "lcm_legacy", 4, "8", &[]),
+    ("ddim_eta", "sd15_legacy", 4, "5", &["--eta", "0.5"]),
+    ("tcd", "sd15_legacy", 4, "5", &["--eta", "0.3"]),
 ];
 
 fn case_file(case: &str, file: &str) -> String {
@@ -59,9 +68,9 @@ fn run_case(case: &str, unet: &str, steps: usize, guidance: &str, out: &Path, ex
 #[test]
 fn every_sampler_lands_on_diffusers_latents() {
     let dir = tempfile::tempdir().unwrap();
-    for (case, unet, steps, guidance) in CASES {
+    for (case, unet, steps, guidance, flags) in CASES {
         let out = dir.path().join(case);
-        run_case(case, unet, steps, guidance, &out, &[]);
+        run_case(case, unet, steps, guidance, &out, flags);
         let want = read_f32(Path::new(&case_file(case, "final_latents.npy")));
         assert_rel_l2(want, read_f32(&out.join("latents.npy")), 2e-5, case);
     }
@@ -128,14 +137,28 @@ fn flags_set_sigma_spacings_and_the_sde_variant() {
         "--noise-file",
         noise.as_str(),
     ];
-    let o = sample_case(&fixture("sd15_legacy"), "dpm_sde_karras", &out, 6, "5", &args);
+    let o = sample_case(
+        &fixture("sd15_legacy"),
+        "dpm_sde_karras",
+        &out,
+        6,
+        "5",
+        &args,
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let want = read_f32(Path::new(&case_file("dpm_sde_karras", "final_latents.npy")));
     assert_rel_l2(want, read_f32(&out.join("latents.npy")), 2e-5, "flags");
     // A spacing the scheduler has no key for is an error naming it and the flag.
     let out = dir.path().join("refused");
     let args = ["--scheduler", "euler-ancestral", "--sigmas", "karras"];
-    let o = sample_case(&fixture("sd15_legacy"), "euler_ancestral", &out, 4, "5", &args);
+    let o = sample_case(
+        &fixture("sd15_legacy"),
+        "euler_ancestral",
+        &out,
+        4,
+        "5",
+        &args,
+    );
     assert_clean_error(&o, &["Euler ancestral", "use_karras_sigmas", "--sigmas"]);
     assert!(!out.exists());
 }
@@ -159,6 +182,17 @@ fn bad_sampler_settings_and_noise_files_are_named_errors() {
         assert_clean_error(&o, expected);
         assert!(!out.exists(), "{expected:?}: an output was written");
     };
+    let plain = write("plain.json", &|_| {});
+    refused(
+        &plain,
+        &["--eta", "0.3"],
+        &["--eta 0.3", "UniPC takes no eta"],
+    );
+    refused(
+        &plain,
+        &["--scheduler", "ddim", "--eta", "1.5"],
+        &["--eta 1.5", "[0, 1]"],
+    );
     let order = write("order.json", &|c| c["solver_order"] = 4.into());
     refused(&order, &[], &["solver_order", "4"]);
     let two = write("two.json", &|c| {
@@ -189,16 +223,31 @@ fn bad_sampler_settings_and_noise_files_are_named_errors() {
     let few = dir.path().join("few.npy");
     let short = noise.slice_axis(ndarray::Axis(0), (0..3).into()).to_owned();
     attune_runtime::npy::write(&few, &attune_runtime::HostTensor::F32(short)).unwrap();
-    refused(&ancestral, &["--noise-file", few.to_str().unwrap()], &["few.npy", "3 draws", "takes 5"]);
+    refused(
+        &ancestral,
+        &["--noise-file", few.to_str().unwrap()],
+        &["few.npy", "3 draws", "takes 5"],
+    );
     let wide = dir.path().join("wide.npy");
     let shape = ndarray::IxDyn(&[4, 2, 4, 16, 8]);
-    attune_runtime::npy::write(&wide, &attune_runtime::HostTensor::F32(ndarray::ArrayD::zeros(shape)))
-        .unwrap();
-    refused(&ancestral, &["--noise-file", wide.to_str().unwrap()], &["wide.npy", "[4, 2, 4, 16, 8]"]);
+    attune_runtime::npy::write(
+        &wide,
+        &attune_runtime::HostTensor::F32(ndarray::ArrayD::zeros(shape)),
+    )
+    .unwrap();
+    refused(
+        &ancestral,
+        &["--noise-file", wide.to_str().unwrap()],
+        &["wide.npy", "[4, 2, 4, 16, 8]"],
+    );
     let ints = dir.path().join("ints.npy");
     let i64s = ndarray::ArrayD::<i64>::zeros(ndarray::IxDyn(&[4, 2, 4, 16, 16]));
     attune_runtime::npy::write(&ints, &attune_runtime::HostTensor::I64(i64s)).unwrap();
-    refused(&ancestral, &["--noise-file", ints.to_str().unwrap()], &["ints.npy", "f32"]);
+    refused(
+        &ancestral,
+        &["--noise-file", ints.to_str().unwrap()],
+        &["ints.npy", "f32"],
+    );
 }
 
 /// `attune generate` on sd15_tiny with its own PNDM config (PLMS), and img2img with Heun (which
@@ -213,11 +262,17 @@ fn generate_samples_like_diffusers_pipelines() {
     for (case, extra) in [
         ("txt2img_pndm", vec![]),
         ("img2img_heun", vec!["--scheduler", "heun"]),
-        ("img2img_euler_ancestral", vec!["--scheduler", "euler-ancestral"]),
+        (
+            "img2img_euler_ancestral",
+            vec!["--scheduler", "euler-ancestral"],
+        ),
     ] {
         let r = refs.join(case);
         let file = |f: &str| r.join(f).display().to_string();
-        let (png, saved) = (dir.path().join(format!("{case}.png")), dir.path().join(case));
+        let (png, saved) = (
+            dir.path().join(format!("{case}.png")),
+            dir.path().join(case),
+        );
         let saved = saved.with_extension("npy");
         let (latents, input, noise) = (file("latents.npy"), file("input.png"), file("noise.npy"));
         let mut args = vec![

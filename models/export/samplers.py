@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from diffusers import (DPMSolverMultistepScheduler, DPMSolverSDEScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-                       HeunDiscreteScheduler, LCMScheduler, PNDMScheduler, UniPCMultistepScheduler)
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, DPMSolverSDEScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                       HeunDiscreteScheduler, LCMScheduler, PNDMScheduler, TCDScheduler, UniPCMultistepScheduler)
 
 import unets
 
@@ -105,7 +105,7 @@ def guidance_embedding(w, dim):
     return torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
 
 
-def loop(unet, sched, steps, latents, cond, uncond, guidance, lcm_unet=False):
+def loop(unet, sched, steps, latents, cond, uncond, guidance, lcm_unet=False, eta=None):
     """diffusers' pipeline loop: CFG batch [uncond x P, cond x P] above guidance 1 (none for an
     LCM-distilled UNet, which takes the guidance embedded), one scheduler step per call."""
     sched.set_timesteps(steps)
@@ -123,11 +123,12 @@ def loop(unet, sched, steps, latents, cond, uncond, guidance, lcm_unet=False):
         if cfg:
             u, c = out.chunk(2)
             out = u + guidance * (c - u)
-        x = sched.step(out, t, x).prev_sample
+        x = sched.step(out, t, x, **({} if eta is None else {"eta": eta})).prev_sample
     return x, sched.timesteps
 
 
-def case(name, unet, sched, steps, width=32, guidance=GUIDANCE, noise_module=None, lcm_unet=False, config=None):
+def case(name, unet, sched, steps, width=32, guidance=GUIDANCE, noise_module=None, lcm_unet=False, config=None,
+         eta=None):
     folder = OUT / name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -140,14 +141,14 @@ def case(name, unet, sched, steps, width=32, guidance=GUIDANCE, noise_module=Non
     uncond = torch.randn(1, WORDS, width, generator=gen)
     if noise_module == "brownian":
         with BrownianDraws() as draws:
-            final, timesteps = loop(unet, sched, steps, latents, cond, uncond, guidance, lcm_unet)
+            final, timesteps = loop(unet, sched, steps, latents, cond, uncond, guidance, lcm_unet, eta)
         np.save(folder / "noise.npy", torch.stack(draws.taken).numpy())
     elif noise_module:
         with Draws(noise_module) as draws:
-            final, timesteps = loop(unet, sched, steps, latents, cond, uncond, guidance, lcm_unet)
+            final, timesteps = loop(unet, sched, steps, latents, cond, uncond, guidance, lcm_unet, eta)
         np.save(folder / "noise.npy", torch.stack(draws.taken).numpy())
     else:
-        final, timesteps = loop(unet, sched, steps, latents, cond, uncond, guidance, lcm_unet)
+        final, timesteps = loop(unet, sched, steps, latents, cond, uncond, guidance, lcm_unet, eta)
     for k, v in {"latents": latents, "cond": cond, "uncond": uncond}.items():
         np.save(folder / f"{k}.npy", v.numpy())
     np.save(folder / "timesteps.npy", timesteps.numpy().astype(np.float32))
@@ -289,6 +290,10 @@ def main():
     # An LCM-distilled UNet: guidance 8 as its embedding, no CFG batch.
     lcm = export_lcm_unet()
     case("lcm", lcm, LCMScheduler(**SD), 4, guidance=8.0, noise_module=module, lcm_unet=True)
+    # The pipelines' eta: DDIM's stochastic steps, TCD's gamma.
+    case("ddim_eta", sd15, DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **SD), 4, eta=0.5,
+         noise_module="diffusers.schedulers.scheduling_ddim")
+    case("tcd", sd15, TCDScheduler(**SD), 4, eta=0.3, noise_module="diffusers.schedulers.scheduling_tcd")
     pipeline_cases()
 
 

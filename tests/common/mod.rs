@@ -464,7 +464,12 @@ pub fn sample_case(
             args.extend([flag.to_string(), file(f)]);
         }
     }
-    args.extend(["--steps".into(), steps.to_string(), "--guidance".into(), guidance.into()]);
+    args.extend([
+        "--steps".into(),
+        steps.to_string(),
+        "--guidance".into(),
+        guidance.into(),
+    ]);
     args.extend(["--out".into(), out.display().to_string()]);
     args.extend(extra.iter().map(|a| a.to_string()));
     attune(&args.iter().map(String::as_str).collect::<Vec<_>>())
@@ -485,5 +490,9 @@ pub fn assert_clean_error(o: &Output, expected: &[&str]) {
 pub fn reference_scheduler(folder: &Path) -> Vec<&'static str> {
     let config = folder.join("scheduler/scheduler_config.json");
     let pndm = fs::read_to_string(config).is_ok_and(|t| t.contains("\"PNDMScheduler\""));
-    if pndm { vec!["--scheduler", "ddim"] } else { vec![] }
+    if pndm {
+        vec!["--scheduler", "ddim"]
+    } else {
+        vec![]
+    }
 }

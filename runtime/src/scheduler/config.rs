@@ -38,11 +38,12 @@ pub enum Kind {
     DpmSde,
     UniPc,
     Lcm,
+    Tcd,
     FlowEuler,
 }
 
 /// The diffusers classes attune runs, and what it runs them as.
-const CLASSES: [(&str, Kind); 9] = [
+const CLASSES: [(&str, Kind); 10] = [
     ("DDIMScheduler", Kind::Ddim),
     ("PNDMScheduler", Kind::Pndm),
     ("EulerDiscreteScheduler", Kind::Euler),
@@ -52,6 +53,7 @@ const CLASSES: [(&str, Kind); 9] = [
     ("DPMSolverSDEScheduler", Kind::DpmSde),
     ("UniPCMultistepScheduler", Kind::UniPc),
     ("LCMScheduler", Kind::Lcm),
+    ("TCDScheduler", Kind::Tcd),
 ];
 
 #[derive(Clone, Debug, PartialEq)]
@@ -84,6 +86,7 @@ impl Schedule {
                 (true, _) => "DPM-Solver++ SDE",
             },
             Schedule::UniPc(_) => "UniPC",
+            Schedule::Lcm(c) if c.tcd => "TCD",
             Schedule::Lcm(_) => "LCM",
             Schedule::Flow(_) => "flow-matching Euler",
         }
@@ -208,7 +211,8 @@ fn from_map(
         Kind::DpmSde => Schedule::Euler(keys.heun(Variant::DpmSde)?),
         Kind::Dpm => Schedule::Dpm(keys.dpm()?),
         Kind::UniPc => Schedule::UniPc(keys.unipc()?),
-        Kind::Lcm => Schedule::Lcm(keys.lcm()?),
+        Kind::Lcm => Schedule::Lcm(keys.lcm(false)?),
+        Kind::Tcd => Schedule::Lcm(keys.lcm(true)?),
     };
     let ignored = map
         .keys()
@@ -547,8 +551,9 @@ impl Keys<'_> {
         })
     }
 
-    /// `LCMScheduler`'s keys (its defaults: scaled-linear betas 0.00085-0.012, final ᾱ 1).
-    fn lcm(&mut self) -> Result<LcmConfig> {
+    /// `LCMScheduler`'s keys, or `TCDScheduler`'s (their defaults: scaled-linear betas
+    /// 0.00085-0.012, final ᾱ 1).
+    fn lcm(&mut self, tcd: bool) -> Result<LcmConfig> {
         let betas = Betas::Schedule {
             kind: BetaSchedule::ScaledLinear,
             start: 0.00085,
@@ -568,6 +573,7 @@ impl Keys<'_> {
             },
             original_steps,
             timestep_scaling,
+            tcd,
         })
     }
 

@@ -193,6 +193,9 @@ pub struct Ddim {
     timesteps: Vec<usize>,
     /// The distance to the previous timestep (`train_steps / steps`, whatever the spacing).
     step_ratio: usize,
+    /// The share of the step's variance taken as fresh noise (the pipeline's `eta`; 0: DDIM's
+    /// deterministic steps).
+    pub(super) eta: f64,
 }
 
 impl Ddim {
@@ -210,6 +213,7 @@ impl Ddim {
             ));
         }
         Ok(Ddim {
+            eta: 0.0,
             step_ratio: train / steps,
             config,
             alphas_cumprod,
@@ -230,8 +234,23 @@ impl Ddim {
             .map_collect(|&x, &e| (sa * x as f64 + s1a * e as f64) as f32)
     }
 
+    /// Noise draws from step `from` on: one per step with eta above 0.
+    pub fn draws(&self, from: usize) -> usize {
+        if self.eta > 0.0 {
+            self.timesteps.len().saturating_sub(from)
+        } else {
+            0
+        }
+    }
+
     /// x at the previous timestep from x at step `i`'s and the model's (guided) output.
-    pub fn step(&self, i: usize, out: &ArrayD<f32>, x: &ArrayD<f32>) -> ArrayD<f32> {
+    pub fn step(
+        &self,
+        i: usize,
+        out: &ArrayD<f32>,
+        x: &ArrayD<f32>,
+        noise: &mut super::Noise,
+    ) -> Result<ArrayD<f32>, String> {
         let t = self.timesteps[i];
         let a_t = self.alphas_cumprod[t];
         let a_prev = match t.checked_sub(self.step_ratio) {
@@ -240,9 +259,11 @@ impl Ddim {
             None => self.alphas_cumprod[0],
         };
         let (sa, s1a) = (a_t.sqrt(), (1.0 - a_t).sqrt());
-        let (sp, s1p) = (a_prev.sqrt(), (1.0 - a_prev).sqrt());
+        // σ_t of DDIM's generalized step: eta·√((1 − ᾱ_prev)/(1 − ᾱ_t)·(1 − ᾱ_t/ᾱ_prev)).
+        let std = self.eta * ((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)).sqrt();
+        let (sp, dir) = (a_prev.sqrt(), (1.0 - a_prev - std * std).sqrt());
         let (prediction, clip) = (self.config.prediction, self.config.clip_sample);
-        ndarray::Zip::from(x).and(out).map_collect(|&x, &o| {
+        let mut next = ndarray::Zip::from(x).and(out).map_collect(|&x, &o| {
             let (x, o) = (x as f64, o as f64);
             let (x0, eps) = match prediction {
                 Prediction::Epsilon => ((x - s1a * o) / sa, o),
@@ -250,8 +271,15 @@ impl Ddim {
                 Prediction::Sample => (o, (x - sa * o) / s1a),
             };
             let x0 = clip.map_or(x0, |r| x0.clamp(-r, r));
-            (sp * x0 + s1p * eps) as f32
-        })
+            (sp * x0 + dir * eps) as f32
+        });
+        if self.eta > 0.0 {
+            let eps = noise.draw(x.shape())?;
+            ndarray::Zip::from(&mut next)
+                .and(&eps)
+                .for_each(|n, &e| *n = (*n as f64 + std * e as f64) as f32);
+        }
+        Ok(next)
     }
 }
 

@@ -287,7 +287,9 @@ impl Euler {
             (Some((z1, _, _)), true) => {
                 let (a, b) = (sigma - mid, mid - next);
                 let (wa, wb) = ((a / (a + b)).sqrt() as f32, (b / (a + b)).sqrt() as f32);
-                Zip::from(z1).and(&eps).map_collect(|&z1, &z2| wa * z1 + wb * z2)
+                Zip::from(z1)
+                    .and(&eps)
+                    .map_collect(|&z1, &z2| wa * z1 + wb * z2)
             }
             _ => eps,
         };

@@ -1,7 +1,9 @@
 //! Latent consistency sampling, as diffusers' `LCMScheduler` steps it (LCM-distilled UNets and
 //! LCM-LoRA): each step predicts the clean latents through the consistency model's boundary
 //! scalings and noises them afresh to the next timestep, which is picked from the distillation's
-//! `original_inference_steps` skipping schedule.
+//! `original_inference_steps` skipping schedule. `TCDScheduler` (trajectory consistency
+//! distillation) picks its timesteps the same way and moves to an intermediate timestep
+//! s = ⌊(1 − γ)·t_prev⌋ along the predicted noise before noising on to t_prev.
 use ndarray::{ArrayD, Zip};
 
 use super::Noise;
@@ -13,12 +15,16 @@ pub struct LcmConfig {
     pub schedule: DdimConfig,
     /// The distillation's step count, whose timesteps the inference ones are picked from.
     pub original_steps: usize,
-    /// The boundary condition's timestep scale.
+    /// The boundary condition's timestep scale (LCM's).
     pub timestep_scaling: f64,
+    /// TCD's steps instead of LCM's.
+    pub tcd: bool,
 }
 
 pub struct Lcm {
     config: LcmConfig,
+    /// TCD's γ (the pipeline's `eta`): the stochastic share of each step.
+    pub(super) gamma: f64,
     alphas_cumprod: Vec<f64>,
     timesteps: Vec<usize>,
 }
@@ -44,6 +50,7 @@ impl Lcm {
             .map(|i| origin[(i as f64 * original as f64 / steps as f64).floor() as usize])
             .collect();
         Ok(Lcm {
+            gamma: 0.0,
             alphas_cumprod: config.schedule.alphas_cumprod(),
             config,
             timesteps,
@@ -54,8 +61,11 @@ impl Lcm {
         &self.timesteps
     }
 
-    /// Noise draws from step `from` on: one per step but the last.
+    /// Noise draws from step `from` on: one per step but the last (TCD's: none at γ = 0).
     pub fn draws(&self, from: usize) -> usize {
+        if self.config.tcd && self.gamma == 0.0 {
+            return 0;
+        }
         self.timesteps.len().saturating_sub(from + 1)
     }
 
@@ -75,6 +85,9 @@ impl Lcm {
         x: &ArrayD<f32>,
         noise: &mut Noise,
     ) -> Result<ArrayD<f32>, String> {
+        if self.config.tcd {
+            return self.tcd_step(i, out, x, noise);
+        }
         let t = self.timesteps[i];
         let a = self.alphas_cumprod[t];
         let (sa, sb) = (a.sqrt(), (1.0 - a).sqrt());
@@ -108,6 +121,45 @@ impl Lcm {
     }
 }
 
+impl Lcm {
+    /// TCD's step: x̂₀ and ε̂ moved to s = ⌊(1 − γ)·t_prev⌋, then noised to t_prev with fresh noise
+    /// of the remaining variance (none after the last step, or at γ = 0).
+    fn tcd_step(
+        &mut self,
+        i: usize,
+        out: &ArrayD<f32>,
+        x: &ArrayD<f32>,
+        noise: &mut Noise,
+    ) -> Result<ArrayD<f32>, String> {
+        let t = self.timesteps[i];
+        let prev = self.timesteps.get(i + 1).copied().unwrap_or(0);
+        let s = ((1.0 - self.gamma) * prev as f64).floor() as usize;
+        let a = self.alphas_cumprod[t];
+        let (sa, sb) = (a.sqrt(), (1.0 - a).sqrt());
+        let a_s = self.alphas_cumprod[s];
+        let (ss, ssb) = (a_s.sqrt(), (1.0 - a_s).sqrt());
+        let prediction = self.config.schedule.prediction;
+        let noised = Zip::from(x).and(out).map_collect(|&x, &o| {
+            let (x, o) = (x as f64, o as f64);
+            let (x0, eps) = match prediction {
+                Prediction::Epsilon => ((x - sb * o) / sa, o),
+                Prediction::Sample => (o, (x - sa * o) / sb),
+                Prediction::V => (sa * x - sb * o, sa * o + sb * x),
+            };
+            (ss * x0 + ssb * eps) as f32
+        });
+        if self.gamma == 0.0 || i + 1 == self.timesteps.len() {
+            return Ok(noised);
+        }
+        let ratio = self.alphas_cumprod[prev] / a_s;
+        let (keep, fresh) = (ratio.sqrt(), (1.0 - ratio).sqrt());
+        let eps = noise.draw(x.shape())?;
+        Ok(Zip::from(&noised)
+            .and(&eps)
+            .map_collect(|&n, &e| (keep * n as f64 + fresh * e as f64) as f32))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,7 +171,11 @@ mod tests {
             schedule: DdimConfig::stable_diffusion(),
             original_steps: 50,
             timestep_scaling: 10.0,
+            tcd: false,
         };
-        assert_eq!(Lcm::new(config, 4).unwrap().timesteps(), [999, 759, 499, 259]);
+        assert_eq!(
+            Lcm::new(config, 4).unwrap().timesteps(),
+            [999, 759, 499, 259]
+        );
     }
 }

@@ -107,9 +107,29 @@ impl Scheduler {
         }
     }
 
+    /// The pipeline's `eta`: DDIM's share of fresh noise per step, TCD's γ; in [0, 1].
+    pub fn with_eta(mut self, eta: f64) -> Result<Scheduler, String> {
+        if !(0.0..=1.0).contains(&eta) {
+            return Err(format!("--eta {eta}: must be within [0, 1]"));
+        }
+        match &mut self.stepper {
+            Stepper::Ddim(d) => d.eta = eta,
+            Stepper::Lcm(l) if self.name == "TCD" => l.gamma = eta,
+            _ if eta == 0.0 => {}
+            _ => {
+                return Err(format!(
+                    "--eta {eta}: {} takes no eta (DDIM and TCD do)",
+                    self.name
+                ));
+            }
+        }
+        Ok(self)
+    }
+
     /// The noise draws the calls from `from` on take.
     pub fn draws(&self, from: usize) -> usize {
         match &self.stepper {
+            Stepper::Ddim(d) => d.draws(from),
             Stepper::Euler(e) => e.draws(from),
             Stepper::Dpm(d) => d.draws(from),
             Stepper::Lcm(l) => l.draws(from),
@@ -132,7 +152,7 @@ impl Scheduler {
     ) -> Result<ArrayD<f32>, String> {
         let noise = &mut self.noise;
         match &mut self.stepper {
-            Stepper::Ddim(d) => Ok(d.step(i, out, x)),
+            Stepper::Ddim(d) => d.step(i, out, x, noise),
             Stepper::Pndm(p) => Ok(p.step(i, out, x)),
             Stepper::Euler(e) => e.step(i, out, x, noise),
             Stepper::Dpm(d) => d.step(i, out, x, noise),

@@ -44,7 +44,12 @@ impl Noise {
     }
 
     /// Checks that `count` draws of `shape` are there (always, when seeded).
-    pub(super) fn check(&self, count: usize, shape: &[usize], scheduler: &str) -> Result<(), String> {
+    pub(super) fn check(
+        &self,
+        count: usize,
+        shape: &[usize],
+        scheduler: &str,
+    ) -> Result<(), String> {
         let Source::File { path, draws, .. } = &self.source else {
             return Ok(());
         };
@@ -72,9 +77,7 @@ impl Noise {
     /// The next draw, of `shape`.
     pub(super) fn draw(&mut self, shape: &[usize]) -> Result<ArrayD<f32>, String> {
         match &mut self.source {
-            Source::Seeded(rng) => Ok(ArrayD::from_shape_fn(IxDyn(shape), |_| {
-                rng.normal() as f32
-            })),
+            Source::Seeded(rng) => Ok(ArrayD::from_shape_fn(IxDyn(shape), |_| rng.normal() as f32)),
             Source::File { path, draws, next } => {
                 if *next >= draws.shape()[0] || draws.shape()[1..] != *shape {
                     return Err(format!(

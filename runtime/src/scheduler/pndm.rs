@@ -109,7 +109,11 @@ impl Pndm {
         let ratio = self.ratio as isize;
         let second = self.calls == 1;
         // The second call re-evaluates the first step's end: it steps from the first's start.
-        let (from, to) = if second { (t + ratio, t) } else { (t, t - ratio) };
+        let (from, to) = if second {
+            (t + ratio, t)
+        } else {
+            (t, t - ratio)
+        };
         if !second {
             if self.ets.len() == 4 {
                 self.ets.remove(0);
@@ -128,7 +132,10 @@ impl Pndm {
                 ((out + &e[0]) / 2.0, start)
             }
             (2, _) => ((&e[1] * 3.0 - &e[0]) / 2.0, x.clone()),
-            (3, _) => ((&e[2] * 23.0 - &e[1] * 16.0 + &e[0] * 5.0) / 12.0, x.clone()),
+            (3, _) => (
+                (&e[2] * 23.0 - &e[1] * 16.0 + &e[0] * 5.0) / 12.0,
+                x.clone(),
+            ),
             _ => (
                 (&e[3] * 55.0 - &e[2] * 59.0 + &e[1] * 37.0 - &e[0] * 9.0) / 24.0,
                 x.clone(),

@@ -165,7 +165,11 @@ impl UniPc {
         let mut r = Vec::new();
         let mut b = Vec::new();
         for i in 1..=order {
-            r.push(rks.iter().map(|rk| rk.powi(i as i32 - 1)).collect::<Vec<f64>>());
+            r.push(
+                rks.iter()
+                    .map(|rk| rk.powi(i as i32 - 1))
+                    .collect::<Vec<f64>>(),
+            );
             b.push(h_phi_k * factorial / b_h);
             factorial *= (i + 1) as f64;
             h_phi_k = h_phi_k / hh - 1.0 / factorial;
@@ -219,10 +223,11 @@ fn solve(rows: &[Vec<f64>], rhs: &[f64], n: usize) -> Vec<f64> {
             .max_by(|&a, &b| m[a][col].abs().total_cmp(&m[b][col].abs()))
             .expect("a non-empty range");
         m.swap(col, pivot);
-        for row in col + 1..n {
-            let f = m[row][col] / m[col][col];
-            for k in col..=n {
-                m[row][k] -= f * m[col][k];
+        let pivot_row = m[col].clone();
+        for row in m.iter_mut().skip(col + 1) {
+            let f = row[col] / pivot_row[col];
+            for (r, p) in row.iter_mut().zip(&pivot_row).skip(col) {
+                *r -= f * p;
             }
         }
     }
@@ -242,6 +247,9 @@ mod tests {
     fn solves_small_systems() {
         let rows = vec![vec![2.0, 1.0, 0.0], vec![1.0, 3.0, 0.0]];
         let w = solve(&rows, &[3.0, 5.0], 2);
-        assert!((w[0] - 0.8).abs() < 1e-12 && (w[1] - 1.4).abs() < 1e-12, "{w:?}");
+        assert!(
+            (w[0] - 0.8).abs() < 1e-12 && (w[1] - 1.4).abs() < 1e-12,
+            "{w:?}"
+        );
     }
 }

@@ -162,6 +162,8 @@ enum SchedulerArg {
     Unipc,
     /// Latent consistency (LCMScheduler): LCM-distilled UNets and LCM-LoRA, few steps
     Lcm,
+    /// Trajectory consistency distillation (TCDScheduler), with --eta as its gamma
+    Tcd,
     /// Flow matching's Euler steps (SD3)
     FlowEuler,
 }
@@ -179,6 +181,10 @@ pub struct SamplerArgs {
     /// drawn from --seed]
     #[arg(long, value_name = "FILE.npy")]
     noise_file: Option<PathBuf>,
+    /// The pipelines' `eta`: DDIM's share of fresh noise per step (0: deterministic DDIM),
+    /// TCD's gamma
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -564,9 +570,12 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
     let noise = match &args.sampler.noise_file {
         Some(path) => Noise::from_file(path, read_noise(path)?),
         // Apart from the initial latents' stream.
-        None => Noise::seeded(args.seed ^ 0x5eed_0f_d4a3),
+        None => Noise::seeded(args.seed ^ 0x005e_ed0f_d4a3),
     };
-    let scheduler = scheduler.with_noise(noise);
+    let scheduler = scheduler
+        .with_noise(noise)
+        .with_eta(args.sampler.eta)
+        .map_err(anyhow::Error::msg)?;
     let self_layers = hooks.iter().filter(|h| h.starts_with("masactrl.")).count();
     // Every file read, so that no output replaces one.
     let mut read: Vec<(String, PathBuf)> = vec![
@@ -931,6 +940,7 @@ fn schedule(args: &Args) -> anyhow::Result<Schedule> {
         SchedulerArg::DpmSde => Kind::DpmSde,
         SchedulerArg::Unipc => Kind::UniPc,
         SchedulerArg::Lcm => Kind::Lcm,
+        SchedulerArg::Tcd => Kind::Tcd,
         SchedulerArg::FlowEuler => Kind::FlowEuler,
     });
     // Flags that set a config key.
@@ -948,7 +958,14 @@ fn schedule(args: &Args) -> anyhow::Result<Schedule> {
         ] {
             // The others off (null: as if absent), the flag's on.
             let on = serde_json::Value::Bool(true);
-            overrides.insert(other.into(), if other == key { on } else { serde_json::Value::Null });
+            overrides.insert(
+                other.into(),
+                if other == key {
+                    on
+                } else {
+                    serde_json::Value::Null
+                },
+            );
         }
     }
     if matches!(args.scheduler, Some(SchedulerArg::Dpm2mSde)) {
