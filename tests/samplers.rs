@@ -305,3 +305,34 @@ fn generate_samples_like_diffusers_pipelines() {
         assert_like_reference(&r, read_f32(&saved), &png, 1e-4, case);
     }
 }
+
+/// A LatentConsistencyModelPipeline folder (an LCM-distilled UNet taking `timestep_cond`): the
+/// pipeline's default guidance 8.5 embedded, no CFG batch, its noise replayed; against diffusers'
+/// LatentConsistencyModelPipeline.
+#[test]
+fn generate_runs_a_latent_consistency_pipeline_like_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = root().join("models/pipelines/lcm_tiny");
+    let refs = folder.join("reference/lcm");
+    let file = |f: &str| refs.join(f).display().to_string();
+    let (png, saved) = (dir.path().join("lcm.png"), dir.path().join("lcm.npy"));
+    let (latents, noise) = (file("latents.npy"), file("noise.npy"));
+    let o = attune(&[
+        "generate",
+        folder.to_str().unwrap(),
+        "--prompt",
+        "a photo of an astronaut riding a horse on mars",
+        "--steps",
+        "4",
+        "--latents",
+        &latents,
+        "--noise-file",
+        &noise,
+        "--save-latents",
+        saved.to_str().unwrap(),
+        "-o",
+        png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_like_reference(&refs, read_f32(&saved), &png, 1e-4, "lcm_tiny");
+}

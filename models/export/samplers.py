@@ -17,7 +17,8 @@ folder's own PNDMScheduler config, as diffusers loads it), `img2img_heun` and
 `img2img_euler_ancestral` (StableDiffusionImg2ImgPipeline, strength 0.75 of 4 steps: Heun starts
 at call 2·t_start; the ancestral steps' noise saved as noise.npy), with latents.npy (the
 txt2img noise, or img2img's noise drawn by the pipeline), input.png, final_latents.npy and
-image.npy.
+image.npy; and models/pipelines/lcm_tiny, a LatentConsistencyModelPipeline folder with its
+reference (see `lcm_pipeline`).
 
     python models/export/samplers.py
 """
@@ -236,6 +237,64 @@ def pipeline_cases():
         f"scheduler config ({config['_class_name']}) as PNDM, and img2img with Heun and Euler ancestral.\n")
 
 
+def lcm_pipeline():
+    """models/pipelines/lcm_tiny: a LatentConsistencyModelPipeline folder, sd15_tiny's text encoder,
+    tokenizer and VAE decoder with an LCM-distilled UNet of sd15_tiny's config (time_cond_proj_dim
+    8, exported with `timestep_cond` as optimum names it) and LCMScheduler; reference/lcm: diffusers'
+    pipeline, 4 steps at guidance 8.5 (its default), given latents, its noise replayed."""
+    import diffusers
+    from diffusers import UNet2DConditionModel
+    import controlnet
+    import pipelines as P
+    pipe = controlnet.rebuilt("sd15_tiny")
+    src, out = ROOT / "pipelines" / "sd15_tiny", ROOT / "pipelines" / "lcm_tiny"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for comp in ["text_encoder", "tokenizer", "vae_decoder"]:
+        shutil.copytree(src / comp, out / comp)
+    config = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}
+    config["time_cond_proj_dim"] = 8
+    torch.manual_seed(4)
+    unet = unets.perturb(UNet2DConditionModel(**config).eval())
+    (out / "unet").mkdir()
+    unet.save_config(out / "unet")
+    model = LcmWrapper(unet).eval()
+    gen = torch.Generator().manual_seed(1)
+    width = config["cross_attention_dim"]
+    args = (torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([500.0, 500.0]),
+            torch.randn(2, 77, width, generator=gen), torch.randn(2, 8, generator=gen))
+    names = ["sample", "timestep", "encoder_hidden_states", "timestep_cond"]
+    axes = {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
+            "encoder_hidden_states": {0: "batch", 1: "sequence"}, "timestep_cond": {0: "batch"},
+            "out_sample": {0: "batch", 2: "height", 3: "width"}}
+    torch.onnx.export(model, args, str(out / "unet" / "model.onnx"), dynamo=False, opset_version=17,
+                      input_names=names, output_names=["out_sample"], dynamic_axes=axes)
+    scheduler = LCMScheduler(**SD)
+    scheduler.save_config(out / "scheduler")
+    index = json.loads((src / "model_index.json").read_text())
+    index.update(_class_name="LatentConsistencyModelPipeline", _name_or_path="lcm_tiny",
+                 scheduler=["diffusers", "LCMScheduler"])
+    for key in ["image_encoder", "requires_safety_checker"]:
+        index.pop(key, None)
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    lcm = diffusers.LatentConsistencyModelPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    lcm.set_progress_bar_config(disable=True)
+    latents = torch.from_numpy(np.load(src / "reference" / "txt2img_a" / "latents.npy"))
+    captured = []
+    with Draws("diffusers.schedulers.scheduling_lcm") as draws:
+        draws.pool = [P.noise(latents.shape, 30 + k) for k in range(8)]
+        with torch.no_grad():
+            image = lcm(P.PROMPT_A, num_inference_steps=4, guidance_scale=8.5, latents=latents, height=16, width=16,
+                        output_type="np", callback_on_step_end=lambda p, i, t, kw: captured.append(kw["denoised"]) or kw,
+                        callback_on_step_end_tensor_inputs=["latents", "denoised"]).images
+    ref = out / "reference" / "lcm"
+    P.save(ref, {"latents": latents, "final_latents": captured[-1], "image": image.astype(np.float32),
+                 "noise": torch.stack(draws.taken)})
+    print(f"lcm_tiny: {len(draws.taken)} noise draws, image {image.shape}")
+
+
 def main():
     sd15 = unets.Wrapper(unets.build_unet(unets.TINY_SD1, 0), False)
     sd2 = unets.Wrapper(unets.build_unet(unets.TINY_SD2, 0), False)
@@ -295,6 +354,7 @@ def main():
          noise_module="diffusers.schedulers.scheduling_ddim")
     case("tcd", sd15, TCDScheduler(**SD), 4, eta=0.3, noise_module="diffusers.schedulers.scheduling_tcd")
     pipeline_cases()
+    lcm_pipeline()
 
 
 if __name__ == "__main__":

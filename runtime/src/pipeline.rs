@@ -244,6 +244,7 @@ impl PromptEncoding {
             .unwrap_or(class);
         match base {
             "StableDiffusionPipeline"
+            | "LatentConsistencyModelPipeline"
             | "StableDiffusionImg2ImgPipeline"
             | "StableDiffusionInpaintPipeline"
             | "StableDiffusionControlNetPipeline" => Some(PromptEncoding::StableDiffusion),

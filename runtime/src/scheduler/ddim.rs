@@ -153,15 +153,29 @@ fn linspace(start: f64, end: f64, n: usize) -> Vec<f32> {
     (0..n).map(|i| (start + step * i as f64) as f32).collect()
 }
 
-/// The inference timesteps `steps` spread over the training steps as the spacing says (not
-/// rounded for `linspace`), checked to lie within them.
-pub(super) fn spaced_timesteps(config: &DdimConfig, steps: usize) -> Result<Vec<f64>, String> {
-    let train = config.train_steps;
+/// `steps` within 1..=`train` (a scheduler's inference steps over its training steps).
+pub(super) fn check_steps(steps: usize, train: usize) -> Result<(), String> {
     if steps == 0 || steps > train {
         return Err(format!(
             "--steps {steps}: must be within 1..={train} (the schedule's training steps)"
         ));
     }
+    Ok(())
+}
+
+/// x₀ noised to ᾱ = `a`: √a·x₀ + √(1−a)·ε (DDPM's forward process; `add_noise`).
+pub(super) fn forward(a: f64, x0: &ArrayD<f32>, noise: &ArrayD<f32>) -> ArrayD<f32> {
+    let (sa, s1a) = (a.sqrt(), (1.0 - a).sqrt());
+    ndarray::Zip::from(x0)
+        .and(noise)
+        .map_collect(|&x, &e| (sa * x as f64 + s1a * e as f64) as f32)
+}
+
+/// The inference timesteps `steps` spread over the training steps as the spacing says (not
+/// rounded for `linspace`), checked to lie within them.
+pub(super) fn spaced_timesteps(config: &DdimConfig, steps: usize) -> Result<Vec<f64>, String> {
+    let train = config.train_steps;
+    check_steps(steps, train)?;
     let timesteps: Vec<f64> = match config.spacing {
         Spacing::Linspace => {
             let step = (train - 1) as f64 / (steps - 1).max(1) as f64;
@@ -227,11 +241,7 @@ impl Ddim {
 
     /// x₀ noised to step `i`'s timestep t: √ᾱ_t·x₀ + √(1−ᾱ_t)·ε (`DDIMScheduler.add_noise`).
     pub fn add_noise(&self, i: usize, x0: &ArrayD<f32>, noise: &ArrayD<f32>) -> ArrayD<f32> {
-        let a = self.alphas_cumprod[self.timesteps[i]];
-        let (sa, s1a) = (a.sqrt(), (1.0 - a).sqrt());
-        ndarray::Zip::from(x0)
-            .and(noise)
-            .map_collect(|&x, &e| (sa * x as f64 + s1a * e as f64) as f32)
+        forward(self.alphas_cumprod[self.timesteps[i]], x0, noise)
     }
 
     /// Noise draws from step `from` on: one per step with eta above 0.

@@ -4,7 +4,7 @@
 use ndarray::{ArrayD, Zip};
 
 use super::Noise;
-use super::ddim::{BetaSchedule, Betas, DdimConfig, Prediction, Spacing};
+use super::ddim::{BetaSchedule, Betas, DdimConfig, Prediction, Spacing, check_steps, forward};
 use super::sigmas::{self, SigmaSpacing};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -37,12 +37,13 @@ pub struct Dpm {
 }
 
 /// (α, σ) of a noise level: 1/√(σ²+1), σ/√(σ²+1).
-fn alpha_sigma(sigma: f64) -> (f64, f64) {
+pub(super) fn alpha_sigma(sigma: f64) -> (f64, f64) {
     let norm = (sigma * sigma + 1.0).sqrt();
     (1.0 / norm, sigma / norm)
 }
 
-fn lambda(sigma: f64) -> f64 {
+/// λ = log(α/σ) of a noise level.
+pub(super) fn lambda(sigma: f64) -> f64 {
     let (a, s) = alpha_sigma(sigma);
     a.ln() - s.ln()
 }
@@ -55,11 +56,7 @@ pub(super) fn multistep_timesteps(
     last: usize,
 ) -> Result<Vec<usize>, String> {
     let train = c.train_steps;
-    if steps == 0 || steps > train {
-        return Err(format!(
-            "--steps {steps}: must be within 1..={train} (the schedule's training steps)"
-        ));
-    }
+    check_steps(steps, train)?;
     let timesteps: Vec<f64> = match c.spacing {
         Spacing::Linspace => {
             let step = (last - 1) as f64 / steps as f64;
@@ -152,9 +149,7 @@ impl Dpm {
             let sigmas = timesteps.iter().map(|&t| train_sigmas[t]).collect();
             (timesteps, sigmas)
         } else {
-            if steps == 0 || steps > train {
-                return Err(format!("--steps {steps}: must be within 1..={train}"));
-            }
+            check_steps(steps, train)?;
             spaced_sigmas(c, &train_sigmas, config.sigmas, steps)
         };
         let mut sigmas: Vec<f64> = sigmas.into_iter().map(|s| s as f32 as f64).collect();
@@ -187,10 +182,7 @@ impl Dpm {
     /// x₀ noised to step `i`'s level: α_i·x₀ + σ_i·ε with α = 1/√(σ²+1)
     /// (`DPMSolverMultistepScheduler.add_noise` at that step index).
     pub fn add_noise(&self, i: usize, x0: &ArrayD<f32>, noise: &ArrayD<f32>) -> ArrayD<f32> {
-        let (a, s) = alpha_sigma(self.sigmas[i]);
-        Zip::from(x0)
-            .and(noise)
-            .map_collect(|&x, &e| (a * x as f64 + s * e as f64) as f32)
+        forward(alpha_sigma(self.sigmas[i]).0.powi(2), x0, noise)
     }
 
     /// x after step `i`. Steps must come in order: the higher orders use the previous x̂₀s.

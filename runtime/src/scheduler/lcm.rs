@@ -7,7 +7,7 @@
 use ndarray::{ArrayD, Zip};
 
 use super::Noise;
-use super::ddim::{DdimConfig, Prediction};
+use super::ddim::{DdimConfig, Prediction, forward};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct LcmConfig {
@@ -71,11 +71,7 @@ impl Lcm {
 
     /// x₀ noised to step `i`'s timestep (DDPM's forward process).
     pub fn add_noise(&self, i: usize, x0: &ArrayD<f32>, noise: &ArrayD<f32>) -> ArrayD<f32> {
-        let a = self.alphas_cumprod[self.timesteps[i]];
-        let (sa, s1a) = (a.sqrt(), (1.0 - a).sqrt());
-        Zip::from(x0)
-            .and(noise)
-            .map_collect(|&x, &e| (sa * x as f64 + s1a * e as f64) as f32)
+        forward(self.alphas_cumprod[self.timesteps[i]], x0, noise)
     }
 
     pub fn step(

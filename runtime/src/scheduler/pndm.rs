@@ -4,7 +4,7 @@
 //! second-order pair, so `steps` steps call the model `steps + 1` times.
 use ndarray::{ArrayD, Zip};
 
-use super::ddim::{DdimConfig, Prediction, Spacing};
+use super::ddim::{DdimConfig, Prediction, Spacing, check_steps, forward};
 
 pub struct Pndm {
     alphas_cumprod: Vec<f64>,
@@ -24,11 +24,7 @@ pub struct Pndm {
 impl Pndm {
     pub fn new(c: &DdimConfig, steps: usize) -> Result<Pndm, String> {
         let train = c.train_steps;
-        if steps == 0 || steps > train {
-            return Err(format!(
-                "--steps {steps}: must be within 1..={train} (the schedule's training steps)"
-            ));
-        }
+        check_steps(steps, train)?;
         if c.prediction == Prediction::Sample {
             return Err("prediction_type sample: PNDM takes epsilon or v_prediction".into());
         }
@@ -97,11 +93,7 @@ impl Pndm {
 
     /// x₀ noised to call `i`'s timestep (`add_noise`: DDPM's forward process).
     pub fn add_noise(&self, i: usize, x0: &ArrayD<f32>, noise: &ArrayD<f32>) -> ArrayD<f32> {
-        let a = self.alphas_cumprod[self.timesteps[i]];
-        let (sa, s1a) = (a.sqrt(), (1.0 - a).sqrt());
-        Zip::from(x0)
-            .and(noise)
-            .map_collect(|&x, &e| (sa * x as f64 + s1a * e as f64) as f32)
+        forward(self.alphas_cumprod[self.timesteps[i]], x0, noise)
     }
 
     pub fn step(&mut self, i: usize, out: &ArrayD<f32>, x: &ArrayD<f32>) -> ArrayD<f32> {

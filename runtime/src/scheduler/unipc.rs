@@ -3,8 +3,8 @@
 //! redoes the previous step with the new output, both with the B(h) of variant bh1 or bh2.
 use ndarray::{ArrayD, Zip};
 
-use super::ddim::{DdimConfig, Prediction};
-use super::dpm::{alphas, multistep_timesteps, spaced_sigmas};
+use super::ddim::{DdimConfig, Prediction, check_steps, forward};
+use super::dpm::{alpha_sigma, alphas, lambda, multistep_timesteps, spaced_sigmas};
 use super::sigmas::{self, SigmaSpacing};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -37,9 +37,8 @@ pub struct UniPc {
 
 /// (α, σ, λ) of a noise level.
 fn alpha_sigma_lambda(sigma: f64) -> (f64, f64, f64) {
-    let a = 1.0 / (sigma * sigma + 1.0).sqrt();
-    let s = sigma * a;
-    (a, s, a.ln() - s.ln())
+    let (a, s) = alpha_sigma(sigma);
+    (a, s, lambda(sigma))
 }
 
 impl UniPc {
@@ -52,9 +51,7 @@ impl UniPc {
             let sigmas: Vec<f64> = timesteps.iter().map(|&t| train_sigmas[t]).collect();
             (timesteps, sigmas, train_sigmas[0])
         } else {
-            if steps == 0 || steps > train {
-                return Err(format!("--steps {steps}: must be within 1..={train}"));
-            }
+            check_steps(steps, train)?;
             let (mut timesteps, sigmas) = spaced_sigmas(c, &train_sigmas, config.sigmas, steps);
             if config.sigmas == SigmaSpacing::Karras {
                 // UniPC rounds Karras's timesteps for every beta schedule.
@@ -83,10 +80,7 @@ impl UniPc {
 
     /// x₀ noised to step `i`'s level: α_i·x₀ + σ_i·ε.
     pub fn add_noise(&self, i: usize, x0: &ArrayD<f32>, noise: &ArrayD<f32>) -> ArrayD<f32> {
-        let (a, s, _) = alpha_sigma_lambda(self.sigmas[i]);
-        Zip::from(x0)
-            .and(noise)
-            .map_collect(|&x, &e| (a * x as f64 + s * e as f64) as f32)
+        forward(alpha_sigma(self.sigmas[i]).0.powi(2), x0, noise)
     }
 
     /// The model output as the solver extrapolates it: x̂₀, or the noise.
@@ -144,8 +138,7 @@ impl UniPc {
         let outs = &self.outputs;
         let m0 = &outs[outs.len() - 1];
         let (a_t, s_t, l_t) = alpha_sigma_lambda(self.sigmas[s + 1]);
-        let (_, s_s0, l_s0) = alpha_sigma_lambda(self.sigmas[s]);
-        let a_s0 = 1.0 / (self.sigmas[s] * self.sigmas[s] + 1.0).sqrt();
+        let (a_s0, s_s0, l_s0) = alpha_sigma_lambda(self.sigmas[s]);
         let h = l_t - l_s0;
         // rk and D1 of the older outputs.
         let mut rks = Vec::new();

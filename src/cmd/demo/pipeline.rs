@@ -24,6 +24,8 @@ struct Case {
     prompt: String,
     steps: usize,
     guidance: f64,
+    /// The `--scheduler` the reference was made with (the manifest's class), if attune names it.
+    scheduler: Option<&'static str>,
     latents: PathBuf,
     image: PathBuf,
 }
@@ -91,6 +93,9 @@ pub fn run(args: &Args) -> anyhow::Result<i32> {
     let mut flags = vec!["--prompt".to_string(), prompt.clone()];
     let what = match &case {
         Some(c) => {
+            if let Some(scheduler) = c.scheduler {
+                flags.extend(["--scheduler".into(), scheduler.into()]);
+            }
             flags.extend([
                 "--steps".into(),
                 c.steps.to_string(),
@@ -210,6 +215,20 @@ struct GenerateCli {
     args: generate::Args,
 }
 
+/// The `--scheduler` value of a manifest's "DDIMScheduler.from_config(...)".
+fn scheduler_flag(made_with: &str) -> Option<&'static str> {
+    let class = made_with.split('.').next()?;
+    [
+        ("DDIMScheduler", "ddim"),
+        ("PNDMScheduler", "pndm"),
+        ("EulerDiscreteScheduler", "euler"),
+        ("FlowMatchEulerDiscreteScheduler", "flow-euler"),
+    ]
+    .into_iter()
+    .find(|(c, _)| *c == class)
+    .map(|(_, flag)| flag)
+}
+
 /// The first txt2img case of `DIR/reference/manifest.json`, if the folder ships references.
 fn reference_case(dir: &Path) -> anyhow::Result<Option<Case>> {
     let path = dir.join("reference/manifest.json");
@@ -230,6 +249,7 @@ fn reference_case(dir: &Path) -> anyhow::Result<Option<Case>> {
             prompt: c["prompt"].as_str()?.to_string(),
             steps: c["steps"].as_u64()? as usize,
             guidance: c["guidance"].as_f64()?,
+            scheduler: c["scheduler"].as_str().and_then(scheduler_flag),
             latents: folder.join("latents.npy"),
             image: folder.join("image.npy"),
         })

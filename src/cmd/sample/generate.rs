@@ -37,8 +37,9 @@ pub struct Args {
     negative_prompt: Option<String>,
     #[arg(long, default_value_t = 50)]
     steps: usize,
-    /// Classifier-free guidance scale (1 or less: the prompts alone) [default: 7.5; 1 for
-    /// Flux, which is guidance-distilled]
+    /// Classifier-free guidance scale (1 or less: the prompts alone) [default: 7.5; 8.5 for a
+    /// LatentConsistencyModelPipeline, whose UNet takes it embedded; 1 for Flux, which is
+    /// guidance-distilled]
     #[arg(long)]
     guidance: Option<f32>,
     /// T5's token count (SD3's and Flux's `max_sequence_length`) [default: the pipeline's:
@@ -137,6 +138,7 @@ struct InitArgs {
 const SUPPORTED: &[&str] = &[
     "StableDiffusionPipeline",
     "OnnxStableDiffusionPipeline",
+    "LatentConsistencyModelPipeline",
     "StableDiffusionImg2ImgPipeline",
     "OnnxStableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
@@ -292,7 +294,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             height,
             width,
             seed: args.seed,
-            guidance: args.guidance,
+            // LatentConsistencyModelPipeline's own default, embedded in its UNet's timestep_cond.
+            guidance: args
+                .guidance
+                .or((class == "LatentConsistencyModelPipeline").then_some(8.5)),
             controller: args.controller.clone(),
             out: folder_of(&args.out).to_path_buf(),
             save_maps: tokens.maps,
