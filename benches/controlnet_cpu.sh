@@ -48,7 +48,7 @@ step() {
   "$PYTHON" - "$OUT/$name.err" "$OUT/$name.rss" <<'PY'
 import re, sys
 t = [float(m) for m in re.findall(r"([0-9.]+) s/step", open(sys.argv[1]).read())][1:]
-print(f"{sum(t) / len(t):.2f} {int(open(sys.argv[2]).read().split()[-1]) / 1024:.0f}")
+print(f"{sum(t) / len(t):.4f} {int(open(sys.argv[2]).read().split()[-1]) / 1024:.0f}")
 PY
 }
 row() { printf "%-5s %-46s %8s %8s %10s\n" "$@"; }

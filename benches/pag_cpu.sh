@@ -45,7 +45,7 @@ step() {
   "$PYTHON" - "$OUT/$name.err" <<'PY'
 import re, sys
 t = [float(m) for m in re.findall(r"([0-9.]+) s/step", open(sys.argv[1]).read())][1:]
-print(f"{sum(t) / len(t):.2f}")
+print(f"{sum(t) / len(t):.4f}")
 PY
 }
 row() { printf "%-5s %-44s %8s %8s\n" "$@"; }

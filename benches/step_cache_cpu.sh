@@ -59,11 +59,12 @@ loop() {
   $ATTUNE sample --unet "$model" --cond "$OUT/cond.npy" --uncond "$OUT/uncond.npy" --steps "$steps" \
     --scheduler "$sched" --height "$size" --width "$size" --seed 0 --ep "$EP" --out "$dir" "$@" 2> "$dir.log" > /dev/null
   "$PYTHON" - "$dir.log" <<'PY'
-import re, sys
+import os, re, sys
 text = open(sys.argv[1]).read()
-t = [float(m) for m in re.findall(r"([0-9.]+) s/step", text)]
+# SKIP drops the first steps' times (a GPU's warm-up of each branch), from every run alike.
+t = [float(m) for m in re.findall(r"([0-9.]+) s/step", text)][int(os.environ.get("SKIP", "0")):]
 m = re.search(r"computed on (\d+) steps", text)
-print(f"{sum(t):.2f} {len(t)} {m.group(1) if m else len(t)}")
+print(f"{sum(t):.3f} {len(t)} {m.group(1) if m else len(t)}")
 PY
 }
 diff_from() { # reference.npy candidate.npy
