@@ -4,7 +4,6 @@ use std::time::Instant;
 use anyhow::{Context, anyhow};
 use attune_compiler::export::{self, ExportOptions, WeightsMode};
 use attune_compiler::pass::{PassCx, PassManager, PassReport};
-use attune_compiler::verify;
 use attune_passes::folder;
 use attune_passes::lora::adapter;
 use attune_passes::pipeline::{self, LoraModeArg, Options, TargetArg, Weights};
@@ -109,7 +108,6 @@ pub fn run(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
     let start = Instant::now();
     let progress = Progress::start(&format!("loading {}", args.model.display()), args.quiet);
     let mut model = super::load(&args.model)?;
-    verify::verify(&model).with_context(|| format!("input model {}", args.model.display()))?;
     // Inputs for measuring a function-changing rewrite are settled before anything is written.
     let measure_inputs = if args.options.changes_function() {
         Some(args.measure.prepare(&args.model).context(

@@ -7,12 +7,15 @@
 //! let y = b.op("Mul", &[&x, &w]);
 //! let model = b.finish(&[&y]);
 //! ```
+//!
+//! [`Builder::proto`] gives the model as a proto without importing it, so tests can write
+//! malformed models (the hardening tests craft one per class of error).
 use crate::error::Result;
 use crate::import;
 use crate::ir::Model;
 use crate::onnx::{
     self, AttributeProto, DataType, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
-    TensorProto, tensor_shape_proto::dimension::Value as DimValue,
+    TensorProto, attribute_proto::AttributeType, tensor_shape_proto::dimension::Value as DimValue,
 };
 use crate::weights::ExternalData;
 
@@ -34,6 +37,36 @@ impl Builder {
             .input
             .push(onnx::tensor_info(name, DataType::Float, Some(dims)));
         name.to_string()
+    }
+
+    /// A graph input of any element type and fixed dims (negative ones included).
+    pub fn input_typed(&mut self, name: &str, elem_type: DataType, dims: &[i64]) -> String {
+        let dims = dims.iter().map(|&d| DimValue::DimValue(d)).collect();
+        self.graph
+            .input
+            .push(onnx::tensor_info(name, elem_type, Some(dims)));
+        name.to_string()
+    }
+
+    /// An int64 initializer.
+    pub fn ints(&mut self, name: &str, dims: &[i64], values: &[i64]) -> String {
+        self.graph.initializer.push(TensorProto {
+            name: name.into(),
+            data_type: DataType::Int64 as i32,
+            dims: dims.to_vec(),
+            raw_data: values
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+            ..Default::default()
+        });
+        name.to_string()
+    }
+
+    /// A node as given (its outputs named by the caller, any attributes, no checks).
+    pub fn node(&mut self, node: NodeProto) {
+        self.graph.node.push(node);
     }
 
     /// A float initializer.
@@ -73,13 +106,21 @@ impl Builder {
     }
 
     /// The model with these graph outputs (their shapes left to inference).
-    pub fn finish(mut self, outputs: &[&str]) -> Result<Model> {
+    pub fn finish(self, outputs: &[&str]) -> Result<Model> {
+        import::from_proto(
+            self.proto(outputs),
+            &mut ExternalData::new(std::path::Path::new(".")),
+        )
+    }
+
+    /// [`Builder::finish`] as a proto, not imported (nothing checked).
+    pub fn proto(mut self, outputs: &[&str]) -> ModelProto {
         self.graph.name = "built".into();
         self.graph.output = outputs
             .iter()
             .map(|o| onnx::tensor_info(o, DataType::Float, None))
             .collect();
-        let proto = ModelProto {
+        ModelProto {
             ir_version: 8,
             opset_import: vec![OperatorSetIdProto {
                 domain: String::new(),
@@ -87,7 +128,36 @@ impl Builder {
             }],
             graph: Some(self.graph),
             ..Default::default()
-        };
-        import::from_proto(proto, &mut ExternalData::new(std::path::Path::new(".")))
+        }
+    }
+}
+
+/// An integer attribute.
+pub fn int_attr(name: &str, i: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Int as i32,
+        i,
+        ..Default::default()
+    }
+}
+
+/// A list-of-integers attribute.
+pub fn ints_attr(name: &str, ints: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Ints as i32,
+        ints: ints.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// A tensor attribute (a Constant's `value`).
+pub fn tensor_attr(name: &str, t: TensorProto) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Tensor as i32,
+        t: Some(t),
+        ..Default::default()
     }
 }
