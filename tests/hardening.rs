@@ -10,7 +10,7 @@ use attune_compiler::ir::builder::{Builder, int_attr, ints_attr, tensor_attr};
 use attune_compiler::onnx::{AttributeProto, DataType, ModelProto, NodeProto, TensorProto};
 use attune_runtime::ort_backend::OrtOptions;
 use attune_runtime::{Backend, Ep};
-use common::{attune, snapshot, stderr};
+use common::{assert_refused, attune, snapshot, stderr};
 use prost::Message;
 
 /// Writes `model` and checks every command refuses it naming each of `expected`.
@@ -270,4 +270,134 @@ fn a_checked_model_still_runs_on_every_backend() {
         assert!(o.status.success(), "{ep}: {}", stderr(&o));
         assert!(Path::new(&out).join("Transpose_0.npy").exists());
     }
+}
+
+/// A FIFO at `path` (a reader opening it blocks until a writer comes).
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+#[test]
+fn fifos_devices_and_folders_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fifo = d.join("fifo");
+    mkfifo(&fifo);
+    let model = d.join("ok.onnx");
+    let m = one_op(&[2, 3], "Relu", &[], vec![]);
+    std::fs::write(&model, m.encode_to_vec()).unwrap();
+    let (m, f, out) = (
+        model.to_str().unwrap(),
+        fifo.to_str().unwrap(),
+        d.join("out"),
+    );
+    let o = out.to_str().unwrap();
+    let input = format!("x={f}");
+    assert_refused(
+        &["run", m, "--input", &input, "--out", o],
+        &[f, "is a FIFO"],
+    );
+    assert_refused(
+        &["run", m, "--input", "x=/dev/zero", "--out", o],
+        &["/dev/zero: is a character device"],
+    );
+    assert_refused(&["run", m, "--adapter", f, "--out", o], &[f, "is a FIFO"]);
+    assert_refused(&["inspect", f], &[f, "is a FIFO"]);
+    let unet = common::fixture("sd15_legacy");
+    let c_out = d.join("c.onnx");
+    assert_refused(
+        &[
+            "compile",
+            unet.to_str().unwrap(),
+            "-o",
+            c_out.to_str().unwrap(),
+            "--lora",
+            f,
+        ],
+        &[f, "is a FIFO"],
+    );
+    assert!(!out.exists() && !c_out.exists());
+    // An external-data location that is a folder.
+    let mut m = one_op(&[2], "Add", &[], vec![]);
+    let g = m.graph.as_mut().unwrap();
+    g.node[0].input.push("w".into());
+    g.initializer.push(TensorProto {
+        name: "w".into(),
+        data_type: DataType::Float as i32,
+        dims: vec![2],
+        data_location: attune_compiler::onnx::tensor_proto::DataLocation::External as i32,
+        external_data: attune_compiler::weights::external_entries("sub", 0, 8),
+        ..Default::default()
+    });
+    std::fs::create_dir(d.join("sub")).unwrap();
+    let ext = d.join("ext.onnx");
+    std::fs::write(&ext, m.encode_to_vec()).unwrap();
+    assert_refused(
+        &["inspect", ext.to_str().unwrap()],
+        &[
+            "tensor 'w'",
+            "location 'sub' is a folder, not a regular file",
+        ],
+    );
+}
+
+#[test]
+fn adapters_recipes_and_lora_multipliers_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = d.join("ok.onnx");
+    std::fs::write(&model, one_op(&[2, 3], "Relu", &[], vec![]).encode_to_vec()).unwrap();
+    let nan = common::write_f32_safetensors(
+        d,
+        "nan",
+        &[("lora.attn1.down".into(), vec![2], vec![1.0, f32::NAN])],
+    );
+    let out = d.join("out");
+    assert_refused(
+        &[
+            "run",
+            model.to_str().unwrap(),
+            "--adapter",
+            nan.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[
+            "nan.safetensors",
+            "tensor 'lora.attn1.down'",
+            "non-finite value (NaN) at element 1",
+        ],
+    );
+    let unet = common::fixture("sd15_legacy");
+    let (u, c_out) = (unet.to_str().unwrap(), d.join("c.onnx"));
+    let lora = format!("{}:abc", nan.display());
+    assert_refused(
+        &["compile", u, "-o", c_out.to_str().unwrap(), "--lora", &lora],
+        &["multiplier 'abc' is not a number"],
+    );
+    let recipe = d.join("r.toml");
+    for (text, says) in [
+        (
+            "[tome]\nratio = nan\n",
+            "r.toml: key 'tome.ratio' is NaN, must be a finite number",
+        ),
+        (
+            "[tome]\nratio = 1.5\n",
+            "r.toml: key 'tome.ratio': the ratio must be in [0, 1)",
+        ),
+    ] {
+        std::fs::write(&recipe, text).unwrap();
+        let args = [
+            "compile",
+            u,
+            "-o",
+            c_out.to_str().unwrap(),
+            "--recipe",
+            recipe.to_str().unwrap(),
+        ];
+        assert_refused(&args, &["recipe ", says]);
+    }
+    assert!(!out.exists() && !c_out.exists());
 }

@@ -8,6 +8,7 @@ pub mod diff;
 pub mod error;
 pub mod export;
 pub mod feasible;
+pub mod files;
 pub mod import;
 pub mod ir;
 pub mod module_path;

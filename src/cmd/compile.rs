@@ -91,6 +91,7 @@ pub fn adapter_path(output: &std::path::Path) -> PathBuf {
 pub fn run(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
     if let Some(path) = &args.recipe {
         let recipe = Options::from_recipe(path).map_err(anyhow::Error::msg)?;
+        super::recipe::check_finite(&recipe, path)?;
         args.options = super::recipe::merge(recipe, &args.options, matches)?;
     }
     if args.model.is_dir() {
@@ -122,7 +123,10 @@ pub fn run(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
             || cfg!(debug_assertions)
             || std::env::var_os("ATTUNE_VERIFY").is_some(),
     };
-    let mut pipeline = build(&args.options)?;
+    let mut pipeline = pipeline::build(&args.options).map_err(|e| match &args.recipe {
+        Some(recipe) => anyhow!(super::recipe::name_key(&e, recipe, matches).unwrap_or(e)),
+        None => anyhow!(e),
+    })?;
     pipeline.stop_after = args.stop_after.clone();
     pipeline.dump_after = args.dump_after.clone();
     let export_options = ExportOptions {
