@@ -74,15 +74,23 @@ fn declared(info: &ValueInfoProto) -> Result<(), String> {
     if t.elem_type != 0 {
         schema::known_dtype(t.elem_type)?;
     }
-    let dims = t.shape.iter().flat_map(|s| &s.dim);
-    if let Some(d) = dims
+    let known: Vec<i64> = t
+        .shape
+        .iter()
+        .flat_map(|s| &s.dim)
         .filter_map(|d| match d.value {
             Some(DimValue::DimValue(v)) => Some(v),
             _ => None,
         })
-        .find(|v| *v < 0)
-    {
+        .collect();
+    if let Some(d) = known.iter().find(|v| **v < 0) {
         return Err(format!("declares a negative dim ({d})"));
+    }
+    // The sizes it fixes alone already too many elements.
+    if onnx::element_count(&known).is_none_or(|n| n > MAX_ELEMENTS) {
+        return Err(format!(
+            "declares dims {known:?}, more than attune's limit of {MAX_ELEMENTS} elements"
+        ));
     }
     Ok(())
 }
