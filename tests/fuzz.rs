@@ -219,62 +219,42 @@ fn fuzz_compile_with_each_pass_family() {
     );
 }
 
-/// The readers take paths: each case is written to one file of a temp folder in turn.
-struct CaseFile(tempfile::TempDir, &'static str);
-
-impl CaseFile {
-    fn new(name: &'static str) -> CaseFile {
-        CaseFile(tempfile::tempdir().unwrap(), name)
-    }
-    fn with(&self, bytes: &[u8], read: impl FnOnce(&Path)) {
-        let path = self.0.path().join(self.1);
-        std::fs::write(&path, bytes).unwrap();
-        read(&path);
-    }
+/// A target whose reader takes a path: mutations of the `target` seeds, each written in turn
+/// to one file named `name` in a temp folder and given to `read`.
+fn fuzz_file(target: &str, name: &str, text: bool, read: impl Fn(&Path)) {
+    let seeds = corpus(target);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    fuzz(
+        target,
+        |rng| bytes_case(rng, &seeds, text),
+        |bytes| {
+            std::fs::write(&path, bytes).unwrap();
+            read(&path);
+        },
+    );
 }
 
 #[test]
 fn fuzz_safetensors_lora_and_adapter() {
-    let seeds = corpus("safetensors");
-    let file = CaseFile::new("l.safetensors");
-    fuzz(
-        "safetensors",
-        |rng| bytes_case(rng, &seeds, false),
-        |bytes| {
-            file.with(bytes, |p| {
-                let _ = lora_file::components(p);
-                let _ = lora_file::read(p, 2, Component::Denoiser);
-                let _ = safetensors_io::read_adapter(p);
-            })
-        },
-    );
+    fuzz_file("safetensors", "l.safetensors", false, |p| {
+        let _ = lora_file::components(p);
+        let _ = lora_file::read(p, 2, Component::Denoiser);
+        let _ = safetensors_io::read_adapter(p);
+    });
 }
 
 #[test]
 fn fuzz_npy() {
-    let seeds = corpus("npy");
-    let file = CaseFile::new("t.npy");
-    fuzz(
-        "npy",
-        |rng| bytes_case(rng, &seeds, false),
-        |bytes| file.with(bytes, |p| drop(npy::read(p))),
-    );
+    fuzz_file("npy", "t.npy", false, |p| drop(npy::read(p)));
 }
 
 #[test]
 fn fuzz_recipe_and_controller_toml() {
-    let seeds = corpus("toml");
-    let file = CaseFile::new("r.toml");
-    fuzz(
-        "toml",
-        |rng| bytes_case(rng, &seeds, true),
-        |bytes| {
-            file.with(bytes, |p| {
-                if let Ok(o) = Options::from_recipe(p) {
-                    let _ = pipeline::build(&o);
-                }
-                let _ = Controller::read(p);
-            })
-        },
-    );
+    fuzz_file("toml", "r.toml", true, |p| {
+        if let Ok(o) = Options::from_recipe(p) {
+            let _ = pipeline::build(&o);
+        }
+        let _ = Controller::read(p);
+    });
 }

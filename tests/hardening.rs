@@ -6,8 +6,9 @@ mod common;
 
 use std::path::Path;
 
-use attune_compiler::ir::builder::{Builder, int_attr, ints_attr, tensor_attr};
+use attune_compiler::ir::builder::Builder;
 use attune_compiler::onnx::{AttributeProto, DataType, ModelProto, NodeProto, TensorProto};
+use attune_compiler::patch::attr::{int as int_attr, ints as ints_attr, tensor as tensor_attr};
 use attune_runtime::ort_backend::OrtOptions;
 use attune_runtime::{Backend, Ep};
 use common::{assert_refused, attune, snapshot, stderr};

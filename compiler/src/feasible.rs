@@ -124,10 +124,8 @@ fn node_problems<'a>(shapes: &'a Shapes, node: &'a Node) -> impl Iterator<Item =
                 ));
             }
         }
-        "Slice" => {
-            if value(4).is_some_and(|s| s.contains(&0)) {
-                out.push("input 4 (steps) holds a step of 0".into());
-            }
+        "Slice" if value(4).is_some_and(|s| s.contains(&0)) => {
+            out.push("input 4 (steps) holds a step of 0".into());
         }
         "Range" => {
             let delta = input(2).and_then(|v| shapes.scalar(v));

@@ -15,7 +15,7 @@ use crate::import;
 use crate::ir::Model;
 use crate::onnx::{
     self, AttributeProto, DataType, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
-    TensorProto, attribute_proto::AttributeType, tensor_shape_proto::dimension::Value as DimValue,
+    TensorProto, tensor_shape_proto::dimension::Value as DimValue,
 };
 use crate::weights::ExternalData;
 
@@ -50,15 +50,16 @@ impl Builder {
 
     /// An int64 initializer.
     pub fn ints(&mut self, name: &str, dims: &[i64], values: &[i64]) -> String {
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.initializer(name, DataType::Int64, dims, bytes)
+    }
+
+    fn initializer(&mut self, name: &str, ty: DataType, dims: &[i64], bytes: Vec<u8>) -> String {
         self.graph.initializer.push(TensorProto {
             name: name.into(),
-            data_type: DataType::Int64 as i32,
+            data_type: ty as i32,
             dims: dims.to_vec(),
-            raw_data: values
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect::<Vec<u8>>()
-                .into(),
+            raw_data: bytes.into(),
             ..Default::default()
         });
         name.to_string()
@@ -71,18 +72,8 @@ impl Builder {
 
     /// A float initializer.
     pub fn constant(&mut self, name: &str, dims: &[i64], values: &[f32]) -> String {
-        self.graph.initializer.push(TensorProto {
-            name: name.into(),
-            data_type: DataType::Float as i32,
-            dims: dims.to_vec(),
-            raw_data: values
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect::<Vec<u8>>()
-                .into(),
-            ..Default::default()
-        });
-        name.to_string()
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.initializer(name, DataType::Float, dims, bytes)
     }
 
     /// A single-output node; returns its output's name (`<op>_<k>`).
@@ -129,35 +120,5 @@ impl Builder {
             graph: Some(self.graph),
             ..Default::default()
         }
-    }
-}
-
-/// An integer attribute.
-pub fn int_attr(name: &str, i: i64) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Int as i32,
-        i,
-        ..Default::default()
-    }
-}
-
-/// A list-of-integers attribute.
-pub fn ints_attr(name: &str, ints: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Ints as i32,
-        ints: ints.to_vec(),
-        ..Default::default()
-    }
-}
-
-/// A tensor attribute (a Constant's `value`).
-pub fn tensor_attr(name: &str, t: TensorProto) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Tensor as i32,
-        t: Some(t),
-        ..Default::default()
     }
 }
