@@ -192,7 +192,7 @@ fn families() -> Vec<Options> {
 fn fuzz_compile_with_each_pass_family() {
     let (m, base) = fixture();
     let families = families();
-    assert!(families.len() >= 5, "pass families parse");
+    assert_eq!(families.len(), 6, "every pass family parses");
     fuzz(
         "compile",
         |rng| {
