@@ -9,6 +9,7 @@ use attune_compiler::export::{self, ExportOptions, WeightsMode};
 use attune_compiler::onnx::{ModelProto, NodeProto, tensor_proto::DataLocation};
 use attune_compiler::weights::Tensor;
 use attune_compiler::{diff, import, summary, verify};
+use common::mutate::{Rng, mutate};
 use common::*;
 use prost::Message;
 
@@ -401,7 +402,8 @@ fn malformed_graphs_are_errors_not_panics() {
                 conv.attribute
                     .push(attune_compiler::patch::attr::ints("strides", &[0, 0]));
             }),
-            None,
+            // Refused since #22: ONNX Runtime and tract divide by the stride.
+            Some("(Conv at conv_in): attribute 'strides' [0, 0]"),
         ),
         (
             "cast cycle before a softmax",
@@ -468,117 +470,6 @@ fn malformed_graphs_are_errors_not_panics() {
             }
         }
         assert_eq!(before, snapshot(dir.path()), "{what}: input modified");
-    }
-}
-
-/// A small deterministic generator (xorshift64*), so a failing mutation can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
-        xs[self.below(xs.len())]
-    }
-}
-
-/// One structural mutation of the kind hand-edited or tool-written models carry; returns
-/// what it did.
-fn mutate(m: &mut ModelProto, rng: &mut Rng) -> String {
-    use attune_compiler::onnx::attribute_proto::AttributeType;
-    let g = graph_mut(m);
-    let n = rng.below(g.node.len());
-    let node_name = g.node[n].name.clone();
-    match rng.below(7) {
-        0 => {
-            let Some(a) =
-                (!g.node[n].attribute.is_empty()).then(|| rng.below(g.node[n].attribute.len()))
-            else {
-                return format!("{node_name}: no attribute");
-            };
-            let a = &mut g.node[n].attribute[a];
-            let v = rng.pick(&[-5i64, -1, 0, 1, 7, 1 << 40]);
-            match AttributeType::try_from(a.r#type) {
-                Ok(AttributeType::Int) => a.i = v,
-                Ok(AttributeType::Ints) if !a.ints.is_empty() => {
-                    let i = rng.below(a.ints.len());
-                    a.ints[i] = v;
-                }
-                Ok(AttributeType::Float) => a.f = rng.pick(&[0.0, -1.0, f32::NAN, 1e30]),
-                _ => a.name = "renamed".into(),
-            }
-            format!("{node_name}: attribute {} set with {v}", a.name)
-        }
-        1 if !g.node[n].input.is_empty() => {
-            let other = rng.below(g.node.len());
-            let i = rng.below(g.node[n].input.len());
-            let to = match rng.below(3) {
-                0 => String::new(),
-                1 => "nowhere".into(),
-                _ => g.node[other].output.first().cloned().unwrap_or_default(),
-            };
-            g.node[n].input[i] = to.clone();
-            format!("{node_name}: input {i} reads '{to}'")
-        }
-        2 => {
-            g.node[n].input.pop();
-            format!("{node_name}: last input dropped")
-        }
-        3 => {
-            let t = rng.below(g.initializer.len());
-            let t = &mut g.initializer[t];
-            if t.dims.is_empty() {
-                return format!("{}: scalar kept", t.name);
-            }
-            let d = rng.below(t.dims.len());
-            t.dims[d] = rng.pick(&[0, 1, 2, -1, 1 << 33]);
-            format!("{}: dims {:?}", t.name, t.dims)
-        }
-        4 => {
-            let op = rng.pick(&[
-                "Softmax",
-                "MatMul",
-                "Reshape",
-                "Transpose",
-                "Add",
-                "Cast",
-                "Foo",
-            ]);
-            g.node[n].op_type = op.into();
-            format!("{node_name}: now a {op}")
-        }
-        5 => {
-            let copy = g.node[n].clone();
-            g.node.push(copy);
-            format!("{node_name}: duplicated")
-        }
-        _ => {
-            let io = rng.below(g.input.len());
-            let dims = g.input[io]
-                .r#type
-                .as_mut()
-                .and_then(|t| match t.value.as_mut()? {
-                    attune_compiler::onnx::type_proto::Value::TensorType(t) => t.shape.as_mut(),
-                    _ => None,
-                });
-            let Some(dims) = dims.filter(|d| !d.dim.is_empty()) else {
-                return "no input dims".into();
-            };
-            use attune_compiler::onnx::tensor_shape_proto::dimension::Value;
-            let d = rng.below(dims.dim.len());
-            dims.dim[d].value = Some(match rng.below(2) {
-                0 => Value::DimValue(rng.pick(&[0, 1, 3, -2, 1 << 40])),
-                _ => Value::DimParam(rng.pick(&["x", "batch", ""]).into()),
-            });
-            format!("input {io}: dim {d} changed")
-        }
     }
 }
 

@@ -2,7 +2,6 @@
 //! memory-mapped and decoded in place (inline `raw_data` stays a slice of the map), and
 //! external data is mapped, not read.
 use std::collections::HashSet;
-use std::fs::File;
 use std::path::Path;
 
 use bytes::Bytes;
@@ -17,7 +16,7 @@ use crate::weights::ExternalData;
 
 /// Reads a model and maps its external data.
 pub fn read(path: &Path) -> Result<Model> {
-    let file = File::open(path).at(path)?;
+    let file = crate::files::open_regular(path)?;
     let len = file.metadata().at(path)?.len();
     if len == 0 {
         return Err(Error::Model {

@@ -400,4 +400,12 @@ pub mod attr {
             ..Default::default()
         }
     }
+    pub fn tensor(name: &str, t: crate::onnx::TensorProto) -> AttributeProto {
+        AttributeProto {
+            name: name.into(),
+            r#type: AttributeType::Tensor as i32,
+            t: Some(t),
+            ..Default::default()
+        }
+    }
 }

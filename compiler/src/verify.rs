@@ -80,7 +80,21 @@ pub fn malformed_constants(model: &Model) -> Vec<String> {
 
 /// Checks the model; the error lists what is wrong.
 pub fn verify(model: &Model) -> Result<()> {
-    let problems = problems(model);
+    report(problems(model))
+}
+
+/// [`verify`] plus what shape inference can tell (sizes no backend can allocate, constant
+/// inputs that make an op impossible, graph inputs a backend cannot bind): what every model
+/// attune reads from a user passes before any command works on it or a backend opens it.
+pub fn verify_model(model: &Model) -> Result<()> {
+    let mut all = problems(model);
+    if all.is_empty() {
+        all = crate::feasible::problems(model);
+    }
+    report(all)
+}
+
+fn report(problems: Vec<String>) -> Result<()> {
     if problems.is_empty() {
         return Ok(());
     }
@@ -108,6 +122,9 @@ pub fn problems(model: &Model) -> Vec<String> {
         out.push(e.to_string());
     }
     out.extend(malformed_constants(model));
+    for id in g.node_ids() {
+        out.extend(crate::schema::node_problems(model, g.node(id)));
+    }
     let mut node_names: HashMap<&str, String> = HashMap::new();
     for id in g.node_ids() {
         let node = g.node(id);

@@ -8,7 +8,6 @@ pub use derived::{Derived, Scratch, Transform};
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
@@ -32,7 +31,7 @@ pub struct DataFile {
 
 impl DataFile {
     fn open(location: &str, path: PathBuf) -> Result<Self> {
-        let file = File::open(&path).at(&path)?;
+        let file = crate::files::open_regular(&path)?;
         let len = file.metadata().at(&path)?.len();
         // SAFETY: the map is read-only; attune never writes to a file it has mapped (outputs
         // are written to fresh temp files and renamed into place).
@@ -376,11 +375,23 @@ impl ExternalData {
         let path = safe_join(&self.base_dir, location).map_err(|why| {
             Error::tensor(tensor, format!("external data location '{location}' {why}"))
         })?;
-        if !path.is_file() {
-            return Err(Error::tensor(
-                tensor,
-                format!("external data file '{}' not found", path.display()),
-            ));
+        match std::fs::metadata(&path) {
+            Err(_) => {
+                return Err(Error::tensor(
+                    tensor,
+                    format!("external data file '{}' not found", path.display()),
+                ));
+            }
+            Ok(m) => {
+                if let Some(what) = crate::files::kind(m.file_type()) {
+                    return Err(Error::tensor(
+                        tensor,
+                        format!(
+                            "external data location '{location}' is {what}, not a regular file"
+                        ),
+                    ));
+                }
+            }
         }
         // A symbolic link may still lead outside the model's folder.
         if let (Some(base), Ok(real)) = (&self.canonical_base, path.canonicalize())

@@ -712,7 +712,7 @@ fn compile_component(
         )
     };
     let mut model = import::read(&c.model).map_err(graph_err)?;
-    verify::verify(&model).map_err(|e| fail(format!("input model: {e}")))?;
+    verify::verify_model(&model).map_err(|e| fail(format!("input model: {e}")))?;
     let mut inputs = vec![c.model.clone()];
     inputs.extend(model.data_files.iter().map(|f| f.path.clone()));
     let bytes_before = inputs.iter().map(|f| size(f)).sum();

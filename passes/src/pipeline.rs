@@ -419,8 +419,8 @@ impl Default for HookOptions {
 impl Options {
     /// A recipe file: these options as TOML (paths relative to the recipe's folder).
     pub fn from_recipe(path: &Path) -> Result<Options, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read recipe {}: {e}", path.display()))?;
+        let text = attune_compiler::files::read_text(path)
+            .map_err(|e| format!("cannot read recipe: {e}"))?;
         let mut o: Options =
             toml::from_str(&text).map_err(|e| format!("recipe {}: {e}", path.display()))?;
         let dir = path.parent().unwrap_or(Path::new("."));

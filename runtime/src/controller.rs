@@ -189,7 +189,7 @@ pub struct Plan {
 
 impl Controller {
     pub fn read(path: &Path) -> Result<Controller> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = attune_compiler::files::read_text(path)?;
         let mut c: Controller = toml::from_str(&text)
             .map_err(|e| Error::file(path, format!("not a valid controller: {e}")))?;
         // Files are relative to the controller's folder.

@@ -19,6 +19,12 @@ pub enum Error {
     Ort(String),
     #[error("tract: {0}")]
     Tract(String),
+    #[error("{backend} failed on {}: it crashed inside the backend ({msg})", model.display())]
+    Backend {
+        backend: String,
+        model: PathBuf,
+        msg: String,
+    },
     #[error(transparent)]
     Compiler(#[from] attune_compiler::Error),
 }

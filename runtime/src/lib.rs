@@ -5,6 +5,7 @@ pub mod backend;
 pub mod bench;
 mod bound;
 pub mod compare;
+mod contain;
 pub mod controller;
 pub mod cuda;
 pub mod error;

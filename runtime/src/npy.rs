@@ -1,6 +1,5 @@
 //! `.npy` files (format 1.0-3.0, little-endian, C or Fortran order) for f32, f16, i64, i32
 //! and bool. Writes are atomic.
-use std::fs;
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -9,7 +8,7 @@ use crate::tensor::{self, DType, HostTensor};
 const MAGIC: &[u8] = b"\x93NUMPY";
 
 pub fn read(path: &Path) -> Result<HostTensor> {
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = attune_compiler::files::read_regular(path)?;
     parse(&bytes).map_err(|msg| Error::file(path, format!("not a valid .npy file: {msg}")))
 }
 

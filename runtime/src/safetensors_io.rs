@@ -6,9 +6,31 @@ use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostTensor};
 
+/// A LoRA adapter (`compile --lora-mode adapter`, `attune lora-adapter`): every tensor, each
+/// float checked finite as LoRA files are (a NaN factor runs and makes every output NaN).
+pub fn read_adapter(path: &Path) -> Result<Vec<(String, HostTensor)>> {
+    let tensors = read(path)?;
+    for (name, t) in &tensors {
+        let values = match t {
+            HostTensor::F32(_) | HostTensor::F16(_) => t.to_f64(),
+            _ => continue,
+        };
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::file(
+                path,
+                format!(
+                    "tensor '{name}' holds a non-finite value ({}) at element {i}: an adapter's factors must be finite",
+                    values[i]
+                ),
+            ));
+        }
+    }
+    Ok(tensors)
+}
+
 /// Every tensor in the file, in the file's name order.
 pub fn read(path: &Path) -> Result<Vec<(String, HostTensor)>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = attune_compiler::files::read_regular(path)?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::file(path, format!("not a valid .safetensors file: {e}")))?;
     let mut out = Vec::new();

@@ -4,7 +4,6 @@ use std::time::Instant;
 use anyhow::{Context, anyhow};
 use attune_compiler::export::{self, ExportOptions, WeightsMode};
 use attune_compiler::pass::{PassCx, PassManager, PassReport};
-use attune_compiler::verify;
 use attune_passes::folder;
 use attune_passes::lora::adapter;
 use attune_passes::pipeline::{self, LoraModeArg, Options, TargetArg, Weights};
@@ -92,6 +91,7 @@ pub fn adapter_path(output: &std::path::Path) -> PathBuf {
 pub fn run(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
     if let Some(path) = &args.recipe {
         let recipe = Options::from_recipe(path).map_err(anyhow::Error::msg)?;
+        super::recipe::check_finite(&recipe, path)?;
         args.options = super::recipe::merge(recipe, &args.options, matches)?;
     }
     if args.model.is_dir() {
@@ -109,7 +109,6 @@ pub fn run(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
     let start = Instant::now();
     let progress = Progress::start(&format!("loading {}", args.model.display()), args.quiet);
     let mut model = super::load(&args.model)?;
-    verify::verify(&model).with_context(|| format!("input model {}", args.model.display()))?;
     // Inputs for measuring a function-changing rewrite are settled before anything is written.
     let measure_inputs = if args.options.changes_function() {
         Some(args.measure.prepare(&args.model).context(
@@ -124,7 +123,10 @@ pub fn run(mut args: Args, matches: &clap::ArgMatches) -> anyhow::Result<i32> {
             || cfg!(debug_assertions)
             || std::env::var_os("ATTUNE_VERIFY").is_some(),
     };
-    let mut pipeline = build(&args.options)?;
+    let mut pipeline = pipeline::build(&args.options).map_err(|e| match &args.recipe {
+        Some(recipe) => anyhow!(super::recipe::name_key(&e, recipe, matches).unwrap_or(e)),
+        None => anyhow!(e),
+    })?;
     pipeline.stop_after = args.stop_after.clone();
     pipeline.dump_after = args.dump_after.clone();
     let export_options = ExportOptions {

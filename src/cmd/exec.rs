@@ -69,7 +69,7 @@ impl InputArgs {
         let mut given: Vec<(String, HostTensor)> =
             given.into_iter().map(|g| (g.name, g.tensor)).collect();
         if let Some(a) = &self.adapter {
-            given.extend(safetensors_io::read(a)?);
+            given.extend(safetensors_io::read_adapter(a)?);
         }
         let extra: Vec<_> = extra
             .into_iter()

@@ -15,9 +15,17 @@ use std::path::{Path, PathBuf};
 
 use attune_compiler::{Model, import};
 
-/// Reads a model, with the path in the error (once: the importer's errors about the model file
-/// itself start with it).
+/// Reads a model and verifies it (schema, shapes, sizes: what a backend would crash on), with
+/// the path in the error (once: the importer's errors about the model file itself start with it).
 pub fn load(path: &Path) -> anyhow::Result<Model> {
+    let model = read(path)?;
+    attune_compiler::verify::verify_model(&model)
+        .map_err(|e| anyhow::anyhow!("invalid model {}: {e}", path.display()))?;
+    Ok(model)
+}
+
+/// Reads a model without verifying it.
+fn read(path: &Path) -> anyhow::Result<Model> {
     import::read(path).map_err(|e| {
         let msg = e.to_string();
         let prefix = format!("{}: ", path.display());

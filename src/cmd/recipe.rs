@@ -41,6 +41,8 @@
 //! layers = "*.attn2"
 //! words = 77
 //! ```
+use std::path::Path;
+
 use anyhow::anyhow;
 use clap::parser::ValueSource;
 
@@ -70,6 +72,54 @@ pub fn merge(
             .ok_or_else(|| anyhow!("option {id} has no recipe key"))? = value.clone();
     }
     Ok(serde_json::from_value::<Options>(merged)?)
+}
+
+/// A recipe key holding a non-finite number (`ratio = nan`), refused naming the key and file:
+/// merging goes through JSON, where NaN would silently become "not set".
+pub fn check_finite(recipe: &Options, path: &Path) -> anyhow::Result<()> {
+    fn walk(v: &toml::Value, key: &str) -> Option<(String, f64)> {
+        match v {
+            toml::Value::Float(f) if !f.is_finite() => Some((key.to_string(), *f)),
+            toml::Value::Table(t) => t.iter().find_map(|(k, v)| {
+                let key = if key.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{key}.{k}")
+                };
+                walk(v, &key)
+            }),
+            toml::Value::Array(a) => a
+                .iter()
+                .enumerate()
+                .find_map(|(i, v)| walk(v, &format!("{key}[{i}]"))),
+            _ => None,
+        }
+    }
+    let value = toml::Value::try_from(recipe)?;
+    match walk(&value, "") {
+        Some((key, f)) => Err(anyhow!(
+            "recipe {}: key '{key}' is {f}, must be a finite number",
+            path.display()
+        )),
+        None => Ok(()),
+    }
+}
+
+/// An option error that starts with a flag (`--tome NaN: ...`) whose value came from the
+/// recipe, said with the recipe's key and file instead (`recipe r.toml: key 'tome.ratio': ...`);
+/// `None` where the flag was given on the command line or the message names no flag.
+pub fn name_key(msg: &str, recipe: &Path, matches: &clap::ArgMatches) -> Option<String> {
+    let flag = msg.strip_prefix("--")?.split([' ', ':', '=']).next()?;
+    let command = <Options as clap::Args>::augment_args(clap::Command::new("attune"));
+    let arg = command
+        .get_arguments()
+        .find(|a| a.get_long() == Some(flag))?;
+    let id = arg.get_id().as_str();
+    if given_on_command_line(matches, id) {
+        return None;
+    }
+    let rest = msg.split_once(": ").map_or(msg, |(_, r)| r);
+    Some(format!("recipe {}: key '{id}': {rest}", recipe.display()))
 }
 
 /// Was the argument `id` given on the command line (not defaulted)?

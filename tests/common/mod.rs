@@ -9,6 +9,7 @@ use attune_compiler::onnx::{self, ModelProto, TensorProto, tensor_proto::DataLoc
 use prost::Message;
 
 mod lowering;
+pub mod mutate;
 #[allow(unused_imports)]
 pub use lowering::*;
 

@@ -7,6 +7,9 @@
 //! let y = b.op("Mul", &[&x, &w]);
 //! let model = b.finish(&[&y]);
 //! ```
+//!
+//! [`Builder::proto`] gives the model as a proto without importing it, so tests can write
+//! malformed models (the hardening tests craft one per class of error).
 use crate::error::Result;
 use crate::import;
 use crate::ir::Model;
@@ -36,20 +39,41 @@ impl Builder {
         name.to_string()
     }
 
-    /// A float initializer.
-    pub fn constant(&mut self, name: &str, dims: &[i64], values: &[f32]) -> String {
+    /// A graph input of any element type and fixed dims (negative ones included).
+    pub fn input_typed(&mut self, name: &str, elem_type: DataType, dims: &[i64]) -> String {
+        let dims = dims.iter().map(|&d| DimValue::DimValue(d)).collect();
+        self.graph
+            .input
+            .push(onnx::tensor_info(name, elem_type, Some(dims)));
+        name.to_string()
+    }
+
+    /// An int64 initializer.
+    pub fn ints(&mut self, name: &str, dims: &[i64], values: &[i64]) -> String {
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.initializer(name, DataType::Int64, dims, bytes)
+    }
+
+    fn initializer(&mut self, name: &str, ty: DataType, dims: &[i64], bytes: Vec<u8>) -> String {
         self.graph.initializer.push(TensorProto {
             name: name.into(),
-            data_type: DataType::Float as i32,
+            data_type: ty as i32,
             dims: dims.to_vec(),
-            raw_data: values
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect::<Vec<u8>>()
-                .into(),
+            raw_data: bytes.into(),
             ..Default::default()
         });
         name.to_string()
+    }
+
+    /// A node as given (its outputs named by the caller, any attributes, no checks).
+    pub fn node(&mut self, node: NodeProto) {
+        self.graph.node.push(node);
+    }
+
+    /// A float initializer.
+    pub fn constant(&mut self, name: &str, dims: &[i64], values: &[f32]) -> String {
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.initializer(name, DataType::Float, dims, bytes)
     }
 
     /// A single-output node; returns its output's name (`<op>_<k>`).
@@ -73,13 +97,21 @@ impl Builder {
     }
 
     /// The model with these graph outputs (their shapes left to inference).
-    pub fn finish(mut self, outputs: &[&str]) -> Result<Model> {
+    pub fn finish(self, outputs: &[&str]) -> Result<Model> {
+        import::from_proto(
+            self.proto(outputs),
+            &mut ExternalData::new(std::path::Path::new(".")),
+        )
+    }
+
+    /// [`Builder::finish`] as a proto, not imported (nothing checked).
+    pub fn proto(mut self, outputs: &[&str]) -> ModelProto {
         self.graph.name = "built".into();
         self.graph.output = outputs
             .iter()
             .map(|o| onnx::tensor_info(o, DataType::Float, None))
             .collect();
-        let proto = ModelProto {
+        ModelProto {
             ir_version: 8,
             opset_import: vec![OperatorSetIdProto {
                 domain: String::new(),
@@ -87,7 +119,6 @@ impl Builder {
             }],
             graph: Some(self.graph),
             ..Default::default()
-        };
-        import::from_proto(proto, &mut ExternalData::new(std::path::Path::new(".")))
+        }
     }
 }

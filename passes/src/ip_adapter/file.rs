@@ -95,7 +95,7 @@ impl IpAdapterFile {
                 .into_iter()
                 .collect()
         } else {
-            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            let bytes = attune_compiler::files::read_regular(path)?;
             let st = SafeTensors::deserialize(&bytes)
                 .map_err(|e| bad(path, format!("not a valid .safetensors file: {e}")))?;
             let mut tensors = BTreeMap::new();

@@ -154,7 +154,7 @@ pub fn components(path: &Path) -> Result<BTreeMap<Component, usize>> {
         path: path.to_path_buf(),
         msg,
     };
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = attune_compiler::files::read_regular(path)?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| bad(format!("not a valid .safetensors file: {e}")))?;
     let mut layers: BTreeMap<Component, std::collections::BTreeSet<String>> = BTreeMap::new();
@@ -201,7 +201,7 @@ pub fn read(path: &Path, layers_per_block: usize, component: Component) -> Resul
         path: path.to_path_buf(),
         msg,
     };
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = attune_compiler::files::read_regular(path)?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| bad(format!("not a valid .safetensors file: {e}")))?;
     let (_, meta) = SafeTensors::read_metadata(&bytes)

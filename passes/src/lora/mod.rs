@@ -48,6 +48,12 @@ impl LoraSource {
             || lower.contains("inf")
             || lower.contains("nan");
         if !looks_numeric {
+            // `FILE:abc` where FILE exists and `FILE:abc` does not: a multiplier mistyped.
+            if !std::path::Path::new(text).exists() && std::path::Path::new(path).exists() {
+                return Err(format!(
+                    "--lora {text}: multiplier '{m}' is not a number (FILE:M, e.g. {path}:0.8)"
+                ));
+            }
             return Ok(LoraSource {
                 path: text.into(),
                 multiplier: 1.0,

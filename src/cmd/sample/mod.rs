@@ -584,7 +584,7 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
     ];
     if let Some(a) = &args.adapter {
         read.push(("--adapter".into(), a.clone()));
-        extra.extend(safetensors_io::read(a)?);
+        extra.extend(safetensors_io::read_adapter(a)?);
     }
     if let Some((name, _)) = extra.iter().find(|(n, _)| !has(n)) {
         bail!(
