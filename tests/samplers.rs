@@ -216,7 +216,14 @@ fn bad_sampler_settings_and_noise_files_are_named_errors() {
     let out = dir.path().join("int");
     let karras = case_file("euler_karras", "scheduler_config.json");
     let args = ["--scheduler-config", karras.as_str()];
-    let o = sample_case(&fixture("sd15_olive_legacy"), "euler_karras", &out, 4, "5", &args);
+    let o = sample_case(
+        &fixture("sd15_olive_legacy"),
+        "euler_karras",
+        &out,
+        4,
+        "5",
+        &args,
+    );
     assert_clean_error(&o, &["timestep", "fractional timesteps"]);
     assert!(!out.exists());
     // Noise files: too few draws, the wrong shape, not f32.
