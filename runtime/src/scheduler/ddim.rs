@@ -20,6 +20,18 @@ pub enum Prediction {
     Sample,
 }
 
+impl Prediction {
+    /// (x̂₀, ε̂) from the model's output `o` at `x`, where x = α·x₀ + σ·ε (√ᾱ and √(1−ᾱ) of a
+    /// timestep, or 1/√(σ²+1) and σ/√(σ²+1) of a noise level).
+    pub(super) fn split(self, x: f64, o: f64, alpha: f64, sigma: f64) -> (f64, f64) {
+        match self {
+            Prediction::Epsilon => ((x - sigma * o) / alpha, o),
+            Prediction::V => (alpha * x - sigma * o, alpha * o + sigma * x),
+            Prediction::Sample => (o, (x - alpha * o) / sigma),
+        }
+    }
+}
+
 /// How the inference timesteps are spread over the training ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Spacing {
@@ -274,12 +286,7 @@ impl Ddim {
         let (sp, dir) = (a_prev.sqrt(), (1.0 - a_prev - std * std).sqrt());
         let (prediction, clip) = (self.config.prediction, self.config.clip_sample);
         let mut next = ndarray::Zip::from(x).and(out).map_collect(|&x, &o| {
-            let (x, o) = (x as f64, o as f64);
-            let (x0, eps) = match prediction {
-                Prediction::Epsilon => ((x - s1a * o) / sa, o),
-                Prediction::V => (sa * x - s1a * o, sa * o + s1a * x),
-                Prediction::Sample => (o, (x - sa * o) / s1a),
-            };
+            let (x0, eps) = prediction.split(x as f64, o as f64, sa, s1a);
             let x0 = clip.map_or(x0, |r| x0.clamp(-r, r));
             (sp * x0 + dir * eps) as f32
         });

@@ -4,7 +4,7 @@
 use ndarray::{ArrayD, Zip};
 
 use super::Noise;
-use super::ddim::{BetaSchedule, Betas, DdimConfig, Prediction, Spacing, check_steps, forward};
+use super::ddim::{BetaSchedule, Betas, DdimConfig, Spacing, check_steps, forward};
 use super::sigmas::{self, SigmaSpacing};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -196,14 +196,9 @@ impl Dpm {
         let (s0, t) = (self.sigmas[i], self.sigmas[i + 1]);
         let (a_s0, sg_s0) = alpha_sigma(s0);
         let prediction = self.config.schedule.prediction;
-        let x0 = Zip::from(x).and(out).map_collect(|&x, &o| {
-            let (x, o) = (x as f64, o as f64);
-            (match prediction {
-                Prediction::Epsilon => (x - sg_s0 * o) / a_s0,
-                Prediction::V => a_s0 * x - sg_s0 * o,
-                Prediction::Sample => o,
-            }) as f32
-        });
+        let x0 = Zip::from(x)
+            .and(out)
+            .map_collect(|&x, &o| prediction.split(x as f64, o as f64, a_s0, sg_s0).0 as f32);
         let n = self.timesteps.len();
         let c = &self.config;
         let final_first = i == n - 1

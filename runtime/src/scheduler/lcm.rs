@@ -7,7 +7,7 @@
 use ndarray::{ArrayD, Zip};
 
 use super::Noise;
-use super::ddim::{DdimConfig, Prediction, forward};
+use super::ddim::{DdimConfig, forward};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct LcmConfig {
@@ -97,11 +97,7 @@ impl Lcm {
         );
         let denoised = Zip::from(x).and(out).map_collect(|&x, &o| {
             let (x, o) = (x as f64, o as f64);
-            let x0 = match prediction {
-                Prediction::Epsilon => (x - sb * o) / sa,
-                Prediction::V => sa * x - sb * o,
-                Prediction::Sample => o,
-            };
+            let x0 = prediction.split(x, o, sa, sb).0;
             let x0 = clip.map_or(x0, |r| x0.clamp(-r, r));
             (c_out * x0 + c_skip * x) as f32
         });
@@ -136,12 +132,7 @@ impl Lcm {
         let (ss, ssb) = (a_s.sqrt(), (1.0 - a_s).sqrt());
         let prediction = self.config.schedule.prediction;
         let noised = Zip::from(x).and(out).map_collect(|&x, &o| {
-            let (x, o) = (x as f64, o as f64);
-            let (x0, eps) = match prediction {
-                Prediction::Epsilon => ((x - sb * o) / sa, o),
-                Prediction::Sample => (o, (x - sa * o) / sb),
-                Prediction::V => (sa * x - sb * o, sa * o + sb * x),
-            };
+            let (x0, eps) = prediction.split(x as f64, o as f64, sa, sb);
             (ss * x0 + ssb * eps) as f32
         });
         if self.gamma == 0.0 || i + 1 == self.timesteps.len() {

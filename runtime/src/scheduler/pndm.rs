@@ -136,12 +136,12 @@ impl Pndm {
         self.calls += 1;
         let (a, ap) = (self.alpha(from), self.alpha(to));
         let (b, bp) = (1.0 - a, 1.0 - ap);
-        let v = self.prediction == Prediction::V;
+        let prediction = self.prediction;
         let sample_coeff = (ap / a).sqrt();
         let denom = a * bp.sqrt() + (a * b * ap).sqrt();
         Zip::from(&sample).and(&eps).map_collect(|&x, &o| {
             let (x, o) = (x as f64, o as f64);
-            let o = if v { a.sqrt() * o + b.sqrt() * x } else { o };
+            let o = prediction.split(x, o, a.sqrt(), b.sqrt()).1;
             (sample_coeff * x - (ap - a) * o / denom) as f32
         })
     }

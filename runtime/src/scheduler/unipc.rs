@@ -3,7 +3,7 @@
 //! redoes the previous step with the new output, both with the B(h) of variant bh1 or bh2.
 use ndarray::{ArrayD, Zip};
 
-use super::ddim::{DdimConfig, Prediction, check_steps, forward};
+use super::ddim::{DdimConfig, check_steps, forward};
 use super::dpm::{alpha_sigma, alphas, lambda, multistep_timesteps, spaced_sigmas};
 use super::sigmas::{self, SigmaSpacing};
 
@@ -88,14 +88,8 @@ impl UniPc {
         let (a, s, _) = alpha_sigma_lambda(self.sigmas[i]);
         let (prediction, x0) = (self.config.schedule.prediction, self.config.predict_x0);
         Zip::from(x).and(out).map_collect(|&x, &o| {
-            let (x, o) = (x as f64, o as f64);
-            (match (x0, prediction) {
-                (true, Prediction::Epsilon) => (x - s * o) / a,
-                (true, Prediction::V) => a * x - s * o,
-                (true, Prediction::Sample) | (false, Prediction::Epsilon) => o,
-                (false, Prediction::Sample) => (x - a * o) / s,
-                (false, Prediction::V) => a * o + s * x,
-            }) as f32
+            let (x0_hat, eps) = prediction.split(x as f64, o as f64, a, s);
+            (if x0 { x0_hat } else { eps }) as f32
         })
     }
 
