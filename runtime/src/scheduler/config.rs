@@ -669,6 +669,7 @@ impl Keys<'_> {
             ("sigma_min", "custom sigma bounds"),
             ("sigma_max", "custom sigma bounds"),
             ("shift_terminal", "terminal shifts"),
+            ("solver_p", "other schedulers as the predictor"),
         ])?;
         for key in ["flow_shift", "time_shift_type"] {
             self.get(key); // flow sigmas', which are off

@@ -576,6 +576,15 @@ fn denoise(args: Args, mut given: Option<Given>) -> anyhow::Result<(i32, Option<
         .with_noise(noise)
         .with_eta(args.sampler.eta)
         .map_err(anyhow::Error::msg)?;
+    if let Some(path) = &args.sampler.noise_file
+        && scheduler.draws(0) == 0
+    {
+        eprintln!(
+            "note: --noise-file {}: {} draws no noise, so the file is not used",
+            path.display(),
+            scheduler.name()
+        );
+    }
     let self_layers = hooks.iter().filter(|h| h.starts_with("masactrl.")).count();
     // Every file read, so that no output replaces one.
     let mut read: Vec<(String, PathBuf)> = vec![
