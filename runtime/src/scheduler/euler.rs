@@ -247,9 +247,7 @@ impl Euler {
             }),
         }
     }
-}
 
-impl Euler {
     /// DPM++ SDE's call `i`: the first of a step goes from σ to the midpoint, the second redoes
     /// the step from its start with the midpoint's x̂₀; each adds Brownian noise over its
     /// interval. The last step (to σ = 0) is one Euler call.
